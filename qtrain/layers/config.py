@@ -1,0 +1,69 @@
+"""The decoder's hyper-parameters as one frozen dataclass.
+
+Dimension letters used in array names throughout ``qtrain.layers``:
+
+  B batch, T query length, S key/value length, D model width (``d_model``),
+  N query heads, K key/value heads, G = N // K query heads per KV head,
+  H head width, F feed-forward width, V (padded) vocabulary, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_from_name(name: str) -> Any:
+  if name not in _DTYPES:
+    raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}")
+  return _DTYPES[name]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+  """Llama-3 frequency scaling of RoPE (disabled when ``factor`` is 1)."""
+  factor: float = 1.0  # 1 disables scaling.
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position: int = 8192
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+  """A Llama-family decoder."""
+  vocab_size: int  # V: may exceed the tokenizer's vocabulary (padding).
+  d_model: int  # D
+  n_layers: int  # L
+  n_heads: int  # N
+  n_kv_heads: int  # K; N % K == 0 (grouped-query attention).
+  head_dim: int  # H
+  d_ff: int  # F
+  max_seq_len: int = 2048
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling = RopeScaling()
+  tie_embeddings: bool = False
+  norm_eps: float = 1e-5
+  param_dtype: str = "float32"
+  dtype: str = "float32"  # Compute dtype of matmuls and activations.
+  scan_layers: bool = True
+  remat_policy: str = "none"  # See qtrain.layers.decoder.REMAT_POLICIES.
+  attention_impl: str = "auto"  # auto | xla | cudnn
+  init_std: float = 0.02
+
+  @property
+  def compute_dtype(self):
+    return dtype_from_name(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return dtype_from_name(self.param_dtype)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "ModelConfig":
+    d = dict(d)
+    d["rope_scaling"] = RopeScaling(**dict(d.get("rope_scaling", {})))
+    return cls(**d)

@@ -1,0 +1,67 @@
+"""The Llama decoder stack: pre-norm blocks, scanned and rematerialised.
+
+``nn.scan`` stacks the L blocks' params on a leading ``layers`` axis (one
+compiled block, compile time independent of depth); ``nn.remat`` with a named
+policy chooses which activations the backward pass keeps.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from qtrain.layers.attention import Attention
+from qtrain.layers.config import ModelConfig
+from qtrain.layers.dot_general import DotGeneralProvider, HighPrecision
+from qtrain.layers.mlp import MLP
+from qtrain.layers.norms import RMSNorm
+
+_cp = jax.checkpoint_policies
+REMAT_POLICIES = {
+    "none": None,  # No rematerialisation: keep every activation.
+    "full": _cp.nothing_saveable,  # Recompute the whole block.
+    "dots": _cp.checkpoint_dots,  # Keep matmul outputs.
+    "dots_no_batch": _cp.dots_with_no_batch_dims_saveable,  # Weight matmuls only.
+    "qkv_attn": _cp.save_only_these_names(
+        "query_proj", "key_proj", "value_proj", "attention_out"),
+}
+
+
+class Block(nn.Module):
+  """x + attn(norm(x)), then h + mlp(norm(h))."""
+  cfg: ModelConfig
+  dot: DotGeneralProvider = HighPrecision()
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+    cfg = self.cfg
+    norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.weight_dtype, name=name)
+    x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
+    h_BTD = x_BTD + Attention(cfg, self.dot, name="attn")(
+        norm("attn_norm")(x_BTD), positions_BT, segment_ids_BT)
+    out_BTD = h_BTD + MLP(cfg, self.dot, name="mlp")(norm("mlp_norm")(h_BTD))
+    return nn.with_logical_constraint(out_BTD, ("batch", "length", "embed")), None
+
+
+class Decoder(nn.Module):
+  cfg: ModelConfig
+  dot: DotGeneralProvider = HighPrecision()
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+    cfg = self.cfg
+    if cfg.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy={cfg.remat_policy!r}; use one of {sorted(REMAT_POLICIES)}")
+    block = Block
+    if cfg.remat_policy != "none":
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy],
+                       prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      stack = nn.scan(block, variable_axes={True: 0}, split_rngs={True: True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BTD, _ = stack(cfg, self.dot, name="layers")(x_BTD, positions_BT, segment_ids_BT)
+      return x_BTD
+    for i in range(cfg.n_layers):
+      x_BTD, _ = block(cfg, self.dot, name=f"layers_{i}")(x_BTD, positions_BT, segment_ids_BT)
+    return x_BTD
