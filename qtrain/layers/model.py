@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from qtrain.layers.config import ModelConfig
 from qtrain.layers.decoder import Decoder
 from qtrain.layers.dot_general import DotGeneralProvider, HighPrecision
-from qtrain.layers.linear import Linear, module_path
+from qtrain.layers.linear import Linear
 from qtrain.layers.norms import RMSNorm
 
 
@@ -30,7 +30,7 @@ class Transformer(nn.Module):
     x_BTD = Decoder(cfg, self.dot, name="decoder")(x_BTD, positions_BT, segment_ids_BT)
     x_BTD = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="final_norm")(x_BTD)
     if cfg.tie_embeddings:
-      dot = self.dot.module_for(module_path(self) + "/lm_head")(name="lm_head")
+      dot = self.dot.module_for("/".join([*self.scope.path, "lm_head"]))(name="lm_head")
       return dot(x_BTD, embedding_VD.astype(cfg.compute_dtype), (((2,), (1,)), ((), ())))
     return Linear(cfg.vocab_size, ("embed", "vocab"), cfg.compute_dtype, cfg.weight_dtype,
                   nn.initializers.normal(cfg.init_std), self.dot, name="lm_head")(x_BTD)
