@@ -1,0 +1,75 @@
+"""Every config field, its default and what it means: the one source of truth.
+
+Config files in ``configs/`` start from ``base_config()`` and change fields;
+``qtrain.config.validate`` rejects any key that is not defined here.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Params init and data order.
+
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=8192,  # >= the data vocabulary; pad to a multiple of 128.
+      d_model=256,
+      n_layers=4,
+      n_heads=4,
+      n_kv_heads=2,  # Must divide n_heads (grouped-query attention).
+      head_dim=64,  # Even (RoPE rotates pairs).
+      d_ff=704,
+      max_seq_len=2048,  # Longest sequence RoPE positions are trained for.
+      rope_theta=10000.0,
+      rope_scaling=dict(  # Llama-3 RoPE frequency scaling; factor 1 = off.
+          factor=1.0, low_freq_factor=1.0, high_freq_factor=4.0,
+          original_max_position=8192),
+      tie_embeddings=False,
+      norm_eps=1e-5,
+      param_dtype="float32",  # float32 | bfloat16
+      dtype="float32",  # Compute dtype: float32 | bfloat16 | float16
+      scan_layers=True,
+      remat_policy="none",  # none | full | dots | dots_no_batch | qkv_attn
+      attention_impl="auto",  # auto (cuDNN on GPU for bf16/fp16) | xla | cudnn
+      init_std=0.02,
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      dir="data/kjv",  # Made by `python -m qtrain.data.prepare`.
+      seq_len=128,
+      global_batch_size=16,  # Rows per step over all devices.
+      eval_batch_size=16,
+      eval_batches=8,  # Held-out batches per evaluation.
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw",
+      lr=3e-3,  # Peak learning rate.
+      warmup_steps=30,
+      min_lr_ratio=0.1,  # Cosine decays to lr * min_lr_ratio at train.steps.
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,
+      # Params whose path ("decoder/layers/attn_norm/scale") matches one of
+      # these regexes get no weight decay.
+      no_decay=(r".*norm.*", r"^embedding$"),
+      grad_clip=1.0,  # Global-norm clip; 0 disables.
+      z_loss=0.0,  # Weight of the log(Z)^2 auxiliary loss (PaLM).
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=300,
+      log_every=10,
+      eval_every=100,
+      checkpoint_every=100,
+      keep_checkpoints=3,
+      async_checkpoint=True,
+      nan_policy="skip",  # skip (drop the update, go on) | stop (raise)
+      sample_tokens=48,  # Length of the text sample at the end; 0 = none.
+      sample_prompt="And God said",
+      peak_tflops=0.0,  # Per-device peak for MFU; 0 = from the device kind.
+  ))
+  return c

@@ -1,0 +1,92 @@
+"""Config validation before anything is compiled.
+
+Each error names the field (``config.model.n_kv_heads``) and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import ml_collections
+
+from qtrain.config.base import base_config
+from qtrain.layers.attention import IMPLEMENTATIONS
+from qtrain.layers.config import _DTYPES
+from qtrain.layers.decoder import REMAT_POLICIES
+
+
+class ConfigError(ValueError):
+  """A config field is wrong; the message names it and the fix."""
+
+
+def _check_keys(cfg, ref, prefix: str) -> None:
+  for key in cfg.keys():
+    name = f"{prefix}.{key}"
+    if key not in ref:
+      close = difflib.get_close_matches(key, list(ref.keys()), n=1)
+      hint = f"did you mean {prefix}.{close[0]}?" if close else f"known: {sorted(ref.keys())}"
+      raise ConfigError(f"{name} is not a config field; {hint}")
+    sub, ref_sub = cfg[key], ref[key]
+    if isinstance(ref_sub, ml_collections.ConfigDict):
+      if not isinstance(sub, ml_collections.ConfigDict):
+        raise ConfigError(f"{name} must be a group of fields like {sorted(ref_sub.keys())}")
+      _check_keys(sub, ref_sub, name)
+
+
+def _require(ok: bool, msg: str) -> None:
+  if not ok:
+    raise ConfigError(msg)
+
+
+def _check_model(m) -> None:
+  _require(m.n_heads > 0 and m.n_kv_heads > 0, "config.model.n_heads and n_kv_heads must be > 0")
+  divisors = [k for k in range(1, m.n_heads + 1) if m.n_heads % k == 0]
+  _require(m.n_heads % m.n_kv_heads == 0,
+           f"config.model.n_kv_heads={m.n_kv_heads} does not divide config.model.n_heads="
+           f"{m.n_heads}; choose n_kv_heads among {divisors}")
+  _require(m.head_dim % 2 == 0,
+           f"config.model.head_dim={m.head_dim} must be even: RoPE rotates pairs of features")
+  _require(m.d_model > 0 and m.d_ff > 0 and m.n_layers > 0,
+           "config.model.d_model, d_ff and n_layers must be > 0")
+  for field in ("dtype", "param_dtype"):
+    _require(m[field] in _DTYPES,
+             f"config.model.{field}={m[field]!r}; use one of {sorted(_DTYPES)}")
+  _require(m.remat_policy in REMAT_POLICIES,
+           f"config.model.remat_policy={m.remat_policy!r}; use one of {sorted(REMAT_POLICIES)}")
+  _require(m.attention_impl in IMPLEMENTATIONS,
+           f"config.model.attention_impl={m.attention_impl!r}; use one of {IMPLEMENTATIONS}")
+  _require(m.rope_scaling.factor >= 1.0,
+           f"config.model.rope_scaling.factor={m.rope_scaling.factor} must be >= 1 (1 = off)")
+  if m.rope_scaling.factor > 1.0:
+    _require(m.rope_scaling.high_freq_factor > m.rope_scaling.low_freq_factor,
+             "config.model.rope_scaling.high_freq_factor must exceed low_freq_factor")
+
+
+def _check_data_train(c, n_devices: int) -> None:
+  d, t = c.data, c.train
+  _require(d.seq_len <= c.model.max_seq_len,
+           f"config.data.seq_len={d.seq_len} exceeds config.model.max_seq_len="
+           f"{c.model.max_seq_len}, the longest sequence RoPE positions are set up for; "
+           "raise max_seq_len (and rope_theta/rope_scaling) or shorten seq_len")
+  for field in ("global_batch_size", "eval_batch_size"):
+    _require(d[field] > 0 and d[field] % n_devices == 0,
+             f"config.data.{field}={d[field]} is not a positive multiple of the "
+             f"{n_devices} devices of the data-parallel mesh; use e.g. "
+             f"{max(n_devices, d[field] // n_devices * n_devices)}")
+  _require(t.nan_policy in ("skip", "stop"),
+           f"config.train.nan_policy={t.nan_policy!r}; use 'skip' or 'stop'")
+  _require(t.steps > 0, f"config.train.steps={t.steps} must be > 0")
+  for field in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    _require(t[field] > 0, f"config.train.{field}={t[field]} must be > 0")
+  o = c.optim
+  _require(o.name == "adamw", f"config.optim.name={o.name!r}; only 'adamw' exists so far")
+  _require(o.lr > 0, f"config.optim.lr={o.lr} must be > 0")
+  _require(0 <= o.warmup_steps < t.steps,
+           f"config.optim.warmup_steps={o.warmup_steps} must be in [0, config.train.steps)")
+
+
+def validate(cfg: ml_collections.ConfigDict, n_devices: int = 1) -> None:
+  """Raises ConfigError naming the first wrong field."""
+  _check_keys(cfg, base_config(), "config")
+  _check_model(cfg.model)
+  _check_data_train(cfg, n_devices)

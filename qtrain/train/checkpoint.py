@@ -1,0 +1,56 @@
+"""Checkpoints of the train state and the data iterator position (orbax).
+
+Saves are asynchronous and atomic: orbax writes a step into a temporary
+directory and renames it only once every array and the iterator state are on
+disk, and ``CheckpointManager`` lists only finalised steps, so a run killed
+mid-save resumes from the previous complete checkpoint. ``restore_or_init`` is
+the one call a run starts with.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """An orbax CheckpointManager holding items ``state`` and ``data``."""
+
+  def __init__(self, directory: str, *, keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "data"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
+    """Starts an async save of (state, iterator state) at ``step``."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=ocp.args.JsonSave(data_state))
+    return self.manager.save(step, args=args, force=force)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                              data=ocp.args.JsonRestore())
+    restored = self.manager.restore(step, args=args)
+    return restored.state, restored.data
+
+  def restore_or_init(self, abstract_state: Any, init: Callable[[], Any]):
+    """(state, data_state or None, step restored or None)."""
+    step = self.latest_step()
+    if step is None:
+      return init(), None, None
+    state, data_state = self.restore(step, abstract_state)
+    return state, data_state, step
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
