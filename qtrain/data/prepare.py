@@ -1,0 +1,184 @@
+"""Materialises a seqio task or mixture into token files for training.
+
+  python -m qtrain.data.prepare --task=kjv --out=data/kjv [--vocab_size=8000]
+
+seqio is the front door (vocabularies, tasks, mixtures, preprocessing) but it
+imports TensorFlow, which the training hosts never do. So this step, run once
+on a CPU host, writes into `--out`:
+
+  spm.model        the SentencePiece vocabulary (trained on the KJV train split;
+                   a task with its own vocabulary gets it copied to vocab.model)
+  <split>.tokens   one token file per split (see `token_file.py`)
+  meta.json        written last, atomically: its presence means "complete"
+
+meta.json also records a unigram baseline: a model whose loss is above
+log(unigram_ppl_validation) has not learned more than token frequencies.
+
+Idempotent: when meta.json matches the request, the vocabulary's fingerprint
+and intact token files, it says so and exits without importing TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import time
+
+import numpy as np
+
+from qtrain.data import token_file
+from qtrain.data import vocab as vocab_lib
+
+META_NAME = "meta.json"
+META_VERSION = 1
+
+
+def unigram_perplexities(train_tokens: np.ndarray, eval_tokens: np.ndarray | None,
+                         vocab_size: int) -> tuple[float, float | None]:
+  """(exp(entropy) of the train unigram distribution, add-one smoothed eval ppl).
+
+  ppl_train = exp(-sum_v p_v log p_v) with p_v = c_v / N (train counts c_v);
+  ppl_eval = exp(-(1/M) sum_t log q(x_t)) over the M eval tokens, with
+  q_v = (c_v + 1) / (N + vocab_size) (add-one smoothing: unseen ids stay finite).
+  """
+  counts = np.bincount(train_tokens, minlength=vocab_size).astype(np.float64)
+  n = counts.sum()
+  p = counts[counts > 0] / n
+  ppl_train = float(np.exp(-np.sum(p * np.log(p))))
+  if eval_tokens is None or len(eval_tokens) == 0:
+    return ppl_train, None
+  log_q = np.log((counts + 1.0) / (n + vocab_size))
+  eval_counts = np.bincount(eval_tokens, minlength=vocab_size).astype(np.float64)
+  ppl_eval = float(np.exp(-np.dot(eval_counts, log_q) / eval_counts.sum()))
+  return ppl_train, ppl_eval
+
+
+def _write_json_atomic(path: pathlib.Path, obj: dict) -> None:
+  tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+  os.replace(tmp, path)
+
+
+def up_to_date(out: pathlib.Path, task: str, vocab_size: int) -> dict | None:
+  """meta.json if it matches the request and every file it names is intact."""
+  try:
+    meta = json.loads((out / META_NAME).read_text())
+    if meta.get("prepare_args") != {"task": task, "vocab_size": vocab_size}:
+      return None
+    if vocab_lib.vocab_fingerprint(out / meta["vocab_path"]) != meta["vocab_fingerprint"]:
+      return None
+    for info in meta["splits"].values():
+      tf = token_file.TokenFile(out / info["file"]).validate()
+      if (tf.fingerprint, tf.num_tokens, tf.num_docs) != (
+          meta["vocab_fingerprint"], info["n_tokens"], info["n_docs"]):
+        return None
+  except (OSError, KeyError, ValueError, TypeError):
+    return None
+  return meta
+
+
+def _local_vocab_file(out: pathlib.Path, vocabulary) -> pathlib.Path:
+  """The task's SentencePiece model, copied into `out` if it lives elsewhere."""
+  src = getattr(vocabulary, "sentencepiece_model_file", None)
+  if src is None:
+    raise ValueError(
+        f"{vocabulary!r} is not a seqio.SentencePieceVocabulary: the training"
+        " path reads vocabularies with sentencepiece only.")
+  src = pathlib.Path(src)
+  if src.resolve().parent == out.resolve():
+    return src
+  dst = out / "vocab.model"
+  shutil.copyfile(src, dst)
+  return dst
+
+
+def _materialise(provider, split: str, path: pathlib.Path, vocab_size: int,
+                 fingerprint: str) -> dict:
+  """One pass over `split` of a seqio task/mixture, written as a token file."""
+  ds = provider.get_dataset(sequence_length=None, split=split, shuffle=False,
+                            seed=0, num_epochs=1)
+  docs = (ex["targets"] for ex in ds.as_numpy_iterator())
+  counts = token_file.write_token_file(path, docs, vocab_size, fingerprint)
+  return {"file": path.name, **counts}
+
+
+def _unigram_fields(out: pathlib.Path, splits: dict, vocab_size: int) -> dict:
+  if "train" not in splits:
+    return {"unigram_ppl_train": None, "unigram_ppl_validation": None}
+  train = token_file.TokenFile(out / splits["train"]["file"]).tokens
+  valid = None
+  if "validation" in splits:
+    valid = token_file.TokenFile(out / splits["validation"]["file"]).tokens
+  ppl_train, ppl_valid = unigram_perplexities(train, valid, vocab_size)
+  return {"unigram_ppl_train": ppl_train, "unigram_ppl_validation": ppl_valid}
+
+
+def prepare(task: str, out: str | os.PathLike, vocab_size: int = 8000,
+            force: bool = False) -> dict:
+  """Vocabulary, token files and meta.json for `task` in `out`; returns meta."""
+  out = pathlib.Path(out)
+  if not force and (meta := up_to_date(out, task, vocab_size)):
+    print(f"{out / META_NAME} is up to date (task {task!r}, vocab"
+          f" {meta['vocab_fingerprint']}); nothing to do.")
+    return meta
+  out.mkdir(parents=True, exist_ok=True)
+  (out / META_NAME).unlink(missing_ok=True)  # Incomplete until rewritten.
+  t0 = time.perf_counter()
+  spm_path = vocab_lib.train_vocab(out, vocab_size)
+  t_vocab = time.perf_counter() - t0
+  import seqio  # pylint: disable=g-import-not-at-top  # TensorFlow: slow, here only.
+  from qtrain.data import tasks  # pylint: disable=g-import-not-at-top
+  tasks.register_tasks(spm_path)
+  provider = seqio.get_mixture_or_task(task)
+  vocabulary = provider.output_features["targets"].vocabulary
+  vocab_file = _local_vocab_file(out, vocabulary)
+  fingerprint = vocab_lib.vocab_fingerprint(vocab_file)
+  splits = {s: _materialise(provider, s, out / f"{s}.tokens",
+                            vocabulary.vocab_size, fingerprint)
+            for s in tasks.splits_of(provider)}
+  meta = {
+      "format_version": META_VERSION,
+      "task": task,
+      "prepare_args": {"task": task, "vocab_size": vocab_size},
+      "splits": splits,
+      "vocab_path": vocab_file.name,
+      "vocab_size": vocabulary.vocab_size,
+      "vocab_fingerprint": fingerprint,
+      "eos_id": vocabulary.eos_id,
+      "pad_id": vocabulary.pad_id,
+      **_unigram_fields(out, splits, vocabulary.vocab_size),
+  }
+  _write_json_atomic(out / META_NAME, meta)
+  _print_summary(meta, out, t_vocab, time.perf_counter() - t0)
+  return meta
+
+
+def _print_summary(meta: dict, out: pathlib.Path, t_vocab: float,
+                   t_total: float) -> None:
+  print(f"Prepared task {meta['task']!r} in {out} ({t_total:.1f} s, vocabulary"
+        f" {t_vocab:.1f} s): vocab_size {meta['vocab_size']}, fingerprint"
+        f" {meta['vocab_fingerprint']}")
+  for split, info in meta["splits"].items():
+    print(f"  {split:>12}: {info['n_docs']:>7} docs {info['n_tokens']:>10} tokens")
+  print(f"  unigram perplexity: train {meta['unigram_ppl_train']},"
+        f" validation {meta['unigram_ppl_validation']}")
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(
+      prog="python -m qtrain.data.prepare", description=__doc__.split("\n")[0])
+  parser.add_argument("--task", default="kjv", help="seqio task or mixture name")
+  parser.add_argument("--out", required=True, help="output directory")
+  parser.add_argument("--vocab_size", type=int, default=8000,
+                      help="pieces of the trained SentencePiece vocabulary")
+  parser.add_argument("--force", action="store_true",
+                      help="rebuild even if meta.json is up to date")
+  args = parser.parse_args(argv)
+  prepare(args.task, args.out, vocab_size=args.vocab_size, force=args.force)
+
+
+if __name__ == "__main__":
+  main()
