@@ -1,6 +1,8 @@
 """Materialises a seqio task or mixture into token files for training.
 
   python -m qtrain.data.prepare --task=kjv --out=data/kjv [--vocab_size=8000]
+  python -m qtrain.data.prepare --task=my_mixture --out=data/mix \
+      --module_import=my_project.tasks     # registers my_mixture
 
 seqio is the front door (vocabularies, tasks, mixtures, preprocessing) but it
 imports TensorFlow, which the training hosts never do. So this step, run once
@@ -21,6 +23,7 @@ and intact token files, it says so and exits without importing TensorFlow.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import pathlib
@@ -117,8 +120,12 @@ def _unigram_fields(out: pathlib.Path, splits: dict, vocab_size: int) -> dict:
 
 
 def prepare(task: str, out: str | os.PathLike, vocab_size: int = 8000,
-            force: bool = False) -> dict:
-  """Vocabulary, token files and meta.json for `task` in `out`; returns meta."""
+            force: bool = False, module_imports: tuple[str, ...] = ()) -> dict:
+  """Vocabulary, token files and meta.json for `task` in `out`; returns meta.
+
+  `module_imports` are imported after qtrain's tasks are registered, so they
+  can define tasks and mixtures (e.g. mixtures over `kjv`).
+  """
   out = pathlib.Path(out)
   if not force and (meta := up_to_date(out, task, vocab_size)):
     print(f"{out / META_NAME} is up to date (task {task!r}, vocab"
@@ -132,6 +139,8 @@ def prepare(task: str, out: str | os.PathLike, vocab_size: int = 8000,
   import seqio  # pylint: disable=g-import-not-at-top  # TensorFlow: slow, here only.
   from qtrain.data import tasks  # pylint: disable=g-import-not-at-top
   tasks.register_tasks(spm_path)
+  for module in module_imports:
+    importlib.import_module(module)
   provider = seqio.get_mixture_or_task(task)
   vocabulary = provider.output_features["targets"].vocabulary
   vocab_file = _local_vocab_file(out, vocabulary)
@@ -176,8 +185,12 @@ def main(argv=None) -> None:
                       help="pieces of the trained SentencePiece vocabulary")
   parser.add_argument("--force", action="store_true",
                       help="rebuild even if meta.json is up to date")
+  parser.add_argument("--module_import", action="append", default=[],
+                      help="module that registers more seqio tasks/mixtures"
+                      " (repeatable); imported after the qtrain tasks")
   args = parser.parse_args(argv)
-  prepare(args.task, args.out, vocab_size=args.vocab_size, force=args.force)
+  prepare(args.task, args.out, vocab_size=args.vocab_size, force=args.force,
+          module_imports=args.module_import)
 
 
 if __name__ == "__main__":
