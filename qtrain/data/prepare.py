@@ -1,8 +1,7 @@
 """Materialises a seqio task or mixture into token files for training.
 
   python -m qtrain.data.prepare --task=kjv --out=data/kjv [--vocab_size=8000]
-  python -m qtrain.data.prepare --task=my_mixture --out=data/mix \
-      --module_import=my_project.tasks     # registers my_mixture
+  python -m qtrain.data.prepare --task=my_mix --out=data/mix --module_import=my.tasks
 
 seqio is the front door (vocabularies, tasks, mixtures, preprocessing) but it
 imports TensorFlow, which the training hosts never do. So this step, run once
