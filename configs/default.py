@@ -9,8 +9,8 @@ from qtrain.config import base_config
 
 def get_config(arg: str = ""):
   c = base_config()
-  c.model.update(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
-                 head_dim=64, d_ff=704, max_seq_len=512)
+  c.model.update(vocab_size=8192, d_model=192, n_layers=4, n_heads=4, n_kv_heads=2,
+                 head_dim=48, d_ff=512, max_seq_len=512)
   c.data.update(seq_len=128, global_batch_size=16, eval_batches=8)
   c.train.update(steps=300, log_every=10, eval_every=100, checkpoint_every=100)
   if arg == "smoke":  # Seconds on a laptop CPU; used by the tests.

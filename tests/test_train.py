@@ -1,0 +1,187 @@
+"""End-to-end tests of the trainer: entry point, resume, torn checkpoints,
+SIGTERM, NaN policies, config errors. They run `python -m qtrain.train` in
+subprocesses on the smoke config, like a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DATA = pathlib.Path(os.environ.get("QTRAIN_TEST_DATA", ROOT / "data" / "kjv"))
+pytestmark = pytest.mark.slow
+
+if not (DATA / "meta.json").exists():
+  pytest.skip("data/kjv is not prepared: run `make data`", allow_module_level=True)
+
+
+def _cmd(workdir, *overrides, config="configs/default.py:smoke"):
+  return [sys.executable, "-m", "qtrain.train", f"--config={config}", f"--workdir={workdir}",
+          f"--config.data.dir={DATA}", *overrides]
+
+
+def _env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["PYTHONUNBUFFERED"] = "1"
+  return env
+
+
+def _run(workdir, *overrides, check=True, **kw):
+  proc = subprocess.run(_cmd(workdir, *overrides, **kw), cwd=ROOT, env=_env(),
+                        capture_output=True, text=True, timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}")
+  return proc
+
+
+def _start(workdir, *overrides):
+  return subprocess.Popen(_cmd(workdir, *overrides), cwd=ROOT, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _rows(workdir) -> list[dict]:
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def _losses(workdir) -> dict[int, float]:
+  """Training loss per step; a step logged twice (re-run after resume) keeps
+  its last value."""
+  return {r["step"]: r["loss"] for r in _rows(workdir) if "loss" in r}
+
+
+def _wait_for(pred, proc, timeout=300.0, poll=0.05):
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    if pred():
+      return True
+    if proc.poll() is not None:
+      out, err = proc.communicate()
+      raise AssertionError(f"process ended early rc={proc.returncode}\n{out}\n{err[-3000:]}")
+    time.sleep(poll)
+  raise AssertionError("timed out waiting")
+
+
+def _finalized_steps(workdir) -> list[int]:
+  d = pathlib.Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def test_entry_point_trains_and_reports(tmp_path):
+  proc = _run(tmp_path, "--config.train.steps=3")
+  rows = _rows(tmp_path)
+  steps = [r["step"] for r in rows if "loss" in r]
+  assert steps == [1, 2, 3]
+  assert all(r["tokens_per_s"] > 0 for r in rows if "loss" in r)
+  assert "held-out perplexity: initial" in proc.stdout
+  assert (tmp_path / "tb").is_dir() and any((tmp_path / "tb").iterdir())
+  assert _finalized_steps(tmp_path)[-1] == 3
+
+
+def test_sigkill_between_checkpoints_resumes_bit_identically(tmp_path):
+  ref, run = tmp_path / "ref", tmp_path / "run"
+  common = ("--config.train.steps=16", "--config.train.checkpoint_every=5",
+            "--config.train.eval_every=100")
+  _run(ref, *common)
+  proc = _start(run, *common)
+  # Kill once checkpoint 5 is complete and a later step has run, before the end.
+  _wait_for(lambda: 5 in _finalized_steps(run) and max(_losses(run), default=0) >= 6, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = max(_losses(run))
+  resumed_from = max(_finalized_steps(run))
+  assert resumed_from < killed_at < 16, (resumed_from, killed_at)
+  out = _run(run, *common).stdout + ""
+  del out
+  ref_losses, run_losses = _losses(ref), _losses(run)
+  assert sorted(run_losses) == list(range(1, 17))
+  # Bit-identical on CPU: the same params, optimizer state and batches.
+  assert run_losses == ref_losses
+
+
+def test_torn_async_checkpoint_is_skipped(tmp_path):
+  common = ("--config.train.steps=60", "--config.train.checkpoint_every=1",
+            "--config.train.eval_every=100")
+  proc = _start(tmp_path, *common)
+  ckpt = tmp_path / "checkpoints"
+
+  def save_in_flight():
+    if not ckpt.exists() or not _finalized_steps(tmp_path):
+      return False
+    return any("tmp" in p.name for p in ckpt.iterdir())
+
+  _wait_for(save_in_flight, proc, poll=0.001)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  torn = [p.name for p in ckpt.iterdir() if "tmp" in p.name]
+  complete = _finalized_steps(tmp_path)
+  assert torn, "the kill did not land during a save"
+  torn_step = int(torn[0].split(".")[0])
+  assert torn_step not in complete and torn_step > max(complete)
+  rerun = _run(tmp_path, *common, "--config.train.steps=62")
+  assert f"resumed from checkpoint step {max(complete)}" in rerun.stderr + rerun.stdout
+  assert max(_losses(tmp_path)) == 62
+
+
+def test_sigterm_saves_exits_zero_and_resumes(tmp_path):
+  common = ("--config.train.steps=400", "--config.train.eval_every=1000",
+            "--config.train.checkpoint_every=1000")
+  proc = _start(tmp_path, *common)
+  _wait_for(lambda: max(_losses(tmp_path), default=0) >= 3, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  assert "preempted at step" in out
+  saved = _finalized_steps(tmp_path)
+  assert len(saved) == 1 and saved[0] >= 3
+  rerun = _run(tmp_path, *common[1:], f"--config.train.steps={saved[0] + 2}")
+  assert f"resumed from checkpoint step {saved[0]}" in rerun.stderr + rerun.stdout
+  assert max(_losses(tmp_path)) == saved[0] + 2
+
+
+def test_nan_policy_skip_drops_every_poisoned_update(tmp_path):
+  # A NaN z-loss weight makes the objective and every gradient NaN.
+  proc = _run(tmp_path, "--config.train.steps=3", "--config.optim.z_loss=nan",
+              "--config.train.nan_policy=skip", "--config.train.eval_every=100")
+  assert "skipping it (config.train.nan_policy='skip')" in proc.stdout + proc.stderr
+  rows = _rows(tmp_path)
+  assert [r["finite"] for r in rows if "loss" in r] == [0.0, 0.0, 0.0]
+  evals = [r["eval_ppl"] for r in rows if "eval_ppl" in r]
+  assert evals[0] == evals[-1]  # No update was applied: the params are the initial ones.
+
+
+def test_nan_policy_stop_fails_with_message(tmp_path):
+  proc = _run(tmp_path, "--config.train.steps=3", "--config.optim.z_loss=nan",
+              "--config.train.nan_policy=stop", check=False)
+  assert proc.returncode == 2
+  assert "non-finite loss or gradient at step 1" in proc.stderr
+  assert "nan_policy='stop'" in proc.stderr
+
+
+@pytest.mark.parametrize("override, field", [
+    ("--config.model.n_kv_heads=3", "config.model.n_kv_heads"),
+    ("--config.data.global_batch_size=12", "config.data.global_batch_size"),
+    ("--config.data.seq_len=4096", "config.data.seq_len"),
+])
+def test_config_errors_fail_before_compiling_and_name_the_field(tmp_path, override, field):
+  proc = _run(tmp_path, override, check=False)
+  assert proc.returncode == 2
+  assert field in proc.stderr
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_training_path_imports_no_tensorflow():
+  code = ("import sys, qtrain.train.loop, qtrain.data.loader\n"
+          "bad = [m for m in ('tensorflow', 'seqio') if m in sys.modules]\n"
+          "assert not bad, bad\n")
+  subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=300)
