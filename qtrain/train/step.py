@@ -34,15 +34,22 @@ def cross_entropy(logits_BTV, targets_BT, mask_BT, z_loss: float = 0.0):
 
 
 def _forward(model, params, batch):
-  return model.apply({"params": params}, batch["inputs"], batch["positions"],
-                     batch["segment_ids"])
+  return model.apply({"params": params}, batch["inputs"], batch.get("positions"),
+                     batch.get("segment_ids"))
+
+
+def _loss_mask(batch):
+  """Non-padding positions; unpacked batches (no segment ids) count all."""
+  if "segment_ids" in batch:
+    return batch["segment_ids"] > 0
+  return jnp.ones(batch["targets"].shape, bool)
 
 
 def train_step(state: TrainState, batch, *, model, tx, z_loss: float = 0.0):
   def loss_fn(params):
     logits = _forward(model, params, batch)
     objective, nll_sum, n_tokens, z_term = cross_entropy(
-        logits, batch["targets"], batch["segment_ids"] > 0, z_loss)
+        logits, batch["targets"], _loss_mask(batch), z_loss)
     return objective, (nll_sum / jnp.maximum(n_tokens, 1.0), n_tokens, z_term)
 
   (objective, (loss, n_tokens, z_term)), grads = jax.value_and_grad(
@@ -63,13 +70,20 @@ def train_step(state: TrainState, batch, *, model, tx, z_loss: float = 0.0):
 def eval_step(params, batch, *, model):
   """Sum of token NLL and the token count of one held-out batch."""
   logits = _forward(model, params, batch)
-  _, nll_sum, n_tokens, _ = cross_entropy(logits, batch["targets"], batch["segment_ids"] > 0)
+  _, nll_sum, n_tokens, _ = cross_entropy(logits, batch["targets"], _loss_mask(batch))
   return {"nll_sum": nll_sum, "tokens": n_tokens}
 
 
-def make_steps(model, tx, mesh, state_sh, z_loss: float = 0.0):
-  """(train_step, eval_step) jitted with explicit shardings; the state is donated."""
-  batch_sh = {k: batch_sharding(mesh) for k in ("inputs", "targets", "segment_ids", "positions")}
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
+
+
+def make_steps(model, tx, mesh, state_sh, z_loss: float = 0.0, batch_keys=BATCH_KEYS):
+  """(train_step, eval_step) jitted with explicit shardings; the state is donated.
+
+  ``batch_keys`` names the batch's arrays (unpacked batches may omit
+  segment_ids and positions).
+  """
+  batch_sh = {k: batch_sharding(mesh) for k in batch_keys}
   rep = replicated(mesh)
   train = jax.jit(functools.partial(train_step, model=model, tx=tx, z_loss=z_loss),
                   in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep),

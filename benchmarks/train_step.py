@@ -1,0 +1,188 @@
+"""Training-step throughput, MFU and peak memory of qtrain vs the HF peer.
+
+  python benchmarks/train_step.py --model=llama_1b --batch=8 --seq=2048 [--peer]
+
+Times qtrain's jitted train step (the one the trainer runs: AdamW, clipping,
+float32 master params, bf16 compute, cuDNN attention) on synthetic batches, and
+in the same process re-times the peer a user would otherwise pick: Hugging Face
+transformers' LlamaForCausalLM (bf16, SDPA attention, torch.compile, fused
+AdamW) on the same shape. MFU counts model FLOPs per token 6·N + 6·L·S·D (N:
+matmul params of the layers and the LM head, not the input embedding) over the
+device's dense bf16 peak (989 TFLOP/s on an H100).
+
+Batches are synthetic; ``--packed=K`` splits every row into K documents
+(segment ids), which exercises the packed cuDNN path the trainer uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+
+from qtrain.layers import ModelConfig, Transformer
+from qtrain.optim import build_optimizer
+from qtrain.parallel import DATA_PARALLEL_RULES, make_mesh
+from qtrain.train import metrics as metrics_lib
+from qtrain.train.state import init_state, state_shardings
+from qtrain.train.step import make_steps
+
+
+def load_config(name: str):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def synthetic_batch(batch: int, seq: int, vocab: int, packed: int, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab, (batch, seq + 1), dtype=np.int32)
+  out = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  if packed:
+    doc = seq // packed
+    seg = np.minimum(np.arange(seq) // doc, packed - 1) + 1
+    out["segment_ids"] = np.broadcast_to(seg, (batch, seq)).astype(np.int32)
+    out["positions"] = np.broadcast_to(np.arange(seq) - (seg - 1) * doc,
+                                       (batch, seq)).astype(np.int32)
+  return out
+
+
+def _time(fn, steps: int, warmup: int = 3) -> float:
+  for _ in range(warmup):
+    fn()
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    fn()
+  return (time.perf_counter() - t0) / steps
+
+
+def bench_qtrain(cfg, batch: int, seq: int, packed: int, steps: int) -> dict:
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  model_cfg = ModelConfig.from_dict(cfg.model.to_dict())
+  model = Transformer(model_cfg)
+  tx = build_optimizer(cfg.optim, total_steps=10_000)
+  mesh = make_mesh()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(DATA_PARALLEL_RULES):
+    sh = state_shardings(model, tx, mesh, seq)
+    state = init_state(model, tx, mesh, 0, seq)
+    host = synthetic_batch(batch, seq, model_cfg.vocab_size, packed)
+    train_step, _ = make_steps(model, tx, mesh, sh, batch_keys=tuple(host))
+    data = {k: jax.device_put(v) for k, v in host.items()}
+    t0 = time.perf_counter()
+    box = [state]
+
+    def step():
+      box[0], m = train_step(box[0], data)
+      jax.block_until_ready(m["loss"])
+    step()
+    compile_s = time.perf_counter() - t0
+    dt = _time(step, steps)
+  stats = jax.devices()[0].memory_stats() or {}
+  tok_s = batch * seq / dt
+  flops = metrics_lib.flops_per_token(model_cfg, seq)
+  peak = metrics_lib.device_peak_flops() or float("nan")
+  return {"impl": "qtrain", "step_s": dt, "tokens_per_s": tok_s,
+          "mfu": tok_s * flops / peak, "peak_mem_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
+          "compile_s": compile_s, "params": metrics_lib.matmul_params(model_cfg)}
+
+
+def bench_hf(cfg, batch: int, seq: int, steps: int, grad_ckpt: bool) -> dict:
+  """HF LlamaForCausalLM: bf16 weights, SDPA, torch.compile, fused AdamW."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  m = cfg.model
+  hf_cfg = transformers.LlamaConfig(
+      vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
+      num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
+      num_key_value_heads=m.n_kv_heads, head_dim=m.head_dim, max_position_embeddings=seq,
+      rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
+      attn_implementation="sdpa", torch_dtype=torch.bfloat16)
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(hf_cfg).to("cuda", torch.bfloat16)
+  if grad_ckpt:
+    model.gradient_checkpointing_enable()
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+  host = synthetic_batch(batch, seq, m.vocab_size, 0)
+  inputs = torch.from_numpy(host["inputs"].astype(np.int64)).cuda()
+  labels = torch.from_numpy(host["targets"].astype(np.int64)).cuda()
+
+  def loss_fn(x, y):
+    logits = model(input_ids=x).logits
+    return torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]),
+                                             y.view(-1))
+  compiled = torch.compile(loss_fn)
+
+  def step():
+    loss = compiled(inputs, labels)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+  torch.cuda.reset_peak_memory_stats()
+  t0 = time.perf_counter()
+  step()
+  compile_s = time.perf_counter() - t0
+  dt = _time(step, steps)
+  tok_s = batch * seq / dt
+  model_cfg = ModelConfig.from_dict(cfg.model.to_dict())
+  flops = metrics_lib.flops_per_token(model_cfg, seq)
+  peak = metrics_lib.device_peak_flops() or float("nan")
+  out = {"impl": "hf", "step_s": dt, "tokens_per_s": tok_s, "mfu": tok_s * flops / peak,
+         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "compile_s": compile_s,
+         "grad_ckpt": grad_ckpt}
+  del model, opt
+  torch.cuda.empty_cache()
+  return out
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--model", default="llama_1b")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--seq", type=int, default=2048)
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--packed", type=int, default=0, help="documents per row; 0 = unpacked")
+  p.add_argument("--remat", default=None, help="override config.model.remat_policy")
+  p.add_argument("--peer", action="store_true", help="also time HF transformers")
+  p.add_argument("--peer_grad_ckpt", action="store_true")
+  p.add_argument("--out", default=None, help="append JSON lines here")
+  args = p.parse_args()
+  cfg = load_config(args.model)
+  if args.remat:
+    cfg.model.remat_policy = args.remat
+  common = {"model": args.model, "batch": args.batch, "seq": args.seq,
+            "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+  rows = [{**common, "packed": args.packed, "remat": cfg.model.remat_policy,
+           **bench_qtrain(cfg, args.batch, args.seq, args.packed, args.steps)}]
+  if args.peer:
+    rows.append({**common, **bench_hf(cfg, args.batch, args.seq, args.steps,
+                                      args.peer_grad_ckpt)})
+    rows[0]["ratio_vs_peer"] = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
+  for r in rows:
+    print(json.dumps(r))
+    if args.out:
+      with open(args.out, "a", encoding="utf-8") as f:
+        f.write(json.dumps(r) + "\n")
+  q = rows[0]
+  print(f"{args.model} b{args.batch}x{args.seq} qtrain: {q['tokens_per_s']:,.0f} tok/s, "
+        f"MFU {q['mfu']:.1%}, peak {q['peak_mem_gib']:.1f} GiB"
+        + (f"; HF peer {rows[1]['tokens_per_s']:,.0f} tok/s (MFU {rows[1]['mfu']:.1%}); "
+           f"ratio {q['ratio_vs_peer']:.2f}x" if args.peer else ""))
+
+
+if __name__ == "__main__":
+  main()
