@@ -1,0 +1,4 @@
+"""Checkpoint conversion between qtrain params and other libraries' formats."""
+
+from qtrain.convert.hf_llama import (config_from_hf, load_hf_checkpoint, params_from_hf_model,
+                                     params_from_hf_state_dict, params_to_hf_state_dict)
