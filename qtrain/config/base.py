@@ -31,8 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
       param_dtype="float32",  # float32 | bfloat16
       dtype="float32",  # Compute dtype: float32 | bfloat16 | float16
       scan_layers=True,
-      remat_policy="none",  # none | full | dots | dots_no_batch | qkv_attn
+      remat_policy="none",  # none | full | dots | dots_no_batch | qkv_attn | dots_attn
       attention_impl="auto",  # auto (cuDNN on GPU for bf16/fp16) | xla | cudnn
+      attention_max_segments=0,  # Packed segments per row for cuDNN; 0 = seq_len.
       init_std=0.02,
   ))
 

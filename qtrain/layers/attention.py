@@ -74,15 +74,20 @@ def segment_offsets(segment_ids_BT, max_segments: int):
 
 
 def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, scale=None,
-                    max_segments: int = 64):
-  """cuDNN flash attention; packed rows through the THD layout."""
+                    max_segments: int = 0):
+  """cuDNN flash attention; packed rows through the THD layout.
+
+  ``max_segments`` bounds the segments per row (0 = T, which always holds);
+  segments beyond it would be silently dropped, so only lower it when the data
+  guarantees the bound.
+  """
   H = q_BTNH.shape[-1]
   scale = H ** -0.5 if scale is None else scale
   if segment_ids_BT is None:
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, scale=scale,
                                         is_causal=True, implementation="cudnn")
   from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # pylint: disable=g-import-not-at-top
-  offsets, lengths = segment_offsets(segment_ids_BT, max_segments)
+  offsets, lengths = segment_offsets(segment_ids_BT, max_segments or q_BTNH.shape[1])
   return cudnn_fa.dot_product_attention(
       q_BTNH, k_BSKH, v_BSKH, q_seqlen=lengths, kv_seqlen=lengths,
       q_offsets=offsets, kv_offsets=offsets, scale=scale,
@@ -90,7 +95,7 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, scale=None,
 
 
 def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *,
-                          impl: str = "auto", scale=None, max_segments: int = 64):
+                          impl: str = "auto", scale=None, max_segments: int = 0):
   """Causal GQA attention; ``segment_ids_BT`` (0 = padding) masks packing."""
   N, K = q_BTNH.shape[2], k_BSKH.shape[2]
   if N % K:
@@ -120,6 +125,7 @@ class Attention(nn.Module):
     k_BTKH = checkpoint_name(apply_rope(k_BTKH, positions_BT, inv_freq), "key_proj")
     v_BTKH = checkpoint_name(v_BTKH, "value_proj")
     out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT,
-                                     impl=cfg.attention_impl)
+                                     impl=cfg.attention_impl,
+                                     max_segments=cfg.attention_max_segments)
     out_BTNH = checkpoint_name(out_BTNH, "attention_out")
     return dense(cfg.d_model, ("q_heads", "embed"), name="o_proj")(out_BTNH.reshape(B, T, N * H))

@@ -52,6 +52,8 @@ class ModelConfig:
   scan_layers: bool = True
   remat_policy: str = "none"  # See qtrain.layers.decoder.REMAT_POLICIES.
   attention_impl: str = "auto"  # auto | xla | cudnn
+  # Most packed segments per row the cuDNN path can describe; 0 = T (exact).
+  attention_max_segments: int = 0
   init_std: float = 0.02
 
   @property

@@ -24,6 +24,10 @@ REMAT_POLICIES = {
     "dots_no_batch": _cp.dots_with_no_batch_dims_saveable,  # Weight matmuls only.
     "qkv_attn": _cp.save_only_these_names(
         "query_proj", "key_proj", "value_proj", "attention_out"),
+    # Weight matmuls plus the attention inputs/output.
+    "dots_attn": _cp.save_from_both_policies(
+        _cp.dots_with_no_batch_dims_saveable,
+        _cp.save_only_these_names("query_proj", "key_proj", "value_proj", "attention_out")),
 }
 
 

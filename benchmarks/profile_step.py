@@ -1,0 +1,102 @@
+"""Where a train step's GPU time goes: kernel time summed by kind.
+
+  python benchmarks/profile_step.py --model=llama_1b --batch=8 --out=/tmp/prof
+
+Traces a few steps with ``jax.profiler`` (Perfetto JSON) and prints the top
+kernels by total device time, grouped by a coarse category (gemm, attention,
+elementwise/fusion, reduction, copy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # pylint: disable=g-import-not-at-top
+
+from benchmarks.train_step import load_config, synthetic_batch  # noqa: E402
+
+
+def _category(name: str) -> str:
+  n = name.lower()
+  for key, cat in (("fmha", "attention"), ("flash", "attention"), ("cudnn", "attention"),
+                   ("gemm", "gemm"), ("cutlass", "gemm"), ("sm90", "gemm"), ("nvjet", "gemm"),
+                   ("triton", "triton"), ("reduce", "reduction"), ("memcpy", "copy"),
+                   ("memset", "copy"), ("fusion", "fusion"), ("loop", "fusion"),
+                   ("input", "fusion")):
+    if key in n:
+      return cat
+  return "other"
+
+
+def summarize(trace_dir: str, steps: int, top: int = 25) -> dict:
+  files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+  with gzip.open(sorted(files)[-1], "rt") as f:
+    events = json.load(f)["traceEvents"]
+  pids = {e["pid"]: e["args"]["name"] for e in events
+          if e.get("ph") == "M" and e.get("name") == "process_name"}
+  gpu = {p for p, n in pids.items() if "/device:GPU" in n}
+  by_name, by_cat = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e:
+      by_name[e["name"]] += e["dur"] / steps
+      by_cat[_category(e["name"])] += e["dur"] / steps
+  total = sum(by_cat.values())
+  print(f"device time per step: {total / 1e3:.1f} ms")
+  for cat, us in by_cat.most_common():
+    print(f"  {cat:12s} {us / 1e3:8.2f} ms  {us / total:6.1%}")
+  for name, us in by_name.most_common(top):
+    print(f"  {us / 1e3:8.2f} ms  {name[:110]}")
+  return {"total_us": total, "by_category_us": dict(by_cat)}
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--model", default="llama_1b")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--seq", type=int, default=2048)
+  p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--remat", default=None)
+  p.add_argument("--out", default="/tmp/qtrain_profile")
+  args = p.parse_args()
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from qtrain.layers import ModelConfig, Transformer  # pylint: disable=g-import-not-at-top
+  from qtrain.optim import build_optimizer  # pylint: disable=g-import-not-at-top
+  from qtrain.parallel import DATA_PARALLEL_RULES, make_mesh  # pylint: disable=g-import-not-at-top
+  from qtrain.train.state import init_state, state_shardings  # pylint: disable=g-import-not-at-top
+  from qtrain.train.step import make_steps  # pylint: disable=g-import-not-at-top
+  cfg = load_config(args.model)
+  if args.remat:
+    cfg.model.remat_policy = args.remat
+  model = Transformer(ModelConfig.from_dict(cfg.model.to_dict()))
+  tx = build_optimizer(cfg.optim, 10_000)
+  mesh = make_mesh()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(DATA_PARALLEL_RULES):
+    state = init_state(model, tx, mesh, 0, args.seq)
+    host = synthetic_batch(args.batch, args.seq, cfg.model.vocab_size, 0)
+    step, _ = make_steps(model, tx, mesh, state_shardings(model, tx, mesh, args.seq),
+                         batch_keys=tuple(host))
+    batch = {k: jax.device_put(v) for k, v in host.items()}
+    for _ in range(3):
+      state, m = step(state, batch)
+    jax.block_until_ready(m)
+    with jax.profiler.trace(args.out, create_perfetto_trace=True):
+      for _ in range(args.steps):
+        state, m = step(state, batch)
+      jax.block_until_ready(m)
+  summary = summarize(args.out, args.steps)
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump(summary, f)
+
+
+if __name__ == "__main__":
+  main()
