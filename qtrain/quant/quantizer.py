@@ -1,0 +1,184 @@
+"""Quantize / dequantize numerics for every format and granularity of a spec.
+
+Grids (codes q, scale s, integer zero point z):
+
+* int, symmetric:  q = clip(round(x / s), -Q_P, Q_P),  Q_P = 2^(b-1) - 1,
+                   s = hi / Q_P;  x^ = q * s.  The most negative code is left
+                   out so the grid is symmetric and 0 is a code.
+* int, asymmetric: q = clip(round(x / s) + z, 0, 2^b - 1),
+                   s = (hi - lo) / (2^b - 1),  z = clip(round(-lo / s), 0, 2^b - 1);
+                   x^ = (q - z) * s.  [lo, hi] contains 0 (calibration).
+* fp8 e4m3 / e5m2: q = cast_fp8(clip(x / s, -M, M)), s = hi / M with M the
+                   format's largest finite value (448 / 57344); x^ = q * s.
+* ternary (TWN, Li et al. 2016): threshold D = 0.7 * mean|x|,
+                   q = sign(x) * [|x| > D],  s = mean(|x| over |x| > D);
+                   x^ = q * s.  Both statistics are per scale block.
+
+Granularity picks the blocks that share one scale, relative to the dot's
+contraction axis: "tensor" (one block), "channel" and "token" (reduce over the
+contraction axis: per output column of a weight [in, out], per row of
+activations [..., in]), "group" (``group_size`` consecutive elements along
+the contraction axis). Codes keep ``x.shape``; ``scale`` (and ``zero_point``)
+keep ``x.ndim`` with each dim 1, equal to x's, or x's / group_size.
+
+Rounding is round-half-to-even (``jnp.round``), or stochastic floor(v + u),
+u ~ U[0, 1), which is unbiased: E[q] = v inside the grid.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from qtrain.quant import calibration
+from qtrain.quant.spec import QuantSpec
+
+FP8_DTYPES = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
+_TINY = float(jnp.sqrt(jnp.finfo(jnp.float32).tiny))  # An all-zero block gets scale 1.
+
+
+class QTensor(NamedTuple):
+  """x ~= dequantize(q, scale, zero_point).
+
+  q: codes with ``x.shape`` (int8 symmetric/ternary, uint8 asymmetric, float8 fp8).
+  scale: float32, rank of x, each dim 1, x's, or x's / group_size.
+  zero_point: like scale, dtype of q; None for symmetric grids.
+  """
+  q: jax.Array
+  scale: jax.Array
+  zero_point: jax.Array | None
+
+
+def grid(spec: QuantSpec) -> tuple[float, float]:
+  """(Q_N, Q_P): the smallest and largest code."""
+  if spec.format == "ternary":
+    return -1.0, 1.0
+  if spec.format in FP8_DTYPES:
+    m = float(jnp.finfo(FP8_DTYPES[spec.format]).max)
+    return -m, m
+  if spec.symmetric:
+    qp = 2.0 ** (spec.bits - 1) - 1
+    return -qp, qp
+  return 0.0, 2.0 ** spec.bits - 1
+
+
+def blocked(x, spec: QuantSpec, contract_axis: int):
+  """(xb, axes): x reshaped so that each scale block is reduced over ``axes``."""
+  axis = contract_axis % x.ndim
+  if spec.granularity == "tensor":
+    return x, tuple(range(x.ndim))
+  if spec.granularity in ("channel", "token"):
+    return x, (axis,)
+  g = spec.group_size
+  if x.shape[axis] % g:
+    raise ValueError(f"group_size={g} does not divide the contraction dim {x.shape[axis]}")
+  shape = x.shape[:axis] + (x.shape[axis] // g, g) + x.shape[axis + 1:]
+  return x.reshape(shape), (axis + 1,)
+
+
+def _unblock_scale(sb, x_shape, spec: QuantSpec, contract_axis: int):
+  if spec.granularity != "group":
+    return sb
+  axis = contract_axis % len(x_shape)
+  return sb.reshape(sb.shape[:axis + 1] + sb.shape[axis + 2:])
+
+
+def _round(v, rng):
+  if rng is None:
+    return jnp.round(v)
+  return jnp.floor(v + jax.random.uniform(rng, v.shape, v.dtype))
+
+
+def scale_zero_point(lo, hi, spec: QuantSpec):
+  """Scale (and zero point) putting [lo, hi] on the spec's grid."""
+  qn, qp = grid(spec)
+  if spec.symmetric:
+    s = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) / qp
+    return jnp.where(s > _TINY, s, 1.0), None
+  s = (hi - lo) / (qp - qn)
+  s = jnp.where(s > _TINY, s, 1.0)
+  return s, jnp.clip(jnp.round(qn - lo / s), qn, qp)
+
+
+def codes(x, scale, zero_point, spec: QuantSpec, rng=None):
+  """Codes of float32 x on the grid given scale (and zero point), as floats."""
+  qn, qp = grid(spec)
+  v = x / scale
+  if spec.format in FP8_DTYPES:
+    return jnp.clip(v, qn, qp).astype(FP8_DTYPES[spec.format])
+  v = _round(v, rng)
+  if zero_point is not None:
+    v = v + zero_point
+  return jnp.clip(v, qn, qp)
+
+
+def _storage(q, spec: QuantSpec):
+  if spec.format in FP8_DTYPES:
+    return q
+  return q.astype(jnp.int8 if spec.symmetric else jnp.uint8)
+
+
+def _ternary(xb, axes):
+  a = jnp.abs(xb)
+  delta = 0.7 * jnp.mean(a, axis=axes, keepdims=True)
+  keep = a > delta
+  n = jnp.maximum(jnp.sum(keep, axis=axes, keepdims=True), 1)
+  s = jnp.sum(jnp.where(keep, a, 0.0), axis=axes, keepdims=True) / n
+  return jnp.where(keep, jnp.sign(xb), 0.0), jnp.where(s > _TINY, s, 1.0)
+
+
+def _fake_quant_range(spec: QuantSpec):
+  def fq(xb, lo, hi):
+    s, z = scale_zero_point(lo, hi, spec)
+    q = codes(xb, s, z, spec).astype(jnp.float32)
+    return (q - z) * s if z is not None else q * s
+  return fq
+
+
+def quantize(x, spec: QuantSpec, *, contract_axis: int = -1, rng=None) -> QTensor:
+  """Calibrates x per ``spec`` and returns its codes, scale and zero point."""
+  if spec.stochastic_rounding and rng is None:
+    raise ValueError("spec.stochastic_rounding=True needs an rng key")
+  x32 = x.astype(jnp.float32)
+  xb, axes = blocked(x32, spec, contract_axis)
+  if spec.format == "ternary":
+    qb, sb = _ternary(xb, axes)
+    zb = None
+  else:
+    lo, hi = calibration.calibrate(xb, axes, spec, _fake_quant_range(spec))
+    sb, zb = scale_zero_point(lo, hi, spec)
+    qb = codes(xb, sb, zb, spec, rng if spec.stochastic_rounding else None)
+  q = _storage(qb.reshape(x.shape), spec)
+  scale = _unblock_scale(sb, x.shape, spec, contract_axis)
+  zero_point = None if zb is None else _unblock_scale(zb, x.shape, spec, contract_axis)
+  return QTensor(q, scale, None if zero_point is None else zero_point.astype(q.dtype))
+
+
+def expand(a, shape):
+  """Repeats a scale-shaped array to ``shape`` (group blocks become elements)."""
+  for axis, (n, m) in enumerate(zip(a.shape, shape)):
+    if n not in (1, m):
+      a = jnp.repeat(a, m // n, axis=axis)
+  return a
+
+
+def dequantize(qt: QTensor, dtype=jnp.float32):
+  """x^ = (q - z) * s."""
+  q = qt.q.astype(jnp.float32)
+  if qt.zero_point is not None:
+    q = q - expand(qt.zero_point.astype(jnp.float32), q.shape)
+  return (q * expand(qt.scale, q.shape)).astype(dtype)
+
+
+def representable_range(qt: QTensor, spec: QuantSpec, shape):
+  """[lo, hi]: the smallest and largest dequantized values, at ``shape``."""
+  qn, qp = grid(spec)
+  z = 0.0 if qt.zero_point is None else qt.zero_point.astype(jnp.float32)
+  return expand((qn - z) * qt.scale, shape), expand((qp - z) * qt.scale, shape)
+
+
+def fake_quant(x, spec: QuantSpec, *, contract_axis: int = -1, rng=None):
+  """dequantize(quantize(x)) in x's dtype (no gradient rule: see estimators)."""
+  return dequantize(quantize(x, spec, contract_axis=contract_axis, rng=rng), x.dtype)
