@@ -1,0 +1,63 @@
+"""Shared pieces of the quantization presets in this folder.
+
+A preset is ``get_quant(arg="") -> ConfigDict`` for ``config.quant``:
+
+  from configs.quant import w4a4
+  c.quant = w4a4.get_quant()            # in a config file's get_config()
+  c.quant = w4a4.get_quant("lm_head")   # also quantize the LM head
+
+``arg`` is a comma-separated list of switches:
+  lm_head   also quantize the LM head (by default no rule names it, so it
+            stays in high precision, the usual choice: it is one matmul and
+            the most sensitive one).
+  g<N>      weight scales per group of N along the contraction dim (fake-quant
+            presets only; N must divide every matched contraction dim).
+  sr        stochastic rounding of dY in the int8 backward.
+  hp_bwd    int8/fp8 modes: float32 backward dots instead of int8/fp8 ones.
+"""
+
+from qtrain.quant.config import quant_config_defaults
+
+# Module paths of the seven weight matmuls per block; layers_<i> when unscanned.
+LINEARS = r"decoder/layers(_\d+)?/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"
+ATTENTION = r"decoder/layers(_\d+)?/attn"  # Where the KV quantizer applies.
+LM_HEAD = "lm_head"
+SWITCHES = ("lm_head", "sr", "hp_bwd")
+
+
+def parse(arg: str, preset: str) -> dict:
+  opts = {"lm_head": False, "sr": False, "hp_bwd": False, "group": None}
+  for tok in filter(None, (t.strip() for t in arg.split(","))):
+    if tok in SWITCHES:
+      opts[tok] = True
+    elif tok[0] == "g" and tok[1:].isdigit():
+      opts["group"] = int(tok[1:])
+    else:
+      raise ValueError(f"configs/quant/{preset}.py: unknown switch {tok!r}; "
+                       f"use {SWITCHES} or g<N> (e.g. g128)")
+  return opts
+
+
+def int_spec(bits: int, granularity: str, symmetric: bool = True, **kw) -> dict:
+  return dict(bits=bits, format="int", granularity=granularity, symmetric=symmetric,
+              calibration="absmax" if symmetric else "minmax", **kw)
+
+
+def weight_spec(spec: dict, opts: dict) -> dict:
+  if opts["group"]:
+    spec = dict(spec, granularity="group", group_size=opts["group"])
+  return spec
+
+
+def make(mode: str, opts: dict, weight: dict, act: dict | None, kv: dict | None = None):
+  """config.quant with one rule for the block matmuls (+ LM head, + KV)."""
+  c = quant_config_defaults()
+  c.mode = mode
+  pattern = f"{LINEARS}|{LM_HEAD}" if opts["lm_head"] else LINEARS
+  rules = [dict(pattern=pattern, weight=weight_spec(weight, opts), act=act, kv=None)]
+  if kv is not None:
+    rules.append(dict(pattern=ATTENTION, weight=None, act=None, kv=kv))
+  c.rules = tuple(rules)
+  c.grad_stochastic_rounding = opts["sr"]
+  c.int8_backward = not opts["hp_bwd"]
+  return c

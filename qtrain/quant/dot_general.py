@@ -1,0 +1,267 @@
+"""The quantized dot-general module and the provider that places it by path.
+
+Modes (one per provider):
+
+* ``fake``: x^ = Q_act(x), w^ = Q_w(w) with the spec's estimator (STE,
+  clipped STE, LSQ, LSQ+), then ``lax.dot_general`` in the input dtype: the
+  numerics of low precision on any hardware, for QAT.
+* ``int8``: a real int8 x int8 -> int32 dot with the epilogue
+  y = acc * s_x[token] * s_w[channel]. Its custom VJP computes, with
+  ``int8_backward``, dX = dY W^T and dW = X^T dY as int8 dots too, reusing the
+  forward codes (no re-quantization of X or W): the per-channel weight scale
+  is moved onto dY's columns and the per-token activation scale onto dY's rows,
+      dX = (dY * s_w) Q_w^T,    dW = Q_x^T (s_x * dY),
+  then dY * s_w is quantized per token (row) and s_x * dY per channel (column),
+  with optional stochastic rounding (rng stream "quant"). These equal the
+  fake-quant STE gradients dY W^^T and X^^T dY up to dY's int8 rounding.
+  Without ``int8_backward`` the two backward dots run in float32 on X^ and W^.
+* ``fp8``: the same structure with e4m3 forward codes, e5m2 for the
+  gradients and float8 dots accumulating in float32.
+* ``none``: the high-precision dot.
+
+Learned steps (LSQ, LSQ+) are params ``weight_step`` / ``act_step`` (and
+``*_offset``) of this module, so they are named by module path and nn.scan
+stacks them on the layer axis. They are initialised by an initializer closing
+over the tensor the init pass sees (``model.init`` runs the real forward):
+the weight's initial values and the init batch's activations, per the LSQ /
+LSQ+ initialisation. Caveat: an init batch of constant tokens gives an
+unrepresentative activation step; LSQ moves it within the first steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qtrain.layers.dot_general import DotGeneral
+from qtrain.quant import calibration, estimators, quantizer
+from qtrain.quant.rules import QuantRule, first_match
+from qtrain.quant.spec import QuantSpec
+
+MODES = ("none", "fake", "int8", "fp8")
+
+
+def mode_problem(spec: QuantSpec, mode: str) -> tuple[str, str] | None:
+  """(field, message) when ``mode`` cannot run ``spec``; None when it can."""
+  if mode in ("int8", "fp8"):
+    if spec.granularity == "group":
+      return "granularity", f"mode={mode!r} scales whole rows/columns: use tensor, channel or token"
+    if spec.learned or spec.estimator == "lsq":
+      return "calibration", f"learned steps run in mode='fake' only (mode={mode!r})"
+    if spec.stochastic_rounding:
+      return "stochastic_rounding", ("forward stochastic rounding runs in mode='fake'; for "
+                                     "the gradients set config.quant.grad_stochastic_rounding")
+  if mode == "int8":
+    if spec.format not in ("int", "ternary") or not spec.symmetric:
+      return "format", "mode='int8' multiplies symmetric int codes: format int/ternary, symmetric"
+  if mode == "fp8" and spec.format != "fp8_e4m3":
+    return "format", "mode='fp8' runs e4m3 forward operands (e5m2 gradients): format='fp8_e4m3'"
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Lowp:
+  """Static config of the low-precision matmul (hashable: a nondiff arg)."""
+  act: QuantSpec
+  weight: QuantSpec
+  grad: QuantSpec | None  # dY's quantizer; None: float32 backward on X^, W^.
+  acc_dtype: Any  # int32 for int codes, float32 for fp8.
+  x_dtype: Any
+  w_dtype: Any
+  out_dtype: Any  # preferred_element_type, else the activations' dtype.
+
+
+_NN = (((1,), (0,)), ((), ()))  # [M, K] x [K, N]
+_NT = (((1,), (1,)), ((), ()))  # [M, N] x [K, N] -> [M, K]
+_TN = (((0,), (0,)), ((), ()))  # [M, K] x [M, N] -> [K, N]
+
+
+def _inside(x, qt, spec):
+  """Clipped STE mask (None for plain STE)."""
+  if spec.estimator != "clipped_ste":
+    return None
+  lo, hi = quantizer.representable_range(qt, spec, x.shape)
+  return (x >= lo) & (x <= hi)
+
+
+def _lowp_fwd(x_MK, w_KN, rng, cfg: _Lowp):
+  qx = quantizer.quantize(x_MK, cfg.act, contract_axis=1)  # scale [M, 1] or [1, 1]
+  qw = quantizer.quantize(w_KN, cfg.weight, contract_axis=0)  # scale [1, N] or [1, 1]
+  acc_MN = jax.lax.dot_general(qx.q, qw.q, _NN, preferred_element_type=cfg.acc_dtype)
+  y_MN = acc_MN.astype(jnp.float32) * qx.scale * qw.scale
+  masks = (_inside(x_MK, qx, cfg.act), _inside(w_KN, qw, cfg.weight))
+  return y_MN.astype(cfg.out_dtype), (qx, qw, masks, rng)
+
+
+def _lowp_bwd(cfg: _Lowp, res, g_MN):
+  qx, qw, (mask_x, mask_w), rng = res
+  g_MN = g_MN.astype(jnp.float32)
+  if cfg.grad is None:
+    dx = jax.lax.dot_general(g_MN, quantizer.dequantize(qw), _NT)
+    dw = jax.lax.dot_general(quantizer.dequantize(qx), g_MN, _TN)
+  else:
+    r_x, r_w = jax.random.split(rng) if rng is not None else (None, None)
+    # Move s_w onto dY's columns, quantize per row: dX = s_gx * (Q_gx Q_w^T).
+    gx = quantizer.quantize(g_MN * qw.scale, cfg.grad, contract_axis=1, rng=r_x)
+    dx = jax.lax.dot_general(gx.q, qw.q, _NT, preferred_element_type=cfg.acc_dtype)
+    dx = dx.astype(jnp.float32) * gx.scale
+    # Move s_x onto dY's rows, quantize per column: dW = (Q_x^T Q_gw) * s_gw.
+    gw = quantizer.quantize(g_MN * qx.scale, cfg.grad, contract_axis=0, rng=r_w)
+    dw = jax.lax.dot_general(qx.q, gw.q, _TN, preferred_element_type=cfg.acc_dtype)
+    dw = dw.astype(jnp.float32) * gw.scale
+  if mask_x is not None:
+    dx = jnp.where(mask_x, dx, 0.0)
+  if mask_w is not None:
+    dw = jnp.where(mask_w, dw, 0.0)
+  return dx.astype(cfg.x_dtype), dw.astype(cfg.w_dtype), None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def lowp_matmul(x_MK, w_KN, rng, cfg: _Lowp):
+  """y = X^ W^ computed on int8 (or fp8) codes; see the module doc for the VJP."""
+  return _lowp_fwd(x_MK, w_KN, rng, cfg)[0]
+
+
+lowp_matmul.defvjp(_lowp_fwd, _lowp_bwd)
+
+
+def _grad_spec(mode: str, stochastic: bool) -> QuantSpec:
+  # Reduced over the backward dot's contraction axis: per row for dX, per column for dW.
+  fmt = "fp8_e5m2" if mode == "fp8" else "int"
+  return QuantSpec(bits=8, format=fmt, granularity="token", calibration="absmax",
+                   stochastic_rounding=stochastic)
+
+
+class QuantDotGeneral(nn.Module):
+  """``lax.dot_general(lhs, rhs, ...)`` with lhs the activations (``act``)
+  and rhs the weight (``weight``), quantized per ``mode``."""
+  weight: QuantSpec | None = None
+  act: QuantSpec | None = None
+  mode: str = "fake"
+  int8_backward: bool = True  # int8/fp8: low-precision dX and dW dots.
+  grad_stochastic_rounding: bool = False  # int8 backward: SR of dY (rng "quant").
+
+  @nn.compact
+  def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    (lc, rc), (lb, rb) = dimension_numbers
+    if lb or rb or len(lc) != 1:
+      raise ValueError(f"QuantDotGeneral takes one contraction and no batch dims, "
+                       f"got {dimension_numbers}")
+    lhs_axis, rhs_axis = lc[0] % lhs.ndim, rc[0] % rhs.ndim
+    if self.mode == "none" or (self.weight is None and self.act is None):
+      return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                 preferred_element_type=preferred_element_type)
+    if self.mode == "fake":
+      x = self._fake(lhs, self.act, "act", lhs_axis)
+      w = self._fake(rhs, self.weight, "weight", rhs_axis)
+      return jax.lax.dot_general(x, w, dimension_numbers, precision=precision,
+                                 preferred_element_type=preferred_element_type)
+    return self._lowp(lhs, rhs, lhs_axis, rhs_axis, preferred_element_type)
+
+  def _fake(self, x, spec, role, axis):
+    if spec is None:
+      return x
+    if spec.learned:
+      return self._learned(x, spec, role, axis)
+    rng = self._rng() if spec.stochastic_rounding else None
+    return estimators.fake_quant_ste(x, spec, contract_axis=axis, rng=rng)
+
+  def _rng(self):
+    if not (self.has_rng("quant") or self.is_initializing()):  # init falls back to "params".
+      raise ValueError("stochastic rounding draws from the 'quant' rng stream: call "
+                       "model.apply(..., rngs={'quant': key}) with a fresh key per step")
+    return self.make_rng("quant")
+
+  def _learned(self, x, spec, role, axis):
+    """LSQ / LSQ+ with the step (and offset) as params initialised from x."""
+    qn, qp = quantizer.grid(spec)
+    axes = None if spec.granularity == "tensor" else axis
+    x0 = jax.lax.stop_gradient(x)
+    if spec.calibration == "lsq":
+      init = lambda _: calibration.lsq_init_step(x0, qp, axes)
+      step = self.param(f"{role}_step", init)
+    else:
+      init_both = lambda: calibration.lsq_plus_init(x0, qn, qp, axes)
+      step = self.param(f"{role}_step", lambda _: init_both()[0])
+      offset = self.param(f"{role}_offset", lambda _: init_both()[1])
+    # N: values sharing one step (weights); features per token (activations).
+    n = x.size // step.size if role == "weight" else x.shape[axis]
+    g = estimators.lsq_grad_scale(n, qp)
+    if spec.calibration == "lsq":
+      return estimators.lsq(x, step, qn, qp, g)
+    return estimators.lsq_plus(x, step, offset, qn, qp, g)
+
+  def _lowp(self, lhs, rhs, lhs_axis, rhs_axis, preferred_element_type):
+    for role, spec in (("act", self.act), ("weight", self.weight)):
+      if spec is None:
+        raise ValueError(f"mode={self.mode!r} multiplies two quantized operands: set {role}")
+      problem = mode_problem(spec, self.mode)
+      if problem:
+        raise ValueError(f"QuantDotGeneral.{role}.{problem[0]}: {problem[1]}")
+    x = jnp.moveaxis(lhs, lhs_axis, -1)
+    w = jnp.moveaxis(rhs, rhs_axis, 0)
+    out_shape = x.shape[:-1] + w.shape[1:]
+    sr = self.grad_stochastic_rounding and self.int8_backward
+    cfg = _Lowp(act=self.act, weight=self.weight,
+                grad=_grad_spec(self.mode, sr) if self.int8_backward else None,
+                acc_dtype=jnp.int32 if self.mode == "int8" else jnp.float32,
+                x_dtype=lhs.dtype, w_dtype=rhs.dtype,
+                out_dtype=preferred_element_type or lhs.dtype)
+    rng = self._rng() if sr else None
+    y = lowp_matmul(x.reshape(-1, x.shape[-1]), w.reshape(w.shape[0], -1), rng, cfg)
+    return y.reshape(out_shape)
+
+
+class MatchLog:
+  """Trace-time record of which path took which rule (mutable, not hashed)."""
+
+  def __init__(self):
+    self.paths: dict[str, int | None] = {}
+    self.kv_paths: dict[str, int | None] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantProvider:
+  """Ordered rules -> the dot module of each matmul path (first match wins)."""
+  rules: tuple[QuantRule, ...] = ()
+  mode: str = "fake"
+  int8_backward: bool = True
+  grad_stochastic_rounding: bool = False
+  log: MatchLog = dataclasses.field(default_factory=MatchLog, compare=False, repr=False)
+
+  def module_for(self, path: str):
+    i = first_match(self.rules, path)
+    self.log.paths[path] = i
+    rule = None if i is None else self.rules[i]
+    if self.mode == "none" or rule is None or (rule.weight is None and rule.act is None):
+      return DotGeneral
+    return functools.partial(QuantDotGeneral, weight=rule.weight, act=rule.act, mode=self.mode,
+                             int8_backward=self.int8_backward,
+                             grad_stochastic_rounding=self.grad_stochastic_rounding)
+
+  def kv_for(self, path: str) -> QuantSpec | None:
+    """The KV quantizer of the attention module at ``path`` (None: none)."""
+    i = first_match(self.rules, path)
+    self.log.kv_paths[path] = i
+    return None if i is None or self.mode == "none" else self.rules[i].kv
+
+  def unmatched_paths(self) -> list[str]:
+    return sorted(p for p, i in self.log.paths.items() if i is None)
+
+  def unused_rules(self) -> list[int]:
+    used = set(self.log.paths.values()) | set(self.log.kv_paths.values())
+    return [i for i in range(len(self.rules)) if i not in used]
+
+  def report(self) -> str:
+    """Unmatched matmuls (high precision) and rules that matched nothing."""
+    lines = [f"quant mode={self.mode}: {len(self.log.paths)} matmul paths seen"]
+    for p, i in sorted(self.log.paths.items()):
+      lines.append(f"  {p}: " + ("high precision (no rule)" if i is None else f"rule {i}"))
+    for i in self.unused_rules():
+      lines.append(f"  rule {i} ({self.rules[i].pattern!r}) matched nothing")
+    return "\n".join(lines)
