@@ -56,11 +56,16 @@ def train_step(state: TrainState, batch, *, model, tx, z_loss: float = 0.0):
       loss_fn, has_aux=True)(state.params)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
-                         opt_state=keep(opt_state, state.opt_state),
+
+  def update(params, opt_state):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  # A conditional rather than a select: a finite step pays nothing for the
+  # guard (the select kernels took 8.8 ms of a 252 ms llama_1b step on H100).
+  params, opt_state = jax.lax.cond(finite, update, lambda p, o: (p, o),
+                                   state.params, state.opt_state)
+  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                          skipped=state.skipped + (1 - finite.astype(jnp.int32)))
   metrics = {"loss": loss, "objective": objective, "z_loss": z_term,
              "grad_norm": grad_norm, "tokens": n_tokens, "finite": finite}
