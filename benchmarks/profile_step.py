@@ -68,7 +68,7 @@ def main() -> None:
   p.add_argument("--out", default="/tmp/qtrain_profile")
   args = p.parse_args()
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from qtrain.layers import ModelConfig, Transformer  # pylint: disable=g-import-not-at-top
+  from qtrain.train.build import build_model  # pylint: disable=g-import-not-at-top
   from qtrain.optim import build_optimizer  # pylint: disable=g-import-not-at-top
   from qtrain.parallel import DATA_PARALLEL_RULES, make_mesh  # pylint: disable=g-import-not-at-top
   from qtrain.train.state import init_state, state_shardings  # pylint: disable=g-import-not-at-top
@@ -76,7 +76,7 @@ def main() -> None:
   cfg = load_config(args.model)
   if args.remat:
     cfg.model.remat_policy = args.remat
-  model = Transformer(ModelConfig.from_dict(cfg.model.to_dict()))
+  model = build_model(cfg)
   tx = build_optimizer(cfg.optim, 10_000)
   mesh = make_mesh()
   with jax.set_mesh(mesh), nn.logical_axis_rules(DATA_PARALLEL_RULES):

@@ -31,7 +31,8 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 
-from qtrain.layers import ModelConfig, Transformer
+from qtrain.layers import ModelConfig
+from qtrain.train.build import build_model
 from qtrain.optim import build_optimizer
 from qtrain.parallel import DATA_PARALLEL_RULES, make_mesh
 from qtrain.train import metrics as metrics_lib
@@ -70,8 +71,8 @@ def _time(fn, steps: int, warmup: int = 3) -> float:
 
 def bench_qtrain(cfg, batch: int, seq: int, packed: int, steps: int) -> dict:
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  model_cfg = ModelConfig.from_dict(cfg.model.to_dict())
-  model = Transformer(model_cfg)
+  model = build_model(cfg)
+  model_cfg = model.cfg
   tx = build_optimizer(cfg.optim, total_steps=10_000)
   mesh = make_mesh()
   with jax.set_mesh(mesh), nn.logical_axis_rules(DATA_PARALLEL_RULES):

@@ -2,9 +2,11 @@
 
   python -m qtrain.train --config=configs/default.py --workdir=runs/default
   python -m qtrain.train --config=configs/default.py:smoke --workdir=/tmp/smoke
+  python -m qtrain.train --config=configs/default.py:w4a4kv4 --workdir=runs/w4a4kv4  # QAT
 """
 
 from qtrain.config import base_config
+from qtrain.config.variants import apply_variants, split_variants
 
 
 def get_config(arg: str = ""):
@@ -13,11 +15,11 @@ def get_config(arg: str = ""):
                  head_dim=48, d_ff=512, max_seq_len=512)
   c.data.update(seq_len=128, global_batch_size=16, eval_batches=8)
   c.train.update(steps=300, log_every=10, eval_every=100, checkpoint_every=100)
-  if arg == "smoke":  # Seconds on a laptop CPU; used by the tests.
+  variants = split_variants(arg)
+  if "smoke" in variants:  # Seconds on a laptop CPU; used by the tests.
     c.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=160)
     c.data.update(seq_len=64, global_batch_size=8, eval_batch_size=8, eval_batches=2)
     c.optim.update(warmup_steps=2)
     c.train.update(steps=12, log_every=1, eval_every=6, checkpoint_every=4, sample_tokens=8)
-  elif arg:
-    raise ValueError(f"configs/default.py: unknown variant {arg!r}; use '' or 'smoke'")
+  apply_variants(c, [v for v in variants if v != "smoke"], "configs/default.py")
   return c

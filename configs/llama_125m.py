@@ -5,6 +5,7 @@
 """
 
 from qtrain.config import base_config
+from qtrain.config.variants import apply_variants, split_variants
 
 
 def get_config(arg: str = ""):
@@ -15,12 +16,12 @@ def get_config(arg: str = ""):
   c.data.update(seq_len=2048, global_batch_size=16, eval_batch_size=16)
   c.optim.update(lr=6e-4, warmup_steps=2000, weight_decay=0.1)
   c.train.update(steps=100_000, log_every=50, eval_every=2000, checkpoint_every=2000)
-  if arg == "smoke":  # Same architecture family, laptop size.
+  variants = split_variants(arg)
+  if "smoke" in variants:  # Same architecture family, laptop size.
     c.model.update(vocab_size=8192, d_model=96, n_layers=2, n_heads=6, n_kv_heads=6,
                    head_dim=16, d_ff=256, dtype="float32")
     c.data.update(seq_len=64, global_batch_size=8, eval_batch_size=8, eval_batches=1)
     c.optim.update(warmup_steps=2)
     c.train.update(steps=4, log_every=1, eval_every=4, checkpoint_every=4, sample_tokens=4)
-  elif arg:
-    raise ValueError(f"configs/llama_125m.py: unknown variant {arg!r}; use '' or 'smoke'")
+  apply_variants(c, [v for v in variants if v != "smoke"], "configs/llama_125m.py")
   return c

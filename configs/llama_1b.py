@@ -6,6 +6,7 @@ vocab 32000, untied embeddings.
 """
 
 from qtrain.config import base_config
+from qtrain.config.variants import apply_variants, split_variants
 
 
 def get_config(arg: str = ""):
@@ -17,12 +18,12 @@ def get_config(arg: str = ""):
   c.data.update(seq_len=2048, global_batch_size=8, eval_batch_size=8)
   c.optim.update(lr=4e-4, warmup_steps=2000, weight_decay=0.1)
   c.train.update(steps=100_000, log_every=50, eval_every=2000, checkpoint_every=2000)
-  if arg == "smoke":  # Same GQA ratio (8:1), laptop size.
+  variants = split_variants(arg)
+  if "smoke" in variants:  # Same GQA ratio (8:1), laptop size.
     c.model.update(vocab_size=8192, d_model=128, n_layers=2, n_heads=8, n_kv_heads=1,
                    head_dim=16, d_ff=352, dtype="float32")
     c.data.update(seq_len=64, global_batch_size=8, eval_batch_size=8, eval_batches=1)
     c.optim.update(warmup_steps=2)
     c.train.update(steps=4, log_every=1, eval_every=4, checkpoint_every=4, sample_tokens=4)
-  elif arg:
-    raise ValueError(f"configs/llama_1b.py: unknown variant {arg!r}; use '' or 'smoke'")
+  apply_variants(c, [v for v in variants if v != "smoke"], "configs/llama_1b.py")
   return c

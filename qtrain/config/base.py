@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from qtrain.quant.config import quant_config_defaults
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -56,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=0.1,
       # Params whose path ("decoder/layers/attn_norm/scale") matches one of
       # these regexes get no weight decay.
-      no_decay=(r".*norm.*", r"^embedding$"),
+      no_decay=(r".*norm.*", r"^embedding$", r".*_(step|offset)$"),  # + LSQ steps.
       grad_clip=1.0,  # Global-norm clip; 0 disables.
       z_loss=0.0,  # Weight of the log(Z)^2 auxiliary loss (PaLM).
   ))
@@ -73,4 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
       sample_prompt="And God said",
       peak_tflops=0.0,  # Per-device peak for MFU; 0 = from the device kind.
   ))
+  # Quantization: mode + ordered rules over matmul paths; presets in
+  # configs/quant/ (select with a config variant, e.g. `default.py:w4a4`).
+  c.quant = quant_config_defaults()
   return c

@@ -13,6 +13,7 @@ from qtrain.config.base import base_config
 from qtrain.layers.attention import IMPLEMENTATIONS
 from qtrain.layers.config import _DTYPES
 from qtrain.layers.decoder import REMAT_POLICIES
+from qtrain.quant.config import validate_quant
 
 
 class ConfigError(ValueError):
@@ -90,3 +91,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int = 1) -> None:
   _check_keys(cfg, base_config(), "config")
   _check_model(cfg.model)
   _check_data_train(cfg, n_devices)
+  try:
+    validate_quant(cfg.quant, cfg.model)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None

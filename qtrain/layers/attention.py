@@ -24,7 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from qtrain.layers.config import ModelConfig
 from qtrain.layers.dot_general import DotGeneralProvider, HighPrecision
-from qtrain.layers.linear import Linear
+from qtrain.layers.linear import Linear, module_path
 from qtrain.layers.rope import apply_rope, inverse_frequencies
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
@@ -124,6 +124,11 @@ class Attention(nn.Module):
     q_BTNH = checkpoint_name(apply_rope(q_BTNH, positions_BT, inv_freq), "query_proj")
     k_BTKH = checkpoint_name(apply_rope(k_BTKH, positions_BT, inv_freq), "key_proj")
     v_BTKH = checkpoint_name(v_BTKH, "value_proj")
+    kv_spec = getattr(self.dot, "kv_for", lambda _: None)(module_path(self))
+    if kv_spec is not None:  # KV-cache quantization, fake-quantized in training.
+      from qtrain.quant.estimators import fake_quant_ste  # pylint: disable=g-import-not-at-top
+      k_BTKH = fake_quant_ste(k_BTKH, kv_spec, contract_axis=-1)
+      v_BTKH = fake_quant_ste(v_BTKH, kv_spec, contract_axis=-1)
     out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT,
                                      impl=cfg.attention_impl,
                                      max_segments=cfg.attention_max_segments)

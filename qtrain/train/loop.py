@@ -21,10 +21,10 @@ import tqdm
 
 from qtrain.config import validate
 from qtrain.data import loader
-from qtrain.layers import ModelConfig, Transformer
 from qtrain.optim import build_optimizer
 from qtrain.parallel import DATA_PARALLEL_RULES, batch_sharding, make_mesh
 from qtrain.train import metrics as metrics_lib
+from qtrain.train.build import build_model, quant_report
 from qtrain.train.checkpoint import Checkpointer
 from qtrain.train.state import abstract_state, init_state, state_shardings
 from qtrain.train.step import make_steps
@@ -142,7 +142,7 @@ def run(cfg, workdir: str) -> dict:
   validate(cfg, jax.device_count())
   meta = loader.read_meta(cfg.data.dir)
   loader.check_vocab(meta, cfg.model.vocab_size)
-  model = Transformer(ModelConfig.from_dict(cfg.model.to_dict()))
+  model = build_model(cfg)
   tx = build_optimizer(cfg.optim, cfg.train.steps)
   mesh = make_mesh()
   with jax.set_mesh(mesh), nn.logical_axis_rules(DATA_PARALLEL_RULES):
@@ -169,19 +169,22 @@ def _run(cfg, workdir, meta, model, tx, mesh) -> dict:
   writer = metrics_lib.MetricWriter(workdir)
   unigram = meta.get("unigram_ppl_validation")
   start = int(state.step)
+  report = quant_report(model)
+  if report and cfg.quant.mode != "none":
+    print(report, flush=True)
   pbar = tqdm.tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True)
   if restored is None:
     _log_eval(writer, pbar, 0, evaluate(eval_step, state.params, eval_batches, mesh), unigram)
   else:
     pbar.write(f"resumed from checkpoint step {restored} in {ckpt.directory}")
-  report = _Reporter(cfg, writer, pbar, jax.device_count())
+  reporter = _Reporter(cfg, writer, pbar, jax.device_count())
   sigterm = _SigtermFlag()
   pending, preempted, step = None, False, start
   try:
     for step in range(start + 1, t.steps + 1):
       state, metrics = train_step(state, to_global(next(it), mesh))
       if pending is not None:
-        report(*pending)
+        reporter(*pending)
       pending = (step, metrics)
       if step % t.checkpoint_every == 0 or step == t.steps or sigterm.raised:
         ckpt.save(step, state, it.get_state(), force=sigterm.raised)
@@ -193,7 +196,7 @@ def _run(cfg, workdir, meta, model, tx, mesh) -> dict:
         pbar.write(f"SIGTERM: saved checkpoint at step {step}; exiting")
         break
     if pending is not None:
-      report(*pending)
+      reporter(*pending)
   finally:
     sigterm.restore()
     ckpt.close()

@@ -1,0 +1,37 @@
+"""Config variants named after the colon: ``configs/default.py:smoke,w4a4``.
+
+A variant string is a comma-separated list; each config file handles its own
+size variants (``smoke``) and passes the rest here, where a name of a preset
+in ``configs/quant/`` (``w8a8``, ``w4a4kv4``, ...) sets ``config.quant``.
+A preset's own switches follow a ``+``: ``w4a4+lm_head`` quantizes the LM head.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+import sys
+
+QUANT_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs" / "quant"
+
+
+def quant_presets() -> list[str]:
+  return sorted(p.stem for p in QUANT_DIR.glob("*.py") if p.stem not in ("base", "__init__"))
+
+
+def apply_variants(c, variants: list[str], config_name: str) -> None:
+  """Applies non-size variants (quantization presets) to config ``c``."""
+  for v in variants:
+    name, _, switches = v.partition("+")
+    if name not in quant_presets():
+      raise ValueError(f"{config_name}: unknown variant {v!r}; use 'smoke' or a quant "
+                       f"preset {quant_presets()}")
+    root = str(QUANT_DIR.parents[1])
+    if root not in sys.path:  # Presets import `configs.quant.base`.
+      sys.path.insert(0, root)
+    preset = importlib.import_module(f"configs.quant.{name}")
+    c.quant = preset.get_quant(switches.replace("+", ","))
+
+
+def split_variants(arg: str) -> list[str]:
+  return [t.strip() for t in arg.split(",") if t.strip()]
