@@ -149,8 +149,18 @@ def run(cfg, workdir: str) -> dict:
     return _run(cfg, workdir, meta, model, tx, mesh)
 
 
+def save_config(cfg, workdir: str) -> None:
+  """``workdir/config.json``: what evaluation, PTQ and generation rebuild the
+  model from."""
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(cfg.to_json(indent=2))
+
+
 def _run(cfg, workdir, meta, model, tx, mesh) -> dict:
   d, t = cfg.data, cfg.train
+  save_config(cfg, workdir)
   seq = d.seq_len
   shardings = state_shardings(model, tx, mesh, seq)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
