@@ -35,7 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
       scan_layers=True,
       remat_policy="none",  # none | full | dots | dots_no_batch | qkv_attn | dots_attn
       attention_impl="auto",  # auto (cuDNN on GPU for bf16/fp16) | xla | cudnn
-      attention_max_segments=0,  # Packed segments per row for cuDNN; 0 = seq_len.
+      # Packed documents per row the cuDNN path describes (0 = seq_len, which
+      # is exact but slow); the loop stops with a clear error if a batch has more.
+      attention_max_segments=16,
       init_std=0.02,
   ))
 

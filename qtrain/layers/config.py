@@ -52,8 +52,9 @@ class ModelConfig:
   scan_layers: bool = True
   remat_policy: str = "none"  # See qtrain.layers.decoder.REMAT_POLICIES.
   attention_impl: str = "auto"  # auto | xla | cudnn
-  # Most packed segments per row the cuDNN path can describe; 0 = T (exact).
-  attention_max_segments: int = 0
+  # Most packed segments per row the cuDNN path describes (0 = T, exact but
+  # cuDNN's workspace grows with it: T=2048 asked for 536 GiB on an H100).
+  attention_max_segments: int = 16
   init_std: float = 0.02
 
   @property

@@ -21,6 +21,7 @@ import tqdm
 
 from qtrain.config import validate
 from qtrain.data import loader
+from qtrain.layers.attention import resolve_impl
 from qtrain.optim import build_optimizer
 from qtrain.parallel import DATA_PARALLEL_RULES, batch_sharding, make_mesh
 from qtrain.train import metrics as metrics_lib
@@ -54,6 +55,18 @@ def to_global(local_batch: dict, mesh) -> dict:
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items()}
+
+
+def check_segments(batch: dict, model_cfg) -> None:
+  """The cuDNN packed path describes at most ``attention_max_segments``
+  documents per row; more would be silently wrong, so stop here instead."""
+  limit = model_cfg.attention_max_segments
+  if limit <= 0 or resolve_impl(model_cfg.attention_impl, model_cfg.compute_dtype) != "cudnn":
+    return
+  most = int(np.max(batch["segment_ids"]))  # Segment ids count 1.. within a row.
+  if most > limit:
+    raise ValueError(f"a batch row packs {most} documents but config.model."
+                     f"attention_max_segments={limit}; raise it to at least {most}")
 
 
 def evaluate(eval_step, params, batches, mesh) -> float:
@@ -192,7 +205,9 @@ def _run(cfg, workdir, meta, model, tx, mesh) -> dict:
   pending, preempted, step = None, False, start
   try:
     for step in range(start + 1, t.steps + 1):
-      state, metrics = train_step(state, to_global(next(it), mesh))
+      batch = next(it)
+      check_segments(batch, model.cfg)
+      state, metrics = train_step(state, to_global(batch, mesh))
       if pending is not None:
         reporter(*pending)
       pending = (step, metrics)
