@@ -78,7 +78,10 @@ def _finalized_steps(workdir) -> list[int]:
 
 
 def test_entry_point_trains_and_reports(tmp_path):
-  proc = _run(tmp_path, "--config.train.steps=3")
+  # `make train`'s config itself, cut to a few steps.
+  proc = _run(tmp_path, "--config.train.steps=3", "--config.train.log_every=1",
+              "--config.optim.warmup_steps=1", "--config.data.eval_batches=1",
+              "--config.train.sample_tokens=4", config="configs/default.py")
   rows = _rows(tmp_path)
   steps = [r["step"] for r in rows if "loss" in r]
   assert steps == [1, 2, 3]
