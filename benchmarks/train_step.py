@@ -161,7 +161,9 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--packed", type=int, default=0, help="documents per row; 0 = unpacked")
   p.add_argument("--remat", default=None, help="override config.model.remat_policy")
-  p.add_argument("--max_segments", type=int, default=0, help="config.model.attention_max_segments")
+  p.add_argument("--max_segments", type=int, default=16,
+                 help="config.model.attention_max_segments (0 = seq)")
+  p.add_argument("--mu_dtype", default=None, help="override config.optim.mu_dtype")
   p.add_argument("--peer", action="store_true", help="also time HF transformers")
   p.add_argument("--peer_grad_ckpt", action="store_true")
   p.add_argument("--out", default=None, help="append JSON lines here")
@@ -170,6 +172,8 @@ def main() -> None:
   if args.remat:
     cfg.model.remat_policy = args.remat
   cfg.model.attention_max_segments = args.max_segments
+  if args.mu_dtype:
+    cfg.optim.mu_dtype = args.mu_dtype
   common = {"model": args.model, "batch": args.batch, "seq": args.seq,
             "device": jax.devices()[0].device_kind, "jax": jax.__version__}
   # The peer runs first and frees its memory: JAX then pre-allocates its pool.
@@ -177,7 +181,7 @@ def main() -> None:
   if peer:
     print(json.dumps({**common, **peer}), flush=True)
   rows = [{**common, "packed": args.packed, "remat": cfg.model.remat_policy,
-           "max_segments": args.max_segments,
+           "max_segments": args.max_segments, "mu_dtype": cfg.optim.mu_dtype,
            **bench_qtrain(cfg, args.batch, args.seq, args.packed, args.steps)}]
   if peer:
     rows.append({**common, **peer})

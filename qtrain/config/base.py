@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
       b1=0.9,
       b2=0.95,
       eps=1e-8,
+      mu_dtype="float32",  # First-moment dtype (bfloat16 halves its memory traffic).
       weight_decay=0.1,
       # Params whose path ("decoder/layers/attn_norm/scale") matches one of
       # these regexes get no weight decay.

@@ -82,6 +82,8 @@ def _check_data_train(c, n_devices: int) -> None:
   o = c.optim
   _require(o.name == "adamw", f"config.optim.name={o.name!r}; only 'adamw' exists so far")
   _require(o.lr > 0, f"config.optim.lr={o.lr} must be > 0")
+  _require(o.mu_dtype in ("float32", "bfloat16"),
+           f"config.optim.mu_dtype={o.mu_dtype!r}; use 'float32' or 'bfloat16'")
   _require(0 <= o.warmup_steps < t.steps,
            f"config.optim.warmup_steps={o.warmup_steps} must be in [0, config.train.steps)")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -34,6 +35,7 @@ def build_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation
   schedule = learning_rate_schedule(optim_cfg, total_steps)
   no_decay = tuple(optim_cfg.no_decay)
   adamw = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                      mu_dtype=jnp.dtype(optim_cfg.mu_dtype),
                       weight_decay=optim_cfg.weight_decay,
                       mask=lambda params: decay_mask(params, no_decay))
   if optim_cfg.grad_clip > 0:
