@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from qtrain.layers import kv_cache
 from qtrain.layers.config import ModelConfig
 from qtrain.layers.dot_general import DotGeneralProvider, HighPrecision
 from qtrain.layers.linear import Linear, module_path
@@ -39,17 +40,22 @@ def resolve_impl(impl: str, dtype) -> str:
   return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
 
 
-def xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, scale=None):
-  """Reference path: softmax in float32 over an explicit mask."""
+def xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, scale=None, mask_BTS=None):
+  """Reference path: softmax in float32 over an explicit mask.
+
+  ``mask_BTS`` (query t of row b sees key s iff True) replaces the causal and
+  segment mask, e.g. when decoding against a KV cache of S slots.
+  """
   B, T, N, H = q_BTNH.shape
   K = k_BSKH.shape[2]
   scale = H ** -0.5 if scale is None else scale
   q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
   logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
                             preferred_element_type=jnp.float32) * scale
-  mask_BTS = jnp.tril(jnp.ones((T, T), bool))[None]
-  if segment_ids_BT is not None:
-    mask_BTS = mask_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+  if mask_BTS is None:
+    mask_BTS = jnp.tril(jnp.ones((T, T), bool))[None]
+    if segment_ids_BT is not None:
+      mask_BTS = mask_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
   logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
   probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
   out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
@@ -106,9 +112,16 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *,
 
 
 class Attention(nn.Module):
-  """Llama attention block: q/k/v projections, RoPE, GQA, output projection."""
+  """Llama attention block: q/k/v projections, RoPE, GQA, output projection.
+
+  ``decode=True``: autoregressive inference. K/V of the new tokens go into the
+  ``cache`` collection (quantized when the provider has a KV spec, see
+  ``qtrain.layers.kv_cache``) and the queries attend to the cached buffer;
+  positions_BT[b] must be consecutive and segment ids are ignored.
+  """
   cfg: ModelConfig
   dot: DotGeneralProvider = HighPrecision()
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, segment_ids_BT=None):
@@ -125,12 +138,18 @@ class Attention(nn.Module):
     k_BTKH = checkpoint_name(apply_rope(k_BTKH, positions_BT, inv_freq), "key_proj")
     v_BTKH = checkpoint_name(v_BTKH, "value_proj")
     kv_spec = getattr(self.dot, "kv_for", lambda _: None)(module_path(self))
-    if kv_spec is not None:  # KV-cache quantization, fake-quantized in training.
-      from qtrain.quant.estimators import fake_quant_ste  # pylint: disable=g-import-not-at-top
-      k_BTKH = fake_quant_ste(k_BTKH, kv_spec, contract_axis=-1)
-      v_BTKH = fake_quant_ste(v_BTKH, kv_spec, contract_axis=-1)
-    out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT,
-                                     impl=cfg.attention_impl,
-                                     max_segments=cfg.attention_max_segments)
+    if self.decode:  # Inference: write the new K/V to the cache, attend to all of it.
+      k_BSKH = kv_cache.update(self, "k", k_BTKH, positions_BT, kv_spec)
+      v_BSKH = kv_cache.update(self, "v", v_BTKH, positions_BT, kv_spec)
+      mask_BTS = kv_cache.visible(positions_BT, k_BSKH.shape[1])
+      out_BTNH = xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS=mask_BTS)
+    else:
+      if kv_spec is not None:  # KV-cache quantization, fake-quantized in training.
+        from qtrain.quant.estimators import fake_quant_ste  # pylint: disable=g-import-not-at-top
+        k_BTKH = fake_quant_ste(k_BTKH, kv_spec, contract_axis=-1)
+        v_BTKH = fake_quant_ste(v_BTKH, kv_spec, contract_axis=-1)
+      out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT,
+                                       impl=cfg.attention_impl,
+                                       max_segments=cfg.attention_max_segments)
     out_BTNH = checkpoint_name(out_BTNH, "attention_out")
     return dense(cfg.d_model, ("q_heads", "embed"), name="o_proj")(out_BTNH.reshape(B, T, N * H))

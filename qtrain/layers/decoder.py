@@ -2,7 +2,8 @@
 
 ``nn.scan`` stacks the L blocks' params on a leading ``layers`` axis (one
 compiled block, compile time independent of depth); ``nn.remat`` with a named
-policy chooses which activations the backward pass keeps.
+policy chooses which activations the backward pass keeps. The same variable
+axes stack the ``cache`` collection of decoding (``decode=True``, no remat).
 """
 
 from __future__ import annotations
@@ -35,13 +36,14 @@ class Block(nn.Module):
   """x + attn(norm(x)), then h + mlp(norm(h))."""
   cfg: ModelConfig
   dot: DotGeneralProvider = HighPrecision()
+  decode: bool = False  # Attention reads and writes the KV cache (see Attention).
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, segment_ids_BT):
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.weight_dtype, name=name)
     x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
-    h_BTD = x_BTD + Attention(cfg, self.dot, name="attn")(
+    h_BTD = x_BTD + Attention(cfg, self.dot, self.decode, name="attn")(
         norm("attn_norm")(x_BTD), positions_BT, segment_ids_BT)
     out_BTD = h_BTD + MLP(cfg, self.dot, name="mlp")(norm("mlp_norm")(h_BTD))
     return nn.with_logical_constraint(out_BTD, ("batch", "length", "embed")), None
@@ -50,6 +52,7 @@ class Block(nn.Module):
 class Decoder(nn.Module):
   cfg: ModelConfig
   dot: DotGeneralProvider = HighPrecision()
+  decode: bool = False  # Inference with the KV cache; the cache is stacked like params.
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, segment_ids_BT):
@@ -57,15 +60,17 @@ class Decoder(nn.Module):
     if cfg.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={cfg.remat_policy!r}; use one of {sorted(REMAT_POLICIES)}")
     block = Block
-    if cfg.remat_policy != "none":
+    if cfg.remat_policy != "none" and not self.decode:  # Remat serves a backward pass only.
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy],
                        prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       stack = nn.scan(block, variable_axes={True: 0}, split_rngs={True: True},
                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BTD, _ = stack(cfg, self.dot, name="layers")(x_BTD, positions_BT, segment_ids_BT)
+      x_BTD, _ = stack(cfg, self.dot, self.decode, name="layers")(
+          x_BTD, positions_BT, segment_ids_BT)
       return x_BTD
     for i in range(cfg.n_layers):
-      x_BTD, _ = block(cfg, self.dot, name=f"layers_{i}")(x_BTD, positions_BT, segment_ids_BT)
+      x_BTD, _ = block(cfg, self.dot, self.decode, name=f"layers_{i}")(
+          x_BTD, positions_BT, segment_ids_BT)
     return x_BTD

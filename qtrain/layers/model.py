@@ -13,13 +13,21 @@ from qtrain.layers.norms import RMSNorm
 
 
 class Transformer(nn.Module):
-  """Returns logits_BTV in the compute dtype (the loss upcasts to float32)."""
+  """Returns logits_BTV in the compute dtype (the loss upcasts to float32).
+
+  ``decode=True`` runs autoregressive inference against the ``cache``
+  collection (``qtrain.layers.kv_cache``): apply with ``{"params": p,
+  "cache": c}`` and ``mutable=["cache"]``; positions_BT[b] are the consecutive
+  slots the tokens take (default 0..T-1, a prefill).
+  """
   cfg: ModelConfig
   dot: DotGeneralProvider = HighPrecision()
 
   @nn.compact
-  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, decode: bool = False):
     cfg = self.cfg
+    if decode and segment_ids_BT is not None:
+      raise ValueError("decode=True runs one sequence per row: pass no segment_ids_BT")
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
     embedding_VD = self.param(
@@ -27,7 +35,7 @@ class Transformer(nn.Module):
                                                   ("vocab", "embed")),
         (cfg.vocab_size, cfg.d_model), cfg.weight_dtype)
     x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(cfg.compute_dtype)
-    x_BTD = Decoder(cfg, self.dot, name="decoder")(x_BTD, positions_BT, segment_ids_BT)
+    x_BTD = Decoder(cfg, self.dot, decode, name="decoder")(x_BTD, positions_BT, segment_ids_BT)
     x_BTD = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="final_norm")(x_BTD)
     if cfg.tie_embeddings:
       dot = self.dot.module_for("/".join([*self.scope.path, "lm_head"]))(name="lm_head")
