@@ -1,0 +1,104 @@
+"""Text from a trained run, decoded with the (quantized) KV cache.
+
+  python -m qtrain.generate --workdir=runs/NAME --prompt="And God said" \
+      --max_new_tokens=64 [--temperature=0.8] [--seed=0] [--kv_bits=4]
+
+Rebuilds the model from ``workdir/config.json`` (its ``config.quant``
+included) and restores the params of the latest checkpoint onto one device.
+``--kv_bits=B`` (2..8) overrides the run's KV quantizer with int B asymmetric
+per token per head (the w4a4kv4 preset's KV spec at B bits); ``--kv_bits=0``
+keeps K/V unquantized. Without it the run's own config decides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with config.json and checkpoints.")
+_PROMPT = flags.DEFINE_string("prompt", "And God said", "Text to continue.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sampling temperature.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_KV_BITS = flags.DEFINE_integer("kv_bits", None, "Override the KV cache quantizer: int bits "
+                                "2..8 (asymmetric, per token per head) or 0 for none.")
+flags.mark_flags_as_required(["workdir"])
+
+# The attention module paths the KV rule names (configs/quant/base.py ATTENTION).
+ATTENTION = r"decoder/layers(_\d+)?/attn"
+
+
+def with_kv_bits(quant_cfg, bits: int) -> None:
+  """Puts a KV rule for ``bits`` (0: no KV quantizer) ahead of ``quant_cfg.rules``."""
+  if bits and not 2 <= bits <= 8:
+    raise ValueError(f"--kv_bits={bits}: use 2..8, or 0 for unquantized K/V")
+  kv = None if bits == 0 else dict(bits=bits, format="int", granularity="token",
+                                   symmetric=False, calibration="minmax")
+  rule = dict(pattern=ATTENTION, weight=None, act=None, kv=kv)
+  if quant_cfg.mode == "none":  # Its rules are inactive: keep them so, add only KV.
+    quant_cfg.mode, quant_cfg.rules = "fake", (rule,)
+  else:
+    quant_cfg.rules = (rule, *quant_cfg.rules)
+
+
+def load_run(workdir: str, kv_bits: int | None = None):
+  """(config, model, params, step) of the latest checkpoint in ``workdir``."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from qtrain.train.build import build_model  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    cfg = ml_collections.ConfigDict(json.load(f))
+  if kv_bits is not None:
+    with_kv_bits(cfg.quant, kv_bits)
+  model = build_model(cfg)
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                                  item_names=("state", "data"))
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+  tokens = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
+  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          shapes)
+  # Only the params: the optimizer moments stay on disk.
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item={"params": abstract}, restore_args=ocp.checkpoint_utils.construct_restore_args(
+          {"params": abstract}), partial_restore=True)))
+  manager.close()
+  return cfg, model, restored.state["params"], step
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO.
+  from qtrain.data import loader, vocab  # pylint: disable=g-import-not-at-top
+  from qtrain.layers import kv_cache  # pylint: disable=g-import-not-at-top
+  from qtrain.train.sample import generate  # pylint: disable=g-import-not-at-top
+  try:
+    cfg, model, params, step = load_run(_WORKDIR.value, _KV_BITS.value)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  per_token = kv_cache.cache_bytes_per_token(kv_cache.init_cache(model, 1, 1), 1, 1)
+  print(f"checkpoint step {step}; KV cache {per_token:.0f} bytes per token", file=sys.stderr)
+  meta = loader.read_meta(cfg.data.dir)
+  sp = vocab.load_sentencepiece(os.path.join(cfg.data.dir, meta["vocab_path"]))
+  prompt = sp.encode(_PROMPT.value)
+  new = generate(model, params, prompt, _MAX_NEW.value, eos_id=meta.get("eos_id"),
+                 temperature=_TEMPERATURE.value, seed=_SEED.value)
+  known = [t for t in new if t < sp.get_piece_size()]
+  if len(known) < len(new):  # The model's vocabulary is padded beyond the tokenizer's.
+    print(f"warning: dropped {len(new) - len(known)} generated ids >= the tokenizer's "
+          f"{sp.get_piece_size()} pieces (an undertrained model)", file=sys.stderr)
+  print(sp.decode(prompt + known))
+
+
+if __name__ == "__main__":
+  app.run(main)
