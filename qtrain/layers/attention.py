@@ -80,7 +80,7 @@ def segment_offsets(segment_ids_BT, max_segments: int):
 
 
 def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, scale=None,
-                    max_segments: int = 0):
+                    max_segments: int = 16):
   """cuDNN flash attention; packed rows through the THD layout.
 
   ``max_segments`` bounds the segments per row (0 = T, which always holds);
@@ -101,7 +101,7 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, scale=None,
 
 
 def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *,
-                          impl: str = "auto", scale=None, max_segments: int = 0):
+                          impl: str = "auto", scale=None, max_segments: int = 16):
   """Causal GQA attention; ``segment_ids_BT`` (0 = padding) masks packing."""
   N, K = q_BTNH.shape[2], k_BSKH.shape[2]
   if N % K:
