@@ -143,7 +143,9 @@ def _sample(cfg, model, params, meta) -> str:
   sp = vocab_lib.load_sentencepiece(os.path.join(cfg.data.dir, meta["vocab_path"]))
   prompt = sp.encode(cfg.train.sample_prompt)
   new = generate(model, params, prompt, cfg.train.sample_tokens, eos_id=meta.get("eos_id"))
-  return sp.decode(prompt + new)
+  # The model's vocabulary may be padded past the tokenizer's; such ids have
+  # no text (never targets, but an untrained model can still emit them).
+  return sp.decode(prompt + [t for t in new if t < sp.get_piece_size()])
 
 
 def run(cfg, workdir: str) -> dict:
