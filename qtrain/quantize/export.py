@@ -1,0 +1,172 @@
+"""The quantized-weights format: in memory, on disk, and back to float params.
+
+A PTQ method returns ``{path: QuantizedWeight}``: per quantized matmul the
+integer codes and scales of ``qtrain.quant`` (``QTensor``: codes in the
+kernel's layout ``[in, out]`` or ``[L, in, out]``; int8 for symmetric int
+grids, int4 values included; uint8 with an integer zero point for asymmetric
+ones; float8 for fp8) and, for AWQ, the per-input-channel scale ``s`` that was
+multiplied into the weight before quantization (W^ = dequantize(q) / s).
+
+On disk, ``<out>/`` holds
+  ptq.json    recipe, method, source run and step, the model config, and per
+              quantized matmul its param path, spec, layout and dtypes;
+  weights/    one orbax checkpoint of {"quantized": codes, scales (+ zero
+              points, AWQ scales) nested by param path, "float": every other
+              param (embeddings, norms, unquantized matmuls)}.
+``load_quantized(out)`` reads both and returns float params (dequantized
+kernels in their original dtype) that the unquantized model's param tree
+accepts; it is bit-identical to ``dequantized_params`` on the in-memory weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from qtrain.quant import QTensor, dequantize
+
+FORMAT_VERSION = 1
+META_NAME = "ptq.json"
+WEIGHTS_DIR = "weights"
+
+
+class QuantizedWeight(NamedTuple):
+  """W^ = dequantize(qt) / awq_scale (awq_scale: [in, 1] or [L, in, 1], or None)."""
+  qt: QTensor
+  awq_scale: jax.Array | None = None
+
+
+def dequantize_weight(w: QuantizedWeight, dtype) -> jax.Array:
+  kernel = dequantize(w.qt, jnp.float32)
+  if w.awq_scale is not None:
+    kernel = kernel / w.awq_scale
+  return kernel.astype(dtype)
+
+
+def _set(tree: dict, key_path, value) -> None:
+  for k in key_path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[key_path[-1]] = value
+
+
+def _get(tree, key_path):
+  for k in key_path:
+    tree = tree[k]
+  return tree
+
+
+def _copy(tree):
+  return {k: _copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def _without(tree: dict, key_paths) -> dict:
+  """``tree`` without the leaves at ``key_paths`` (and dicts left empty)."""
+  drop = {tuple(p) for p in key_paths}
+
+  def walk(node, prefix):
+    out = {}
+    for k, v in node.items():
+      p = (*prefix, k)
+      if p in drop:
+        continue
+      v = walk(v, p) if isinstance(v, dict) else v
+      if not (isinstance(v, dict) and not v):
+        out[k] = v
+    return out
+  return walk(tree, ())
+
+
+def dequantized_params(params, qweights: dict, sites) -> dict:
+  """``params`` with each site's kernel replaced by its dequantized weight."""
+  out = _copy(jax.tree.map(lambda x: x, params))
+  for s in sites:
+    _set(out, s.param, dequantize_weight(qweights[s.path], _get(params, s.param).dtype))
+  return out
+
+
+def _spec_dict(spec) -> dict:
+  d = dataclasses.asdict(spec)
+  d["mse_grid"] = list(d["mse_grid"])
+  return d
+
+
+def _weight_arrays(w: QuantizedWeight) -> dict:
+  d = {"q": w.qt.q, "scale": w.qt.scale}
+  if w.qt.zero_point is not None:
+    d["zero_point"] = w.qt.zero_point
+  if w.awq_scale is not None:
+    d["awq_scale"] = w.awq_scale
+  return d
+
+
+def save_quantized(out: str, params, qweights: dict, sites, meta: dict) -> str:
+  """Writes ``out/ptq.json`` and ``out/weights``; returns ``out``.
+
+  ``meta``: recipe, method, source, ... (JSON-serialisable), stored as is.
+  """
+  out = os.path.abspath(out)
+  os.makedirs(out, exist_ok=True)
+  quantized: dict = {}
+  entries = {}
+  for s in sites:
+    w = qweights[s.path]
+    _set(quantized, s.param, _weight_arrays(w))
+    entries[s.path] = {"param": list(s.param), "layered": s.layered,
+                       "spec": _spec_dict(s.spec), "shape": list(w.qt.q.shape),
+                       "code_dtype": str(w.qt.q.dtype),
+                       "dtype": str(_get(params, s.param).dtype),
+                       "awq": w.awq_scale is not None}
+  tree = {"quantized": quantized, "float": _without(params, [s.param for s in sites])}
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(out, WEIGHTS_DIR), tree, force=True)
+  ckptr.wait_until_finished()
+  ckptr.close()
+  doc = {"format": FORMAT_VERSION, **meta, "weights": entries}
+  if jax.process_index() == 0:
+    with open(os.path.join(out, META_NAME), "w", encoding="utf-8") as f:
+      json.dump(doc, f, indent=2)
+  return out
+
+
+def read_meta(out: str) -> dict:
+  with open(os.path.join(out, META_NAME), encoding="utf-8") as f:
+    doc = json.load(f)
+  if doc.get("format") != FORMAT_VERSION:
+    raise ValueError(f"{out}/{META_NAME}: format {doc.get('format')!r}, this reader "
+                     f"knows {FORMAT_VERSION}")
+  return doc
+
+
+def load_export(out: str) -> tuple[dict, dict[str, QuantizedWeight], Any]:
+  """(ptq.json, {path: QuantizedWeight}, float params) as saved under ``out``."""
+  doc = read_meta(out)
+  ckptr = ocp.StandardCheckpointer()
+  tree = ckptr.restore(os.path.join(os.path.abspath(out), WEIGHTS_DIR))
+  ckptr.close()
+  qweights = {}
+  for path, e in doc["weights"].items():
+    d = _get(tree["quantized"], e["param"])
+    if str(d["q"].dtype) != e["code_dtype"]:
+      raise ValueError(f"{out}: {path} codes are {d['q'].dtype}, ptq.json says "
+                       f"{e['code_dtype']}")
+    qt = QTensor(jnp.asarray(d["q"]), jnp.asarray(d["scale"]),
+                 None if "zero_point" not in d else jnp.asarray(d["zero_point"]))
+    awq = None if "awq_scale" not in d else jnp.asarray(d["awq_scale"])
+    qweights[path] = QuantizedWeight(qt, awq)
+  return doc, qweights, tree.get("float", {})
+
+
+def load_quantized(out: str) -> dict:
+  """Float params with every quantized kernel dequantized, read from disk."""
+  doc, qweights, params = load_export(out)
+  params = _copy(params)
+  for path, e in doc["weights"].items():
+    _set(params, e["param"], dequantize_weight(qweights[path], np.dtype(e["dtype"])))
+  return params

@@ -1,0 +1,97 @@
+"""Which weights a recipe quantizes, and round-to-nearest (RTN) PTQ of them.
+
+A *site* is one weight matmul of the Transformer that a recipe's rules give a
+weight quantizer: its module path (``decoder/layers/mlp/down_proj``), where its
+kernel sits in the params, the ``QuantSpec`` and whether the kernel carries a
+leading layer axis (scanned layers: ``[L, in, out]``, else ``[in, out]``).
+Paths come from ``qtrain.quant.weight_matmuls`` (the list the model's matmuls
+are checked against) and rules match them exactly as in QAT (first match).
+
+RTN is ``qtrain.quant.quantize`` on each layer's ``[in, out]`` kernel with the
+contraction axis 0, so PTQ and QAT share one set of numerics: a per-channel
+scale is one scale per output column.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from qtrain.quant import QTensor, QuantSpec, quantize, weight_matmuls
+from qtrain.quant.rules import first_match
+from qtrain.quantize.export import QuantizedWeight
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSite:
+  path: str  # Module path of the matmul, as the quant rules see it.
+  param: tuple[str, ...]  # Key path of its kernel in the params tree.
+  spec: QuantSpec  # The recipe's weight quantizer for this matmul.
+  layered: bool  # Kernel is [L, in, out] (scanned layers) rather than [in, out].
+
+
+def weight_sites(model_cfg, rules) -> tuple[list[WeightSite], list[str]]:
+  """(sites the rules quantize, notes on matmuls left in high precision).
+
+  A tied LM head multiplies by the embedding table, which the lookup also
+  reads: quantizing it would quantize the embeddings, so it is left out with a
+  note.
+  """
+  sites, notes = [], []
+  for path, _ in weight_matmuls(model_cfg):
+    i = first_match(rules, path)
+    spec = None if i is None else rules[i].weight
+    if spec is None:
+      continue
+    if path == "lm_head" and model_cfg.tie_embeddings:
+      notes.append("lm_head: tied to the embedding table; left in high precision")
+      continue
+    layered = path.startswith("decoder/layers/")
+    sites.append(WeightSite(path, (*path.split("/"), "kernel"), spec, layered))
+  return sites, notes
+
+
+def get_param(params, key_path):
+  for k in key_path:
+    params = params[k]
+  return params
+
+
+def per_layer(fn, kernel, layered: bool) -> QTensor:
+  """Applies ``fn([in, out]) -> QTensor`` to each layer and stacks the results."""
+  if not layered:
+    return fn(kernel)
+  parts = [fn(kernel[l]) for l in range(kernel.shape[0])]
+  zero = None if parts[0].zero_point is None else jnp.stack([p.zero_point for p in parts])
+  return QTensor(jnp.stack([p.q for p in parts]), jnp.stack([p.scale for p in parts]), zero)
+
+
+# One compiled quantizer per (shape, spec), as QAT runs it inside its jitted step.
+_quantize = jax.jit(quantize, static_argnames=("spec", "contract_axis"))
+
+
+def quantize_rtn(kernel, spec: QuantSpec, layered: bool) -> QTensor:
+  """Round-to-nearest codes of a kernel, per layer, contraction axis 0."""
+  return per_layer(lambda k: _quantize(k, spec, contract_axis=0), kernel, layered)
+
+
+def quantize_params_rtn(params, sites) -> dict:
+  """{path: QuantizedWeight} for every site, by RTN."""
+  return {s.path: QuantizedWeight(quantize_rtn(get_param(params, s.param), s.spec, s.layered))
+          for s in weight_sites_checked(params, sites)}
+
+
+def weight_sites_checked(params, sites):
+  """The sites, each checked to exist in ``params`` with a 2-D/3-D kernel."""
+  for s in sites:
+    try:
+      k = get_param(params, s.param)
+    except (KeyError, TypeError):
+      raise ValueError(f"{s.path}: no kernel at params/{'/'.join(s.param)}; was the "
+                       "checkpoint made with this config.json?") from None
+    if k.ndim != (3 if s.layered else 2):
+      raise ValueError(f"{s.path}: kernel of shape {k.shape}, expected "
+                       f"{'[L, in, out]' if s.layered else '[in, out]'}")
+  return sites
