@@ -1,0 +1,313 @@
+"""GPTQ and AWQ post-training quantization, with qwix.contrib where it serves.
+
+What comes from qwix 0.1.8 (``qwix.contrib``) and what is ours:
+
+* Calibration statistics: ours collect them, qwix's functions compute them.
+  A recording ``DotGeneralProvider`` (``StatsProvider``) puts ``_StatsDot`` at
+  every matmul a recipe quantizes; it sows, per batch, qwix's
+  ``gptq_core.compute_hessian`` (H = X^T X, here divided by the token count)
+  and ``awq_core.compute_act_scale`` (mean |x| per input channel) of the
+  matmul's input; scanned layers stack them on the layer axis. Batches are
+  averaged, as qwix's ``SimpleMovingAverage`` does. qwix's own calibration
+  providers are not used: they work through qwix's interception of
+  ``jax.lax.dot_general`` (monkey-patching, which STYLE.md keeps out of our
+  matmul path) and find the weight by object identity
+  (``flax_util.find_param``), while our model already names every matmul by
+  module path; and they return qwix ``PtqProvider`` param trees, not codes on
+  our grid.
+* AWQ: the per-input-channel scale search is qwix's
+  ``awq_core.search_optimal_scales`` (s = a^r, r on an ``n_grid`` grid in
+  [0, 1], a the activation scale, minimising the activation-weighted weight
+  error); the weight W diag(s) is then quantized by our ``qtrain.quant``
+  quantizer, so the codes sit on the recipe's grid, and W^ = Q(W diag(s)) /
+  diag(s), which is what qwix's ``AwqInferenceProvider`` multiplies by. The
+  search quantizes with qwix numerics set to our grid (``qwix_how``):
+  symmetric int scales absmax / Q_P (qwix divides by Q_P + 1/2, so the
+  calibration carries the factor (Q_P + 1/2) / Q_P), asymmetric int4/int8
+  min/max grids equal ours shifted by 2^(b-1).
+* GPTQ is ours (``gptq``): Frantar et al. 2022, Alg. 1 — the dampened
+  Hessian's inverse as an upper Cholesky factor, columns quantized in blocks
+  of ``blocksize`` with the error err = (w - q) / [H^-1]_jj propagated to the
+  later columns of the block, then ``Err @ H^-1[block, rest]`` to the rest;
+  group scales found at each group's first column from the weights as updated
+  by earlier blocks (the reference implementation's order); optional act-order
+  (columns by decreasing H_jj). qwix 0.1.8's ``gptq_core.quantize_weight``
+  implements the same algorithm but was unusable here: it unrolls the column
+  loop in Python (one 192x512 matrix took 74 s eagerly and 142 s to compile
+  on 2 shared CPU cores; ours: 4.5 s, compile included), asymmetric weights crash it (``zero_point and
+  zero_point.squeeze(1)`` on an array), and it quantizes on qwix's grid
+  (absmax / (Q_P + 1/2), codes down to -2^(b-1)), not ours. Ours runs each
+  block as a ``lax.fori_loop`` under one jit, vmapped over layers, quantizes
+  every column with ``qtrain.quant`` numerics, and is tested against a float64
+  NumPy transcription of the reference and against qwix's implementation.
+
+Both methods use statistics of the unquantized model in one pass (qwix's
+single-pass calibration), not the layer-by-layer sequential variant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from qwix._src.core import qarray
+from qwix.contrib import awq_core, gptq_core
+
+from qtrain.layers import DotGeneral, ModelConfig, Transformer
+from qtrain.quant import QTensor, QuantSpec, quantize
+from qtrain.quant.quantizer import FP8_DTYPES, codes, grid
+from qtrain.quantize.export import QuantizedWeight
+from qtrain.quantize.rtn import get_param, quantize_params_rtn, quantize_rtn
+
+STATS = "ptq_stats"
+KINDS = ("hessian", "act_scale")
+
+# --- calibration statistics ---------------------------------------------------
+
+
+class _StatsDot(nn.Module):
+  """The high-precision dot that also sows statistics of its input (lhs)."""
+  kinds: tuple[str, ...] = KINDS
+
+  @nn.compact
+  def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    (lc, _), _ = dimension_numbers
+    x_NK = jnp.moveaxis(lhs, lc[0], -1)
+    x_NK = x_NK.reshape(-1, x_NK.shape[-1]).astype(jnp.float32)
+    if "hessian" in self.kinds:  # qwix: X @ X.T with X [in, samples].
+      self.sow(STATS, "hessian", gptq_core.compute_hessian(x_NK.T) / x_NK.shape[0])
+    if "act_scale" in self.kinds:
+      self.sow(STATS, "act_scale", awq_core.compute_act_scale(x_NK, axis=0))
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+
+
+@dataclasses.dataclass(frozen=True)
+class StatsProvider:
+  """``_StatsDot`` at the given matmul paths, the plain dot elsewhere."""
+  paths: frozenset
+  kinds: tuple[str, ...] = KINDS
+
+  def module_for(self, path: str):
+    if path in self.paths:
+      return functools.partial(_StatsDot, kinds=self.kinds)
+    return DotGeneral
+
+
+def collect_stats(model_cfg: ModelConfig, params, batches, sites, kinds=KINDS) -> dict:
+  """{path: {kind: mean over batches}} for every site; ``batches`` are global
+  arrays (inside the run's mesh). Hessians are [in, in] or [L, in, in]."""
+  model = Transformer(model_cfg, StatsProvider(frozenset(s.path for s in sites), tuple(kinds)))
+
+  @jax.jit
+  def stats(params, batch):
+    _, state = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
+                           batch.get("segment_ids"), mutable=[STATS])
+    return state[STATS]
+
+  total, n = None, 0
+  with jax.default_matmul_precision("highest"):  # No TF32 in X^T X on GPUs.
+    for batch in batches:
+      tree = stats(params, batch)
+      total = tree if total is None else jax.tree.map(jnp.add, total, tree)
+      n += 1
+  if total is None:
+    raise ValueError("calibration needs at least one batch")
+  out = {}
+  for s in sites:
+    node = get_param(total, s.path.split("/"))["dot_general"]
+    out[s.path] = {k: node[k][0] / n for k in kinds}
+  return out
+
+
+# --- qwix numerics on our grid ------------------------------------------------
+
+
+def qwix_how(spec: QuantSpec) -> qarray.HowToQuantize:
+  """qwix's HowToQuantize for a weight in qwix's [out, in] layout, on our grid."""
+  axes = {"tensor": {}, "channel": dict(channelwise_axes=(0,)),
+          "group": dict(channelwise_axes=(0,), tiled_axes={1: spec.group_size})}
+  kw = axes[spec.granularity]
+  if spec.calibration not in ("absmax", "minmax"):
+    raise ValueError(f"AWQ via qwix: weight calibration={spec.calibration!r}; use absmax "
+                     "(symmetric) or minmax (asymmetric)")
+  if spec.format in FP8_DTYPES:
+    return qarray.HowToQuantize(qtype=FP8_DTYPES[spec.format], calibration_method="absmax", **kw)
+  if spec.format != "int" or spec.stochastic_rounding:
+    raise ValueError(f"AWQ via qwix: weight format={spec.format!r}"
+                     f"{' with stochastic rounding' if spec.stochastic_rounding else ''}; "
+                     "use int or fp8 with round-to-nearest")
+  native = {8: jnp.int8, 4: jnp.int4}
+  if spec.symmetric:
+    qp = grid(spec)[1]
+    return qarray.HowToQuantize(qtype=native.get(spec.bits, f"int{spec.bits}"),
+                                calibration_method=f"absmax,{(qp + 0.5) / qp!r}", **kw)
+  if spec.bits not in native:
+    raise ValueError(f"AWQ via qwix: asymmetric bits={spec.bits}; qwix has zero points for "
+                     "int4 and int8 only")
+  return qarray.HowToQuantize(qtype=native[spec.bits], calibration_method="minmax", **kw)
+
+
+# --- AWQ ---------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _awq_search(spec: QuantSpec, n_grid: int):
+  how = qwix_how(spec)
+  search = lambda w_ON, a_N: awq_core.search_optimal_scales(w_ON, a_N, how, n_grid)[0]
+  return jax.jit(jax.vmap(search))
+
+
+def quantize_awq(kernel, act_scale, spec: QuantSpec, layered: bool,
+                 n_grid: int = 20) -> QuantizedWeight:
+  """AWQ of a kernel [in, out] ([L, in, out]) given mean |x| per input channel."""
+  k_LKN = kernel if layered else kernel[None]
+  a_LK = act_scale if layered else act_scale[None]
+  s_LK = _awq_search(spec, n_grid)(jnp.swapaxes(k_LKN, 1, 2).astype(jnp.float32), a_LK)
+  s_LK1 = s_LK[..., None]
+  scaled = k_LKN.astype(jnp.float32) * s_LK1
+  qt = quantize_rtn(scaled if layered else scaled[0], spec, layered)
+  return QuantizedWeight(qt, s_LK1 if layered else s_LK1[0])
+
+
+# --- GPTQ --------------------------------------------------------------------
+
+
+def _check_gptq_spec(spec: QuantSpec, act_order: bool) -> None:
+  if spec.format not in ("int", *FP8_DTYPES) or spec.learned or spec.stochastic_rounding:
+    raise ValueError(f"GPTQ quantizes onto a fixed grid: weight format={spec.format!r}, "
+                     f"calibration={spec.calibration!r}, stochastic_rounding="
+                     f"{spec.stochastic_rounding} is not one; use int/fp8 with absmax, minmax, "
+                     "percentile or mse")
+  if act_order and spec.granularity == "group":
+    raise ValueError("GPTQ act_order with group scales needs static groups (not "
+                     "implemented); use act_order=False or a per-channel weight spec")
+
+
+def _scale_of(w_RC, spec: QuantSpec):
+  """Scale and zero point (float32, [R, 1] or [1, 1]) of rows of w (our calibration)."""
+  gran = "tensor" if spec.granularity == "tensor" else "channel"
+  qt = quantize(w_RC, dataclasses.replace(spec, granularity=gran), contract_axis=1)
+  z = None if qt.zero_point is None else qt.zero_point.astype(jnp.float32)
+  return qt.scale, z
+
+
+def _dequant(q, s, z, dtype):
+  """(q - z) * s in W's dtype (float64 in the reference test)."""
+  q, s = q.astype(dtype), s.astype(dtype)
+  return (q - z.astype(dtype)) * s if z is not None else q * s
+
+
+def _upper_inverse_cholesky(H, percdamp: float):
+  """U with U^T U = (H + damp I)^-1, damp = percdamp * mean(diag H)."""
+  n = H.shape[0]
+  H = H + percdamp * jnp.mean(jnp.diag(H)) * jnp.eye(n, dtype=H.dtype)
+  L = jnp.linalg.cholesky(H)
+  Hinv = jax.scipy.linalg.cho_solve((L, True), jnp.eye(n, dtype=H.dtype))
+  return jnp.linalg.cholesky(Hinv).T
+
+
+def gptq(W_RC, H_CC, spec: QuantSpec, *, blocksize: int = 128, percdamp: float = 0.01,
+         act_order: bool = False):
+  """GPTQ of W [rows=out, cols=in] under the input Hessian H [in, in].
+
+  Returns (codes [R, C] as floats, scale, zero point or None): scale [R, 1]
+  (channel), [1, 1] (tensor) or [R, C / group_size] (group), in W's layout.
+  """
+  R, C = W_RC.shape
+  grouped = spec.granularity == "group"
+  g = spec.group_size if grouped else C
+  S, Z = _scale_of(W_RC, spec)  # Per channel / tensor: from the original W.
+  if grouped:  # Filled at each group's first column.
+    S = jnp.ones((R, C // g), S.dtype)
+    Z = None if Z is None else jnp.zeros((R, C // g), Z.dtype)
+  dead = jnp.diag(H_CC) == 0  # Inputs that were always 0: their weights are free.
+  H_CC = jnp.where(dead & jnp.eye(C, dtype=bool), 1.0, H_CC)
+  W_RC = jnp.where(dead[None, :], 0.0, W_RC)
+  perm = jnp.argsort(-jnp.diag(H_CC), stable=True) if act_order else None
+  if act_order:
+    W_RC, H_CC = W_RC[:, perm], H_CC[perm][:, perm]
+  U = _upper_inverse_cholesky(H_CC, percdamp)
+  Q = jnp.zeros_like(W_RC)
+  for i1 in range(0, C, blocksize):
+    i2 = min(i1 + blocksize, C)
+    U1 = U[i1:i2, i1:i2]
+
+    def column(i, carry, i1=i1, U1=U1, W_stale=W_RC):
+      W1, Q1, Err1, S, Z = carry
+      j = i1 + i
+      s, z = S[:, :1], None if Z is None else Z[:, :1]
+      if grouped:  # Scale of group j // g from W as updated by earlier blocks only.
+        gi, first = j // g, j % g == 0
+        s_new, z_new = _scale_of(jax.lax.dynamic_slice_in_dim(W_stale, gi * g, g, axis=1), spec)
+        s = jnp.where(first, s_new, jax.lax.dynamic_slice_in_dim(S, gi, 1, axis=1))
+        S = jax.lax.dynamic_update_slice_in_dim(S, s, gi, axis=1)
+        if Z is not None:
+          z = jnp.where(first, z_new, jax.lax.dynamic_slice_in_dim(Z, gi, 1, axis=1))
+          Z = jax.lax.dynamic_update_slice_in_dim(Z, z, gi, axis=1)
+      w = jax.lax.dynamic_slice_in_dim(W1, i, 1, axis=1)
+      q = codes(w, s, z, spec).astype(W1.dtype)
+      err = (w - _dequant(q, s, z, W1.dtype)) / U1[i, i]  # Frantar et al. 2022, eq. (3)
+      # U is upper triangular: the row is zero left of i, so this updates
+      # columns i.. of the block only, as W1[:, i:] -= err U1[i, i:].
+      W1 = W1 - err * jax.lax.dynamic_slice_in_dim(U1, i, 1, axis=0)
+      Q1 = jax.lax.dynamic_update_slice_in_dim(Q1, q, i, axis=1)
+      Err1 = jax.lax.dynamic_update_slice_in_dim(Err1, err, i, axis=1)
+      return W1, Q1, Err1, S, Z
+
+    W1 = W_RC[:, i1:i2]
+    _, Q1, Err1, S, Z = jax.lax.fori_loop(
+        0, i2 - i1, column, (W1, jnp.zeros_like(W1), jnp.zeros_like(W1), S, Z))
+    Q = Q.at[:, i1:i2].set(Q1)
+    W_RC = W_RC.at[:, i2:].add(-(Err1 @ U[i1:i2, i2:]))  # Lazy batch update, eq. (4)
+  if act_order:
+    Q = Q[:, jnp.argsort(perm)]
+  return Q, S, Z
+
+
+def _storage(q, spec: QuantSpec):
+  if spec.format in FP8_DTYPES:
+    return q.astype(FP8_DTYPES[spec.format])
+  return q.astype(jnp.int8 if spec.symmetric else jnp.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def _gptq_layers(spec: QuantSpec, blocksize: int, percdamp: float, act_order: bool):
+  fn = functools.partial(gptq, spec=spec, blocksize=blocksize, percdamp=percdamp,
+                         act_order=act_order)
+  return jax.jit(jax.vmap(fn))
+
+
+def quantize_gptq(kernel, hessian, spec: QuantSpec, layered: bool, *, blocksize: int = 128,
+                  percdamp: float = 0.01, act_order: bool = False) -> QuantizedWeight:
+  """GPTQ of a kernel [in, out] ([L, in, out]) under H [in, in] ([L, in, in])."""
+  _check_gptq_spec(spec, act_order)
+  k_LKN = kernel if layered else kernel[None]
+  H_LKK = hessian if layered else hessian[None]
+  with jax.default_matmul_precision("highest"):
+    Q, S, Z = _gptq_layers(spec, blocksize, percdamp, act_order)(
+        jnp.swapaxes(k_LKN, 1, 2).astype(jnp.float32), H_LKK.astype(jnp.float32))
+  t = lambda a: jnp.swapaxes(a, 1, 2)  # Back to the kernel layout [L, in, out].
+  q = _storage(t(Q), spec)
+  Z = None if Z is None else t(Z).astype(q.dtype)
+  qt = QTensor(q, t(S), Z)
+  return QuantizedWeight(qt if layered else QTensor(*(None if a is None else a[0] for a in qt)))
+
+
+def quantize_params(method: str, params, sites, stats=None, **kw) -> dict:
+  """{path: QuantizedWeight} by ``method`` (rtn | gptq | awq) at every site."""
+  if method == "rtn":
+    return quantize_params_rtn(params, sites)
+  out = {}
+  for s in sites:
+    kernel = get_param(params, s.param)
+    if method == "gptq":
+      out[s.path] = quantize_gptq(kernel, stats[s.path]["hessian"], s.spec, s.layered, **kw)
+    elif method == "awq":
+      out[s.path] = quantize_awq(kernel, stats[s.path]["act_scale"], s.spec, s.layered, **kw)
+    else:
+      raise ValueError(f"--method={method!r}: use rtn, gptq or awq")
+  return out
