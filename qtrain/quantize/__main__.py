@@ -1,0 +1,156 @@
+"""Post-training quantization of a trained run.
+
+  python -m qtrain.quantize --workdir=runs/NAME --recipe=w4a4kv4 --method=rtn|gptq|awq \\
+      [--calib_batches=8] [--out=runs/NAME/ptq_<recipe>_<method>] [--act_order]
+
+Restores the run's latest params (config.json + checkpoints/), quantizes the
+weight of every matmul the recipe's rules match (``--recipe``: a preset in
+configs/quant, switches after ``+``, e.g. ``w4a4+lm_head``), calibrating GPTQ
+and AWQ on the first ``--calib_batches`` training batches, saves codes and
+scales under ``--out``, reloads them from disk and prints held-out perplexity
+of the unquantized model next to the PTQ model (dequantized weights,
+fake-quantized activations and KV per the recipe). Writes
+``<out>/ptq_metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+import flax.linen as nn
+import jax
+
+from qtrain.data import loader
+from qtrain.layers import Transformer
+from qtrain.parallel import DATA_PARALLEL_RULES, make_mesh
+from qtrain.quant import validate_quant
+from qtrain.quantize import evaluate as ev
+from qtrain.quantize.export import load_quantized, save_quantized
+from qtrain.quantize.gptq_awq import collect_stats, quantize_params
+from qtrain.quantize.rtn import weight_sites, weight_sites_checked
+from qtrain.train.loop import to_global
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training run (config.json, checkpoints/).")
+_RECIPE = flags.DEFINE_string("recipe", None, "Quant preset in configs/quant, e.g. w4a4kv4.")
+_METHOD = flags.DEFINE_enum("method", "rtn", ["rtn", "gptq", "awq"], "PTQ method.")
+_CALIB = flags.DEFINE_integer("calib_batches", 8, "Training batches for GPTQ/AWQ statistics.")
+_OUT = flags.DEFINE_string("out", None, "Output dir; default <workdir>/ptq_<recipe>_<method>.")
+_DATA = flags.DEFINE_string("data_dir", None, "Prepared data; default config.data.dir of the run.")
+_ACT_ORDER = flags.DEFINE_bool("act_order", False, "GPTQ: columns by decreasing Hessian diagonal.")
+_BLOCK = flags.DEFINE_integer("gptq_blocksize", 128, "GPTQ: columns per lazy-update block.")
+_DAMP = flags.DEFINE_float("gptq_damp", 0.01, "GPTQ: damping, a fraction of mean(diag H).")
+_GRID = flags.DEFINE_integer("awq_grid", 20, "AWQ: exponents searched in [0, 1].")
+flags.mark_flags_as_required(["workdir", "recipe"])
+
+
+def _method_kwargs(method: str) -> dict:
+  if method == "gptq":
+    return dict(blocksize=_BLOCK.value, percdamp=_DAMP.value, act_order=_ACT_ORDER.value)
+  if method == "awq":
+    return dict(n_grid=_GRID.value)
+  return {}
+
+
+def _calibration_stats(cfg, data_dir, model_cfg, params, sites, method, n_batches, mesh):
+  """GPTQ: input Hessians; AWQ: mean |x|; of the first training batches."""
+  d = cfg.data
+  it = loader.make_train_iterator(data_dir, seq_len=d.seq_len,
+                                  global_batch_size=d.global_batch_size, seed=cfg.seed,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+  batches = (to_global(next(it), mesh) for _ in range(n_batches))
+  kinds = ("hessian",) if method == "gptq" else ("act_scale",)
+  return jax.block_until_ready(collect_stats(model_cfg, params, batches, sites, kinds))
+
+
+def run(workdir: str, recipe: str, method: str, *, calib_batches: int = 8, out: str | None = None,
+        data_dir: str | None = None, method_kwargs: dict | None = None) -> dict:
+  """Quantizes, exports, reloads and evaluates; returns ptq_metrics.json's dict."""
+  cfg = ev.load_config(workdir)
+  d = cfg.data
+  data_dir = data_dir or d.dir
+  meta = loader.read_meta(data_dir)
+  recipe_quant = ev.load_recipe(recipe)
+  model_cfg = ev.model_config(cfg)
+  sites, notes = weight_sites(model_cfg, validate_quant(recipe_quant, cfg.model))
+  if not sites:
+    raise ValueError(f"--recipe={recipe}: its rules quantize no weight of this model")
+  out = out or os.path.join(workdir, f"ptq_{recipe}_{method}")
+  calib_batches = calib_batches if method in ("gptq", "awq") else 0
+  mesh, times, stats = make_mesh(), {}, None
+  with jax.set_mesh(mesh), nn.logical_axis_rules(DATA_PARALLEL_RULES):
+    params, step = ev.restore_params(workdir, cfg, mesh)
+    weight_sites_checked(params, sites)
+    if calib_batches:
+      t = time.perf_counter()
+      stats = _calibration_stats(cfg, data_dir, model_cfg, params, sites, method,
+                                 calib_batches, mesh)
+      times["calibrate_s"] = time.perf_counter() - t
+  # On one device, outside the mesh: replicated inputs would repeat the work on each.
+  one = jax.local_devices()[0]
+  t = time.perf_counter()
+  qweights = jax.block_until_ready(quantize_params(
+      method, jax.device_put(params, one), sites, jax.device_put(stats, one),
+      **(method_kwargs or {})))
+  times["quantize_s"] = time.perf_counter() - t
+  save_quantized(out, params, qweights, sites, {
+      "recipe": recipe, "method": method, "method_kwargs": method_kwargs or {},
+      "calib_batches": calib_batches, "source": {"workdir": os.path.abspath(workdir),
+                                                 "step": step},
+      "recipe_quant": recipe_quant.to_dict(), "model": cfg.model.to_dict()})
+  t = time.perf_counter()
+  loaded = load_quantized(out)  # From disk: the evaluator sees what the export holds.
+  with jax.set_mesh(mesh), nn.logical_axis_rules(DATA_PARALLEL_RULES):
+    eval_batches = loader.make_eval_batches(
+        data_dir, seq_len=d.seq_len, global_batch_size=d.eval_batch_size,
+        num_batches=d.eval_batches, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    nll_fp, ppl_fp = ev.perplexity(Transformer(model_cfg), params, eval_batches, mesh,
+                                   d.seq_len)
+    ptq_model = Transformer(model_cfg, ev.eval_provider(recipe_quant, cfg.model))
+    nll_ptq, ppl_ptq = ev.perplexity(ptq_model, loaded, eval_batches, mesh, d.seq_len)
+  times["eval_s"] = time.perf_counter() - t
+  metrics = {"recipe": recipe, "method": method, "step": step, "ppl_fp": ppl_fp,
+             "ppl_ptq": ppl_ptq, "nll_fp": nll_fp, "nll_ptq": nll_ptq,
+             "unigram": meta.get("unigram_ppl_validation"), "eval_batches": len(eval_batches),
+             "calib_batches": calib_batches, "quantized_matmuls": [s.path for s in sites],
+             "notes": notes, **times, "out": out}
+  if jax.process_index() == 0:
+    with open(os.path.join(out, "ptq_metrics.json"), "w", encoding="utf-8") as f:
+      json.dump(metrics, f, indent=2)
+  return metrics
+
+
+def _print(m: dict) -> None:
+  for note in m["notes"]:
+    print(f"note: {note}")
+  print(f"{m['recipe']} {m['method']}: {len(m['quantized_matmuls'])} weight matmuls quantized "
+        f"(step {m['step']}); " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in m.items()
+                                            if k.endswith("_s")))
+  name = f"{m['recipe']} {m['method']}"
+  w = max(len(name), len("unquantized"))
+  uni = f"  (unigram {m['unigram']:.2f})" if m.get("unigram") else ""
+  print(f"held-out perplexity over {m['eval_batches']} batches:")
+  print(f"  {'unquantized':>{w}}  {m['ppl_fp']:10.3f}")
+  print(f"  {name:>{w}}  {m['ppl_ptq']:10.3f}  ({m['ppl_ptq'] / m['ppl_fp'] - 1:+.2%}){uni}")
+  print(f"wrote {m['out']}/ptq_metrics.json")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO.
+  try:
+    m = run(_WORKDIR.value, _RECIPE.value, _METHOD.value, calib_batches=_CALIB.value,
+            out=_OUT.value, data_dir=_DATA.value, method_kwargs=_method_kwargs(_METHOD.value))
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  _print(m)
+
+
+if __name__ == "__main__":
+  app.run(main)

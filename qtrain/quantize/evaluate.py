@@ -1,0 +1,109 @@
+"""The trained run, rebuilt and evaluated: its config, its params, held-out
+perplexity of the unquantized model and of the PTQ model.
+
+The PTQ model runs the dequantized PTQ weights with the recipe's activation
+and KV quantizers fake-quantized at eval: a ``QuantProvider`` in mode
+``fake`` over the recipe's rules with ``weight=None`` (weights are already on
+their grid; quantizing them again would round twice).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+
+from qtrain.config.variants import apply_variants
+from qtrain.layers import ModelConfig, Transformer
+from qtrain.parallel import batch_sharding, logical_sharding, replicated
+from qtrain.quant import QuantProvider, validate_quant
+from qtrain.train.build import build_model
+from qtrain.train.checkpoint import Checkpointer
+from qtrain.train.loop import evaluate
+from qtrain.train.step import eval_step
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing: --workdir must be a training run directory")
+  with open(path, encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def model_config(cfg) -> ModelConfig:
+  return ModelConfig.from_dict(cfg.model.to_dict())
+
+
+def load_recipe(recipe: str) -> ml_collections.ConfigDict:
+  """``config.quant`` of a preset in configs/quant (``w4a4kv4``, ``w4a4+lm_head``)."""
+  c = ml_collections.ConfigDict()
+  apply_variants(c, [recipe], "--recipe")
+  return c.quant
+
+
+def latest_step(workdir: str) -> int:
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False)
+  try:
+    step = ckpt.latest_step()
+  finally:
+    ckpt.close()
+  if step is None:
+    raise FileNotFoundError(f"no finished checkpoint in {workdir}/checkpoints")
+  return step
+
+
+def restore_params(workdir: str, cfg, mesh, step: int | None = None) -> tuple[dict, int]:
+  """(params, step) of the run's latest (or given) checkpoint.
+
+  Only the ``params`` subtree of the saved train state is read (orbax partial
+  restore), into the shapes and shardings of the model config.json describes:
+  the optimizer's state is neither rebuilt nor loaded, so a checkpoint stays
+  readable when the optimizer's code or config schema moves on.
+  """
+  step = latest_step(workdir) if step is None else step
+  model = build_model(cfg)
+  abstract = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      jax.eval_shape(lambda r: nn.unbox(model.init(r, jnp.zeros((1, cfg.data.seq_len),
+                                                                  jnp.int32))["params"]),
+                     jax.random.key(0)),
+      param_shardings(model, mesh, cfg.data.seq_len))
+  item = {"params": abstract}
+  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
+  with ocp.PyTreeCheckpointer() as ckptr:
+    restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
+  return restored["params"], step
+
+
+def eval_provider(recipe_quant, model_cfg=None) -> QuantProvider:
+  """Fake-quant of the recipe's activations and KV only (weights: None)."""
+  rules = validate_quant(recipe_quant, model_cfg)
+  return QuantProvider(rules=tuple(dataclasses.replace(r, weight=None) for r in rules),
+                       mode="fake")
+
+
+def param_shardings(model, mesh, seq_len: int):
+  boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, seq_len), jnp.int32)),
+                         jax.random.key(0))["params"]
+  return logical_sharding(boxed, mesh)
+
+
+def perplexity(model: Transformer, params, batches, mesh, seq_len: int) -> tuple[float, float]:
+  """(mean token NLL, perplexity) of ``model`` over ``batches`` (host rows)."""
+  param_sh = param_shardings(model, mesh, seq_len)
+  batch_sh = {k: batch_sharding(mesh) for k in batches[0]}
+  step = jax.jit(functools.partial(eval_step, model=model), in_shardings=(param_sh, batch_sh),
+                 out_shardings=replicated(mesh))
+  nll = evaluate(step, jax.device_put(params, param_sh), batches, mesh)
+  return nll, math.exp(nll)
