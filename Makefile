@@ -2,7 +2,8 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+TRAIN_STAMP := $(VENV)/.installed-train
+TEST_STAMP := $(VENV)/.installed-test
 DATA := data/kjv
 RUN ?= runs/default
 CONFIG ?= configs/default.py
@@ -10,23 +11,31 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
 .PHONY: install data train test clean
 
-install: $(STAMP)
+install: $(TEST_STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -U pip
-	$(BIN)/pip install -q -e '.[data,quant,test]'
+# uv installs the 4 GB of wheels (TensorFlow comes with seqio) in about a
+# minute where pip took several. torch is the exception: pip takes the CPU
+# wheel that lies on disk, uv would download a CUDA build.
+$(TRAIN_STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q uv
+	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[data,quant]'
+	touch $@
+
+$(TEST_STAMP): $(TRAIN_STAMP)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[data,quant,test]'
 	touch $@
 
 data: $(DATA)/meta.json
 
-$(DATA)/meta.json: $(STAMP)
+$(DATA)/meta.json: $(TRAIN_STAMP)
 	$(BIN)/python -m qtrain.data.prepare --task=kjv --out=$(DATA)
 
 train: data
 	XLA_FLAGS= $(BIN)/python -m qtrain.train --config=$(CONFIG) --workdir=$(RUN)
 
-test: data
+test: data $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -ra tests
 
 clean:
