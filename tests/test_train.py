@@ -183,8 +183,13 @@ def test_config_errors_fail_before_compiling_and_name_the_field(tmp_path, overri
   assert not (tmp_path / "checkpoints").exists()
 
 
-def test_training_path_imports_no_tensorflow():
-  code = ("import sys, qtrain.train.loop, qtrain.data.loader\n"
+def test_training_path_imports_no_tensorflow_and_starts_no_backend():
+  # Importing must not start a JAX backend either: jax.distributed.initialize
+  # must come first on multi-host runs, and a GPU benchmark's peer needs the
+  # memory JAX would pre-allocate.
+  code = ("import sys, qtrain.train.loop, qtrain.data.loader, qtrain.quantize, qtrain.generate\n"
           "bad = [m for m in ('tensorflow', 'seqio') if m in sys.modules]\n"
-          "assert not bad, bad\n")
+          "assert not bad, bad\n"
+          "from jax._src import xla_bridge\n"
+          "assert not xla_bridge.backends_are_initialized(), 'an import started a backend'\n")
   subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=300)

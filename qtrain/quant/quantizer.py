@@ -31,12 +31,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qtrain.quant import calibration
 from qtrain.quant.spec import QuantSpec
 
 FP8_DTYPES = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
-_TINY = float(jnp.sqrt(jnp.finfo(jnp.float32).tiny))  # An all-zero block gets scale 1.
+_TINY = float(np.sqrt(np.finfo(np.float32).tiny))  # An all-zero block gets scale 1.
 
 
 class QTensor(NamedTuple):

@@ -33,7 +33,11 @@ def device_peak_flops(configured_tflops: float = 0.0) -> float | None:
   """Per-device peak FLOP/s: the config's, else looked up by device kind."""
   if configured_tflops > 0:
     return configured_tflops * 1e12
-  kind = jax.devices()[0].device_kind.lower()
+  return peak_for_kind(jax.devices()[0].device_kind)
+
+
+def peak_for_kind(device_kind: str) -> float | None:
+  kind = device_kind.lower()
   for name, flops in PEAK_FLOPS.items():
     if name in kind:
       return flops
