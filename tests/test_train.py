@@ -193,3 +193,15 @@ def test_training_path_imports_no_tensorflow_and_starts_no_backend():
           "from jax._src import xla_bridge\n"
           "assert not xla_bridge.backends_are_initialized(), 'an import started a backend'\n")
   subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=300)
+
+
+def test_init_from_starts_with_another_runs_params(tmp_path):
+  src, dst = tmp_path / "src", tmp_path / "dst"
+  _run(src, "--config.train.steps=4", "--config.train.eval_every=100")
+  proc = _run(dst, "--config.train.steps=2", "--config.optim.warmup_steps=1",
+              f"--config.train.init_from={src}", "--config.train.eval_every=100")
+  assert "initialised params from" in proc.stdout
+  src_final = [r["eval_ppl"] for r in _rows(src) if "eval_ppl" in r][-1]
+  dst_initial = [r["eval_ppl"] for r in _rows(dst) if "eval_ppl" in r][0]
+  assert dst_initial == src_final  # Same params, same held-out batches.
+  assert sorted(_losses(dst)) == [1, 2]  # A new run: step 0, fresh optimizer.

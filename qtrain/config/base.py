@@ -77,6 +77,10 @@ def base_config() -> ml_collections.ConfigDict:
       sample_tokens=48,  # Length of the text sample at the end; 0 = none.
       sample_prompt="And God said",
       peak_tflops=0.0,  # Per-device peak for MFU; 0 = from the device kind.
+      # A workdir whose latest checkpoint's params start this run (fresh
+      # optimizer, step 0): fine-tuning, e.g. QAT from a trained model. A run
+      # that has checkpoints of its own resumes from them instead.
+      init_from="",
   ))
   # Quantization: mode + ordered rules over matmul paths; presets in
   # configs/quant/ (select with a config variant, e.g. `default.py:w4a4`).

@@ -48,6 +48,21 @@ class Checkpointer:
     state, data_state = self.restore(step, abstract_state)
     return state, data_state, step
 
+  def restore_params(self, abstract_params: Any) -> tuple[Any, int]:
+    """Only the params of the latest complete checkpoint (orbax partial
+    restore), into the given shapes and shardings; the optimizer state is not
+    read. For starting a new run from another run's weights."""
+    step = self.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no complete checkpoint under {self.directory}")
+    item = {"params": abstract_params}
+    path = os.path.join(self.directory, str(step), "state")
+    with ocp.PyTreeCheckpointer() as ckptr:
+      restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True))
+    return restored["params"], step
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

@@ -164,6 +164,22 @@ def run(cfg, workdir: str) -> dict:
     return _run(cfg, workdir, meta, model, tx, mesh)
 
 
+def _init(cfg, model, tx, mesh, abstract):
+  """A fresh state; its params from ``config.train.init_from`` when set."""
+  state = init_state(model, tx, mesh, cfg.seed, cfg.data.seq_len)
+  if not cfg.train.init_from:
+    return state
+  source_dir = os.path.join(cfg.train.init_from, "checkpoints")
+  if not os.path.isdir(source_dir):
+    raise FileNotFoundError(f"config.train.init_from={cfg.train.init_from!r} has no "
+                            "checkpoints/ directory; point it at a run's workdir")
+  source = Checkpointer(source_dir, keep=1)
+  params, step = source.restore_params(abstract.params)
+  source.close()
+  print(f"initialised params from {cfg.train.init_from} (step {step})", flush=True)
+  return state.replace(params=params)
+
+
 def save_config(cfg, workdir: str) -> None:
   """``workdir/config.json``: what evaluation, PTQ and generation rebuild the
   model from."""
@@ -180,8 +196,9 @@ def _run(cfg, workdir, meta, model, tx, mesh) -> dict:
   shardings = state_shardings(model, tx, mesh, seq)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
                       async_save=t.async_checkpoint)
+  abstract = abstract_state(model, tx, mesh, seq)
   state, data_state, restored = ckpt.restore_or_init(
-      abstract_state(model, tx, mesh, seq), lambda: init_state(model, tx, mesh, cfg.seed, seq))
+      abstract, lambda: _init(cfg, model, tx, mesh, abstract))
   it = loader.make_train_iterator(
       d.dir, seq_len=seq, global_batch_size=d.global_batch_size, seed=cfg.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
