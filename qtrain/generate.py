@@ -12,7 +12,6 @@ keeps K/V unquantized. Without it the run's own config decides.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -49,30 +48,19 @@ def load_run(workdir: str, kv_bits: int | None = None):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from qtrain.train.build import build_model  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
+  from qtrain.train.checkpoint import load_config, restore_params  # pylint: disable=g-import-not-at-top
+  cfg = load_config(workdir)
   if kv_bits is not None:
     with_kv_bits(cfg.quant, kv_bits)
   model = build_model(cfg)
-  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                                  item_names=("state", "data"))
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
   tokens = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
   shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           shapes)
-  # Only the params: the optimizer moments stay on disk.
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item={"params": abstract}, restore_args=ocp.checkpoint_utils.construct_restore_args(
-          {"params": abstract}), partial_restore=True)))
-  manager.close()
-  return cfg, model, restored.state["params"], step
+  params, step = restore_params(workdir, abstract)  # The optimizer moments stay on disk.
+  return cfg, model, params, step
 
 
 def main(argv):

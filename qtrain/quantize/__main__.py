@@ -28,6 +28,7 @@ from qtrain.data import loader
 from qtrain.layers import Transformer
 from qtrain.parallel import DATA_PARALLEL_RULES, make_mesh
 from qtrain.quant import validate_quant
+from qtrain.train.checkpoint import load_config
 from qtrain.quantize import evaluate as ev
 from qtrain.quantize.export import load_quantized, save_quantized
 from qtrain.quantize.gptq_awq import collect_stats, quantize_params
@@ -70,7 +71,7 @@ def _calibration_stats(cfg, data_dir, model_cfg, params, sites, method, n_batche
 def run(workdir: str, recipe: str, method: str, *, calib_batches: int = 8, out: str | None = None,
         data_dir: str | None = None, method_kwargs: dict | None = None) -> dict:
   """Quantizes, exports, reloads and evaluates; returns ptq_metrics.json's dict."""
-  cfg = ev.load_config(workdir)
+  cfg = load_config(workdir)
   d = cfg.data
   data_dir = data_dir or d.dir
   meta = loader.read_meta(data_dir)

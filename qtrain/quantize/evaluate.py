@@ -11,32 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import orbax.checkpoint as ocp
 
 from qtrain.config.variants import apply_variants
 from qtrain.layers import ModelConfig, Transformer
 from qtrain.parallel import batch_sharding, logical_sharding, replicated
 from qtrain.quant import QuantProvider, validate_quant
 from qtrain.train.build import build_model
-from qtrain.train.checkpoint import Checkpointer
+from qtrain.train import checkpoint
 from qtrain.train.loop import evaluate
 from qtrain.train.step import eval_step
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing: --workdir must be a training run directory")
-  with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
 
 
 def model_config(cfg) -> ModelConfig:
@@ -50,17 +39,6 @@ def load_recipe(recipe: str) -> ml_collections.ConfigDict:
   return c.quant
 
 
-def latest_step(workdir: str) -> int:
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False)
-  try:
-    step = ckpt.latest_step()
-  finally:
-    ckpt.close()
-  if step is None:
-    raise FileNotFoundError(f"no finished checkpoint in {workdir}/checkpoints")
-  return step
-
-
 def restore_params(workdir: str, cfg, mesh, step: int | None = None) -> tuple[dict, int]:
   """(params, step) of the run's latest (or given) checkpoint.
 
@@ -69,7 +47,6 @@ def restore_params(workdir: str, cfg, mesh, step: int | None = None) -> tuple[di
   the optimizer's state is neither rebuilt nor loaded, so a checkpoint stays
   readable when the optimizer's code or config schema moves on.
   """
-  step = latest_step(workdir) if step is None else step
   model = build_model(cfg)
   abstract = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -77,13 +54,7 @@ def restore_params(workdir: str, cfg, mesh, step: int | None = None) -> tuple[di
                                                                   jnp.int32))["params"]),
                      jax.random.key(0)),
       param_shardings(model, mesh, cfg.data.seq_len))
-  item = {"params": abstract}
-  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
-  with ocp.PyTreeCheckpointer() as ckptr:
-    restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True))
-  return restored["params"], step
+  return checkpoint.restore_params(workdir, abstract, step)
 
 
 def eval_provider(recipe_quant, model_cfg=None) -> QuantProvider:

@@ -9,9 +9,11 @@ the one call a run starts with.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Callable
 
+import ml_collections
 import orbax.checkpoint as ocp
 
 
@@ -48,11 +50,11 @@ class Checkpointer:
     state, data_state = self.restore(step, abstract_state)
     return state, data_state, step
 
-  def restore_params(self, abstract_params: Any) -> tuple[Any, int]:
-    """Only the params of the latest complete checkpoint (orbax partial
-    restore), into the given shapes and shardings; the optimizer state is not
-    read. For starting a new run from another run's weights."""
-    step = self.latest_step()
+  def restore_params(self, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
+    """Only the params of the latest (or given) complete checkpoint (orbax
+    partial restore), into the given shapes and shardings; the optimizer state
+    is not read, so a checkpoint stays readable when the optimizer moves on."""
+    step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint under {self.directory}")
     item = {"params": abstract_params}
@@ -69,3 +71,25 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The ``config.json`` a training run wrote into its workdir."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing: the directory must be a training run's workdir")
+  with open(path, encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_params(workdir: str, abstract_params: Any, step: int | None = None):
+  """(params, step) from the checkpoints of another run's ``workdir``."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{workdir!r} has no checkpoints/ directory; "
+                            "point it at a training run's workdir")
+  ckpt = Checkpointer(directory, keep=1, async_save=False)
+  try:
+    return ckpt.restore_params(abstract_params, step)
+  finally:
+    ckpt.close()

@@ -26,7 +26,7 @@ from qtrain.optim import build_optimizer
 from qtrain.parallel import DATA_PARALLEL_RULES, batch_sharding, make_mesh
 from qtrain.train import metrics as metrics_lib
 from qtrain.train.build import build_model, quant_report
-from qtrain.train.checkpoint import Checkpointer
+from qtrain.train.checkpoint import Checkpointer, restore_params
 from qtrain.train.state import abstract_state, init_state, state_shardings
 from qtrain.train.step import make_steps
 
@@ -169,13 +169,7 @@ def _init(cfg, model, tx, mesh, abstract):
   state = init_state(model, tx, mesh, cfg.seed, cfg.data.seq_len)
   if not cfg.train.init_from:
     return state
-  source_dir = os.path.join(cfg.train.init_from, "checkpoints")
-  if not os.path.isdir(source_dir):
-    raise FileNotFoundError(f"config.train.init_from={cfg.train.init_from!r} has no "
-                            "checkpoints/ directory; point it at a run's workdir")
-  source = Checkpointer(source_dir, keep=1)
-  params, step = source.restore_params(abstract.params)
-  source.close()
+  params, step = restore_params(cfg.train.init_from, abstract.params)
   print(f"initialised params from {cfg.train.init_from} (step {step})", flush=True)
   return state.replace(params=params)
 
