@@ -164,7 +164,6 @@ def test_quantized_cache_holds_int8_codes_and_matches_fake_quant():
   assert float(jnp.max(jnp.abs(plain - want))) > 100 * LOGIT_ATOL
 
 
-@pytest.mark.skipif(not (DATA / "meta.json").exists(), reason="data/kjv is not prepared")
 def test_cli_prints_text_of_a_tiny_run(tmp_path):
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   run = lambda *args: subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env,

@@ -284,7 +284,6 @@ def _env():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (DATA / "meta.json").exists(), reason="data/kjv is not prepared")
 def test_cli_end_to_end_rtn_and_gptq(tmp_path):
   run = tmp_path / "run"
   train = [sys.executable, "-m", "qtrain.train", "--config=configs/default.py:smoke",

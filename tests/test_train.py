@@ -18,8 +18,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = pathlib.Path(os.environ.get("QTRAIN_TEST_DATA", ROOT / "data" / "kjv"))
 pytestmark = pytest.mark.slow
 
-if not (DATA / "meta.json").exists():
-  pytest.skip("data/kjv is not prepared: run `make data`", allow_module_level=True)
+# `make test` prepares data/kjv first; without it these tests must fail, not skip.
+assert (DATA / "meta.json").exists(), f"{DATA} is not prepared: run `make data`"
 
 
 def _cmd(workdir, *overrides, config="configs/default.py:smoke"):
