@@ -156,9 +156,10 @@ def test_gptq_matches_float64_numpy_reference(spec, act_order):
   # Block 12 with groups of 8: the group starting at 8 spans two blocks.
   want_q, want_s, want_z = np_gptq(W, H, spec, blocksize=12, act_order=act_order)
   with jax.enable_x64(True):
-    got_q, got_s, got_z = jax.jit(lambda w, h: gptq(w, h, spec, blocksize=12,
-                                                      act_order=act_order))(W, H)
+    got_q, got_s, got_z, damp = jax.jit(lambda w, h: gptq(w, h, spec, blocksize=12,
+                                                            act_order=act_order))(W, H)
     got_q, got_s = np.asarray(got_q), np.asarray(got_s)
+    assert float(damp) == 0.01  # A well-conditioned H needs no retry.
     got_z = None if got_z is None else np.asarray(got_z)
   np.testing.assert_array_equal(got_q, want_q)  # Codes: exact.
   np.testing.assert_array_equal(got_s, want_s)  # Scales: same float32 arithmetic.
@@ -195,6 +196,44 @@ def test_gptq_lowers_layer_output_error_vs_rtn():
   e_rtn, e_gptq = _out_err(x, kernel, rtn), _out_err(x, kernel, gq)
   # Measured: GPTQ's output error is 0.74x RTN's here; demand a clear win.
   assert e_gptq < 0.85 * e_rtn, (e_gptq, e_rtn)
+
+
+def _rank3_hessian(n_in=32):
+  """H = X^T X / n of inputs spanning 3 of ``n_in`` dims: singular."""
+  rng = np.random.default_rng(5)
+  x = (rng.normal(size=(256, 3)) @ rng.normal(size=(3, n_in))).astype(np.float32)
+  return x, jnp.asarray(x.T @ x / len(x))
+
+
+def test_gptq_rank_deficient_hessian_retries_with_more_damping():
+  from qtrain.quantize.gptq_awq import _upper_inverse_cholesky_once  # pylint: disable=g-import-not-at-top
+  x, H = _rank3_hessian()
+  # The premise: at 1e-7 x mean(diag H) the float32 factor of this H is NaN
+  # (measured: non-finite up to 1e-6, finite from 1e-5).
+  assert not np.isfinite(np.asarray(_upper_inverse_cholesky_once(H, 1e-7))).all()
+  kernel = (np.random.default_rng(6).normal(size=(32, 12)) * 0.1).astype(np.float32)
+  W = jnp.asarray(kernel.T)
+  got = jax.jit(lambda w, h: gptq(w, h, W4, blocksize=8, percdamp=1e-7))(W, H)
+  # Two retries (x10 each) reach the first finite damping.
+  np.testing.assert_allclose(float(got.percdamp), 1e-5, rtol=1e-6)
+  again = jax.jit(lambda w, h: gptq(w, h, W4, blocksize=8, percdamp=1e-5))(W, H)
+  np.testing.assert_array_equal(got.q, again.q)
+  np.testing.assert_array_equal(got.scale, again.scale)
+  # And the codes are GPTQ's: on these inputs' span it beats RTN by far.
+  w_hat = np.asarray(got.q * got.scale).T
+  rtn = dequantize(quantize_rtn(jnp.asarray(kernel), W4, layered=False))
+  assert _out_err(x, kernel, w_hat) < 0.5 * _out_err(x, kernel, rtn)
+
+
+@pytest.mark.parametrize("bad", ["indefinite", "nan"])
+def test_gptq_unfactorable_hessian_fails_naming_the_matmul(bad):
+  H = -np.eye(16, dtype=np.float32) if bad == "indefinite" else np.full((16, 16), np.nan,
+                                                                           np.float32)
+  H = jnp.asarray(np.stack([np.eye(16, dtype=np.float32), H]))  # Layer 1 is the bad one.
+  kernel = jnp.ones((2, 16, 4), jnp.float32)
+  with pytest.raises(ValueError, match=r"GPTQ decoder/layers/mlp/up_proj: .*non-finite "
+                                       r"\(layer\(s\) \[1\]\)"):
+    quantize_gptq(kernel, H, W4, layered=True, path="decoder/layers/mlp/up_proj")
 
 
 # --- AWQ ----------------------------------------------------------------------

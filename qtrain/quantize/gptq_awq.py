@@ -3,8 +3,8 @@
 What comes from qwix 0.1.8 (``qwix.contrib``) and what is ours:
 
 * Calibration statistics: ours collect them, qwix's functions compute them.
-  A recording ``DotGeneralProvider`` (``StatsProvider``) puts ``_StatsDot`` at
-  every matmul a recipe quantizes; it sows, per batch, qwix's
+  A provider (``StatsProvider``) wraps every matmul a recipe quantizes; it
+  sows, per batch and over real tokens only (padding is masked out), qwix's
   ``gptq_core.compute_hessian`` (H = X^T X, here divided by the token count)
   and ``awq_core.compute_act_scale`` (mean |x| per input channel) of the
   matmul's input; scanned layers stack them on the layer axis. Batches are
@@ -49,14 +49,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from qwix._src.core import qarray
 from qwix.contrib import awq_core, gptq_core
 
-from qtrain.layers import DotGeneral, ModelConfig, Transformer
+from qtrain.layers import ModelConfig, Provider, Transformer
 from qtrain.quant import QTensor, QuantSpec, quantize
 from qtrain.quant.quantizer import FP8_DTYPES, codes, grid
 from qtrain.quantize.export import QuantizedWeight
@@ -68,39 +71,52 @@ KINDS = ("hessian", "act_scale")
 # --- calibration statistics ---------------------------------------------------
 
 
-class _StatsDot(nn.Module):
-  """The high-precision dot that also sows statistics of its input (lhs)."""
-  kinds: tuple[str, ...] = KINDS
-
-  @nn.compact
-  def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    (lc, _), _ = dimension_numbers
-    x_NK = jnp.moveaxis(lhs, lc[0], -1)
-    x_NK = x_NK.reshape(-1, x_NK.shape[-1]).astype(jnp.float32)
-    if "hessian" in self.kinds:  # qwix: X @ X.T with X [in, samples].
-      self.sow(STATS, "hessian", gptq_core.compute_hessian(x_NK.T) / x_NK.shape[0])
-    if "act_scale" in self.kinds:
-      self.sow(STATS, "act_scale", awq_core.compute_act_scale(x_NK, axis=0))
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type)
+def _input_stats(x_NK, w_N, kinds):
+  """{kind: statistic} of matmul inputs x_NK with token weights w_N (1 real, 0 padding)."""
+  n = jnp.maximum(jnp.sum(w_N), 1.0)
+  out = {}
+  if "hessian" in kinds:  # qwix's X @ X.T with X [in, samples], padding rows zeroed.
+    out["hessian"] = gptq_core.compute_hessian((x_NK * w_N[:, None]).T) / n
+  if "act_scale" in kinds:  # qwix's mean |x| per input channel, over real tokens only.
+    out["act_scale"] = jnp.sum(jnp.abs(x_NK) * w_N[:, None], axis=0) / n
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
-class StatsProvider:
-  """``_StatsDot`` at the given matmul paths, the plain dot elsewhere."""
+class StatsProvider(Provider):
+  """Sows statistics of the input (lhs) of the matmuls at ``paths`` (site
+  paths as in ``WeightSite.path``), over real tokens only (the hooks' token
+  mask drops padding), then calls the dot below it unchanged. It composes:
+  placed outermost it sees what the model's own providers receive."""
   paths: frozenset
   kinds: tuple[str, ...] = KINDS
+  where: dict = dataclasses.field(default_factory=dict, compare=False)  # path -> scope path.
 
-  def module_for(self, path: str):
-    if path in self.paths:
-      return functools.partial(_StatsDot, kinds=self.kinds)
-    return DotGeneral
+  def dot(self, site, hooks, inner):
+    path = site.path if site.layer is None else site.path.replace(
+        "decoder/layers/", f"decoder/layers_{site.layer}/", 1)
+    if path not in self.paths:
+      return inner
+
+    def observed(module, lhs, rhs, dims, precision=None, preferred_element_type=None):
+      (lc, _), _ = dims
+      x_NK = jnp.moveaxis(lhs, lc[0], -1)
+      x_NK = x_NK.reshape(-1, x_NK.shape[-1]).astype(jnp.float32)
+      mask = hooks.token_mask
+      w_N = (jnp.ones(x_NK.shape[:1]) if mask is None
+             else jnp.broadcast_to(mask, lhs.shape[:mask.ndim]).reshape(-1).astype(jnp.float32))
+      self.where[path] = tuple(module.scope.path)
+      for kind, value in _input_stats(x_NK, w_N, self.kinds).items():
+        module.sow(STATS, kind, value)
+      return inner(module, lhs, rhs, dims, precision, preferred_element_type)
+    return observed
 
 
 def collect_stats(model_cfg: ModelConfig, params, batches, sites, kinds=KINDS) -> dict:
   """{path: {kind: mean over batches}} for every site; ``batches`` are global
   arrays (inside the run's mesh). Hessians are [in, in] or [L, in, in]."""
-  model = Transformer(model_cfg, StatsProvider(frozenset(s.path for s in sites), tuple(kinds)))
+  provider = StatsProvider(frozenset(s.path for s in sites), tuple(kinds))
+  model = Transformer(model_cfg, provider)
 
   @jax.jit
   def stats(params, batch):
@@ -118,7 +134,7 @@ def collect_stats(model_cfg: ModelConfig, params, batches, sites, kinds=KINDS) -
     raise ValueError("calibration needs at least one batch")
   out = {}
   for s in sites:
-    node = get_param(total, s.path.split("/"))["dot_general"]
+    node = get_param(total, provider.where[s.path])
     out[s.path] = {k: node[k][0] / n for k in kinds}
   return out
 
@@ -201,7 +217,15 @@ def _dequant(q, s, z, dtype):
   return (q - z.astype(dtype)) * s if z is not None else q * s
 
 
-def _upper_inverse_cholesky(H, percdamp: float):
+# A rank-deficient Hessian (fewer independent calibration tokens than inputs,
+# collinear features) is singular; in float32 the dampened H, or the inverse
+# the second factorisation reads, can then be numerically indefinite and the
+# Cholesky factor comes out NaN without any error. Retry with 10x the damping,
+# up to this many times (1% -> 100x mean(diag H) at most).
+DAMP_RETRIES = 4
+
+
+def _upper_inverse_cholesky_once(H, percdamp):
   """U with U^T U = (H + damp I)^-1, damp = percdamp * mean(diag H)."""
   n = H.shape[0]
   H = H + percdamp * jnp.mean(jnp.diag(H)) * jnp.eye(n, dtype=H.dtype)
@@ -210,12 +234,41 @@ def _upper_inverse_cholesky(H, percdamp: float):
   return jnp.linalg.cholesky(Hinv).T
 
 
+def _upper_inverse_cholesky(H, percdamp: float):
+  """(U, percdamp used): the first damping of percdamp * 10^k, k <= DAMP_RETRIES,
+  whose factor is finite; the percdamp used is inf when none was."""
+  def retry(carry):
+    _, d, k = carry
+    d = d * 10.0
+    return _upper_inverse_cholesky_once(H, d), d, k + 1
+
+  def failed(carry):
+    U, _, k = carry
+    return ~jnp.all(jnp.isfinite(U)) & (k < DAMP_RETRIES)
+
+  d0 = jnp.asarray(percdamp, H.dtype)
+  U, d, _ = jax.lax.while_loop(failed, retry, (_upper_inverse_cholesky_once(H, d0), d0, 0))
+  return U, jnp.where(jnp.all(jnp.isfinite(U)), d, jnp.inf)
+
+
+class GptqResult(NamedTuple):
+  """Codes (as floats) and scale/zero point in W's [R, C] layout, and the
+  damping fraction the Cholesky factorisation needed (inf: none worked)."""
+  q: jax.Array
+  scale: jax.Array
+  zero_point: jax.Array | None
+  percdamp: jax.Array
+
+
 def gptq(W_RC, H_CC, spec: QuantSpec, *, blocksize: int = 128, percdamp: float = 0.01,
          act_order: bool = False):
   """GPTQ of W [rows=out, cols=in] under the input Hessian H [in, in].
 
-  Returns (codes [R, C] as floats, scale, zero point or None): scale [R, 1]
-  (channel), [1, 1] (tensor) or [R, C / group_size] (group), in W's layout.
+  Returns ``GptqResult``: codes [R, C] as floats, scale [R, 1] (channel),
+  [1, 1] (tensor) or [R, C / group_size] (group), zero point like the scale
+  or None, and the damping used (``percdamp`` times a power of 10, see
+  ``DAMP_RETRIES``; inf when H stayed non-factorable, and the codes are then
+  meaningless).
   """
   R, C = W_RC.shape
   grouped = spec.granularity == "group"
@@ -230,7 +283,8 @@ def gptq(W_RC, H_CC, spec: QuantSpec, *, blocksize: int = 128, percdamp: float =
   perm = jnp.argsort(-jnp.diag(H_CC), stable=True) if act_order else None
   if act_order:
     W_RC, H_CC = W_RC[:, perm], H_CC[perm][:, perm]
-  U = _upper_inverse_cholesky(H_CC, percdamp)
+  U, percdamp = _upper_inverse_cholesky(H_CC, percdamp)
+  U = jnp.where(jnp.isfinite(U), U, 0.0)  # Keeps NaN out of the loop; reported via percdamp.
   Q = jnp.zeros_like(W_RC)
   for i1 in range(0, C, blocksize):
     i2 = min(i1 + blocksize, C)
@@ -265,7 +319,7 @@ def gptq(W_RC, H_CC, spec: QuantSpec, *, blocksize: int = 128, percdamp: float =
     W_RC = W_RC.at[:, i2:].add(-(Err1 @ U[i1:i2, i2:]))  # Lazy batch update, eq. (4)
   if act_order:
     Q = Q[:, jnp.argsort(perm)]
-  return Q, S, Z
+  return GptqResult(Q, S, Z, percdamp)
 
 
 def _storage(q, spec: QuantSpec):
@@ -281,15 +335,34 @@ def _gptq_layers(spec: QuantSpec, blocksize: int, percdamp: float, act_order: bo
   return jax.jit(jax.vmap(fn))
 
 
+def _check_damping(used_L, percdamp: float, path: str) -> None:
+  """Fails naming the matmul when a layer's Hessian never factored; logs retries."""
+  used_L = np.asarray(used_L)
+  bad = np.flatnonzero(~np.isfinite(used_L))
+  if bad.size:
+    raise ValueError(
+        f"GPTQ {path}: the Cholesky factor of the input Hessian stayed non-finite "
+        f"(layer(s) {bad.tolist()}) with damping up to {percdamp * 10 ** DAMP_RETRIES:g} x "
+        "mean(diag H); the calibration inputs are degenerate or non-finite: check the "
+        "model's activations, use more --calib_batches or a larger --gptq_damp")
+  raised = np.flatnonzero(used_L > percdamp)
+  if raised.size:
+    logging.warning("GPTQ %s: Hessian of layer(s) %s needed damping %s (asked %g)", path,
+                    raised.tolist(), [float(used_L[i]) for i in raised], percdamp)
+
+
 def quantize_gptq(kernel, hessian, spec: QuantSpec, layered: bool, *, blocksize: int = 128,
-                  percdamp: float = 0.01, act_order: bool = False) -> QuantizedWeight:
-  """GPTQ of a kernel [in, out] ([L, in, out]) under H [in, in] ([L, in, in])."""
+                  percdamp: float = 0.01, act_order: bool = False,
+                  path: str = "matmul") -> QuantizedWeight:
+  """GPTQ of a kernel [in, out] ([L, in, out]) under H [in, in] ([L, in, in]);
+  ``path`` names the matmul in errors."""
   _check_gptq_spec(spec, act_order)
   k_LKN = kernel if layered else kernel[None]
   H_LKK = hessian if layered else hessian[None]
   with jax.default_matmul_precision("highest"):
-    Q, S, Z = _gptq_layers(spec, blocksize, percdamp, act_order)(
+    Q, S, Z, used_L = _gptq_layers(spec, blocksize, percdamp, act_order)(
         jnp.swapaxes(k_LKN, 1, 2).astype(jnp.float32), H_LKK.astype(jnp.float32))
+  _check_damping(used_L, percdamp, path)
   t = lambda a: jnp.swapaxes(a, 1, 2)  # Back to the kernel layout [L, in, out].
   q = _storage(t(Q), spec)
   Z = None if Z is None else t(Z).astype(q.dtype)
@@ -305,7 +378,8 @@ def quantize_params(method: str, params, sites, stats=None, **kw) -> dict:
   for s in sites:
     kernel = get_param(params, s.param)
     if method == "gptq":
-      out[s.path] = quantize_gptq(kernel, stats[s.path]["hessian"], s.spec, s.layered, **kw)
+      out[s.path] = quantize_gptq(kernel, stats[s.path]["hessian"], s.spec, s.layered,
+                                  path=s.path, **kw)
     elif method == "awq":
       out[s.path] = quantize_awq(kernel, stats[s.path]["act_scale"], s.spec, s.layered, **kw)
     else:
