@@ -160,3 +160,63 @@ def test_config_variants():
   for flag in ("attention_bias", "mlp_bias"):
     with pytest.raises(ValueError, match=flag):
       config_from_hf(dict(base, **{flag: True}))
+
+
+# --- runtime dependencies -------------------------------------------------------
+
+# Imported by qtrain only where the caller already holds the library's object
+# (params_from_hf_model takes a torch model), so the caller installed it.
+CALLER_SUPPLIED = {"torch"}
+
+
+def _imported_modules(root):
+  """Top-level third-party modules imported anywhere in ``root`` (lazily too)."""
+  import ast, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  mods = set()
+  for f in root.rglob("*.py"):
+    for n in ast.walk(ast.parse(f.read_text())):
+      if isinstance(n, ast.Import):
+        mods |= {a.name.split(".")[0] for a in n.names}
+      elif isinstance(n, ast.ImportFrom) and n.level == 0:
+        mods.add(n.module.split(".")[0])
+  return mods - set(sys.stdlib_module_names) - {"qtrain", "__future__"}
+
+
+def _installed_by_make_train(root):
+  """Distributions `make train` installs: install_requires plus the extras of
+  its `.[data,quant]`, closed over their own (installed) requirements."""
+  import configparser, importlib.metadata as md, re  # pylint: disable=g-import-not-at-top,multiple-imports
+  from packaging.requirements import Requirement  # pylint: disable=g-import-not-at-top
+  norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+  makefile = (root / "Makefile").read_text()
+  extras = re.search(r"-e '\.\[([a-z,]+)\]'", makefile).group(1).split(",")
+  cfg = configparser.ConfigParser()
+  cfg.read(root / "setup.cfg")
+  lines = cfg["options"]["install_requires"].split("\n")
+  for e in extras:
+    lines += cfg["options.extras_require"][e].split("\n")
+  todo = [Requirement(l).name for l in lines if l.strip() and not l.strip().startswith("#")]
+  seen = set()
+  while todo:
+    name = norm(todo.pop())
+    if name in seen:
+      continue
+    seen.add(name)
+    try:
+      reqs = md.requires(name) or []
+    except md.PackageNotFoundError:
+      continue
+    todo += [Requirement(r).name for r in reqs if "extra ==" not in r]
+  return seen, norm
+
+
+def test_every_runtime_import_is_installed_by_make_train():
+  """qtrain.convert imported safetensors although only the test extra named it:
+  a `make train` install then failed at the first HF checkpoint load."""
+  import importlib.metadata as md, pathlib  # pylint: disable=g-import-not-at-top,multiple-imports
+  root = pathlib.Path(__file__).resolve().parents[1]
+  installed, norm = _installed_by_make_train(root)
+  dists = md.packages_distributions()
+  missing = sorted(m for m in _imported_modules(root / "qtrain") - CALLER_SUPPLIED
+                   if not any(norm(d) in installed for d in dists.get(m, [m])))
+  assert not missing, f"imported by qtrain, not installed by `make train`: {missing}"
