@@ -13,9 +13,10 @@ import pytest
 import qwix
 
 from configs.quant import fp8, w4a4kv4, w4a8, w4a16, w4a4, w8a8
-from qtrain.layers import Linear, ModelConfig, Transformer
+from qtrain.layers import Linear, ModelConfig, Transformer, trace_sites
 from qtrain.quant import (QuantDotGeneral, QuantProvider, QuantRule, QuantSpec, dequantize,
-                          provider_from_config, quantize, weight_matmuls)
+                          provider_from_config, quantize)
+from qtrain.quant.rules import first_match
 
 U = 2.0 ** -24  # float32 unit roundoff.
 DN = (((2,), (0,)), ((), ()))  # x [B, T, K] . w [K, N]
@@ -168,7 +169,7 @@ def test_fake_quant_matches_qwix_qat(w_bits, a_bits):
   theirs = qwix.quantize_model(QwixDense(16), qwix.QtProvider([rule]))
   y_qwix = jax.jit(theirs.apply)({"params": {"kernel": w}}, x)
   act = QuantSpec(bits=a_bits, granularity="token") if a_bits else None
-  ours = Linear(16, ("embed", "mlp"), dot=QuantProvider(
+  ours = Linear(16, ("embed", "mlp"), hooks=QuantProvider(
       rules=(QuantRule(pattern=".*", weight=QuantSpec(bits=w_bits), act=act),), mode="fake"))
   y_ours = jax.jit(ours.apply)({"params": {"kernel": w}}, x)
   _, _, x_hat, w_hat = quantized(x, w, act or QuantSpec(bits=8, granularity="token"),
@@ -280,15 +281,16 @@ def test_provider_reports_unmatched_paths_and_unused_rules():
                                         "decoder/layers/attn/v_proj", "lm_head"]
   report = provider.report()
   assert "lm_head: high precision (no rule)" in report and "rule 2 ('nothing/here')" in report
-  # config.weight_matmuls mirrors the model's matmul paths (used for dim checks).
-  assert sorted(provider.log.paths) == sorted(p for p, _ in weight_matmuls(CFG))
+  # The provider saw every matmul the traced registry lists, and nothing else.
+  assert sorted(provider.log.paths) == sorted(trace_sites(Transformer(CFG)).paths())
 
 
 @pytest.mark.parametrize("preset", [w8a8, w4a16, w4a8, w4a4, w4a4kv4, fp8],
                          ids=lambda m: m.__name__.rsplit(".", 1)[1])
 def test_presets_build_and_leave_the_lm_head_unquantized(preset):
+  quantizes = lambda p, path: p.dot_spec(first_match(p.rules, path, 0)).quantizes
   provider = provider_from_config(preset.get_quant(), CFG)
-  assert provider.module_for("lm_head").__name__ == "DotGeneral"
-  assert provider.module_for("decoder/layers/mlp/down_proj").func is QuantDotGeneral
+  assert not quantizes(provider, "lm_head")
+  assert quantizes(provider, "decoder/layers/mlp/down_proj")
   with_head = provider_from_config(preset.get_quant("lm_head"), CFG)
-  assert with_head.module_for("lm_head").func is QuantDotGeneral
+  assert quantizes(with_head, "lm_head")

@@ -16,11 +16,14 @@ A preset is ``get_quant(arg="") -> ConfigDict`` for ``config.quant``:
   hp_bwd    int8/fp8 modes: float32 backward dots instead of int8/fp8 ones.
 """
 
+import ml_collections
+
 from qtrain.quant.config import quant_config_defaults
 
-# Module paths of the seven weight matmuls per block; layers_<i> when unscanned.
-LINEARS = r"decoder/layers(_\d+)?/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"
-ATTENTION = r"decoder/layers(_\d+)?/attn"  # Where the KV quantizer applies.
+# Canonical paths (no layer index) of the seven weight matmuls per block, and
+# of both factors when a weight form splits them (low_rank: <path>/a, <path>/b).
+LINEARS = r"decoder/layers/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)(/a|/b)?"
+ATTENTION = r"decoder/layers/attn"  # Where the KV quantizer applies.
 LM_HEAD = "lm_head"
 SWITCHES = ("lm_head", "sr", "hp_bwd")
 
@@ -50,14 +53,17 @@ def weight_spec(spec: dict, opts: dict) -> dict:
 
 
 def make(mode: str, opts: dict, weight: dict, act: dict | None, kv: dict | None = None):
-  """config.quant with one rule for the block matmuls (+ LM head, + KV)."""
+  """config.quant with a rule ``linears`` for the block matmuls (+ LM head) and
+  ``kv`` for the KV cache; a field of either is overridable from the command
+  line, e.g. ``--config.quant.rules.linears.act.bits=8``."""
   c = quant_config_defaults()
   c.mode = mode
   pattern = f"{LINEARS}|{LM_HEAD}" if opts["lm_head"] else LINEARS
-  rules = [dict(pattern=pattern, weight=weight_spec(weight, opts), act=act, kv=None)]
+  rules = {"linears": dict(pattern=pattern, weight=weight_spec(weight, opts), act=act, kv=None)}
   if kv is not None:
-    rules.append(dict(pattern=ATTENTION, weight=None, act=None, kv=kv))
-  c.rules = tuple(rules)
+    rules["kv"] = dict(pattern=ATTENTION, weight=None, act=None, kv=kv)
+  c.rules = ml_collections.ConfigDict(rules)
+  c.order = tuple(rules)
   c.grad_stochastic_rounding = opts["sr"]
   c.int8_backward = not opts["hp_bwd"]
   return c

@@ -1,6 +1,6 @@
 """W4A4KV4 QAT: the w4a4 preset plus int4 asymmetric per-token (per head)
 keys and values, the OSP / RoSTE evaluation setting. The KV rule targets the
-attention module path; the attention applies it via ``provider.kv_for(path)``.
+attention module path; the quant provider applies it at the attention's ``key``/``value`` sites.
 LM head in high precision unless ``get_quant("lm_head")``.
 
   c.quant = configs.quant.w4a4kv4.get_quant()

@@ -1,12 +1,16 @@
 """Flax linen layers of the Llama-family decoder; every weight matmul goes
-through the injected dot-general of ``qtrain.layers.dot_general``."""
+through the one matmul hook (``qtrain.layers.dot_general.Matmul``) and the
+providers of ``qtrain.layers.hooks``."""
 
 from qtrain.layers.attention import Attention, dot_product_attention
 from qtrain.layers.config import ModelConfig, RopeScaling
 from qtrain.layers.decoder import REMAT_POLICIES, Block, Decoder
-from qtrain.layers.dot_general import DotGeneral, DotGeneralProvider, HighPrecision
+from qtrain.layers.dot_general import DotGeneral, HighPrecision, Matmul
+from qtrain.layers.hooks import Hooks, MatmulSite, Provider, as_hooks, canonical_path
 from qtrain.layers.linear import Linear
 from qtrain.layers.mlp import MLP
 from qtrain.layers.model import Transformer
 from qtrain.layers.norms import RMSNorm
+from qtrain.layers.registry import ModelSites, trace_sites
 from qtrain.layers.rope import apply_rope, inverse_frequencies
+from qtrain.layers.weights import FORMS, Dense, FormRule, LowRank, WeightForm, form_rules

@@ -10,7 +10,8 @@ token s iff s <= t and both belong to the same packed segment.
 * ``xla``: the unfused reference (CPU, tests, float32). On an H100 it ran at a
   third of cuDNN's speed, so ``auto`` only picks it off-GPU.
 
-The quantization issue applies KV quantizers to k/v before this function.
+Named hook sites (``qtrain.layers.hooks``): ``query`` and ``key`` (after
+RoPE) and ``value``; the KV quantizer and online rotations attach there.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from qtrain.layers import kv_cache
 from qtrain.layers.config import ModelConfig
-from qtrain.layers.dot_general import DotGeneralProvider, HighPrecision
-from qtrain.layers.linear import Linear, module_path
+from qtrain.layers.hooks import Hooks
+from qtrain.layers.linear import Linear
 from qtrain.layers.rope import apply_rope, inverse_frequencies
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
@@ -115,12 +116,12 @@ class Attention(nn.Module):
   """Llama attention block: q/k/v projections, RoPE, GQA, output projection.
 
   ``decode=True``: autoregressive inference. K/V of the new tokens go into the
-  ``cache`` collection (quantized when the provider has a KV spec, see
+  ``cache`` collection (in the format ``hooks.kv_spec`` gives, see
   ``qtrain.layers.kv_cache``) and the queries attend to the cached buffer;
   positions_BT[b] must be consecutive and segment ids are ignored.
   """
   cfg: ModelConfig
-  dot: DotGeneralProvider = HighPrecision()
+  hooks: Hooks = Hooks()
   decode: bool = False
 
   @nn.compact
@@ -129,25 +130,26 @@ class Attention(nn.Module):
     B, T, _ = x_BTD.shape
     N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     dense = functools.partial(Linear, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                              kernel_init=nn.initializers.normal(cfg.init_std), dot=self.dot)
+                              kernel_init=nn.initializers.normal(cfg.init_std), hooks=self.hooks,
+                              init_std=cfg.init_std)
     q_BTNH = dense(N * H, ("embed", "q_heads"), name="q_proj")(x_BTD).reshape(B, T, N, H)
     k_BTKH = dense(K * H, ("embed", "kv_heads"), name="k_proj")(x_BTD).reshape(B, T, K, H)
     v_BTKH = dense(K * H, ("embed", "kv_heads"), name="v_proj")(x_BTD).reshape(B, T, K, H)
     inv_freq = inverse_frequencies(H, cfg.rope_theta, cfg.rope_scaling)
-    q_BTNH = checkpoint_name(apply_rope(q_BTNH, positions_BT, inv_freq), "query_proj")
+    hooks = self.hooks
+    q_BTNH = hooks.activation(self, "query", apply_rope(q_BTNH, positions_BT, inv_freq))
+    q_BTNH = checkpoint_name(q_BTNH, "query_proj")
     k_BTKH = checkpoint_name(apply_rope(k_BTKH, positions_BT, inv_freq), "key_proj")
     v_BTKH = checkpoint_name(v_BTKH, "value_proj")
-    kv_spec = getattr(self.dot, "kv_for", lambda _: None)(module_path(self))
     if self.decode:  # Inference: write the new K/V to the cache, attend to all of it.
+      kv_spec = hooks.kv_spec(self)
       k_BSKH = kv_cache.update(self, "k", k_BTKH, positions_BT, kv_spec)
       v_BSKH = kv_cache.update(self, "v", v_BTKH, positions_BT, kv_spec)
       mask_BTS = kv_cache.visible(positions_BT, k_BSKH.shape[1])
       out_BTNH = xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS=mask_BTS)
-    else:
-      if kv_spec is not None:  # KV-cache quantization, fake-quantized in training.
-        from qtrain.quant.estimators import fake_quant_ste  # pylint: disable=g-import-not-at-top
-        k_BTKH = fake_quant_ste(k_BTKH, kv_spec, contract_axis=-1)
-        v_BTKH = fake_quant_ste(v_BTKH, kv_spec, contract_axis=-1)
+    else:  # The cache's storage numerics, applied in training at the named sites.
+      k_BTKH = hooks.activation(self, "key", k_BTKH)
+      v_BTKH = hooks.activation(self, "value", v_BTKH)
       out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT,
                                        impl=cfg.attention_impl,
                                        max_segments=cfg.attention_max_segments)

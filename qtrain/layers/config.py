@@ -56,6 +56,8 @@ class ModelConfig:
   # cuDNN's workspace grows with it: T=2048 asked for 536 GiB on an H100).
   attention_max_segments: int = 16
   init_std: float = 0.02
+  # Weight forms by path (qtrain.layers.weights.FormRule); none matching: dense.
+  weight_forms: tuple = ()
 
   @property
   def compute_dtype(self):
@@ -69,4 +71,6 @@ class ModelConfig:
   def from_dict(cls, d: dict) -> "ModelConfig":
     d = dict(d)
     d["rope_scaling"] = RopeScaling(**dict(d.get("rope_scaling", {})))
+    from qtrain.layers.weights import form_rules  # pylint: disable=g-import-not-at-top
+    d["weight_forms"] = form_rules(d.get("weight_forms", ()))
     return cls(**d)

@@ -4,16 +4,22 @@
 compiled block, compile time independent of depth); ``nn.remat`` with a named
 policy chooses which activations the backward pass keeps. The same variable
 axes stack the ``cache`` collection of decoding (``decode=True``, no remat).
+
+Each block gets its index as a scanned input (``jnp.arange(L)``) and hands
+its submodules ``hooks.with_context(layer=index)``: providers resolve
+per-layer choices (rules naming layer indices) as tables indexed by it, so
+the stack stays one scanned block.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from qtrain.layers.attention import Attention
 from qtrain.layers.config import ModelConfig
-from qtrain.layers.dot_general import DotGeneralProvider, HighPrecision
+from qtrain.layers.hooks import Hooks
 from qtrain.layers.mlp import MLP
 from qtrain.layers.norms import RMSNorm
 
@@ -35,23 +41,25 @@ REMAT_POLICIES = {
 class Block(nn.Module):
   """x + attn(norm(x)), then h + mlp(norm(h))."""
   cfg: ModelConfig
-  dot: DotGeneralProvider = HighPrecision()
+  hooks: Hooks = Hooks()
   decode: bool = False  # Attention reads and writes the KV cache (see Attention).
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, layer=None):
     cfg = self.cfg
+    hooks = self.hooks.with_context(layer=layer)
     norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.weight_dtype, name=name)
     x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
-    h_BTD = x_BTD + Attention(cfg, self.dot, self.decode, name="attn")(
+    h_BTD = x_BTD + Attention(cfg, hooks, self.decode, name="attn")(
         norm("attn_norm")(x_BTD), positions_BT, segment_ids_BT)
-    out_BTD = h_BTD + MLP(cfg, self.dot, name="mlp")(norm("mlp_norm")(h_BTD))
+    out_BTD = h_BTD + MLP(cfg, hooks, name="mlp")(norm("mlp_norm")(h_BTD))
+    out_BTD = hooks.activation(self, "block_out", out_BTD)
     return nn.with_logical_constraint(out_BTD, ("batch", "length", "embed")), None
 
 
 class Decoder(nn.Module):
   cfg: ModelConfig
-  dot: DotGeneralProvider = HighPrecision()
+  hooks: Hooks = Hooks()
   decode: bool = False  # Inference with the KV cache; the cache is stacked like params.
 
   @nn.compact
@@ -65,12 +73,12 @@ class Decoder(nn.Module):
                        prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       stack = nn.scan(block, variable_axes={True: 0}, split_rngs={True: True},
-                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                      in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.n_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BTD, _ = stack(cfg, self.dot, self.decode, name="layers")(
-          x_BTD, positions_BT, segment_ids_BT)
+      x_BTD, _ = stack(cfg, self.hooks, self.decode, name="layers")(
+          x_BTD, positions_BT, segment_ids_BT, jnp.arange(cfg.n_layers, dtype=jnp.int32))
       return x_BTD
     for i in range(cfg.n_layers):
-      x_BTD, _ = block(cfg, self.dot, self.decode, name=f"layers_{i}")(
-          x_BTD, positions_BT, segment_ids_BT)
+      x_BTD, _ = block(cfg, self.hooks, self.decode, name=f"layers_{i}")(
+          x_BTD, positions_BT, segment_ids_BT, i)
     return x_BTD

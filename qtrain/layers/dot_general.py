@@ -1,26 +1,27 @@
-"""The one injected ``dot_general`` that every weight matmul calls.
+"""The one matmul hook that every weight matmul calls.
 
-Layers never branch on quantization. Each ``Linear`` asks the model's
-``DotGeneralProvider`` for the dot-general *module* that serves its module path
-(e.g. ``decoder/layers/attn/q_proj``) and calls it like ``jax.lax.dot_general``.
-The dot is a linen submodule so that a quantized implementation can own state
-(learned step sizes, calibration statistics) named by module path rather than by
-call order. This module holds the contract and the high-precision
-implementation; quantized providers live in ``qtrain.quant``.
+A weight form (``qtrain.layers.weights``) creates its params and calls one
+``Matmul`` module per product it needs. The module is named by module path
+(``decoder/layers/attn/q_proj/dot_general``), so a provider that owns state
+(learned step sizes, rotations, calibration statistics) keeps it there rather
+than by call order; it performs the product by the function the model's
+``Hooks`` compose for its ``MatmulSite``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Protocol
 
 import flax.linen as nn
 import jax
 
+from qtrain.layers.hooks import Hooks, MatmulSite, Provider
+
 
 class DotGeneral(nn.Module):
-  """High-precision dot: ``jax.lax.dot_general`` with a float32 accumulator
-  cast back to the input dtype."""
+  """High-precision dot: ``jax.lax.dot_general`` as asked, i.e. the input dtype
+  out unless ``preferred_element_type`` is given (XLA accumulates bf16 dots in
+  float32 on GPU/TPU)."""
 
   @nn.compact
   def __call__(self, lhs, rhs, dimension_numbers, precision=None,
@@ -29,17 +30,18 @@ class DotGeneral(nn.Module):
                                preferred_element_type=preferred_element_type)
 
 
-class DotGeneralProvider(Protocol):
-  """Chooses the dot-general module class for a module path."""
+class Matmul(nn.Module):
+  """``lax.dot_general(lhs, rhs, ...)`` with lhs the activations and rhs the
+  weight, through the providers of ``hooks``."""
+  site: MatmulSite
+  hooks: Hooks
 
-  def module_for(self, path: str) -> Callable[..., nn.Module]:
-    ...
+  @nn.compact
+  def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    fn = self.hooks.dot_fn(self.site)
+    return fn(self, lhs, rhs, dimension_numbers, precision, preferred_element_type)
 
 
 @dataclasses.dataclass(frozen=True)
-class HighPrecision:
-  """Every matmul unquantized."""
-
-  def module_for(self, path: str) -> Callable[..., nn.Module]:
-    del path
-    return DotGeneral
+class HighPrecision(Provider):
+  """Every matmul unquantized (the pass-through provider)."""

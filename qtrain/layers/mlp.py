@@ -1,4 +1,5 @@
-"""SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+"""SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x)); the
+down_proj input is the named hook site ``mlp_hidden``."""
 
 from __future__ import annotations
 
@@ -8,20 +9,22 @@ import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from qtrain.layers.config import ModelConfig
-from qtrain.layers.dot_general import DotGeneralProvider, HighPrecision
+from qtrain.layers.hooks import Hooks
 from qtrain.layers.linear import Linear
 
 
 class MLP(nn.Module):
   cfg: ModelConfig
-  dot: DotGeneralProvider = HighPrecision()
+  hooks: Hooks = Hooks()
 
   @nn.compact
   def __call__(self, x_BTD):
     cfg = self.cfg
     dense = functools.partial(Linear, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                              kernel_init=nn.initializers.normal(cfg.init_std), dot=self.dot)
+                              kernel_init=nn.initializers.normal(cfg.init_std), hooks=self.hooks,
+                              init_std=cfg.init_std)
     gate_BTF = dense(cfg.d_ff, ("embed", "mlp"), name="gate_proj")(x_BTD)
     up_BTF = dense(cfg.d_ff, ("embed", "mlp"), name="up_proj")(x_BTD)
     h_BTF = checkpoint_name(nn.silu(gate_BTF) * up_BTF, "mlp_hidden")
+    h_BTF = self.hooks.activation(self, "mlp_hidden", h_BTF)  # down_proj's input.
     return dense(cfg.d_model, ("mlp", "embed"), name="down_proj")(h_BTF)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 
 from qtrain.layers.config import ModelConfig
 from qtrain.layers.decoder import Decoder
-from qtrain.layers.dot_general import DotGeneralProvider, HighPrecision
+from qtrain.layers.dot_general import Matmul
+from qtrain.layers.hooks import MatmulSite, as_hooks
 from qtrain.layers.linear import Linear
 from qtrain.layers.norms import RMSNorm
 
@@ -19,9 +22,14 @@ class Transformer(nn.Module):
   collection (``qtrain.layers.kv_cache``): apply with ``{"params": p,
   "cache": c}`` and ``mutable=["cache"]``; positions_BT[b] are the consecutive
   slots the tokens take (default 0..T-1, a prefill).
+
+  ``provider``: a ``qtrain.layers.hooks.Provider``, a tuple of them (outermost
+  first) or None; with ``cfg.weight_forms`` they make the model's ``Hooks``.
+  ``embed_out`` (the embedding output) is a named hook site, like each
+  block's ``block_out``.
   """
   cfg: ModelConfig
-  dot: DotGeneralProvider = HighPrecision()
+  provider: Any = None
 
   @nn.compact
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, decode: bool = False):
@@ -34,11 +42,18 @@ class Transformer(nn.Module):
         "embedding", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                                   ("vocab", "embed")),
         (cfg.vocab_size, cfg.d_model), cfg.weight_dtype)
+    mask_BT = None if segment_ids_BT is None else segment_ids_BT > 0
+    hooks = as_hooks(self.provider).with_context(
+        forms=cfg.weight_forms, n_layers=cfg.n_layers, token_mask=mask_BT)
     x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(cfg.compute_dtype)
-    x_BTD = Decoder(cfg, self.dot, decode, name="decoder")(x_BTD, positions_BT, segment_ids_BT)
+    x_BTD = hooks.activation(self, "embed_out", x_BTD)
+    x_BTD = Decoder(cfg, hooks, decode, name="decoder")(x_BTD, positions_BT, segment_ids_BT)
     x_BTD = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="final_norm")(x_BTD)
-    if cfg.tie_embeddings:
-      dot = self.dot.module_for("/".join([*self.scope.path, "lm_head"]))(name="lm_head")
-      return dot(x_BTD, embedding_VD.astype(cfg.compute_dtype), (((2,), (1,)), ((), ())))
+    if cfg.tie_embeddings:  # The embedding table [V, D], contracted on D.
+      site = MatmulSite(path="lm_head", param=(*self.scope.path, "embedding"),
+                        in_features=cfg.d_model, out_features=cfg.vocab_size, weight_axis=1)
+      return Matmul(site, hooks, name="lm_head")(
+          x_BTD, embedding_VD.astype(cfg.compute_dtype), (((2,), (1,)), ((), ())))
     return Linear(cfg.vocab_size, ("embed", "vocab"), cfg.compute_dtype, cfg.weight_dtype,
-                  nn.initializers.normal(cfg.init_std), self.dot, name="lm_head")(x_BTD)
+                  nn.initializers.normal(cfg.init_std), hooks, cfg.init_std,
+                  name="lm_head")(x_BTD)

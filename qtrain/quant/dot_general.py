@@ -14,18 +14,24 @@ Modes (one per provider):
   then dY * s_w is quantized per token (row) and s_x * dY per channel (column),
   with optional stochastic rounding (rng stream "quant"). These equal the
   fake-quant STE gradients dY W^^T and X^^T dY up to dY's int8 rounding.
-  Without ``int8_backward`` the two backward dots run in float32 on X^ and W^.
+  Without ``int8_backward`` the two backward dots multiply dY by X^ and W^ in
+  the activations' dtype (bf16 in mixed precision) accumulating in float32.
 * ``fp8``: the same structure with e4m3 forward codes, e5m2 for the
   gradients and float8 dots accumulating in float32.
 * ``none``: the high-precision dot.
 
+``quant_dot`` is the function; ``QuantProvider`` (``qtrain.quant.provider``)
+places it at matmul sites by rules, and ``QuantDotGeneral`` wraps it as a
+standalone linen module.
+
 Learned steps (LSQ, LSQ+) are params ``weight_step`` / ``act_step`` (and
-``*_offset``) of this module, so they are named by module path and nn.scan
-stacks them on the layer axis. They are initialised by an initializer closing
-over the tensor the init pass sees (``model.init`` runs the real forward):
-the weight's initial values and the init batch's activations, per the LSQ /
-LSQ+ initialisation. Caveat: an init batch of constant tokens gives an
-unrepresentative activation step; LSQ moves it within the first steps.
+``*_offset``) of the matmul's module, so they are named by module path and
+nn.scan stacks them on the layer axis. Their initializers close over the
+tensor the pass that creates them sees: the weight and the activations of
+that batch (LSQ / LSQ+ initialisation). ``qtrain.quant.lsq_init`` creates
+them from a real calibration batch and the (possibly loaded) weights; the
+forward uses |s| (floored at 1e-8), so a step pushed through zero by the
+optimizer keeps working with its magnitude.
 """
 
 from __future__ import annotations
@@ -38,9 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qtrain.layers.dot_general import DotGeneral
 from qtrain.quant import calibration, estimators, quantizer
-from qtrain.quant.rules import QuantRule, first_match
 from qtrain.quant.spec import QuantSpec
 
 MODES = ("none", "fake", "int8", "fp8")
@@ -101,9 +105,12 @@ def _lowp_fwd(x_MK, w_KN, rng, cfg: _Lowp):
 def _lowp_bwd(cfg: _Lowp, res, g_MN):
   qx, qw, (mask_x, mask_w), rng = res
   g_MN = g_MN.astype(jnp.float32)
-  if cfg.grad is None:
-    dx = jax.lax.dot_general(g_MN, quantizer.dequantize(qw), _NT)
-    dw = jax.lax.dot_general(quantizer.dequantize(qx), g_MN, _TN)
+  if cfg.grad is None:  # High-precision backward: the compute dtype, float32 accumulation.
+    g_lo = g_MN.astype(cfg.x_dtype)
+    dx = jax.lax.dot_general(g_lo, quantizer.dequantize(qw, cfg.x_dtype), _NT,
+                             preferred_element_type=jnp.float32)
+    dw = jax.lax.dot_general(quantizer.dequantize(qx, cfg.x_dtype), g_lo, _TN,
+                             preferred_element_type=jnp.float32)
   else:
     r_x, r_w = jax.random.split(rng) if rng is not None else (None, None)
     # Move s_w onto dY's columns, quantize per row: dX = s_gx * (Q_gx Q_w^T).
@@ -137,131 +144,127 @@ def _grad_spec(mode: str, stochastic: bool) -> QuantSpec:
                    stochastic_rounding=stochastic)
 
 
-class QuantDotGeneral(nn.Module):
-  """``lax.dot_general(lhs, rhs, ...)`` with lhs the activations (``act``)
-  and rhs the weight (``weight``), quantized per ``mode``."""
+@dataclasses.dataclass(frozen=True)
+class DotSpec:
+  """What one matmul's quantizer does (hashable: chosen per site at trace time)."""
   weight: QuantSpec | None = None
   act: QuantSpec | None = None
   mode: str = "fake"
   int8_backward: bool = True  # int8/fp8: low-precision dX and dW dots.
   grad_stochastic_rounding: bool = False  # int8 backward: SR of dY (rng "quant").
 
-  @nn.compact
-  def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    (lc, rc), (lb, rb) = dimension_numbers
-    if lb or rb or len(lc) != 1:
-      raise ValueError(f"QuantDotGeneral takes one contraction and no batch dims, "
-                       f"got {dimension_numbers}")
-    lhs_axis, rhs_axis = lc[0] % lhs.ndim, rc[0] % rhs.ndim
-    if self.mode == "none" or (self.weight is None and self.act is None):
-      return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                                 preferred_element_type=preferred_element_type)
-    if self.mode == "fake":
-      x = self._fake(lhs, self.act, "act", lhs_axis)
-      w = self._fake(rhs, self.weight, "weight", rhs_axis)
-      return jax.lax.dot_general(x, w, dimension_numbers, precision=precision,
-                                 preferred_element_type=preferred_element_type)
-    return self._lowp(lhs, rhs, lhs_axis, rhs_axis, preferred_element_type)
-
-  def _fake(self, x, spec, role, axis):
-    if spec is None:
-      return x
-    if spec.learned:
-      return self._learned(x, spec, role, axis)
-    rng = self._rng() if spec.stochastic_rounding else None
-    return estimators.fake_quant_ste(x, spec, contract_axis=axis, rng=rng)
-
-  def _rng(self):
-    if not (self.has_rng("quant") or self.is_initializing()):  # init falls back to "params".
-      raise ValueError("stochastic rounding draws from the 'quant' rng stream: call "
-                       "model.apply(..., rngs={'quant': key}) with a fresh key per step")
-    return self.make_rng("quant")
-
-  def _learned(self, x, spec, role, axis):
-    """LSQ / LSQ+ with the step (and offset) as params initialised from x."""
-    qn, qp = quantizer.grid(spec)
-    axes = None if spec.granularity == "tensor" else axis
-    x0 = jax.lax.stop_gradient(x)
-    if spec.calibration == "lsq":
-      init = lambda _: calibration.lsq_init_step(x0, qp, axes)
-      step = self.param(f"{role}_step", init)
-    else:
-      init_both = lambda: calibration.lsq_plus_init(x0, qn, qp, axes)
-      step = self.param(f"{role}_step", lambda _: init_both()[0])
-      offset = self.param(f"{role}_offset", lambda _: init_both()[1])
-    # N: values sharing one step (weights); features per token (activations).
-    n = x.size // step.size if role == "weight" else x.shape[axis]
-    g = estimators.lsq_grad_scale(n, qp)
-    if spec.calibration == "lsq":
-      return estimators.lsq(x, step, qn, qp, g)
-    return estimators.lsq_plus(x, step, offset, qn, qp, g)
-
-  def _lowp(self, lhs, rhs, lhs_axis, rhs_axis, preferred_element_type):
-    for role, spec in (("act", self.act), ("weight", self.weight)):
-      if spec is None:
-        raise ValueError(f"mode={self.mode!r} multiplies two quantized operands: set {role}")
-      problem = mode_problem(spec, self.mode)
-      if problem:
-        raise ValueError(f"QuantDotGeneral.{role}.{problem[0]}: {problem[1]}")
-    x = jnp.moveaxis(lhs, lhs_axis, -1)
-    w = jnp.moveaxis(rhs, rhs_axis, 0)
-    out_shape = x.shape[:-1] + w.shape[1:]
-    sr = self.grad_stochastic_rounding and self.int8_backward
-    cfg = _Lowp(act=self.act, weight=self.weight,
-                grad=_grad_spec(self.mode, sr) if self.int8_backward else None,
-                acc_dtype=jnp.int32 if self.mode == "int8" else jnp.float32,
-                x_dtype=lhs.dtype, w_dtype=rhs.dtype,
-                out_dtype=preferred_element_type or lhs.dtype)
-    rng = self._rng() if sr else None
-    y = lowp_matmul(x.reshape(-1, x.shape[-1]), w.reshape(w.shape[0], -1), rng, cfg)
-    return y.reshape(out_shape)
+  @property
+  def quantizes(self) -> bool:
+    return self.mode != "none" and (self.weight is not None or self.act is not None)
 
 
-class MatchLog:
-  """Trace-time record of which path took which rule (mutable, not hashed)."""
+def quant_dot(spec: DotSpec, inner, module, lhs, rhs, dimension_numbers, precision=None,
+              preferred_element_type=None, *, rng=None):
+  """``inner(module, lhs, rhs, ...)`` on quantized operands (lhs the
+  activations, rhs the weight); modes int8/fp8 replace ``inner`` by the
+  low-precision matmul. ``module`` owns learned steps and, unless ``rng`` is
+  given, draws the stochastic-rounding key from its "quant" stream."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  if lb or rb or len(lc) != 1:
+    raise ValueError(f"quantized matmuls take one contraction and no batch dims, "
+                     f"got {dimension_numbers}")
+  lhs_axis, rhs_axis = lc[0] % lhs.ndim, rc[0] % rhs.ndim
+  if not spec.quantizes:
+    return inner(module, lhs, rhs, dimension_numbers, precision, preferred_element_type)
+  if needs_rng(spec) and rng is None:
+    rng = quant_rng(module)
+  if spec.mode == "fake":
+    x = _fake(module, lhs, spec.act, "act", lhs_axis, rng)
+    w = _fake(module, rhs, spec.weight, "weight", rhs_axis, rng)
+    return inner(module, x, w, dimension_numbers, precision, preferred_element_type)
+  return _lowp(spec, lhs, rhs, lhs_axis, rhs_axis, preferred_element_type, rng)
 
-  def __init__(self):
-    self.paths: dict[str, int | None] = {}
-    self.kv_paths: dict[str, int | None] = {}
+
+def needs_rng(spec: DotSpec) -> bool:
+  if not spec.quantizes:
+    return False
+  if spec.mode == "fake":
+    return any(q is not None and q.stochastic_rounding for q in (spec.act, spec.weight))
+  return spec.grad_stochastic_rounding and spec.int8_backward
 
 
-@dataclasses.dataclass(frozen=True)
-class QuantProvider:
-  """Ordered rules -> the dot module of each matmul path (first match wins)."""
-  rules: tuple[QuantRule, ...] = ()
+def _fake(module, x, spec, role, axis, rng):
+  if spec is None:
+    return x
+  if spec.learned:
+    return _learned(module, x, spec, role, axis)
+  if spec.stochastic_rounding:  # Independent draws for the two operands.
+    rng = jax.random.fold_in(rng, 0 if role == "act" else 1)
+  else:
+    rng = None
+  return estimators.fake_quant_ste(x, spec, contract_axis=axis, rng=rng)
+
+
+def quant_rng(module):
+  if not (module.has_rng("quant") or module.is_initializing()):  # init: falls back to "params".
+    raise ValueError("stochastic rounding draws from the 'quant' rng stream: call "
+                     "model.apply(..., rngs={'quant': key}) with a fresh key per step")
+  return module.make_rng("quant")
+
+
+def _learned(module, x, spec, role, axis):
+  """LSQ / LSQ+ with the step (and offset) as params initialised from x."""
+  qn, qp = quantizer.grid(spec)
+  axes = None if spec.granularity == "tensor" else axis
+  x0 = jax.lax.stop_gradient(x)
+  if spec.calibration == "lsq":
+    step = module.param(f"{role}_step", lambda _: calibration.lsq_init_step(x0, qp, axes))
+  else:
+    init_both = lambda: calibration.lsq_plus_init(x0, qn, qp, axes)
+    step = module.param(f"{role}_step", lambda _: init_both()[0])
+    offset = module.param(f"{role}_offset", lambda _: init_both()[1])
+  step = jnp.maximum(jnp.abs(step), 1e-8)  # Only the magnitude is a step.
+  # N: values sharing one step (weights); features per token (activations).
+  n = x.size // step.size if role == "weight" else x.shape[axis]
+  g = estimators.lsq_grad_scale(n, qp)
+  if spec.calibration == "lsq":
+    return estimators.lsq(x, step, qn, qp, g)
+  return estimators.lsq_plus(x, step, offset, qn, qp, g)
+
+
+def _lowp(spec: DotSpec, lhs, rhs, lhs_axis, rhs_axis, preferred_element_type, rng):
+  for role, q in (("act", spec.act), ("weight", spec.weight)):
+    if q is None:
+      raise ValueError(f"mode={spec.mode!r} multiplies two quantized operands: set {role}")
+    problem = mode_problem(q, spec.mode)
+    if problem:
+      raise ValueError(f"quantized matmul {role}.{problem[0]}: {problem[1]}")
+  x = jnp.moveaxis(lhs, lhs_axis, -1)
+  w = jnp.moveaxis(rhs, rhs_axis, 0)
+  out_shape = x.shape[:-1] + w.shape[1:]
+  sr = spec.grad_stochastic_rounding and spec.int8_backward
+  cfg = _Lowp(act=spec.act, weight=spec.weight,
+              grad=_grad_spec(spec.mode, sr) if spec.int8_backward else None,
+              acc_dtype=jnp.int32 if spec.mode == "int8" else jnp.float32,
+              x_dtype=lhs.dtype, w_dtype=rhs.dtype,
+              out_dtype=preferred_element_type or lhs.dtype)
+  y = lowp_matmul(x.reshape(-1, x.shape[-1]), w.reshape(w.shape[0], -1), rng, cfg)
+  return y.reshape(out_shape)
+
+
+def _xla(module, lhs, rhs, dimension_numbers, precision, preferred_element_type):
+  del module
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                             preferred_element_type=preferred_element_type)
+
+
+class QuantDotGeneral(nn.Module):
+  """``quant_dot`` as a standalone module: ``lax.dot_general(lhs, rhs, ...)``
+  with lhs the activations (``act``) and rhs the weight (``weight``)."""
+  weight: QuantSpec | None = None
+  act: QuantSpec | None = None
   mode: str = "fake"
   int8_backward: bool = True
   grad_stochastic_rounding: bool = False
-  log: MatchLog = dataclasses.field(default_factory=MatchLog, compare=False, repr=False)
 
-  def module_for(self, path: str):
-    i = first_match(self.rules, path)
-    self.log.paths[path] = i
-    rule = None if i is None else self.rules[i]
-    if self.mode == "none" or rule is None or (rule.weight is None and rule.act is None):
-      return DotGeneral
-    return functools.partial(QuantDotGeneral, weight=rule.weight, act=rule.act, mode=self.mode,
-                             int8_backward=self.int8_backward,
-                             grad_stochastic_rounding=self.grad_stochastic_rounding)
-
-  def kv_for(self, path: str) -> QuantSpec | None:
-    """The KV quantizer of the attention module at ``path`` (None: none)."""
-    i = first_match(self.rules, path)
-    self.log.kv_paths[path] = i
-    return None if i is None or self.mode == "none" else self.rules[i].kv
-
-  def unmatched_paths(self) -> list[str]:
-    return sorted(p for p, i in self.log.paths.items() if i is None)
-
-  def unused_rules(self) -> list[int]:
-    used = set(self.log.paths.values()) | set(self.log.kv_paths.values())
-    return [i for i in range(len(self.rules)) if i not in used]
-
-  def report(self) -> str:
-    """Unmatched matmuls (high precision) and rules that matched nothing."""
-    lines = [f"quant mode={self.mode}: {len(self.log.paths)} matmul paths seen"]
-    for p, i in sorted(self.log.paths.items()):
-      lines.append(f"  {p}: " + ("high precision (no rule)" if i is None else f"rule {i}"))
-    for i in self.unused_rules():
-      lines.append(f"  rule {i} ({self.rules[i].pattern!r}) matched nothing")
-    return "\n".join(lines)
+  @nn.compact
+  def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    spec = DotSpec(self.weight, self.act, self.mode, self.int8_backward,
+                   self.grad_stochastic_rounding)
+    return quant_dot(spec, _xla, self, lhs, rhs, dimension_numbers, precision,
+                     preferred_element_type)

@@ -1,11 +1,13 @@
 """Which weights a recipe quantizes, and round-to-nearest (RTN) PTQ of them.
 
 A *site* is one weight matmul of the Transformer that a recipe's rules give a
-weight quantizer: its module path (``decoder/layers/mlp/down_proj``), where its
-kernel sits in the params, the ``QuantSpec`` and whether the kernel carries a
-leading layer axis (scanned layers: ``[L, in, out]``, else ``[in, out]``).
-Paths come from ``qtrain.quant.weight_matmuls`` (the list the model's matmuls
-are checked against) and rules match them exactly as in QAT (first match).
+weight quantizer: its module path (``decoder/layers/mlp/down_proj``; one per
+block, ``decoder/layers_3/...``, when unscanned), where its weight sits in the
+params, the ``QuantSpec`` and whether the weight carries a leading layer axis
+(scanned layers: ``[L, in, out]``, else ``[in, out]``). The matmuls come from
+tracing the model (``qtrain.layers.trace_sites``: every matmul the model
+issues, whatever its weight form, e.g. both factors of a low-rank layer) and
+rules match them exactly as in QAT (first match, canonical path, block index).
 
 RTN is ``qtrain.quant.quantize`` on each layer's ``[in, out]`` kernel with the
 contraction axis 0, so PTQ and QAT share one set of numerics: a per-channel
@@ -19,8 +21,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from qtrain.quant import QTensor, QuantSpec, quantize, weight_matmuls
-from qtrain.quant.rules import first_match
+from qtrain.layers import Transformer, trace_sites
+from qtrain.quant import QTensor, QuantSpec, quantize
+from qtrain.quant.provider import choice_per_layer
 from qtrain.quantize.export import QuantizedWeight
 
 
@@ -40,16 +43,23 @@ def weight_sites(model_cfg, rules) -> tuple[list[WeightSite], list[str]]:
   note.
   """
   sites, notes = [], []
-  for path, _ in weight_matmuls(model_cfg):
-    i = first_match(rules, path)
-    spec = None if i is None else rules[i].weight
+  for m in trace_sites(Transformer(model_cfg)).matmuls:
+    choice = choice_per_layer(rules, m.path, m.layered, m.layer, model_cfg.n_layers)
+    specs = {None if i is None else rules[i].weight
+             for i in (choice if isinstance(choice, tuple) else (choice,))}
+    if len(specs) > 1:
+      raise ValueError(f"{m.path}: the recipe quantizes the blocks of this scanned stack "
+                       "differently; PTQ of per-block recipes needs config.model.scan_layers="
+                       "False")
+    spec = specs.pop()
     if spec is None:
       continue
-    if path == "lm_head" and model_cfg.tie_embeddings:
-      notes.append("lm_head: tied to the embedding table; left in high precision")
+    if m.weight_axis != 0:
+      notes.append(f"{m.path}: tied to the embedding table; left in high precision")
       continue
-    layered = path.startswith("decoder/layers/")
-    sites.append(WeightSite(path, (*path.split("/"), "kernel"), spec, layered))
+    path = m.path if m.layer is None else m.path.replace(
+        "decoder/layers/", f"decoder/layers_{m.layer}/", 1)
+    sites.append(WeightSite(path, m.param, spec, m.stacked))
   return sites, notes
 
 

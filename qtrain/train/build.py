@@ -1,19 +1,33 @@
-"""The model a config describes: the Transformer with its injected dot-general
-(unquantized, or the quantization rules of ``config.quant``)."""
+"""The model a config describes: the Transformer with its providers (the
+quantization rules of ``config.quant``; rotation, telemetry and calibration
+providers compose in the same tuple) and its weight forms
+(``config.model.weight_forms``)."""
 
 from __future__ import annotations
 
-from qtrain.layers import ModelConfig, Transformer
+from qtrain.layers import HighPrecision, ModelConfig, Transformer, trace_sites
 from qtrain.quant.config import provider_from_config
 
 
+def model_config(cfg) -> ModelConfig:
+  return ModelConfig.from_dict(cfg.model.to_dict())
+
+
+def providers(cfg) -> tuple:
+  """The providers of ``cfg``, outermost first."""
+  quant = provider_from_config(cfg.quant, cfg.model)
+  return () if isinstance(quant, HighPrecision) else (quant,)
+
+
 def build_model(cfg) -> Transformer:
-  model_cfg = ModelConfig.from_dict(cfg.model.to_dict())
-  return Transformer(model_cfg, provider_from_config(cfg.quant, cfg.model))
+  return Transformer(model_config(cfg), providers(cfg))
 
 
 def quant_report(model: Transformer) -> str | None:
-  """Which matmuls run quantized and which rules matched nothing (after an
-  init or trace has asked the provider for every path)."""
-  report = getattr(model.dot, "report", None)
-  return report() if report else None
+  """Every matmul of the traced model with the rule that quantizes it (or
+  "high precision"), and rules that matched nothing."""
+  quant = [p for p in model.provider or () if hasattr(p, "report")]
+  if not quant:
+    return None
+  trace_sites(model)  # Asks the provider for every path once.
+  return quant[0].report()

@@ -1,0 +1,137 @@
+"""The model's seams: what every layer asks about its own path.
+
+Layers never branch on quantization, rotation, calibration or telemetry. Each
+module holds one ``Hooks`` value and asks it three things:
+
+* ``dot_fn(site, inner)``: the function that performs a weight matmul. Every
+  provider may wrap the one below it (quantize its operands, rotate them, sow
+  statistics of the input, or replace the dot with an int8 kernel).
+* ``activation(module, name, x)``: a *named site* in the block, e.g. ``key``
+  and ``value`` (K after RoPE, V: the KV quantizer), ``query`` (Q after RoPE),
+  ``mlp_hidden`` (the down_proj input), ``block_out`` (the residual stream
+  after each block). Online rotations and telemetry attach here.
+* ``kv_spec(module)``: how the decode-time KV cache stores keys and values.
+
+A ``Provider`` implements any of these (the base class passes everything
+through); ``Hooks.providers`` composes them, outermost first: with
+``(telemetry, rotation, quant)`` telemetry sees the raw input, the rotation
+rotates it and the quantizer quantizes the rotated operands.
+
+Context that providers may read: ``layer`` (the block index: a Python int for
+unscanned layers, a traced int32 scalar under ``nn.scan``, None outside the
+stack; per-layer choices are tables indexed by it, never unscanning) and
+``token_mask`` (True for real tokens, [B, T]; observers skip padding).
+
+Paths are canonical: module path without the layer index,
+``decoder/layers/attn/q_proj`` for scanned and unscanned stacks alike, so one
+rule serves both; the index is ``layer``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+
+# f(module, lhs, rhs, dimension_numbers, precision, preferred_element_type) -> out;
+# ``module`` is the matmul's own scope (params, sows, rngs of a provider live there).
+DotFn = Callable[..., jax.Array]
+
+_LAYER = re.compile(r"^(decoder/layers)_(\d+)(/|$)")
+
+
+def canonical_path(module: nn.Module) -> tuple[str, int | None]:
+  """(path without the layer index, the index if the module sits in an
+  unscanned stack) of ``module``; scan/remat wrappers add no names."""
+  path = "/".join(module.scope.path)
+  m = _LAYER.match(path)
+  if m is None:
+    return path, None
+  return _LAYER.sub(r"\1\3", path, count=1), int(m.group(2))
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulSite:
+  """One weight matmul, as providers, the registry and PTQ see it."""
+  path: str  # Canonical path of the matmul ("decoder/layers/attn/q_proj", ".../q_proj/b").
+  param: tuple[str, ...]  # Key path of the weight operand in the params tree (scanned layout).
+  in_features: int  # The contraction dim.
+  out_features: int
+  stacked: bool = False  # Scanned stack: the weight param is [L, in, out].
+  layer: int | None = None  # Block index of an unscanned stack's matmul.
+  weight_axis: int = 0  # The weight's contraction axis (1 for the tied LM head's [V, D]).
+
+  @property
+  def layered(self) -> bool:
+    """Inside the decoder stack (per-layer rules apply)."""
+    return self.stacked or self.layer is not None
+
+
+class Provider:
+  """Pass-through base: override the hooks a method needs."""
+
+  def dot(self, site: MatmulSite, hooks: "Hooks", inner: DotFn) -> DotFn:
+    del site, hooks
+    return inner
+
+  def activation(self, path: str, name: str, hooks: "Hooks", module: nn.Module, x):
+    del path, name, hooks, module
+    return x
+
+  def kv_spec(self, path: str, hooks: "Hooks") -> Any:
+    del path, hooks
+    return None
+
+
+def xla_dot(module, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """The innermost dot: ``jax.lax.dot_general`` as asked (the input dtype out
+  unless ``preferred_element_type``; XLA accumulates bf16 dots in float32 on GPU/TPU)."""
+  del module
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                             preferred_element_type=preferred_element_type)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Hooks:
+  """The providers of a model, the weight-form rules, and per-call context."""
+  providers: tuple[Provider, ...] = ()
+  forms: tuple = ()  # qtrain.layers.weights.FormRule, first match wins; none: dense.
+  layer: Any = None  # Block index (int, traced int32 under scan, None outside the stack).
+  n_layers: int = 0
+  token_mask: Any = None  # [B, T] bool, True on real tokens; None when unknown.
+
+  def with_context(self, **kw) -> "Hooks":
+    return dataclasses.replace(self, **kw)
+
+  def dot_fn(self, site: MatmulSite) -> DotFn:
+    fn = xla_dot
+    for p in reversed(self.providers):
+      fn = p.dot(site, self, fn)
+    return fn
+
+  def activation(self, module: nn.Module, name: str, x):
+    path, _ = canonical_path(module)
+    for p in self.providers:
+      x = p.activation(path, name, self, module, x)
+    return x
+
+  def kv_spec(self, module: nn.Module):
+    path, _ = canonical_path(module)
+    specs = [s for s in (p.kv_spec(path, self) for p in self.providers) if s is not None]
+    if len(specs) > 1:
+      raise ValueError(f"{path}: {len(specs)} providers define the KV cache format; keep one")
+    return specs[0] if specs else None
+
+
+def as_hooks(provider=None) -> Hooks:
+  """Hooks from None, one provider, a tuple of them (outermost first), or Hooks."""
+  if isinstance(provider, Hooks):
+    return provider
+  if provider is None:
+    return Hooks()
+  if isinstance(provider, (tuple, list)):
+    return Hooks(providers=tuple(provider))
+  return Hooks(providers=(provider,))

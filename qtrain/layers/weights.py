@@ -1,0 +1,137 @@
+"""Weight forms: how a ``Linear`` holds its weight, chosen by path rules.
+
+A form creates the layer's params and issues its product(s) through the one
+matmul hook (``Matmul``), one ``MatmulSite`` per product, so quantization,
+rotation, calibration, PTQ and export see every form alike.
+
+* ``dense`` (default): ``kernel`` [in, out]; y = x @ W.
+* ``low_rank``: ``a`` [in, r] and ``b`` [r, out]; y = (x @ A) @ B, two matmuls
+  at ``<path>/a`` and ``<path>/b`` (a quant rule for ``.*_proj`` leaves them
+  in high precision and the start-up report lists them; match them with
+  ``.*_proj(/a|/b)?``). Init: entries ~ N(0, sigma / sqrt(r)) in both factors,
+  so Var(x A B) = in * r * (sigma / sqrt(r))^2 Var(x) = in * sigma^2 Var(x),
+  the dense layer's variance at init std sigma.
+
+New forms (sparse + low-rank, packed int4 codes + scales, rotated) subclass
+``WeightForm``, register in ``FORMS`` and take their options from the rule.
+
+  config.model.weight_forms = (
+      dict(pattern=r"decoder/layers/(attn|mlp)/.*", form="low_rank", rank=64),)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from qtrain.layers.dot_general import Matmul
+from qtrain.layers.hooks import MatmulSite, canonical_path
+
+
+def _contract_last(x, w):
+  return (((x.ndim - 1,), (0,)), ((), ()))
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightForm:
+  """Creates the params of ``linear`` and returns y for input x."""
+
+  def __call__(self, linear: nn.Module, hooks, x) -> Any:
+    raise NotImplementedError
+
+  @staticmethod
+  def site(linear, name: str | None, weight: str, fan_in: int, fan_out: int) -> MatmulSite:
+    path, layer = canonical_path(linear)
+    stacked = layer is None and path.startswith("decoder/layers/")
+    return MatmulSite(path=path if name is None else f"{path}/{name}",
+                      param=(*linear.scope.path, weight), in_features=fan_in,
+                      out_features=fan_out, stacked=stacked, layer=layer)
+
+  @staticmethod
+  def matmul(linear, hooks, site: MatmulSite, name: str, x, w):
+    x = x.astype(linear.dtype)
+    w = jnp.asarray(w, linear.dtype)
+    return Matmul(site, hooks, parent=linear, name=name)(x, w, _contract_last(x, w))
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense(WeightForm):
+  """y = x @ W, W = ``kernel`` [in, out]."""
+
+  def __call__(self, linear, hooks, x):
+    fan_in, fan_out = x.shape[-1], linear.features
+    kernel = linear.param("kernel", nn.with_logical_partitioning(linear.kernel_init,
+                                                                 linear.kernel_axes),
+                          (fan_in, fan_out), linear.param_dtype)
+    site = self.site(linear, None, "kernel", fan_in, fan_out)
+    return self.matmul(linear, hooks, site, "dot_general", x, kernel)
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRank(WeightForm):
+  """y = (x @ A) @ B with A = ``a`` [in, r], B = ``b`` [r, out]."""
+  rank: int = 0
+  init_std: float = 0.02
+
+  def __call__(self, linear, hooks, x):
+    fan_in, fan_out, r = x.shape[-1], linear.features, self.rank
+    in_axis, out_axis = linear.kernel_axes
+    init = nn.initializers.normal(self.init_std / r ** 0.5)
+    a = linear.param("a", nn.with_logical_partitioning(init, (in_axis, "rank")),
+                     (fan_in, r), linear.param_dtype)
+    b = linear.param("b", nn.with_logical_partitioning(init, ("rank", out_axis)),
+                     (r, fan_out), linear.param_dtype)
+    h = self.matmul(linear, hooks, self.site(linear, "a", "a", fan_in, r), "dot_a", x, a)
+    return self.matmul(linear, hooks, self.site(linear, "b", "b", r, fan_out), "dot_b", h, b)
+
+
+FORMS = {"dense": Dense, "low_rank": LowRank}
+
+
+@dataclasses.dataclass(frozen=True)
+class FormRule:
+  """``pattern`` (fullmatch on the canonical path of a Linear) -> ``form``."""
+  pattern: str
+  form: str = "dense"
+  options: tuple = ()  # (name, value) pairs passed to the form's constructor.
+
+  def build(self, init_std: float) -> WeightForm:
+    opts = dict(self.options)
+    if self.form == "low_rank":
+      opts.setdefault("init_std", init_std)
+    return FORMS[self.form](**opts)
+
+
+def form_rules(dicts, where: str = "config.model.weight_forms") -> tuple[FormRule, ...]:
+  """FormRules from config dicts ``{pattern, form, **options}``, validated."""
+  rules = []
+  for i, d in enumerate(dicts or ()):
+    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+    at = f"{where}[{i}]"
+    pattern, form = d.pop("pattern", None), d.pop("form", "dense")
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as e:
+      raise ValueError(f"{at}.pattern={pattern!r} is not a regex: {e}") from None
+    if form not in FORMS:
+      raise ValueError(f"{at}.form={form!r}; use one of {sorted(FORMS)}")
+    fields = {f.name for f in dataclasses.fields(FORMS[form])}
+    for key in d:
+      if key not in fields:
+        raise ValueError(f"{at}.{key} is not an option of form {form!r}; options: "
+                         f"{sorted(fields) or 'none'}")
+    if form == "low_rank" and not (isinstance(d.get("rank"), int) and d["rank"] > 0):
+      raise ValueError(f"{at}.rank={d.get('rank')!r}: low_rank needs an int rank > 0")
+    rules.append(FormRule(pattern=pattern, form=form, options=tuple(sorted(d.items()))))
+  return tuple(rules)
+
+
+def form_for(rules, path: str, init_std: float) -> WeightForm:
+  for rule in rules:
+    if re.fullmatch(rule.pattern, path):
+      return rule.build(init_std)
+  return Dense()

@@ -1,0 +1,149 @@
+"""The quantization provider: rules -> the quantizer of each matmul and KV site.
+
+``QuantProvider`` plugs into the model's hooks (``qtrain.layers.hooks``): at
+every matmul site it wraps the dot below it with ``quant_dot`` for the first
+matching rule, and at the ``key`` / ``value`` sites it applies the rule's KV
+quantizer (fake-quant with its STE in training; ``kv_spec`` gives the decode
+cache the same format).
+
+Per-layer rules under ``nn.scan``: the block is traced once with its index as
+a traced scalar. When the rules choose differently per block, the site runs
+``lax.switch`` over the distinct choices, indexed by a static table
+[rule of block 0, ..., rule of block L-1]: per-layer data stacked on the layer
+axis, compiled once. Learned steps (LSQ) create params, which a switch branch
+cannot: their rules must agree across the blocks of a scanned stack (config
+validation says so and how to fix it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from qtrain.layers.hooks import Provider
+from qtrain.quant import estimators
+from qtrain.quant.dot_general import DotSpec, needs_rng, quant_dot, quant_rng
+from qtrain.quant.rules import QuantRule, first_match
+
+KV_SITES = ("key", "value")
+
+
+class MatchLog:
+  """Trace-time record of which path took which rule (mutable, not hashed)."""
+
+  def __init__(self):
+    self.paths: dict[str, int | None | tuple] = {}
+    self.kv_paths: dict[str, int | None | tuple] = {}
+
+
+def choice_per_layer(rules, path: str, layered: bool, layer, n_layers: int):
+  """The rule index for ``path``: an int/None, or a tuple of one per block
+  when the block index is traced and the rules differ between blocks."""
+  if not layered:
+    return first_match(rules, path, None)
+  if isinstance(layer, int):
+    return first_match(rules, path, layer)
+  per = tuple(first_match(rules, path, i) for i in range(n_layers))
+  return per[0] if len(set(per)) == 1 else per
+
+
+def _switch(choice: tuple, layer, branches: dict, *operands):
+  """lax.switch over the distinct rules of ``choice`` by the block index."""
+  keys = list(branches)
+  table = jnp.asarray([keys.index(c) for c in choice], jnp.int32)
+  return jax.lax.switch(table[layer], [branches[k] for k in keys], *operands)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantProvider(Provider):
+  """Ordered rules -> the quantizer of each matmul path (first match wins)."""
+  rules: tuple[QuantRule, ...] = ()
+  mode: str = "fake"
+  int8_backward: bool = True
+  grad_stochastic_rounding: bool = False
+  log: MatchLog = dataclasses.field(default_factory=MatchLog, compare=False, repr=False)
+
+  def dot_spec(self, i: int | None) -> DotSpec:
+    rule = None if i is None else self.rules[i]
+    if rule is None:
+      return DotSpec(mode="none")
+    return DotSpec(rule.weight, rule.act, self.mode, self.int8_backward,
+                   self.grad_stochastic_rounding)
+
+  def dot(self, site, hooks, inner):
+    choice = choice_per_layer(self.rules, site.path, site.layered,
+                              site.layer if site.layer is not None else hooks.layer,
+                              hooks.n_layers)
+    self.log.paths[site.path] = choice
+    if not isinstance(choice, tuple):
+      spec = self.dot_spec(choice)
+      return functools.partial(quant_dot, spec, inner) if spec.quantizes else inner
+    specs = {i: self.dot_spec(i) for i in dict.fromkeys(choice)}
+    if any(s.quantizes and ((s.weight and s.weight.learned) or (s.act and s.act.learned))
+           for s in specs.values()):
+      raise ValueError(f"{site.path}: rules with learned steps differ between the blocks of a "
+                       "scanned stack; give every block the same learned rule or set "
+                       "config.model.scan_layers=False")
+
+    def per_layer(module, lhs, rhs, dims, precision=None, preferred_element_type=None):
+      rng = quant_rng(module) if any(needs_rng(s) for s in specs.values()) else None
+      branches = {i: functools.partial(
+          lambda s, l, r: quant_dot(s, inner, module, l, r, dims, precision,
+                                    preferred_element_type, rng=rng), s)
+                  for i, s in specs.items()}
+      return _switch(choice, hooks.layer, branches, lhs, rhs)
+    return per_layer
+
+  def _kv_choice(self, path, hooks):
+    return choice_per_layer(self.rules, path, path.startswith("decoder/layers"), hooks.layer,
+                            hooks.n_layers)
+
+  def activation(self, path, name, hooks, module, x):
+    if name not in KV_SITES or self.mode == "none":
+      return x
+    choice = self._kv_choice(path, hooks)
+    self.log.kv_paths[path] = choice
+    kv = lambda i: None if i is None else self.rules[i].kv
+    quant = lambda spec, x: x if spec is None else estimators.fake_quant_ste(
+        x, spec, contract_axis=-1)
+    if not isinstance(choice, tuple):
+      return quant(kv(choice), x)
+    branches = {i: functools.partial(quant, kv(i)) for i in dict.fromkeys(choice)}
+    return _switch(choice, hooks.layer, branches, x)
+
+  def kv_spec(self, path, hooks):
+    if self.mode == "none":
+      return None
+    choice = self._kv_choice(path, hooks)
+    specs = {None if i is None else self.rules[i].kv
+             for i in (choice if isinstance(choice, tuple) else (choice,))}
+    if len(specs) > 1:
+      raise ValueError(f"{path}: KV quantizers differ between the blocks of a scanned stack, "
+                       "which one cache layout cannot hold; set config.model.scan_layers=False")
+    return specs.pop()
+
+  def unmatched_paths(self) -> list[str]:
+    return sorted(p for p, i in self.log.paths.items() if i is None)
+
+  def unused_rules(self) -> list[int]:
+    used = set()
+    for choice in (*self.log.paths.values(), *self.log.kv_paths.values()):
+      used.update(choice if isinstance(choice, tuple) else (choice,))
+    return [i for i in range(len(self.rules)) if i not in used]
+
+  def report(self) -> str:
+    """Every matmul seen with its rule (per block where they differ), and
+    rules that matched nothing."""
+    lines = [f"quant mode={self.mode}: {len(self.log.paths)} matmul paths seen"]
+    for p, i in sorted(self.log.paths.items()):
+      if isinstance(i, tuple):
+        lines.append(f"  {p}: per block " + ", ".join(
+            f"{b}:{'-' if r is None else r}" for b, r in enumerate(i)))
+      else:
+        lines.append(f"  {p}: " + ("high precision (no rule)" if i is None else f"rule {i}"))
+    for i in self.unused_rules():
+      lines.append(f"  rule {i} ({self.rules[i].pattern!r}) matched nothing")
+    return "\n".join(lines)
