@@ -71,18 +71,18 @@ def main() -> None:
   from qtrain.train.build import build_model  # pylint: disable=g-import-not-at-top
   from qtrain.optim import build_optimizer  # pylint: disable=g-import-not-at-top
   from qtrain.parallel import DATA_PARALLEL_RULES, make_mesh  # pylint: disable=g-import-not-at-top
-  from qtrain.train.state import init_state, state_shardings  # pylint: disable=g-import-not-at-top
+  from qtrain.train.state import abstract_params, init_state, state_shardings  # pylint: disable=g-import-not-at-top
   from qtrain.train.step import make_steps  # pylint: disable=g-import-not-at-top
   cfg = load_config(args.model)
   if args.remat:
     cfg.model.remat_policy = args.remat
   model = build_model(cfg)
-  tx = build_optimizer(cfg.optim, 10_000)
+  tx = build_optimizer(cfg, abstract_params(model, args.seq))
   mesh = make_mesh()
   with jax.set_mesh(mesh), nn.logical_axis_rules(DATA_PARALLEL_RULES):
     state = init_state(model, tx, mesh, 0, args.seq)
     host = synthetic_batch(args.batch, args.seq, cfg.model.vocab_size, 0)
-    step, _ = make_steps(model, tx, mesh, state_shardings(model, tx, mesh, args.seq),
+    step, _ = make_steps(cfg, model, tx, mesh, state_shardings(model, tx, mesh, args.seq),
                          batch_keys=tuple(host))
     batch = {k: jax.device_put(v) for k, v in host.items()}
     for _ in range(3):

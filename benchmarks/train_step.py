@@ -36,7 +36,7 @@ from qtrain.train.build import build_model
 from qtrain.optim import build_optimizer
 from qtrain.parallel import DATA_PARALLEL_RULES, make_mesh
 from qtrain.train import metrics as metrics_lib
-from qtrain.train.state import init_state, state_shardings
+from qtrain.train.state import abstract_params, init_state, state_shardings
 from qtrain.train.step import make_steps
 
 
@@ -73,13 +73,13 @@ def bench_qtrain(cfg, batch: int, seq: int, packed: int, steps: int) -> dict:
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   model = build_model(cfg)
   model_cfg = model.cfg
-  tx = build_optimizer(cfg.optim, total_steps=10_000)
+  tx = build_optimizer(cfg, abstract_params(model, seq))
   mesh = make_mesh()
   with jax.set_mesh(mesh), nn.logical_axis_rules(DATA_PARALLEL_RULES):
     sh = state_shardings(model, tx, mesh, seq)
     state = init_state(model, tx, mesh, 0, seq)
     host = synthetic_batch(batch, seq, model_cfg.vocab_size, packed)
-    train_step, _ = make_steps(model, tx, mesh, sh, batch_keys=tuple(host))
+    train_step, _ = make_steps(cfg, model, tx, mesh, sh, batch_keys=tuple(host))
     data = {k: jax.device_put(v) for k, v in host.items()}
     t0 = time.perf_counter()
     box = [state]
@@ -163,7 +163,7 @@ def main() -> None:
   p.add_argument("--remat", default=None, help="override config.model.remat_policy")
   p.add_argument("--max_segments", type=int, default=16,
                  help="config.model.attention_max_segments (0 = seq)")
-  p.add_argument("--mu_dtype", default=None, help="override config.optim.mu_dtype")
+  p.add_argument("--mu_dtype", default=None, help="override config.optim.adamw.mu_dtype")
   p.add_argument("--peer", action="store_true", help="also time HF transformers")
   p.add_argument("--peer_grad_ckpt", action="store_true")
   p.add_argument("--out", default=None, help="append JSON lines here")
@@ -173,7 +173,7 @@ def main() -> None:
     cfg.model.remat_policy = args.remat
   cfg.model.attention_max_segments = args.max_segments
   if args.mu_dtype:
-    cfg.optim.mu_dtype = args.mu_dtype
+    cfg.optim.adamw.mu_dtype = args.mu_dtype
   # The peer runs first and frees its memory, before anything initialises JAX's
   # backend (which pre-allocates 75% of the GPU).
   peer = bench_hf(cfg, args.batch, args.seq, args.steps, args.peer_grad_ckpt) if args.peer else None
@@ -182,7 +182,7 @@ def main() -> None:
   if peer:
     print(json.dumps({**common, **peer}), flush=True)
   rows = [{**common, "packed": args.packed, "remat": cfg.model.remat_policy,
-           "max_segments": args.max_segments, "mu_dtype": cfg.optim.mu_dtype,
+           "max_segments": args.max_segments, "mu_dtype": cfg.optim.adamw.mu_dtype,
            **bench_qtrain(cfg, args.batch, args.seq, args.packed, args.steps)}]
   if peer:
     rows.append({**common, **peer})

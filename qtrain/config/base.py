@@ -50,20 +50,32 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
+      # Optimizer of every group that names none; a name in the registry of
+      # qtrain/optim (adamw, frozen), each with its group below.
       name="adamw",
       lr=3e-3,  # Peak learning rate.
       warmup_steps=30,
-      min_lr_ratio=0.1,  # Cosine decays to lr * min_lr_ratio at train.steps.
-      b1=0.9,
-      b2=0.95,
-      eps=1e-8,
-      mu_dtype="float32",  # First-moment dtype (bfloat16 halves its memory traffic).
-      weight_decay=0.1,
+      # Applied updates over which the cosine decays to lr * min_lr_ratio (then
+      # stays there); 0 = train.steps. Fixed for a run's life: to train past it
+      # on resume, set it to the old train.steps.
+      decay_steps=0,
+      min_lr_ratio=0.1,
+      weight_decay=0.1,  # Decoupled (AdamW), times the group's wd_mult.
       # Params whose path ("decoder/layers/attn_norm/scale") matches one of
       # these regexes get no weight decay.
       no_decay=(r".*norm.*", r"^embedding$", r".*_(step|offset)$"),  # + LSQ steps.
-      grad_clip=1.0,  # Global-norm clip; 0 disables.
+      grad_clip=1.0,  # Global-norm clip over all params; 0 disables.
       z_loss=0.0,  # Weight of the log(Z)^2 auxiliary loss (PaLM).
+      # Ordered rules; the first whose pattern fullmatches a param path picks
+      # its group: dict(pattern, optimizer=name, lr_mult=1.0, wd_mult=1.0).
+      # Every param must match one (qtrain/optim/groups.py).
+      groups=(dict(pattern=r".*"),),
+      adamw=dict(
+          b1=0.9,
+          b2=0.95,
+          eps=1e-8,
+          mu_dtype="float32",  # First-moment dtype (bfloat16 halves its memory traffic).
+      ),
   ))
 
   c.train = ml_collections.ConfigDict(dict(
@@ -81,6 +93,11 @@ def base_config() -> ml_collections.ConfigDict:
       # optimizer, step 0): fine-tuning, e.g. QAT from a trained model. A run
       # that has checkpoints of its own resumes from them instead.
       init_from="",
+      # Step family (registry in qtrain/train/families.py): first_order.
+      step="first_order",
+      # Flax collections the train step applies as mutable and returns as
+      # metrics, e.g. ("intermediates",) for values sown with self.sow.
+      collect=(),
   ))
   # Quantization: mode + ordered rules over matmul paths; presets in
   # configs/quant/ (select with a config variant, e.g. `default.py:w4a4`).

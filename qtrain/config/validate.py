@@ -34,6 +34,24 @@ def _check_keys(cfg, ref, prefix: str) -> None:
       _check_keys(sub, ref_sub, name)
 
 
+def check_override(dotted: str, ref: ml_collections.ConfigDict | None = None) -> None:
+  """Raises ConfigError when ``--config.<dotted>=...`` names no config field,
+  suggesting the closest path (``trian.steps`` -> ``config.train.steps``).
+  Paths below a non-group field (e.g. into ``quant.rules``) are left to the
+  config's own checks."""
+  node, done = base_config() if ref is None else ref, "config"
+  keys = dotted.split(".")
+  for i, key in enumerate(keys):
+    if not isinstance(node, ml_collections.ConfigDict):
+      return
+    if key not in node:
+      close = difflib.get_close_matches(key, list(node.keys()), n=1)
+      hint = (f"did you mean {'.'.join([done, close[0], *keys[i + 1:]])}?" if close
+              else f"{done} has {sorted(node.keys())}")
+      raise ConfigError(f"--config.{dotted}: {done}.{key} is not a config field; {hint}")
+    node, done = node[key], f"{done}.{key}"
+
+
 def _require(ok: bool, msg: str) -> None:
   if not ok:
     raise ConfigError(msg)
@@ -79,13 +97,16 @@ def _check_data_train(c, n_devices: int) -> None:
   _require(t.steps > 0, f"config.train.steps={t.steps} must be > 0")
   for field in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
     _require(t[field] > 0, f"config.train.{field}={t[field]} must be > 0")
-  o = c.optim
-  _require(o.name == "adamw", f"config.optim.name={o.name!r}; only 'adamw' exists so far")
-  _require(o.lr > 0, f"config.optim.lr={o.lr} must be > 0")
-  _require(o.mu_dtype in ("float32", "bfloat16"),
-           f"config.optim.mu_dtype={o.mu_dtype!r}; use 'float32' or 'bfloat16'")
-  _require(0 <= o.warmup_steps < t.steps,
-           f"config.optim.warmup_steps={o.warmup_steps} must be in [0, config.train.steps)")
+  _check_optim_and_step(c)
+
+
+def _check_optim_and_step(c) -> None:
+  """The optimizer and step-family packages check their own groups (imported
+  here, not at the top: they import this module's ConfigError)."""
+  from qtrain.optim.validate import validate_optim  # pylint: disable=g-import-not-at-top
+  from qtrain.train.families import validate_step  # pylint: disable=g-import-not-at-top
+  validate_optim(c)
+  validate_step(c)
 
 
 def validate(cfg: ml_collections.ConfigDict, n_devices: int = 1) -> None:

@@ -1,43 +1,71 @@
-"""The optimizer from ``config.optim``: AdamW, warmup + cosine, clipping.
+"""``build_optimizer(cfg, boxed_abstract_params)``: the run's optax transform.
 
-Weight decay is masked by param path (``config.optim.no_decay`` regexes), so a
-norm gain or the embedding can be excluded without touching the model.
+global-norm clip (all params together) -> one transform per group of
+``config.optim.groups`` (``optax.partition`` over labels from path rules),
+each built by its registry entry with the shared schedule (times the group's
+``lr_mult``), decoupled weight decay (times ``wd_mult``) masked by
+``config.optim.no_decay``.
 """
 
 from __future__ import annotations
 
-import re
+import sys
 
+import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 
-
-def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
-  """Linear warmup to lr, cosine decay to lr * min_lr_ratio at total_steps."""
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=optim_cfg.lr, warmup_steps=optim_cfg.warmup_steps,
-      decay_steps=total_steps, end_value=optim_cfg.lr * optim_cfg.min_lr_ratio)
-
-
-def param_path(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+from qtrain.config.validate import ConfigError
+from qtrain.optim import adamw as _adamw  # noqa: F401  (registers adamw, frozen)
+from qtrain.optim.groups import assign_groups, decay_mask, param_path, parse_groups
+from qtrain.optim.registry import get_optimizer
+from qtrain.optim.schedule import learning_rate_schedule
 
 
-def decay_mask(params, no_decay_patterns) -> object:
-  """True where weight decay applies: paths matching no pattern."""
-  compiled = [re.compile(p) for p in no_decay_patterns]
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: not any(p.fullmatch(param_path(path)) for p in compiled), params)
+def _scaled(schedule, mult: float):
+  return schedule if mult == 1.0 else (lambda count: mult * schedule(count))
 
 
-def build_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
-  schedule = learning_rate_schedule(optim_cfg, total_steps)
-  no_decay = tuple(optim_cfg.no_decay)
-  adamw = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                      mu_dtype=jnp.dtype(optim_cfg.mu_dtype),
-                      weight_decay=optim_cfg.weight_decay,
-                      mask=lambda params: decay_mask(params, no_decay))
-  if optim_cfg.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), adamw)
-  return adamw
+def _group_transform(cfg, group, schedule, params_by_path):
+  o = cfg.optim
+  definition = get_optimizer(group.optimizer, "config.optim.groups[].optimizer")
+  no_decay = tuple(o.no_decay)
+  return definition.build(
+      o.get(group.optimizer) if definition.has_group else None,
+      learning_rate=_scaled(schedule, group.lr_mult),
+      weight_decay=o.weight_decay * group.wd_mult,
+      decay_mask=lambda params: decay_mask(params, no_decay),
+      params=params_by_path)
+
+
+def build_optimizer(cfg, boxed_abstract_params) -> optax.GradientTransformation:
+  """The transform for params shaped like ``nn.unbox(boxed_abstract_params)``.
+
+  Raises ConfigError listing params no group rule matches; prints the rules
+  that matched nothing.
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(
+      boxed_abstract_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  paths = [param_path(p) for p, _ in flat]
+  try:
+    groups = parse_groups(cfg.optim)
+    index, unused = assign_groups(groups, paths)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  for i in unused:
+    print(f"config.optim.groups[{i}] (pattern {groups[i].pattern!r}) matched no param",
+          file=sys.stderr, flush=True)
+  schedule = learning_rate_schedule(cfg)
+  used = sorted(set(index.values()))
+  transforms = {}
+  for i in used:
+    members = {p: leaf for p, (_, leaf) in zip(paths, flat) if index[p] == i}
+    transforms[groups[i].label + f"#{i}"] = _group_transform(cfg, groups[i], schedule, members)
+  if len(used) == 1:  # One group: the plain transform (no partition state).
+    tx = next(iter(transforms.values()))
+  else:
+    labels = [groups[index[p]].label + f"#{index[p]}" for p in paths]
+    tx = optax.partition(transforms, jax.tree_util.tree_unflatten(treedef, labels))
+  if cfg.optim.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(cfg.optim.grad_clip), tx)
+  return tx

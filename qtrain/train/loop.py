@@ -3,138 +3,51 @@
 The steps it drives are pure (``qtrain.train.step``). Step t-1's metrics are
 read after step t is dispatched, so the host never stalls the device. A run
 always starts with ``restore_or_init``: a killed run resumes from its last
-complete checkpoint, iterator position included, and sees the same batches.
+complete checkpoint, every process's iterator position included, and sees the
+same batches. Nothing is written into the workdir before the config has been
+checked against the one its checkpoints were trained with.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import signal
-import time
 
 import flax.linen as nn
 import jax
-import numpy as np
-import tqdm
 
-from qtrain.config import validate
+from qtrain.config import ConfigError, validate
 from qtrain.data import loader
-from qtrain.layers.attention import resolve_impl
+from qtrain.data.global_batch import to_global
 from qtrain.optim import build_optimizer
-from qtrain.parallel import DATA_PARALLEL_RULES, batch_sharding, make_mesh
+from qtrain.parallel import DATA_PARALLEL_RULES, make_mesh
 from qtrain.train import metrics as metrics_lib
 from qtrain.train.build import build_model, quant_report
-from qtrain.train.checkpoint import Checkpointer, restore_params
-from qtrain.train.state import abstract_state, init_state, state_shardings
+from qtrain.train.checkpoint import Checkpointer, load_config, restore_params
+from qtrain.train.evaluate import evaluate
+from qtrain.train.preemption import Agreement, SigtermFlag
+from qtrain.train.progress import Progress
+from qtrain.train.reporter import NonFiniteError, Reporter
+from qtrain.train.resume import check_resume
+from qtrain.train.state import abstract_params, abstract_state, init_state, state_shardings
 from qtrain.train.step import make_steps
 
-
-class NonFiniteError(FloatingPointError):
-  """Loss or gradient became NaN/Inf and ``config.train.nan_policy='stop'``."""
+__all__ = ["NonFiniteError", "run", "save_config"]
 
 
-class _SigtermFlag:
-  """Turns SIGTERM into a flag the loop checks between steps."""
-
-  def __init__(self):
-    self.raised = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.raised = True
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
-
-
-def to_global(local_batch: dict, mesh) -> dict:
-  """Host-local numpy rows -> global arrays split over the data axis."""
-  sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
-
-
-def check_segments(batch: dict, model_cfg) -> None:
-  """The cuDNN packed path describes at most ``attention_max_segments``
-  documents per row; more would be silently wrong, so stop here instead."""
-  limit = model_cfg.attention_max_segments
-  if limit <= 0 or resolve_impl(model_cfg.attention_impl, model_cfg.compute_dtype) != "cudnn":
-    return
-  most = int(np.max(batch["segment_ids"]))  # Segment ids count 1.. within a row.
-  if most > limit:
-    raise ValueError(f"a batch row packs {most} documents but config.model."
-                     f"attention_max_segments={limit}; raise it to at least {most}")
-
-
-def evaluate(eval_step, params, batches, mesh) -> float:
-  nll, tokens = 0.0, 0.0
-  for batch in batches:
-    out = jax.device_get(eval_step(params, to_global(batch, mesh)))
-    nll += float(out["nll_sum"])
-    tokens += float(out["tokens"])
-  return nll / max(tokens, 1.0)
+def _log_eval(writer, progress, step: int, nll: float, unigram_ppl) -> float:
+  ppl = math.exp(nll)
+  writer.write(step, {"eval_loss": nll, "eval_ppl": ppl})
+  progress.write(f"step {step}: held-out loss {nll:.4f}, perplexity {ppl:.2f}"
+                 + (f" (unigram {unigram_ppl:.2f})" if unigram_ppl else ""))
+  return ppl
 
 
 def _initial_eval_ppl(workdir: str) -> float | None:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      row = json.loads(line)
-      if row.get("step") == 0 and "eval_ppl" in row:
-        return row["eval_ppl"]
+  for row in metrics_lib.read_rows(workdir):
+    if row.get("step") == 0 and "eval_ppl" in row:
+      return row["eval_ppl"]
   return None
-
-
-class _Reporter:
-  """Reads a finished step's metrics, applies the NaN policy, logs."""
-
-  def __init__(self, cfg, writer, pbar, n_devices):
-    self.cfg, self.writer, self.pbar = cfg, writer, pbar
-    seq, batch = cfg.data.seq_len, cfg.data.global_batch_size
-    self.tokens_per_step = seq * batch
-    self.flops_per_step = metrics_lib.flops_per_token(cfg.model, seq) * self.tokens_per_step
-    peak = metrics_lib.device_peak_flops(cfg.train.peak_tflops)
-    self.peak = None if peak is None else peak * n_devices
-    self.t_last, self.step_last = time.perf_counter(), None
-
-  def __call__(self, step: int, metrics) -> None:
-    m = jax.device_get(metrics)
-    if not bool(m["finite"]):
-      msg = (f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
-             f"grad_norm={float(m['grad_norm'])}); the update was not applied")
-      if self.cfg.train.nan_policy == "stop":
-        raise NonFiniteError(msg + "; stopping (config.train.nan_policy='stop')")
-      self.pbar.write(msg + "; skipping it (config.train.nan_policy='skip')")
-    self.pbar.update(1)
-    if step % self.cfg.train.log_every and step != self.cfg.train.steps:
-      return
-    now = time.perf_counter()
-    n = step - self.step_last if self.step_last is not None else 1
-    dt = max(now - self.t_last, 1e-9)
-    self.t_last, self.step_last = now, step
-    row = {k: float(m[k]) for k in ("loss", "grad_norm", "finite", "z_loss")}
-    row["tokens_per_s"] = n * self.tokens_per_step / dt
-    post = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:,.0f}"}
-    if self.peak:
-      row["mfu"] = n * self.flops_per_step / dt / self.peak
-      post["mfu"] = f"{row['mfu']:.1%}"
-    else:
-      post["TFLOP/s"] = f"{n * self.flops_per_step / dt / 1e12:.3f}"
-    self.pbar.set_postfix(post, refresh=False)
-    self.writer.write(step, row)
-
-
-def _log_eval(writer, pbar, step: int, nll: float, unigram_ppl) -> float:
-  ppl = math.exp(nll)
-  writer.write(step, {"eval_loss": nll, "eval_ppl": ppl})
-  pbar.write(f"step {step}: held-out loss {nll:.4f}, perplexity {ppl:.2f}"
-             + (f" (unigram {unigram_ppl:.2f})" if unigram_ppl else ""))
-  return ppl
 
 
 def _sample(cfg, model, params, meta) -> str:
@@ -148,20 +61,46 @@ def _sample(cfg, model, params, meta) -> str:
   return sp.decode(prompt + [t for t in new if t < sp.get_piece_size()])
 
 
+def _local_params(params):
+  """Global params -> full arrays on this process's first device.
+
+  On one process they are addressable already; on several, every process must
+  join the all-gather (``process_allgather``), even if only one samples.
+  """
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    params = multihost_utils.process_allgather(params)
+  return jax.device_put(params, jax.local_devices()[0])
+
+
 def run(cfg, workdir: str) -> dict:
   """Trains ``cfg`` in ``workdir`` (resuming if it holds checkpoints).
 
   Returns a summary: final step, held-out perplexities, whether it was
-  preempted by SIGTERM.
+  preempted by SIGTERM. The SIGTERM handler comes first: a signal during
+  start-up (restore, compile, first evaluation) ends the run cleanly too.
   """
-  validate(cfg, jax.device_count())
-  meta = loader.read_meta(cfg.data.dir)
-  loader.check_vocab(meta, cfg.model.vocab_size)
-  model = build_model(cfg)
-  tx = build_optimizer(cfg.optim, cfg.train.steps)
-  mesh = make_mesh()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(DATA_PARALLEL_RULES):
-    return _run(cfg, workdir, meta, model, tx, mesh)
+  sigterm = SigtermFlag()
+  try:
+    validate(cfg, jax.device_count())
+    meta = loader.read_meta(cfg.data.dir)
+    try:
+      loader.check_vocab(meta, cfg.model.vocab_size)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    model = build_model(cfg)
+    mesh = make_mesh()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DATA_PARALLEL_RULES):
+      tx = build_optimizer(cfg, abstract_params(model, cfg.data.seq_len))
+      summary, state = _run(cfg, workdir, meta, model, tx, mesh, sigterm)
+    if summary["sample_due"]:  # Outside the mesh: one process decodes on one device.
+      params = _local_params(state.params)
+      if jax.process_index() == 0:
+        summary["sample"] = _sample(cfg, model, params, meta)
+    del summary["sample_due"]
+    return summary
+  finally:
+    sigterm.restore()
 
 
 def _init(cfg, model, tx, mesh, abstract):
@@ -176,77 +115,118 @@ def _init(cfg, model, tx, mesh, abstract):
 
 def save_config(cfg, workdir: str) -> None:
   """``workdir/config.json``: what evaluation, PTQ and generation rebuild the
-  model from."""
+  model from. Written atomically (a kill leaves the old one or the new one)."""
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
       f.write(cfg.to_json(indent=2))
+    os.replace(path + ".tmp", path)
 
 
-def _run(cfg, workdir, meta, model, tx, mesh) -> dict:
+def _check_workdir(cfg, workdir: str, ckpt: Checkpointer) -> None:
+  """Everything that can reject this run in ``workdir``, before any write:
+  a config whose state would not fit the checkpoints, a corrupt metrics.jsonl."""
+  metrics_lib.read_rows(workdir)  # Raises MetricsFileError naming a bad line.
+  saved = os.path.join(workdir, "config.json")
+  if not ckpt.manager.all_steps() or not os.path.exists(saved):
+    return
+  harmless = check_resume(load_config(workdir), cfg, workdir)
+  if harmless:
+    print(f"note: resuming with changed fields {', '.join('config.' + f for f in harmless)}; "
+          f"{saved} is updated", flush=True)
+
+
+def _start(cfg, workdir, model, tx, mesh):
+  """(checkpointer, state, data iterator, restored step or None)."""
   d, t = cfg.data, cfg.train
-  save_config(cfg, workdir)
-  seq = d.seq_len
-  shardings = state_shardings(model, tx, mesh, seq)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
                       async_save=t.async_checkpoint)
-  abstract = abstract_state(model, tx, mesh, seq)
-  state, data_state, restored = ckpt.restore_or_init(
-      abstract, lambda: _init(cfg, model, tx, mesh, abstract))
-  it = loader.make_train_iterator(
-      d.dir, seq_len=seq, global_batch_size=d.global_batch_size, seed=cfg.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  if data_state is not None:
-    it.set_state(data_state)
-  train_step, eval_step = make_steps(model, tx, mesh, shardings, cfg.optim.z_loss)
-  eval_batches = loader.make_eval_batches(
-      d.dir, seq_len=seq, global_batch_size=d.eval_batch_size, num_batches=d.eval_batches,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  writer = metrics_lib.MetricWriter(workdir)
-  unigram = meta.get("unigram_ppl_validation")
-  start = int(state.step)
-  report = quant_report(model)
-  if report and cfg.quant.mode != "none":
-    print(report, flush=True)
-  pbar = tqdm.tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True)
-  if restored is None:
-    _log_eval(writer, pbar, 0, evaluate(eval_step, state.params, eval_batches, mesh), unigram)
-  else:
-    pbar.write(f"resumed from checkpoint step {restored} in {ckpt.directory}")
-  reporter = _Reporter(cfg, writer, pbar, jax.device_count())
-  sigterm = _SigtermFlag()
-  pending, preempted, step = None, False, start
   try:
-    for step in range(start + 1, t.steps + 1):
-      batch = next(it)
-      check_segments(batch, model.cfg)
-      state, metrics = train_step(state, to_global(batch, mesh))
-      if pending is not None:
-        reporter(*pending)
-      pending = (step, metrics)
-      if step % t.checkpoint_every == 0 or step == t.steps or sigterm.raised:
-        ckpt.save(step, state, it.get_state(), force=sigterm.raised)
-      if step % t.eval_every == 0 and step != t.steps:
-        _log_eval(writer, pbar, step, evaluate(eval_step, state.params, eval_batches, mesh),
-                  unigram)
-      if sigterm.raised:
-        preempted = True
-        pbar.write(f"SIGTERM: saved checkpoint at step {step}; exiting")
-        break
+    _check_workdir(cfg, workdir, ckpt)
+    it = loader.make_train_iterator(
+        d.dir, seq_len=d.seq_len, global_batch_size=d.global_batch_size, seed=cfg.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    abstract = abstract_state(model, tx, mesh, d.seq_len)
+    state, data_state, restored = ckpt.restore_or_init(
+        abstract, lambda: _init(cfg, model, tx, mesh, abstract))
+    if data_state is not None:
+      it.set_state(data_state)
+  except BaseException:
+    ckpt.close()
+    raise
+  save_config(cfg, workdir)
+  metrics_lib.truncate_rows(workdir, -1 if restored is None else restored)
+  return ckpt, state, it, restored
+
+
+def _run(cfg, workdir, meta, model, tx, mesh, sigterm):
+  """(summary, final state)."""
+  d, t = cfg.data, cfg.train
+  ckpt, state, it, restored = _start(cfg, workdir, model, tx, mesh)
+  progress = Progress(t.steps, int(state.step))
+  writer = metrics_lib.MetricWriter(workdir)
+  agree = Agreement(mesh)
+  try:
+    train_step, eval_step = make_steps(cfg, model, tx, mesh,
+                                       state_shardings(model, tx, mesh, d.seq_len))
+    eval_batches = loader.make_eval_batches(
+        d.dir, seq_len=d.seq_len, global_batch_size=d.eval_batch_size,
+        num_batches=d.eval_batches, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    report = quant_report(model)
+    if report and cfg.quant.mode != "none":
+      progress.write(report)
+    unigram = meta.get("unigram_ppl_validation")
+    summary = {"step": int(state.step), "preempted": False, "unigram_ppl": unigram,
+               "sample_due": False}
+    evaluate_now = lambda s: evaluate(eval_step, s.params, eval_batches, mesh, model.cfg)
+    if restored is None:
+      _log_eval(writer, progress, 0, evaluate_now(state), unigram)
+    else:
+      progress.write(f"resumed from checkpoint step {restored} in {ckpt.directory}")
+    if agree.now(sigterm.raised):
+      progress.write(f"SIGTERM during start-up: nothing trained since step {summary['step']}; "
+                     "exiting")
+      summary["preempted"] = True
+      return summary, state
+    state, summary["step"], summary["preempted"] = _train(
+        cfg, state, it, train_step, (eval_step, eval_batches), mesh, model.cfg, ckpt,
+        Reporter(cfg, writer, progress, jax.device_count()), agree, sigterm, unigram)
+    if summary["preempted"]:
+      return summary, state
+    final = _log_eval(writer, progress, summary["step"], evaluate_now(state), unigram)
+    summary.update(initial_ppl=_initial_eval_ppl(workdir) if jax.process_index() == 0 else None,
+                   final_ppl=final, sample_due=t.sample_tokens > 0)
+    return summary, state
+  finally:
+    ckpt.close()
+    progress.close()
+    writer.close()
+
+
+def _train(cfg, state, it, train_step, evals, mesh, model_cfg, ckpt, reporter, agree, sigterm,
+           unigram):
+  """Steps until ``train.steps`` or an agreed SIGTERM: (state, last step, preempted)."""
+  t = cfg.train
+  eval_step, eval_batches = evals
+  pending, step = None, int(state.step)
+  for step in range(step + 1, t.steps + 1):
+    state, metrics = train_step(state, to_global(next(it), mesh, model_cfg))
     if pending is not None:
       reporter(*pending)
-  finally:
-    sigterm.restore()
-    ckpt.close()
-    pbar.close()
-  summary = {"step": step, "preempted": preempted, "unigram_ppl": unigram}
-  if preempted:
-    writer.close()
-    return summary
-  final = _log_eval(writer, pbar, step, evaluate(eval_step, state.params, eval_batches, mesh),
-                    unigram)
-  writer.close()
-  summary.update(initial_ppl=_initial_eval_ppl(workdir), final_ppl=final)
-  if t.sample_tokens > 0 and jax.process_index() == 0:
-    summary["sample"] = _sample(cfg, model, state.params, meta)
-  return summary
+    pending = (step, metrics)
+    # Every process reads the same all-reduced flag, so all save this step.
+    stop = agree.lagged(sigterm.raised)
+    if step % t.checkpoint_every == 0 or step == t.steps or stop:
+      ckpt.save(step, state, it.get_state(), force=stop)
+    if step % t.eval_every == 0 and step != t.steps and not stop:
+      nll = evaluate(eval_step, state.params, eval_batches, mesh, model_cfg)
+      _log_eval(reporter.writer, reporter.progress, step, nll, unigram)
+    if stop:
+      reporter(*pending)
+      reporter.progress.write(f"SIGTERM: saved checkpoint at step {step}; exiting")
+      return state, step, True
+  if pending is not None:
+    reporter(*pending)
+  return state, step, False

@@ -1,4 +1,5 @@
-"""The train state and its sharded initialisation.
+"""The train state and its sharded initialisation; the one home of the
+model's abstract params.
 
 Init in three moves (nanodo, maxtext): ``jax.eval_shape`` the init, turn the
 params' logical axes into shardings, ``jax.jit(init, out_shardings=...)`` —
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from qtrain.optim.sharding import opt_state_shardings
 from qtrain.parallel.rules import logical_sharding, replicated
 
 
@@ -24,28 +26,59 @@ class TrainState:
   params: Any
   opt_state: Any
   skipped: jax.Array  # Updates dropped for a non-finite loss or gradient.
+  # Raw key data (``jax.random.key_data``, uint32) so orbax can save it; each
+  # step draws ``fold_in(wrap_key_data(rng), step)`` (see ``step_key``).
+  rng: jax.Array
+
+
+def step_key(state: TrainState) -> jax.Array:
+  """A fresh key per step (stochastic rounding, ZO perturbations), the same
+  for a step whether the run was resumed or not."""
+  return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
+def _tokens(seq_len: int):
+  return jnp.zeros((1, seq_len), jnp.int32)
+
+
+def abstract_params(model: nn.Module, seq_len: int):
+  """The model's params as ShapeDtypeStructs, boxed (``nn.LogicallyPartitioned``
+  carrying logical axis names), without allocating anything."""
+  return jax.eval_shape(lambda r: model.init(r, _tokens(seq_len)), jax.random.key(0))["params"]
+
+
+def _values(boxed):
+  """The ShapeDtypeStructs inside the boxes (``nn.unbox`` would apply the
+  logical sharding constraint, which needs a trace)."""
+  return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def param_shardings(model: nn.Module, mesh, seq_len: int):
+  """NamedShardings of the (unboxed) params, from their logical axes."""
+  return logical_sharding(abstract_params(model, seq_len), mesh)
 
 
 def _init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
   def init(rng):
-    tokens = jnp.zeros((1, seq_len), jnp.int32)
-    params = nn.unbox(model.init(rng, tokens)["params"])
+    params = nn.unbox(model.init(rng, _tokens(seq_len))["params"])
+    # The step stream is independent of the params init (which uses rng itself).
+    step_rng = jax.random.key_data(jax.random.fold_in(rng, 1))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), skipped=jnp.zeros((), jnp.int32))
+                      opt_state=tx.init(params), skipped=jnp.zeros((), jnp.int32),
+                      rng=step_rng)
   return init
 
 
-def state_shardings(model, tx, mesh, seq_len: int):
-  """Shardings of every TrainState leaf, from the params' logical axes."""
-  boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, seq_len), jnp.int32)),
-                         jax.random.key(0))["params"]
+def state_shardings(model, tx, mesh, seq_len: int) -> TrainState:
+  """Shardings of every TrainState leaf: params from their logical axes,
+  optimizer state by ``qtrain.optim.opt_state_shardings`` (any state shape)."""
+  boxed = abstract_params(model, seq_len)
+  params = _values(boxed)
   param_sh = logical_sharding(boxed, mesh)
-  abstract = jax.eval_shape(_init_fn(model, tx, seq_len), jax.random.key(0))
-  # Optimizer moments mirror the params' tree; scalars (counts) are replicated.
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, param_sh,
-                                 transform_non_params=lambda _: replicated(mesh))
-  return TrainState(step=replicated(mesh), params=param_sh, opt_state=opt_sh,
-                    skipped=replicated(mesh))
+  opt_sh = opt_state_shardings(jax.eval_shape(tx.init, params), params, param_sh, mesh)
+  rep = replicated(mesh)
+  return TrainState(step=rep, params=param_sh, opt_state=opt_sh, skipped=rep, rng=rep)
 
 
 def init_state(model, tx, mesh, seed: int, seq_len: int) -> TrainState:
