@@ -3,8 +3,9 @@
 The reference is the pre-cache ``qtrain.train.sample.generate``: every token
 re-runs the full causal forward (kept below). The cached decoder must
 emit the same tokens, its per-step logits must equal the full forward's, and
-with a KV quantizer the cache must hold one-byte codes whose dequantized reads
-give the full forward's KV fake-quant numerics.
+with a KV quantizer the cache must hold packed codes (two 4-bit or four 2-bit
+codes a byte) whose unpacked, dequantized reads give the full forward's KV
+fake-quant numerics.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import pytest
 
 from qtrain.layers import ModelConfig, Transformer
-from qtrain.layers.kv_cache import cache_bytes_per_token, init_cache
+from qtrain.layers.kv_cache import cache_bytes_per_token, init_cache, pack, unpack
 from qtrain.quant import QuantProvider, QuantRule, QuantSpec
 from qtrain.train.sample import decode, generate
 
@@ -35,8 +36,12 @@ CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2
                   head_dim=8, d_ff=64, init_std=0.2, remat_policy="full")
 # The w4a4kv4 preset's KV spec (configs/quant/w4a4kv4.py): int4 asymmetric per token per head.
 KV4 = QuantSpec(bits=4, format="int", granularity="token", symmetric=False, calibration="minmax")
-KV_ONLY = QuantProvider(rules=(QuantRule(pattern=r"decoder/layers(_\d+)?/attn", kv=KV4),),
-                        mode="fake")
+def kv_only(spec):
+  return QuantProvider(rules=(QuantRule(pattern=r"decoder/layers(_\d+)?/attn", kv=spec),),
+                       mode="fake")
+
+
+KV_ONLY = kv_only(KV4)
 
 
 @functools.lru_cache
@@ -134,7 +139,25 @@ def test_stepwise_logits_equal_full_forward():
   np.testing.assert_allclose(got, want, rtol=0, atol=LOGIT_ATOL)
 
 
-def test_quantized_cache_holds_int8_codes_and_matches_fake_quant():
+def np_pack(q, c):
+  """Reference packing: code j of each byte in bits [c*j, c*(j+1)), two's complement."""
+  u = (q.astype(np.int64) % 2 ** c).reshape(*q.shape[:-1], -1, 8 // c)
+  return (u << (c * np.arange(8 // c))).sum(-1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("c", [2, 4, 8])
+def test_pack_matches_numpy_bit_layout_and_round_trips(c):
+  # Every code of the c-bit two's-complement range, shuffled, over an H of 16.
+  lo, hi = -2 ** (c - 1), 2 ** (c - 1)
+  q = np.random.default_rng(c).permutation(np.resize(np.arange(lo, hi), 3 * 2 * 16))
+  q = q.reshape(3, 2, 16).astype(np.int8)
+  packed = pack(jnp.asarray(q), c)
+  assert packed.dtype == jnp.uint8 and packed.shape == (3, 2, 16 * c // 8)
+  np.testing.assert_array_equal(packed, np_pack(q, c))
+  np.testing.assert_array_equal(unpack(packed, c), q)
+
+
+def test_quantized_cache_holds_packed_int4_codes_and_matches_fake_quant():
   model = Transformer(CFG, KV_ONLY)
   params = init_params(Transformer(CFG))  # The KV quantizer has no params.
   tokens_BT = jnp.asarray(random_tokens((2, 14), seed=1))
@@ -143,25 +166,57 @@ def test_quantized_cache_holds_int8_codes_and_matches_fake_quant():
   L, K, H = CFG.n_layers, CFG.n_kv_heads, CFG.head_dim
   assert set(attn) == {"k", "v", "k_scale", "v_scale", "k_zero_point", "v_zero_point"}
   for name in ("k", "v"):
-    assert attn[name].dtype == jnp.int8 and attn[name].shape == (L, 2, 14, K, H)
-    # int4 asymmetric codes 0..15 recentred to -8..7: no wider values leak in.
-    assert -8 <= int(attn[name].min()) and int(attn[name].max()) <= 7
+    # Two 4-bit codes a byte: int4 asymmetric codes 0..15 recentred to -8..7.
+    assert attn[name].dtype == jnp.uint8 and attn[name].shape == (L, 2, 14, K, H // 2)
     assert attn[f"{name}_scale"].dtype == jnp.float32
     assert attn[f"{name}_scale"].shape == (L, 2, 14, K, 1)  # One per token per head.
     assert attn[f"{name}_zero_point"].dtype == jnp.int8
     assert attn[f"{name}_zero_point"].shape == (L, 2, 14, K, 1)
-  # The module docstring's 2 * K * (H + 4 + 1) bytes per token per layer.
-  assert cache_bytes_per_token(cache, 2, 14) == L * 2 * K * (H + 4 + 1)
+  # The module docstring's 2 * K * (H / 2 + 4 + 1) bytes per token per layer.
+  assert cache_bytes_per_token(cache, 2, 14) == L * 2 * K * (H // 2 + 4 + 1)
   # The full forward fake-quantizes K/V with the same quantizer: reads of the
-  # cache dequantize the same codes. Tolerance as unquantized (measured:
-  # bitwise equal); one code flipped by float noise would move the logits by
-  # ~1e-2. (The whole w4a4kv4 preset, whose activations are quantized per
-  # token too, was measured bitwise equal as well; not run, to save a compile.)
+  # cache unpack and dequantize the same codes. Tolerance as unquantized
+  # (measured: bitwise equal); one code flipped by float noise, or a packing
+  # slip, would move the logits by ~1e-2. (The whole w4a4kv4 preset, whose
+  # activations are quantized per token too, was measured bitwise equal as
+  # well; not run, to save a compile.)
   want = full_logits(model, params, tokens_BT)
   np.testing.assert_allclose(got, want, rtol=0, atol=LOGIT_ATOL)
   # ... and quantization matters at this tolerance: the unquantized model differs.
   plain = full_logits(Transformer(CFG), params, tokens_BT)
   assert float(jnp.max(jnp.abs(plain - want))) > 100 * LOGIT_ATOL
+
+
+def test_cache_bytes_per_token_by_bits():
+  """Codes take b/8 of a byte rounded up to a 2/4/8-bit field: at 4 bits the
+  codes take half of 8 bits' (the 5 bytes of scale + zero point per head stay)."""
+  L, K, H = CFG.n_layers, CFG.n_kv_heads, CFG.head_dim
+  per_token = {}
+  for bits in (2, 3, 4, 8):
+    spec = dataclasses.replace(KV4, bits=bits)
+    cache = init_cache(Transformer(CFG, kv_only(spec)), 1, 4)
+    per_token[bits] = cache_bytes_per_token(cache, 1, 4)
+  field = {2: 2, 3: 4, 4: 4, 8: 8}
+  for bits, got in per_token.items():
+    assert got == L * 2 * K * (H * field[bits] // 8 + 4 + 1), bits
+  codes = lambda b: per_token[b] - L * 2 * K * 5
+  assert codes(4) * 2 == codes(8) and codes(2) * 4 == codes(8)
+
+
+@pytest.mark.parametrize("bits,temperature", [(4, 0.0), (2, 1.0)], ids=["int4-greedy",
+                                                                         "int2-sampled"])
+def test_tokens_with_packed_cache_equal_fake_quant_forward(bits, temperature):
+  """The reference re-runs the full forward, whose K/V are fake-quantized in
+  float (no cache, nothing packed) at every step. Sampling (same rng stream)
+  checks a varied continuation too: greedy decoding of a random model soon
+  repeats one token."""
+  model = Transformer(CFG, kv_only(dataclasses.replace(KV4, bits=bits)))
+  params = init_params(Transformer(CFG))
+  prompt = random_tokens((5,), seed=7).tolist()
+  got = generate(model, params, prompt, 12, temperature=temperature, seed=2)
+  assert got == reference_generate(model, params, prompt, 12, temperature=temperature, seed=2)
+  if temperature:
+    assert len(set(got)) > 6, got
 
 
 def test_cli_prints_text_of_a_tiny_run(tmp_path):
@@ -180,6 +235,6 @@ def test_cli_prints_text_of_a_tiny_run(tmp_path):
   assert gen.returncode == 0, gen.stderr[-3000:]
   text = gen.stdout.strip()
   assert text.startswith("And God said") and len(text.split()) > 3, gen.stdout
-  # --kv_bits=4 reached the cache: 2 * K * (H + 4 + 1) bytes per token for one
-  # layer with K=2, H=16 (float32 K/V would take 256).
-  assert "KV cache 84 bytes per token" in gen.stderr, gen.stderr[-2000:]
+  # --kv_bits=4 reached the cache: 2 * K * (H / 2 + 4 + 1) bytes per token for
+  # one layer with K=2, H=16 (float32 K/V would take 256, unpacked int4 84).
+  assert "KV cache 52 bytes per token" in gen.stderr, gen.stderr[-2000:]

@@ -8,26 +8,29 @@ keep one set per ``decoder/layers_<i>/attn``. S is the buffer length, fixed
 when the cache is made (``init_cache``). Variables, per attention module:
 
   no KV spec:  k, v                      [B, S, K, H] compute dtype
-  KV spec:     k, v                      [B, S, K, H] codes, one byte each
+  KV spec:     k, v                      [B, S, K, H * c / 8] packed codes, uint8
                k_scale, v_scale          [B, S, K, H / g] float32
                k_zero_point, v_zero_point  like the scales, int8 (asymmetric only)
 
 g is the number of elements sharing a scale: H for ``granularity="token"``
-(one scale per token per head), ``group_size`` for ``"group"``. Codes are int8
-for int and ternary grids (asymmetric codes 0..2^b-1 are recentred by -2^(b-1)
+(one scale per token per head), ``group_size`` for ``"group"``. Codes of int
+and ternary grids are packed along H into bytes of c-bit fields (``pack``):
+c = 2 for 2-bit and ternary grids (four codes a byte), c = 4 for 3- and
+4-bit grids (two a byte), c = 8 above; each field holds the code in c-bit
+two's complement (asymmetric codes 0..2^b-1 are first recentred by -2^(b-1)
 together with their zero point, which leaves (q - z) * s unchanged and fits
-b = 8), float8 for the fp8 formats. Scales stay float32 so that a read equals
-the training forward's KV fake-quant exactly.
+b = 8). A head width H not divisible by 8 / c keeps one code a byte. fp8
+formats store float8 codes. Scales stay float32 so that a read, unpacked and
+dequantized, equals the training forward's KV fake-quant exactly.
 
 Memory per token per layer (keys and values together), K kv heads of width H:
 
-  no spec:        2 * K * H * bytes(dtype)          (float32: 8KH, bfloat16: 4KH)
-  spec, per token: 2 * K * (H + 4 + z)               z = 1 asymmetric, 0 symmetric
-  spec, per group: 2 * K * (H + (H / g) * (4 + z))
+  no spec:        2 * K * H * bytes(dtype)           (float32: 8KH, bfloat16: 4KH)
+  spec, per token: 2 * K * (H * c / 8 + 4 + z)        z = 1 asymmetric, 0 symmetric
+  spec, per group: 2 * K * (H * c / 8 + (H / g) * (4 + z))
 
-e.g. K=2, H=48 (configs/default.py), int4 asymmetric per token: 212 bytes
-against 768 in float32 (3.6x smaller). Codes of b < 8 bits are not packed
-(one int8 per code), so int4 saves no more than int8 does.
+e.g. K=2, H=48 (configs/default.py), asymmetric per token: int4 116 bytes,
+int8 212, int2 68, against 768 in float32 (6.6x smaller at 4 bits).
 
 Slot = position: the token at position p of row b is written to slot p and a
 query at position p reads slots 0..p; the rest of the buffer is masked, so
@@ -71,8 +74,37 @@ def _quantizer():
   return quantizer
 
 
+def code_bits(spec: QuantSpec, head_dim: int) -> int | None:
+  """c, the bits of a code's field in the cache (None: float8 codes, unpacked)."""
+  if spec.format in _quantizer().FP8_DTYPES:
+    return None
+  c = 2 if spec.format == "ternary" or spec.bits <= 2 else 4 if spec.bits <= 4 else 8
+  return c if head_dim % (8 // c) == 0 else 8
+
+
+def pack(q_BTKH, c: int):
+  """int8 codes in [-2^(c-1), 2^(c-1)) -> uint8 [..., H * c / 8]; code j of a
+  byte sits in bits [c*j, c*(j+1)) (the first code in the low bits)."""
+  if c == 8:
+    return jax.lax.bitcast_convert_type(q_BTKH.astype(jnp.int8), jnp.uint8)
+  per = 8 // c
+  u = (q_BTKH.astype(jnp.uint8) & (2 ** c - 1)).reshape(*q_BTKH.shape[:-1], -1, per)
+  shifts = jnp.arange(per, dtype=jnp.uint8) * c
+  return jnp.sum(u << shifts, axis=-1, dtype=jnp.uint8)  # Disjoint bits: sum == or.
+
+
+def unpack(b_BTKP, c: int):
+  """Inverse of ``pack``: uint8 [..., P] -> int8 codes [..., P * 8 / c]."""
+  if c == 8:
+    return jax.lax.bitcast_convert_type(b_BTKP, jnp.int8)
+  per = 8 // c
+  u = (b_BTKP[..., None] >> (jnp.arange(per, dtype=jnp.uint8) * c)) & (2 ** c - 1)
+  q = u.astype(jnp.int8) - jnp.where(u >= 2 ** (c - 1), 2 ** c, 0).astype(jnp.int8)
+  return q.reshape(*b_BTKP.shape[:-1], -1)
+
+
 def quantize_kv(x_BTKH, spec: QuantSpec) -> QTensor:
-  """x's codes in a one-byte container, scales per token per head (or group)."""
+  """x's codes as int8 (float8 for fp8), scales per token per head (or group)."""
   quantizer = _quantizer()
   qt = quantizer.quantize(x_BTKH, spec, contract_axis=-1)
   if spec.format in quantizer.FP8_DTYPES or qt.zero_point is None:
@@ -101,7 +133,9 @@ def update(module: nn.Module, name: str, x_BTKH, positions_BT, spec: QuantSpec |
     return _stored(module, name, x_BTKH, start_B)
   check_spec(spec, "/".join(module.scope.path))
   qt = quantize_kv(x_BTKH, spec)
-  q = _stored(module, name, qt.q, start_B)
+  c = code_bits(spec, x_BTKH.shape[-1])
+  q = _stored(module, name, qt.q if c is None else pack(qt.q, c), start_B)
+  q = q if c is None else unpack(q, c)
   scale = _stored(module, f"{name}_scale", qt.scale, start_B)
   zero = None if qt.zero_point is None else _stored(module, f"{name}_zero_point",
                                                       qt.zero_point, start_B)
