@@ -2,6 +2,10 @@
 
   python -m qtrain.train --config=configs/default.py --workdir=runs/NAME \
       [--config.optim.lr=3e-4 ...]
+
+Expected mistakes (a misspelt override, a config the workdir's checkpoints
+cannot take, missing or damaged data, a corrupt metrics.jsonl) end in one
+line naming the field or file and the fix, with exit status 2.
 """
 
 from __future__ import annotations
@@ -17,16 +21,41 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, met
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def fail(msg: str) -> None:
+  print(f"error: {msg}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _one_line(e: BaseException) -> str:
+  text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+  return " ".join(str(text).split())
+
+
+def parse_flags(argv):
+  """absl's parser, with ml_collections' errors for ``--config`` and its
+  overrides (raised while parsing, before ``main``) turned into one line."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (KeyError, AttributeError, ValueError, TypeError) as e:
+    from qtrain.config import ConfigError, check_override  # pylint: disable=g-import-not-at-top
+    for arg in argv[1:]:
+      if arg.startswith("--config."):
+        try:
+          check_override(arg[len("--config."):].split("=", 1)[0])
+        except ConfigError as c:
+          fail(str(c))
+    fail(_one_line(e))
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO.
-  from qtrain.config import ConfigError  # pylint: disable=g-import-not-at-top
-  from qtrain.train.loop import NonFiniteError, run  # pylint: disable=g-import-not-at-top
+  from qtrain.train.errors import EXPECTED  # pylint: disable=g-import-not-at-top
+  from qtrain.train.loop import run  # pylint: disable=g-import-not-at-top
   try:
     summary = run(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, NonFiniteError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  except EXPECTED as e:
+    fail(_one_line(e))
   if summary["preempted"]:
     print(f"preempted at step {summary['step']}; checkpoint saved, rerun to resume")
     return
@@ -40,4 +69,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -1,10 +1,13 @@
-"""Checkpoints of the train state and the data iterator position (orbax).
+"""Checkpoints of the train state and the data iterator positions (orbax).
 
 Saves are asynchronous and atomic: orbax writes a step into a temporary
-directory and renames it only once every array and the iterator state are on
-disk, and ``CheckpointManager`` lists only finalised steps, so a run killed
-mid-save resumes from the previous complete checkpoint. ``restore_or_init`` is
-the one call a run starts with.
+directory and renames it only once every array and every process's iterator
+state are on disk, and ``CheckpointManager`` lists only finalised steps, so a
+run killed mid-save resumes from the previous complete checkpoint. Each
+process saves and restores its own iterator state
+(``data/process_<i>-of-<n>.json``, as grain's orbax handler names them). A
+damaged step (a file deleted inside it) is moved aside and the previous intact
+one restored. ``restore_or_init`` is the one call a run starts with.
 """
 
 from __future__ import annotations
@@ -13,8 +16,15 @@ import json
 import os
 from typing import Any, Callable
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+from qtrain.train.data_state import ProcessCountError, ProcessDataRestore, ProcessDataSave
+
+
+class CheckpointError(ValueError):
+  """No intact checkpoint, or not the one asked for; the message says which."""
 
 
 class Checkpointer:
@@ -33,30 +43,71 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
     """Starts an async save of (state, iterator state) at ``step``."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=ocp.args.JsonSave(data_state))
+                              data=ProcessDataSave(data_state))
     return self.manager.save(step, args=args, force=force)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                              data=ocp.args.JsonRestore())
+                              data=ProcessDataRestore())
     restored = self.manager.restore(step, args=args)
     return restored.state, restored.data
 
   def restore_or_init(self, abstract_state: Any, init: Callable[[], Any]):
-    """(state, data_state or None, step restored or None)."""
-    step = self.latest_step()
-    if step is None:
-      return init(), None, None
-    state, data_state = self.restore(step, abstract_state)
-    return state, data_state, step
+    """(state, data_state or None, step restored or None).
+
+    Tries the newest step first; a damaged one (orbax and tensorstore raise
+    many error types for a missing or corrupt file, hence the broad except)
+    is reported, moved aside to ``<step>.damaged`` and the next older tried.
+    """
+    damaged = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        state, data_state = self.restore(step, abstract_state)
+      except ProcessCountError as e:
+        raise CheckpointError(str(e)) from None
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"warning: checkpoint step {step} in {self.directory} is damaged "
+              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+              "trying the previous one", flush=True)
+        damaged.append(step)
+        continue
+      self._set_aside(damaged)
+      return state, data_state, step
+    if damaged:
+      raise CheckpointError(
+          f"no intact checkpoint under {self.directory}: steps {damaged} are damaged; "
+          "move them away to start from scratch, or train in a new workdir")
+    return init(), None, None
+
+  def _set_aside(self, steps) -> None:
+    """Renames damaged steps to ``<step>.damaged`` (kept for a look, ignored by
+    orbax), so new saves of those steps do not collide with them."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      for step in steps:
+        src = os.path.join(self.directory, str(step))
+        dst, n = f"{src}.damaged", 1
+        while os.path.exists(dst):
+          dst, n = f"{src}.damaged{n}", n + 1
+        os.rename(src, dst)
+        print(f"warning: moved damaged checkpoint step {step} to {dst}", flush=True)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("qtrain_checkpoint_set_aside")
+    self.manager.reload()
 
   def restore_params(self, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
     """Only the params of the latest (or given) complete checkpoint (orbax
     partial restore), into the given shapes and shardings; the optimizer state
     is not read, so a checkpoint stays readable when the optimizer moves on."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no complete checkpoint under {self.directory}")
+    steps = self.manager.all_steps()
+    if not steps:
+      raise CheckpointError(f"no complete checkpoint under {self.directory}")
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise CheckpointError(f"no checkpoint of step {step} under {self.directory}; "
+                            f"it has steps {sorted(steps)}")
     item = {"params": abstract_params}
     path = os.path.join(self.directory, str(step), "state")
     with ocp.PyTreeCheckpointer() as ckptr:
