@@ -8,9 +8,9 @@ rotation, calibration, PTQ and export see every form alike.
 * ``low_rank``: ``a`` [in, r] and ``b`` [r, out]; y = (x @ A) @ B, two matmuls
   at ``<path>/a`` and ``<path>/b`` (a quant rule for ``.*_proj`` leaves them
   in high precision and the start-up report lists them; match them with
-  ``.*_proj(/a|/b)?``). Init: entries ~ N(0, sigma / sqrt(r)) in both factors,
-  so Var(x A B) = in * r * (sigma / sqrt(r))^2 Var(x) = in * sigma^2 Var(x),
-  the dense layer's variance at init std sigma.
+  ``.*_proj(/a|/b)?``). Init: entries of both factors ~ N(0, sigma / sqrt(r))
+  in variance (std sqrt(sigma) / r^(1/4)), so each entry of A B has variance
+  r * (sigma / sqrt(r))^2 = sigma^2: the dense layer's at init std sigma.
 
 New forms (sparse + low-rank, packed int4 codes + scales, rotated) subclass
 ``WeightForm``, register in ``FORMS`` and take their options from the rule.
@@ -80,7 +80,7 @@ class LowRank(WeightForm):
   def __call__(self, linear, hooks, x):
     fan_in, fan_out, r = x.shape[-1], linear.features, self.rank
     in_axis, out_axis = linear.kernel_axes
-    init = nn.initializers.normal(self.init_std / r ** 0.5)
+    init = nn.initializers.normal(self.init_std ** 0.5 / r ** 0.25)  # Var(AB) = sigma^2.
     a = linear.param("a", nn.with_logical_partitioning(init, (in_axis, "rank")),
                      (fan_in, r), linear.param_dtype)
     b = linear.param("b", nn.with_logical_partitioning(init, ("rank", out_axis)),
