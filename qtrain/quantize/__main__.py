@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 
 from qtrain.data import loader
+from qtrain.data.global_batch import to_global
 from qtrain.layers import Transformer
 from qtrain.parallel import DATA_PARALLEL_RULES, make_mesh
 from qtrain.quant import validate_quant
@@ -33,7 +34,6 @@ from qtrain.quantize import evaluate as ev
 from qtrain.quantize.export import load_quantized, save_quantized
 from qtrain.quantize.gptq_awq import collect_stats, quantize_params
 from qtrain.quantize.rtn import weight_sites, weight_sites_checked
-from qtrain.train.loop import to_global
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run (config.json, checkpoints/).")
 _RECIPE = flags.DEFINE_string("recipe", None, "Quant preset in configs/quant, e.g. w4a4kv4.")
@@ -63,7 +63,7 @@ def _calibration_stats(cfg, data_dir, model_cfg, params, sites, method, n_batche
                                   global_batch_size=d.global_batch_size, seed=cfg.seed,
                                   process_index=jax.process_index(),
                                   process_count=jax.process_count())
-  batches = (to_global(next(it), mesh) for _ in range(n_batches))
+  batches = (to_global(next(it), mesh, model_cfg) for _ in range(n_batches))
   kinds = ("hessian",) if method == "gptq" else ("act_scale",)
   return jax.block_until_ready(collect_stats(model_cfg, params, batches, sites, kinds))
 

@@ -24,7 +24,7 @@ from qtrain.parallel import batch_sharding, logical_sharding, replicated
 from qtrain.quant import QuantProvider, validate_quant
 from qtrain.train.build import build_model
 from qtrain.train import checkpoint
-from qtrain.train.loop import evaluate
+from qtrain.train.evaluate import evaluate
 from qtrain.train.step import eval_step
 
 
