@@ -5,26 +5,24 @@ runs on every GPU/TPU host. The pipeline, per process:
 
   documents with >= 2 tokens, every process_count-th one from process_index
   -> shuffled (seeded; a new order each epoch) and repeated forever
-  -> {"inputs": d[:-1], "targets": d[1:]}       (each d ends with EOS)
-  -> concat-then-split packing into rows of seq_len (grain)
+  -> shifted examples and concat-then-split packing (`packing.py`)
   -> batches of global_batch_size // process_count rows
 
 A batch is a dict of int32 arrays, each [global_batch_size // process_count,
-seq_len]: `inputs`, `targets`, `segment_ids` (1, 2, ... per document piece in
-the row, 0 = padding) and `positions` (0, 1, ... within each piece). A
-document longer than what is left of a row continues in the next row under a
-new segment id with positions restarting at 0. Padding has targets 0 and
-segment id 0: the loss masks on segment_ids > 0.
+seq_len], with the keys of `packing.BATCH_KEYS`: `inputs`, `targets`,
+`segment_ids`, `positions` and `loss_mask` (1 = target scored; 0 for SFT
+prompt tokens and padding). See `packing.py` for their meaning.
 
 Everything is index-based and single-threaded, so the iterator state is a few
 integers: `get_state()` is JSON-serialisable and `set_state()` on a freshly
 built iterator (same arguments) replays exactly the same batches, which is
-what makes a killed training run resume bit-identically.
+what makes a killed training run resume bit-identically. The state belongs to
+one process (it names process_index and process_count): each process saves
+and restores its own.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -34,14 +32,18 @@ from typing import Any
 import grain
 import numpy as np
 
+from qtrain.data import held_out
+from qtrain.data import packing
 from qtrain.data import token_file
 from qtrain.data.vocab import vocab_fingerprint
 
 META_NAME = "meta.json"
+# Bumped when rows change meaning: a state saved for other rows is refused.
+# 2: rows carry loss_mask (packed as a third feature, so grain's state differs).
+BATCH_FORMAT = 2
 _PREPARE = ("run `make data` or `python -m qtrain.data.prepare --task=kjv"
             " --out={dir}`")
-# Synchronous reads: deterministic, and the state is just the next index.
-_SYNC = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+_META_KEYS = ("splits", "vocab_size", "vocab_fingerprint")
 
 
 def read_meta(data_dir: str | os.PathLike) -> dict:
@@ -50,7 +52,14 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
   if not path.is_file():
     raise FileNotFoundError(f"No prepared data: {path} is missing; "
                             + _PREPARE.format(dir=data_dir) + ".")
-  meta = json.loads(path.read_text())
+  try:
+    meta = json.loads(path.read_text())
+    missing = [k for k in _META_KEYS if k not in meta]
+  except (ValueError, TypeError) as e:
+    missing = [f"valid JSON ({e})"]
+  if missing:
+    raise ValueError(f"{path} is damaged (no {', '.join(missing)}); delete it"
+                     " and " + _PREPARE.format(dir=data_dir) + ".")
   meta["data_dir"] = str(data_dir)
   return meta
 
@@ -79,17 +88,24 @@ def check_fingerprint(meta: dict, spm_path: str | os.PathLike) -> None:
 
 def open_split(data_dir: str | os.PathLike, split: str,
                meta: dict | None = None) -> token_file.TokenFile:
-  """The validated token file of `split` (header, sizes, checksum, ids)."""
+  """The validated token file of `split` (header, sizes, checksum, ids).
+
+  Every reader goes through here, so a damaged file is one TokenFileError.
+  """
   meta = meta or read_meta(data_dir)
   if split not in meta["splits"]:
     raise ValueError(f"Split {split!r} not in {data_dir} (has"
                      f" {sorted(meta['splits'])}).")
-  tf = token_file.TokenFile(pathlib.Path(data_dir) / meta["splits"][split]["file"])
-  tf.validate()
+  info = meta["splits"][split]
+  tf = token_file.TokenFile(pathlib.Path(data_dir) / info["file"]).validate()
   if tf.fingerprint != meta["vocab_fingerprint"]:
     raise token_file.TokenFileError(
         tf.path, f"vocabulary fingerprint {tf.fingerprint} differs from"
         f" meta.json's {meta['vocab_fingerprint']}: files of two prepare runs")
+  if tf.num_tokens != info.get("n_tokens", tf.num_tokens):
+    raise token_file.TokenFileError(
+        tf.path, f"{tf.num_tokens} tokens, meta.json says {info['n_tokens']}:"
+        " files of two prepare runs")
   return tf
 
 
@@ -101,34 +117,15 @@ def _shard(tf: token_file.TokenFile, process_index: int, process_count: int,
   if global_batch_size % process_count:
     raise ValueError(f"global_batch_size={global_batch_size} is not divisible by"
                      f" process_count={process_count}.")
-  ids = np.flatnonzero(tf.doc_lengths() >= 2)  # A lone EOS has no target.
+  ids = _usable(tf)
   if len(ids) < process_count:
     raise ValueError(f"{tf.path} has {len(ids)} usable documents, fewer than"
                      f" process_count={process_count}.")
   return ids[process_index::process_count], global_batch_size // process_count
 
 
-def _example(tf: token_file.TokenFile, doc_id) -> dict[str, np.ndarray]:
-  doc = tf.doc(int(doc_id)).astype(np.int32)
-  return {"inputs": doc[:-1], "targets": doc[1:]}
-
-
-def _rename(ex: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  # inputs_* and targets_* segment ids/positions are identical by construction.
-  return {"inputs": ex["inputs"], "targets": ex["targets"],
-          "segment_ids": ex["inputs_segment_ids"],
-          "positions": ex["inputs_positions"]}
-
-
-def _packed(docs: grain.MapDataset, tf: token_file.TokenFile,
-            seq_len: int) -> grain.IterDataset:
-  """Rows of seq_len tokens from the documents (concat-then-split packing)."""
-  if seq_len < 1:
-    raise ValueError(f"seq_len must be >= 1, got {seq_len}.")
-  examples = docs.map(functools.partial(_example, tf)).to_iter_dataset(_SYNC)
-  packed = grain.experimental.ConcatThenSplitIterDataset(
-      examples, length_struct={"inputs": seq_len, "targets": seq_len})
-  return packed.map(_rename)
+def _usable(tf: token_file.TokenFile) -> np.ndarray:
+  return np.flatnonzero(tf.doc_lengths() >= 2)  # A lone EOS has no target.
 
 
 def _shuffle_seed(seed: int) -> int:
@@ -151,7 +148,8 @@ def _tuple_slices(state: Any) -> Any:
 
 
 class _ResumableIterator(grain.DatasetIterator):
-  """JSON-safe state, tagged with the arguments that built the pipeline."""
+  """JSON-safe state, tagged with the arguments that built the pipeline,
+  including the process it belongs to."""
 
   def __init__(self, parent: grain.DatasetIterator, pipeline: dict):
     super().__init__(parent)
@@ -165,11 +163,18 @@ class _ResumableIterator(grain.DatasetIterator):
             "grain": json.loads(json.dumps(self._parent.get_state()))}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    if state.get("pipeline") != self._pipeline:
+    saved, mine = state.get("pipeline") or {}, self._pipeline
+    who = lambda p: f"process {p.get('process_index')} of {p.get('process_count')}"
+    if who(saved) != who(mine):
+      raise ValueError(
+          f"Data iterator state was saved by {who(saved)} and is being"
+          f" restored by {who(mine)}: each process must restore the state it"
+          " saved itself, on the same number of processes.")
+    if saved != mine:
       raise ValueError(
           "Data iterator state was saved by a different pipeline: saved"
-          f" {state.get('pipeline')}, this one {self._pipeline}. Resume with"
-          " the same data, seq_len, global_batch_size, seed and processes.")
+          f" {saved}, this one {mine}. Resume with the same data, seq_len,"
+          " global_batch_size, seed and processes.")
     self._parent.set_state(_tuple_slices(state["grain"]))
 
 
@@ -182,43 +187,45 @@ def make_train_iterator(data_dir: str | os.PathLike, *, seq_len: int,
   tf = open_split(data_dir, "train", meta)
   ids, per_process = _shard(tf, process_index, process_count, global_batch_size)
   docs = grain.MapDataset.source(ids).shuffle(seed=_shuffle_seed(seed)).repeat()
-  batches = _packed(docs, tf, seq_len).batch(per_process, drop_remainder=True)
+  rows = packing.packed_rows(docs, tf, seq_len)
+  batches = rows.batch(per_process, drop_remainder=True)
   pipeline = {"vocab_fingerprint": meta["vocab_fingerprint"],
-              "n_tokens": tf.num_tokens, "seq_len": seq_len,
+              "n_tokens": tf.num_tokens, "loss_mask": tf.has_mask,
+              "batch_format": BATCH_FORMAT, "seq_len": seq_len,
               "global_batch_size": global_batch_size, "seed": seed,
               "process_index": process_index, "process_count": process_count}
   return _ResumableIterator(iter(batches), pipeline)
-
-
-def _zero_rows(n: int, seq_len: int) -> dict[str, np.ndarray]:
-  z = np.zeros((n, seq_len), np.int32)
-  return {"inputs": z, "targets": z, "segment_ids": z, "positions": z}
 
 
 def make_eval_batches(data_dir: str | os.PathLike, split: str = "validation", *,
                       seq_len: int, global_batch_size: int, num_batches: int,
                       process_index: int = 0,
                       process_count: int = 1) -> list[dict[str, np.ndarray]]:
-  """Up to `num_batches` fixed batches of `split` (documents in file order).
+  """Fixed batches of `split`: all of it (num_batches=0) or at most
+  `num_batches` batches of rows spread evenly over all of it (`held_out.py`).
 
-  Every process returns the same number of batches (the fewest any process
-  can fill), so evaluation steps in lock-step; the last batch may be topped up
-  with padding rows (segment_ids 0, masked by the loss).
+  Each process packs its documents (every process_count-th, file order) and
+  reads its planned rows; every process returns the same number of batches,
+  topped up with padding rows (loss_mask 0). Each target is scored at most
+  once over all processes (exactly once for the whole split).
   """
   tf = open_split(data_dir, split)
   ids, per_process = _shard(tf, process_index, process_count, global_batch_size)
-  tokens = tf.doc_lengths() - 1  # Targets per document.
-  usable = np.flatnonzero(tokens >= 1)
-  rows = [math.ceil(int(tokens[usable[p::process_count]].sum()) / seq_len)
+  targets = tf.doc_lengths() - 1  # Per document.
+  usable = _usable(tf)
+  rows = [math.ceil(int(targets[usable[p::process_count]].sum()) / seq_len)
           for p in range(process_count)]
-  n = min(num_batches, math.ceil(min(rows) / per_process))
-  if n < 1:
-    raise ValueError(f"Cannot make eval batches from {tf.path}:"
-                     f" num_batches={num_batches}, rows per process {rows}.")
-  it = iter(_packed(grain.MapDataset.source(ids), tf, seq_len))
-  got = [next(it) for _ in range(min(n * per_process, rows[process_index]))]
-  got += [_zero_rows(1, seq_len) for _ in range(n * per_process - len(got))]
-  stacked = {k: np.concatenate([np.atleast_2d(r[k]) for r in got])
-             for k in ("inputs", "targets", "segment_ids", "positions")}
+  n, picks = held_out.plan(rows, per_process, num_batches)
+  wanted = set(picks[process_index].tolist())
+  got = []
+  for r, row in enumerate(packing.packed_rows(grain.MapDataset.source(ids), tf,
+                                              seq_len)):
+    if r in wanted:
+      got.append(row)
+      if len(got) == len(wanted):
+        break
+  pad = packing.zero_rows(n * per_process - len(got), seq_len)
+  stacked = {k: np.concatenate([np.stack([g[k] for g in got]).reshape(-1, seq_len),
+                                pad[k]]) for k in packing.BATCH_KEYS}
   return [{k: v[i * per_process:(i + 1) * per_process] for k, v in stacked.items()}
           for i in range(n)]

@@ -7,13 +7,26 @@ seqio is the front door (vocabularies, tasks, mixtures, preprocessing) but it
 imports TensorFlow, which the training hosts never do. So this step, run once
 on a CPU host, writes into `--out`:
 
-  spm.model        the SentencePiece vocabulary (trained on the KJV train split;
-                   a task with its own vocabulary gets it copied to vocab.model)
+  spm.model        the SentencePiece vocabulary trained on the KJV train split,
+                   only when the task uses it; a task with its own vocabulary
+                   gets that model copied to vocab.model instead
   <split>.tokens   one token file per split (see `token_file.py`)
   meta.json        written last, atomically: its presence means "complete"
 
-meta.json also records a unigram baseline: a model whose loss is above
-log(unigram_ppl_validation) has not learned more than token frequencies.
+What becomes a document:
+* a task with a "targets" feature only (plain text): the targets tokens, every
+  token scored;
+* a task that also has an "inputs" feature (prompt/response, SFT): inputs +
+  targets, with a loss mask of 0 on the inputs and 1 on the targets, so the
+  prompt is context but never predicted. The tokens are joined as the task
+  emits them: give `inputs` add_eos=False for a decoder-only prompt.
+* a mixture: its examples as seqio mixes them (rate-weighted sampling; seed 42
+  when unshuffled, so the files are reproducible), which stops when its first
+  task runs out of examples.
+
+meta.json also records a unigram baseline over the scored tokens: a model
+whose loss is above log(unigram_ppl_validation) has not learned more than
+token frequencies.
 
 Idempotent: when meta.json matches the request, the vocabulary's fingerprint
 and intact token files, it says so and exits without importing TensorFlow.
@@ -35,7 +48,7 @@ from qtrain.data import token_file
 from qtrain.data import vocab as vocab_lib
 
 META_NAME = "meta.json"
-META_VERSION = 1
+META_VERSION = 2  # 2: splits say whether their file has a loss mask.
 
 
 def unigram_perplexities(train_tokens: np.ndarray, eval_tokens: np.ndarray | None,
@@ -97,25 +110,58 @@ def _local_vocab_file(out: pathlib.Path, vocabulary) -> pathlib.Path:
   return dst
 
 
+def _documents(ds, prompted: bool):
+  """A seqio dataset's examples as token-file documents (module docstring)."""
+  for ex in ds.as_numpy_iterator():
+    if not prompted:
+      yield ex["targets"]
+      continue
+    prompt, response = ex["inputs"], ex["targets"]
+    mask = np.concatenate([np.zeros(len(prompt), np.uint8),
+                           np.ones(len(response), np.uint8)])
+    yield np.concatenate([prompt, response]), mask
+
+
 def _materialise(provider, split: str, path: pathlib.Path, vocab_size: int,
                  fingerprint: str) -> dict:
   """One pass over `split` of a seqio task/mixture, written as a token file."""
+  prompted = "inputs" in provider.output_features
   ds = provider.get_dataset(sequence_length=None, split=split, shuffle=False,
                             seed=0, num_epochs=1)
-  docs = (ex["targets"] for ex in ds.as_numpy_iterator())
-  counts = token_file.write_token_file(path, docs, vocab_size, fingerprint)
-  return {"file": path.name, **counts}
+  counts = token_file.write_token_file(path, _documents(ds, prompted),
+                                       vocab_size, fingerprint,
+                                       with_mask=prompted)
+  return {"file": path.name, "loss_mask": prompted, **counts}
+
+
+def _scored_tokens(out: pathlib.Path, info: dict) -> np.ndarray:
+  tf = token_file.TokenFile(out / info["file"])
+  return np.asarray(tf.tokens if tf.mask is None else tf.tokens[tf.mask == 1])
 
 
 def _unigram_fields(out: pathlib.Path, splits: dict, vocab_size: int) -> dict:
   if "train" not in splits:
     return {"unigram_ppl_train": None, "unigram_ppl_validation": None}
-  train = token_file.TokenFile(out / splits["train"]["file"]).tokens
+  train = _scored_tokens(out, splits["train"])
   valid = None
   if "validation" in splits:
-    valid = token_file.TokenFile(out / splits["validation"]["file"]).tokens
+    valid = _scored_tokens(out, splits["validation"])
   ppl_train, ppl_valid = unigram_perplexities(train, valid, vocab_size)
   return {"unigram_ppl_train": ppl_train, "unigram_ppl_validation": ppl_valid}
+
+
+def _vocabulary(provider):
+  """The task's one vocabulary ("inputs", if present, must share it)."""
+  features = provider.output_features
+  if "targets" not in features:
+    raise ValueError(f"seqio task/mixture {provider.name!r} has no 'targets'"
+                     f" feature (has {sorted(features)}): prepare reads"
+                     " 'targets' (and 'inputs' as an unscored prompt).")
+  vocabulary = features["targets"].vocabulary
+  if "inputs" in features and features["inputs"].vocabulary != vocabulary:
+    raise ValueError(f"seqio task/mixture {provider.name!r}: 'inputs' and"
+                     " 'targets' must share one vocabulary.")
+  return vocabulary
 
 
 def prepare(task: str, out: str | os.PathLike, vocab_size: int = 8000,
@@ -133,15 +179,18 @@ def prepare(task: str, out: str | os.PathLike, vocab_size: int = 8000,
   out.mkdir(parents=True, exist_ok=True)
   (out / META_NAME).unlink(missing_ok=True)  # Incomplete until rewritten.
   t0 = time.perf_counter()
-  spm_path = vocab_lib.train_vocab(out, vocab_size)
-  t_vocab = time.perf_counter() - t0
   import seqio  # pylint: disable=g-import-not-at-top  # TensorFlow: slow, here only.
   from qtrain.data import tasks  # pylint: disable=g-import-not-at-top
+  spm_path = out / vocab_lib.MODEL_NAME  # Trained below if the task uses it.
   tasks.register_tasks(spm_path)
   for module in module_imports:
     importlib.import_module(module)
   provider = seqio.get_mixture_or_task(task)
-  vocabulary = provider.output_features["targets"].vocabulary
+  t_vocab = time.perf_counter()
+  if str(spm_path) in tasks.vocab_files(provider):
+    vocab_lib.train_vocab(out, vocab_size)
+  t_vocab = time.perf_counter() - t_vocab
+  vocabulary = _vocabulary(provider)
   vocab_file = _local_vocab_file(out, vocabulary)
   fingerprint = vocab_lib.vocab_fingerprint(vocab_file)
   splits = {s: _materialise(provider, s, out / f"{s}.tokens",

@@ -6,7 +6,8 @@ Importing this module imports seqio and therefore TensorFlow; only `prepare`
 `kjv` is the default corpus (see `corpus.py`), one example per chapter with
 the text under "targets", tokenized by the SentencePiece model of `vocab.py`
 and ended by EOS. Any other registered seqio task or mixture can be prepared
-the same way as long as it has a "targets" feature.
+the same way as long as it has a "targets" feature (and, for prompt/response
+data, an "inputs" feature: see `prepare.py`).
 """
 
 from __future__ import annotations
@@ -58,3 +59,10 @@ def splits_of(provider) -> tuple[str, ...]:
   tasks = getattr(provider, "tasks", None) or [provider]
   common = set(tasks[0].splits).intersection(*(t.splits for t in tasks[1:]))
   return tuple(sorted(common))
+
+
+def vocab_files(provider) -> set[str]:
+  """The SentencePiece model files that a task or mixture's features use."""
+  tasks = getattr(provider, "tasks", None) or [provider]
+  return {getattr(f.vocabulary, "sentencepiece_model_file", None)
+          for t in tasks for f in t.output_features.values()} - {None}
