@@ -39,4 +39,4 @@ test: data $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -ra tests
 
 clean:
-	rm -rf $(VENV) data runs
+	rm -rf $(VENV) data  # runs/ holds trained models: never cleaned

@@ -1,10 +1,11 @@
 """Text from a trained run, decoded with the (quantized) KV cache.
 
   python -m qtrain.generate --workdir=runs/NAME --prompt="And God said" \
-      --max_new_tokens=64 [--temperature=0.8] [--seed=0] [--kv_bits=4]
+      --max_new_tokens=64 [--temperature=0.8] [--seed=0] [--kv_bits=4] [--step=N]
 
 Rebuilds the model from ``workdir/config.json`` (its ``config.quant``
-included) and restores the params of the latest checkpoint onto one device.
+included) and restores the params of the latest checkpoint (or ``--step``)
+onto one device.
 ``--kv_bits=B`` (2..8) overrides the run's KV quantizer with int B asymmetric
 per token per head (the w4a4kv4 preset's KV spec at B bits); ``--kv_bits=0``
 keeps K/V unquantized. Without it the run's own config decides.
@@ -24,6 +25,7 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sampling 
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _KV_BITS = flags.DEFINE_integer("kv_bits", None, "Override the KV cache quantizer: int bits "
                                 "2..8 (asymmetric, per token per head) or 0 for none.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.")
 flags.mark_flags_as_required(["workdir"])
 
 # The attention module paths the KV rule names (configs/quant/base.py ATTENTION).
@@ -43,42 +45,57 @@ def with_kv_bits(quant_cfg, bits: int) -> None:
     quant_cfg.rules = (rule, *quant_cfg.rules)
 
 
-def load_run(workdir: str, kv_bits: int | None = None):
-  """(config, model, params, step) of the latest checkpoint in ``workdir``."""
+def load_run(workdir: str, kv_bits: int | None = None, step: int | None = None):
+  """(config, model, params, step) of the latest (or given) checkpoint in ``workdir``."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from qtrain.train.build import build_model  # pylint: disable=g-import-not-at-top
   from qtrain.train.checkpoint import load_config, restore_params  # pylint: disable=g-import-not-at-top
+  from qtrain.train.state import abstract_params  # pylint: disable=g-import-not-at-top
   cfg = load_config(workdir)
   if kv_bits is not None:
     with_kv_bits(cfg.quant, kv_bits)
   model = build_model(cfg)
-  tokens = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
-  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])
+  shapes = nn.unbox(abstract_params(model, cfg.data.seq_len))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           shapes)
-  params, step = restore_params(workdir, abstract)  # The optimizer moments stay on disk.
+  params, step = restore_params(workdir, abstract, step)  # The optimizer moments stay on disk.
   return cfg, model, params, step
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO.
+  from qtrain.train.errors import EXPECTED  # pylint: disable=g-import-not-at-top
+  if not _PROMPT.value:
+    _fail('--prompt is empty: give text to continue, e.g. --prompt="And God said"')
+  try:
+    _generate()
+  except EXPECTED as e:
+    _fail(str(e))
+
+
+def _fail(msg: str) -> None:
+  print(f"error: {msg}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _generate() -> None:
   from qtrain.data import loader, vocab  # pylint: disable=g-import-not-at-top
   from qtrain.layers import kv_cache  # pylint: disable=g-import-not-at-top
   from qtrain.train.sample import generate  # pylint: disable=g-import-not-at-top
   try:
-    cfg, model, params, step = load_run(_WORKDIR.value, _KV_BITS.value)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cfg, model, params, step = load_run(_WORKDIR.value, _KV_BITS.value, _STEP.value)
+  except ValueError as e:  # --kv_bits out of range, a config.json of another schema.
+    _fail(str(e))
   per_token = kv_cache.cache_bytes_per_token(kv_cache.init_cache(model, 1, 1), 1, 1)
   print(f"checkpoint step {step}; KV cache {per_token:.0f} bytes per token", file=sys.stderr)
   meta = loader.read_meta(cfg.data.dir)
   sp = vocab.load_sentencepiece(os.path.join(cfg.data.dir, meta["vocab_path"]))
   prompt = sp.encode(_PROMPT.value)
+  if not prompt:
+    _fail(f"--prompt={_PROMPT.value!r} encodes to no tokens; give some text to continue")
   new = generate(model, params, prompt, _MAX_NEW.value, eos_id=meta.get("eos_id"),
                  temperature=_TEMPERATURE.value, seed=_SEED.value)
   known = [t for t in new if t < sp.get_piece_size()]

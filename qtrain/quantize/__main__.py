@@ -1,9 +1,9 @@
 """Post-training quantization of a trained run.
 
   python -m qtrain.quantize --workdir=runs/NAME --recipe=w4a4kv4 --method=rtn|gptq|awq \\
-      [--calib_batches=8] [--out=runs/NAME/ptq_<recipe>_<method>] [--act_order]
+      [--calib_batches=8] [--out=runs/NAME/ptq_<recipe>_<method>] [--act_order] [--step=N]
 
-Restores the run's latest params (config.json + checkpoints/), quantizes the
+Restores the run's latest params (or those of checkpoint ``--step``) (config.json + checkpoints/), quantizes the
 weight of every matmul the recipe's rules match (``--recipe``: a preset in
 configs/quant, switches after ``+``, e.g. ``w4a4+lm_head``), calibrating GPTQ
 and AWQ on the first ``--calib_batches`` training batches, saves codes and
@@ -31,7 +31,7 @@ from qtrain.parallel import DATA_PARALLEL_RULES, make_mesh
 from qtrain.quant import validate_quant
 from qtrain.train.checkpoint import load_config
 from qtrain.quantize import evaluate as ev
-from qtrain.quantize.export import load_quantized, save_quantized
+from qtrain.quantize.export import load_quantized, ptq_providers, save_quantized
 from qtrain.quantize.gptq_awq import collect_stats, quantize_params
 from qtrain.quantize.rtn import weight_sites, weight_sites_checked
 
@@ -45,6 +45,7 @@ _ACT_ORDER = flags.DEFINE_bool("act_order", False, "GPTQ: columns by decreasing 
 _BLOCK = flags.DEFINE_integer("gptq_blocksize", 128, "GPTQ: columns per lazy-update block.")
 _DAMP = flags.DEFINE_float("gptq_damp", 0.01, "GPTQ: damping, a fraction of mean(diag H).")
 _GRID = flags.DEFINE_integer("awq_grid", 20, "AWQ: exponents searched in [0, 1].")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to quantize; default the latest.")
 flags.mark_flags_as_required(["workdir", "recipe"])
 
 
@@ -69,7 +70,8 @@ def _calibration_stats(cfg, data_dir, model_cfg, params, sites, method, n_batche
 
 
 def run(workdir: str, recipe: str, method: str, *, calib_batches: int = 8, out: str | None = None,
-        data_dir: str | None = None, method_kwargs: dict | None = None) -> dict:
+        data_dir: str | None = None, method_kwargs: dict | None = None,
+        step: int | None = None) -> dict:
   """Quantizes, exports, reloads and evaluates; returns ptq_metrics.json's dict."""
   cfg = load_config(workdir)
   d = cfg.data
@@ -84,7 +86,7 @@ def run(workdir: str, recipe: str, method: str, *, calib_batches: int = 8, out: 
   calib_batches = calib_batches if method in ("gptq", "awq") else 0
   mesh, times, stats = make_mesh(), {}, None
   with jax.set_mesh(mesh), nn.logical_axis_rules(DATA_PARALLEL_RULES):
-    params, step = ev.restore_params(workdir, cfg, mesh)
+    params, step = ev.restore_params(workdir, cfg, mesh, step)
     weight_sites_checked(params, sites)
     if calib_batches:
       t = time.perf_counter()
@@ -112,7 +114,8 @@ def run(workdir: str, recipe: str, method: str, *, calib_batches: int = 8, out: 
         process_count=jax.process_count())
     nll_fp, ppl_fp = ev.perplexity(Transformer(model_cfg), params, eval_batches, mesh,
                                    d.seq_len)
-    ptq_model = Transformer(model_cfg, ev.eval_provider(recipe_quant, cfg.model))
+    ptq_model = Transformer(model_cfg, ptq_providers(out, ev.eval_provider(recipe_quant,
+                                                                           cfg.model)))
     nll_ptq, ppl_ptq = ev.perplexity(ptq_model, loaded, eval_batches, mesh, d.seq_len)
   times["eval_s"] = time.perf_counter() - t
   metrics = {"recipe": recipe, "method": method, "step": step, "ppl_fp": ppl_fp,
@@ -144,10 +147,12 @@ def _print(m: dict) -> None:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO.
+  from qtrain.train.errors import EXPECTED  # pylint: disable=g-import-not-at-top
   try:
     m = run(_WORKDIR.value, _RECIPE.value, _METHOD.value, calib_batches=_CALIB.value,
-            out=_OUT.value, data_dir=_DATA.value, method_kwargs=_method_kwargs(_METHOD.value))
-  except (ValueError, FileNotFoundError) as e:
+            out=_OUT.value, data_dir=_DATA.value, method_kwargs=_method_kwargs(_METHOD.value),
+            step=_STEP.value)
+  except (ValueError, *EXPECTED) as e:  # ValueError: a recipe or GPTQ input the user can fix.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   _print(m)

@@ -44,8 +44,11 @@ def _param_signature(cfg):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from qtrain.train.build import build_model  # pylint: disable=g-import-not-at-top
   from qtrain.train.state import abstract_params  # pylint: disable=g-import-not-at-top
-  params = nn.unbox(abstract_params(build_model(cfg), cfg.data.seq_len))
-  return jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), params)
+  boxed = abstract_params(build_model(cfg), cfg.data.seq_len)
+  is_box = lambda x: isinstance(x, nn.Partitioned)  # Unboxed by hand: no sharding constraint.
+  return jax.tree.map(lambda a: (tuple((a.value if is_box(a) else a).shape),
+                                 str((a.value if is_box(a) else a).dtype)), boxed,
+                      is_leaf=is_box)
 
 
 def check_resume(saved, cfg, workdir: str) -> list[str]:
