@@ -44,14 +44,16 @@ def opt_state_shardings(abstract_opt_state, abstract_params, param_shardings, me
   ``abstract_params`` (unboxed)."""
   params = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
   shardings = jax.tree.leaves(param_shardings)
-  by_path = {path_keys(p): (leaf.shape, sh.spec) for (p, leaf), sh in zip(params, shardings)}
+  by_path = {path_keys(p): (leaf.shape, sh) for (p, leaf), sh in zip(params, shardings)}
 
   def leaf_sharding(path, leaf):
     keys = path_keys(path)
     for start in range(len(keys)):  # Longest suffix first.
       if keys[start:] in by_path:
-        shape, spec = by_path[keys[start:]]
-        return NamedSharding(mesh, derived_spec(leaf.shape, shape, spec, mesh))
+        shape, sharding = by_path[keys[start:]]
+        if tuple(leaf.shape) == tuple(shape):  # A moment: exactly its param's sharding.
+          return sharding
+        return NamedSharding(mesh, derived_spec(leaf.shape, shape, sharding.spec, mesh))
     return NamedSharding(mesh, PartitionSpec())
 
   return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_opt_state)
