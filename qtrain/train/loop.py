@@ -32,6 +32,7 @@ from qtrain.train.preemption import Agreement, SigtermFlag
 from qtrain.train.progress import Progress
 from qtrain.train.reporter import NonFiniteError, Reporter
 from qtrain.train.resume import check_resume
+from qtrain.train.warm_start import initial_params
 from qtrain.train.state import abstract_params, abstract_state, init_state, state_shardings
 from qtrain.train.step import make_steps
 
@@ -121,11 +122,8 @@ def run(cfg, workdir: str) -> dict:
 def _init(cfg, model, tx, mesh, abstract):
   """A fresh state; its params from ``config.train.init_from`` when set."""
   state = init_state(model, tx, mesh, cfg.seed, cfg.data.seq_len)
-  if not cfg.train.init_from:
-    return state
-  params, step = restore_params(cfg.train.init_from, abstract.params)
-  print(f"initialised params from {cfg.train.init_from} (step {step})", flush=True)
-  return state.replace(params=params)
+  params = initial_params(cfg, model, mesh, state.params, abstract.params)
+  return state if params is state.params else state.replace(params=params)
 
 
 def save_config(cfg, workdir: str) -> None:

@@ -1,0 +1,71 @@
+"""A fresh run's first params: from ``config.train.init_from`` when set, with
+learned quantizer steps fitted to real data and to the weights in use.
+
+``model.init`` traces the model with placeholder tokens, so the learned steps
+it creates (LSQ, LSQ+) fit no real activation. Here they are created again
+from the first training batch (a separate iterator with the run's seed: the
+run's own data order is untouched):
+
+* fresh run: every learned step from that batch and the initial weights;
+* ``init_from``: the params the source run has are restored (its model is
+  rebuilt from its own config.json, so an unquantized source into a quantized
+  config restores the weights and has no step keys to miss); steps the source
+  did not learn are created from that batch and the loaded weights; steps it
+  did learn are kept.
+"""
+
+from __future__ import annotations
+
+import flax
+import jax
+
+from qtrain.data import loader
+from qtrain.data.global_batch import to_global
+from qtrain.quant import calibrate_learned_steps, learned_step_paths
+from qtrain.train import checkpoint
+from qtrain.train.build import build_model
+from qtrain.train.state import abstract_params
+
+
+def _flat(tree):
+  return flax.traverse_util.flatten_dict(tree)
+
+
+def _calibration_batch(cfg, mesh, model_cfg):
+  d = cfg.data
+  it = loader.make_train_iterator(d.dir, seq_len=d.seq_len, global_batch_size=d.global_batch_size,
+                                  seed=cfg.seed, process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+  return to_global(next(it), mesh, model_cfg)
+
+
+def _restore_source(cfg, abstract):
+  """(params restored from init_from for the keys its model has, its step)."""
+  source = build_model(checkpoint.load_config(cfg.train.init_from))
+  have = set(_flat(abstract_params(source, cfg.data.seq_len)))  # Boxed leaves.
+  wanted = {k: v for k, v in _flat(abstract).items() if k in have}
+  restored, step = checkpoint.restore_params(cfg.train.init_from,
+                                             flax.traverse_util.unflatten_dict(wanted))
+  return restored, step
+
+
+def initial_params(cfg, model, mesh, params, abstract):
+  """``params`` of a freshly initialised state, made ready to train.
+
+  ``abstract``: the params' ShapeDtypeStructs with shardings (the restore target).
+  """
+  if cfg.train.init_from:
+    restored, step = _restore_source(cfg, abstract)
+    print(f"initialised params from {cfg.train.init_from} (step {step})", flush=True)
+    merged = {**_flat(params), **_flat(restored)}
+    params = flax.traverse_util.unflatten_dict(merged)
+    keep = {k for k in _flat(restored) if k in set(map(tuple, learned_step_paths(params)))}
+  else:
+    keep = set()
+  if not learned_step_paths(params) or len(keep) == len(learned_step_paths(params)):
+    return params
+  batch = _calibration_batch(cfg, mesh, model.cfg)
+  kept = {k: v for k, v in _flat(params).items() if k in keep}
+  fitted = calibrate_learned_steps(model, params, batch, jax.random.key(cfg.seed))
+  out = flax.traverse_util.unflatten_dict({**_flat(fitted), **kept})
+  return jax.device_put(out, jax.tree.map(lambda a: a.sharding, abstract))
