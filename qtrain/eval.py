@@ -26,15 +26,6 @@ _DATA = flags.DEFINE_string("data_dir", None, "Prepared data; default config.dat
 flags.mark_flags_as_required(["workdir"])
 
 
-def _values(boxed):
-  """ShapeDtypeStructs out of their logical-axis boxes (``nn.unbox`` would add a
-  sharding constraint, which abstract values under a mesh cannot take)."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  is_box = lambda x: isinstance(x, nn.Partitioned)
-  return jax.tree.map(lambda x: x.value if is_box(x) else x, boxed, is_leaf=is_box)
-
-
 def run(workdir: str, step: int | None = None, eval_batches: int | None = None,
         data_dir: str | None = None) -> dict:
   """Evaluates the checkpoint; returns (and writes) the result's dict."""
@@ -45,7 +36,7 @@ def run(workdir: str, step: int | None = None, eval_batches: int | None = None,
   from qtrain.train.build import build_model  # pylint: disable=g-import-not-at-top
   from qtrain.train.checkpoint import load_config, restore_params  # pylint: disable=g-import-not-at-top
   from qtrain.train.evaluate import evaluate, jit_eval_step  # pylint: disable=g-import-not-at-top
-  from qtrain.train.state import abstract_params, param_shardings  # pylint: disable=g-import-not-at-top
+  from qtrain.train.state import param_shardings, params_target  # pylint: disable=g-import-not-at-top
   cfg = load_config(workdir)
   d = cfg.data
   data_dir = data_dir or d.dir
@@ -54,9 +45,7 @@ def run(workdir: str, step: int | None = None, eval_batches: int | None = None,
   mesh = make_mesh()
   with jax.set_mesh(mesh), nn.logical_axis_rules(DATA_PARALLEL_RULES):
     param_sh = param_shardings(model, mesh, d.seq_len)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            _values(abstract_params(model, d.seq_len)), param_sh)
-    params, step = restore_params(workdir, abstract, step)
+    params, step = restore_params(workdir, params_target(model, mesh, d.seq_len), step)
     batches = loader.make_eval_batches(
         data_dir, seq_len=d.seq_len, global_batch_size=d.eval_batch_size,
         num_batches=eval_batches or d.eval_batches, process_index=jax.process_index(),

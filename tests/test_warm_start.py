@@ -13,7 +13,7 @@ from qtrain.parallel import DATA_PARALLEL_RULES, make_mesh
 from qtrain.train import checkpoint
 from qtrain.train.build import build_model
 from qtrain.train.loop import run
-from qtrain.train.state import abstract_params, abstract_state, init_state, param_shardings
+from qtrain.train.state import abstract_params, abstract_state, init_state, params_target
 from qtrain.train.warm_start import initial_params
 
 
@@ -38,11 +38,7 @@ def _source_params(workdir):
   """The source run's params, restored on their own (its model, its shardings)."""
   model, mesh = build_model(_smoke()), make_mesh()
   with jax.set_mesh(mesh), nn.logical_axis_rules(DATA_PARALLEL_RULES):
-    values = jax.tree.map(lambda x: x.value, abstract_params(model, 64),
-                          is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          values, param_shardings(model, mesh, 64))
-    return checkpoint.restore_params(workdir, target)
+    return checkpoint.restore_params(workdir, params_target(model, mesh, 64))
 
 
 def test_init_from_unquantized_run_into_lsq_config(tmp_path):

@@ -13,18 +13,17 @@ import dataclasses
 import functools
 import math
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from qtrain.config.variants import apply_variants
 from qtrain.layers import ModelConfig, Transformer
-from qtrain.parallel import batch_sharding, logical_sharding, replicated
+from qtrain.parallel import batch_sharding, replicated
 from qtrain.quant import QuantProvider, validate_quant
 from qtrain.train.build import build_model
 from qtrain.train import checkpoint
 from qtrain.train.evaluate import evaluate
+from qtrain.train.state import param_shardings, params_target
 from qtrain.train.step import eval_step
 
 
@@ -47,14 +46,8 @@ def restore_params(workdir: str, cfg, mesh, step: int | None = None) -> tuple[di
   the optimizer's state is neither rebuilt nor loaded, so a checkpoint stays
   readable when the optimizer's code or config schema moves on.
   """
-  model = build_model(cfg)
-  abstract = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      jax.eval_shape(lambda r: nn.unbox(model.init(r, jnp.zeros((1, cfg.data.seq_len),
-                                                                  jnp.int32))["params"]),
-                     jax.random.key(0)),
-      param_shardings(model, mesh, cfg.data.seq_len))
-  return checkpoint.restore_params(workdir, abstract, step)
+  target = params_target(build_model(cfg), mesh, cfg.data.seq_len)
+  return checkpoint.restore_params(workdir, target, step)
 
 
 def eval_provider(recipe_quant, model_cfg=None) -> QuantProvider:
@@ -62,12 +55,6 @@ def eval_provider(recipe_quant, model_cfg=None) -> QuantProvider:
   rules = validate_quant(recipe_quant, model_cfg)
   return QuantProvider(rules=tuple(dataclasses.replace(r, weight=None) for r in rules),
                        mode="fake")
-
-
-def param_shardings(model, mesh, seq_len: int):
-  boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, seq_len), jnp.int32)),
-                         jax.random.key(0))["params"]
-  return logical_sharding(boxed, mesh)
 
 
 def perplexity(model: Transformer, params, batches, mesh, seq_len: int) -> tuple[float, float]:

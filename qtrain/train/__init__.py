@@ -5,5 +5,6 @@ from qtrain.train.families import (STEP_FAMILIES, StepContext, apply_if_finite,
                                    register_step_family, step_metrics, validate_step)
 from qtrain.train.loss import cross_entropy, loss_mask, make_loss
 from qtrain.train.state import (TrainState, abstract_params, abstract_state, init_state,
-                                param_shardings, state_shardings, step_key)
+                                param_shardings, params_target, state_shardings,
+                                step_key)
 from qtrain.train.step import BATCH_KEYS, eval_step, make_steps, train_step

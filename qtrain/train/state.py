@@ -59,6 +59,14 @@ def param_shardings(model: nn.Module, mesh, seq_len: int):
   return logical_sharding(abstract_params(model, seq_len), mesh)
 
 
+def params_target(model: nn.Module, mesh, seq_len: int):
+  """The params' ShapeDtypeStructs with their shardings: what a checkpoint's
+  params are restored into (evaluation, PTQ, init_from)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      _values(abstract_params(model, seq_len)),
+                      param_shardings(model, mesh, seq_len))
+
+
 def _init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
   def init(rng):
     params = nn.unbox(model.init(rng, _tokens(seq_len))["params"])
