@@ -20,9 +20,11 @@ import pytest
 
 from qtrain.layers import ModelConfig, Transformer
 from qtrain.quant import QuantRule, QuantSpec, dequantize, fake_quant, quantize
-from qtrain.quantize import (collect_stats, dequantized_params, gptq, load_export, load_quantized,
-                             quantize_awq, quantize_gptq, quantize_params, quantize_rtn,
-                             save_quantized, weight_sites)
+from qtrain.layers import Linear
+from qtrain.quant import QuantProvider
+from qtrain.quantize import (InputScale, collect_stats, dequantized_params, gptq, load_export,
+                             load_quantized, ptq_providers, quantize_awq, quantize_gptq,
+                             quantize_params, quantize_rtn, save_quantized, weight_sites)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = pathlib.Path(os.environ.get("QTRAIN_TEST_DATA", ROOT / "data" / "kjv"))
@@ -256,6 +258,123 @@ def test_awq_not_worse_than_rtn_with_outlier_input_channels():
   # The codes are our quantizer's codes of W diag(s).
   np.testing.assert_array_equal(
       aw.qt.q, quantize(jnp.asarray(kernel) * aw.awq_scale, W4, contract_axis=0).q)
+
+
+A4_TOKEN = QuantSpec(bits=4, granularity="token", symmetric=False, calibration="minmax")
+
+
+def np_int_quant(x, bits, symmetric, axis):
+  """Float64 fake-quant, min/max (asymmetric) or absmax (symmetric) over ``axis``:
+  the formulas of qtrain.quant.quantizer's docstring, written independently."""
+  if symmetric:
+    qp = 2 ** (bits - 1) - 1
+    s = np.abs(x).max(axis, keepdims=True) / qp
+    return np.clip(np.round(x / s), -qp, qp) * s
+  lo = np.minimum(x.min(axis, keepdims=True), 0)
+  hi = np.maximum(x.max(axis, keepdims=True), 0)
+  s = (hi - lo) / (2 ** bits - 1)
+  z = np.clip(np.round(-lo / s), 0, 2 ** bits - 1)
+  return (np.clip(np.round(x / s) + z, 0, 2 ** bits - 1) - z) * s
+
+
+class _OneMatmul(nn.Module):
+  providers: tuple
+
+  @nn.compact
+  def __call__(self, x):
+    return Linear(16, ("embed", "mlp"), hooks=self.providers, name="proj")(x)
+
+
+def test_awq_w4a4_matmul_quantizes_x_over_s():
+  """y = Q_a(x / s) Q_w(diag(s) W) against float64 NumPy; the pre-fix model,
+  Q_a(x) Q_w(diag(s) W) / s, differs."""
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(64, 32))
+  x[:, [2, 9, 30]] *= 20.0  # Outlier channels: AWQ's s is far from 1 there.
+  kernel = (rng.normal(size=(32, 16)) * 0.1).astype(np.float32)
+  aw = quantize_awq(jnp.asarray(kernel), jnp.mean(jnp.abs(jnp.asarray(x, jnp.float32)), 0), W4,
+                    layered=False)
+  s = np.asarray(aw.awq_scale, np.float64)[:, 0]
+  assert s.max() / s.min() > 2  # The search moved s away from 1 (else nothing is tested).
+  w_hat = np_int_quant(s[:, None] * kernel, 4, True, axis=0)  # Per output channel.
+  np.testing.assert_allclose(dequantize(aw.qt), w_hat, rtol=1e-6)  # float32 s * W vs float64.
+  want = np_int_quant(x / s, 4, False, axis=1) @ w_hat  # Per token.
+  model = _OneMatmul((InputScale({"proj": 1.0 / s.astype(np.float32)}),
+                      QuantProvider(rules=(QuantRule(pattern="proj", act=A4_TOKEN),))))
+  got = model.apply({"params": {"proj": {"kernel": dequantize(aw.qt)}}},
+                    jnp.asarray(x, jnp.float32))
+  # float32 vs float64 on the same codes (|y| up to ~5; measured 5.3e-6); one
+  # activation code off would move an output by ~1e-2.
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+  unscaled = np_int_quant(x, 4, False, axis=1) @ (w_hat / s[:, None])
+  assert np.abs(unscaled - want).max() > 100 * 2e-5
+
+
+def _awq_stats(sites, seed=8):
+  """Positive mean |x| per input channel, one array per norm group's input."""
+  rng = np.random.default_rng(seed)
+  by_shape = {}
+  out = {}
+  for s in sites:
+    key = s.param[:-2] if s.path.endswith(("q_proj", "k_proj", "v_proj", "gate_proj",
+                                            "up_proj")) else s.param
+    if key not in by_shape:
+      n_in = TINY.d_ff if s.path.endswith("down_proj") else TINY.d_model
+      shape = (TINY.n_layers, n_in) if s.layered else (n_in,)
+      by_shape[key] = jnp.asarray(np.exp(rng.normal(size=shape)), jnp.float32)
+    out[s.path] = {"act_scale": by_shape[key]}
+  return out
+
+
+def test_awq_export_folds_norms_and_equals_explicit_scaling(tiny_params, tmp_path):
+  """q/k/v, gate/up and lm_head share one s per norm, folded into it; o/down
+  keep an explicit 1/s. The exported model equals the all-explicit one."""
+  sites, _ = weight_sites(TINY, _rules(mlp_spec=W4, head_spec=W4))
+  qw = quantize_params("awq", tiny_params, sites, _awq_stats(sites))
+  a = lambda name: qw[f"decoder/layers/{name}"].awq_scale
+  assert np.array_equal(a("attn/q_proj"), a("attn/v_proj"))
+  assert np.array_equal(a("mlp/gate_proj"), a("mlp/up_proj"))
+  save_quantized(str(tmp_path), tiny_params, qw, sites, {"recipe": "test", "method": "awq"})
+  doc = json.loads((tmp_path / "ptq.json").read_text())
+  explicit = {p for p, e in doc["weights"].items() if e["awq"] == "explicit"}
+  assert explicit == {"decoder/layers/attn/o_proj", "decoder/layers/mlp/down_proj"}
+  loaded = load_quantized(str(tmp_path))
+  s_attn = np.asarray(a("attn/q_proj"))[..., 0]
+  np.testing.assert_allclose(loaded["decoder"]["layers"]["attn_norm"]["scale"],
+                             tiny_params["decoder"]["layers"]["attn_norm"]["scale"] / s_attn,
+                             rtol=1e-7)
+  # Reference: the unfolded params, every AWQ input divided explicitly.
+  ref = _copy_tree(tiny_params)
+  for s in sites:
+    node = ref
+    for k in s.param[:-1]:
+      node = node[k]
+    node["kernel"] = dequantize(qw[s.path].qt)
+  every = InputScale({s.path: 1.0 / np.asarray(qw[s.path].awq_scale)[..., 0] for s in sites})
+  tokens = jax.random.randint(jax.random.key(2), (2, 8), 0, TINY.vocab_size)
+  act = QuantProvider(rules=(QuantRule(pattern=".*", act=A4_TOKEN),))
+  for quant in (None, act):  # Weight-only, then W4A4.
+    want = Transformer(TINY, (every,) if quant is None else (every, quant)).apply(
+        {"params": ref}, tokens)
+    got = Transformer(TINY, ptq_providers(str(tmp_path), quant)).apply({"params": loaded},
+                                                                       tokens)
+    # gamma / s then x * gamma vs x * gamma then / s: float32 rounding only
+    # (|logits| ~0.3; 1e-6 is ~30 ulp). Measured: bitwise equal with and without
+    # A4 on CPU; one flipped activation code would move logits by ~1e-3.
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+  # Before the fix the export ran Q_a(x) against Q(diag(s) W) / s.
+  old = dequantized_params(tiny_params, {}, [])
+  for s in sites:
+    node = old
+    for k in s.param[:-1]:
+      node = node[k]
+    node["kernel"] = dequantize(qw[s.path].qt) / qw[s.path].awq_scale
+  before = Transformer(TINY, act).apply({"params": old}, tokens)
+  assert np.abs(np.asarray(before) - np.asarray(got)).max() > 100 * 1e-6
+
+
+def _copy_tree(tree):
+  return {k: _copy_tree(v) if isinstance(v, dict) else v for k, v in tree.items()}
 
 
 # --- calibration statistics ----------------------------------------------------

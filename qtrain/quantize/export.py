@@ -5,17 +5,24 @@ integer codes and scales of ``qtrain.quant`` (``QTensor``: codes in the
 kernel's layout ``[in, out]`` or ``[L, in, out]``; int8 for symmetric int
 grids, int4 values included; uint8 with an integer zero point for asymmetric
 ones; float8 for fp8) and, for AWQ, the per-input-channel scale ``s`` that was
-multiplied into the weight before quantization (W^ = dequantize(q) / s).
+multiplied into the weight before quantization: the kernel is
+W^ = dequantize(q) = Q(diag(s) W) and the matmul's input must be x / s, which
+``awq_fold`` folds into the preceding RMSNorm (q/k/v, gate/up, lm_head) or
+applies as an explicit per-channel 1/s (``InputScale``; o_proj, down_proj).
 
 On disk, ``<out>/`` holds
   ptq.json    recipe, method, source run and step, the model config, and per
               quantized matmul its param path, spec, layout and dtypes;
   weights/    one orbax checkpoint of {"quantized": codes, scales (+ zero
               points, AWQ scales) nested by param path, "float": every other
-              param (embeddings, norms, unquantized matmuls)}.
+              param (embeddings, norms with AWQ's 1/s folded in, unquantized
+              matmuls)}.
 ``load_quantized(out)`` reads both and returns float params (dequantized
 kernels in their original dtype) that the unquantized model's param tree
-accepts; it is bit-identical to ``dequantized_params`` on the in-memory weights.
+accepts; it is bit-identical to ``dequantized_params`` on the in-memory
+weights. ``ptq_providers(out, provider)`` puts the explicit AWQ input scales
+(ptq.json ``"awq": "explicit"``) in front of the evaluation's quant provider;
+without AWQ, or with every s folded, the params alone are the PTQ model.
 """
 
 from __future__ import annotations
@@ -31,23 +38,24 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from qtrain.quant import QTensor, dequantize
+from qtrain.quantize import awq_fold
 
-FORMAT_VERSION = 1
+# 2: AWQ kernels are Q(diag(s) W), the input's 1/s folded or explicit (1 held
+# Q(diag(s) W) / s, which fed the activation quantizer an unscaled x).
+FORMAT_VERSION = 2
 META_NAME = "ptq.json"
 WEIGHTS_DIR = "weights"
 
 
 class QuantizedWeight(NamedTuple):
-  """W^ = dequantize(qt) / awq_scale (awq_scale: [in, 1] or [L, in, 1], or None)."""
+  """W^ = dequantize(qt); AWQ: qt = Q(diag(s) W) with s = awq_scale ([in, 1] or
+  [L, in, 1]), and the matmul's input is to be divided by s (see awq_fold)."""
   qt: QTensor
   awq_scale: jax.Array | None = None
 
 
 def dequantize_weight(w: QuantizedWeight, dtype) -> jax.Array:
-  kernel = dequantize(w.qt, jnp.float32)
-  if w.awq_scale is not None:
-    kernel = kernel / w.awq_scale
-  return kernel.astype(dtype)
+  return dequantize(w.qt, dtype)
 
 
 def _set(tree: dict, key_path, value) -> None:
@@ -84,8 +92,9 @@ def _without(tree: dict, key_paths) -> dict:
 
 
 def dequantized_params(params, qweights: dict, sites) -> dict:
-  """``params`` with each site's kernel replaced by its dequantized weight."""
-  out = _copy(jax.tree.map(lambda x: x, params))
+  """``params`` with each site's kernel replaced by its dequantized weight and
+  the AWQ scales of folded groups divided out of their norms."""
+  out = awq_fold.fold_into_norms(params, awq_fold.folded_norms(qweights, sites))
   for s in sites:
     _set(out, s.param, dequantize_weight(qweights[s.path], _get(params, s.param).dtype))
   return out
@@ -115,6 +124,8 @@ def save_quantized(out: str, params, qweights: dict, sites, meta: dict) -> str:
   os.makedirs(out, exist_ok=True)
   quantized: dict = {}
   entries = {}
+  explicit = awq_fold.explicit_scales(qweights, sites)
+  params = awq_fold.fold_into_norms(params, awq_fold.folded_norms(qweights, sites))
   for s in sites:
     w = qweights[s.path]
     _set(quantized, s.param, _weight_arrays(w))
@@ -122,7 +133,8 @@ def save_quantized(out: str, params, qweights: dict, sites, meta: dict) -> str:
                        "spec": _spec_dict(s.spec), "shape": list(w.qt.q.shape),
                        "code_dtype": str(w.qt.q.dtype),
                        "dtype": str(_get(params, s.param).dtype),
-                       "awq": w.awq_scale is not None}
+                       "awq": (False if w.awq_scale is None else
+                               "explicit" if s.path in explicit else "folded")}
   tree = {"quantized": quantized, "float": _without(params, [s.param for s in sites])}
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.join(out, WEIGHTS_DIR), tree, force=True)
@@ -170,3 +182,15 @@ def load_quantized(out: str) -> dict:
   for path, e in doc["weights"].items():
     _set(params, e["param"], dequantize_weight(qweights[path], np.dtype(e["dtype"])))
   return params
+
+
+def ptq_providers(out: str, provider):
+  """``provider`` (the evaluation's activation/KV quantizer), preceded by the
+  explicit AWQ input scales of the export at ``out`` when it has any."""
+  doc = read_meta(out)
+  if not any(e.get("awq") == "explicit" for e in doc["weights"].values()):
+    return provider
+  _, qweights, _ = load_export(out)
+  inv = {path: 1.0 / np.asarray(qweights[path].awq_scale, np.float32)[..., 0]
+         for path, e in doc["weights"].items() if e.get("awq") == "explicit"}
+  return (awq_fold.InputScale(inv),) + (() if provider is None else (provider,))

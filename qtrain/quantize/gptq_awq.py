@@ -18,9 +18,13 @@ What comes from qwix 0.1.8 (``qwix.contrib``) and what is ours:
 * AWQ: the per-input-channel scale search is qwix's
   ``awq_core.search_optimal_scales`` (s = a^r, r on an ``n_grid`` grid in
   [0, 1], a the activation scale, minimising the activation-weighted weight
-  error); the weight W diag(s) is then quantized by our ``qtrain.quant``
-  quantizer, so the codes sit on the recipe's grid, and W^ = Q(W diag(s)) /
-  diag(s), which is what qwix's ``AwqInferenceProvider`` multiplies by. The
+  error), one s for the matmuls that read one norm's output (q/k/v,
+  gate/up); the weight diag(s) W ([in, out]) is then quantized by our
+  ``qtrain.quant`` quantizer, so the codes sit on the recipe's grid. The
+  model runs Q_a(x / s) Q(diag(s) W): 1/s folded into the norm or applied
+  explicitly to the input (``awq_fold``), so that an activation quantizer
+  sees x / s. (qwix's ``AwqInferenceProvider`` divides the weight by s
+  instead, which is right for weight-only quantization only.) The
   search quantizes with qwix numerics set to our grid (``qwix_how``):
   symmetric int scales absmax / Q_P (qwix divides by Q_P + 1/2, so the
   calibration carries the factor (Q_P + 1/2) / Q_P), asymmetric int4/int8
@@ -62,6 +66,7 @@ from qwix.contrib import awq_core, gptq_core
 from qtrain.layers import ModelConfig, Provider, Transformer
 from qtrain.quant import QTensor, QuantSpec, quantize
 from qtrain.quant.quantizer import FP8_DTYPES, codes, grid
+from qtrain.quantize import awq_fold
 from qtrain.quantize.export import QuantizedWeight
 from qtrain.quantize.rtn import get_param, quantize_params_rtn, quantize_rtn
 
@@ -179,14 +184,22 @@ def _awq_search(spec: QuantSpec, n_grid: int):
 
 def quantize_awq(kernel, act_scale, spec: QuantSpec, layered: bool,
                  n_grid: int = 20) -> QuantizedWeight:
-  """AWQ of a kernel [in, out] ([L, in, out]) given mean |x| per input channel."""
-  k_LKN = kernel if layered else kernel[None]
+  """AWQ of a kernel [in, out] ([L, in, out]) given mean |x| per input channel:
+  codes of diag(s) W and s; the input is to be divided by s (``awq_fold``)."""
+  return quantize_awq_group([kernel], act_scale, spec, layered, n_grid)[0]
+
+
+def quantize_awq_group(kernels, act_scale, spec: QuantSpec, layered: bool,
+                       n_grid: int = 20) -> list[QuantizedWeight]:
+  """AWQ of kernels that read one input (q/k/v, gate/up): one s searched on
+  their output channels side by side, so that 1/s folds into the input's
+  producer (AWQ, Lin et al. 2024, scales such groups together)."""
+  k_LKN = jnp.concatenate([k if layered else k[None] for k in kernels], axis=-1)
   a_LK = act_scale if layered else act_scale[None]
   s_LK = _awq_search(spec, n_grid)(jnp.swapaxes(k_LKN, 1, 2).astype(jnp.float32), a_LK)
-  s_LK1 = s_LK[..., None]
-  scaled = k_LKN.astype(jnp.float32) * s_LK1
-  qt = quantize_rtn(scaled if layered else scaled[0], spec, layered)
-  return QuantizedWeight(qt, s_LK1 if layered else s_LK1[0])
+  s_LK1 = s_LK[..., None] if layered else s_LK[0, :, None]
+  return [QuantizedWeight(quantize_rtn(k.astype(jnp.float32) * s_LK1, spec, layered), s_LK1)
+          for k in kernels]
 
 
 # --- GPTQ --------------------------------------------------------------------
@@ -371,17 +384,19 @@ def quantize_gptq(kernel, hessian, spec: QuantSpec, layered: bool, *, blocksize:
 
 
 def quantize_params(method: str, params, sites, stats=None, **kw) -> dict:
-  """{path: QuantizedWeight} by ``method`` (rtn | gptq | awq) at every site."""
+  """{path: QuantizedWeight} by ``method`` (rtn | gptq | awq) at every site.
+  AWQ searches one s per group of sites reading one norm (``awq_fold``)."""
   if method == "rtn":
     return quantize_params_rtn(params, sites)
-  out = {}
-  for s in sites:
-    kernel = get_param(params, s.param)
-    if method == "gptq":
-      out[s.path] = quantize_gptq(kernel, stats[s.path]["hessian"], s.spec, s.layered,
-                                  path=s.path, **kw)
-    elif method == "awq":
-      out[s.path] = quantize_awq(kernel, stats[s.path]["act_scale"], s.spec, s.layered, **kw)
-    else:
-      raise ValueError(f"--method={method!r}: use rtn, gptq or awq")
-  return out
+  if method == "awq":
+    out = {}
+    for _, members in awq_fold.fold_groups(sites):
+      first = members[0]
+      qws = quantize_awq_group([get_param(params, m.param) for m in members],
+                               stats[first.path]["act_scale"], first.spec, first.layered, **kw)
+      out.update({m.path: q for m, q in zip(members, qws)})
+    return out
+  if method != "gptq":
+    raise ValueError(f"--method={method!r}: use rtn, gptq or awq")
+  return {s.path: quantize_gptq(get_param(params, s.param), stats[s.path]["hessian"], s.spec,
+                                s.layered, path=s.path, **kw) for s in sites}
