@@ -85,7 +85,7 @@ def _local_params(params):
   """
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    params = multihost_utils.process_allgather(params)
+    params = multihost_utils.process_allgather(params, tiled=True)  # The global arrays.
   return jax.device_put(params, jax.local_devices()[0])
 
 
