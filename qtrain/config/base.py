@@ -46,7 +46,11 @@ def base_config() -> ml_collections.ConfigDict:
       seq_len=128,
       global_batch_size=16,  # Rows per step over all devices.
       eval_batch_size=16,
-      eval_batches=8,  # Held-out batches per evaluation.
+      # Held-out batches per evaluation: 0 = the whole split (every target
+      # once, comparable with meta.json's unigram baseline); N > 0 = at most N
+      # batches of rows spread evenly from the split's first document to its
+      # last (qtrain/data/held_out.py).
+      eval_batches=0,
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
