@@ -84,10 +84,12 @@ def test_entry_point_trains_and_reports(tmp_path):
   proc = _run(tmp_path, "--config.train.steps=3", "--config.train.log_every=1",
               "--config.optim.warmup_steps=1", "--config.data.eval_batches=1",
               "--config.train.sample_tokens=4", config="configs/default.py")
-  rows = _rows(tmp_path)
-  steps = [r["step"] for r in rows if "loss" in r]
-  assert steps == [1, 2, 3]
-  assert all(r["tokens_per_s"] > 0 for r in rows if "loss" in r)
+  rows = [r for r in _rows(tmp_path) if "loss" in r]
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  # Step 1's time is mostly compilation: throughput is counted from its end.
+  assert "tokens_per_s" not in rows[0]
+  assert all(r["tokens_per_s"] > 0 and r["step_time_s"] > 0 for r in rows[1:])
+  assert all({"lr", "skipped", "grad_norm", "finite"} <= r.keys() for r in rows)
   assert "held-out perplexity: initial" in proc.stdout
   assert (tmp_path / "tb").is_dir() and any((tmp_path / "tb").iterdir())
   assert _finalized_steps(tmp_path)[-1] == 3
@@ -255,3 +257,96 @@ def test_two_processes_agree_on_sigterm_and_resume_their_own_positions(tmp_path)
     drawn.append([int(l) for l in (tmp_path / f"batches{i}.log").read_text().split()])
     assert drawn[i] == expected, i
   assert drawn[0] != drawn[1]
+
+
+# --- in-process loop tests (one shared smoke run, tests/conftest.py) ----------
+
+
+def _rows_by_kind(workdir):
+  train = [r for r in _rows(workdir) if "loss" in r]
+  evals = [r for r in _rows(workdir) if "eval_ppl" in r]
+  return train, evals
+
+
+def test_resume_rewrites_rows_after_the_checkpoint_and_drops_a_torn_row(smoke_run):
+  from conftest import smoke_config  # pylint: disable=g-import-not-at-top
+  from qtrain.train.loop import run  # pylint: disable=g-import-not-at-top
+  before, _ = _rows_by_kind(smoke_run)
+  # A run killed after logging steps 5 and 6 (no checkpoint past 4), mid-way
+  # through writing step 7's row.
+  with open(smoke_run / "metrics.jsonl", "a", encoding="utf-8") as f:
+    f.write('{"step": 5, "loss": -1.0}\n{"step": 6, "loss": -1.0}\n{"step": 7, "lo')
+  run(smoke_config(steps=6), str(smoke_run))
+  after, evals = _rows_by_kind(smoke_run)  # _rows parses every line: none torn.
+  assert [r["step"] for r in after] == [1, 2, 3, 4, 5, 6]
+  assert after[:4] == before  # Rows up to the checkpoint kept as they were.
+  assert all(r["loss"] > 0 for r in after)  # The stale rows of 5 and 6 are gone.
+  assert [r["step"] for r in evals] == [0, 4, 6]
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(smoke_run, capsys):
+  from conftest import smoke_config  # pylint: disable=g-import-not-at-top
+  from qtrain.train.loop import run  # pylint: disable=g-import-not-at-top
+  losses = _losses(smoke_run)
+  files = [p for p in (smoke_run / "checkpoints" / "4" / "state").rglob("*") if p.is_file()]
+  max(files, key=lambda p: p.stat().st_size).unlink()  # The params' data file.
+  (smoke_run / "metrics.jsonl").write_text(
+      "".join(json.dumps(r) + "\n" for r in _rows(smoke_run) if r["step"] <= 2))
+  summary = run(smoke_config(), str(smoke_run))
+  out = capsys.readouterr().out
+  assert "checkpoint step 4" in out and "damaged" in out
+  assert "resumed from checkpoint step 2" in out
+  assert summary["step"] == 4 and (smoke_run / "checkpoints" / "4.damaged").is_dir()
+  # Resumed from step 2 it replays steps 3 and 4 bit-identically (CPU).
+  assert _losses(smoke_run) == losses
+
+
+def test_changed_model_is_rejected_before_anything_is_written(smoke_run):
+  from conftest import smoke_config  # pylint: disable=g-import-not-at-top
+  from qtrain.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from qtrain.train.loop import run  # pylint: disable=g-import-not-at-top
+  files = ("config.json", "metrics.jsonl")
+  before = {f: (smoke_run / f).read_bytes() for f in files}
+  cfg = smoke_config(steps=6)
+  cfg.model.d_model = 96
+  with pytest.raises(ConfigError, match=r"config\.model\.d_model.*init_from"):
+    run(cfg, str(smoke_run))
+  assert {f: (smoke_run / f).read_bytes() for f in files} == before
+  # The same after editing config.json by hand: the saved config is the reference.
+  saved = json.loads(before["config.json"])
+  saved["model"]["n_layers"] = 3
+  (smoke_run / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(ConfigError, match=r"differing: config\.model\.n_layers\)"):
+    run(smoke_config(steps=6), str(smoke_run))
+  assert json.loads((smoke_run / "config.json").read_text()) == saved
+
+
+def test_corrupt_first_metrics_row_fails_naming_the_line(smoke_run):
+  from conftest import smoke_config  # pylint: disable=g-import-not-at-top
+  from qtrain.train.loop import run  # pylint: disable=g-import-not-at-top
+  from qtrain.train.metrics import MetricsFileError  # pylint: disable=g-import-not-at-top
+  path = smoke_run / "metrics.jsonl"
+  path.write_text("{garbage\n" + path.read_text())
+  config_before = (smoke_run / "config.json").read_bytes()
+  with pytest.raises(MetricsFileError, match=r"metrics\.jsonl line 1 is not JSON"):
+    run(smoke_config(steps=6), str(smoke_run))
+  assert (smoke_run / "config.json").read_bytes() == config_before
+
+
+def test_sigterm_during_startup_ends_cleanly_before_the_first_step(tmp_path, monkeypatch,
+                                                                  capsys):
+  from conftest import smoke_config  # pylint: disable=g-import-not-at-top
+  from qtrain.train import loop  # pylint: disable=g-import-not-at-top
+  real = loop.make_steps
+
+  def signalled_while_compiling(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # Without the handler this kills pytest.
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(loop, "make_steps", signalled_while_compiling)
+  handler_before = signal.getsignal(signal.SIGTERM)
+  summary = loop.run(smoke_config(), str(tmp_path))
+  assert summary["preempted"] and summary["step"] == 0
+  assert "SIGTERM during start-up" in capsys.readouterr().out
+  assert _finalized_steps(tmp_path) == [] and _losses(tmp_path) == {}
+  assert signal.getsignal(signal.SIGTERM) == handler_before  # Handed back.

@@ -138,9 +138,8 @@ def save_config(cfg, workdir: str) -> None:
 
 
 def _check_workdir(cfg, workdir: str, ckpt: Checkpointer) -> None:
-  """Everything that can reject this run in ``workdir``, before any write:
-  a config whose state would not fit the checkpoints, a corrupt metrics.jsonl."""
-  metrics_lib.read_rows(workdir)  # Raises MetricsFileError naming a bad line.
+  """Whether this config may resume the checkpoints in ``workdir`` (before
+  any write: a rejected config never replaces config.json)."""
   saved = os.path.join(workdir, "config.json")
   if not ckpt.manager.all_steps() or not os.path.exists(saved):
     return
@@ -151,16 +150,21 @@ def _check_workdir(cfg, workdir: str, ckpt: Checkpointer) -> None:
 
 
 def _start(cfg, workdir, model, tx, mesh):
-  """(checkpointer, state, data iterator, restored step or None)."""
+  """(checkpointer, state, data iterator, restored step or None).
+
+  Everything that can reject the run comes first (a corrupt metrics.jsonl,
+  bad data, a config the checkpoints cannot take); then config.json is written.
+  """
   d, t = cfg.data, cfg.train
+  metrics_lib.read_rows(workdir)  # Raises MetricsFileError naming a bad line.
+  with _data_errors(d.dir):
+    it = loader.make_train_iterator(
+        d.dir, seq_len=d.seq_len, global_batch_size=d.global_batch_size, seed=cfg.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
                       async_save=t.async_checkpoint)
   try:
     _check_workdir(cfg, workdir, ckpt)
-    with _data_errors(d.dir):
-      it = loader.make_train_iterator(
-          d.dir, seq_len=d.seq_len, global_batch_size=d.global_batch_size, seed=cfg.seed,
-          process_index=jax.process_index(), process_count=jax.process_count())
     abstract = abstract_state(model, tx, mesh, d.seq_len)
     state, data_state, restored = ckpt.restore_or_init(
         abstract, lambda: _init(cfg, model, tx, mesh, abstract))
