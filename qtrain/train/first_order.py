@@ -22,7 +22,7 @@ def train_step(state: TrainState, batch, *, loss_fn, tx, schedule):
   """(state, batch) -> (state, metrics); pure, jitted by ``build``."""
   (objective, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, batch, step_key(state))
-  grad_norm = optax.global_norm(grads).astype(jnp.float32)
+  grad_norm = optax.tree.norm(grads).astype(jnp.float32)
   finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
   new_state = apply_if_finite(state, grads, finite, tx)
   return new_state, step_metrics(state, new_state, objective, aux, grad_norm, finite, schedule)
