@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from qtrain.layers import ModelConfig, Transformer
-from qtrain.quant import QuantRule, QuantSpec, dequantize, fake_quant, quantize
+from qtrain.quant import QuantRule, QuantSpec, dequantize, fake_quant, quantize, validate_quant
 from qtrain.layers import Linear
 from qtrain.quant import QuantProvider
 from qtrain.quantize import (InputScale, collect_stats, dequantized_params, gptq, load_export,
@@ -63,24 +63,50 @@ def _out_err(x, w, w_hat):
 # --- RTN ----------------------------------------------------------------------
 
 
-def test_rtn_codes_are_qtrain_quant_codes(tiny_params):
+def np_rtn(k, spec):
+  """Float64 RTN of a kernel [in, out], blocks along the contraction axis 0:
+  (codes, scale, zero point or None) with the scale's shape as qtrain.quant's
+  ([1, out] per channel, [in / g, out] per group)."""
+  g = spec.group_size if spec.granularity == "group" else k.shape[0]
+  kb = k.astype(np.float64).reshape(k.shape[0] // g, g, k.shape[1])  # [blocks, g, out]
+  if spec.symmetric:
+    qp = 2 ** (spec.bits - 1) - 1
+    scale = np.abs(kb).max(1) / qp
+    return np.clip(np.round(kb / scale[:, None]), -qp, qp).reshape(k.shape), scale, None
+  top = 2 ** spec.bits - 1
+  lo, hi = np.minimum(kb.min(1), 0), np.maximum(kb.max(1), 0)
+  scale = (hi - lo) / top
+  z = np.clip(np.round(-lo / scale), 0, top)
+  q = np.clip(np.round(kb / scale[:, None]) + z[:, None], 0, top)
+  return q.reshape(k.shape), scale, z
+
+
+def test_rtn_codes_and_scales_equal_float64_numpy(tiny_params):
   sites, _ = weight_sites(TINY, _rules(mlp_spec=W4_ASYM, head_spec=W4_G8))
   assert len(sites) == 8
   qw = quantize_params("rtn", tiny_params, sites)
   for s in sites:
-    kernel = tiny_params
-    for k in s.param:
-      kernel = kernel[k]
-    layers = range(kernel.shape[0]) if s.layered else [None]
-    for l in layers:
+    kernel = np.asarray(_param(tiny_params, s.param))
+    for l in range(kernel.shape[0]) if s.layered else [None]:
       k_l = kernel if l is None else kernel[l]
-      ref = quantize(k_l, s.spec, contract_axis=0)  # Eager, as a direct call.
-      got = jax.tree.map(lambda a, l=l: a if l is None else a[l], qw[s.path].qt)
-      for name, a, b in zip(("q", "scale", "zero_point"), got, ref):
-        assert (a is None) == (b is None), (s.path, name)
-        if a is not None:
-          assert a.dtype == b.dtype and np.array_equal(a, b), (s.path, l, name)
-      np.testing.assert_array_equal(dequantize(got), fake_quant(k_l, s.spec, contract_axis=0))
+      got = jax.tree.map(lambda a, l=l: np.asarray(a if l is None else a[l]), qw[s.path].qt)
+      want_q, want_s, want_z = np_rtn(k_l, s.spec)
+      # Codes and zero points exactly: no weight of these seeds lies within
+      # float32 rounding of a rounding boundary. Scales: qtrain computes them
+      # in float32 (and divides by Q_P as a multiply by fl(1/Q_P)): 1e-6 is ~8 ulp.
+      np.testing.assert_array_equal(got.q, want_q, err_msg=f"{s.path} layer {l}")
+      np.testing.assert_allclose(got.scale, want_s, rtol=1e-6, err_msg=s.path)
+      assert got.q.dtype == (np.int8 if s.spec.symmetric else np.uint8)
+      if want_z is None:
+        assert got.zero_point is None
+      else:
+        np.testing.assert_array_equal(got.zero_point, want_z, err_msg=s.path)
+
+
+def _param(params, key_path):
+  for k in key_path:
+    params = params[k]
+  return params
 
 
 # --- GPTQ ---------------------------------------------------------------------
@@ -442,7 +468,7 @@ def _env():
 
 
 @pytest.mark.slow
-def test_cli_end_to_end_rtn_and_gptq(tmp_path):
+def test_cli_end_to_end_rtn_gptq_awq(tmp_path):
   run = tmp_path / "run"
   train = [sys.executable, "-m", "qtrain.train", "--config=configs/default.py:smoke",
            f"--workdir={run}", f"--config.data.dir={DATA}", "--config.train.steps=4",
@@ -452,7 +478,7 @@ def test_cli_end_to_end_rtn_and_gptq(tmp_path):
   procs = {m: subprocess.Popen(
       [sys.executable, "-m", "qtrain.quantize", f"--workdir={run}", "--recipe=w4a4kv4",
        f"--method={m}", "--calib_batches=2"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True) for m in ("rtn", "gptq")}
+      stderr=subprocess.PIPE, text=True) for m in ("rtn", "gptq", "awq")}
   metrics = {}
   for m, p in procs.items():
     out, err = p.communicate(timeout=300)
@@ -472,3 +498,43 @@ def test_cli_end_to_end_rtn_and_gptq(tmp_path):
   assert metrics["rtn"]["ppl_fp"] == metrics["gptq"]["ppl_fp"]  # Same fp model and batches.
   assert metrics["gptq"]["calib_batches"] == 2
   assert metrics["gptq"]["ppl_ptq"] != metrics["rtn"]["ppl_ptq"]  # Different weights.
+  # GPTQ minimises each matmul's output error E = tr(dW^T H dW), H = X^T X / n
+  # of its input. The held-out perplexity of this 4-step model is ~6130 (near
+  # the 8k vocabulary) for every method, and moves by +-0.3% between methods
+  # and weight noises: a GPTQ whose error propagation was flipped (the break
+  # tried) scored 6122 against RTN's 6149, "better". So the check is E of the
+  # exported weights on held-out inputs (not the 2 calibration batches).
+  err = _layer_errors(run, [run / f"ptq_w4a4kv4_{m}" for m in ("rtn", "gptq")])
+  for path, (e_rtn, e_gptq) in err.items():
+    # Measured: GPTQ/RTN 0.08 (o_proj) to 0.78 (v_proj) per matmul; 10% slack
+    # for calibrating on 2 batches and measuring on 2 others.
+    assert e_gptq <= 1.1 * e_rtn, (path, e_gptq, e_rtn)
+  total = [sum(e[i] for e in err.values()) for i in (0, 1)]
+  assert total[1] <= 0.8 * total[0], total  # Measured 0.53.
+
+
+def _layer_errors(run, exports) -> dict:
+  """{matmul path: [tr(dW^T H dW) of each export]}, H from 2 held-out batches."""
+  from qtrain.data import loader  # pylint: disable=g-import-not-at-top
+  from qtrain.data.global_batch import to_global  # pylint: disable=g-import-not-at-top
+  from qtrain.parallel import DATA_PARALLEL_RULES, make_mesh  # pylint: disable=g-import-not-at-top
+  from qtrain.quantize import evaluate as ev  # pylint: disable=g-import-not-at-top
+  from qtrain.train.checkpoint import load_config  # pylint: disable=g-import-not-at-top
+  cfg = load_config(str(run))
+  model_cfg = ev.model_config(cfg)
+  docs = [load_export(str(e)) for e in exports]
+  sites, _ = weight_sites(model_cfg, validate_quant(ev.load_recipe("w4a4kv4"), cfg.model))
+  mesh = make_mesh()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(DATA_PARALLEL_RULES):
+    params, _ = ev.restore_params(str(run), cfg, mesh)
+    batches = loader.make_eval_batches(DATA, seq_len=cfg.data.seq_len,
+                                       global_batch_size=cfg.data.eval_batch_size, num_batches=2)
+    stats = collect_stats(model_cfg, params, [to_global(b, mesh) for b in batches], sites,
+                          ("hessian",))
+  out = {}
+  for s in sites:
+    w = np.asarray(_param(params, s.param), np.float64)
+    H = np.asarray(stats[s.path]["hessian"], np.float64)
+    dws = [w - np.asarray(dequantize(qw[s.path].qt), np.float64) for _, qw, _ in docs]
+    out[s.path] = [float(np.einsum("...io,...ij,...jo->...", dw, H, dw).sum()) for dw in dws]
+  return out

@@ -106,6 +106,7 @@ def fold_into_norms(params, norms: dict):
   for key_path, s in norms.items():
     node = _get(out, key_path[:-1])
     gamma = node[key_path[-1]]
+    s = np.asarray(s, np.float32)  # Host copy: gamma may live on the run's mesh.
     node[key_path[-1]] = (gamma.astype(jnp.float32) / s).astype(gamma.dtype)
   return out
 
