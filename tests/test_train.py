@@ -117,8 +117,9 @@ def test_sigkill_between_checkpoints_resumes_bit_identically(tmp_path):
 
 
 def test_torn_async_checkpoint_is_skipped(tmp_path):
+  # A fixed cosine horizon: the re-run raises train.steps (qtrain.optim.check_resume).
   common = ("--config.train.steps=60", "--config.train.checkpoint_every=1",
-            "--config.train.eval_every=100")
+            "--config.train.eval_every=100", "--config.optim.decay_steps=60")
   proc = _start(tmp_path, *common)
   ckpt = tmp_path / "checkpoints"
 
@@ -142,7 +143,7 @@ def test_torn_async_checkpoint_is_skipped(tmp_path):
 
 def test_sigterm_saves_exits_zero_and_resumes(tmp_path):
   common = ("--config.train.steps=400", "--config.train.eval_every=1000",
-            "--config.train.checkpoint_every=1000")
+            "--config.train.checkpoint_every=1000", "--config.optim.decay_steps=400")
   proc = _start(tmp_path, *common)
   _wait_for(lambda: max(_losses(tmp_path), default=0) >= 3, proc)
   proc.send_signal(signal.SIGTERM)

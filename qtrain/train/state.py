@@ -62,9 +62,9 @@ def param_shardings(model: nn.Module, mesh, seq_len: int):
 def params_target(model: nn.Module, mesh, seq_len: int):
   """The params' ShapeDtypeStructs with their shardings: what a checkpoint's
   params are restored into (evaluation, PTQ, init_from)."""
+  boxed = abstract_params(model, seq_len)
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      _values(abstract_params(model, seq_len)),
-                      param_shardings(model, mesh, seq_len))
+                      _values(boxed), logical_sharding(boxed, mesh))
 
 
 def _init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
