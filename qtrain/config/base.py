@@ -39,6 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
       # is exact but slow); the loop stops with a clear error if a batch has more.
       attention_max_segments=16,
       init_std=0.02,
+      # Weight forms by path, first match wins (qtrain/layers/weights.py), e.g.
+      # (dict(pattern=r"decoder/layers/mlp/.*", form="low_rank", rank=64),); none: dense.
+      weight_forms=(),
   ))
 
   c.data = ml_collections.ConfigDict(dict(
