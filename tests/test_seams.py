@@ -320,3 +320,16 @@ def test_learned_steps_come_from_real_data_and_the_loaded_weights():
   for k in plain["decoder"]["layers"]["attn"]:  # Everything else is untouched.
     np.testing.assert_array_equal(params["decoder"]["layers"]["attn"][k]["kernel"],
                                   plain["decoder"]["layers"]["attn"][k]["kernel"])
+
+
+def test_hp_bwd_backward_dots_run_in_the_compute_dtype_with_float32_accumulation():
+  from qtrain.quant import QuantDotGeneral  # pylint: disable=g-import-not-at-top
+  dot = QuantDotGeneral(weight=W8, act=A8, mode="int8", int8_backward=False)
+  x = jnp.ones((4, 32), jnp.bfloat16)
+  w = jnp.ones((32, 16), jnp.bfloat16)
+  dn = (((1,), (0,)), ((), ()))
+  grad = jax.grad(lambda x, w: jnp.sum(dot.apply({}, x, w, dn).astype(jnp.float32)), (0, 1))
+  counts = count_dots(jax.make_jaxpr(grad)(x, w).jaxpr)
+  # Forward: one int8 dot; backward (hp_bwd): dX and dW on bf16 operands into float32
+  # (they ran float32 x float32 before, twice the bytes and no tensor-core bf16 rate).
+  assert counts == {("int8", "int8", "int32"): 1, ("bfloat16", "bfloat16", "float32"): 2}

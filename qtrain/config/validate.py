@@ -74,6 +74,11 @@ def _check_model(m) -> None:
            f"config.model.remat_policy={m.remat_policy!r}; use one of {sorted(REMAT_POLICIES)}")
   _require(m.attention_impl in IMPLEMENTATIONS,
            f"config.model.attention_impl={m.attention_impl!r}; use one of {IMPLEMENTATIONS}")
+  try:
+    from qtrain.layers.weights import form_rules  # pylint: disable=g-import-not-at-top
+    form_rules(m.weight_forms)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   _require(m.rope_scaling.factor >= 1.0,
            f"config.model.rope_scaling.factor={m.rope_scaling.factor} must be >= 1 (1 = off)")
   if m.rope_scaling.factor > 1.0:
