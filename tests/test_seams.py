@@ -333,3 +333,14 @@ def test_hp_bwd_backward_dots_run_in_the_compute_dtype_with_float32_accumulation
   # Forward: one int8 dot; backward (hp_bwd): dX and dW on bf16 operands into float32
   # (they ran float32 x float32 before, twice the bytes and no tensor-core bf16 rate).
   assert counts == {("int8", "int8", "int32"): 1, ("bfloat16", "bfloat16", "float32"): 2}
+
+
+def test_model_flops_count_the_matmuls_the_model_runs():
+  from qtrain.train.metrics import matmul_params  # pylint: disable=g-import-not-at-top
+  c = CFG
+  attn = c.d_model * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
+  dense = c.n_layers * (attn + 3 * c.d_model * c.d_ff) + c.d_model * c.vocab_size  # By hand.
+  assert matmul_params(c) == dense
+  assert matmul_params(dataclasses.replace(c, scan_layers=False)) == dense
+  low = dataclasses.replace(c, weight_forms=LOW_RANK)  # up, down: in*out -> r*(in+out).
+  assert matmul_params(low) == dense - c.n_layers * 2 * (32 * 64 - 4 * (32 + 64))

@@ -1,8 +1,8 @@
 """Metric sinks (TensorBoard event files, ``metrics.jsonl``) and model FLOPs.
 
 MFU follows the PaLM convention: model FLOPs per token = 6·N + 6·L·S·D, where
-N counts the matmul params of the layers and the LM head (not the input
-embedding) and 6·L·S·D is causal attention's QK^T and PV, forward and backward
+N counts the weights of every matmul the model issues (the layers and the LM
+head, not the input embedding lookup; read off the traced model) and 6·L·S·D is causal attention's QK^T and PV, forward and backward
 (12·L·S·D halved by the causal mask).
 """
 
@@ -20,10 +20,14 @@ PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "tpu v4": 275e12,
 
 
 def matmul_params(model_cfg) -> int:
-  c = model_cfg
-  attn = c.d_model * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
-  mlp = 3 * c.d_model * c.d_ff
-  return c.n_layers * (attn + mlp) + c.d_model * c.vocab_size
+  """Weights the model multiplies per token: the sum of in x out over every
+  matmul the traced model issues (``qtrain.layers.trace_sites``; stacked
+  blocks counted L times), so weight forms (low-rank factors) count as run."""
+  from qtrain.layers import ModelConfig, Transformer, trace_sites  # pylint: disable=g-import-not-at-top
+  c = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig.from_dict(
+      model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg))
+  return sum(s.in_features * s.out_features * (c.n_layers if s.stacked else 1)
+             for s in trace_sites(Transformer(c)).matmuls)
 
 
 def flops_per_token(model_cfg, seq_len: int) -> float:
