@@ -20,8 +20,8 @@ from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run (config.json, checkpoints/).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.")
-_BATCHES = flags.DEFINE_integer("eval_batches", None, "Held-out batches; default the run's "
-                                "config.data.eval_batches.")
+_BATCHES = flags.DEFINE_integer("eval_batches", None, "Held-out batches (0: the whole split); "
+                                "default the run's config.data.eval_batches.")
 _DATA = flags.DEFINE_string("data_dir", None, "Prepared data; default config.data.dir of the run.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -35,6 +35,7 @@ def run(workdir: str, step: int | None = None, eval_batches: int | None = None,
   from qtrain.parallel import DATA_PARALLEL_RULES, make_mesh  # pylint: disable=g-import-not-at-top
   from qtrain.train.build import build_model  # pylint: disable=g-import-not-at-top
   from qtrain.train.checkpoint import load_config, restore_params  # pylint: disable=g-import-not-at-top
+  from qtrain.train.errors import data_errors  # pylint: disable=g-import-not-at-top
   from qtrain.train.evaluate import evaluate, jit_eval_step  # pylint: disable=g-import-not-at-top
   from qtrain.train.state import param_shardings, params_target  # pylint: disable=g-import-not-at-top
   cfg = load_config(workdir)
@@ -46,10 +47,11 @@ def run(workdir: str, step: int | None = None, eval_batches: int | None = None,
   with jax.set_mesh(mesh), nn.logical_axis_rules(DATA_PARALLEL_RULES):
     param_sh = param_shardings(model, mesh, d.seq_len)
     params, step = restore_params(workdir, params_target(model, mesh, d.seq_len), step)
-    batches = loader.make_eval_batches(
-        data_dir, seq_len=d.seq_len, global_batch_size=d.eval_batch_size,
-        num_batches=eval_batches or d.eval_batches, process_index=jax.process_index(),
-        process_count=jax.process_count())
+    n = d.eval_batches if eval_batches is None else eval_batches
+    with data_errors(data_dir):
+      batches = loader.make_eval_batches(
+          data_dir, seq_len=d.seq_len, global_batch_size=d.eval_batch_size, num_batches=n,
+          process_index=jax.process_index(), process_count=jax.process_count())
     eval_step = jit_eval_step(model, mesh, param_sh, tuple(batches[0]))
     nll = evaluate(eval_step, params, batches, mesh, model.cfg)
   result = {"step": step, "eval_loss": nll, "eval_ppl": math.exp(nll),
@@ -67,8 +69,8 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO.
   from qtrain.train.errors import EXPECTED  # pylint: disable=g-import-not-at-top
-  if _BATCHES.value is not None and _BATCHES.value < 1:
-    _fail(f"--eval_batches={_BATCHES.value} must be >= 1")
+  if _BATCHES.value is not None and _BATCHES.value < 0:
+    _fail(f"--eval_batches={_BATCHES.value} must be >= 0 (0: the whole held-out split)")
   try:
     r = run(_WORKDIR.value, _STEP.value, _BATCHES.value, _DATA.value)
   except EXPECTED as e:

@@ -3,6 +3,8 @@ and exit 2 instead of a traceback. Anything else is a bug and keeps its
 traceback.
 """
 
+import contextlib
+
 from qtrain.config import ConfigError
 from qtrain.data.token_file import TokenFileError
 from qtrain.train.checkpoint import CheckpointError
@@ -18,3 +20,15 @@ class DataError(ValueError):
 # FileNotFoundError: a workdir, config.json or prepared data that is not there.
 EXPECTED = (ConfigError, DataError, TokenFileError, CheckpointError, MetricsFileError, NonFiniteError,
             FileNotFoundError)
+
+
+@contextlib.contextmanager
+def data_errors(data_dir: str):
+  """The loader's ValueErrors (a split missing, too few documents, a saved
+  position of another pipeline) are the user's to fix: DataError, one line."""
+  try:
+    yield
+  except (DataError, TokenFileError):  # Already name the file.
+    raise
+  except ValueError as e:
+    raise DataError(f"data in {data_dir}: {e}") from None

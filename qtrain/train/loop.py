@@ -10,7 +10,6 @@ checked against the one its checkpoints were trained with.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -20,13 +19,12 @@ import jax
 from qtrain.config import ConfigError, validate
 from qtrain.data import loader
 from qtrain.data.global_batch import to_global
-from qtrain.data.token_file import TokenFileError
 from qtrain.optim import build_optimizer
 from qtrain.parallel import DATA_PARALLEL_RULES, make_mesh
 from qtrain.train import metrics as metrics_lib
 from qtrain.train.build import build_model, quant_report
 from qtrain.train.checkpoint import Checkpointer, load_config, restore_params
-from qtrain.train.errors import DataError
+from qtrain.train.errors import data_errors
 from qtrain.train.evaluate import evaluate
 from qtrain.train.preemption import Agreement, SigtermFlag
 from qtrain.train.progress import Progress
@@ -37,18 +35,6 @@ from qtrain.train.state import abstract_params, abstract_state, init_state, stat
 from qtrain.train.step import make_steps
 
 __all__ = ["NonFiniteError", "run", "save_config"]
-
-
-@contextlib.contextmanager
-def _data_errors(data_dir: str):
-  """The loader's ValueErrors (a split missing, too few documents, a saved
-  position of another pipeline) are the user's to fix: one line, no traceback."""
-  try:
-    yield
-  except (DataError, TokenFileError):  # Already name the file.
-    raise
-  except ValueError as e:
-    raise DataError(f"data in {data_dir}: {e}") from None
 
 
 def _log_eval(writer, progress, step: int, nll: float, unigram_ppl) -> float:
@@ -157,7 +143,7 @@ def _start(cfg, workdir, model, tx, mesh):
   """
   d, t = cfg.data, cfg.train
   metrics_lib.read_rows(workdir)  # Raises MetricsFileError naming a bad line.
-  with _data_errors(d.dir):
+  with data_errors(d.dir):
     it = loader.make_train_iterator(
         d.dir, seq_len=d.seq_len, global_batch_size=d.global_batch_size, seed=cfg.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
@@ -169,7 +155,7 @@ def _start(cfg, workdir, model, tx, mesh):
     state, data_state, restored = ckpt.restore_or_init(
         abstract, lambda: _init(cfg, model, tx, mesh, abstract))
     if data_state is not None:
-      with _data_errors(d.dir):
+      with data_errors(d.dir):
         it.set_state(data_state)
   except BaseException:
     ckpt.close()
@@ -189,7 +175,7 @@ def _run(cfg, workdir, meta, model, tx, mesh, sigterm):
   try:
     train_step, eval_step = make_steps(cfg, model, tx, mesh,
                                        state_shardings(model, tx, mesh, d.seq_len))
-    with _data_errors(d.dir):
+    with data_errors(d.dir):
       eval_batches = loader.make_eval_batches(
           d.dir, seq_len=d.seq_len, global_batch_size=d.eval_batch_size,
           num_batches=d.eval_batches, process_index=jax.process_index(),
