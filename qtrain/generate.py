@@ -39,10 +39,15 @@ def with_kv_bits(quant_cfg, bits: int) -> None:
   kv = None if bits == 0 else dict(bits=bits, format="int", granularity="token",
                                    symmetric=False, calibration="minmax")
   rule = dict(pattern=ATTENTION, weight=None, act=None, kv=kv)
-  if quant_cfg.mode == "none":  # Its rules are inactive: keep them so, add only KV.
-    quant_cfg.mode, quant_cfg.rules = "fake", (rule,)
-  else:
-    quant_cfg.rules = (rule, *quant_cfg.rules)
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from qtrain.quant.config import named_rules  # pylint: disable=g-import-not-at-top
+  # Its rules are inactive in mode "none": keep them so, add only KV.
+  rules = [] if quant_cfg.mode == "none" else [r for _, r in named_rules(quant_cfg)]
+  names = [f"rule{i}" for i in range(len(rules))]
+  with quant_cfg.ignore_type():
+    quant_cfg.mode = "fake" if quant_cfg.mode == "none" else quant_cfg.mode
+    quant_cfg.rules = ml_collections.ConfigDict(dict(zip(["kv_bits", *names], [rule, *rules])))
+    quant_cfg.order = ("kv_bits", *names)
 
 
 def load_run(workdir: str, kv_bits: int | None = None, step: int | None = None):

@@ -344,3 +344,14 @@ def test_model_flops_count_the_matmuls_the_model_runs():
   assert matmul_params(dataclasses.replace(c, scan_layers=False)) == dense
   low = dataclasses.replace(c, weight_forms=LOW_RANK)  # up, down: in*out -> r*(in+out).
   assert matmul_params(low) == dense - c.n_layers * 2 * (32 * 64 - 4 * (32 + 64))
+
+
+def test_kv_bits_override_goes_first_for_named_and_sequence_rules():
+  from qtrain.generate import with_kv_bits  # pylint: disable=g-import-not-at-top
+  named = w4a4.get_quant()
+  legacy = ml_collections.ConfigDict({"mode": "fake", "order": (),  # An old config.json's rules.
+                                      "rules": [named.rules.linears.to_dict()]})
+  for q in (named, legacy):
+    with_kv_bits(q, 4)
+    rules = validate_quant(q)
+    assert rules[0].kv.bits == 4 and rules[1].weight.bits == 4 and len(rules) == 2
