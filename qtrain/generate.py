@@ -28,28 +28,6 @@ _KV_BITS = flags.DEFINE_integer("kv_bits", None, "Override the KV cache quantize
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.")
 flags.mark_flags_as_required(["workdir"])
 
-# The attention module paths the KV rule names (configs/quant/base.py ATTENTION).
-ATTENTION = r"decoder/layers(_\d+)?/attn"
-
-
-def with_kv_bits(quant_cfg, bits: int) -> None:
-  """Puts a KV rule for ``bits`` (0: no KV quantizer) ahead of ``quant_cfg.rules``."""
-  if bits and not 2 <= bits <= 8:
-    raise ValueError(f"--kv_bits={bits}: use 2..8, or 0 for unquantized K/V")
-  kv = None if bits == 0 else dict(bits=bits, format="int", granularity="token",
-                                   symmetric=False, calibration="minmax")
-  rule = dict(pattern=ATTENTION, weight=None, act=None, kv=kv)
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from qtrain.quant.config import named_rules  # pylint: disable=g-import-not-at-top
-  # Its rules are inactive in mode "none": keep them so, add only KV.
-  rules = [] if quant_cfg.mode == "none" else [r for _, r in named_rules(quant_cfg)]
-  names = [f"rule{i}" for i in range(len(rules))]
-  with quant_cfg.ignore_type():
-    quant_cfg.mode = "fake" if quant_cfg.mode == "none" else quant_cfg.mode
-    quant_cfg.rules = ml_collections.ConfigDict(dict(zip(["kv_bits", *names], [rule, *rules])))
-    quant_cfg.order = ("kv_bits", *names)
-
-
 def load_run(workdir: str, kv_bits: int | None = None, step: int | None = None):
   """(config, model, params, step) of the latest (or given) checkpoint in ``workdir``."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
@@ -59,6 +37,7 @@ def load_run(workdir: str, kv_bits: int | None = None, step: int | None = None):
   from qtrain.train.state import abstract_params  # pylint: disable=g-import-not-at-top
   cfg = load_config(workdir)
   if kv_bits is not None:
+    from qtrain.quant.config import with_kv_bits  # pylint: disable=g-import-not-at-top
     with_kv_bits(cfg.quant, kv_bits)
   model = build_model(cfg)
   shapes = nn.unbox(abstract_params(model, cfg.data.seq_len))

@@ -347,7 +347,7 @@ def test_model_flops_count_the_matmuls_the_model_runs():
 
 
 def test_kv_bits_override_goes_first_for_named_and_sequence_rules():
-  from qtrain.generate import with_kv_bits  # pylint: disable=g-import-not-at-top
+  from qtrain.quant.config import with_kv_bits  # pylint: disable=g-import-not-at-top
   named = w4a4.get_quant()
   legacy = ml_collections.ConfigDict({"mode": "fake", "order": (),  # An old config.json's rules.
                                       "rules": [named.rules.linears.to_dict()]})

@@ -38,6 +38,7 @@ import numpy as np
 from flax.core import meta
 
 from qtrain.layers.config import ModelConfig, RopeScaling
+from qtrain.layers.param_tree import put as _set
 
 _LAYER_KEYS = {  # HF suffix under model.layers.{i}. -> (qtrain path in a block, transpose)
     "self_attn.q_proj.weight": (("attn", "q_proj", "kernel"), True),
@@ -136,12 +137,6 @@ def _check_keys(given, expected, optional=()):
   if missing or unexpected:
     raise ValueError(f"HF state dict does not match the config: missing keys {missing}, "
                      f"unexpected keys {unexpected}")
-
-
-def _set(tree: dict, path: tuple[str, ...], value):
-  for name in path[:-1]:
-    tree = tree.setdefault(name, {})
-  tree[path[-1]] = value
 
 
 def params_from_hf_state_dict(state_dict: Mapping[str, Any], cfg: ModelConfig,

@@ -196,3 +196,20 @@ def provider_from_config(quant_cfg, model_cfg=None):
                        int8_backward=bool(quant_cfg.get("int8_backward", True)),
                        grad_stochastic_rounding=bool(quant_cfg.get("grad_stochastic_rounding",
                                                                    False)))
+
+
+def with_kv_bits(quant_cfg, bits: int) -> None:
+  """Puts a KV rule for ``bits`` (0: no KV quantizer) ahead of ``quant_cfg``'s
+  rules (``python -m qtrain.generate --kv_bits``): int, asymmetric, per token."""
+  if bits and not 2 <= bits <= 8:
+    raise ValueError(f"--kv_bits={bits}: use 2..8, or 0 for unquantized K/V")
+  kv = None if bits == 0 else dict(bits=bits, format="int", granularity="token",
+                                   symmetric=False, calibration="minmax")
+  rule = dict(pattern=r"decoder/layers/attn", weight=None, act=None, kv=kv)
+  # Its rules are inactive in mode "none": keep them so, add only KV.
+  rules = [] if quant_cfg.mode == "none" else [r for _, r in named_rules(quant_cfg)]
+  names = [f"rule{i}" for i in range(len(rules))]
+  with quant_cfg.ignore_type():
+    quant_cfg.mode = "fake" if quant_cfg.mode == "none" else quant_cfg.mode
+    quant_cfg.rules = ml_collections.ConfigDict(dict(zip(["kv_bits", *names], [rule, *rules])))
+    quant_cfg.order = ("kv_bits", *names)

@@ -63,5 +63,5 @@ def perplexity(model: Transformer, params, batches, mesh, seq_len: int) -> tuple
   batch_sh = {k: batch_sharding(mesh) for k in batches[0]}
   step = jax.jit(functools.partial(eval_step, model=model), in_shardings=(param_sh, batch_sh),
                  out_shardings=replicated(mesh))
-  nll = evaluate(step, jax.device_put(params, param_sh), batches, mesh)
+  nll = evaluate(step, jax.device_put(params, param_sh), batches, mesh, model.cfg)
   return nll, math.exp(nll)

@@ -39,6 +39,8 @@ import orbax.checkpoint as ocp
 
 from qtrain.quant import QTensor, dequantize
 from qtrain.quantize import awq_fold
+from qtrain.layers.param_tree import copy_tree as _copy, get as _get, put as _set
+from qtrain.layers.param_tree import without as _without
 
 # 2: AWQ kernels are Q(diag(s) W), the input's 1/s folded or explicit (1 held
 # Q(diag(s) W) / s, which fed the activation quantizer an unscaled x).
@@ -56,39 +58,6 @@ class QuantizedWeight(NamedTuple):
 
 def dequantize_weight(w: QuantizedWeight, dtype) -> jax.Array:
   return dequantize(w.qt, dtype)
-
-
-def _set(tree: dict, key_path, value) -> None:
-  for k in key_path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[key_path[-1]] = value
-
-
-def _get(tree, key_path):
-  for k in key_path:
-    tree = tree[k]
-  return tree
-
-
-def _copy(tree):
-  return {k: _copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
-
-
-def _without(tree: dict, key_paths) -> dict:
-  """``tree`` without the leaves at ``key_paths`` (and dicts left empty)."""
-  drop = {tuple(p) for p in key_paths}
-
-  def walk(node, prefix):
-    out = {}
-    for k, v in node.items():
-      p = (*prefix, k)
-      if p in drop:
-        continue
-      v = walk(v, p) if isinstance(v, dict) else v
-      if not (isinstance(v, dict) and not v):
-        out[k] = v
-    return out
-  return walk(tree, ())
 
 
 def dequantized_params(params, qweights: dict, sites) -> dict:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from qtrain.layers import Transformer, trace_sites
+from qtrain.layers.param_tree import get as get_param
 from qtrain.quant import QTensor, QuantSpec, quantize
 from qtrain.quant.provider import choice_per_layer
 from qtrain.quantize.export import QuantizedWeight
@@ -61,12 +62,6 @@ def weight_sites(model_cfg, rules) -> tuple[list[WeightSite], list[str]]:
         "decoder/layers/", f"decoder/layers_{m.layer}/", 1)
     sites.append(WeightSite(path, m.param, spec, m.stacked))
   return sites, notes
-
-
-def get_param(params, key_path):
-  for k in key_path:
-    params = params[k]
-  return params
 
 
 def per_layer(fn, kernel, layered: bool) -> QTensor:
