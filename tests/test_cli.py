@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import pathlib
 import shutil
 import subprocess
 import sys

@@ -9,7 +9,6 @@ Makefile runs prepare before the tests); a missing corpus fails them.
 import collections
 import json
 import math
-import os
 import pathlib
 import shutil
 import struct

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from qtrain.layers import ModelConfig, Transformer
-from qtrain.quant import QuantRule, QuantSpec, dequantize, fake_quant, quantize, validate_quant
+from qtrain.quant import QuantRule, QuantSpec, dequantize, quantize, validate_quant
 from qtrain.layers import Linear
 from qtrain.quant import QuantProvider
 from qtrain.quantize import (InputScale, collect_stats, dequantized_params, gptq, load_export,
@@ -520,8 +520,9 @@ def _layer_errors(run, exports) -> dict:
   from qtrain.parallel import DATA_PARALLEL_RULES, make_mesh  # pylint: disable=g-import-not-at-top
   from qtrain.quantize import evaluate as ev  # pylint: disable=g-import-not-at-top
   from qtrain.train.checkpoint import load_config  # pylint: disable=g-import-not-at-top
+  from qtrain.train.build import model_config  # pylint: disable=g-import-not-at-top
   cfg = load_config(str(run))
-  model_cfg = ev.model_config(cfg)
+  model_cfg = model_config(cfg)
   docs = [load_export(str(e)) for e in exports]
   sites, _ = weight_sites(model_cfg, validate_quant(ev.load_recipe("w4a4kv4"), cfg.model))
   mesh = make_mesh()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs.quant import w4a4, w8a8
-from qtrain.layers import (Hooks, LowRank, ModelConfig, Provider, Transformer, form_rules,
+from qtrain.layers import (Hooks, Linear, ModelConfig, Provider, Transformer, form_rules,
                            trace_sites)
 from qtrain.quant import (QuantProvider, QuantRule, QuantSpec, calibrate_learned_steps,
                           learned_step_paths, provider_from_config, validate_quant)
@@ -53,7 +53,7 @@ def test_low_rank_form_computes_x_a_b_and_keeps_the_dense_variance():
   assert up["a"].shape == (3, 32, 4) and up["b"].shape == (3, 4, 64) and "kernel" not in up
   assert params["decoder"]["layers"]["mlp"]["gate_proj"]["kernel"].shape == (3, 32, 64)
   # One Linear on its own against float64 NumPy: y = (x A) B.
-  lin = __import__("qtrain.layers", fromlist=["Linear"]).Linear(
+  lin = Linear(
       64, ("embed", "mlp"), hooks=Hooks(forms=form_rules([dict(pattern=".*", form="low_rank",
                                                                rank=4)])), init_std=0.2)
   x = jnp.asarray(np.random.default_rng(1).normal(size=(5, 32)), jnp.float32)
@@ -141,7 +141,6 @@ class Sow(Provider):
 
 def test_providers_compose_outermost_first():
   """(Shift, quant): the quantizer sees x + 0.5; (quant, Shift): Q(x) + 0.5."""
-  from qtrain.layers import Linear  # pylint: disable=g-import-not-at-top
   from qtrain.quant import fake_quant  # pylint: disable=g-import-not-at-top
   act = QuantSpec(bits=4, granularity="tensor")
   quant = QuantProvider(rules=(QuantRule(pattern=".*", act=act),), mode="fake")

@@ -11,6 +11,6 @@ from qtrain.layers.linear import Linear
 from qtrain.layers.mlp import MLP
 from qtrain.layers.model import Transformer
 from qtrain.layers.norms import RMSNorm
-from qtrain.layers.registry import ModelSites, trace_sites
+from qtrain.layers.registry import ModelSites, config_sites, trace_sites
 from qtrain.layers.rope import apply_rope, inverse_frequencies
 from qtrain.layers.weights import FORMS, Dense, FormRule, LowRank, WeightForm, form_rules

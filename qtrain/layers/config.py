@@ -68,6 +68,13 @@ class ModelConfig:
     return dtype_from_name(self.param_dtype)
 
   @classmethod
+  def of(cls, m) -> "ModelConfig":
+    """``m`` itself, or the ModelConfig of ``config.model`` (a ConfigDict or dict)."""
+    if isinstance(m, cls):
+      return m
+    return cls.from_dict(m.to_dict() if hasattr(m, "to_dict") else dict(m))
+
+  @classmethod
   def from_dict(cls, d: dict) -> "ModelConfig":
     d = dict(d)
     d["rope_scaling"] = RopeScaling(**dict(d.get("rope_scaling", {})))

@@ -65,6 +65,14 @@ class MatmulSite:
   weight_axis: int = 0  # The weight's contraction axis (1 for the tied LM head's [V, D]).
 
   @property
+  def module_path(self) -> str:
+    """The path with the block index of an unscanned stack put back
+    (``decoder/layers_3/attn/q_proj``): one name per weight, as PTQ keys them."""
+    if self.layer is None:
+      return self.path
+    return self.path.replace("decoder/layers/", f"decoder/layers_{self.layer}/", 1)
+
+  @property
   def layered(self) -> bool:
     """Inside the decoder stack (per-layer rules apply)."""
     return self.stacked or self.layer is not None

@@ -8,7 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from qtrain.layers.hooks import Hooks, as_hooks, canonical_path
+from qtrain.layers.hooks import as_hooks, canonical_path
 from qtrain.layers.weights import form_for
 
 
@@ -30,5 +30,5 @@ class Linear(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    hooks = self.hooks if isinstance(self.hooks, Hooks) else as_hooks(self.hooks)
+    hooks = as_hooks(self.hooks)
     return form_for(hooks.forms, module_path(self), self.init_std)(self, hooks, x)

@@ -12,11 +12,13 @@ skipped by PTQ: it is in the list the moment the model calls the hook.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qtrain.layers.config import ModelConfig
 from qtrain.layers.hooks import MatmulSite, Provider, as_hooks
 
 
@@ -57,3 +59,11 @@ def trace_sites(model: nn.Module, seq_len: int = 8) -> ModelSites:
   tokens = jnp.zeros((1, seq_len), jnp.int32)
   jax.eval_shape(lambda r: traced.init(r, tokens), jax.random.key(0))
   return ModelSites(matmuls=tuple(rec.matmuls.values()), activations=tuple(rec.activations))
+
+
+@functools.lru_cache(maxsize=16)
+def config_sites(cfg: ModelConfig) -> ModelSites:
+  """``trace_sites`` of the provider-less model of ``cfg``, traced once per
+  config: validation, PTQ sites and the FLOP count all ask for it at start-up."""
+  from qtrain.layers.model import Transformer  # pylint: disable=g-import-not-at-top
+  return trace_sites(Transformer(cfg))

@@ -21,6 +21,7 @@ New forms (sparse + low-rank, packed int4 codes + scales, rotated) subclass
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import re
 from typing import Any
@@ -37,11 +38,12 @@ def _contract_last(x, w):
 
 
 @dataclasses.dataclass(frozen=True)
-class WeightForm:
+class WeightForm(abc.ABC):
   """Creates the params of ``linear`` and returns y for input x."""
 
+  @abc.abstractmethod
   def __call__(self, linear: nn.Module, hooks, x) -> Any:
-    raise NotImplementedError
+    """Creates the form's params on ``linear`` and multiplies x through ``hooks``."""
 
   @staticmethod
   def site(linear, name: str | None, weight: str, fan_in: int, fan_out: int) -> MatmulSite:

@@ -137,11 +137,10 @@ def _check_mode(rule: QuantRule, where: str, mode: str) -> None:
 def _check_dims(quant_cfg, rules, model_cfg) -> None:
   """Group sizes against the contraction dim of every matmul a rule matches,
   and per-block learned rules under scan: on the matmuls of the traced model."""
-  from qtrain.layers import ModelConfig, Transformer, trace_sites  # pylint: disable=g-import-not-at-top
+  from qtrain.layers import ModelConfig, config_sites  # pylint: disable=g-import-not-at-top
   from qtrain.quant.rules import first_match  # pylint: disable=g-import-not-at-top
-  mc = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig.from_dict(
-      _as_dict(model_cfg))
-  sites = trace_sites(Transformer(mc))
+  mc = ModelConfig.of(model_cfg)
+  sites = config_sites(mc)
   wheres = [w for w, _ in named_rules(quant_cfg)]
   for where, rule in zip(wheres, rules):
     if rule.layers and max(rule.layers) >= mc.n_layers:

@@ -29,6 +29,7 @@ from qtrain.data.global_batch import to_global
 from qtrain.layers import Transformer
 from qtrain.parallel import DATA_PARALLEL_RULES, make_mesh
 from qtrain.quant import validate_quant
+from qtrain.train.build import model_config
 from qtrain.train.checkpoint import load_config
 from qtrain.quantize import evaluate as ev
 from qtrain.quantize.export import load_quantized, ptq_providers, save_quantized
@@ -78,7 +79,7 @@ def run(workdir: str, recipe: str, method: str, *, calib_batches: int = 8, out: 
   data_dir = data_dir or d.dir
   meta = loader.read_meta(data_dir)
   recipe_quant = ev.load_recipe(recipe)
-  model_cfg = ev.model_config(cfg)
+  model_cfg = model_config(cfg)
   sites, notes = weight_sites(model_cfg, validate_quant(recipe_quant, cfg.model))
   if not sites:
     raise ValueError(f"--recipe={recipe}: its rules quantize no weight of this model")

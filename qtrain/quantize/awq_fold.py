@@ -124,8 +124,7 @@ class InputScale(Provider):
   inv_scales: dict
 
   def dot(self, site, hooks, inner):
-    path = site.path if site.layer is None else site.path.replace(
-        "decoder/layers/", f"decoder/layers_{site.layer}/", 1)
+    path = site.module_path
     if path not in self.inv_scales:
       return inner
     inv = jnp.asarray(self.inv_scales[path])

@@ -17,7 +17,7 @@ import jax
 import ml_collections
 
 from qtrain.config.variants import apply_variants
-from qtrain.layers import ModelConfig, Transformer
+from qtrain.layers import Transformer
 from qtrain.parallel import batch_sharding, replicated
 from qtrain.quant import QuantProvider, validate_quant
 from qtrain.train.build import build_model
@@ -25,10 +25,6 @@ from qtrain.train import checkpoint
 from qtrain.train.evaluate import evaluate
 from qtrain.train.state import param_shardings, params_target
 from qtrain.train.step import eval_step
-
-
-def model_config(cfg) -> ModelConfig:
-  return ModelConfig.from_dict(cfg.model.to_dict())
 
 
 def load_recipe(recipe: str) -> ml_collections.ConfigDict:

@@ -56,7 +56,6 @@ import functools
 from typing import NamedTuple
 
 from absl import logging
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,8 +97,7 @@ class StatsProvider(Provider):
   where: dict = dataclasses.field(default_factory=dict, compare=False)  # path -> scope path.
 
   def dot(self, site, hooks, inner):
-    path = site.path if site.layer is None else site.path.replace(
-        "decoder/layers/", f"decoder/layers_{site.layer}/", 1)
+    path = site.module_path
     if path not in self.paths:
       return inner
 

@@ -21,7 +21,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from qtrain.layers import Transformer, trace_sites
+from qtrain.layers import config_sites
 from qtrain.layers.param_tree import get as get_param
 from qtrain.quant import QTensor, QuantSpec, quantize
 from qtrain.quant.provider import choice_per_layer
@@ -44,7 +44,7 @@ def weight_sites(model_cfg, rules) -> tuple[list[WeightSite], list[str]]:
   note.
   """
   sites, notes = [], []
-  for m in trace_sites(Transformer(model_cfg)).matmuls:
+  for m in config_sites(model_cfg).matmuls:
     choice = choice_per_layer(rules, m.path, m.layered, m.layer, model_cfg.n_layers)
     specs = {None if i is None else rules[i].weight
              for i in (choice if isinstance(choice, tuple) else (choice,))}
@@ -58,9 +58,7 @@ def weight_sites(model_cfg, rules) -> tuple[list[WeightSite], list[str]]:
     if m.weight_axis != 0:
       notes.append(f"{m.path}: tied to the embedding table; left in high precision")
       continue
-    path = m.path if m.layer is None else m.path.replace(
-        "decoder/layers/", f"decoder/layers_{m.layer}/", 1)
-    sites.append(WeightSite(path, m.param, spec, m.stacked))
+    sites.append(WeightSite(m.module_path, m.param, spec, m.stacked))
   return sites, notes
 
 

@@ -10,7 +10,7 @@ from qtrain.quant.config import provider_from_config
 
 
 def model_config(cfg) -> ModelConfig:
-  return ModelConfig.from_dict(cfg.model.to_dict())
+  return ModelConfig.of(cfg.model)
 
 
 def providers(cfg) -> tuple:

@@ -23,7 +23,7 @@ from qtrain.optim import build_optimizer
 from qtrain.parallel import DATA_PARALLEL_RULES, make_mesh
 from qtrain.train import metrics as metrics_lib
 from qtrain.train.build import build_model, quant_report
-from qtrain.train.checkpoint import Checkpointer, load_config, restore_params
+from qtrain.train.checkpoint import Checkpointer, load_config
 from qtrain.train.errors import data_errors
 from qtrain.train.evaluate import evaluate
 from qtrain.train.preemption import Agreement, SigtermFlag

@@ -23,11 +23,10 @@ def matmul_params(model_cfg) -> int:
   """Weights the model multiplies per token: the sum of in x out over every
   matmul the traced model issues (``qtrain.layers.trace_sites``; stacked
   blocks counted L times), so weight forms (low-rank factors) count as run."""
-  from qtrain.layers import ModelConfig, Transformer, trace_sites  # pylint: disable=g-import-not-at-top
-  c = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig.from_dict(
-      model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg))
+  from qtrain.layers import ModelConfig, config_sites  # pylint: disable=g-import-not-at-top
+  c = ModelConfig.of(model_cfg)
   return sum(s.in_features * s.out_features * (c.n_layers if s.stacked else 1)
-             for s in trace_sites(Transformer(c)).matmuls)
+             for s in config_sites(c).matmuls)
 
 
 def flops_per_token(model_cfg, seq_len: int) -> float:

@@ -57,12 +57,10 @@ def initial_params(cfg, model, mesh, params, abstract):
   if cfg.train.init_from:
     restored, step = _restore_source(cfg, abstract)
     print(f"initialised params from {cfg.train.init_from} (step {step})", flush=True)
-    merged = {**_flat(params), **_flat(restored)}
-    params = flax.traverse_util.unflatten_dict(merged)
-    keep = {k for k in _flat(restored) if k in set(map(tuple, learned_step_paths(params)))}
-  else:
-    keep = set()
-  if not learned_step_paths(params) or len(keep) == len(learned_step_paths(params)):
+    params = flax.traverse_util.unflatten_dict({**_flat(params), **_flat(restored)})
+  learned = set(learned_step_paths(params))
+  keep = learned & set(_flat(restored)) if cfg.train.init_from else set()
+  if keep == learned:  # Nothing to fit (no learned steps, or all from the source).
     return params
   batch = _calibration_batch(cfg, mesh, model.cfg)
   kept = {k: v for k, v in _flat(params).items() if k in keep}
