@@ -67,10 +67,9 @@ def main() -> None:
   p.add_argument("--remat", default=None)
   p.add_argument("--out", default="/tmp/qtrain_profile")
   args = p.parse_args()
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from qtrain.train.build import build_model  # pylint: disable=g-import-not-at-top
   from qtrain.optim import build_optimizer  # pylint: disable=g-import-not-at-top
-  from qtrain.parallel import DATA_PARALLEL_RULES, make_mesh  # pylint: disable=g-import-not-at-top
+  from qtrain.parallel import Layout  # pylint: disable=g-import-not-at-top
   from qtrain.train.state import abstract_params, init_state, state_shardings  # pylint: disable=g-import-not-at-top
   from qtrain.train.step import make_steps  # pylint: disable=g-import-not-at-top
   cfg = load_config(args.model)
@@ -78,8 +77,9 @@ def main() -> None:
     cfg.model.remat_policy = args.remat
   model = build_model(cfg)
   tx = build_optimizer(cfg, abstract_params(model, args.seq))
-  mesh = make_mesh()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(DATA_PARALLEL_RULES):
+  layout = Layout.from_config(cfg)
+  mesh = layout.mesh
+  with layout:
     state = init_state(model, tx, mesh, 0, args.seq)
     host = synthetic_batch(args.batch, args.seq, cfg.model.vocab_size, 0)
     step, _ = make_steps(cfg, model, tx, mesh, state_shardings(model, tx, mesh, args.seq),

@@ -34,7 +34,7 @@ import numpy as np
 from qtrain.layers import ModelConfig
 from qtrain.train.build import build_model
 from qtrain.optim import build_optimizer
-from qtrain.parallel import DATA_PARALLEL_RULES, make_mesh
+from qtrain.parallel import Layout
 from qtrain.train import metrics as metrics_lib
 from qtrain.train.state import abstract_params, init_state, state_shardings
 from qtrain.train.step import make_steps
@@ -70,12 +70,12 @@ def _time(fn, steps: int, warmup: int = 3) -> float:
 
 
 def bench_qtrain(cfg, batch: int, seq: int, packed: int, steps: int) -> dict:
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   model = build_model(cfg)
   model_cfg = model.cfg
   tx = build_optimizer(cfg, abstract_params(model, seq))
-  mesh = make_mesh()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(DATA_PARALLEL_RULES):
+  layout = Layout.from_config(cfg)
+  mesh = layout.mesh
+  with layout:
     sh = state_shardings(model, tx, mesh, seq)
     state = init_state(model, tx, mesh, 0, seq)
     host = synthetic_batch(batch, seq, model_cfg.vocab_size, packed)

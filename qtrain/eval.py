@@ -29,10 +29,9 @@ flags.mark_flags_as_required(["workdir"])
 def run(workdir: str, step: int | None = None, eval_batches: int | None = None,
         data_dir: str | None = None) -> dict:
   """Evaluates the checkpoint; returns (and writes) the result's dict."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from qtrain.data import loader  # pylint: disable=g-import-not-at-top
-  from qtrain.parallel import DATA_PARALLEL_RULES, make_mesh  # pylint: disable=g-import-not-at-top
+  from qtrain.parallel import Layout, data_shard  # pylint: disable=g-import-not-at-top
   from qtrain.train.build import build_model  # pylint: disable=g-import-not-at-top
   from qtrain.train.checkpoint import load_config, restore_params  # pylint: disable=g-import-not-at-top
   from qtrain.train.errors import data_errors  # pylint: disable=g-import-not-at-top
@@ -43,15 +42,16 @@ def run(workdir: str, step: int | None = None, eval_batches: int | None = None,
   data_dir = data_dir or d.dir
   meta = loader.read_meta(data_dir)
   model = build_model(cfg)
-  mesh = make_mesh()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(DATA_PARALLEL_RULES):
+  layout = Layout.for_checkpoint(cfg)
+  mesh = layout.mesh
+  with layout:
     param_sh = param_shardings(model, mesh, d.seq_len)
     params, step = restore_params(workdir, params_target(model, mesh, d.seq_len), step)
     n = d.eval_batches if eval_batches is None else eval_batches
     with data_errors(data_dir):
       batches = loader.make_eval_batches(
           data_dir, seq_len=d.seq_len, global_batch_size=d.eval_batch_size, num_batches=n,
-          process_index=jax.process_index(), process_count=jax.process_count())
+          process_index=data_shard(mesh)[0], process_count=data_shard(mesh)[1])
     eval_step = jit_eval_step(model, mesh, param_sh, tuple(batches[0]))
     nll = evaluate(eval_step, params, batches, mesh, model.cfg)
   result = {"step": step, "eval_loss": nll, "eval_ppl": math.exp(nll),

@@ -517,7 +517,7 @@ def _layer_errors(run, exports) -> dict:
   """{matmul path: [tr(dW^T H dW) of each export]}, H from 2 held-out batches."""
   from qtrain.data import loader  # pylint: disable=g-import-not-at-top
   from qtrain.data.global_batch import to_global  # pylint: disable=g-import-not-at-top
-  from qtrain.parallel import DATA_PARALLEL_RULES, make_mesh  # pylint: disable=g-import-not-at-top
+  from qtrain.parallel import Layout  # pylint: disable=g-import-not-at-top
   from qtrain.quantize import evaluate as ev  # pylint: disable=g-import-not-at-top
   from qtrain.train.checkpoint import load_config  # pylint: disable=g-import-not-at-top
   from qtrain.train.build import model_config  # pylint: disable=g-import-not-at-top
@@ -525,8 +525,9 @@ def _layer_errors(run, exports) -> dict:
   model_cfg = model_config(cfg)
   docs = [load_export(str(e)) for e in exports]
   sites, _ = weight_sites(model_cfg, validate_quant(ev.load_recipe("w4a4kv4"), cfg.model))
-  mesh = make_mesh()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(DATA_PARALLEL_RULES):
+  layout = Layout.for_checkpoint(cfg)
+  mesh = layout.mesh
+  with layout:
     params, _ = ev.restore_params(str(run), cfg, mesh)
     batches = loader.make_eval_batches(DATA, seq_len=cfg.data.seq_len,
                                        global_batch_size=cfg.data.eval_batch_size, num_batches=2)

@@ -15,7 +15,7 @@ import pytest
 from configs import default
 from qtrain.config import ConfigError, validate
 from qtrain.optim import build_optimizer, learning_rate_schedule
-from qtrain.parallel import DATA_PARALLEL_RULES, make_mesh
+from qtrain.parallel import Layout
 from qtrain.train import (StepContext, abstract_params, apply_if_finite, cross_entropy,
                           init_state, make_steps, register_step_family, state_shardings,
                           step_metrics)
@@ -41,7 +41,8 @@ class _Run:
     validate(cfg, n_devices=jax.device_count())
     self.cfg, self.model = cfg, model or build_model(cfg)
     seq = cfg.data.seq_len
-    self.mesh = make_mesh()
+    self.layout = Layout.from_config(cfg)
+    self.mesh = self.layout.mesh
     with self._ctx():
       self.tx = build_optimizer(cfg, abstract_params(self.model, seq))
       self.sh = state_shardings(self.model, self.tx, self.mesh, seq)
@@ -49,7 +50,7 @@ class _Run:
       self.train, self.eval = make_steps(cfg, self.model, self.tx, self.mesh, self.sh)
 
   def _ctx(self):
-    return _Both(jax.set_mesh(self.mesh), nn.logical_axis_rules(DATA_PARALLEL_RULES))
+    return self.layout
 
   def copy(self, state):
     return jax.tree.map(jnp.copy, state)  # The step donates its input state.
@@ -58,19 +59,6 @@ class _Run:
     with self._ctx():
       state, m = self.train(state, batch)
     return state, {k: np.asarray(v) for k, v in m.items()}
-
-
-class _Both:
-  def __init__(self, *ctxs):
-    self.ctxs = ctxs
-
-  def __enter__(self):
-    for c in self.ctxs:
-      c.__enter__()
-
-  def __exit__(self, *exc):
-    for c in reversed(self.ctxs):
-      c.__exit__(*exc)
 
 
 def _fake_sr_config():

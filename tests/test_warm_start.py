@@ -3,13 +3,12 @@ weights, and init_from an unquantized run into an LSQ config (which failed on
 missing step keys before). References: LSQ's initialisation formula on the
 loaded kernels, and the source run's own checkpoint."""
 
-import flax.linen as nn
 import jax
 import numpy as np
 
 from configs import default
 from qtrain.optim import build_optimizer
-from qtrain.parallel import DATA_PARALLEL_RULES, make_mesh
+from qtrain.parallel import Layout
 from qtrain.train import checkpoint
 from qtrain.train.build import build_model
 from qtrain.train.loop import run
@@ -36,8 +35,9 @@ def _lsq(c):
 
 def _source_params(workdir):
   """The source run's params, restored on their own (its model, its shardings)."""
-  model, mesh = build_model(_smoke()), make_mesh()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(DATA_PARALLEL_RULES):
+  model, layout = build_model(_smoke()), Layout.from_config(_smoke())
+  mesh = layout.mesh
+  with layout:
     return checkpoint.restore_params(workdir, params_target(model, mesh, 64))
 
 
@@ -47,8 +47,9 @@ def test_init_from_unquantized_run_into_lsq_config(tmp_path):
   cfg = _lsq(_smoke(2))
   cfg.train.init_from = src
   model = build_model(cfg)
-  mesh = make_mesh()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(DATA_PARALLEL_RULES):
+  layout = Layout.from_config(cfg)
+  mesh = layout.mesh
+  with layout:
     tx = build_optimizer(cfg, abstract_params(model, cfg.data.seq_len))
     state = init_state(model, tx, mesh, cfg.seed, cfg.data.seq_len)
     abstract = abstract_state(model, tx, mesh, cfg.data.seq_len)

@@ -44,6 +44,18 @@ def base_config() -> ml_collections.ConfigDict:
       weight_forms=(),
   ))
 
+  # Device mesh, outermost axis first; sizes multiply to the device count and
+  # one may be -1 (the rest). Inner axes get the faster links: tensor talks
+  # inside every layer, data once per step (qtrain/parallel/mesh.py,
+  # docs/parallelism.md). The batch is split over data x fsdp.
+  c.mesh = ml_collections.ConfigDict(dict(
+      data=-1,  # Replicas, one gradient all-reduce per step.
+      fsdp=1,  # ZeRO-3: params, grads and optimizer state split; layers gathered one at a time.
+      pipeline=1,  # Pipeline stages (not built yet: must be 1).
+      sequence=1,  # Activations split along the sequence (context parallelism).
+      tensor=1,  # Megatron tensor parallelism + sequence-parallel norms; vocab-parallel loss.
+  ))
+
   c.data = ml_collections.ConfigDict(dict(
       dir="data/kjv",  # Made by `python -m qtrain.data.prepare`.
       seq_len=128,

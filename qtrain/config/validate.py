@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 
+import jax
 import ml_collections
 
 from qtrain.config.base import base_config
@@ -92,17 +93,24 @@ def _check_data_train(c, n_devices: int) -> None:
            f"config.data.seq_len={d.seq_len} exceeds config.model.max_seq_len="
            f"{c.model.max_seq_len}, the longest sequence RoPE positions are set up for; "
            "raise max_seq_len (and rope_theta/rope_scaling) or shorten seq_len")
-  for field in ("global_batch_size", "eval_batch_size"):
-    _require(d[field] > 0 and d[field] % n_devices == 0,
-             f"config.data.{field}={d[field]} is not a positive multiple of the "
-             f"{n_devices} devices of the data-parallel mesh; use e.g. "
-             f"{max(n_devices, d[field] // n_devices * n_devices)}")
+  _check_mesh(c, n_devices)
   _require(t.nan_policy in ("skip", "stop"),
            f"config.train.nan_policy={t.nan_policy!r}; use 'skip' or 'stop'")
   _require(t.steps > 0, f"config.train.steps={t.steps} must be > 0")
   for field in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
     _require(t[field] > 0, f"config.train.{field}={t[field]} must be > 0")
   _check_optim_and_step(c)
+
+
+def _check_mesh(c, n_devices: int) -> None:
+  """The mesh against the devices, the model and the batch; notes printed."""
+  from qtrain.parallel.mesh import MeshError, check_mesh  # pylint: disable=g-import-not-at-top
+  try:
+    notes = check_mesh(c.mesh, n_devices, c.model, c.data)
+  except MeshError as e:
+    raise ConfigError(str(e)) from None
+  if notes and jax.process_index() == 0:
+    print("\n".join(notes), flush=True)
 
 
 def _check_optim_and_step(c) -> None:

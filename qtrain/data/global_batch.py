@@ -2,7 +2,7 @@
 model (training, evaluation, PTQ calibration).
 
 Each process holds its own rows (``[global_batch // process_count, T]``);
-``to_global`` assembles them into arrays split over the mesh's ``data`` axis.
+``to_global`` assembles them into arrays split over the mesh's ``data`` x ``fsdp`` axes.
 Given the model's config it first checks the batch against what the attention
 kernel can represent, so no caller can forget the check: on GPU the cuDNN
 packed path describes at most ``attention_max_segments`` documents per row and
@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from qtrain.layers.attention import resolve_impl
-from qtrain.parallel import batch_sharding
+from qtrain.parallel import batch_sharding, data_shard
 
 
 def check_segments(batch: dict, model_cfg) -> None:
@@ -33,12 +33,16 @@ def check_segments(batch: dict, model_cfg) -> None:
 
 
 def to_global(local_batch: dict, mesh, model_cfg=None) -> dict:
-  """Host-local numpy rows -> global arrays split over the data axis.
+  """Host-local numpy rows -> global arrays, rows over ``data`` x ``fsdp``.
 
   ``model_cfg`` (a ``qtrain.layers.ModelConfig``) turns on ``check_segments``.
   """
   if model_cfg is not None:
     check_segments(local_batch, model_cfg)
-  sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
+  sharding, (_, shards) = batch_sharding(mesh), data_shard(mesh)
+  out = {}
+  for k, v in local_batch.items():
+    v = np.asarray(v)  # This process's slice: 1 of `shards` (see data_shard).
+    out[k] = jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * shards,
+                                                                  *v.shape[1:]))
+  return out

@@ -28,6 +28,7 @@ from qtrain.layers.config import ModelConfig
 from qtrain.layers.hooks import Hooks
 from qtrain.layers.linear import Linear
 from qtrain.layers.rope import apply_rope, inverse_frequencies
+from qtrain.layers.sharding import HEADS
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
@@ -132,9 +133,10 @@ class Attention(nn.Module):
     dense = functools.partial(Linear, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
                               kernel_init=nn.initializers.normal(cfg.init_std), hooks=self.hooks,
                               init_std=cfg.init_std)
-    q_BTNH = dense(N * H, ("embed", "q_heads"), name="q_proj")(x_BTD).reshape(B, T, N, H)
-    k_BTKH = dense(K * H, ("embed", "kv_heads"), name="k_proj")(x_BTD).reshape(B, T, K, H)
-    v_BTKH = dense(K * H, ("embed", "kv_heads"), name="v_proj")(x_BTD).reshape(B, T, K, H)
+    heads = lambda y, n, axis: nn.with_logical_constraint(y.reshape(B, T, n, H), HEADS[axis])
+    q_BTNH = heads(dense(N * H, ("embed", "q_heads"), name="q_proj")(x_BTD), N, "q")
+    k_BTKH = heads(dense(K * H, ("embed", "kv_heads"), name="k_proj")(x_BTD), K, "kv")
+    v_BTKH = heads(dense(K * H, ("embed", "kv_heads"), name="v_proj")(x_BTD), K, "kv")
     inv_freq = inverse_frequencies(H, cfg.rope_theta, cfg.rope_scaling)
     hooks = self.hooks
     q_BTNH = hooks.activation(self, "query", apply_rope(q_BTNH, positions_BT, inv_freq))
@@ -153,5 +155,5 @@ class Attention(nn.Module):
       out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT,
                                        impl=cfg.attention_impl,
                                        max_segments=cfg.attention_max_segments)
-    out_BTNH = checkpoint_name(out_BTNH, "attention_out")
+    out_BTNH = checkpoint_name(nn.with_logical_constraint(out_BTNH, HEADS["q"]), "attention_out")
     return dense(cfg.d_model, ("q_heads", "embed"), name="o_proj")(out_BTNH.reshape(B, T, N * H))

@@ -22,6 +22,7 @@ from qtrain.layers.config import ModelConfig
 from qtrain.layers.hooks import Hooks
 from qtrain.layers.mlp import MLP
 from qtrain.layers.norms import RMSNorm
+from qtrain.layers.sharding import RESIDUAL
 
 _cp = jax.checkpoint_policies
 REMAT_POLICIES = {
@@ -49,12 +50,12 @@ class Block(nn.Module):
     cfg = self.cfg
     hooks = self.hooks.with_context(layer=layer)
     norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.weight_dtype, name=name)
-    x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
+    x_BTD = nn.with_logical_constraint(x_BTD, RESIDUAL)
     h_BTD = x_BTD + Attention(cfg, hooks, self.decode, name="attn")(
         norm("attn_norm")(x_BTD), positions_BT, segment_ids_BT)
     out_BTD = h_BTD + MLP(cfg, hooks, name="mlp")(norm("mlp_norm")(h_BTD))
     out_BTD = hooks.activation(self, "block_out", out_BTD)
-    return nn.with_logical_constraint(out_BTD, ("batch", "length", "embed")), None
+    return nn.with_logical_constraint(out_BTD, RESIDUAL), None
 
 
 class Decoder(nn.Module):

@@ -11,6 +11,7 @@ from jax.ad_checkpoint import checkpoint_name
 from qtrain.layers.config import ModelConfig
 from qtrain.layers.hooks import Hooks
 from qtrain.layers.linear import Linear
+from qtrain.layers.sharding import MLP_HIDDEN
 
 
 class MLP(nn.Module):
@@ -25,6 +26,7 @@ class MLP(nn.Module):
                               init_std=cfg.init_std)
     gate_BTF = dense(cfg.d_ff, ("embed", "mlp"), name="gate_proj")(x_BTD)
     up_BTF = dense(cfg.d_ff, ("embed", "mlp"), name="up_proj")(x_BTD)
-    h_BTF = checkpoint_name(nn.silu(gate_BTF) * up_BTF, "mlp_hidden")
+    h_BTF = nn.with_logical_constraint(nn.silu(gate_BTF) * up_BTF, MLP_HIDDEN)
+    h_BTF = checkpoint_name(h_BTF, "mlp_hidden")
     h_BTF = self.hooks.activation(self, "mlp_hidden", h_BTF)  # down_proj's input.
     return dense(cfg.d_model, ("mlp", "embed"), name="down_proj")(h_BTF)

@@ -13,6 +13,7 @@ from qtrain.layers.dot_general import Matmul
 from qtrain.layers.hooks import MatmulSite, as_hooks
 from qtrain.layers.linear import Linear
 from qtrain.layers.norms import RMSNorm
+from qtrain.layers.sharding import LOGITS, RESIDUAL
 
 
 class Transformer(nn.Module):
@@ -46,14 +47,19 @@ class Transformer(nn.Module):
     hooks = as_hooks(self.provider).with_context(
         forms=cfg.weight_forms, n_layers=cfg.n_layers, token_mask=mask_BT)
     x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(cfg.compute_dtype)
+    x_BTD = nn.with_logical_constraint(x_BTD, RESIDUAL)
     x_BTD = hooks.activation(self, "embed_out", x_BTD)
     x_BTD = Decoder(cfg, hooks, decode, name="decoder")(x_BTD, positions_BT, segment_ids_BT)
     x_BTD = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="final_norm")(x_BTD)
     if cfg.tie_embeddings:  # The embedding table [V, D], contracted on D.
       site = MatmulSite(path="lm_head", param=(*self.scope.path, "embedding"),
                         in_features=cfg.d_model, out_features=cfg.vocab_size, weight_axis=1)
-      return Matmul(site, hooks, name="lm_head")(
+      logits_BTV = Matmul(site, hooks, name="lm_head")(
           x_BTD, embedding_VD.astype(cfg.compute_dtype), (((2,), (1,)), ((), ())))
-    return Linear(cfg.vocab_size, ("embed", "vocab"), cfg.compute_dtype, cfg.weight_dtype,
-                  nn.initializers.normal(cfg.init_std), hooks, cfg.init_std,
-                  name="lm_head")(x_BTD)
+    else:
+      logits_BTV = Linear(cfg.vocab_size, ("embed", "vocab"), cfg.compute_dtype,
+                          cfg.weight_dtype, nn.initializers.normal(cfg.init_std), hooks,
+                          cfg.init_std, name="lm_head")(x_BTD)
+    # Vocab-parallel: each tensor shard keeps its slice of the logits (the loss
+    # reduces over the vocabulary across shards; nothing gathers them).
+    return nn.with_logical_constraint(logits_BTV, LOGITS)

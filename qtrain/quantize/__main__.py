@@ -21,13 +21,12 @@ import sys
 import time
 
 from absl import app, flags, logging
-import flax.linen as nn
 import jax
 
 from qtrain.data import loader
 from qtrain.data.global_batch import to_global
 from qtrain.layers import Transformer
-from qtrain.parallel import DATA_PARALLEL_RULES, make_mesh
+from qtrain.parallel import Layout, data_shard
 from qtrain.quant import validate_quant
 from qtrain.train.build import model_config
 from qtrain.train.checkpoint import load_config
@@ -63,8 +62,8 @@ def _calibration_stats(cfg, data_dir, model_cfg, params, sites, method, n_batche
   d = cfg.data
   it = loader.make_train_iterator(data_dir, seq_len=d.seq_len,
                                   global_batch_size=d.global_batch_size, seed=cfg.seed,
-                                  process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+                                  process_index=data_shard(mesh)[0],
+                                  process_count=data_shard(mesh)[1])
   batches = (to_global(next(it), mesh, model_cfg) for _ in range(n_batches))
   kinds = ("hessian",) if method == "gptq" else ("act_scale",)
   return jax.block_until_ready(collect_stats(model_cfg, params, batches, sites, kinds))
@@ -85,8 +84,9 @@ def run(workdir: str, recipe: str, method: str, *, calib_batches: int = 8, out: 
     raise ValueError(f"--recipe={recipe}: its rules quantize no weight of this model")
   out = out or os.path.join(workdir, f"ptq_{recipe}_{method}")
   calib_batches = calib_batches if method in ("gptq", "awq") else 0
-  mesh, times, stats = make_mesh(), {}, None
-  with jax.set_mesh(mesh), nn.logical_axis_rules(DATA_PARALLEL_RULES):
+  layout, times, stats = Layout.for_checkpoint(cfg), {}, None
+  mesh = layout.mesh
+  with layout:
     params, step = ev.restore_params(workdir, cfg, mesh, step)
     weight_sites_checked(params, sites)
     if calib_batches:
@@ -108,11 +108,11 @@ def run(workdir: str, recipe: str, method: str, *, calib_batches: int = 8, out: 
       "recipe_quant": recipe_quant.to_dict(), "model": cfg.model.to_dict()})
   t = time.perf_counter()
   loaded = load_quantized(out)  # From disk: the evaluator sees what the export holds.
-  with jax.set_mesh(mesh), nn.logical_axis_rules(DATA_PARALLEL_RULES):
+  with layout:
     eval_batches = loader.make_eval_batches(
         data_dir, seq_len=d.seq_len, global_batch_size=d.eval_batch_size,
-        num_batches=d.eval_batches, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        num_batches=d.eval_batches, process_index=data_shard(mesh)[0],
+        process_count=data_shard(mesh)[1])
     nll_fp, ppl_fp = ev.perplexity(Transformer(model_cfg), params, eval_batches, mesh,
                                    d.seq_len)
     ptq_model = Transformer(model_cfg, ptq_providers(out, ev.eval_provider(recipe_quant,

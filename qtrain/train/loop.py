@@ -13,14 +13,13 @@ from __future__ import annotations
 import math
 import os
 
-import flax.linen as nn
 import jax
 
 from qtrain.config import ConfigError, validate
 from qtrain.data import loader
 from qtrain.data.global_batch import to_global
 from qtrain.optim import build_optimizer
-from qtrain.parallel import DATA_PARALLEL_RULES, make_mesh
+from qtrain.parallel import Layout, data_shard
 from qtrain.train import metrics as metrics_lib
 from qtrain.train.build import build_model, quant_report
 from qtrain.train.checkpoint import Checkpointer, load_config
@@ -91,10 +90,10 @@ def run(cfg, workdir: str) -> dict:
     except ValueError as e:
       raise ConfigError(str(e)) from None
     model = build_model(cfg)
-    mesh = make_mesh()
-    with jax.set_mesh(mesh), nn.logical_axis_rules(DATA_PARALLEL_RULES):
+    layout = Layout.from_config(cfg)
+    with layout:
       tx = build_optimizer(cfg, abstract_params(model, cfg.data.seq_len))
-      summary, state = _run(cfg, workdir, meta, model, tx, mesh, sigterm)
+      summary, state = _run(cfg, workdir, meta, model, tx, layout.mesh, sigterm)
     if summary["sample_due"]:  # Outside the mesh: one process decodes on one device.
       params = _local_params(state.params)
       if jax.process_index() == 0:
@@ -143,10 +142,11 @@ def _start(cfg, workdir, model, tx, mesh):
   """
   d, t = cfg.data, cfg.train
   metrics_lib.read_rows(workdir)  # Raises MetricsFileError naming a bad line.
+  shard, shards = data_shard(mesh)
   with data_errors(d.dir):
     it = loader.make_train_iterator(
         d.dir, seq_len=d.seq_len, global_batch_size=d.global_batch_size, seed=cfg.seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=shard, process_count=shards)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
                       async_save=t.async_checkpoint)
   try:
@@ -178,8 +178,8 @@ def _run(cfg, workdir, meta, model, tx, mesh, sigterm):
     with data_errors(d.dir):
       eval_batches = loader.make_eval_batches(
           d.dir, seq_len=d.seq_len, global_batch_size=d.eval_batch_size,
-          num_batches=d.eval_batches, process_index=jax.process_index(),
-          process_count=jax.process_count())
+          num_batches=d.eval_batches, process_index=data_shard(mesh)[0],
+          process_count=data_shard(mesh)[1])
     report = quant_report(model)
     if report and cfg.quant.mode != "none":
       progress.write(report)

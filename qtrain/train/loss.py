@@ -23,7 +23,11 @@ def cross_entropy(logits_BTV, targets_BT, mask_BT, z_loss: float = 0.0):
   """Returns (objective, nll_sum, token_count, z_term), all float32."""
   logits_BTV = logits_BTV.astype(jnp.float32)
   log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  # A masked sum rather than a gather: with the vocabulary split over the
+  # tensor axis each shard sums its own slice (the gather would need the full
+  # row); exact, as one term is non-zero.
+  vocab_V = jnp.arange(logits_BTV.shape[-1], dtype=targets_BT.dtype)
+  target_logit_BT = jnp.sum(jnp.where(vocab_V == targets_BT[..., None], logits_BTV, 0.0), -1)
   mask = mask_BT.astype(jnp.float32)
   n_tokens = jnp.sum(mask)
   nll_sum = jnp.sum((log_z_BT - target_logit_BT) * mask)

@@ -40,7 +40,7 @@ def make_steps(cfg, model, tx, mesh, state_sh, batch_keys=BATCH_KEYS):
   z-loss, ``config.train.collect`` names the collections returned as metrics.
   A batch may hold any subset of ``batch_keys`` (unpacked batches may omit
   segment_ids and positions; pretraining batches loss_mask); one sharding
-  (rows over the data axis) applies to each of its arrays.
+  (rows over data x fsdp) applies to each of its arrays.
   """
   keys = frozenset(batch_keys)
   loss_fn = make_loss(model, float(cfg.optim.z_loss), tuple(cfg.train.collect))

@@ -22,6 +22,7 @@ import jax
 from qtrain.data import loader
 from qtrain.data.global_batch import to_global
 from qtrain.quant import calibrate_learned_steps, learned_step_paths
+from qtrain.parallel import data_shard
 from qtrain.train import checkpoint
 from qtrain.train.build import build_model
 from qtrain.train.state import abstract_params
@@ -32,10 +33,9 @@ def _flat(tree):
 
 
 def _calibration_batch(cfg, mesh, model_cfg):
-  d = cfg.data
+  d, (shard, shards) = cfg.data, data_shard(mesh)
   it = loader.make_train_iterator(d.dir, seq_len=d.seq_len, global_batch_size=d.global_batch_size,
-                                  seed=cfg.seed, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+                                  seed=cfg.seed, process_index=shard, process_count=shards)
   return to_global(next(it), mesh, model_cfg)
 
 
