@@ -8,11 +8,9 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
-import zlib
 
 import pytest
 
@@ -210,54 +208,6 @@ def test_init_from_starts_with_another_runs_params(tmp_path):
   dst_initial = [r["eval_ppl"] for r in _rows(dst) if "eval_ppl" in r][0]
   assert dst_initial == src_final  # Same params, same held-out batches.
   assert sorted(_losses(dst)) == [1, 2]  # A new run: step 0, fresh optimizer.
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _two_processes(workdir, steps, term_at=None) -> list[dict]:
-  """Both processes of tests/multiprocess_worker.py; their summaries."""
-  env = _env()
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-  port = _free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, "tests/multiprocess_worker.py", str(i), str(port), str(workdir),
-       str(DATA), str(workdir / f"batches{i}.log"), str(steps),
-       *([str(term_at)] if term_at and i == 1 else [])],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  outs = [p.communicate(timeout=300) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
-
-
-def test_two_processes_agree_on_sigterm_and_resume_their_own_positions(tmp_path):
-  from qtrain.data import loader  # pylint: disable=g-import-not-at-top
-  # Only process 1 is signalled (while drawing its 3rd batch); both must save
-  # the same step (the flag is all-reduced and read one step later) and stop.
-  first = _two_processes(tmp_path, steps=6, term_at=3)
-  assert [(s["preempted"], s["step"]) for s in first] == [(True, 4), (True, 4)]
-  saved = tmp_path / "checkpoints" / "4" / "data"
-  states = [json.loads((saved / f"process_{i}-of-2.json").read_text()) for i in range(2)]
-  assert [s["pipeline"]["process_index"] for s in states] == [0, 1]
-  second = _two_processes(tmp_path, steps=6)
-  assert [(s["preempted"], s["step"]) for s in second] == [(False, 6), (False, 6)]
-  # The end-of-run sample decodes all-gathered params on process 0 only.
-  assert isinstance(second[0]["sample"], str) and "sample" not in second[1]
-  # Each process drew exactly its own shard's batches 1..6 over both runs: the
-  # loader itself, fresh, is the reference.
-  drawn = []
-  for i in range(2):
-    fresh = loader.make_train_iterator(DATA, seq_len=64, global_batch_size=8, seed=0,
-                                       process_index=i, process_count=2)
-    expected = [zlib.crc32(next(fresh)["inputs"].tobytes()) for _ in range(6)]
-    drawn.append([int(l) for l in (tmp_path / f"batches{i}.log").read_text().split()])
-    assert drawn[i] == expected, i
-  assert drawn[0] != drawn[1]
 
 
 # --- in-process loop tests (one shared smoke run, tests/conftest.py) ----------

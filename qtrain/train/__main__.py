@@ -3,6 +3,13 @@
   python -m qtrain.train --config=configs/default.py --workdir=runs/NAME \
       [--config.optim.lr=3e-4 ...]
 
+Several processes (one per host, or per GPU): under ``srun`` or on a TPU pod
+nothing more is needed; elsewhere give every process the same coordinator
+and its own id (``qtrain.parallel.distributed`` says how each is detected):
+
+  python -m qtrain.train ... --coordinator_address=10.0.0.1:1234 \
+      --num_processes=2 --process_id=0   # and =1 on the other host
+
 Expected mistakes (a misspelt override, a config the workdir's checkpoints
 cannot take, missing or damaged data, a corrupt metrics.jsonl) end in one
 line naming the field or file and the fix, with exit status 2.
@@ -19,6 +26,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:va
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TB.")
 flags.mark_flags_as_required(["config", "workdir"])
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0, the same on every process "
+    "(multi-process runs without SLURM or a TPU pod).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process: 0..num_processes-1.")
+_LOCAL_DEVICE_IDS = flags.DEFINE_list(
+    "local_device_ids", None, "Devices this process uses (e.g. 0,1); default: all it sees, "
+    "or one per task when SLURM puts several tasks on a node.")
 
 
 def fail(msg: str) -> None:
@@ -47,15 +62,34 @@ def parse_flags(argv):
     fail(_one_line(e))
 
 
+def _local_device_ids() -> list[int] | None:
+  if _LOCAL_DEVICE_IDS.value is None:
+    return None
+  try:
+    return [int(i) for i in _LOCAL_DEVICE_IDS.value]
+  except ValueError:
+    fail(f"--local_device_ids={','.join(_LOCAL_DEVICE_IDS.value)} must be device numbers, "
+         "e.g. --local_device_ids=0,1")
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO.
+  from qtrain.parallel import distributed  # pylint: disable=g-import-not-at-top
+  try:  # Before anything touches a device.
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           _local_device_ids())
+  except distributed.DistributedError as e:
+    fail(_one_line(e))
   from qtrain.train.errors import EXPECTED  # pylint: disable=g-import-not-at-top
   from qtrain.train.loop import run  # pylint: disable=g-import-not-at-top
   try:
     summary = run(_CONFIG.value, _WORKDIR.value)
   except EXPECTED as e:
     fail(_one_line(e))
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:  # Process 0 speaks for the run.
+    return
   if summary["preempted"]:
     print(f"preempted at step {summary['step']}; checkpoint saved, rerun to resume")
     return
