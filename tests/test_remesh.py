@@ -191,3 +191,22 @@ else:
       np.testing.assert_array_equal(np.asarray(leaf), np.asarray(ref))  # A copy: exact.
       moved += not want.sharding.is_equivalent_to(ref_want.sharding, leaf.ndim)
     assert moved > len(leaves) // 2  # Most leaves really changed layout.
+
+  def test_another_process_count_is_refused_naming_the_fix(legs, tmp_path):
+    from qtrain.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+    from qtrain.train.loop import run  # pylint: disable=g-import-not-at-top
+    workdir = tmp_path / "run"
+    shutil.copytree(legs["ref"], workdir)
+    # Step 6 as two processes would have saved it; this run is one process.
+    data = workdir / "checkpoints" / "6" / "data"
+    position = json.loads((data / "process_0-of-1.json").read_text())
+    (data / "process_0-of-1.json").unlink()
+    for i in range(2):
+      position["pipeline"].update(process_index=i, process_count=2)
+      (data / f"process_{i}-of-2.json").write_text(json.dumps(position))
+    config_before = (workdir / "config.json").read_bytes()
+    with pytest.raises(CheckpointError, match=r"saved by 2 processes .*this run has 1.*resume "
+                       r"with 2 processes.*init_from=" + str(workdir)):
+      run(_config(8, SOURCE), str(workdir))
+    assert (workdir / "config.json").read_bytes() == config_before
+    assert not list((workdir / "checkpoints").glob("*.damaged"))  # Not taken for damage.

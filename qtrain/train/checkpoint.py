@@ -8,6 +8,12 @@ process saves and restores its own iterator state
 (``data/process_<i>-of-<n>.json``, as grain's orbax handler names them). A
 damaged step (a file deleted inside it) is moved aside and the previous intact
 one restored. ``restore_or_init`` is the one call a run starts with.
+
+Arrays are saved with their global shapes and restored into the shardings of
+the target (``qtrain.train.state.abstract_state`` on the current mesh), so a
+checkpoint restores onto another ``config.mesh`` or device count
+(tests/test_remesh.py); a target without shardings would restore onto the
+saving mesh.
 """
 
 from __future__ import annotations
@@ -64,7 +70,9 @@ class Checkpointer:
       try:
         state, data_state = self.restore(step, abstract_state)
       except ProcessCountError as e:
-        raise CheckpointError(str(e)) from None
+        raise CheckpointError(
+            f"{e}; or start a new run from these params with "
+            f"--config.train.init_from={os.path.dirname(self.directory)}") from None
       except Exception as e:  # pylint: disable=broad-except
         print(f"warning: checkpoint step {step} in {self.directory} is damaged "
               f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "

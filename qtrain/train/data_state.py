@@ -5,6 +5,12 @@ hosts every process but the first would resume at the first one's position.
 Here each process writes ``process_<i>-of-<n>.json`` (grain's orbax handler's
 names) into the step's temporary directory, which orbax renames only when all
 of them are done: the step stays atomic.
+
+A position belongs to a process's share of the data
+(``qtrain.parallel.data_shard``), not to a mesh: on one process, or while
+the processes keep holding distinct batch rows, a run restores onto another
+``config.mesh`` or device count and sees the same batches. The number of
+processes must stay (each one reads every n-th document).
 """
 
 from __future__ import annotations
@@ -45,10 +51,14 @@ class ProcessDataHandler(ocp.CheckpointHandler):
     if jax.process_count() == 1 and legacy.exists():
       return json.loads(legacy.read_text())
     saved = sorted(p.name for p in directory.glob("process_*.json"))
-    if saved and not any(n.endswith(f"-of-{jax.process_count()}.json") for n in saved):
+    counts = sorted({int(n.rsplit("-of-", 1)[1].split(".")[0]) for n in saved})
+    if counts and jax.process_count() not in counts:
       raise ProcessCountError(
-          f"{directory} holds the data positions of another number of processes ({saved}); "
-          f"this run has {jax.process_count()}: resume with the number that saved it")
+          f"the data positions in {directory} were saved by "
+          f"{' or '.join(map(str, counts))} processes ({', '.join(saved)}), this run has "
+          f"{jax.process_count()}: each process resumes its own position in its own share "
+          f"of the data, so resume with {counts[-1]} processes (the devices per process and "
+          "config.mesh may change)")
     raise FileNotFoundError(f"{path} is missing")
 
   def metadata(self, directory: epath.Path) -> None:
