@@ -30,7 +30,7 @@ DATA = pathlib.Path(os.environ.get("QTRAIN_TEST_DATA", ROOT / "data" / "kjv"))
 
 # --- what to start: flags > SLURM > TPU > one process ------------------------
 
-SLURM = {"SLURM_JOB_ID": "123456", "SLURM_NTASKS": "4", "SLURM_PROCID": "3",
+SLURM = {"SLURM_JOB_ID": "123456", "SLURM_NTASKS": "4", "SLURM_PROCID": "1",
          "SLURM_LOCALID": "1", "SLURM_STEP_NODELIST": "gpu[007-008]", "SLURM_STEP_NUM_NODES": "2"}
 
 
@@ -50,8 +50,9 @@ def test_explicit_flags_win_over_slurm_and_tpu():
 def test_slurm_step_gives_coordinator_ids_and_devices():
   p = _plan(environ=SLURM)
   # First host of the step, port 61440 + job id mod 4096 (the same on every task).
-  assert p == Plan("slurm", f"gpu007:{61440 + 123456 % 4096}", 4, 3, (1,))
-  assert p.describe().startswith("process 3 of 4 from the SLURM job step, coordinator gpu007:")
+  assert p == Plan("slurm", f"gpu007:{61440 + 123456 % 4096}", 4, 1, (1,))
+  assert p.describe() == (f"process 1 of 4 from the SLURM job step, coordinator "
+                          f"gpu007:{61440 + 123456 % 4096}, local devices [1]")
   # One task per node sees all its GPUs (jax's SlurmCluster would pin it to GPU 0);
   # so does a task the launcher already restricted (--gpus-per-task).
   assert _plan(environ=dict(SLURM, SLURM_NTASKS="2")).local_device_ids is None
@@ -107,6 +108,8 @@ def test_partial_or_wrong_flags_fail_naming_the_flag(kw, message):
 def test_bad_slurm_variables_fail_naming_the_variable():
   with pytest.raises(DistributedError, match="^SLURM_PROCID='x' is not a non-negative integer"):
     _plan(environ=dict(SLURM, SLURM_PROCID="x"))
+  with pytest.raises(DistributedError, match="^SLURM_PROCID=4 is not below the step's 4 tasks"):
+    _plan(environ=dict(SLURM, SLURM_PROCID="4"))
   with pytest.raises(DistributedError, match="^SLURM_STEP_NODELIST='gpu\\[1-2' is not a"):
     _plan(environ=dict(SLURM, SLURM_STEP_NODELIST="gpu[1-2"))
 
@@ -130,19 +133,21 @@ from qtrain.parallel import distributed
 line = distributed.initialize()
 ids = multihost_utils.process_allgather(jnp.array(jax.process_index()))  # Through gloo.
 print(json.dumps(dict(line=line, index=jax.process_index(), count=jax.process_count(),
-                      devices=jax.device_count(), ids=ids.tolist())))
+                      devices=jax.device_count(), ids=ids.tolist(),
+                      visible=jax.config.read("jax_cuda_visible_devices"))))
 """
 
 
 @pytest.mark.slow
 def test_a_slurm_step_starts_a_cluster_from_its_variables_alone():
+  # Two tasks, one per node (both nodes are this machine, reached as localhost).
   port = _free_port()
   procs = [subprocess.Popen(
       [sys.executable, "-c", _PROBE], cwd=ROOT, text=True, stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
       env=dict(_env(4), SLURM_JOB_ID="77", SLURM_NTASKS="2", SLURM_PROCID=str(i),
-               SLURM_LOCALID=str(i), SLURM_STEP_NODELIST="localhost", SLURM_STEP_NUM_NODES="1",
-               JAX_COORDINATOR_PORT=str(port))) for i in range(2)]
+               SLURM_LOCALID="0", SLURM_STEP_NODELIST="localhost,node2",
+               SLURM_STEP_NUM_NODES="2", JAX_COORDINATOR_PORT=str(port))) for i in range(2)]
   outs = [p.communicate(timeout=300) for p in procs]
   got = []
   for p, (out, err) in zip(procs, outs):
@@ -150,8 +155,10 @@ def test_a_slurm_step_starts_a_cluster_from_its_variables_alone():
     got.append(json.loads(out.strip().splitlines()[-1]))
   assert [(g["index"], g["count"], g["devices"], g["ids"]) for g in got] == \
       [(0, 2, 8, [0, 1]), (1, 2, 8, [0, 1])]
-  assert got[1]["line"] == (f"process 1 of 2 from the SLURM job step, coordinator "
-                            f"localhost:{port}, local devices [1]")
+  assert got[1]["line"] == f"process 1 of 2 from the SLURM job step, coordinator localhost:{port}"
+  # One task per node keeps every device: jax's own SLURM detection, which
+  # would pin each task to GPU SLURM_LOCALID, stayed off.
+  assert [g["visible"] for g in got] == ["all", "all"]
   assert f"distributed: {got[0]['line']}" in outs[0][0]  # Printed by process 0 only.
   assert "distributed:" not in outs[1][0]
 

@@ -146,6 +146,9 @@ def _slurm(environ: Mapping[str, str], coordinator_address, local_device_ids) ->
   tasks = _slurm_int(environ, "SLURM_STEP_NUM_TASKS") if "SLURM_STEP_NUM_TASKS" in environ \
       else tasks
   process_id = _slurm_int(environ, "SLURM_PROCID")
+  if process_id >= tasks:
+    raise DistributedError(f"SLURM_PROCID={process_id} is not below the step's {tasks} tasks; "
+                           f"this does not look like a SLURM job step: pass {_FLAGS}")
   if coordinator_address is None:
     port = (_slurm_int(environ, "JAX_COORDINATOR_PORT") if "JAX_COORDINATOR_PORT" in environ
             else _SLURM_PORT_BASE + _slurm_int(environ, "SLURM_JOB_ID") % _SLURM_PORT_SPAN)
