@@ -204,7 +204,8 @@ def plan_only(cfg, devices) -> dict:
     tx = build_optimizer(cfg, abstract_params(model, seq))
     state = abstract_state(model, tx, layout.mesh, seq)
     out["state"] = state_breakdown(state)
-    batch = {k: jax.ShapeDtypeStruct((rows, seq), jnp.int32, sharding=batch_sharding(layout.mesh))
+    rows_sh = batch_sharding(layout.mesh)
+    batch = {k: jax.ShapeDtypeStruct((rows, seq), jnp.int32, sharding=rows_sh)
              for k in ("inputs", "targets")}
     sh = jax.tree.map(lambda x: x.sharding, state)
     train, _ = make_steps(cfg, model, tx, layout.mesh, sh, batch_keys=tuple(batch))
@@ -214,9 +215,9 @@ def plan_only(cfg, devices) -> dict:
     except Exception as e:  # pylint: disable=broad-except  (reported, not fatal)
       out["plan"] = {"error": " ".join(str(e).split())[:500]}
     out["compile_s"] = time.perf_counter() - t0
-  limit = _device_facts(devices)["device_limit_gib"]
+  limit = (devices[0].memory_stats() or {}).get("bytes_limit")
   need = out["plan"].get("needed_gib")
-  out["fits"] = need <= limit if limit and need is not None else None
+  out["fits"] = need <= _gib(limit) if limit and need is not None else None
   return out
 
 
@@ -235,7 +236,7 @@ def plan_with_alternatives(cfg, devices, deadline: float) -> dict:
     alt = copy.deepcopy(cfg)
     edit(alt)
     validate(alt, n_devices=len(devices))
-    row["alternatives"][name] = plan_only(alt, devices)  # Its own copy of the config.
+    row["alternatives"][name] = plan_only(alt, devices)
     last = row["alternatives"][name]["compile_s"]
   return row
 
@@ -369,7 +370,7 @@ def driver(args) -> None:
       tries.append(["--remat8b=full"])  # Keeps only the residual stream per layer.
     for attempt in tries:
       rows.append(spawn(name, args, attempt))
-      print(f"[{time.time() - start:5.0f} s] {name} {' '.join(attempt)}: "
+      print(f"[{time.time() - start:5.0f} s] {' '.join([name, *attempt])}: "
             + rows[-1].get("error", "ok"), flush=True)
       if not rows[-1].get("oom"):
         break
