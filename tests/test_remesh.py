@@ -17,15 +17,21 @@ import io
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
 import zlib
 
+import numpy as np
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from conftest import DATA, smoke_config  # noqa: E402  pylint: disable=g-import-not-at-top
+
+pytestmark = pytest.mark.slow
 
 SOURCE = dict(data=1, fsdp=8)  # The layout the checkpoint is saved with.
 REMESHED = dict(data=2, fsdp=4)  # Same 8 devices, other axis sizes.
@@ -113,100 +119,102 @@ def main(workdir: str, log: str, steps: int) -> None:
   pathlib.Path(log).write_text(json.dumps(drawn))
 
 
+@pytest.fixture(scope="module")
+def legs(tmp_path_factory) -> dict:
+  return _legs(tmp_path_factory.mktemp("remesh"))
+
+
+def test_remeshed_run_sees_the_same_batches(legs):
+  from qtrain.data import loader  # pylint: disable=g-import-not-at-top
+  # Reference: the loader itself, fresh (one process: the whole batch).
+  fresh = loader.make_train_iterator(DATA, seq_len=64, global_batch_size=8, seed=0)
+  expected = [zlib.crc32(next(fresh)["inputs"].tobytes()) for _ in range(6)]
+  assert legs["ref_batches"] == expected
+  # Steps 3-4 on data=2 x fsdp=4, steps 5-6 on 4 devices.
+  assert legs["remeshed_batches"] == expected[2:]
+
+
+def test_remeshed_losses_equal_the_uninterrupted_run(legs):
+  ref, remeshed = legs["ref"], legs["remeshed"]
+  ref_loss, loss = _metric(ref, "loss"), _metric(remeshed, "loss")
+  assert sorted(loss) == list(range(1, 7))
+  assert [loss[s] for s in (1, 2)] == [ref_loss[s] for s in (1, 2)]  # The source's rows.
+  np.testing.assert_allclose([loss[s] for s in range(3, 7)],
+                             [ref_loss[s] for s in range(3, 7)], rtol=RTOL)
+  # Held-out loss after the last re-meshed step: the params, not just the losses.
+  np.testing.assert_allclose(_metric(remeshed, "eval_loss")[6],
+                             _metric(ref, "eval_loss")[6], rtol=RTOL)
+  # The learning rate continued from the restored update count.
+  np.testing.assert_array_equal([_metric(remeshed, "lr")[s] for s in range(3, 7)],
+                                [_metric(ref, "lr")[s] for s in range(3, 7)])
+
+
+def test_mesh_fields_are_a_harmless_change_on_resume(legs):
+  notes = [l for l in legs["notes"].splitlines() if l.startswith("note: resuming")]
+  assert len(notes) == 2, legs["notes"]
+  assert "config.mesh.data, config.mesh.fsdp, config.train.steps" in notes[0]
+  assert "config.mesh.data" in notes[1] and "config.mesh.fsdp" not in notes[1]
+  saved = json.loads((legs["remeshed"] / "config.json").read_text())
+  assert saved["mesh"] == dict(FOUR, pipeline=1, sequence=1, tensor=1)  # Updated.
+
+
+@pytest.mark.parametrize("mesh, n_devices", [(REMESHED, 8), (FOUR, 4)],
+                         ids=["data2_fsdp4", "fsdp4_on_4_devices"])
+def test_restore_lays_the_saved_values_out_on_the_new_mesh(legs, mesh, n_devices):
+  import jax  # pylint: disable=g-import-not-at-top
+  from qtrain.optim import build_optimizer  # pylint: disable=g-import-not-at-top
+  from qtrain.parallel import Layout  # pylint: disable=g-import-not-at-top
+  from qtrain.train.build import build_model  # pylint: disable=g-import-not-at-top
+  from qtrain.train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  from qtrain.train.state import abstract_params, abstract_state  # pylint: disable=g-import-not-at-top
+  cfg = _config(6, SOURCE)
+  model = build_model(cfg)
+  ckpt = Checkpointer(str(legs["ref"] / "checkpoints"), keep=3, async_save=False)
+
+  def restore(layout):
+    with layout:
+      tx = build_optimizer(cfg, abstract_params(model, cfg.data.seq_len))
+      target = abstract_state(model, tx, layout.mesh, cfg.data.seq_len)
+      return ckpt.restore(2, target), target
+
+  try:
+    # Reference: the saving layout itself (the bit-identical resume of test_train).
+    (saved, saved_data), saved_target = restore(Layout.of(SOURCE, cfg.model))
+    (state, data), target = restore(
+        Layout.of(mesh, cfg.model, jax.devices()[:n_devices]))
+  finally:
+    ckpt.close()
+  assert data == saved_data  # One process: its iterator position, whatever the mesh.
+  leaves, target_leaves = jax.tree.leaves(state), jax.tree.leaves(target)
+  moved = 0
+  for leaf, want, ref, ref_want in zip(leaves, target_leaves, jax.tree.leaves(saved),
+                                       jax.tree.leaves(saved_target)):
+    assert leaf.sharding.is_equivalent_to(want.sharding, leaf.ndim)
+    assert len(leaf.sharding.device_set) == n_devices
+    np.testing.assert_array_equal(np.asarray(leaf), np.asarray(ref))  # A copy: exact.
+    moved += not want.sharding.is_equivalent_to(ref_want.sharding, leaf.ndim)
+  assert moved > len(leaves) // 2  # Most leaves really changed layout.
+
+
+def test_another_process_count_is_refused_naming_the_fix(legs, tmp_path):
+  from qtrain.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  from qtrain.train.loop import run  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  shutil.copytree(legs["ref"], workdir)
+  # Step 6 as two processes would have saved it; this run is one process.
+  data = workdir / "checkpoints" / "6" / "data"
+  position = json.loads((data / "process_0-of-1.json").read_text())
+  (data / "process_0-of-1.json").unlink()
+  for i in range(2):
+    position["pipeline"].update(process_index=i, process_count=2)
+    (data / f"process_{i}-of-2.json").write_text(json.dumps(position))
+  config_before = (workdir / "config.json").read_bytes()
+  with pytest.raises(CheckpointError, match=r"saved by 2 processes .*this run has 1.*resume "
+                     r"with 2 processes.*init_from=" + re.escape(str(workdir))):
+    run(_config(8, SOURCE), str(workdir))
+  assert (workdir / "config.json").read_bytes() == config_before
+  assert not list((workdir / "checkpoints").glob("*.damaged"))  # Not taken for damage.
+
+
 if __name__ == "__main__":
   main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
-else:
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import pytest  # pylint: disable=g-import-not-at-top
-
-  pytestmark = pytest.mark.slow
-
-  @pytest.fixture(scope="module")
-  def legs(tmp_path_factory) -> dict:
-    return _legs(tmp_path_factory.mktemp("remesh"))
-
-  def test_remeshed_run_sees_the_same_batches(legs):
-    from qtrain.data import loader  # pylint: disable=g-import-not-at-top
-    # Reference: the loader itself, fresh (one process: the whole batch).
-    fresh = loader.make_train_iterator(DATA, seq_len=64, global_batch_size=8, seed=0)
-    expected = [zlib.crc32(next(fresh)["inputs"].tobytes()) for _ in range(6)]
-    assert legs["ref_batches"] == expected
-    # Steps 3-4 on data=2 x fsdp=4, steps 5-6 on 4 devices.
-    assert legs["remeshed_batches"] == expected[2:]
-
-  def test_remeshed_losses_equal_the_uninterrupted_run(legs):
-    ref, remeshed = legs["ref"], legs["remeshed"]
-    ref_loss, loss = _metric(ref, "loss"), _metric(remeshed, "loss")
-    assert sorted(loss) == list(range(1, 7))
-    assert [loss[s] for s in (1, 2)] == [ref_loss[s] for s in (1, 2)]  # The source's rows.
-    np.testing.assert_allclose([loss[s] for s in range(3, 7)],
-                               [ref_loss[s] for s in range(3, 7)], rtol=RTOL)
-    # Held-out loss after the last re-meshed step: the params, not just the losses.
-    np.testing.assert_allclose(_metric(remeshed, "eval_loss")[6],
-                               _metric(ref, "eval_loss")[6], rtol=RTOL)
-    # The learning rate continued from the restored update count.
-    np.testing.assert_array_equal([_metric(remeshed, "lr")[s] for s in range(3, 7)],
-                                  [_metric(ref, "lr")[s] for s in range(3, 7)])
-
-  def test_mesh_fields_are_a_harmless_change_on_resume(legs):
-    notes = [l for l in legs["notes"].splitlines() if l.startswith("note: resuming")]
-    assert len(notes) == 2, legs["notes"]
-    assert "config.mesh.data, config.mesh.fsdp, config.train.steps" in notes[0]
-    assert "config.mesh.data" in notes[1] and "config.mesh.fsdp" not in notes[1]
-    saved = json.loads((legs["remeshed"] / "config.json").read_text())
-    assert saved["mesh"] == dict(FOUR, pipeline=1, sequence=1, tensor=1)  # Updated.
-
-  @pytest.mark.parametrize("mesh, n_devices", [(REMESHED, 8), (FOUR, 4)])
-  def test_restore_lays_the_saved_values_out_on_the_new_mesh(legs, mesh, n_devices):
-    import jax  # pylint: disable=g-import-not-at-top
-    from qtrain.optim import build_optimizer  # pylint: disable=g-import-not-at-top
-    from qtrain.parallel import Layout  # pylint: disable=g-import-not-at-top
-    from qtrain.train.build import build_model  # pylint: disable=g-import-not-at-top
-    from qtrain.train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
-    from qtrain.train.state import abstract_params, abstract_state  # pylint: disable=g-import-not-at-top
-    cfg = _config(6, SOURCE)
-    model = build_model(cfg)
-    ckpt = Checkpointer(str(legs["ref"] / "checkpoints"), keep=3, async_save=False)
-
-    def restore(layout):
-      with layout:
-        tx = build_optimizer(cfg, abstract_params(model, cfg.data.seq_len))
-        target = abstract_state(model, tx, layout.mesh, cfg.data.seq_len)
-        return ckpt.restore(2, target), target
-
-    try:
-      # Reference: the saving layout itself (the bit-identical resume of test_train).
-      (saved, saved_data), saved_target = restore(Layout.of(SOURCE, cfg.model))
-      (state, data), target = restore(
-          Layout.of(mesh, cfg.model, jax.devices()[:n_devices]))
-    finally:
-      ckpt.close()
-    assert data == saved_data  # One process: its iterator position, whatever the mesh.
-    leaves, target_leaves = jax.tree.leaves(state), jax.tree.leaves(target)
-    moved = 0
-    for leaf, want, ref, ref_want in zip(leaves, target_leaves, jax.tree.leaves(saved),
-                                         jax.tree.leaves(saved_target)):
-      assert leaf.sharding.is_equivalent_to(want.sharding, leaf.ndim)
-      assert len(leaf.sharding.device_set) == n_devices
-      np.testing.assert_array_equal(np.asarray(leaf), np.asarray(ref))  # A copy: exact.
-      moved += not want.sharding.is_equivalent_to(ref_want.sharding, leaf.ndim)
-    assert moved > len(leaves) // 2  # Most leaves really changed layout.
-
-  def test_another_process_count_is_refused_naming_the_fix(legs, tmp_path):
-    from qtrain.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
-    from qtrain.train.loop import run  # pylint: disable=g-import-not-at-top
-    workdir = tmp_path / "run"
-    shutil.copytree(legs["ref"], workdir)
-    # Step 6 as two processes would have saved it; this run is one process.
-    data = workdir / "checkpoints" / "6" / "data"
-    position = json.loads((data / "process_0-of-1.json").read_text())
-    (data / "process_0-of-1.json").unlink()
-    for i in range(2):
-      position["pipeline"].update(process_index=i, process_count=2)
-      (data / f"process_{i}-of-2.json").write_text(json.dumps(position))
-    config_before = (workdir / "config.json").read_bytes()
-    with pytest.raises(CheckpointError, match=r"saved by 2 processes .*this run has 1.*resume "
-                       r"with 2 processes.*init_from=" + str(workdir)):
-      run(_config(8, SOURCE), str(workdir))
-    assert (workdir / "config.json").read_bytes() == config_before
-    assert not list((workdir / "checkpoints").glob("*.damaged"))  # Not taken for damage.
