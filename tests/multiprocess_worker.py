@@ -33,7 +33,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from qtrain.train import __main__ as cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from qtrain.train import __main__ as cli  # pylint: disable=wrong-import-position
 
 _BATCH_LOG = flags.DEFINE_string("batch_log", None, "Append a checksum per drawn batch.")
 _TERM_AT = flags.DEFINE_integer("term_at", None, "SIGTERM this process at its K-th batch.")

@@ -130,6 +130,8 @@ _PROBE = """
 import json, jax, jax.numpy as jnp
 from jax.experimental import multihost_utils
 from qtrain.parallel import distributed
+# No CPU collectives, as jax had before 0.5: initialize must choose gloo.
+jax.config.update("jax_cpu_collectives_implementation", None)
 line = distributed.initialize()
 ids = multihost_utils.process_allgather(jnp.array(jax.process_index()))  # Through gloo.
 print(json.dumps(dict(line=line, index=jax.process_index(), count=jax.process_count(),
@@ -152,7 +154,7 @@ def test_a_slurm_step_starts_a_cluster_from_its_variables_alone():
   got = []
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
-    got.append(json.loads(out.strip().splitlines()[-1]))
+    got.append(json.loads([l for l in out.splitlines() if l.startswith("{")][-1]))
   assert [(g["index"], g["count"], g["devices"], g["ids"]) for g in got] == \
       [(0, 2, 8, [0, 1]), (1, 2, 8, [0, 1])]
   assert got[1]["line"] == f"process 1 of 2 from the SLURM job step, coordinator localhost:{port}"
