@@ -130,7 +130,7 @@ _PROBE = """
 import json, jax, jax.numpy as jnp
 from jax.experimental import multihost_utils
 from qtrain.parallel import distributed
-# No CPU collectives, as jax had before 0.5: initialize must choose gloo.
+# No CPU collectives (older jax versions had none by default): initialize must choose gloo.
 jax.config.update("jax_cpu_collectives_implementation", None)
 line = distributed.initialize()
 ids = multihost_utils.process_allgather(jnp.array(jax.process_index()))  # Through gloo.
