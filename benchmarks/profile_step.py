@@ -69,7 +69,7 @@ def main() -> None:
   args = p.parse_args()
   from qtrain.train.build import build_model  # pylint: disable=g-import-not-at-top
   from qtrain.optim import build_optimizer  # pylint: disable=g-import-not-at-top
-  from qtrain.parallel import Layout  # pylint: disable=g-import-not-at-top
+  from qtrain.parallel import Layout, batch_sharding  # pylint: disable=g-import-not-at-top
   from qtrain.train.state import abstract_params, init_state, state_shardings  # pylint: disable=g-import-not-at-top
   from qtrain.train.step import make_steps  # pylint: disable=g-import-not-at-top
   cfg = load_config(args.model)
@@ -84,7 +84,7 @@ def main() -> None:
     host = synthetic_batch(args.batch, args.seq, cfg.model.vocab_size, 0)
     step, _ = make_steps(cfg, model, tx, mesh, state_shardings(model, tx, mesh, args.seq),
                          batch_keys=tuple(host))
-    batch = {k: jax.device_put(v) for k, v in host.items()}
+    batch = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in host.items()}
     for _ in range(3):
       state, m = step(state, batch)
     jax.block_until_ready(m)

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import json
 import os
 import pathlib
@@ -55,7 +54,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.train_step import _time, synthetic_batch
+from benchmarks.train_step import load_config, synthetic_batch, time_steps
 from qtrain.config import validate
 from qtrain.optim import build_optimizer
 from qtrain.parallel import Layout, batch_sharding
@@ -87,16 +86,10 @@ def variants(n: int) -> dict[str, dict]:
   }
 
 
-def load(spec: str):
-  """``llama_1b`` or ``llama_1b:smoke``: a config of ``configs/``."""
-  name, _, arg = spec.partition(":")
-  return importlib.import_module(f"configs.{name}").get_config(arg)
-
-
 def variant_config(args, spec: dict):
   """The model's config with the variant's mesh, batch, sequence and remat."""
   is_8b = spec["model"] == "model8b"
-  cfg = load(args.model8b if is_8b else args.model)
+  cfg = load_config(args.model8b if is_8b else args.model)
   cfg.mesh.update(data=1, fsdp=1, pipeline=1, sequence=1, tensor=1)
   cfg.mesh.update(**spec["mesh"])
   seq = (args.seq8b if is_8b else args.seq) or cfg.data.seq_len
@@ -167,7 +160,7 @@ def measure(cfg, devices, steps: int, warmup: int) -> dict:
     def step():
       box[0], m = compiled(box[0], batch)
       losses.append(float(m["loss"]))  # Host sync on the metrics.
-    dt = _time(step, steps, warmup)
+    dt = time_steps(step, steps, warmup)
   n = len(devices)
   tok_s = rows * seq / dt
   peak = metrics_lib.device_peak_flops(cfg.train.peak_tflops)

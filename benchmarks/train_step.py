@@ -34,17 +34,19 @@ import numpy as np
 from qtrain.layers import ModelConfig
 from qtrain.train.build import build_model
 from qtrain.optim import build_optimizer
-from qtrain.parallel import Layout
+from qtrain.parallel import Layout, batch_sharding
 from qtrain.train import metrics as metrics_lib
 from qtrain.train.state import abstract_params, init_state, state_shardings
 from qtrain.train.step import make_steps
 
 
 def load_config(name: str):
+  """``configs/<name>.py``'s config; ``name`` may carry variants (``llama_1b:smoke``)."""
+  name, _, variant = name.partition(":")
   spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  return mod.get_config()
+  return mod.get_config(variant)
 
 
 def synthetic_batch(batch: int, seq: int, vocab: int, packed: int, seed: int = 0) -> dict:
@@ -60,7 +62,7 @@ def synthetic_batch(batch: int, seq: int, vocab: int, packed: int, seed: int = 0
   return out
 
 
-def _time(fn, steps: int, warmup: int = 3) -> float:
+def time_steps(fn, steps: int, warmup: int = 3) -> float:
   for _ in range(warmup):
     fn()
   t0 = time.perf_counter()
@@ -80,7 +82,7 @@ def bench_qtrain(cfg, batch: int, seq: int, packed: int, steps: int) -> dict:
     state = init_state(model, tx, mesh, 0, seq)
     host = synthetic_batch(batch, seq, model_cfg.vocab_size, packed)
     train_step, _ = make_steps(cfg, model, tx, mesh, sh, batch_keys=tuple(host))
-    data = {k: jax.device_put(v) for k, v in host.items()}
+    data = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in host.items()}
     t0 = time.perf_counter()
     box = [state]
 
@@ -89,7 +91,7 @@ def bench_qtrain(cfg, batch: int, seq: int, packed: int, steps: int) -> dict:
       jax.block_until_ready(m["loss"])
     step()
     compile_s = time.perf_counter() - t0
-    dt = _time(step, steps)
+    dt = time_steps(step, steps)
   stats = jax.devices()[0].memory_stats() or {}
   tok_s = batch * seq / dt
   flops = metrics_lib.flops_per_token(model_cfg, seq)
@@ -138,7 +140,7 @@ def bench_hf(cfg, batch: int, seq: int, steps: int, grad_ckpt: bool) -> dict:
   t0 = time.perf_counter()
   step()
   compile_s = time.perf_counter() - t0
-  dt = _time(step, steps)
+  dt = time_steps(step, steps)
   tok_s = batch * seq / dt
   model_cfg = ModelConfig.from_dict(cfg.model.to_dict())
   flops = metrics_lib.flops_per_token(model_cfg, seq)
