@@ -218,3 +218,15 @@ def test_another_process_count_is_refused_naming_the_fix(legs, tmp_path):
 
 if __name__ == "__main__":
   main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+
+
+def test_a_mesh_that_moves_a_process_to_another_batch_slice_is_refused():
+  """Same process count, but the new mesh's batch axes split the processes
+  differently (e.g. tensor spanning hosts): the saved position is of another
+  slice of the batch, and the loop says so instead of loading it."""
+  from qtrain.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from qtrain.train.loop import _check_data_shard  # pylint: disable=g-import-not-at-top
+  saved = {"pipeline": {"process_index": 1, "process_count": 2}}
+  _check_data_shard(saved, 1, 2)  # The same slice: fine.
+  with pytest.raises(ConfigError, match=r"config\.mesh: .*slice 1 of 2.*slice 0 of 1"):
+    _check_data_shard(saved, 0, 1)

@@ -134,6 +134,19 @@ def _check_workdir(cfg, workdir: str, ckpt: Checkpointer) -> None:
           f"{saved} is updated", flush=True)
 
 
+def _check_data_shard(data_state: dict, shard: int, shards: int) -> None:
+  """A saved data position belongs to one slice of the batch; a new mesh
+  whose batch axes split the processes differently cannot continue it."""
+  saved = data_state.get("pipeline", {})
+  was = (saved.get("process_index"), saved.get("process_count"))
+  if None not in was and was != (shard, shards):
+    raise ConfigError(
+        f"config.mesh: this process's saved data position is slice {was[0]} of {was[1]} of "
+        f"the batch, and this mesh makes it slice {shard} of {shards} (processes holding the "
+        "same batch rows load one slice); keep the batch axes data x fsdp spanning the "
+        "processes as when the checkpoint was saved")
+
+
 def _start(cfg, workdir, model, tx, mesh):
   """(checkpointer, state, data iterator, restored step or None).
 
@@ -155,6 +168,7 @@ def _start(cfg, workdir, model, tx, mesh):
     state, data_state, restored = ckpt.restore_or_init(
         abstract, lambda: _init(cfg, model, tx, mesh, abstract))
     if data_state is not None:
+      _check_data_shard(data_state, shard, shards)
       with data_errors(d.dir):
         it.set_state(data_state)
   except BaseException:
