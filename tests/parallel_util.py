@@ -2,8 +2,9 @@
 one train step on a chosen mesh, and a small parser of compiled HLO text.
 
 Every layout starts from the same numbers: the state is initialised once on
-one device and placed onto each mesh with its shardings (``place``), so the
-comparisons see only what the layout changes.
+one device and placed onto each mesh with its shardings, and the batch takes
+the loop's door (``to_global``), so the comparisons see only what the layout
+changes.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import dataclasses
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from configs import default
 from qtrain.config import validate
+from qtrain.data.global_batch import to_global
 from qtrain.optim import build_optimizer
-from qtrain.parallel import AXES, Layout, batch_sharding, replicated
+from qtrain.parallel import AXES, Layout, replicated
 from qtrain.train import abstract_params, init_state, make_loss, make_steps, state_shardings
 from qtrain.train.build import build_model
 
@@ -62,9 +63,6 @@ class Run:
     with self.layout:
       return jax.tree.map(np.asarray, init_state(self.model, self.tx, self.mesh, 0, SEQ))
 
-  def place(self, host_tree, shardings):
-    return jax.device_put(host_tree, shardings)
-
   def loss_and_grads(self, params, host_batch):
     """(loss, grads as numpy, compiled HLO text) of ``value_and_grad`` of the
     training loss, the gradients leaving sharded like the params (as they
@@ -74,8 +72,7 @@ class Run:
     with self.layout:
       step = jax.jit(jax.value_and_grad(f), out_shardings=(replicated(self.mesh),
                                                            self.state_sh.params))
-      args = (self.place(params, self.state_sh.params),
-              self.place(host_batch, batch_sharding(self.mesh)))
+      args = jax.device_put(params, self.state_sh.params), to_global(host_batch, self.mesh)
       compiled = step.lower(*args).compile()
       loss, grads = compiled(*args)
     return float(loss), jax.tree.map(np.asarray, grads), compiled.as_text()
@@ -84,8 +81,8 @@ class Run:
     """(new params as numpy, metrics) of one step of ``make_steps``' train step."""
     with self.layout:
       train, _ = make_steps(self.cfg, self.model, self.tx, self.mesh, self.state_sh)
-      new, metrics = train(self.place(state, self.state_sh),
-                           self.place(host_batch, batch_sharding(self.mesh)))
+      new, metrics = train(jax.device_put(state, self.state_sh),
+                           to_global(host_batch, self.mesh))
     return jax.tree.map(np.asarray, new.params), {k: float(v) for k, v in metrics.items()}
 
 

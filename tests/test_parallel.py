@@ -37,6 +37,9 @@ LAYOUTS = {
     "fsdp_tp_dp": dict(data=2, fsdp=2, tensor=2),
 }
 TENSOR = ("tp_sp", "fsdp_tp_dp")
+# The sequence axis has no kernel of its own yet (the next issue gives it
+# context-parallel attention; XLA gathers keys and values): unquantized only.
+SEQUENCE = {"sequence_fsdp": dict(sequence=2, fsdp=4)}
 
 # Float32 tolerance of a layout against one device. A layout splits sums the
 # single device does in one go: the loss over the B*T = 256 tokens, each
@@ -44,8 +47,8 @@ TENSOR = ("tp_sp", "fsdp_tp_dp")
 # contractions over tensor shards), then adds the partial sums in another
 # order. Reordering a float32 sum of n terms moves it by at most ~n*u times
 # the sum of their magnitudes: n*u = 256 * 6e-8 = 1.5e-5 of the largest
-# element. Measured: loss 4e-7 relative, gradients <= 1.2e-6 of the leaf's
-# largest element (every layout and mode below).
+# element. Measured: loss <= 4e-7 relative, gradients <= 1.0e-6 of the
+# leaf's largest element.
 REORDER = BATCH * SEQ * U
 
 
@@ -59,7 +62,7 @@ class Runs:
   @functools.cache
   def grads(self, quant: str, layout: str | None = None):
     """(loss, grads, hlo text); ``layout`` None: one device."""
-    run = Run(smoke_config(quant, **LAYOUTS.get(layout, {})))
+    run = Run(smoke_config(quant, **{**LAYOUTS, **SEQUENCE}.get(layout, {})))
     return run.loss_and_grads(self.state.params, self.batch)
 
   @functools.cache
@@ -85,67 +88,64 @@ def assert_reordered(got, want, what=""):
     assert err <= tol, f"{what}{path}: max |diff| {err:.3g} > {tol:.3g}"
 
 
-# Where a layout's quantized computation is float32-exact against one device:
-# * dp, fsdp: every token's forward and its dX backward stay on one device and
-#   the weights are gathered whole, so each quantizer sees the same input
-#   bits; only the sums over tokens (dW, norms, the loss) are split, after the
-#   last rounding (dW's int32 partial sums are exact; its scales are a max).
-# * tp / sp: the int8 forward is exact too (int32 partial sums of the
-#   row-parallel dots, per-token scales a max over shards) and the fake-quant
-#   w4a4kv4 forward's split float partial sums (1e-7) crossed no rounding
-#   boundary of a 4-bit grid here (measured). The w8a8 backward is the
-#   exception: see test_int8_backward_tensor_parallel_differs_by_rounding_flips;
-#   with float backward dots (``hp_bwd``) it is exact as well.
-EXACT = [(l, q) for l in LAYOUTS for q in ("", "w4a4kv4", "w8a8") if not (q == "w8a8" and l in TENSOR)]
-EXACT += [(l, "w8a8+hp_bwd") for l in TENSOR]
-
-
-@pytest.mark.parametrize("layout, quant", EXACT)
-def test_loss_and_grads_equal_single_device(runs, layout, quant):
-  loss, grads, _ = runs.grads(quant, layout)
-  ref_loss, ref_grads, _ = runs.grads(quant)
+@pytest.mark.parametrize("layout", [*LAYOUTS, *SEQUENCE])
+def test_loss_and_grads_equal_single_device(runs, layout):
+  loss, grads, _ = runs.grads("", layout)
+  ref_loss, ref_grads, _ = runs.grads("")
   assert abs(loss - ref_loss) <= REORDER * abs(ref_loss), (loss, ref_loss)
-  assert_reordered(grads, ref_grads, f"{layout} {quant or 'fp32'} ")
+  assert_reordered(grads, ref_grads, f"{layout}: ")
 
 
-@pytest.mark.parametrize("layout", TENSOR)
-def test_int8_backward_tensor_parallel_differs_by_rounding_flips(runs, layout):
-  """The int8 backward quantizes dY per token / per column (round to nearest).
-  Under tensor parallelism its inputs come out of split float sums (the
-  vocab-parallel LM head's dX over the vocab shards, the row-parallel dots),
-  1e-7 away from one device's, and a value that close to a rounding boundary
-  lands on the other code. A flip swaps one rounding error (<= s/2) for another
-  (<= s/2): a few of them move the gradient by a small part of the int8 dY
-  rounding noise itself, ||g_int8 - g_hp|| (hp_bwd: the same forward, float
-  backward dots). A layout that quantized differently (per-shard scales, a
-  missing reduction) redraws every rounding: ~sqrt(2) of that noise. The bound,
-  a quarter of the noise per leaf, sits between (measured: <= 0.085), and the
-  check below shows redrawn roundings do exceed it."""
-  loss, grads, _ = runs.grads("w8a8", layout)
-  ref_loss, ref_grads, _ = runs.grads("w8a8")
-  _, hp_grads, _ = runs.grads("w8a8+hp_bwd")
-  assert abs(loss - ref_loss) <= REORDER * abs(ref_loss)  # The int8 forward is exact.
-  flips = ratios(grads, ref_grads, hp_grads)
-  assert max(flips.values()) <= 0.25, flips
-  # Not vacuous: stochastic rounding of dY redraws every rounding (same
-  # forward, other codes); it lands far outside the bound.
-  _, sr_grads, _ = runs.grads("w8a8+sr")
-  redrawn = ratios(sr_grads, ref_grads, hp_grads)
-  assert min(redrawn.values()) > 1.0, redrawn
+# Quantized layouts: a quantizer rounds to the nearest code, and its input
+# differs from one device's by float32 reordering (1e-7 relative: split
+# partial sums of row-parallel and vocab-parallel dots, other fusions of the
+# norms per shard shape), so an element that close to a rounding boundary
+# lands on the neighbouring code. A flip swaps one rounding error (<= s/2) for
+# another (<= s/2) on the other side: a handful of them move the gradient by a
+# small part of what all the roundings together move it, the quantization
+# noise ||g_q - g_fp32|| of the same params and batch on one device. A layout
+# that quantized differently (per-shard scales, a missing reduction) redraws
+# every rounding and lands at about that noise or beyond (the check below:
+# 0.4 to 0.9 of it). The bound, a quarter of the noise per leaf (and for the
+# loss), sits between. Measured: w8a8 0.06 under tensor parallelism (its int8
+# backward rounds dY per token / per column right after the vocab-parallel
+# LM head's split dX sum; with float backward dots, hp_bwd, it is float32-
+# exact), 1e-4 on dp and fsdp; w4a4kv4 float32-exact on every layout here.
+FLIPS = 0.25
 
 
-def ratios(grads, ref, hp):
-  """{leaf: ||grads - ref|| / ||ref - hp||} over the leaves the int8 backward
-  reaches (the LM head and final norm grads precede it: equal to float32)."""
+def flip_ratios(quant, grads, runs):
+  """{leaf: ||grads - g_q|| / ||g_q - g_fp32||}, g on one device."""
+  _, ref, _ = runs.grads(quant)
+  _, fp32, _ = runs.grads("")
   out = {}
-  for (path, g), (_, r), (_, h) in zip(named_leaves(grads), named_leaves(ref), named_leaves(hp)):
-    noise = np.linalg.norm(r - h)
-    if noise == 0:
-      assert np.abs(g - r).max() <= REORDER * np.abs(r).max(), path
-      continue
+  for (path, g), (_, r), (_, f) in zip(named_leaves(grads), named_leaves(ref), named_leaves(fp32)):
+    noise = np.linalg.norm(r - f)
+    assert noise > 0, f"{quant} does not reach {path}"
     out[path] = float(np.linalg.norm(g - r) / noise)
-  assert len(out) >= 9, out  # Every block weight and norm of the scanned stack.
   return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("quant", ["w4a4kv4", "w8a8"])
+def test_quantized_loss_and_grads_equal_single_device_up_to_rounding_flips(runs, layout, quant):
+  loss, grads, _ = runs.grads(quant, layout)
+  ref_loss = runs.grads(quant)[0]
+  noise = abs(ref_loss - runs.grads("")[0])
+  assert abs(loss - ref_loss) <= REORDER * abs(ref_loss) + FLIPS * noise, (loss, ref_loss)
+  ratios = flip_ratios(quant, grads, runs)
+  assert max(ratios.values()) <= FLIPS, ratios
+
+
+def test_rounding_flip_bound_rejects_a_layout_that_quantizes_per_shard(runs):
+  """Not vacuous: activation scales per 16 features instead of per token (what
+  a row-parallel matmul computing its scales per shard would do) on tp_sp is
+  another quantization of the same model; every leaf lands above the bound."""
+  cfg = smoke_config("w4a4kv4", **LAYOUTS["tp_sp"])
+  cfg.quant.rules.linears.act.update(granularity="group", group_size=16)
+  _, grads, _ = Run(cfg).loss_and_grads(runs.state.params, runs.batch)
+  ratios = flip_ratios("w4a4kv4", grads, runs)
+  assert min(ratios.values()) > FLIPS, ratios
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -345,3 +345,40 @@ def test_vocab_parallel_head_and_loss_never_gather_the_logits(runs, layout):
         assert int(np.prod(s)) < logits and not (VOCAB in s and SEQ in s), (op, s)
   per_token = [s for i in instructions(module, "all-reduce") for _, s in i.shapes]
   assert any(same_dims(s, (b_local, SEQ)) for s in per_token), "no vocab-parallel reduction"
+
+
+HLO = """HloModule jit_f, entry_computation_layout={(f32[2,8,32]{2,1,0})->f32[]}
+
+%fused (p0: f32[8,32]) -> f32[64,32] {
+  %p0 = f32[8,32]{1,0} parameter(0)
+  ROOT %ag.1 = f32[64,32]{1,0} all-gather(%p0), channel_id=1, replica_groups=[1,8]<=[8], dimensions={0}
+}
+
+%body (p: (s32[], f32[2,8,32])) -> (s32[], f32[2,8,32]) {
+  %p = (s32[], f32[2,8,32]{2,1,0}) parameter(0)
+  %f = f32[64,32]{1,0} fusion(%p), kind=kLoop, calls=%fused
+  ROOT %t = (s32[], f32[2,8,32]{2,1,0}) tuple(%i, %w)
+}
+
+%cond (p.1: (s32[], f32[2,8,32])) -> pred[] {
+  ROOT %lt = pred[] compare(%a, %b), direction=LT
+}
+
+ENTRY %main (a: f32[2,8,32]) -> f32[] {
+  %w = (s32[], f32[2,8,32]{2,1,0}) while(%t0), condition=%cond, body=%body
+  %ar = (f32[64]{0}, /*index=1*/f32[512,64]{1,0}) all-reduce(%x, %y), channel_id=2, to_apply=%add
+  ROOT %ag.2 = f32[2,64,32]{2,1,0} all-gather(%a), channel_id=3, dimensions={1}
+}
+"""
+
+
+def test_hlo_parser_reads_tuples_and_what_a_loop_body_runs():
+  module = parse_hlo(HLO)
+  assert set(module) == {"fused", "body", "cond", "main"}
+  [(loop, body)] = while_loops(module)
+  assert loop.shapes == (("s32", ()), ("f32", (2, 8, 32)))
+  assert body == {"body", "fused"}  # Through the fusion; the condition is not the body.
+  assert [i.shapes for i in instructions(module, "all-gather", body)] == [(("f32", (64, 32)),)]
+  [ar] = instructions(module, "all-reduce")
+  assert ar.shapes == (("f32", (64,)), ("f32", (512, 64)))
+  assert [i.name for i in instructions(module, "all-gather")] == ["ag.1", "ag.2"]
