@@ -351,18 +351,8 @@ def test_vocab_parallel_head_and_loss_never_gather_the_logits(runs, layout):
 
 
 
-# The embedding lookup (jnp.take of a vocab-split table) under tensor
-# parallelism: XLA's gather partitioner all-gathers the token ids and
-# all-reduces / all-gathers [B, T/2, D] activations of the GLOBAL batch on
-# every device (forward gather and backward scatter-add), so each device does
-# the lookups of every data shard: traffic and memory grow with the data axis.
-EMBEDDING_GATHERS_BATCH = pytest.mark.xfail(strict=True, reason=(
-    "qtrain/layers/model.py: jnp.take over the vocab-split embedding gathers the "
-    "global batch over data; a vocab-parallel lookup (Megatron) does not"))
 
-
-@pytest.mark.parametrize("layout", [pytest.param(l, marks=EMBEDDING_GATHERS_BATCH)
-                                    if l in TENSOR else l for l in LAYOUTS])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_no_device_handles_other_data_shards_activations(runs, layout):
   """Batch parallelism: a device only ever holds activations of its own rows
   (B_local of them); no collective returns a [B, ...] activation of the whole

@@ -7,6 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from qtrain.layers import embedding
 from qtrain.layers.config import ModelConfig
 from qtrain.layers.decoder import Decoder
 from qtrain.layers.dot_general import Matmul
@@ -46,7 +47,7 @@ class Transformer(nn.Module):
     mask_BT = None if segment_ids_BT is None else segment_ids_BT > 0
     hooks = as_hooks(self.provider).with_context(
         forms=cfg.weight_forms, n_layers=cfg.n_layers, token_mask=mask_BT)
-    x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(cfg.compute_dtype)
+    x_BTD = embedding.lookup(embedding_VD, tokens_BT).astype(cfg.compute_dtype)
     x_BTD = nn.with_logical_constraint(x_BTD, RESIDUAL)
     x_BTD = hooks.activation(self, "embed_out", x_BTD)
     x_BTD = Decoder(cfg, hooks, decode, name="decoder")(x_BTD, positions_BT, segment_ids_BT)
