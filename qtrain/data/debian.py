@@ -1,0 +1,534 @@
+"""`debian_en`: real English prose and technical text from Debian packages.
+
+KJV (~1M tokens) is too small and too uniform for activation outliers to
+appear. This corpus reads documentation and dictionaries that the Debian
+registry serves, installed with
+
+  apt-get install --no-install-recommends dict-gcide dict-wn python3.11-doc \
+      linux-doc-6.1 manpages manpages-dev
+
+Sources, in the fixed order they are read (each package's files are the ones
+its `/var/lib/dpkg/info/<package>.list` names, sorted):
+
+  gcide    dict-gcide: the 1913 Webster's (with GCIDE additions), dictd format
+           (`/usr/share/dictd/gcide.index` + `gcide.dict.dz`). 19th-century
+           definitional prose, etymologies and quotations.
+  wordnet  dict-wn: WordNet 3.0 glosses and usage examples, dictd format.
+           Modern short definitions.
+  python   python3.11-doc: the Python tutorial, language and library reference
+           and HOWTOs, Sphinx HTML (`/usr/share/doc/python3.11/html`).
+  linux    linux-doc-6.1: the kernel's Documentation/ tree as
+           reStructuredText (`Documentation/**/*.rst.gz`). Technical prose.
+  man      manpages, manpages-dev: Linux man pages (sections 2-7), roff.
+
+What becomes a document: 20 consecutive dictionary entries (in the order of
+the dictionary file: neighbouring headwords); one section of an HTML page (a
+new document starts at each <h1>/<h2>); one rST file; one man page.
+
+Markup is stripped with the standard library and a few rules per format
+(`html_sections`, `rst_text`, `roff_text`, `dict_entry_text`); code is dropped
+where it is cheap to recognise (<pre>, rST literal blocks and code directives,
+roff .nf/.EX blocks) and so are tables (<table>, rST grid/simple tables, roff
+.TS). Inline code (``x``, <code>, \\fB) is kept: it is part of the sentence.
+
+De-duplication is exact: a document whose normalised text (lower case,
+whitespace collapsed) hashes like an earlier one is dropped; the first copy in
+source order is kept. Near duplicates (boilerplate licence paragraphs, man
+pages that differ by a line) are NOT removed: that needs MinHash/LSH over
+shingles, which this corpus does not do.
+
+The held-out split is by document hash: a document is in `validation` when the
+first 8 bytes of the sha256 of its normalised text, mod 10_000, are below 100
+(1%). It depends on the text alone, so it does not move when a source is added
+or the package order changes.
+
+`python -m qtrain.data.debian --check` says which packages are missing (and
+the apt-get command); `--stats` counts documents and words per source and
+split (tokens ~ 1.3 x words before the vocabulary exists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import dataclasses
+import gzip
+import hashlib
+import html.parser
+import pathlib
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator
+
+SPLITS = ("train", "validation")
+HELD_OUT_PER_10K = 100  # 1% of documents; fixed forever (moves every split).
+DICT_ENTRIES_PER_DOC = 20
+MIN_WORDS = 8  # Shorter documents are navigation residue or empty stubs.
+
+
+# --------------------------------------------------------------------------
+# dictd: <name>.index (headword \t offset \t length, numbers in base64 digits)
+# and <name>.dict or <name>.dict.dz (dictzip is gzip-compatible).
+
+_B64 = {c: i for i, c in enumerate(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")}
+
+
+def _b64_number(digits: str) -> int:
+  n = 0
+  for c in digits:
+    n = n * 64 + _B64[c]
+  return n
+
+
+def dict_entries(index_text: str, dict_bytes: bytes) -> list[str]:
+  """The raw entries of a dictd dictionary, each once, in file order.
+
+  Several headwords may point at one entry (spelling variants): it is read
+  once. The `00-database-*` / `00database*` pseudo-entries (the dictionary's
+  own metadata) are skipped.
+  """
+  spans = set()
+  for line in index_text.splitlines():
+    parts = line.split("\t")
+    if len(parts) < 3 or parts[0].startswith(("00-database", "00database")):
+      continue
+    spans.add((_b64_number(parts[1]), _b64_number(parts[2])))
+  return [dict_bytes[o:o + n].decode("utf-8", "replace")
+          for o, n in sorted(spans)]
+
+
+_DICT_SOURCE_LINE = re.compile(r"^\s*\[[^\]]*\]\s*$")  # [1913 Webster], [PJC]
+_DICT_XREF = re.compile(r"\[(?:syn|ant|also|see):[^\]]*\]", re.S)  # WordNet
+_DICT_PRON = re.compile(r"\\[^\\\n]*\\")  # \Ab"so*lute\
+
+
+def dict_entry_text(entry: str) -> str:
+  """One entry as plain paragraphs: pronunciations, source tags, WordNet
+  synonym lists and cross-reference braces removed; wrapped lines joined."""
+  lines = [l for l in entry.splitlines() if not _DICT_SOURCE_LINE.match(l)]
+  text = _DICT_XREF.sub("", "\n".join(lines))
+  text = _DICT_PRON.sub("", text).replace("{", "").replace("}", "")
+  return _paragraphs(text)
+
+
+def dict_documents(index_text: str, dict_bytes: bytes) -> Iterator[str]:
+  entries = [dict_entry_text(e) for e in dict_entries(index_text, dict_bytes)]
+  for i in range(0, len(entries), DICT_ENTRIES_PER_DOC):
+    yield "\n".join(e for e in entries[i:i + DICT_ENTRIES_PER_DOC] if e)
+
+
+def _paragraphs(text: str) -> str:
+  """Blank-line separated blocks, each joined onto one whitespace-collapsed
+  line; empty blocks dropped."""
+  blocks = (" ".join(b.split()) for b in re.split(r"\n\s*\n", text))
+  return "\n".join(b for b in blocks if b)
+
+
+# --------------------------------------------------------------------------
+# HTML (Sphinx output): html.parser, skipping chrome, code and tables.
+
+_SKIP_TAGS = {"script", "style", "nav", "header", "footer", "pre", "table",
+              "form", "button", "select", "textarea", "noscript", "svg"}
+_SKIP_CLASSES = {"related", "sphinxsidebar", "footer", "headerlink",
+                 "mobile-nav", "inline-search", "version_switcher_placeholder",
+                 "language_switcher_placeholder", "highlight"}
+_VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link",
+         "meta", "source", "track", "wbr"}
+_BLOCK = {"p", "div", "li", "dt", "dd", "dl", "ul", "ol", "blockquote",
+          "section", "br", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "hr",
+          "figcaption", "caption", "article", "main", "title"}
+_SPLIT_AT = {"h1", "h2"}
+
+
+class _HtmlText(html.parser.HTMLParser):
+  """Collects visible text into sections (a new one at each h1/h2)."""
+
+  def __init__(self):
+    super().__init__(convert_charrefs=True)
+    self.sections: list[list[str]] = [[]]
+    self._open: list[tuple[str, bool]] = []  # (tag, skips its content)
+    self._skipping = 0
+    self._in_head = False
+
+  def handle_starttag(self, tag, attrs):
+    attrs = dict(attrs)
+    if tag == "head":
+      self._in_head = True
+    classes = set((attrs.get("class") or "").split())
+    skip = (tag in _SKIP_TAGS or bool(classes & _SKIP_CLASSES)
+            or attrs.get("role") in ("navigation", "search"))
+    if not self._skipping and not self._in_head:
+      if tag in _SPLIT_AT:
+        self.sections.append([])
+      if tag in _BLOCK:
+        self.sections[-1].append("\n\n")
+    if tag in _VOID:
+      return
+    self._open.append((tag, skip))
+    self._skipping += skip
+
+  def handle_endtag(self, tag):
+    if tag == "head":
+      self._in_head = False
+    if all(t != tag for t, _ in self._open):
+      return  # A stray end tag: ignore it.
+    while self._open:  # Closes elements left open inside `tag` too.
+      t, skip = self._open.pop()
+      self._skipping -= skip
+      if t == tag:
+        break
+    if tag in _BLOCK and not self._skipping and not self._in_head:
+      self.sections[-1].append("\n\n")
+
+  def handle_data(self, data):
+    if not self._skipping and not self._in_head:
+      self.sections[-1].append(data)
+
+
+def html_sections(markup: str) -> list[str]:
+  """The text of an HTML page, one string per h1/h2 section (the part before
+  the first heading counts as a section), paragraphs on their own lines."""
+  parser = _HtmlText()
+  parser.feed(markup)
+  parser.close()
+  texts = (_paragraphs("".join(s)) for s in parser.sections)
+  return [t for t in texts if t]
+
+
+# --------------------------------------------------------------------------
+# reStructuredText: line rules, no docutils.
+
+_ADMONITIONS = {"note", "warning", "attention", "caution", "danger", "error",
+                "hint", "important", "tip", "seealso", "admonition"}
+_DIRECTIVE = re.compile(r"^(\s*)\.\.\s+([\w:-]+)::(.*)$")
+_COMMENT = re.compile(r"^(\s*)\.\.(\s|$)")
+_ADORNMENT = re.compile(r"^([=\-~^\"'`#*+<>_:.])\1{2,}\s*$")
+_GRID_LINE = re.compile(r"^\s*(\+[-=+]+\+|\|.*\|)\s*$")
+_SIMPLE_BORDER = re.compile(r"^\s*=+( +=+)+\s*$")
+_BULLET = re.compile(r"^(\s*)([-*+\u2022]|#\.|\d+[.)]|\(\d+\))\s+")
+_ROLE = re.compile(r":[\w:+-]+:`([^`<]*?)(?:\s*<[^`>]*>)?`")
+_LINK = re.compile(r"`([^`<]*?)\s*<[^`>]*>`__?")
+_INLINE = re.compile(r"``(.+?)``|\*\*(.+?)\*\*|\*(.+?)\*|`([^`]+)`_{0,2}")
+
+
+def _indent(line: str) -> int:
+  return len(line) - len(line.lstrip())
+
+
+def _skip_block(lines: list[str], i: int, base: int) -> int:
+  """Index of the first line after the block indented deeper than `base`
+  that starts at line i (blank lines inside it belong to it)."""
+  while i < len(lines) and (not lines[i].strip() or _indent(lines[i]) > base):
+    i += 1
+  return i
+
+
+def _rst_inline(line: str) -> str:
+  line = _ROLE.sub(r"\1", line)
+  line = _LINK.sub(r"\1", line)
+  line = _INLINE.sub(lambda m: next(g for g in m.groups() if g is not None),
+                     line)
+  return re.sub(r"\b(\w+)_\b", r"\1", line)  # reference_ -> reference
+
+
+def _rst_lines(lines: list[str]) -> Iterator[str]:
+  """Content lines, blank lines kept as paragraph breaks."""
+  i = 0
+  while i < len(lines):
+    line = lines[i]
+    if (m := _DIRECTIVE.match(line)):
+      body_start = i + 1
+      i = _skip_block(lines, i + 1, len(m.group(1)))
+      if m.group(2) in _ADMONITIONS:
+        yield m.group(3)
+        yield from _rst_lines(lines[body_start:i])
+      yield ""
+    elif _COMMENT.match(line):
+      i = _skip_block(lines, i + 1, _indent(line))
+    elif _ADORNMENT.match(line) or _GRID_LINE.match(line):
+      i += 1
+    elif _SIMPLE_BORDER.match(line):
+      i = _skip_simple_table(lines, i)
+    elif line.rstrip().endswith("::"):
+      text = line.rstrip()[:-2].rstrip()
+      yield text + (":" if text.strip() and not line.rstrip()[:-2].endswith(" ") else "")
+      i = _skip_block(lines, i + 1, _indent(line))  # The literal block.
+    else:
+      yield _BULLET.sub(r"\1", line)
+      i += 1
+
+
+def _skip_simple_table(lines: list[str], i: int) -> int:
+  """Past a simple table: it ends at a border line followed by a blank line
+  (or the end); the header separator is a border line followed by rows."""
+  i += 1
+  while i < len(lines):
+    border = _SIMPLE_BORDER.match(lines[i])
+    i += 1
+    if border and (i == len(lines) or not lines[i].strip()):
+      break
+  return i
+
+
+def rst_text(source: str) -> str:
+  """A reStructuredText file as plain paragraphs (rules in the module doc)."""
+  lines = source.expandtabs(8).splitlines()
+  return _paragraphs("\n".join(_rst_inline(l) for l in _rst_lines(lines)))
+
+
+# --------------------------------------------------------------------------
+# roff man pages (man(7) macros).
+
+_ROFF_CHARS = {"em": "\u2014", "en": "\u2013", "aq": "'", "dq": '"',
+               "lq": '"', "rq": '"', "oq": "'", "cq": "'", "mi": "-",
+               "hy": "-", "ti": "~", "ha": "^", "bu": "", "co": "\u00a9",
+               "rg": "\u00ae", "tm": "\u2122", "<=": "<=", ">=": ">=",
+               "mu": "\u00d7", "de": "\u00b0", "pl": "+", "eq": "="}
+_ROFF_ESCAPE = re.compile(
+    r"\\(?:f(?:\[[^\]]*\]|\(..|.)|s[-+]?\d+|\((..)|\[([^\]]*)\]|\*(?:\((..)|\[([^\]]*)\]|(.))|(.))")
+_ALTERNATING = {"BR", "RB", "IR", "RI", "BI", "IB"}
+_ROFF_SKIP = {"nf": "fi", "EX": "EE", "TS": "TE"}  # block start: its end
+_ROFF_HEADINGS = {"SH", "SS"}
+
+
+def _roff_escape(m: re.Match) -> str:
+  two, named, str2, strn, str1, single = m.groups()
+  name = two or named or str2 or strn or str1
+  if name is not None:
+    return _ROFF_CHARS.get(name, "")
+  return {"-": "-", "e": "\\", " ": " ", "~": " ", "0": " ", "|": "",
+          "^": "", "&": "", "c": "", ".": ".", "'": "'", "`": "`",
+          "\\": "\\", None: ""}.get(single, "")
+
+
+def _roff_args(rest: str) -> list[str]:
+  return [a[1:-1] if a.startswith('"') else a
+          for a in re.findall(r'"[^"]*"|\S+', rest)]
+
+
+def roff_text(source: str) -> str:
+  """A man page as plain paragraphs: macro arguments kept, fonts and escapes
+  resolved, comments, no-fill/example blocks and tables dropped."""
+  out, end_of_skip = [], None
+  for line in source.splitlines():
+    if line.startswith(('.\\"', "'\\\"", '\\"')):
+      continue
+    name, rest = "", line
+    if line[:1] in ".'":
+      name, _, rest = line[1:].strip().partition(" ")
+    if end_of_skip is not None:
+      end_of_skip = None if name == end_of_skip else end_of_skip
+      continue
+    if (block := _ROFF_SKIP.get(name)):
+      end_of_skip = block
+    elif name in _ROFF_HEADINGS:
+      out += ["", " ".join(_roff_args(rest)), ""]
+    elif name in ("B", "I", "SM", "SB"):
+      out.append(" ".join(_roff_args(rest)))
+    elif name in _ALTERNATING:
+      out.append("".join(_roff_args(rest)))
+    elif name in ("IP", "TP", "PP", "P", "LP", "HP", "sp"):
+      out.append("")
+      if name == "IP" and (args := _roff_args(rest)):
+        out.append(args[0])
+    elif not name:
+      out.append(line)
+  text = _ROFF_ESCAPE.sub(_roff_escape, "\n".join(out))
+  return _paragraphs(text)
+
+
+# --------------------------------------------------------------------------
+# Sources: which package files, read how, in which order.
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One corpus source: its packages, the files of theirs it reads (a regex
+  over installed paths) and the reader turning those files into documents."""
+  name: str
+  packages: tuple[str, ...]
+  pattern: str
+  read: Callable[[list[pathlib.Path]], Iterable[str]]
+
+
+def _read_bytes(path: pathlib.Path) -> bytes:
+  data = path.read_bytes()
+  return gzip.decompress(data) if path.suffix in (".gz", ".dz") else data
+
+
+def _read_text(path: pathlib.Path) -> str:
+  return _read_bytes(path).decode("utf-8", "replace")
+
+
+def _read_dict(paths: list[pathlib.Path]) -> Iterator[str]:
+  index = next(p for p in paths if p.name.endswith(".index"))
+  data = next(p for p in paths if ".dict" in p.name)
+  yield from dict_documents(_read_text(index), _read_bytes(data))
+
+
+def _read_html(paths):
+  for p in paths:
+    yield from html_sections(_read_text(p))
+
+
+def _read_rst(paths):
+  return (rst_text(_read_text(p)) for p in paths)
+
+
+def _read_roff(paths):
+  for p in paths:
+    source = _read_text(p)
+    if not source.lstrip().startswith(".so "):  # A link to another page.
+      yield roff_text(source)
+
+
+SOURCES = (
+    Source("gcide", ("dict-gcide",), r"/usr/share/dictd/gcide\.(index|dict\.dz)$",
+           _read_dict),
+    Source("wordnet", ("dict-wn",), r"/usr/share/dictd/wn\.(index|dict\.dz)$",
+           _read_dict),
+    Source("python", ("python3.11-doc",),
+           r"/usr/share/doc/python3\.11/html/(?!_static/|genindex|py-modindex"
+           r"|search\.html).*\.html$", _read_html),
+    Source("linux", ("linux-doc-6.1",),
+           r"/usr/share/doc/linux-doc-6\.1/Documentation/.*\.rst\.gz$",
+           _read_rst),
+    Source("man", ("manpages", "manpages-dev"),
+           r"/usr/share/man/man\d/[^/]+\.\d\w*\.gz$", _read_roff),
+)
+
+
+def _dpkg_list(root: pathlib.Path, package: str) -> pathlib.Path:
+  return root / "var/lib/dpkg/info" / f"{package}.list"
+
+
+def missing_packages(root: str | pathlib.Path = "/") -> list[str]:
+  """Packages of `SOURCES` that dpkg under `root` does not list as installed."""
+  root = pathlib.Path(root)
+  return [p for s in SOURCES for p in s.packages
+          if not _dpkg_list(root, p).is_file()]
+
+
+def install_command(packages: Iterable[str]) -> str:
+  return "apt-get install --no-install-recommends " + " ".join(packages)
+
+
+def source_files(source: Source, root: pathlib.Path) -> list[pathlib.Path]:
+  """The installed files of `source`, sorted, as paths under `root`."""
+  missing = [p for p in source.packages if not _dpkg_list(root, p).is_file()]
+  if missing:
+    raise FileNotFoundError(
+        f"corpus source {source.name!r} needs the Debian package(s)"
+        f" {', '.join(missing)}, not installed under {root}: run"
+        f" `{install_command(missing_packages(root))}` (as root).")
+  pattern = re.compile(source.pattern)
+  names = sorted({line.strip() for p in source.packages
+                  for line in _dpkg_list(root, p).read_text().splitlines()
+                  if pattern.search(line.strip())})
+  return [root / n.lstrip("/") for n in names if (root / n.lstrip("/")).is_file()]
+
+
+def normalise(text: str) -> str:
+  """What de-duplication and the split compare: lower case, one space."""
+  return " ".join(text.lower().split())
+
+
+def split_of(text: str) -> str:
+  """'validation' for 1% of documents, chosen by the hash of their text."""
+  digest = hashlib.sha256(normalise(text).encode("utf-8")).digest()
+  held_out = int.from_bytes(digest[:8], "little") % 10_000 < HELD_OUT_PER_10K
+  return "validation" if held_out else "train"
+
+
+def deduplicated(docs: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+  """(source, text) pairs without exact repeats of normalised text (first
+  kept) and without documents under MIN_WORDS words."""
+  seen = set()
+  for name, text in docs:
+    norm = normalise(text)
+    key = hashlib.sha1(norm.encode("utf-8")).digest()
+    if key in seen or len(norm.split()) < MIN_WORDS:
+      continue
+    seen.add(key)
+    yield name, text
+
+
+def all_documents(root: str | pathlib.Path = "/",
+                  sources=SOURCES) -> Iterator[tuple[str, str]]:
+  """Every (source name, document) of the corpus, de-duplicated, in order."""
+  root = pathlib.Path(root)
+
+  def raw():
+    for s in sources:
+      for text in s.read(source_files(s, root)):
+        yield s.name, text
+  return deduplicated(raw())
+
+
+def documents(split: str, root: str | pathlib.Path = "/",
+              sources=SOURCES) -> Iterator[str]:
+  """The documents of `split`, in source order."""
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+  return (t for _, t in all_documents(root, sources) if split_of(t) == split)
+
+
+def vocab_sentences(root: str | pathlib.Path = "/", sources=SOURCES,
+                    max_bytes: int = 4000) -> Iterator[str]:
+  """Train-split paragraphs for the SentencePiece trainer. Longer paragraphs
+  are cut into pieces of at most `max_bytes` at word boundaries (the trainer
+  skips sentences over its max_sentence_length, 4192 bytes)."""
+  for text in documents("train", root, sources):
+    for para in text.split("\n"):
+      piece = []
+      for word in para.split():
+        if sum(len(w) + 1 for w in piece) + len(word) > max_bytes:
+          yield " ".join(piece)
+          piece = []
+        piece.append(word)
+      if piece:
+        yield " ".join(piece)
+
+
+def stats(root: str | pathlib.Path = "/") -> dict:
+  """{source: {split: [documents, words]}} over the whole corpus."""
+  counts = collections.defaultdict(lambda: {s: [0, 0] for s in SPLITS})
+  for name, text in all_documents(root):
+    entry = counts[name][split_of(text)]
+    entry[0] += 1
+    entry[1] += len(text.split())
+  return dict(counts)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m qtrain.data.debian",
+                                   description=__doc__.split("\n")[0])
+  parser.add_argument("--check", action="store_true",
+                      help="exit 1, naming the apt-get command, if a package is missing")
+  parser.add_argument("--stats", action="store_true",
+                      help="documents and words per source and split")
+  parser.add_argument("--root", default="/", help="filesystem root (tests)")
+  args = parser.parse_args(argv)
+  if (missing := missing_packages(args.root)):
+    print(f"debian_en needs Debian packages that are not installed: run\n"
+          f"  {install_command(missing)}\n(as root; about 300 MB installed).",
+          file=sys.stderr)
+    return 1
+  if args.check:
+    print("debian_en: every source package is installed.")
+  if args.stats:
+    total = 0
+    for name, splits in stats(args.root).items():
+      words = sum(w for _, w in splits.values())
+      total += words
+      print(f"{name:>8}: " + ", ".join(
+          f"{s} {d} docs {w} words" for s, (d, w) in splits.items())
+            + f"; ~{1.3 * words / 1e6:.1f}M tokens at 1.3 per word")
+    print(f"   total: {total} words, ~{1.3 * total / 1e6:.1f}M tokens")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
