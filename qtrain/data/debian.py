@@ -247,14 +247,17 @@ def _rst_lines(lines: list[str]) -> Iterator[str]:
       yield ""
     elif _COMMENT.match(line):
       i = _skip_block(lines, i + 1, _indent(line))
+      yield ""  # The skipped block took the blank lines after it.
     elif _ADORNMENT.match(line) or _GRID_LINE.match(line):
       i += 1
+      yield ""  # A title is a paragraph of its own.
     elif _SIMPLE_BORDER.match(line):
       i = _skip_simple_table(lines, i)
     elif line.rstrip().endswith("::"):
       text = line.rstrip()[:-2].rstrip()
       yield text + (":" if text.strip() and not line.rstrip()[:-2].endswith(" ") else "")
       i = _skip_block(lines, i + 1, _indent(line))  # The literal block.
+      yield ""
     else:
       yield _BULLET.sub(r"\1", line)
       i += 1
@@ -363,8 +366,13 @@ def _read_text(path: pathlib.Path) -> str:
 
 
 def _read_dict(paths: list[pathlib.Path]) -> Iterator[str]:
-  index = next(p for p in paths if p.name.endswith(".index"))
-  data = next(p for p in paths if ".dict" in p.name)
+  index = [p for p in paths if p.name.endswith(".index")]
+  data = [p for p in paths if ".dict" in p.name]
+  if len(index) != 1 or len(data) != 1:
+    raise FileNotFoundError(
+        f"a dictd dictionary is one .index and one .dict(.dz) file, found"
+        f" {[str(p) for p in paths]}: reinstall its Debian package.")
+  index, data = index[0], data[0]
   yield from dict_documents(_read_text(index), _read_bytes(data))
 
 
@@ -378,10 +386,8 @@ def _read_rst(paths):
 
 
 def _read_roff(paths):
-  for p in paths:
-    source = _read_text(p)
-    if not source.lstrip().startswith(".so "):  # A link to another page.
-      yield roff_text(source)
+  # A link page (".so man2/open.2") reads as "" and is dropped as too short.
+  return (roff_text(_read_text(p)) for p in paths)
 
 
 SOURCES = (
