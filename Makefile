@@ -9,7 +9,7 @@ RUN ?= runs/default
 CONFIG ?= configs/default.py
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
-.PHONY: install data train test clean
+.PHONY: install data train test clean corpus
 
 install: $(TEST_STAMP)
 
@@ -31,6 +31,15 @@ data: $(DATA)/meta.json
 
 $(DATA)/meta.json: $(TRAIN_STAMP)
 	$(BIN)/python -m qtrain.data.prepare --task=kjv --out=$(DATA)
+
+# debian_en (qtrain/data/debian.py): real English from Debian packages, with
+# a 32k vocabulary. Not part of `make train`. Needs the packages installed
+# (apt-get, as root); when they are not, it prints the command and fails.
+CORPUS := data/debian_en
+
+corpus: $(TRAIN_STAMP)
+	$(BIN)/python -m qtrain.data.debian --check
+	$(BIN)/python -m qtrain.data.prepare --task=debian_en --out=$(CORPUS) --vocab_size=32000
 
 train: data
 	XLA_FLAGS= $(BIN)/python -m qtrain.train --config=$(CONFIG) --workdir=$(RUN)

@@ -250,3 +250,31 @@ def test_missing_package_names_the_apt_get_command(tmp_path, capsys):
           in capsys.readouterr().err)
   with pytest.raises(FileNotFoundError, match="apt-get install"):
     list(debian.documents("train", root))
+
+
+def test_seqio_task_and_mixture_read_the_corpus(tmp_path):
+  """debian_en yields the corpus documents, tokenized; the mixture with KJV
+  draws from both. (Imports seqio/TensorFlow: the slow test of this file.)"""
+  seqio = pytest.importorskip("seqio")
+  from qtrain.data import tasks  # pylint: disable=g-import-not-at-top
+  from qtrain.data import vocab  # pylint: disable=g-import-not-at-top
+  root = _fake_root(tmp_path)
+  sentences = list(debian.vocab_sentences(root))
+  assert sentences and all("\n" not in s for s in sentences)
+  model = tmp_path / "spm.model"
+  model.write_bytes(vocab._train_bytes(sentences, 120))  # pylint: disable=protected-access
+  tasks.register_debian_en(model, root=root)
+  task = seqio.get_mixture_or_task(tasks.DEBIAN_EN)
+  sp = vocab.load_sentencepiece(model)
+  got = []
+  for split in debian.SPLITS:
+    ds = task.get_dataset(sequence_length=None, split=split, shuffle=False)
+    for ex in ds.as_numpy_iterator():
+      assert ex["targets"][-1] == vocab.EOS_ID
+      got.append(sp.decode(ex["targets"][:-1].tolist()))
+  # Decoding normalises whitespace (newlines become spaces) only.
+  assert sorted(got) == sorted(" ".join(t.split())
+                               for _, t in debian.all_documents(root))
+  assert tasks.vocab_sentences(task, root) == sentences
+  mixture = seqio.get_mixture_or_task(tasks.DEBIAN_EN_KJV)
+  assert sorted(t.name for t in mixture.tasks) == [tasks.DEBIAN_EN, tasks.KJV]

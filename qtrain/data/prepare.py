@@ -1,14 +1,15 @@
 """Materialises a seqio task or mixture into token files for training.
 
   python -m qtrain.data.prepare --task=kjv --out=data/kjv [--vocab_size=8000]
+  python -m qtrain.data.prepare --task=debian_en --out=data/debian_en --vocab_size=32000
   python -m qtrain.data.prepare --task=my_mix --out=data/mix --module_import=my.tasks
 
 seqio is the front door (vocabularies, tasks, mixtures, preprocessing) but it
 imports TensorFlow, which the training hosts never do. So this step, run once
 on a CPU host, writes into `--out`:
 
-  spm.model        the SentencePiece vocabulary trained on the KJV train split,
-                   only when the task uses it; a task with its own vocabulary
+  spm.model        the SentencePiece vocabulary trained on the task's train
+                   split (`tasks.vocab_sentences`), only when the task uses it; a task with its own vocabulary
                    gets that model copied to vocab.model instead
   <split>.tokens   one token file per split (see `token_file.py`)
   meta.json        written last, atomically: its presence means "complete"
@@ -164,6 +165,20 @@ def _vocabulary(provider):
   return vocabulary
 
 
+def _train_vocab(out: pathlib.Path, vocab_size: int,
+                 sentences: list[str] | None) -> None:
+  """`spm.model` in `out`: KJV's (`sentences` None) or one trained on the
+  task's own train-split `sentences` (sampled to 200k by the trainer)."""
+  if sentences is None:
+    vocab_lib.train_vocab(out, vocab_size)
+    return
+  model = vocab_lib._train_bytes(sentences, vocab_size)  # pylint: disable=protected-access
+  path = out / vocab_lib.MODEL_NAME
+  tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+  tmp.write_bytes(model)
+  os.replace(tmp, path)  # Atomic, like vocab.train_vocab.
+
+
 def prepare(task: str, out: str | os.PathLike, vocab_size: int = 8000,
             force: bool = False, module_imports: tuple[str, ...] = ()) -> dict:
   """Vocabulary, token files and meta.json for `task` in `out`; returns meta.
@@ -188,7 +203,7 @@ def prepare(task: str, out: str | os.PathLike, vocab_size: int = 8000,
   provider = seqio.get_mixture_or_task(task)
   t_vocab = time.perf_counter()
   if str(spm_path) in tasks.vocab_files(provider):
-    vocab_lib.train_vocab(out, vocab_size)
+    _train_vocab(out, vocab_size, tasks.vocab_sentences(provider))
   t_vocab = time.perf_counter() - t_vocab
   vocabulary = _vocabulary(provider)
   vocab_file = _local_vocab_file(out, vocabulary)

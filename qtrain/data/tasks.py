@@ -8,6 +8,11 @@ the text under "targets", tokenized by the SentencePiece model of `vocab.py`
 and ended by EOS. Any other registered seqio task or mixture can be prepared
 the same way as long as it has a "targets" feature (and, for prompt/response
 data, an "inputs" feature: see `prepare.py`).
+
+`debian_en` is real English from Debian packages (see `debian.py`), one
+example per document; `debian_en_kjv` mixes it with `kjv`. Both share the
+vocabulary that `prepare` trains on their own train split
+(`vocab_sentences`).
 """
 
 from __future__ import annotations
@@ -18,9 +23,16 @@ import seqio
 import tensorflow as tf
 
 from qtrain.data import corpus
+from qtrain.data import debian
 from qtrain.data import vocab as vocab_lib
 
 KJV = "kjv"
+DEBIAN_EN = "debian_en"
+DEBIAN_EN_KJV = "debian_en_kjv"
+# Rates are per example, and the mixture stops when its first task runs out:
+# about the ratio of train documents (~19.7k debian_en : ~1.1k KJV chapters),
+# so both run out near the same point and little of either is left unused.
+DEBIAN_EN_KJV_RATES = ((DEBIAN_EN, 0.95), (KJV, 0.05))
 
 
 def _kjv_dataset(split: str, shuffle_files: bool, seed=None) -> tf.data.Dataset:
@@ -49,9 +61,58 @@ def register_kjv(vocab_path: str | os.PathLike) -> seqio.Task:
   )
 
 
+def _text_task(name: str, source: seqio.DataSource, vocab_path: str) -> seqio.Task:
+  """(Re-)registers a plain-text task whose "targets" use `vocab_path`."""
+  if name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(name)
+  return seqio.TaskRegistry.add(
+      name, source=source,
+      preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+      output_features={"targets": seqio.Feature(
+          vocab_lib.seqio_vocabulary(vocab_path), add_eos=True, dtype=tf.int32)})
+
+
+def register_debian_en(vocab_path: str | os.PathLike,
+                       root: str | os.PathLike = "/") -> seqio.Task:
+  """Registers `debian_en` (read from the packages installed under `root`)
+  and the `debian_en_kjv` mixture, both on the vocabulary `vocab_path`."""
+  def dataset(split: str, shuffle_files: bool, seed=None) -> tf.data.Dataset:
+    del shuffle_files, seed  # Source order is the document order.
+    return tf.data.Dataset.from_generator(
+        lambda: ({"targets": d} for d in debian.documents(split, root)),
+        output_signature={"targets": tf.TensorSpec((), tf.string)})
+  task = _text_task(DEBIAN_EN, seqio.FunctionDataSource(
+      dataset, splits=debian.SPLITS), str(vocab_path))
+  register_kjv(vocab_path)
+  if DEBIAN_EN_KJV in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.remove(DEBIAN_EN_KJV)
+  seqio.MixtureRegistry.add(DEBIAN_EN_KJV, list(DEBIAN_EN_KJV_RATES))
+  return task
+
+
 def register_tasks(vocab_path: str | os.PathLike) -> None:
   """Registers every qtrain task that needs the prepared vocabulary."""
   register_kjv(vocab_path)
+  register_debian_en(vocab_path)
+
+
+def vocab_sentences(provider, root: str | os.PathLike = "/") -> list[str] | None:
+  """What `prepare` trains the vocabulary of `provider` on: None for `kjv`
+  alone (`vocab.train_vocab`'s verses), else the train-split text of each of
+  its tasks (KJV verses, debian_en paragraphs)."""
+  names = [t.name for t in (getattr(provider, "tasks", None) or [provider])]
+  if names == [KJV]:
+    return None
+  sentences = []
+  for name in names:
+    if name == KJV:
+      sentences += [r["text"] for r in corpus.load_verses("train")]
+    elif name == DEBIAN_EN:
+      sentences += debian.vocab_sentences(root)
+    else:
+      raise ValueError(f"no vocabulary text is known for task {name!r}: give"
+                       " it its own SentencePiece model file.")
+  return sentences
 
 
 def splits_of(provider) -> tuple[str, ...]:
