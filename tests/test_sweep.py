@@ -138,6 +138,14 @@ def test_bad_override_is_one_line_naming_the_field(configs, tmp_path, capsys):
   assert not list(tmp_path.iterdir())  # Nothing trained.
 
 
+def test_unknown_evaluation_fails_before_training(configs, tmp_path, capsys):
+  code, _, err = _main([f"--configs={configs}/*.py", f"--workdir={tmp_path}",
+                        "--evals=heldout,ptq:w5a5"], capsys)
+  assert code == 2 and len(err.strip().splitlines()) == 1
+  assert "--evals=ptq:w5a5" in err and "w4a4kv4" in err
+  assert not list(tmp_path.iterdir())
+
+
 def test_entries_globs_and_variants(configs):
   from qtrain.sweep.runs import expand, run_name, split_entries  # pylint: disable=g-import-not-at-top
   assert split_entries("a/*.py,b.py:smoke,w8a8, c.py") == ["a/*.py", "b.py:smoke,w8a8", "c.py"]

@@ -150,7 +150,8 @@ def train(run: Run) -> str:
   if is_finished(run):
     return "skipped"
   from qtrain.train.loop import run as train_loop  # pylint: disable=g-import-not-at-top
-  resumed = os.path.isdir(os.path.join(run.workdir, "checkpoints"))
+  ckpts = os.path.join(run.workdir, "checkpoints")
+  resumed = os.path.isdir(ckpts) and any(s.isdigit() for s in os.listdir(ckpts))
   summary = train_loop(run.cfg, run.workdir)
   if summary["preempted"]:
     return "preempted"
