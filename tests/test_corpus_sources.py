@@ -262,7 +262,7 @@ def test_seqio_task_and_mixture_read_the_corpus(tmp_path):
   sentences = list(debian.vocab_sentences(root))
   assert sentences and all("\n" not in s for s in sentences)
   model = tmp_path / "spm.model"
-  model.write_bytes(vocab._train_bytes(sentences, 120))  # pylint: disable=protected-access
+  model.write_bytes(vocab.train_model_bytes(sentences, 120))
   tasks.register_debian_en(model, root=root)
   task = seqio.get_mixture_or_task(tasks.DEBIAN_EN)
   sp = vocab.load_sentencepiece(model)

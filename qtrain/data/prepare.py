@@ -172,7 +172,7 @@ def _train_vocab(out: pathlib.Path, vocab_size: int,
   if sentences is None:
     vocab_lib.train_vocab(out, vocab_size)
     return
-  model = vocab_lib._train_bytes(sentences, vocab_size)  # pylint: disable=protected-access
+  model = vocab_lib.train_model_bytes(sentences, vocab_size)
   path = out / vocab_lib.MODEL_NAME
   tmp = path.with_name(path.name + f".tmp{os.getpid()}")
   tmp.write_bytes(model)

@@ -61,7 +61,8 @@ def _matches(path: pathlib.Path, vocab_size: int) -> bool:
           and sp.bos_id() == -1)
 
 
-def _train_bytes(sentences: list[str], vocab_size: int) -> bytes:
+def train_model_bytes(sentences: list[str], vocab_size: int) -> bytes:
+  """A SentencePiece unigram model (serialized) trained on ``sentences``."""
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   spm.set_random_generator_seed(_SEED)
   model = io.BytesIO()
@@ -92,7 +93,7 @@ def train_vocab(out_dir: str | os.PathLike, vocab_size: int = 8000) -> str:
   if path.is_file() and _matches(path, vocab_size):
     return str(path)
   sentences = [r["text"] for r in corpus.load_verses("train")]
-  model = _train_bytes(sentences, vocab_size)
+  model = train_model_bytes(sentences, vocab_size)
   out_dir.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + f".tmp{os.getpid()}")
   tmp.write_bytes(model)
