@@ -22,7 +22,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # pylint: disable=g-import-not-at-top
 
-from benchmarks.train_step import load_config, synthetic_batch  # noqa: E402
+from benchmarks.train_step import load_config, synthetic_batch, trainer_step  # noqa: E402
 
 
 def _category(name: str) -> str:
@@ -67,24 +67,12 @@ def main() -> None:
   p.add_argument("--remat", default=None)
   p.add_argument("--out", default="/tmp/qtrain_profile")
   args = p.parse_args()
-  from qtrain.train.build import build_model  # pylint: disable=g-import-not-at-top
-  from qtrain.optim import build_optimizer  # pylint: disable=g-import-not-at-top
-  from qtrain.parallel import Layout, batch_sharding  # pylint: disable=g-import-not-at-top
-  from qtrain.train.state import abstract_params, init_state, state_shardings  # pylint: disable=g-import-not-at-top
-  from qtrain.train.step import make_steps  # pylint: disable=g-import-not-at-top
   cfg = load_config(args.model)
   if args.remat:
     cfg.model.remat_policy = args.remat
-  model = build_model(cfg)
-  tx = build_optimizer(cfg, abstract_params(model, args.seq))
-  layout = Layout.from_config(cfg)
-  mesh = layout.mesh
+  host = synthetic_batch(args.batch, args.seq, cfg.model.vocab_size, 0)
+  layout, _, state, batch, step = trainer_step(cfg, host)
   with layout:
-    state = init_state(model, tx, mesh, 0, args.seq)
-    host = synthetic_batch(args.batch, args.seq, cfg.model.vocab_size, 0)
-    step, _ = make_steps(cfg, model, tx, mesh, state_shardings(model, tx, mesh, args.seq),
-                         batch_keys=tuple(host))
-    batch = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in host.items()}
     for _ in range(3):
       state, m = step(state, batch)
     jax.block_until_ready(m)

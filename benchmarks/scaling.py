@@ -54,13 +54,13 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.train_step import load_config, synthetic_batch, time_steps
+from benchmarks.train_step import load_config, synthetic_batch, time_steps, trainer_step
 from qtrain.config import validate
 from qtrain.optim import build_optimizer
 from qtrain.parallel import Layout, batch_sharding
 from qtrain.train import metrics as metrics_lib
 from qtrain.train.build import build_model
-from qtrain.train.state import abstract_params, abstract_state, init_state, state_shardings
+from qtrain.train.state import abstract_params, abstract_state
 from qtrain.train.step import make_steps
 
 MFU_TARGET_8B = 0.40
@@ -143,15 +143,9 @@ def _device_facts(devices) -> dict:
 def measure(cfg, devices, steps: int, warmup: int) -> dict:
   """Times the trainer's step on synthetic rows over ``devices``."""
   seq, rows = cfg.data.seq_len, cfg.data.global_batch_size
-  model = build_model(cfg)
-  layout = Layout.from_config(cfg, devices=devices)
+  host = synthetic_batch(rows, seq, cfg.model.vocab_size, 0)
+  layout, model, state, batch, train = trainer_step(cfg, host, devices)
   with layout:
-    tx = build_optimizer(cfg, abstract_params(model, seq))
-    sh = state_shardings(model, tx, layout.mesh, seq)
-    state = init_state(model, tx, layout.mesh, cfg.seed, seq)
-    host = synthetic_batch(rows, seq, model.cfg.vocab_size, 0)
-    batch = {k: jax.device_put(v, batch_sharding(layout.mesh)) for k, v in host.items()}
-    train, _ = make_steps(cfg, model, tx, layout.mesh, sh, batch_keys=tuple(host))
     t0 = time.perf_counter()
     compiled = train.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import pathlib
 import sys
 import time
@@ -28,7 +27,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp
 import numpy as np
 
 from qtrain.layers import ModelConfig
@@ -71,18 +69,28 @@ def time_steps(fn, steps: int, warmup: int = 3) -> float:
   return (time.perf_counter() - t0) / steps
 
 
-def bench_qtrain(cfg, batch: int, seq: int, packed: int, steps: int) -> dict:
+def trainer_step(cfg, host: dict, devices=None):
+  """(layout, model, state, batch, train_step): the trainer's jitted step over
+  ``devices`` (default all) with its sharded state, and the ``host`` rows
+  placed with the mesh's batch sharding. Call the step inside ``with layout:``
+  (its first call traces the model against the layout's rules)."""
+  seq = host["inputs"].shape[1]
   model = build_model(cfg)
-  model_cfg = model.cfg
-  tx = build_optimizer(cfg, abstract_params(model, seq))
-  layout = Layout.from_config(cfg)
-  mesh = layout.mesh
+  layout = Layout.from_config(cfg, devices)
   with layout:
-    sh = state_shardings(model, tx, mesh, seq)
-    state = init_state(model, tx, mesh, 0, seq)
-    host = synthetic_batch(batch, seq, model_cfg.vocab_size, packed)
-    train_step, _ = make_steps(cfg, model, tx, mesh, sh, batch_keys=tuple(host))
-    data = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in host.items()}
+    tx = build_optimizer(cfg, abstract_params(model, seq))
+    sh = state_shardings(model, tx, layout.mesh, seq)
+    state = init_state(model, tx, layout.mesh, cfg.seed, seq)
+    train_step, _ = make_steps(cfg, model, tx, layout.mesh, sh, batch_keys=tuple(host))
+    batch = {k: jax.device_put(v, batch_sharding(layout.mesh)) for k, v in host.items()}
+  return layout, model, state, batch, train_step
+
+
+def bench_qtrain(cfg, batch: int, seq: int, packed: int, steps: int) -> dict:
+  host = synthetic_batch(batch, seq, cfg.model.vocab_size, packed)
+  layout, model, state, data, train_step = trainer_step(cfg, host)
+  model_cfg = model.cfg
+  with layout:
     t0 = time.perf_counter()
     box = [state]
 

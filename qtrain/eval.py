@@ -48,10 +48,11 @@ def run(workdir: str, step: int | None = None, eval_batches: int | None = None,
     param_sh = param_shardings(model, mesh, d.seq_len)
     params, step = restore_params(workdir, params_target(model, mesh, d.seq_len), step)
     n = d.eval_batches if eval_batches is None else eval_batches
+    shard, shards = data_shard(mesh)
     with data_errors(data_dir):
       batches = loader.make_eval_batches(
           data_dir, seq_len=d.seq_len, global_batch_size=d.eval_batch_size, num_batches=n,
-          process_index=data_shard(mesh)[0], process_count=data_shard(mesh)[1])
+          process_index=shard, process_count=shards)
     eval_step = jit_eval_step(model, mesh, param_sh, tuple(batches[0]))
     nll = evaluate(eval_step, params, batches, mesh, model.cfg)
   result = {"step": step, "eval_loss": nll, "eval_ppl": math.exp(nll),

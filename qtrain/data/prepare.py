@@ -165,20 +165,6 @@ def _vocabulary(provider):
   return vocabulary
 
 
-def _train_vocab(out: pathlib.Path, vocab_size: int,
-                 sentences: list[str] | None) -> None:
-  """`spm.model` in `out`: KJV's (`sentences` None) or one trained on the
-  task's own train-split `sentences` (sampled to 200k by the trainer)."""
-  if sentences is None:
-    vocab_lib.train_vocab(out, vocab_size)
-    return
-  model = vocab_lib.train_model_bytes(sentences, vocab_size)
-  path = out / vocab_lib.MODEL_NAME
-  tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-  tmp.write_bytes(model)
-  os.replace(tmp, path)  # Atomic, like vocab.train_vocab.
-
-
 def prepare(task: str, out: str | os.PathLike, vocab_size: int = 8000,
             force: bool = False, module_imports: tuple[str, ...] = ()) -> dict:
   """Vocabulary, token files and meta.json for `task` in `out`; returns meta.
@@ -203,7 +189,7 @@ def prepare(task: str, out: str | os.PathLike, vocab_size: int = 8000,
   provider = seqio.get_mixture_or_task(task)
   t_vocab = time.perf_counter()
   if str(spm_path) in tasks.vocab_files(provider):
-    _train_vocab(out, vocab_size, tasks.vocab_sentences(provider))
+    vocab_lib.train_vocab(out, vocab_size, tasks.vocab_sentences(provider))
   t_vocab = time.perf_counter() - t_vocab
   vocabulary = _vocabulary(provider)
   vocab_file = _local_vocab_file(out, vocabulary)

@@ -81,18 +81,23 @@ def train_model_bytes(sentences: list[str], vocab_size: int) -> bytes:
   return model.getvalue()
 
 
-def train_vocab(out_dir: str | os.PathLike, vocab_size: int = 8000) -> str:
-  """Trains `<out_dir>/spm.model` on the train split; returns its path.
+def train_vocab(out_dir: str | os.PathLike, vocab_size: int = 8000,
+                sentences: list[str] | None = None) -> str:
+  """Trains `<out_dir>/spm.model` on `sentences` (None: the KJV train
+  split's verses); returns its path.
 
-  A model already there with `vocab_size` pieces and seqio's special ids is
-  kept as is (training is deterministic, so this is only a cache). Written
-  atomically: a killed run never leaves a half model file.
+  For the KJV verses a model already there with `vocab_size` pieces and
+  seqio's special ids is kept as is (training is deterministic, so this is
+  only a cache); other text is always trained on (the check could not tell
+  which text a model came from). Written atomically: a killed run never
+  leaves a half model file.
   """
   out_dir = pathlib.Path(out_dir)
   path = out_dir / MODEL_NAME
-  if path.is_file() and _matches(path, vocab_size):
-    return str(path)
-  sentences = [r["text"] for r in corpus.load_verses("train")]
+  if sentences is None:
+    if path.is_file() and _matches(path, vocab_size):
+      return str(path)
+    sentences = [r["text"] for r in corpus.load_verses("train")]
   model = train_model_bytes(sentences, vocab_size)
   out_dir.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + f".tmp{os.getpid()}")

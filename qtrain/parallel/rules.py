@@ -41,7 +41,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qtrain.parallel.mesh import BATCH_AXES, MeshError, make_mesh, mesh_sizes
+from qtrain.parallel.mesh import BATCH_AXES, MeshError, make_mesh
 
 
 def logical_rules(mesh, model_cfg) -> tuple:
@@ -100,17 +100,17 @@ class Layout:
   @classmethod
   def for_checkpoint(cls, cfg, devices=None) -> "Layout":
     """The layout to evaluate or quantize a saved run on this machine: its
-    own ``config.mesh`` when it fits these devices, else every device on
-    ``fsdp`` (params split, not replicated), with a note."""
+    own ``config.mesh`` when it fits these devices, else (or for a run saved
+    before meshes were configurable) every device on ``fsdp``: params split,
+    not replicated."""
     n = len(jax.devices() if devices is None else devices)
-    mesh_cfg = cfg.get("mesh")
-    try:
-      mesh_sizes(mesh_cfg, n)
-    except MeshError as e:
-      if jax.process_index() == 0:
-        print(f"note: the run's mesh does not fit here ({e}); using fsdp={n}", flush=True)
-      mesh_cfg = {"fsdp": -1}
-    return cls.of(mesh_cfg or {"fsdp": -1}, cfg.model, devices)
+    if cfg.get("mesh") is not None:
+      try:
+        return cls.of(cfg.mesh, cfg.model, devices)
+      except MeshError as e:
+        if jax.process_index() == 0:
+          print(f"note: the run's mesh does not fit here ({e}); using fsdp={n}", flush=True)
+    return cls.of({"fsdp": -1}, cfg.model, devices)
 
   def __enter__(self) -> "Layout":
     stack = contextlib.ExitStack()
@@ -141,7 +141,6 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-@functools.lru_cache(maxsize=16)
 def _row_blocks(mesh) -> dict[int, tuple[int, int]]:
   """{process: [start, stop)} of the batch-row shards its devices hold (in
   units of one of the data x fsdp shards)."""
@@ -159,6 +158,7 @@ def _row_blocks(mesh) -> dict[int, tuple[int, int]]:
   return blocks
 
 
+@functools.lru_cache(maxsize=16)  # Per mesh; to_global asks for every batch.
 def data_shard(mesh) -> tuple[int, int]:
   """(index, count): which of ``count`` equal slices of the global batch this
   process loads. Processes whose devices hold the same rows (a ``tensor`` or

@@ -59,11 +59,10 @@ def _method_kwargs(method: str) -> dict:
 
 def _calibration_stats(cfg, data_dir, model_cfg, params, sites, method, n_batches, mesh):
   """GPTQ: input Hessians; AWQ: mean |x|; of the first training batches."""
-  d = cfg.data
+  d, (shard, shards) = cfg.data, data_shard(mesh)
   it = loader.make_train_iterator(data_dir, seq_len=d.seq_len,
                                   global_batch_size=d.global_batch_size, seed=cfg.seed,
-                                  process_index=data_shard(mesh)[0],
-                                  process_count=data_shard(mesh)[1])
+                                  process_index=shard, process_count=shards)
   batches = (to_global(next(it), mesh, model_cfg) for _ in range(n_batches))
   kinds = ("hessian",) if method == "gptq" else ("act_scale",)
   return jax.block_until_ready(collect_stats(model_cfg, params, batches, sites, kinds))
@@ -109,10 +108,10 @@ def run(workdir: str, recipe: str, method: str, *, calib_batches: int = 8, out: 
   t = time.perf_counter()
   loaded = load_quantized(out)  # From disk: the evaluator sees what the export holds.
   with layout:
+    shard, shards = data_shard(mesh)
     eval_batches = loader.make_eval_batches(
         data_dir, seq_len=d.seq_len, global_batch_size=d.eval_batch_size,
-        num_batches=d.eval_batches, process_index=data_shard(mesh)[0],
-        process_count=data_shard(mesh)[1])
+        num_batches=d.eval_batches, process_index=shard, process_count=shards)
     nll_fp, ppl_fp = ev.perplexity(Transformer(model_cfg), params, eval_batches, mesh,
                                    d.seq_len)
     ptq_model = Transformer(model_cfg, ptq_providers(out, ev.eval_provider(recipe_quant,

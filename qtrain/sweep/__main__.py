@@ -82,12 +82,11 @@ def main(argv: list[str]) -> int:
   args, rest = _parser().parse_known_args(argv)
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO.
-  from qtrain.train.errors import EXPECTED  # pylint: disable=g-import-not-at-top
+  from qtrain.train.errors import EXPECTED, one_line  # pylint: disable=g-import-not-at-top
   try:
     out = sweep(args.configs, args.workdir, tuple(rest), args.evals, args.eval_batches)
   except EXPECTED as e:
-    print(f"error: {' '.join(str(e.args[0] if isinstance(e, KeyError) else e).split())}",
-          file=sys.stderr)
+    print(f"error: {one_line(e)}", file=sys.stderr)
     return 2
   del out  # A preempted sweep said so; rerunning resumes it.
   return 0

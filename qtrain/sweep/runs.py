@@ -74,15 +74,6 @@ def run_name(entry: str) -> str:
   return "-".join([stem, *(re.sub(r"[^\w.+-]", "_", v) for v in variants.split(",") if v)])
 
 
-def _one_line(e: BaseException) -> str:
-  """ml_collections' errors on one line (a config file's traceback: its last line)."""
-  text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-  lines = [l.strip() for l in str(text).splitlines() if l.strip()]
-  if len(lines) > 2 and lines[1].startswith("Traceback"):
-    lines = [lines[0], lines[-1]]
-  return " ".join(lines)
-
-
 def load_config(entry: str, overrides: tuple[str, ...]) -> ml_collections.ConfigDict:
   """``entry`` with ``--config.x=y`` overrides, parsed by ml_collections as
   ``python -m qtrain.train`` parses them; a bad one is a ConfigError naming
@@ -100,7 +91,8 @@ def load_config(entry: str, overrides: tuple[str, ...]) -> ml_collections.Config
     for arg in overrides:
       check_override(arg.lstrip("-").split("=", 1)[0].removeprefix("config.")
                      .removeprefix("noconfig."))
-    raise ConfigError(f"{entry}: {_one_line(e)}") from None
+    from qtrain.train.errors import one_line  # pylint: disable=g-import-not-at-top
+    raise ConfigError(f"{entry}: {one_line(e)}") from None
 
 
 def discover(spec: str, workdir: str, overrides: tuple[str, ...] = ()) -> list[Run]:

@@ -41,11 +41,6 @@ def fail(msg: str) -> None:
   sys.exit(2)
 
 
-def _one_line(e: BaseException) -> str:
-  text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-  return " ".join(str(text).split())
-
-
 def parse_flags(argv):
   """absl's parser, with ml_collections' errors for ``--config`` and its
   overrides (raised while parsing, before ``main``) turned into one line."""
@@ -53,13 +48,14 @@ def parse_flags(argv):
     return app.parse_flags_with_usage(argv)
   except (KeyError, AttributeError, ValueError, TypeError) as e:
     from qtrain.config import ConfigError, check_override  # pylint: disable=g-import-not-at-top
+    from qtrain.train.errors import one_line  # pylint: disable=g-import-not-at-top
     for arg in argv[1:]:
       if arg.startswith("--config."):
         try:
           check_override(arg[len("--config."):].split("=", 1)[0])
         except ConfigError as c:
           fail(str(c))
-    fail(_one_line(e))
+    fail(one_line(e))
 
 
 def _local_device_ids() -> list[int] | None:
@@ -76,17 +72,17 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO.
   from qtrain.parallel import distributed  # pylint: disable=g-import-not-at-top
-  try:  # Before anything touches a device.
+  from qtrain.train.errors import EXPECTED, one_line  # pylint: disable=g-import-not-at-top
+  try:  # Before anything touches a device (importing touches none).
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            _local_device_ids())
   except distributed.DistributedError as e:
-    fail(_one_line(e))
-  from qtrain.train.errors import EXPECTED  # pylint: disable=g-import-not-at-top
+    fail(one_line(e))
   from qtrain.train.loop import run  # pylint: disable=g-import-not-at-top
   try:
     summary = run(_CONFIG.value, _WORKDIR.value)
   except EXPECTED as e:
-    fail(_one_line(e))
+    fail(one_line(e))
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:  # Process 0 speaks for the run.
     return

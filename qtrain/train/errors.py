@@ -22,6 +22,17 @@ EXPECTED = (ConfigError, DataError, TokenFileError, CheckpointError, MetricsFile
             FileNotFoundError)
 
 
+def one_line(e: BaseException) -> str:
+  """An expected error's message as the one line a CLI prints: a KeyError's
+  text unquoted, whitespace collapsed, and a traceback quoted inside it (a
+  config file that raised) shortened to its first and last lines."""
+  text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+  lines = [l.strip() for l in str(text).splitlines() if l.strip()]
+  if len(lines) > 2 and lines[1].startswith("Traceback"):
+    lines = [lines[0], lines[-1]]
+  return " ".join(" ".join(lines).split())
+
+
 @contextlib.contextmanager
 def data_errors(data_dir: str):
   """The loader's ValueErrors (a split missing, too few documents, a saved

@@ -189,11 +189,11 @@ def _run(cfg, workdir, meta, model, tx, mesh, sigterm):
   try:
     train_step, eval_step = make_steps(cfg, model, tx, mesh,
                                        state_shardings(model, tx, mesh, d.seq_len))
+    shard, shards = data_shard(mesh)
     with data_errors(d.dir):
       eval_batches = loader.make_eval_batches(
           d.dir, seq_len=d.seq_len, global_batch_size=d.eval_batch_size,
-          num_batches=d.eval_batches, process_index=data_shard(mesh)[0],
-          process_count=data_shard(mesh)[1])
+          num_batches=d.eval_batches, process_index=shard, process_count=shards)
     report = quant_report(model)
     if report and cfg.quant.mode != "none":
       progress.write(report)
