@@ -42,6 +42,14 @@ def base_config() -> ml_collections.ConfigDict:
       # Weight forms by path, first match wins (qtrain/layers/weights.py), e.g.
       # (dict(pattern=r"decoder/layers/mlp/.*", form="low_rank", rank=64),); none: dense.
       weight_forms=(),
+      # Outlier-safe pretraining (OSP, Park et al. 2025; docs/reproductions.md):
+      norm="rmsnorm",  # rmsnorm (per-channel gain) | ssnorm (Single-Scale: one learnable scalar)
+      # EmbProj: orthogonally initialised d x d projections after the embedding
+      # and before the LM head; export merges them into a plain Llama.
+      embproj=False,
+      # Online fast Walsh-Hadamard transform of the down_proj input
+      # (d_ff a power of two); fold_ffn_hadamard turns it on in a trained model.
+      ffn_hadamard=False,
   ))
 
   # Device mesh, outermost axis first; sizes multiply to the device count and
@@ -95,6 +103,15 @@ def base_config() -> ml_collections.ConfigDict:
           eps=1e-8,
           mu_dtype="float32",  # First-moment dtype (bfloat16 halves its memory traffic).
       ),
+      muon=dict(  # optax.contrib.muon for matrices (qtrain/optim/muon.py).
+          beta=0.95,  # Momentum.
+          nesterov=True,
+          ns_steps=5,  # Newton-Schulz iterations.
+          eps=1e-8,
+          # Update RMS matched to AdamW's: 0.2 * sqrt(max(fan_in, fan_out)) scaling.
+          rms_scale=0.2,
+          mu_dtype="float32",
+      ),
   ))
 
   c.train = ml_collections.ConfigDict(dict(
@@ -117,6 +134,11 @@ def base_config() -> ml_collections.ConfigDict:
       # Flax collections the train step applies as mutable and returns as
       # metrics, e.g. ("intermediates",) for values sown with self.sow.
       collect=(),
+  ))
+  # In-training activation telemetry (qtrain/analysis): excess kurtosis and
+  # max |x| per layer of the residual stream and every quantized matmul's input.
+  c.telemetry = ml_collections.ConfigDict(dict(
+      every=0,  # Steps between measured steps (inside the jitted step); 0 = off.
   ))
   # Quantization: mode + ordered rules over matmul paths; presets in
   # configs/quant/ (select with a config variant, e.g. `default.py:w4a4`).

@@ -58,6 +58,9 @@ class ModelConfig:
   init_std: float = 0.02
   # Weight forms by path (qtrain.layers.weights.FormRule); none matching: dense.
   weight_forms: tuple = ()
+  norm: str = "rmsnorm"  # rmsnorm | ssnorm (Single-Scale RMSNorm, OSP).
+  embproj: bool = False  # EmbProj: d x d projections after the embedding, before the head.
+  ffn_hadamard: bool = False  # Online Walsh-Hadamard on the down_proj input.
 
   @property
   def compute_dtype(self):
