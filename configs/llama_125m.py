@@ -1,11 +1,28 @@
 """A 125M-class Llama: 12 layers x d 768 (ffn 2048, 12 heads), vocab 32000.
 
   python -m qtrain.train --config=configs/llama_125m.py --workdir=runs/125m
+  python -m qtrain.train --config=configs/llama_125m.py:corpus --workdir=runs/125m_corpus
   python -m qtrain.train --config=configs/llama_125m.py:smoke --workdir=/tmp/smoke
+
+``corpus``: the reproduction base on ``data/debian_en`` (``make corpus``),
+64 x 1024 tokens a step, 1600 steps = 105M tokens; the budget arithmetic is in
+docs/reproductions.md.
 """
 
 from qtrain.config import base_config
 from qtrain.config.variants import apply_variants, split_variants
+
+SIZES = ("smoke", "corpus")
+
+
+def corpus(c, steps: int = 1600) -> None:
+  """Sets ``c`` to train on data/debian_en for ``steps`` steps of 65,536 tokens."""
+  c.data.update(dir="data/debian_en", seq_len=1024, global_batch_size=64,
+                eval_batch_size=32, eval_batches=16)
+  c.optim.update(lr=1.5e-3, warmup_steps=min(200, steps // 10), decay_steps=0,
+                 min_lr_ratio=0.1, weight_decay=0.1)
+  c.train.update(steps=steps, log_every=50, eval_every=max(steps // 8, 1),
+                 checkpoint_every=max(steps // 4, 1), sample_prompt="The kernel")
 
 
 def get_config(arg: str = ""):
@@ -17,11 +34,14 @@ def get_config(arg: str = ""):
   c.optim.update(lr=6e-4, warmup_steps=2000, weight_decay=0.1)
   c.train.update(steps=100_000, log_every=50, eval_every=2000, checkpoint_every=2000)
   variants = split_variants(arg)
+  if "corpus" in variants:
+    corpus(c)
   if "smoke" in variants:  # Same architecture family, laptop size.
     c.model.update(vocab_size=8192, d_model=96, n_layers=2, n_heads=6, n_kv_heads=6,
                    head_dim=16, d_ff=256, dtype="float32")
-    c.data.update(seq_len=64, global_batch_size=8, eval_batch_size=8, eval_batches=1)
+    c.data.update(dir="data/kjv", seq_len=64, global_batch_size=8, eval_batch_size=8,
+                  eval_batches=1)
     c.optim.update(warmup_steps=2)
     c.train.update(steps=4, log_every=1, eval_every=4, checkpoint_every=4, sample_tokens=4)
-  apply_variants(c, [v for v in variants if v != "smoke"], "configs/llama_125m.py")
+  apply_variants(c, [v for v in variants if v not in SIZES], "configs/llama_125m.py")
   return c

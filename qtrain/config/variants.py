@@ -19,6 +19,15 @@ def quant_presets() -> list[str]:
   return sorted(p.stem for p in QUANT_DIR.glob("*.py") if p.stem not in ("base", "__init__"))
 
 
+def config_module(name: str):
+  """``configs/<name>.py`` as a module (``"llama_125m"``, ``"osp.base"``), so a
+  config file can build on another wherever the process was started."""
+  root = str(QUANT_DIR.parents[1])
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  return importlib.import_module(f"configs.{name}")
+
+
 def apply_variants(c, variants: list[str], config_name: str) -> None:
   """Applies non-size variants (quantization presets) to config ``c``."""
   for v in variants:
@@ -26,10 +35,7 @@ def apply_variants(c, variants: list[str], config_name: str) -> None:
     if name not in quant_presets():
       raise ValueError(f"{config_name}: unknown variant {v!r}; use 'smoke' or a quant "
                        f"preset {quant_presets()}")
-    root = str(QUANT_DIR.parents[1])
-    if root not in sys.path:  # Presets import `configs.quant.base`.
-      sys.path.insert(0, root)
-    preset = importlib.import_module(f"configs.quant.{name}")
+    preset = config_module(f"quant.{name}")  # Presets import `configs.quant.base`.
     c.quant = preset.get_quant(switches.replace("+", ","))
 
 
