@@ -80,6 +80,17 @@ def _check_model(m) -> None:
     form_rules(m.weight_forms)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  # Outlier-safe pretraining (qtrain/layers/norms.py, model.py, hadamard.py).
+  from qtrain.layers.hadamard import is_power_of_two  # pylint: disable=g-import-not-at-top
+  from qtrain.layers.norms import NORMS  # pylint: disable=g-import-not-at-top
+  _require(m.norm in NORMS, f"config.model.norm={m.norm!r}; use one of {NORMS}")
+  for field in ("embproj", "ffn_hadamard"):
+    _require(isinstance(m[field], bool), f"config.model.{field}={m[field]!r}: use True or False")
+  lo = 1 << max(m.d_ff.bit_length() - 1, 0)
+  _require(not m.ffn_hadamard or is_power_of_two(m.d_ff),
+           f"config.model.ffn_hadamard=True needs config.model.d_ff a power of two (the fast "
+           f"Walsh-Hadamard transform), got {m.d_ff}; set d_ff={lo} or {2 * lo}, or "
+           "ffn_hadamard=False")
   _require(m.rope_scaling.factor >= 1.0,
            f"config.model.rope_scaling.factor={m.rope_scaling.factor} must be >= 1 (1 = off)")
   if m.rope_scaling.factor > 1.0:
@@ -131,3 +142,5 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int = 1) -> None:
     validate_quant(cfg.quant, cfg.model)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  from qtrain.analysis.telemetry import validate_telemetry  # pylint: disable=g-import-not-at-top
+  validate_telemetry(cfg)

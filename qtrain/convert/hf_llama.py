@@ -21,6 +21,9 @@ With ``scan_layers`` the per-layer arrays are stacked on a leading L axis under
 embeddings there is no ``lm_head`` param; HF's ``lm_head.weight`` (present in a
 torch state dict, absent from saved safetensors) must then equal the embedding.
 
+Export of an outlier-safe (OSP) model merges Single-Scale RMSNorm, EmbProj
+and the FFN Hadamard into plain Llama weights first (``qtrain.convert.osp``).
+
 RoPE needs no q/k permutation: both sides use the half-split (rotate_half)
 layout. Checkpoints are read with the safetensors numpy API (``ml_dtypes``
 makes bfloat16 readable); nothing here imports transformers or torch.
@@ -35,8 +38,8 @@ from typing import Any
 
 import ml_dtypes  # noqa: F401  Registers bfloat16 with numpy for safetensors.
 import numpy as np
-from flax.core import meta
 
+from qtrain.convert.osp import is_plain, merge_osp, unwrap
 from qtrain.layers.config import ModelConfig, RopeScaling
 from qtrain.layers.param_tree import put as _set
 
@@ -221,10 +224,17 @@ def params_to_hf_state_dict(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
   """The HF Llama state dict (numpy, params' dtype) of qtrain params, boxed or
   plain, with or without the ``{'params': ...}`` wrapper, scanned or not. For
   tied embeddings ``lm_head.weight`` is the embedding, as in torch's
-  ``state_dict()``."""
-  params = meta.unbox(params)
-  if set(params) == {"params"}:
-    params = params["params"]
+  ``state_dict()``.
+
+  An OSP model (``cfg.norm="ssnorm"``, ``embproj``, ``ffn_hadamard``) is
+  first merged into the plain Llama computing the same function
+  (``qtrain.convert.osp.merge_osp``); with EmbProj and tied embeddings that
+  Llama is untied (``merge_osp(params, cfg)[1]`` is its config: write its HF
+  config with ``tie_word_embeddings=False``).
+  """
+  params = unwrap(params)
+  if not is_plain(cfg):
+    params, cfg = merge_osp(params, cfg)
   to_np = np.asarray
   out = {"model.embed_tokens.weight": to_np(params["embedding"]),
          "model.norm.weight": to_np(params["final_norm"]["scale"])}

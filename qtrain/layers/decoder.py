@@ -21,7 +21,7 @@ from qtrain.layers.attention import Attention
 from qtrain.layers.config import ModelConfig
 from qtrain.layers.hooks import Hooks
 from qtrain.layers.mlp import MLP
-from qtrain.layers.norms import RMSNorm
+from qtrain.layers.norms import norm_for
 from qtrain.layers.sharding import RESIDUAL
 
 _cp = jax.checkpoint_policies
@@ -40,7 +40,7 @@ REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-  """x + attn(norm(x)), then h + mlp(norm(h))."""
+  """x + attn(norm(x)), then h + mlp(norm(h)); the norm is ``cfg.norm``'s."""
   cfg: ModelConfig
   hooks: Hooks = Hooks()
   decode: bool = False  # Attention reads and writes the KV cache (see Attention).
@@ -49,11 +49,10 @@ class Block(nn.Module):
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, layer=None):
     cfg = self.cfg
     hooks = self.hooks.with_context(layer=layer)
-    norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.weight_dtype, name=name)
     x_BTD = nn.with_logical_constraint(x_BTD, RESIDUAL)
     h_BTD = x_BTD + Attention(cfg, hooks, self.decode, name="attn")(
-        norm("attn_norm")(x_BTD), positions_BT, segment_ids_BT)
-    out_BTD = h_BTD + MLP(cfg, hooks, name="mlp")(norm("mlp_norm")(h_BTD))
+        norm_for(cfg, "attn_norm")(x_BTD), positions_BT, segment_ids_BT)
+    out_BTD = h_BTD + MLP(cfg, hooks, name="mlp")(norm_for(cfg, "mlp_norm")(h_BTD))
     out_BTD = hooks.activation(self, "block_out", out_BTD)
     return nn.with_logical_constraint(out_BTD, RESIDUAL), None
 

@@ -1,5 +1,15 @@
-"""SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x)); the
-down_proj input is the named hook site ``mlp_hidden``."""
+"""SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x)).
+
+The SwiGLU hidden is the named hook site ``mlp_hidden``. With
+``cfg.ffn_hadamard`` the down_proj input is that hidden rotated by the
+normalised Walsh-Hadamard transform (``qtrain.layers.hadamard``; OSP's "FFN
+Hadamard"), applied after the site and before down_proj: the site (telemetry,
+a rotation provider) sees the model's own hidden, where the outliers live, and
+down_proj's matmul hook, where the quantizer rounds the operands, sees the
+rotated one. Without folding its inverse into down_proj (``fold_ffn_hadamard``)
+the switch changes the function: train with it, or fold it into a model
+trained without it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +19,7 @@ import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from qtrain.layers.config import ModelConfig
+from qtrain.layers.hadamard import fwht
 from qtrain.layers.hooks import Hooks
 from qtrain.layers.linear import Linear
 from qtrain.layers.sharding import MLP_HIDDEN
@@ -28,5 +39,7 @@ class MLP(nn.Module):
     up_BTF = dense(cfg.d_ff, ("embed", "mlp"), name="up_proj")(x_BTD)
     h_BTF = nn.with_logical_constraint(nn.silu(gate_BTF) * up_BTF, MLP_HIDDEN)
     h_BTF = checkpoint_name(h_BTF, "mlp_hidden")
-    h_BTF = self.hooks.activation(self, "mlp_hidden", h_BTF)  # down_proj's input.
+    h_BTF = self.hooks.activation(self, "mlp_hidden", h_BTF)
+    if cfg.ffn_hadamard:  # down_proj's input is h H (H orthonormal, self-inverse).
+      h_BTF = nn.with_logical_constraint(fwht(h_BTF), MLP_HIDDEN)
     return dense(cfg.d_model, ("mlp", "embed"), name="down_proj")(h_BTF)

@@ -1,4 +1,13 @@
-"""The Llama-family language model: embed -> decoder -> norm -> LM head."""
+"""The Llama-family language model: embed -> decoder -> norm -> LM head.
+
+With ``cfg.embproj`` (EmbProj, OSP: Park et al. 2025) two d x d projections,
+orthogonally initialised, sit after the embedding lookup (``embed_proj``) and
+between the final norm and the LM head (``head_proj``). Both are ``Linear``s,
+so they are matmul sites like any other (trace_sites lists them; the quant
+presets' rules name neither, so they stay in high precision). After training
+``qtrain.convert.merge_osp`` folds them into the embedding table and the LM
+head: E' = E P_in, W' = P_out W, a plain Llama.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +22,16 @@ from qtrain.layers.decoder import Decoder
 from qtrain.layers.dot_general import Matmul
 from qtrain.layers.hooks import MatmulSite, as_hooks
 from qtrain.layers.linear import Linear
-from qtrain.layers.norms import RMSNorm
+from qtrain.layers.norms import norm_for
 from qtrain.layers.sharding import LOGITS, RESIDUAL
+
+
+def _embproj(cfg: ModelConfig, hooks, name: str) -> Linear:
+  """An EmbProj d x d matrix, orthogonal at init. Its second dim has a
+  logical name of its own (``embed_proj``): a dim cannot be named ``embed``
+  twice."""
+  return Linear(cfg.d_model, ("embed", "embed_proj"), cfg.compute_dtype, cfg.weight_dtype,
+                nn.initializers.orthogonal(), hooks, cfg.init_std, name=name)
 
 
 class Transformer(nn.Module):
@@ -27,8 +44,9 @@ class Transformer(nn.Module):
 
   ``provider``: a ``qtrain.layers.hooks.Provider``, a tuple of them (outermost
   first) or None; with ``cfg.weight_forms`` they make the model's ``Hooks``.
-  ``embed_out`` (the embedding output) is a named hook site, like each
-  block's ``block_out``.
+  ``embed_out`` (the embedding output, after ``embed_proj`` when
+  ``cfg.embproj``: the residual stream entering the first block) is a named
+  hook site, like each block's ``block_out``.
   """
   cfg: ModelConfig
   provider: Any = None
@@ -49,9 +67,13 @@ class Transformer(nn.Module):
         forms=cfg.weight_forms, n_layers=cfg.n_layers, token_mask=mask_BT)
     x_BTD = embedding.lookup(embedding_VD, tokens_BT).astype(cfg.compute_dtype)
     x_BTD = nn.with_logical_constraint(x_BTD, RESIDUAL)
+    if cfg.embproj:
+      x_BTD = nn.with_logical_constraint(_embproj(cfg, hooks, "embed_proj")(x_BTD), RESIDUAL)
     x_BTD = hooks.activation(self, "embed_out", x_BTD)
     x_BTD = Decoder(cfg, hooks, decode, name="decoder")(x_BTD, positions_BT, segment_ids_BT)
-    x_BTD = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="final_norm")(x_BTD)
+    x_BTD = norm_for(cfg, "final_norm")(x_BTD)
+    if cfg.embproj:
+      x_BTD = nn.with_logical_constraint(_embproj(cfg, hooks, "head_proj")(x_BTD), RESIDUAL)
     if cfg.tie_embeddings:  # The embedding table [V, D], contracted on D.
       site = MatmulSite(path="lm_head", param=(*self.scope.path, "embedding"),
                         in_features=cfg.d_model, out_features=cfg.vocab_size, weight_axis=1)

@@ -13,6 +13,7 @@ q_heads, mlp             tensor               column-parallel outputs / row-para
 kv_heads                 tensor or None       as q_heads; replicated when there are
                                               fewer kv heads than ``tensor``
 norm, layers, rank       None                 norm scales, the scan axis, low-rank r
+embed_proj               None                 EmbProj's second d (its first is embed)
 activation_batch         (data, fsdp)         rows of every activation
 activation_length        sequence             tokens inside attention and the MLP
 activation_norm_length   (sequence, tensor)   tokens of the residual stream and the
@@ -57,6 +58,7 @@ def logical_rules(mesh, model_cfg) -> tuple:
       ("norm", None),
       ("layers", None),
       ("rank", None),
+      ("embed_proj", None),
       ("activation_batch", BATCH_AXES),
       ("activation_length", "sequence"),
       ("activation_norm_length", ("sequence", "tensor")),
