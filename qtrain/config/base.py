@@ -137,8 +137,16 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   # In-training activation telemetry (qtrain/analysis): excess kurtosis and
   # max |x| per layer of the residual stream and every quantized matmul's input.
+  # Measured steps run a second jitted step with the statistics sown (same
+  # update); the others compute none (qtrain/analysis/telemetry.py).
   c.telemetry = ml_collections.ConfigDict(dict(
       every=0,  # Steps between measured steps (inside the jitted step); 0 = off.
+      # Named sites measured (qtrain/layers/hooks.py): the residual stream, as
+      # OSP aggregates it; add "mlp_hidden" for the down_proj input before rotations.
+      sites=("embed_out", "block_out"),
+      # Matmuls whose input is measured, a regex fullmatching the canonical
+      # path ("decoder/layers/mlp/down_proj", "lm_head"); "" = none.
+      matmuls=".*",
   ))
   # Quantization: mode + ordered rules over matmul paths; presets in
   # configs/quant/ (select with a config variant, e.g. `default.py:w4a4`).

@@ -142,3 +142,5 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int = 1) -> None:
     validate_quant(cfg.quant, cfg.model)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  from qtrain.analysis.telemetry import validate_telemetry  # pylint: disable=g-import-not-at-top
+  validate_telemetry(cfg)

@@ -5,6 +5,7 @@ providers compose in the same tuple) and its weight forms
 
 from __future__ import annotations
 
+from qtrain.analysis.telemetry import provider_from_config as telemetry_provider
 from qtrain.layers import HighPrecision, ModelConfig, Transformer, trace_sites
 from qtrain.quant.config import provider_from_config
 
@@ -14,9 +15,13 @@ def model_config(cfg) -> ModelConfig:
 
 
 def providers(cfg) -> tuple:
-  """The providers of ``cfg``, outermost first."""
+  """The providers of ``cfg``, outermost first. Telemetry (``config.telemetry``)
+  is outermost, so it measures the raw activations and matmul inputs, before
+  any rotation or quantizer changes them."""
   quant = provider_from_config(cfg.quant, cfg.model)
-  return () if isinstance(quant, HighPrecision) else (quant,)
+  telemetry = telemetry_provider(cfg)
+  return (((telemetry,) if telemetry else ())
+          + (() if isinstance(quant, HighPrecision) else (quant,)))
 
 
 def build_model(cfg) -> Transformer:

@@ -15,6 +15,7 @@ import os
 
 import jax
 
+from qtrain.analysis import telemetry
 from qtrain.config import ConfigError, validate
 from qtrain.data import loader
 from qtrain.data.global_batch import to_global
@@ -31,7 +32,7 @@ from qtrain.train.reporter import NonFiniteError, Reporter
 from qtrain.train.resume import check_resume
 from qtrain.train.warm_start import initial_params
 from qtrain.train.state import abstract_params, abstract_state, init_state, state_shardings
-from qtrain.train.step import make_steps
+from qtrain.train.step import make_measured_step, make_steps
 
 __all__ = ["NonFiniteError", "run", "save_config"]
 
@@ -187,8 +188,11 @@ def _run(cfg, workdir, meta, model, tx, mesh, sigterm):
   writer = metrics_lib.MetricWriter(workdir)
   agree = Agreement(mesh)
   try:
-    train_step, eval_step = make_steps(cfg, model, tx, mesh,
-                                       state_shardings(model, tx, mesh, d.seq_len))
+    state_sh = state_shardings(model, tx, mesh, d.seq_len)
+    train_step, eval_step = make_steps(cfg, model, tx, mesh, state_sh)
+    measured_step = make_measured_step(cfg, model, tx, mesh, state_sh)
+    # Every config.telemetry.every steps, the step that also sows the telemetry.
+    step_fn = lambda s: measured_step if telemetry.is_due(cfg, s) else train_step
     shard, shards = data_shard(mesh)
     with data_errors(d.dir):
       eval_batches = loader.make_eval_batches(
@@ -211,7 +215,7 @@ def _run(cfg, workdir, meta, model, tx, mesh, sigterm):
       summary["preempted"] = True
       return summary, state
     state, summary["step"], summary["preempted"] = _train(
-        cfg, state, it, train_step, (eval_step, eval_batches), mesh, model.cfg, ckpt,
+        cfg, state, it, step_fn, (eval_step, eval_batches), mesh, model.cfg, ckpt,
         Reporter(cfg, writer, progress, jax.device_count()), agree, sigterm, unigram)
     if summary["preempted"]:
       return summary, state
@@ -225,14 +229,15 @@ def _run(cfg, workdir, meta, model, tx, mesh, sigterm):
     writer.close()
 
 
-def _train(cfg, state, it, train_step, evals, mesh, model_cfg, ckpt, reporter, agree, sigterm,
+def _train(cfg, state, it, step_fn, evals, mesh, model_cfg, ckpt, reporter, agree, sigterm,
            unigram):
-  """Steps until ``train.steps`` or an agreed SIGTERM: (state, last step, preempted)."""
+  """Steps until ``train.steps`` or an agreed SIGTERM: (state, last step, preempted).
+  ``step_fn(step)`` is the jitted step to run at ``step``."""
   t = cfg.train
   eval_step, eval_batches = evals
   pending, step = None, int(state.step)
   for step in range(step + 1, t.steps + 1):
-    state, metrics = train_step(state, to_global(next(it), mesh, model_cfg))
+    state, metrics = step_fn(step)(state, to_global(next(it), mesh, model_cfg))
     if pending is not None:
       reporter(*pending)
     pending = (step, metrics)

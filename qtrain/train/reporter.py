@@ -3,7 +3,9 @@
 Throughput counts from the first step this process completed, so the first
 logged tokens/s and MFU do not include compilation. Every metric the step
 returns is logged (scalars, and per-layer vectors as ``name/<i>``), plus
-``tokens_per_s``, ``step_time_s`` and ``mfu`` (or TFLOP/s without a known peak).
+``tokens_per_s``, ``step_time_s`` and ``mfu`` (or TFLOP/s without a known peak),
+every ``config.train.log_every`` steps and at every step that measured the
+activation telemetry (``telemetry/...`` metrics, ``config.telemetry.every``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import time
 import jax
 
 from qtrain.train import metrics as metrics_lib
+
+TELEMETRY = "telemetry/"  # Metrics of a measured step (qtrain.analysis.telemetry).
 
 
 class NonFiniteError(FloatingPointError):
@@ -59,7 +63,8 @@ class Reporter:
     self.progress.update()
     if self.t_last is None:  # Compilation lies before this point, not after.
       self.t_last, self.step_last = now, step
-    if step % self.cfg.train.log_every and step != self.cfg.train.steps:
+    measured = any(k.startswith(TELEMETRY) for k in m)  # Rare: always logged.
+    if step % self.cfg.train.log_every and step != self.cfg.train.steps and not measured:
       return
     row = dict(m)
     if step > self.step_last:

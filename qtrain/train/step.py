@@ -1,5 +1,7 @@
 """``make_steps``: the jitted ``train_step`` of the configured step family and
-``eval_step``, over the one shared loss (``qtrain.train.loss``).
+``eval_step``, over the one shared loss (``qtrain.train.loss``);
+``make_measured_step``: the same train step with the activation telemetry
+sown (``config.telemetry``), which the loop runs every N steps.
 
 Families live in ``families.py`` (registry) and one module each
 (``first_order.py``); ``config.train.step`` picks one.
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import jax
 
+from qtrain.analysis import telemetry
 from qtrain.optim.schedule import learning_rate_schedule
 from qtrain.parallel.rules import batch_sharding, replicated
 from qtrain.train import first_order
@@ -33,6 +36,29 @@ def _select(batch, keys):
   return {k: v for k, v in batch.items() if k in keys}
 
 
+def _loss_fn(cfg, model, keys, measured: bool):
+  """The shared loss over the batch arrays in ``keys``; ``measured`` also
+  applies the telemetry collection as mutable and turns its values into
+  ``telemetry/...`` metrics (``qtrain.analysis.telemetry.summarize``)."""
+  collect = tuple(cfg.train.collect) + ((telemetry.COLLECTION,) if measured else ())
+  loss_fn = make_loss(model, float(cfg.optim.z_loss), collect)
+
+  def fn(params, batch, rng):
+    objective, aux = loss_fn(params, _select(batch, keys), rng)
+    if measured:
+      aux = {**aux, "sown": telemetry.summarize(aux["sown"])}
+    return objective, aux
+
+  return fn
+
+
+def _family_step(cfg, model, tx, mesh, state_sh, keys, measured: bool):
+  ctx = StepContext(cfg=cfg, loss_fn=_loss_fn(cfg, model, keys, measured), tx=tx,
+                    schedule=learning_rate_schedule(cfg), state_sh=state_sh,
+                    batch_sh=batch_sharding(mesh), out_sh=replicated(mesh))
+  return get_family(cfg.train.step)(ctx)
+
+
 def make_steps(cfg, model, tx, mesh, state_sh, batch_keys=BATCH_KEYS):
   """(train_step, eval_step) jitted with explicit shardings; the state is donated.
 
@@ -43,12 +69,20 @@ def make_steps(cfg, model, tx, mesh, state_sh, batch_keys=BATCH_KEYS):
   (rows over data x fsdp) applies to each of its arrays.
   """
   keys = frozenset(batch_keys)
-  loss_fn = make_loss(model, float(cfg.optim.z_loss), tuple(cfg.train.collect))
-  batch_sh, rep = batch_sharding(mesh), replicated(mesh)
-  ctx = StepContext(cfg=cfg, loss_fn=lambda p, b, r: loss_fn(p, _select(b, keys), r),
-                    tx=tx, schedule=learning_rate_schedule(cfg), state_sh=state_sh,
-                    batch_sh=batch_sh, out_sh=rep)
-  train = get_family(cfg.train.step)(ctx)
+  train = _family_step(cfg, model, tx, mesh, state_sh, keys, measured=False)
   evaluate = jax.jit(lambda p, b: eval_step(p, _select(b, keys), model=model),
-                     in_shardings=(state_sh.params, batch_sh), out_shardings=rep)
+                     in_shardings=(state_sh.params, batch_sharding(mesh)),
+                     out_shardings=replicated(mesh))
   return train, evaluate
+
+
+def make_measured_step(cfg, model, tx, mesh, state_sh, batch_keys=BATCH_KEYS):
+  """The train step of ``make_steps`` that also returns the telemetry metrics
+  (``config.telemetry``; ``model`` must hold its provider, see
+  ``qtrain.train.build``), or None when telemetry is off. The same family,
+  loss and update: only the ``telemetry`` collection is mutable, so the
+  statistics are computed in this step alone. The loop runs it on the steps
+  ``qtrain.analysis.telemetry.is_due`` names."""
+  if not telemetry.every(cfg):
+    return None
+  return _family_step(cfg, model, tx, mesh, state_sh, frozenset(batch_keys), measured=True)
