@@ -111,6 +111,12 @@ def base_config() -> ml_collections.ConfigDict:
           # Update RMS matched to AdamW's: 0.2 * sqrt(max(fan_in, fan_out)) scaling.
           rms_scale=0.2,
           mu_dtype="float32",
+          # Orthogonalise stacks of same-shape matrices split over the mesh
+          # axes below, whole matrices per device (OSP's scheme; no GSPMD
+          # all-reduce inside Newton-Schulz); False: optax.contrib.muon per leaf.
+          stacked=True,
+          stack_axes=("data", "fsdp", "sequence", "tensor"),  # Those of size > 1 are used.
+          ns_dtype="float32",  # Newton-Schulz dtype (stacked only); OSP iterates in bfloat16.
       ),
   ))
 

@@ -4,6 +4,7 @@ optimizer-state shardings and the config checks."""
 from qtrain.optim.adamw import build_adamw
 from qtrain.optim.builder import build_optimizer
 from qtrain.optim.groups import Group, assign_groups, decay_mask, param_path, parse_groups
+from qtrain.optim.muon import build_muon, newton_schulz, osp_groups
 from qtrain.optim.registry import OPTIMIZERS, OptimizerDef, get_optimizer, register_optimizer
 from qtrain.optim.schedule import decay_horizon, learning_rate_schedule
 from qtrain.optim.sharding import opt_state_shardings

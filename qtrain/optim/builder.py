@@ -17,6 +17,7 @@ import optax
 
 from qtrain.config.validate import ConfigError
 from qtrain.optim import adamw as _adamw  # noqa: F401  (registers adamw, frozen)
+from qtrain.optim import muon as _muon  # noqa: F401  (registers muon)
 from qtrain.optim.groups import assign_groups, decay_mask, param_path, parse_groups
 from qtrain.optim.registry import get_optimizer
 from qtrain.optim.schedule import learning_rate_schedule

@@ -1,0 +1,10 @@
+"""OSP ablation: Muon for the hidden matrices, AdamW for the rest (configs/osp/base.py).
+
+  python -m qtrain.train --config=configs/osp/muon.py --workdir=runs/osp/muon
+"""
+
+from qtrain.config.variants import config_module
+
+
+def get_config(arg: str = ""):
+  return config_module("osp.base").get_config(arg, muon=True)
