@@ -13,6 +13,10 @@ re-run sweep evaluates nothing twice.
                       preset of configs/quant (``python -m qtrain.quantize``;
                       METHOD rtn, gptq or awq, default rtn; the run's own
                       config.data.eval_batches) and its gap to the unquantized
+  kurtosis            activation excess kurtosis as OSP measures it (embedding
+                      output and every layer output), max |x| and the
+                      down_proj input's kurtosis, on the held-out batches
+                      (``qtrain.analysis.report.run``; also writes its JSON + PNG)
 """
 
 from __future__ import annotations
@@ -86,8 +90,24 @@ def _ptq(arg: str, options: dict) -> Evaluation:
   return Evaluation(spec, (f"{name}_ppl", f"{name}_gap"), fn)
 
 
+def _kurtosis(arg: str, options: dict) -> Evaluation:
+  if arg:
+    raise ConfigError(f"--evals=kurtosis:{arg}: kurtosis takes no argument")
+  columns = ("excess_kurtosis", "max_abs", "down_proj_kurtosis")
+
+  def fn(workdir: str, step: int) -> dict:
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from qtrain.analysis import report  # pylint: disable=g-import-not-at-top
+    r = report.run(workdir, step, options.get("eval_batches"))
+    down = r["sites"].get(report.DOWN_PROJ, {}).get("kurtosis", [float("nan")])
+    return dict(zip(columns, (r["kurtosis"], r["max_abs"], float(np.mean(down)))))
+
+  return Evaluation("kurtosis", columns, fn)
+
+
 register_evaluation("heldout", _heldout)
 register_evaluation("ptq", _ptq)
+register_evaluation("kurtosis", _kurtosis)
 
 
 def evaluate(ev: Evaluation, workdir: str, step: int, options: dict) -> tuple[dict, bool]:
