@@ -6,13 +6,17 @@
 
 ``corpus``: the reproduction base on ``data/debian_en`` (``make corpus``),
 64 x 1024 tokens a step, 1600 steps = 105M tokens; the budget arithmetic is in
-docs/reproductions.md.
+docs/reproductions.md. ``sft``: fine-tuning on ``data/sft_en`` (prompt ->
+response, responses scored) from a ``corpus`` run::
+
+  python -m qtrain.finetune --config=configs/llama_125m.py:sft \
+      --init_from=runs/125m_corpus --workdir=runs/125m_sft
 """
 
 from qtrain.config import base_config
 from qtrain.config.variants import apply_variants, split_variants
 
-SIZES = ("smoke", "corpus")
+SIZES = ("smoke", "corpus", "sft")
 
 
 def corpus(c, steps: int = 1600) -> None:
@@ -25,6 +29,14 @@ def corpus(c, steps: int = 1600) -> None:
                  checkpoint_every=max(steps // 4, 1), sample_prompt="The kernel")
 
 
+def sft(c, steps: int = 200) -> None:
+  """Sets ``c`` (a ``corpus`` config) to fine-tune on data/sft_en for ``steps`` steps."""
+  c.data.update(dir="data/sft_en", eval_batches=0)  # The whole held-out split.
+  c.optim.update(lr=3e-4, warmup_steps=max(steps // 10, 1), decay_steps=0)
+  c.train.update(steps=steps, log_every=10, eval_every=max(steps // 4, 1),
+                 checkpoint_every=max(steps // 2, 1), sample_prompt="Define: kernel\n")
+
+
 def get_config(arg: str = ""):
   c = base_config()
   c.model.update(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
@@ -34,8 +46,10 @@ def get_config(arg: str = ""):
   c.optim.update(lr=6e-4, warmup_steps=2000, weight_decay=0.1)
   c.train.update(steps=100_000, log_every=50, eval_every=2000, checkpoint_every=2000)
   variants = split_variants(arg)
-  if "corpus" in variants:
+  if "corpus" in variants or "sft" in variants:
     corpus(c)
+  if "sft" in variants:
+    sft(c)
   if "smoke" in variants:  # Same architecture family, laptop size.
     c.model.update(vocab_size=8192, d_model=96, n_layers=2, n_heads=6, n_kv_heads=6,
                    head_dim=16, d_ff=256, dtype="float32")

@@ -2,6 +2,7 @@
 
   python -m qtrain.data.prepare --task=kjv --out=data/kjv [--vocab_size=8000]
   python -m qtrain.data.prepare --task=debian_en --out=data/debian_en --vocab_size=32000
+  python -m qtrain.data.prepare --task=sft_en --out=data/sft_en --vocab_from=data/debian_en
   python -m qtrain.data.prepare --task=my_mix --out=data/mix --module_import=my.tasks
 
 seqio is the front door (vocabularies, tasks, mixtures, preprocessing) but it
@@ -9,8 +10,11 @@ imports TensorFlow, which the training hosts never do. So this step, run once
 on a CPU host, writes into `--out`:
 
   spm.model        the SentencePiece vocabulary trained on the task's train
-                   split (`tasks.vocab_sentences`), only when the task uses it; a task with its own vocabulary
-                   gets that model copied to vocab.model instead
+                   split (`tasks.vocab_sentences`), only when the task uses it;
+                   with --vocab_from=DIR, DIR's vocabulary instead (fine-tuning
+                   data must be tokenized like the model's pretraining data);
+                   a task with its own vocabulary gets that model copied to
+                   vocab.model instead
   <split>.tokens   one token file per split (see `token_file.py`)
   meta.json        written last, atomically: its presence means "complete"
 
@@ -78,13 +82,34 @@ def _write_json_atomic(path: pathlib.Path, obj: dict) -> None:
   os.replace(tmp, path)
 
 
-def up_to_date(out: pathlib.Path, task: str, vocab_size: int) -> dict | None:
-  """meta.json if it matches the request and every file it names is intact."""
+def _prepare_args(task: str, vocab_size: int, vocab_from: str | None) -> dict:
+  args = {"task": task, "vocab_size": vocab_size}
+  if vocab_from:
+    args["vocab_from"] = str(vocab_from)
+  return args
+
+
+def _source_vocab(vocab_from: str | os.PathLike) -> pathlib.Path:
+  """The prepared vocabulary of the data dir `vocab_from`."""
+  path = pathlib.Path(vocab_from) / vocab_lib.MODEL_NAME
+  if not path.is_file():
+    raise FileNotFoundError(f"--vocab_from={vocab_from}: {path} is missing; prepare that "
+                            "data first (e.g. `make corpus` for data/debian_en).")
+  return path
+
+
+def up_to_date(out: pathlib.Path, task: str, vocab_size: int,
+               vocab_from: str | None = None) -> dict | None:
+  """meta.json if it matches the request and every file it names is intact
+  (with `vocab_from`: made with that dir's current vocabulary)."""
   try:
     meta = json.loads((out / META_NAME).read_text())
-    if meta.get("prepare_args") != {"task": task, "vocab_size": vocab_size}:
+    if meta.get("prepare_args") != _prepare_args(task, vocab_size, vocab_from):
       return None
     if vocab_lib.vocab_fingerprint(out / meta["vocab_path"]) != meta["vocab_fingerprint"]:
+      return None
+    if vocab_from and (vocab_lib.vocab_fingerprint(_source_vocab(vocab_from))
+                       != meta["vocab_fingerprint"]):
       return None
     for info in meta["splits"].values():
       tf = token_file.TokenFile(out / info["file"]).validate()
@@ -166,17 +191,21 @@ def _vocabulary(provider):
 
 
 def prepare(task: str, out: str | os.PathLike, vocab_size: int = 8000,
-            force: bool = False, module_imports: tuple[str, ...] = ()) -> dict:
+            force: bool = False, module_imports: tuple[str, ...] = (),
+            vocab_from: str | os.PathLike | None = None) -> dict:
   """Vocabulary, token files and meta.json for `task` in `out`; returns meta.
 
   `module_imports` are imported after qtrain's tasks are registered, so they
-  can define tasks and mixtures (e.g. mixtures over `kjv`).
+  can define tasks and mixtures (e.g. mixtures over `kjv`). `vocab_from`: a
+  prepared data dir whose vocabulary is used as is (no training).
   """
   out = pathlib.Path(out)
-  if not force and (meta := up_to_date(out, task, vocab_size)):
+  vocab_from = str(vocab_from) if vocab_from else None
+  if not force and (meta := up_to_date(out, task, vocab_size, vocab_from)):
     print(f"{out / META_NAME} is up to date (task {task!r}, vocab"
           f" {meta['vocab_fingerprint']}); nothing to do.")
     return meta
+  source_vocab = _source_vocab(vocab_from) if vocab_from else None
   out.mkdir(parents=True, exist_ok=True)
   (out / META_NAME).unlink(missing_ok=True)  # Incomplete until rewritten.
   t0 = time.perf_counter()
@@ -188,8 +217,11 @@ def prepare(task: str, out: str | os.PathLike, vocab_size: int = 8000,
     importlib.import_module(module)
   provider = seqio.get_mixture_or_task(task)
   t_vocab = time.perf_counter()
-  if str(spm_path) in tasks.vocab_files(provider):
-    vocab_lib.train_vocab(out, vocab_size, tasks.vocab_sentences(provider))
+  if source_vocab is not None:
+    if source_vocab.resolve() != spm_path.resolve():
+      shutil.copyfile(source_vocab, spm_path)
+  elif str(spm_path) in tasks.vocab_files(provider):
+    vocab_lib.train_vocab(out, vocab_size, tasks.vocab_sentences(provider, tasks.debian_root()))
   t_vocab = time.perf_counter() - t_vocab
   vocabulary = _vocabulary(provider)
   vocab_file = _local_vocab_file(out, vocabulary)
@@ -200,7 +232,7 @@ def prepare(task: str, out: str | os.PathLike, vocab_size: int = 8000,
   meta = {
       "format_version": META_VERSION,
       "task": task,
-      "prepare_args": {"task": task, "vocab_size": vocab_size},
+      "prepare_args": _prepare_args(task, vocab_size, vocab_from),
       "splits": splits,
       "vocab_path": vocab_file.name,
       "vocab_size": vocabulary.vocab_size,
@@ -232,14 +264,20 @@ def main(argv=None) -> None:
   parser.add_argument("--out", required=True, help="output directory")
   parser.add_argument("--vocab_size", type=int, default=8000,
                       help="pieces of the trained SentencePiece vocabulary")
+  parser.add_argument("--vocab_from", default=None,
+                      help="prepared data dir whose vocabulary to use (no training);"
+                      " fine-tuning data must share the base model's vocabulary")
   parser.add_argument("--force", action="store_true",
                       help="rebuild even if meta.json is up to date")
   parser.add_argument("--module_import", action="append", default=[],
                       help="module that registers more seqio tasks/mixtures"
                       " (repeatable); imported after the qtrain tasks")
   args = parser.parse_args(argv)
-  prepare(args.task, args.out, vocab_size=args.vocab_size, force=args.force,
-          module_imports=args.module_import)
+  try:
+    prepare(args.task, args.out, vocab_size=args.vocab_size, force=args.force,
+            module_imports=args.module_import, vocab_from=args.vocab_from)
+  except (FileNotFoundError, ValueError) as e:  # Expected mistakes: one line, no traceback.
+    raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -13,6 +13,11 @@ data, an "inputs" feature: see `prepare.py`).
 example per document; `debian_en_kjv` mixes it with `kjv`. Both share the
 vocabulary that `prepare` trains on their own train split
 (`vocab_sentences`).
+
+`sft_en` is prompt/response data (see `sft.py`): "inputs" (the prompt, no
+EOS) and "targets" (the response + EOS). Prepare it on the vocabulary of the
+model it fine-tunes: `python -m qtrain.data.prepare --task=sft_en
+--out=data/sft_en --vocab_from=data/debian_en`.
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ import tensorflow as tf
 
 from qtrain.data import corpus
 from qtrain.data import debian
+from qtrain.data import sft
 from qtrain.data import vocab as vocab_lib
 
 KJV = "kjv"
 DEBIAN_EN = "debian_en"
 DEBIAN_EN_KJV = "debian_en_kjv"
+SFT_EN = "sft_en"
 # Rates are per example, and the mixture stops when its first task runs out:
 # about the ratio of train documents (~19.7k debian_en : ~1.1k KJV chapters),
 # so both run out near the same point and little of either is left unused.
@@ -90,10 +97,36 @@ def register_debian_en(vocab_path: str | os.PathLike,
   return task
 
 
+def register_sft_en(vocab_path: str | os.PathLike, root: str | os.PathLike = "/") -> seqio.Task:
+  """Registers `sft_en` (prompt under "inputs", response under "targets")."""
+  def dataset(split: str, shuffle_files: bool, seed=None) -> tf.data.Dataset:
+    del shuffle_files, seed
+    return tf.data.Dataset.from_generator(
+        lambda: sft.examples(split, root),
+        output_signature={"inputs": tf.TensorSpec((), tf.string),
+                          "targets": tf.TensorSpec((), tf.string)})
+  if SFT_EN in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(SFT_EN)
+  vocabulary = vocab_lib.seqio_vocabulary(str(vocab_path))
+  return seqio.TaskRegistry.add(
+      SFT_EN, source=seqio.FunctionDataSource(dataset, splits=sft.SPLITS),
+      preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+      output_features={  # A decoder-only prompt: no EOS between it and the response.
+          "inputs": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32),
+          "targets": seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32)})
+
+
+def debian_root() -> str:
+  """Where the Debian packages' files are read: $QTRAIN_DEBIAN_ROOT (a chroot,
+  an unpacked image, a test fixture) or "/"."""
+  return os.environ.get("QTRAIN_DEBIAN_ROOT", "/")
+
+
 def register_tasks(vocab_path: str | os.PathLike) -> None:
   """Registers every qtrain task that needs the prepared vocabulary."""
   register_kjv(vocab_path)
-  register_debian_en(vocab_path)
+  register_debian_en(vocab_path, debian_root())
+  register_sft_en(vocab_path, debian_root())
 
 
 def vocab_sentences(provider, root: str | os.PathLike = "/") -> list[str] | None:
@@ -110,8 +143,9 @@ def vocab_sentences(provider, root: str | os.PathLike = "/") -> list[str] | None
     elif name == DEBIAN_EN:
       sentences += debian.vocab_sentences(root)
     else:
-      raise ValueError(f"no vocabulary text is known for task {name!r}: give"
-                       " it its own SentencePiece model file.")
+      raise ValueError(f"no vocabulary text is known for task {name!r}: prepare it with"
+                       " --vocab_from=<the base model's data dir> (or give it its own"
+                       " SentencePiece model file).")
   return sentences
 
 

@@ -22,9 +22,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).",
+CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TB.")
+WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TB.")
 flags.mark_flags_as_required(["config", "workdir"])
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0, the same on every process "
@@ -68,8 +68,9 @@ def _local_device_ids() -> list[int] | None:
          "e.g. --local_device_ids=0,1")
 
 
-def main(argv):
-  del argv
+def train(cfg, workdir: str) -> None:
+  """Runs ``cfg`` in ``workdir`` (multi-process start-up first) and prints the
+  result; an expected mistake ends in one line and exit status 2."""
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO.
   from qtrain.parallel import distributed  # pylint: disable=g-import-not-at-top
   from qtrain.train.errors import EXPECTED, one_line  # pylint: disable=g-import-not-at-top
@@ -80,7 +81,7 @@ def main(argv):
     fail(one_line(e))
   from qtrain.train.loop import run  # pylint: disable=g-import-not-at-top
   try:
-    summary = run(_CONFIG.value, _WORKDIR.value)
+    summary = run(cfg, workdir)
   except EXPECTED as e:
     fail(one_line(e))
   import jax  # pylint: disable=g-import-not-at-top
@@ -89,13 +90,33 @@ def main(argv):
   if summary["preempted"]:
     print(f"preempted at step {summary['step']}; checkpoint saved, rerun to resume")
     return
-  uni = summary.get("unigram_ppl")
-  init = summary.get("initial_ppl")
-  print(f"held-out perplexity: initial {init:.2f} -> final {summary['final_ppl']:.2f}"
-        f" (unigram {uni:.2f})" if init and uni else
-        f"held-out perplexity: final {summary['final_ppl']:.2f}")
+  print(held_out_line(summary, scored_prompted(cfg.data.dir)))
   if "sample" in summary:
     print(f"sample: {summary['sample']!r}")
+
+
+def scored_prompted(data_dir: str) -> bool:
+  """Whether the held-out split scores responses only (SFT data with a loss mask)."""
+  from qtrain.data import loader  # pylint: disable=g-import-not-at-top
+  split = loader.read_meta(data_dir)["splits"].get("validation", {})
+  return bool(split.get("loss_mask"))
+
+
+def held_out_line(summary: dict, prompted: bool = False) -> str:
+  """"held-out [response] perplexity: initial A -> final B (unigram U), loss L"."""
+  import math  # pylint: disable=g-import-not-at-top
+  what = "held-out response" if prompted else "held-out"
+  final, init, uni = summary["final_ppl"], summary.get("initial_ppl"), summary.get("unigram_ppl")
+  line = (f"{what} perplexity: initial {init:.2f} -> final {final:.2f}" if init else
+          f"{what} perplexity: final {final:.2f}")
+  if uni and not prompted:  # The unigram baseline of SFT data counts responses only too.
+    line += f" (unigram {uni:.2f})"
+  return line + f", {'response ' if prompted else ''}loss {math.log(final):.4f}"
+
+
+def main(argv):
+  del argv
+  train(CONFIG.value, WORKDIR.value)
 
 
 if __name__ == "__main__":

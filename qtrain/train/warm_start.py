@@ -19,6 +19,7 @@ from __future__ import annotations
 import flax
 import jax
 
+from qtrain.config import ConfigError
 from qtrain.data import loader
 from qtrain.data.global_batch import to_global
 from qtrain.quant import calibrate_learned_steps, learned_step_paths
@@ -39,6 +40,38 @@ def _calibration_batch(cfg, mesh, model_cfg):
   return to_global(next(it), mesh, model_cfg)
 
 
+# Fields that fix a param's shape: a source run must agree on them.
+SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                "d_ff", "tie_embeddings")
+
+
+def check_source(cfg) -> dict:
+  """Whether ``config.train.init_from`` can start this run, before anything
+  compiles: a training run's workdir, a model of the same shape, and data
+  tokenized with the same vocabulary (a fine-tuning set prepared with another
+  vocabulary trains on ids that mean other words, silently). Returns the
+  source's config; raises ConfigError naming the field and the fix.
+  """
+  source = checkpoint.load_config(cfg.train.init_from)  # FileNotFoundError says what.
+  differ = [f for f in SHAPE_FIELDS if source.model.get(f) != cfg.model.get(f)]
+  if differ:
+    shown = ", ".join(f"{f}={cfg.model.get(f)!r} (source {source.model.get(f)!r})"
+                      for f in differ)
+    raise ConfigError(f"config.train.init_from={cfg.train.init_from}: the model differs in "
+                      f"config.model.{shown}; fine-tune with the source's model config")
+  try:
+    theirs = loader.read_meta(source.data.dir)["vocab_fingerprint"]
+  except (FileNotFoundError, ValueError):
+    theirs = None  # The source's data is not on this machine: nothing to compare.
+  ours = loader.read_meta(cfg.data.dir)["vocab_fingerprint"]
+  if theirs is not None and theirs != ours:
+    raise ConfigError(
+        f"config.data.dir={cfg.data.dir} was tokenized with vocabulary {ours}, and the "
+        f"source run {cfg.train.init_from} trained on {source.data.dir} with {theirs}; "
+        f"prepare the fine-tuning data with --vocab_from={source.data.dir}")
+  return source
+
+
 def _restore_source(cfg, abstract):
   """(params restored from init_from for the keys its model has, its step)."""
   source = build_model(checkpoint.load_config(cfg.train.init_from))
@@ -55,6 +88,7 @@ def initial_params(cfg, model, mesh, params, abstract):
   ``abstract``: the params' ShapeDtypeStructs with shardings (the restore target).
   """
   if cfg.train.init_from:
+    check_source(cfg)
     restored, step = _restore_source(cfg, abstract)
     print(f"initialised params from {cfg.train.init_from} (step {step})", flush=True)
     params = flax.traverse_util.unflatten_dict({**_flat(params), **_flat(restored)})

@@ -1,0 +1,38 @@
+"""Fine-tune a pretrained run, e.g. on the SFT task (`qtrain/data/sft.py`).
+
+  python -m qtrain.finetune --config=configs/llama_125m.py:sft \\
+      --init_from=runs/125m_corpus --workdir=runs/125m_sft [--config.x=y ...]
+
+The same as ``python -m qtrain.train ... --config.train.init_from=runs/BASE``:
+the source run's latest params start the run (fresh optimizer, step 0; the
+source's model is rebuilt from its config.json), checked before anything
+compiles against the config (same model shape, data tokenized with the same
+vocabulary: ``qtrain/train/warm_start.py:check_source``). A workdir with
+checkpoints of its own resumes from them. On data with a loss mask (prompt 0,
+response 1) training and evaluation score the responses only, and the result
+is reported as held-out response perplexity and loss.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from qtrain.train import __main__ as train_cli  # --config, --workdir, multi-process flags.
+
+_INIT_FROM = flags.DEFINE_string("init_from", None,
+                                 "Workdir of the pretrained run whose params start this one.")
+flags.mark_flag_as_required("init_from")
+
+
+def main(argv):
+  del argv
+  cfg = train_cli.CONFIG.value
+  if cfg.train.init_from and cfg.train.init_from != _INIT_FROM.value:
+    train_cli.fail(f"--init_from={_INIT_FROM.value} and config.train.init_from="
+                   f"{cfg.train.init_from} disagree; give one")
+  cfg.train.init_from = _INIT_FROM.value
+  train_cli.train(cfg, train_cli.WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=train_cli.parse_flags)
