@@ -1,7 +1,8 @@
 """Post-training quantization of a trained run.
 
   python -m qtrain.quantize --workdir=runs/NAME --recipe=w4a4kv4 --method=rtn|gptq|awq \\
-      [--calib_batches=8] [--out=runs/NAME/ptq_<recipe>_<method>] [--act_order] [--step=N]
+      [--calib_batches=8] [--out=runs/NAME/ptq_<recipe>_<method>] [--act_order] [--step=N] \\
+      [--ffn_hadamard]
 
 Restores the run's latest params (or those of checkpoint ``--step``) (config.json + checkpoints/), quantizes the
 weight of every matmul the recipe's rules match (``--recipe``: a preset in
@@ -11,6 +12,12 @@ scales under ``--out``, reloads them from disk and prints held-out perplexity
 of the unquantized model next to the PTQ model (dequantized weights,
 fake-quantized activations and KV per the recipe). Writes
 ``<out>/ptq_metrics.json``.
+
+``--ffn_hadamard`` quantizes the run's model with OSP's FFN Hadamard folded in
+(``qtrain.layers.hadamard.fold_ffn_hadamard``: down_proj W -> H W, and the
+online H on its input): the same function unquantized, but the down_proj
+input the quantizer sees is rotated. One trained model thus gives the W4A4KV4
+perplexity with and without it (default ``--out``: ``..._ffnh``).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import jax
 from qtrain.data import loader
 from qtrain.data.global_batch import to_global
 from qtrain.layers import Transformer
+from qtrain.layers.hadamard import fold_ffn_hadamard, is_power_of_two
 from qtrain.parallel import Layout, data_shard
 from qtrain.quant import validate_quant
 from qtrain.train.build import model_config
@@ -46,6 +54,8 @@ _BLOCK = flags.DEFINE_integer("gptq_blocksize", 128, "GPTQ: columns per lazy-upd
 _DAMP = flags.DEFINE_float("gptq_damp", 0.01, "GPTQ: damping, a fraction of mean(diag H).")
 _GRID = flags.DEFINE_integer("awq_grid", 20, "AWQ: exponents searched in [0, 1].")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to quantize; default the latest.")
+_FFN_H = flags.DEFINE_bool("ffn_hadamard", False, "Fold the FFN Hadamard into the trained "
+                           "model (down_proj W -> H W, online H on its input) before PTQ.")
 flags.mark_flags_as_required(["workdir", "recipe"])
 
 
@@ -68,11 +78,26 @@ def _calibration_stats(cfg, data_dir, model_cfg, params, sites, method, n_batche
   return jax.block_until_ready(collect_stats(model_cfg, params, batches, sites, kinds))
 
 
+def _with_ffn_hadamard(cfg):
+  """A copy of the run's config with config.model.ffn_hadamard on, checked."""
+  m = cfg.model
+  if m.ffn_hadamard:
+    raise ValueError("--ffn_hadamard: the run was trained with config.model.ffn_hadamard=True; "
+                     "its down_proj input is rotated already (drop the flag)")
+  if not is_power_of_two(m.d_ff):
+    raise ValueError(f"--ffn_hadamard needs config.model.d_ff a power of two; this run has "
+                     f"d_ff={m.d_ff}")
+  cfg = cfg.copy_and_resolve_references()
+  cfg.model.ffn_hadamard = True
+  return cfg
+
+
 def run(workdir: str, recipe: str, method: str, *, calib_batches: int = 8, out: str | None = None,
         data_dir: str | None = None, method_kwargs: dict | None = None,
-        step: int | None = None) -> dict:
+        step: int | None = None, ffn_hadamard: bool = False) -> dict:
   """Quantizes, exports, reloads and evaluates; returns ptq_metrics.json's dict."""
-  cfg = load_config(workdir)
+  trained = load_config(workdir)
+  cfg = _with_ffn_hadamard(trained) if ffn_hadamard else trained
   d = cfg.data
   data_dir = data_dir or d.dir
   meta = loader.read_meta(data_dir)
@@ -81,12 +106,14 @@ def run(workdir: str, recipe: str, method: str, *, calib_batches: int = 8, out: 
   sites, notes = weight_sites(model_cfg, validate_quant(recipe_quant, cfg.model))
   if not sites:
     raise ValueError(f"--recipe={recipe}: its rules quantize no weight of this model")
-  out = out or os.path.join(workdir, f"ptq_{recipe}_{method}")
+  out = out or os.path.join(workdir, f"ptq_{recipe}_{method}" + ("_ffnh" if ffn_hadamard else ""))
   calib_batches = calib_batches if method in ("gptq", "awq") else 0
   layout, times, stats = Layout.for_checkpoint(cfg), {}, None
   mesh = layout.mesh
   with layout:
-    params, step = ev.restore_params(workdir, cfg, mesh, step)
+    params, step = ev.restore_params(workdir, trained, mesh, step)
+    if ffn_hadamard:  # (h H)(H W) = h W: same function, rotated down_proj input.
+      params, _ = fold_ffn_hadamard(params, model_config(trained))
     weight_sites_checked(params, sites)
     if calib_batches:
       t = time.perf_counter()
@@ -118,8 +145,8 @@ def run(workdir: str, recipe: str, method: str, *, calib_batches: int = 8, out: 
                                                                            cfg.model)))
     nll_ptq, ppl_ptq = ev.perplexity(ptq_model, loaded, eval_batches, mesh, d.seq_len)
   times["eval_s"] = time.perf_counter() - t
-  metrics = {"recipe": recipe, "method": method, "step": step, "ppl_fp": ppl_fp,
-             "ppl_ptq": ppl_ptq, "nll_fp": nll_fp, "nll_ptq": nll_ptq,
+  metrics = {"recipe": recipe, "method": method, "ffn_hadamard": ffn_hadamard, "step": step,
+             "ppl_fp": ppl_fp, "ppl_ptq": ppl_ptq, "nll_fp": nll_fp, "nll_ptq": nll_ptq,
              "unigram": meta.get("unigram_ppl_validation"), "eval_batches": len(eval_batches),
              "calib_batches": calib_batches, "quantized_matmuls": [s.path for s in sites],
              "notes": notes, **times, "out": out}
@@ -135,7 +162,7 @@ def _print(m: dict) -> None:
   print(f"{m['recipe']} {m['method']}: {len(m['quantized_matmuls'])} weight matmuls quantized "
         f"(step {m['step']}); " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in m.items()
                                             if k.endswith("_s")))
-  name = f"{m['recipe']} {m['method']}"
+  name = f"{m['recipe']} {m['method']}" + (" +ffn_hadamard" if m.get("ffn_hadamard") else "")
   w = max(len(name), len("unquantized"))
   uni = f"  (unigram {m['unigram']:.2f})" if m.get("unigram") else ""
   print(f"held-out perplexity over {m['eval_batches']} batches:")
@@ -151,7 +178,7 @@ def main(argv):
   try:
     m = run(_WORKDIR.value, _RECIPE.value, _METHOD.value, calib_batches=_CALIB.value,
             out=_OUT.value, data_dir=_DATA.value, method_kwargs=_method_kwargs(_METHOD.value),
-            step=_STEP.value)
+            step=_STEP.value, ffn_hadamard=_FFN_H.value)
   except (ValueError, *EXPECTED) as e:  # ValueError: a recipe or GPTQ input the user can fix.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
