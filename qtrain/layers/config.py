@@ -58,9 +58,17 @@ class ModelConfig:
   init_std: float = 0.02
   # Weight forms by path (qtrain.layers.weights.FormRule); none matching: dense.
   weight_forms: tuple = ()
-  norm: str = "rmsnorm"  # rmsnorm | ssnorm (Single-Scale RMSNorm, OSP).
-  embproj: bool = False  # EmbProj: d x d projections after the embedding, before the head.
-  ffn_hadamard: bool = False  # Online Walsh-Hadamard on the down_proj input.
+  # Outlier-safe pretraining (OSP, Park et al. 2025); qtrain.convert.osp.merge_osp
+  # folds all three into a plain Llama. Every norm (attn, mlp, final): rmsnorm
+  # (gain [D]) | ssnorm (Single-Scale RMSNorm: one scalar gain, [L] when scanned).
+  norm: str = "rmsnorm"
+  # EmbProj: orthogonally initialised d x d matrices embed_proj (after the
+  # lookup) and head_proj (after the final norm, before the LM head).
+  embproj: bool = False
+  # Normalised fast Walsh-Hadamard transform of the down_proj input (after the
+  # mlp_hidden site; d_ff a power of two); hadamard.fold_ffn_hadamard turns it
+  # on in a model trained without it.
+  ffn_hadamard: bool = False
 
   @property
   def compute_dtype(self):
