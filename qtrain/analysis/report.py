@@ -145,10 +145,11 @@ def residual_series(result: dict, stat: str = "kurtosis") -> list[float]:
 def plot(result: dict, path: str) -> None:
   """Four panels: per-layer kurtosis and max |x| (residual stream, down_proj
   input), the residual stream's channel heatmap, |x| histograms."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(2, 2, figsize=(11, 8))
+  # A bare Figure (Agg canvas), not pyplot: the caller's backend (a
+  # notebook's inline one) is left alone.
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(11, 8))
+  ax = fig.subplots(2, 2)
   for a, stat in zip(ax[0], ("kurtosis", "max_abs")):
     res = residual_series(result, stat)
     a.plot(range(len(res)), res, "o-", label="residual (0 = embedding output)")
@@ -173,4 +174,3 @@ def plot(result: dict, path: str) -> None:
                f"{result['kurtosis']:.3f}, max |x| {result['max_abs']:.1f}")
   fig.tight_layout()
   fig.savefig(path, dpi=80)
-  plt.close(fig)
