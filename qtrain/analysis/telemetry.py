@@ -18,9 +18,10 @@ rotation or quantizer below it. With ``channels`` (offline analysis) it also
 sows the per-channel mean |x| and an |x| histogram at the named sites.
 
 Nothing is computed unless the collection is mutable: the provider checks
-``is_mutable_collection`` and traces no statistic otherwise, so the ordinary
-train step, evaluation and decoding compile exactly as without it (tested on
-the compiled step's cost). The measured step (``qtrain.train.step``) applies
+``is_mutable_collection`` and traces no statistic otherwise (unused ones would
+be dropped anyway: ``sow`` into an immutable collection is a no-op and JAX
+removes the dead work), so the ordinary train step, evaluation and decoding
+cost what they cost without it (tested on the lowered step's FLOPs). The measured step (``qtrain.train.step``) applies
 the model with the collection mutable every ``config.telemetry.every`` steps.
 
 ``summarize`` turns the sown values (``qtrain.train.sown`` names them by
