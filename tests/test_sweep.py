@@ -152,3 +152,14 @@ def test_entries_globs_and_variants(configs):
   assert expand(f"{configs}/*.py:smoke") == [f"{configs}/lr_high.py:smoke",
                                              f"{configs}/lr_low.py:smoke"]
   assert run_name("configs/osp/lr_3e-4.py:smoke,w4a4+lm_head") == "lr_3e-4-smoke-w4a4+lm_head"
+
+
+def test_glob_leaves_out_shared_bases(tmp_path):
+  """``configs/osp/*.py`` is the five ablations, not their ``_base.py``."""
+  from qtrain.sweep.runs import expand  # pylint: disable=g-import-not-at-top
+  for name in ("_base.py", "adam.py", "osp.py"):
+    (tmp_path / name).write_text("")
+  assert expand(f"{tmp_path}/*.py") == [f"{tmp_path}/adam.py", f"{tmp_path}/osp.py"]
+  assert expand(f"{tmp_path}/_base.py") == [f"{tmp_path}/_base.py"]  # Named: taken.
+  assert [e.rsplit("/", 1)[1] for e in expand("configs/osp/*.py:125m")] == [
+      "adam.py:125m", "muon.py:125m", "muon_embproj.py:125m", "muon_ssnorm.py:125m", "osp.py:125m"]

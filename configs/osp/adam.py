@@ -1,4 +1,4 @@
-"""OSP ablation: the baseline, AdamW for every param (configs/osp/base.py).
+"""OSP ablation: the baseline, AdamW for every param (configs/osp/_base.py).
 
   python -m qtrain.train --config=configs/osp/adam.py --workdir=runs/osp/adam
 """
@@ -7,4 +7,4 @@ from qtrain.config.variants import config_module
 
 
 def get_config(arg: str = ""):
-  return config_module("osp.base").get_config(arg, muon=False)
+  return config_module("osp._base").get_config(arg, muon=False)

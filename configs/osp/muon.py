@@ -1,4 +1,4 @@
-"""OSP ablation: Muon for the hidden matrices, AdamW for the rest (configs/osp/base.py).
+"""OSP ablation: Muon for the hidden matrices, AdamW for the rest (configs/osp/_base.py).
 
   python -m qtrain.train --config=configs/osp/muon.py --workdir=runs/osp/muon
 """
@@ -7,4 +7,4 @@ from qtrain.config.variants import config_module
 
 
 def get_config(arg: str = ""):
-  return config_module("osp.base").get_config(arg, muon=True)
+  return config_module("osp._base").get_config(arg, muon=True)

@@ -1,4 +1,4 @@
-"""OSP ablation: Muon + EmbProj (configs/osp/base.py).
+"""OSP ablation: Muon + EmbProj (configs/osp/_base.py).
 
   python -m qtrain.train --config=configs/osp/muon_embproj.py --workdir=runs/osp/muon_embproj
 """
@@ -7,4 +7,4 @@ from qtrain.config.variants import config_module
 
 
 def get_config(arg: str = ""):
-  return config_module("osp.base").get_config(arg, muon=True, embproj=True)
+  return config_module("osp._base").get_config(arg, muon=True, embproj=True)

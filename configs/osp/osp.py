@@ -1,5 +1,5 @@
 """OSP: Muon + Single-Scale RMSNorm + EmbProj, the paper's full recipe
-(configs/osp/base.py).
+(configs/osp/_base.py).
 
   python -m qtrain.train --config=configs/osp/osp.py --workdir=runs/osp/osp
 """
@@ -8,4 +8,4 @@ from qtrain.config.variants import config_module
 
 
 def get_config(arg: str = ""):
-  return config_module("osp.base").get_config(arg, muon=True, norm="ssnorm", embproj=True)
+  return config_module("osp._base").get_config(arg, muon=True, norm="ssnorm", embproj=True)

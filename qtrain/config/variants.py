@@ -20,7 +20,7 @@ def quant_presets() -> list[str]:
 
 
 def config_module(name: str):
-  """``configs/<name>.py`` as a module (``"llama_125m"``, ``"osp.base"``), so a
+  """``configs/<name>.py`` as a module (``"llama_125m"``, ``"osp._base"``), so a
   config file can build on another wherever the process was started."""
   root = str(QUANT_DIR.parents[1])
   if root not in sys.path:

@@ -98,6 +98,13 @@ def run(workdir: str, recipe: str, method: str, *, calib_batches: int = 8, out: 
   """Quantizes, exports, reloads and evaluates; returns ptq_metrics.json's dict."""
   trained = load_config(workdir)
   cfg = _with_ffn_hadamard(trained) if ffn_hadamard else trained
+  if method == "awq" and (cfg.model.get("norm", "rmsnorm") != "rmsnorm" or cfg.model.get("embproj")):
+    # AWQ folds a per-channel 1/s into the RMSNorm gain feeding each group; a
+    # Single-Scale norm has one gain, and EmbProj puts head_proj between the
+    # final norm and the LM head.
+    raise ValueError("--method=awq folds its scales into per-channel RMSNorm gains; this run "
+                     "has config.model.norm=ssnorm or embproj=True (OSP): use --method=rtn or "
+                     "gptq, or quantize the merged plain Llama (qtrain.convert.osp.merge_osp)")
   d = cfg.data
   data_dir = data_dir or d.dir
   meta = loader.read_meta(data_dir)

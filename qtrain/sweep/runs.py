@@ -56,11 +56,15 @@ def split_entries(spec: str) -> list[str]:
 
 
 def expand(spec: str) -> list[str]:
-  """Config entries with globs expanded (sorted), each a file that exists."""
+  """Config entries with globs expanded (sorted), each a file that exists. A
+  glob leaves out files whose name starts with "_" (``configs/osp/_base.py``:
+  what the ablations share, not an ablation)."""
   out = []
   for entry in split_entries(spec):
     path, sep, variants = entry.partition(":")
-    paths = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
+    paths = [path]
+    if glob.has_magic(path):
+      paths = sorted(p for p in glob.glob(path) if not os.path.basename(p).startswith("_"))
     if not paths or not all(os.path.isfile(p) for p in paths):
       raise ConfigError(f"--configs: {path} matches no config file")
     out += [p + sep + variants for p in paths]

@@ -1,8 +1,8 @@
 """Outlier-safe pretraining (OSP, Park et al. ACL 2025): the base of the five
 ablation configs in this folder, which differ only in optimizer, norm and EmbProj.
 
-  python -m qtrain.sweep --configs='configs/osp/[!b]*.py' --workdir=runs/osp       # CPU
-  python -m qtrain.sweep --configs='configs/osp/[!b]*.py:125m' --workdir=runs/osp_125m
+  python -m qtrain.sweep --configs='configs/osp/*.py' --workdir=runs/osp       # CPU
+  python -m qtrain.sweep --configs='configs/osp/*.py:125m' --workdir=runs/osp_125m
   python -m qtrain.train --config=configs/osp/osp.py:smoke --workdir=/tmp/osp
 
 Sizes (the variant): none = the `make train` model (configs/default.py: d 192,
