@@ -163,3 +163,14 @@ def test_glob_leaves_out_shared_bases(tmp_path):
   assert expand(f"{tmp_path}/_base.py") == [f"{tmp_path}/_base.py"]  # Named: taken.
   assert [e.rsplit("/", 1)[1] for e in expand("configs/osp/*.py:125m")] == [
       "adam.py:125m", "muon.py:125m", "muon_embproj.py:125m", "muon_ssnorm.py:125m", "osp.py:125m"]
+
+
+def test_ptq_evaluation_specs():
+  from qtrain.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from qtrain.sweep.evaluations import resolve  # pylint: disable=g-import-not-at-top
+  assert resolve("ptq:w4a4kv4", {}).columns == ("ptq_w4a4kv4_rtn_ppl", "ptq_w4a4kv4_rtn_gap")
+  ev = resolve("ptq:w4a4kv4:rtn:ffn_hadamard", {})
+  assert ev.spec == "ptq:w4a4kv4:rtn:ffn_hadamard"  # Its own cache key and columns.
+  assert ev.columns == ("ptq_w4a4kv4_rtn_ffnh_ppl", "ptq_w4a4kv4_rtn_ffnh_gap")
+  with pytest.raises(ConfigError, match=r"ptq:RECIPE\[:METHOD\]\[:ffn_hadamard\]"):
+    resolve("ptq:w4a4kv4:rtn:hadamard", {})

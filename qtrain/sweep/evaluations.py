@@ -9,10 +9,14 @@ re-run sweep evaluates nothing twice.
 
   heldout             held-out loss and perplexity of the final checkpoint
                       (``qtrain.eval.run``, the same batches the loop uses)
-  ptq:RECIPE[:METHOD] held-out perplexity after post-training quantization at a
+  ptq:RECIPE[:METHOD][:ffn_hadamard]
+                      held-out perplexity after post-training quantization at a
                       preset of configs/quant (``python -m qtrain.quantize``;
                       METHOD rtn, gptq or awq, default rtn; the run's own
-                      config.data.eval_batches) and its gap to the unquantized
+                      config.data.eval_batches) and its gap to the unquantized;
+                      ``ffn_hadamard`` folds OSP's FFN Hadamard into the trained
+                      model first (``--ffn_hadamard``: same function, rotated
+                      down_proj input)
   kurtosis            activation excess kurtosis as OSP measures it (embedding
                       output and every layer output), max |x| and the
                       down_proj input's kurtosis, on the held-out batches
@@ -67,18 +71,23 @@ def _heldout(arg: str, options: dict) -> Evaluation:
 
 def _ptq(arg: str, options: dict) -> Evaluation:
   from qtrain.config.variants import quant_presets  # pylint: disable=g-import-not-at-top
-  recipe, _, method = arg.partition(":")
+  recipe, _, rest = arg.partition(":")
+  method, _, switch = rest.partition(":")
   method = method or "rtn"
-  if recipe.partition("+")[0] not in quant_presets() or method not in ("rtn", "gptq", "awq"):
-    raise ConfigError(f"--evals=ptq:{arg}: use ptq:RECIPE[:METHOD] with RECIPE one of "
-                      f"{quant_presets()} (switches after +) and METHOD rtn, gptq or awq")
-  name, spec = f"ptq_{recipe}_{method}", f"ptq:{recipe}:{method}"
+  if (recipe.partition("+")[0] not in quant_presets() or method not in ("rtn", "gptq", "awq")
+      or switch not in ("", "ffn_hadamard")):
+    raise ConfigError(f"--evals=ptq:{arg}: use ptq:RECIPE[:METHOD][:ffn_hadamard] with RECIPE "
+                      f"one of {quant_presets()} (switches after +) and METHOD rtn, gptq or awq")
+  hadamard = switch == "ffn_hadamard"
+  name = f"ptq_{recipe}_{method}" + ("_ffnh" if hadamard else "")
+  spec = f"ptq:{recipe}:{method}" + (":ffn_hadamard" if hadamard else "")
 
   def fn(workdir: str, step: int) -> dict:
     # A child process: qtrain.quantize and qtrain.eval both define absl flags
     # named --workdir at import, so one process cannot hold both.
     cmd = [sys.executable, "-m", "qtrain.quantize", f"--workdir={workdir}",
-           f"--recipe={recipe}", f"--method={method}", f"--step={step}"]
+           f"--recipe={recipe}", f"--method={method}", f"--step={step}",
+           f"--out={os.path.join(workdir, name)}"] + (["--ffn_hadamard"] if hadamard else [])
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode:
       last = (done.stderr.strip().splitlines() or ["no output"])[-1]
