@@ -10,7 +10,8 @@ from qtrain.layers.hooks import Hooks, MatmulSite, Provider, as_hooks, canonical
 from qtrain.layers.linear import Linear
 from qtrain.layers.mlp import MLP
 from qtrain.layers.model import Transformer
-from qtrain.layers.norms import RMSNorm
+from qtrain.layers.hadamard import fold_ffn_hadamard, fwht
+from qtrain.layers.norms import RMSNorm, SSNorm, norm_for
 from qtrain.layers.registry import ModelSites, config_sites, trace_sites
 from qtrain.layers.rope import apply_rope, inverse_frequencies
 from qtrain.layers.weights import FORMS, Dense, FormRule, LowRank, WeightForm, form_rules
