@@ -32,14 +32,17 @@ data: $(DATA)/meta.json
 $(DATA)/meta.json: $(TRAIN_STAMP)
 	$(BIN)/python -m qtrain.data.prepare --task=kjv --out=$(DATA)
 
-# debian_en (qtrain/data/debian.py): real English from Debian packages, with
-# a 32k vocabulary. Not part of `make train`. Needs the packages installed
-# (apt-get, as root); when they are not, it prints the command and fails.
+# debian_en (qtrain/data/debian.py): real English from ~40 Debian
+# documentation and dictionary packages (~60M tokens), with a 32k vocabulary.
+# Not part of `make train`. Needs the packages installed (apt-get, as root,
+# ~3 GB); when they are not, `--check` prints the apt-get command naming all
+# of them and fails. About 25 min on two cores. CORPUS_ARGS=--force rebuilds.
 CORPUS := data/debian_en
+CORPUS_ARGS ?=
 
 corpus: $(TRAIN_STAMP)
 	$(BIN)/python -m qtrain.data.debian --check
-	$(BIN)/python -m qtrain.data.prepare --task=debian_en --out=$(CORPUS) --vocab_size=32000
+	$(BIN)/python -m qtrain.data.prepare --task=debian_en --out=$(CORPUS) --vocab_size=32000 $(CORPUS_ARGS)
 
 train: data
 	XLA_FLAGS= $(BIN)/python -m qtrain.train --config=$(CONFIG) --workdir=$(RUN)

@@ -133,6 +133,76 @@ def test_roff_text_resolves_macros_and_escapes():
       "See close(2).")
 
 
+POD = """\
+# Code before the first POD command is not documentation.
+my $x = 1;
+
+=head1 NAME
+X<perlintro>
+
+perlintro - a brief
+introduction to Perl
+
+=head1 DESCRIPTION
+
+Use B<strict> and C<< $a <=> $b >> or C<$h{E<lt>}>, see
+L<perlfunc/"sort"> and L<the FAQ|perlfaq>; E<eacute>tude Z<>done.
+
+    my @sorted = sort { $a <=> $b } @list;
+
+=over 4
+
+=item *
+
+First I<point>.
+
+=item 2.
+
+=back
+
+=begin html
+
+<p>raw html</p>
+
+=end html
+
+=for comment This paragraph is hidden.
+
+=cut
+
+sub hidden { "code after =cut" }
+
+=head2 Later
+
+Back in F<pod>.
+"""
+
+
+def test_pod_sections_drop_code_and_resolve_formatting_codes():
+  assert debian.pod_sections(POD) == [
+      "NAME\nperlintro - a brief introduction to Perl",
+      "DESCRIPTION\n"
+      "Use strict and $a <=> $b or $h{<}, see sort in perlfunc and the FAQ;"
+      " \u00e9tude done.\n"
+      "First point.\nLater\nBack in pod."]
+
+
+def test_boilerplate_pages_are_not_read():
+  for path in ("/usr/share/doc/python3.11/html/genindex-A.html",
+               "/usr/share/doc/python3.11/html/license.html",
+               "/usr/share/doc/python3.11/html/whatsnew/3.11.html",
+               "/usr/share/doc/x-doc/html/_modules/x/y.html",
+               "/usr/share/doc/postgresql-doc-15/html/release-15-3.html",
+               "/usr/share/doc/openjdk-17-jre-headless/api/java.base/java/util/"
+               "class-use/List.html"):
+    assert debian._BOILERPLATE.search(path), path
+  for path in ("/usr/share/doc/python3.11/html/tutorial/index-like.html",
+               "/usr/share/doc/python3.11/html/library/search-tools.html",
+               "/usr/share/doc/postgresql-doc-15/html/sql-select.html",
+               "/usr/share/doc/rust-doc/html/book/ch04-01-what-is-ownership.html"):
+    assert not debian._BOILERPLATE.search(path), path
+
+
 def _b64(n: int) -> str:
   """dictd's base-64 number digits, written independently of the reader."""
   alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
@@ -209,13 +279,30 @@ def _fake_root(tmp_path: pathlib.Path) -> pathlib.Path:
                    "/usr/share/man/man2/creat.2.gz":
                    gzip.compress(b".so man2/open.2\n")},
       "manpages-dev": {},
+      "perl-doc": {"/usr/share/perl/5.36.0/pod/perlintro.pod": POD.encode(),
+                   # Release notes and generated tables are not read.
+                   "/usr/share/perl/5.36.0/pod/perl5360delta.pod":
+                   POD.replace("Perl", "Perl 5.36").encode()},
+      # Boilerplate pages of any HTML source are not read either.
+      "python-django-doc": {
+          f"/usr/share/doc/python-django-doc/html/{page}.html":
+          HTML.replace("Python", f"Django {i}").encode()
+          for i, page in enumerate(("genindex-A", "_sources/x", "releases/4.2"))},
   }
+  for source in debian.SOURCES:  # Every other package: installed, no files.
+    for package in source.packages:
+      files.setdefault(package, {})
   dictd = root / "usr/share/dictd"
   dictd.mkdir(parents=True)
-  # WordNet gets the same entries: its one document repeats GCIDE's and is
-  # dropped by the de-duplication across sources.
+  # WordNet and the other dictionaries get the same entries: their one
+  # document repeats GCIDE's and is dropped by the de-duplication across
+  # sources.
   fixture = _dictd_fixture(tmp_path, GCIDE_ENTRIES, [("Apple", 1), ("abet", 2)])
-  for dictionary in ("gcide", "wn"):
+  dictionaries = {"gcide": "dict-gcide", "wn": "dict-wn", "foldoc": "dict-foldoc",
+                  "jargon": "dict-jargon", "devil": "dict-devil"}
+  for dictionary, package in dictionaries.items():
+    files[package] = {f"/usr/share/dictd/{dictionary}{suffix}": None
+                      for suffix in (".index", ".dict.dz")}
     for suffix, path in zip((".index", ".dict.dz"), fixture):
       (dictd / (dictionary + suffix)).write_bytes(path.read_bytes())
   info = root / "var/lib/dpkg/info"
@@ -233,7 +320,8 @@ def test_corpus_over_installed_packages(tmp_path):
   root = _fake_root(tmp_path)
   docs = list(debian.all_documents(root))
   assert [name for name, _ in docs] == ["gcide", "python", "python", "linux",
-                                        "man"]
+                                        "man", "perl", "perl"]
+  assert [t for n, t in docs if n == "perl"] == debian.pod_sections(POD)
   assert docs[3][1] == debian.rst_text(RST)
   train = list(debian.documents("train", root))
   valid = list(debian.documents("validation", root))
@@ -266,12 +354,17 @@ def test_seqio_task_and_mixture_read_the_corpus(tmp_path):
   tasks.register_debian_en(model, root=root)
   task = seqio.get_mixture_or_task(tasks.DEBIAN_EN)
   sp = vocab.load_sentencepiece(model)
-  got = []
+  got, n_tokens = [], {}
   for split in debian.SPLITS:
     ds = task.get_dataset(sequence_length=None, split=split, shuffle=False)
+    n_tokens[split] = 0
     for ex in ds.as_numpy_iterator():
       assert ex["targets"][-1] == vocab.EOS_ID
       got.append(sp.decode(ex["targets"][:-1].tolist()))
+      n_tokens[split] += len(ex["targets"])
+  # `--stats --vocab` counts what seqio's tokenize + append_eos write.
+  counts = debian.stats(root, str(model))
+  assert {s: sum(c[s][2] for c in counts.values()) for s in debian.SPLITS} == n_tokens
   # Decoding normalises whitespace (newlines become spaces) only.
   assert sorted(got) == sorted(" ".join(t.split())
                                for _, t in debian.all_documents(root))

@@ -1,14 +1,25 @@
 """`debian_en`: real English prose and technical text from Debian packages.
 
 KJV (~1M tokens) is too small and too uniform for activation outliers to
-appear. This corpus reads documentation and dictionaries that the Debian
-registry serves, installed with
+appear. This corpus (~60M tokens with its 32k vocabulary) reads dictionaries
+and documentation that the Debian (bookworm) registry serves, installed with
+`python -m qtrain.data.debian --check`'s command (`missing_packages` of
+`SOURCES`; about 3 GB installed):
 
   apt-get install --no-install-recommends dict-gcide dict-wn python3.11-doc \
-      linux-doc-6.1 manpages manpages-dev
+      linux-doc-6.1 manpages manpages-dev perl-doc perl-modules-5.36 \
+      dict-foldoc dict-jargon dict-devil postgresql-doc-15 sqlite3-doc \
+      python-django-doc python-sqlalchemy-doc python-sklearn-doc \
+      python-scipy-doc python-pandas-doc python-statsmodels-doc \
+      python-astropy-doc python-sympy-doc python-dask-doc python-xarray-doc \
+      llvm-15-doc clang-15-doc debian-handbook debian-reference-en \
+      debian-policy developers-reference git-doc zsh-doc apache2-doc \
+      postfix-doc exim4-doc-html libreoffice-help-en-us gimp-help-en \
+      octave-doc maxima-doc sagemath-doc erlang-doc nodejs-doc rust-doc \
+      racket-doc openjdk-17-doc
 
 Sources, in the fixed order they are read (each package's files are the ones
-its `/var/lib/dpkg/info/<package>.list` names, sorted):
+its `/var/lib/dpkg/info/<package>.list` names, sorted), prose first:
 
   gcide    dict-gcide: the 1913 Webster's (with GCIDE additions), dictd format
            (`/usr/share/dictd/gcide.index` + `gcide.dict.dz`). 19th-century
@@ -20,16 +31,47 @@ its `/var/lib/dpkg/info/<package>.list` names, sorted):
   linux    linux-doc-6.1: the kernel's Documentation/ tree as
            reStructuredText (`Documentation/**/*.rst.gz`). Technical prose.
   man      manpages, manpages-dev: Linux man pages (sections 2-7), roff.
+  perl     perl-doc, perl-modules-5.36: the Perl manual (perlfunc, perlop,
+           perlre, the FAQ, tutorials) and the core modules' documentation,
+           POD (`pod_sections`). Release notes (perl*delta), perlhist, the
+           licences, the table of contents and generated tables are skipped.
+  foldoc   dict-foldoc: the Free On-line Dictionary of Computing, dictd.
+  jargon   dict-jargon: the Jargon File, dictd. Hacker-culture prose.
+  devil    dict-devil: Ambrose Bierce's The Devil's Dictionary (1911), dictd.
+  sql      postgresql-doc-15, sqlite3-doc: the PostgreSQL 15 manual and the
+           SQLite documentation, HTML. Long technical prose.
+  pydocs   python-{django,sqlalchemy,sklearn,scipy,pandas,statsmodels,
+           astropy,sympy,dask,xarray}-doc: user guides, tutorials and API
+           reference of Python libraries, Sphinx HTML.
+  llvm     llvm-15-doc, clang-15-doc: the LLVM and Clang manuals, Sphinx HTML.
+  debian   debian-handbook (en-US), debian-reference-en, debian-policy,
+           developers-reference: Debian's books and policy, HTML.
+  tools    git-doc, zsh-doc, apache2-doc (en), postfix-doc, exim4-doc-html,
+           libreoffice-help-en-us, gimp-help-en: manuals of programs, HTML.
+  math     octave-doc, maxima-doc, sagemath-doc (en): manuals of mathematical
+           software, HTML.
+  langs    erlang-doc, nodejs-doc, rust-doc (the books only: The Rust
+           Programming Language, the reference, Rust by Example, the
+           Rustonomicon...; not the std API pages, whose blanket-impl text
+           repeats on every page), racket-doc: programming-language guides
+           and references, HTML.
+  java     openjdk-17-doc: the Java SE 17 API documentation (Javadoc HTML):
+           API reference, but mostly sentences describing classes/methods.
+
+Every HTML source skips boilerplate pages at any depth (`_BOILERPLATE`:
+indexes, search, tables of contents, release notes and changelogs, licences,
+Sphinx `_sources`/`_modules`, Javadoc `class-use`/`index-files`).
 
 What becomes a document: 20 consecutive dictionary entries (in the order of
 the dictionary file: neighbouring headwords); one section of an HTML page (a
-new document starts at each <h1>/<h2>); one rST file; one man page.
+new document starts at each <h1>/<h2>); one rST file; one man page; one =head1 section of a POD file.
 
 Markup is stripped with the standard library and a few rules per format
-(`html_sections`, `rst_text`, `roff_text`, `dict_entry_text`); code is dropped
-where it is cheap to recognise (<pre>, rST literal blocks and code directives,
-roff .nf/.EX blocks) and so are tables (<table>, rST grid/simple tables, roff
-.TS). Inline code (``x``, <code>, \\fB) is kept: it is part of the sentence.
+(`html_sections`, `rst_text`, `roff_text`, `pod_sections`,
+`dict_entry_text`); code is dropped where it is cheap to recognise (<pre>,
+rST literal blocks and code directives, roff .nf/.EX blocks, POD verbatim
+paragraphs and the Perl code around the POD) and so are tables (<table>, rST
+grid/simple tables, roff .TS). Inline code (``x``, <code>, \\fB) is kept: it is part of the sentence.
 
 De-duplication is exact: a document whose normalised text (lower case,
 whitespace collapsed) hashes like an earlier one is dropped; the first copy in
@@ -43,8 +85,9 @@ first 8 bytes of the sha256 of its normalised text, mod 10_000, are below 100
 or the package order changes.
 
 `python -m qtrain.data.debian --check` says which packages are missing (and
-the apt-get command); `--stats` counts documents and words per source and
-split (tokens ~ 1.3 x words before the vocabulary exists).
+the apt-get command); `--stats` prints a markdown table of documents and
+words per source and split, and with `--vocab=data/debian_en/spm.model` the
+tokens `prepare` writes for them (pieces + EOS).
 """
 
 from __future__ import annotations
@@ -343,6 +386,73 @@ def roff_text(source: str) -> str:
 
 
 # --------------------------------------------------------------------------
+# POD (perlpod(1)): command paragraphs, ordinary text, verbatim code.
+
+# C<x>, or C<< x >> / C<<< x >>> (which may hold a bare ">").
+_POD_CODE = re.compile(
+    r"([BCEFILSXZ])(?:<<<\s+(.*?)\s+>>>|<<\s+(.*?)\s+>>|<([^<>]*)>)", re.S)
+# E<lt>/E<gt> resolve to stand-ins first, so they never close a code.
+_LT, _GT = "\ue000", "\ue001"
+_POD_ENTITIES = {"lt": _LT, "gt": _GT, "verbar": "|", "sol": "/"}
+
+
+def _pod_code(m: re.Match) -> str:
+  code, *bodies = m.groups()
+  body = next(b for b in bodies if b is not None)
+  if code in "XZ":  # Index entries and the null code say nothing.
+    return ""
+  if code == "E":
+    if body.isdigit() or body.lower().startswith("0x"):
+      return chr(int(body, 0))
+    return _POD_ENTITIES.get(body) or html.unescape(f"&{body};")
+  if code == "L":
+    text, bar, target = body.partition("|")
+    if bar:
+      return text
+    name, _, section = text.partition("/")
+    section = section.strip('"')
+    return f"{section} in {name}" if name and section else section or name
+  return body  # B, I, C, F, S: the words themselves.
+
+
+def _pod_inline(text: str) -> str:
+  """Formatting codes resolved innermost first (B<I<x>> is two passes)."""
+  while (resolved := _POD_CODE.sub(_pod_code, text)) != text:
+    text = resolved
+  return text.replace(_LT, "<").replace(_GT, ">")
+
+
+def pod_sections(source: str) -> list[str]:
+  """A POD file as plain paragraphs, one string per =head1 section: code
+  outside POD, verbatim (indented) paragraphs, =begin/=end and =for blocks
+  and index codes dropped; =item bullets dropped, item text kept."""
+  sections, in_pod, skip_to = [[]], False, None
+  for para in re.split(r"\n[ \t]*\n", source.expandtabs(8)):
+    para = para.strip("\n")
+    if not para:
+      continue
+    command, _, rest = para[1:].partition(" ") if para[:1] == "=" else ("", "", "")
+    command = command.split("\n")[0]
+    if skip_to is not None:
+      skip_to = None if command == "end" and rest.split()[:1] == [skip_to] else skip_to
+      continue
+    if command == "cut":
+      in_pod = False
+    elif command:
+      in_pod = True
+      if command == "begin":
+        skip_to = rest.split()[0] if rest.split() else ""
+      elif command == "head1":
+        sections.append([rest])
+      elif command.startswith("head") or command == "item":
+        sections[-1].append(re.sub(r"^(\*|\d+[.)]?)(\s+|$)", "", rest.strip()))
+    elif in_pod and not para[:1].isspace():
+      sections[-1].append(para)
+  texts = (_paragraphs(_pod_inline("\n\n".join(s))) for s in sections)
+  return [t for t in texts if t]
+
+
+# --------------------------------------------------------------------------
 # Sources: which package files, read how, in which order.
 
 
@@ -390,19 +500,80 @@ def _read_roff(paths):
   return (roff_text(_read_text(p)) for p in paths)
 
 
+def _read_pod(paths):
+  for p in paths:
+    yield from pod_sections(_read_text(p))
+
+
+PYDOC_PACKAGES = ("python-django-doc", "python-sqlalchemy-doc",
+                  "python-sklearn-doc", "python-scipy-doc", "python-pandas-doc",
+                  "python-statsmodels-doc", "python-astropy-doc",
+                  "python-sympy-doc", "python-dask-doc", "python-xarray-doc")
+
+
+def _dictd(name: str, package: str, stem: str | None = None) -> Source:
+  """A dictd dictionary `<stem>.index` + `<stem>.dict.dz` of `package`."""
+  return Source(name, (package,),
+                rf"/usr/share/dictd/{stem or name}\.(index|dict\.dz)$",
+                _read_dict)
+
+
+# Pages that are navigation, indexes, search, release notes or licences, at
+# any depth of any HTML source (Sphinx, mdBook, DocBook, Javadoc layouts).
+_BOILERPLATE = re.compile(
+    r"/(_sources|_static|_images|_modules|_downloads|releases?|releaselog"
+    r"|whatsnew|changelog|index-files|class-use)/"
+    r"|/(genindex[-\w]*|(py-mod|mod|book|all(classes|packages)-)?index|search|contents"
+    r"|toc|print|license|licence|copyright|copying|changelog|changes"
+    r"|chronology|release-?notes|release-[\d.-]+|whats-?new|overview-tree"
+    r"|package-tree|deprecated-list|constant-values|serialized-form"
+    r"|help-doc)(\.[\w.]+)?$", re.I)
+
 SOURCES = (
-    Source("gcide", ("dict-gcide",), r"/usr/share/dictd/gcide\.(index|dict\.dz)$",
-           _read_dict),
-    Source("wordnet", ("dict-wn",), r"/usr/share/dictd/wn\.(index|dict\.dz)$",
-           _read_dict),
+    _dictd("gcide", "dict-gcide"),
+    _dictd("wordnet", "dict-wn", "wn"),
     Source("python", ("python3.11-doc",),
-           r"/usr/share/doc/python3\.11/html/(?!_static/|genindex|py-modindex"
-           r"|search\.html).*\.html$", _read_html),
+           r"/usr/share/doc/python3\.11/html/.*\.html$", _read_html),
     Source("linux", ("linux-doc-6.1",),
            r"/usr/share/doc/linux-doc-6\.1/Documentation/.*\.rst\.gz$",
            _read_rst),
     Source("man", ("manpages", "manpages-dev"),
            r"/usr/share/man/man\d/[^/]+\.\d\w*\.gz$", _read_roff),
+    Source("perl", ("perl-doc", "perl-modules-5.36"),
+           r"/usr/share/perl/5\.36\.0/(pod/(?!perl\d*delta|perlhist|perlartistic"
+           r"|perlgpl|perltoc|perluniprops|perlapi\.|perlintern|perl(cn|jp|ko|tw)\.)"
+           r"perl\w*\.pod|(?!pod/).*\.pm)$", _read_pod),
+    _dictd("foldoc", "dict-foldoc"),
+    _dictd("jargon", "dict-jargon"),
+    _dictd("devil", "dict-devil"),
+    Source("sql", ("postgresql-doc-15", "sqlite3-doc"),
+           r"/usr/share/doc/(postgresql-doc-15/html|sqlite3)/.*\.html$",
+           _read_html),
+    Source("pydocs", PYDOC_PACKAGES,
+           r"/usr/share/doc/python-\w+-doc/html/.*\.html$", _read_html),
+    Source("llvm", ("llvm-15-doc", "clang-15-doc"),
+           r"/usr/share/doc/(llvm-15-doc|clang-15)/html/.*\.html$", _read_html),
+    Source("debian", ("debian-handbook", "debian-reference-en", "debian-policy",
+                      "developers-reference"),
+           r"/usr/share/(doc/debian-handbook/html/en-US|debian-reference"
+           r"|doc/debian-policy/policy\.html|developers-reference)/[^/]*\.html$",
+           _read_html),
+    Source("tools", ("git-doc", "zsh-doc", "apache2-doc", "postfix-doc",
+                     "exim4-doc-html", "libreoffice-help-en-us", "gimp-help-en"),
+           r"/usr/share/(doc/(git-doc|zsh-common/html|apache2-doc/manual/en"
+           r"|postfix/html|exim4-doc-html/spec_html)|libreoffice/help/en-US/text"
+           r"|gimp/2\.0/help/en)/.*\.html$", _read_html),
+    Source("math", ("octave-doc", "maxima-doc", "sagemath-doc"),
+           r"/usr/share/doc/(octave/octave\.html|maxima-doc/html"
+           r"|sagemath/html/en)/.*\.html$",
+           _read_html),
+    Source("langs", ("erlang-doc", "nodejs-doc", "rust-doc", "racket-doc"),
+           r"/usr/share/doc/(erlang-doc|nodejs/api|racket|rust-doc/html/(book"
+           r"|reference|nomicon|rust-by-example|edition-guide|embedded-book"
+           r"|rustc|rustdoc|cargo))/.*\.html$", _read_html),
+    Source("java", ("openjdk-17-doc",),
+           r"/usr/share/doc/openjdk-17-jre-headless/api/java\.[^/]*/.*\.html$",
+           _read_html),
 )
 
 
@@ -433,7 +604,8 @@ def source_files(source: Source, root: pathlib.Path) -> list[pathlib.Path]:
   names = sorted({line.strip() for p in source.packages
                   for line in _dpkg_list(root, p).read_text().splitlines()
                   if pattern.search(line.strip())})
-  return [root / n.lstrip("/") for n in names if (root / n.lstrip("/")).is_file()]
+  return [root / n.lstrip("/") for n in names
+          if not _BOILERPLATE.search(n) and (root / n.lstrip("/")).is_file()]
 
 
 def normalise(text: str) -> str:
@@ -461,16 +633,24 @@ def deduplicated(docs: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:
     yield name, text
 
 
-def all_documents(root: str | pathlib.Path = "/",
-                  sources=SOURCES) -> Iterator[tuple[str, str]]:
-  """Every (source name, document) of the corpus, de-duplicated, in order."""
-  root = pathlib.Path(root)
+_DOCUMENTS: dict = {}  # (root, sources) -> the list all_documents returns.
 
-  def raw():
-    for s in sources:
-      for text in s.read(source_files(s, root)):
-        yield s.name, text
-  return deduplicated(raw())
+
+def all_documents(root: str | pathlib.Path = "/",
+                  sources=SOURCES) -> list[tuple[str, str]]:
+  """Every (source name, document) of the corpus, de-duplicated, in order.
+
+  Read once per process and kept (~40M words, ~300 MB): `prepare` asks for
+  the vocabulary's text and then for each split, and parsing ~45k HTML, POD
+  and rST files takes minutes. Packages installed or removed while a
+  process runs are not seen by it.
+  """
+  root = pathlib.Path(root).resolve()
+  key = (root, tuple(sources))
+  if key not in _DOCUMENTS:
+    _DOCUMENTS[key] = list(deduplicated(
+        (s.name, text) for s in sources for text in s.read(source_files(s, root))))
+  return _DOCUMENTS[key]
 
 
 def documents(split: str, root: str | pathlib.Path = "/",
@@ -498,14 +678,38 @@ def vocab_sentences(root: str | pathlib.Path = "/", sources=SOURCES,
         yield " ".join(piece)
 
 
-def stats(root: str | pathlib.Path = "/") -> dict:
-  """{source: {split: [documents, words]}} over the whole corpus."""
-  counts = collections.defaultdict(lambda: {s: [0, 0] for s in SPLITS})
+def stats(root: str | pathlib.Path = "/", vocab: str | None = None) -> dict:
+  """{source: {split: [documents, words(, tokens)]}} over the whole corpus.
+
+  With `vocab` (a SentencePiece model path) tokens are counted as `prepare`
+  writes them: the document's pieces plus one EOS.
+  """
+  encode = None
+  if vocab is not None:
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    encode = spm.SentencePieceProcessor(model_file=str(vocab)).encode
+  width = 2 if encode is None else 3
+  counts = collections.defaultdict(lambda: {s: [0] * width for s in SPLITS})
   for name, text in all_documents(root):
     entry = counts[name][split_of(text)]
     entry[0] += 1
     entry[1] += len(text.split())
+    if encode is not None:
+      entry[2] += len(encode(text)) + 1
   return dict(counts)
+
+
+def _print_stats(counts: dict) -> None:
+  """A markdown table: documents, words (and tokens) per source and split."""
+  width = len(next(iter(counts.values()))["train"])
+  fields = ["docs", "words", "tokens"][:width]
+  total = {s: [sum(c[s][i] for c in counts.values()) for i in range(width)]
+           for s in SPLITS}
+  print("| source | " + " | ".join(f"{s} {f}" for s in SPLITS for f in fields)
+        + " |\n|---|" + "---|" * (width * len(SPLITS)))
+  for name, splits in [*counts.items(), ("total", total)]:
+    print(f"| {name} | " + " | ".join(f"{v:,}" for s in SPLITS
+                                      for v in splits[s]) + " |")
 
 
 def main(argv=None) -> int:
@@ -515,24 +719,19 @@ def main(argv=None) -> int:
                       help="exit 1, naming the apt-get command, if a package is missing")
   parser.add_argument("--stats", action="store_true",
                       help="documents and words per source and split")
+  parser.add_argument("--vocab", default=None,
+                      help="with --stats: count tokens with this spm.model")
   parser.add_argument("--root", default="/", help="filesystem root (tests)")
   args = parser.parse_args(argv)
   if (missing := missing_packages(args.root)):
     print(f"debian_en needs Debian packages that are not installed: run\n"
-          f"  {install_command(missing)}\n(as root; about 300 MB installed).",
+          f"  {install_command(missing)}\n(as root; about 3 GB installed).",
           file=sys.stderr)
     return 1
   if args.check:
     print("debian_en: every source package is installed.")
   if args.stats:
-    total = 0
-    for name, splits in stats(args.root).items():
-      words = sum(w for _, w in splits.values())
-      total += words
-      print(f"{name:>8}: " + ", ".join(
-          f"{s} {d} docs {w} words" for s, (d, w) in splits.items())
-            + f"; ~{1.3 * words / 1e6:.1f}M tokens at 1.3 per word")
-    print(f"   total: {total} words, ~{1.3 * total / 1e6:.1f}M tokens")
+    _print_stats(stats(args.root, args.vocab))
   return 0
 
 
