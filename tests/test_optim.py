@@ -49,7 +49,13 @@ def _config(name: str, **optim):
   return c
 
 
-CASES = [(name, {}) for name in sorted(OPTIMIZERS)] + [("adamw", {"grad_clip": 0.0})]
+CASES = [(name, {}) for name in sorted(OPTIMIZERS)] + [("adamw", {"grad_clip": 0.0})] + [
+    # The projecting optimizers below full rank, refreshing within the 3 steps.
+    ("galore", {"galore": {"rank": 2, "update_proj_gap": 2}}),
+    ("fira", {"fira": {"rank": 2, "update_proj_gap": 2}}),
+    ("apollo", {"apollo": {"rank": 2, "update_proj_gap": 2}}),
+    ("apollo", {"apollo": {"mode": "mini", "scale": 128 ** 0.5}}),
+]
 
 
 def _tx(name, optim, multi_steps):

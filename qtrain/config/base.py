@@ -118,6 +118,34 @@ def base_config() -> ml_collections.ConfigDict:
           stack_axes=("data", "fsdp", "sequence", "tensor"),  # Those of size > 1 are used.
           ns_dtype="float32",  # Newton-Schulz dtype (stacked only); OSP iterates in bfloat16.
       ),
+      # Memory-efficient optimizers (qtrain/optim/galore.py, fira.py, apollo.py;
+      # configs/optim/). Matrices only: other params of their group get Adam.
+      galore=dict(  # optax.contrib.galore per matrix (scanned layers: one SVD each).
+          rank=128,  # Subspace rank r (min(r, m, n) per matrix).
+          update_proj_gap=200,  # Updates between SVD refreshes of the projector.
+          scale=0.25,  # Multiplies the projected-back update (GaLore's alpha).
+          b1=0.9, b2=0.95, eps=1e-8,  # The Adam run inside the subspace.
+      ),
+      fira=dict(  # GaLore + the residual outside the subspace, norm-scaled (Fira).
+          rank=128, update_proj_gap=200,
+          scale=1.0,  # Multiplies the whole update (Fira's reference setup: 1).
+          gamma=1.01,  # Norm-growth limiter: ||S_t|| <= gamma ||S_t-1||; 0 = off.
+          b1=0.9, b2=0.95, eps=1e-8,
+      ),
+      apollo=dict(  # AdamW's channel/tensor-wise scaling from random projections.
+          mode="apollo",  # apollo (channel-wise, rank r) | mini (tensor-wise, rank 1)
+          rank=256, update_proj_gap=200,  # P redrawn from `seed` every gap updates.
+          scale=1.0,  # alpha on the update; APOLLO-Mini uses sqrt(128) = 11.31.
+          gamma=1.01,  # Fira's norm-growth limiter; 0 = off.
+          b1=0.9, b2=0.95, eps=1e-8, seed=0,
+      ),
+      # Restarts (Glentis et al. 2025; qtrain/optim/wrappers.py), around every
+      # group's transform: zero the moments (fields named in `moments`) every
+      # `every` updates (match galore.update_proj_gap to reset at each refresh).
+      restarts=dict(every=0, moments=("mu", "nu")),  # 0 = off.
+      # Re-split each low-rank pair A B = U S V^T as U sqrt(S), sqrt(S) V^T every
+      # `every` updates (the function unchanged); 0 = off.
+      refactor=dict(every=0),
   ))
 
   c.train = ml_collections.ConfigDict(dict(
@@ -153,6 +181,26 @@ def base_config() -> ml_collections.ConfigDict:
       # Matmuls whose input is measured, a regex fullmatching the canonical
       # path ("decoder/layers/mlp/down_proj", "lm_head"); "" = none.
       matmuls=".*",
+  ))
+  # Compressed data-parallel gradient exchange (qtrain/parallel/exchange.py),
+  # run by --config.train.step=compressed over the `data` axis; configs/exchange/.
+  c.exchange = ml_collections.ConfigDict(dict(
+      method="dense",  # dense (pmean, the reference) | dgc | powersgd
+      min_size=4096,  # Matrices (per scanned layer) with fewer elements go dense.
+      dgc=dict(  # Deep Gradient Compression (Lin et al. 2018), top-k per matrix.
+          sparsity=0.999,  # Share of each matrix not sent per step, after warm-up.
+          warmup_steps=0,  # Steps over which the stages below run; 0 = none.
+          warmup_sparsity=(0.75, 0.9375, 0.984375, 0.996),  # One compiled branch each.
+          # Momentum correction + factor masking: the exchange carries the
+          # velocity, so pair m > 0 with a momentum-free optimizer (Adam's
+          # first moment is a momentum already: keep 0 with AdamW).
+          momentum=0.0,
+          clip=0.0,  # Local global-norm clip at clip / sqrt(data) before accumulating; 0 = off.
+      ),
+      powersgd=dict(  # PowerSGD (Vogels et al. 2019): one warm-started power iteration.
+          rank=4,  # r per matrix (min(r, n, m)).
+          seed=0,  # Q's initial draw.
+      ),
   ))
   # Quantization: mode + ordered rules over matmul paths; presets in
   # configs/quant/ (select with a config variant, e.g. `default.py:w4a4`).

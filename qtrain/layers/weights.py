@@ -12,7 +12,22 @@ rotation, calibration, PTQ and export see every form alike.
   in variance (std sqrt(sigma) / r^(1/4)), so each entry of A B has variance
   r * (sigma / sqrt(r))^2 = sigma^2: the dense layer's at init std sigma.
 
-New forms (sparse + low-rank, packed int4 codes + scales, rotated) subclass
+* ``sparse_low_rank`` (SLTrain, Han et al. 2024, arXiv 2406.02214): W = A B + S,
+  the low-rank pair as above plus ``s`` [nnz], the values of a sparse S on a
+  fixed random support of ``density`` * in * out entries. Three products, each
+  a ``MatmulSite``: ``<path>/a``, ``<path>/b`` and ``<path>/s`` = x @ S with S
+  scattered into a dense [in, out] (quantizers see S as a dense weight).
+  Only the values are stored: the train state holds trainable params only
+  (an int index array cannot be a param: it has no gradient, and a dense mask
+  would cost the dense layer's memory, the thing SLTrain saves). The support
+  is redrawn identically at every call from a key fixed by the rule's
+  ``seed``, the layer's canonical path and its block index (so every layer of
+  a scanned stack has its own); indices are drawn with replacement (cheap: no
+  permutation of in * out), a duplicate adding two values at one entry, so the
+  distinct support is density * (1 - density / 2) on average. Values init
+  N(0, init_std) (SLTrain's sparse part starts at the dense init's scale).
+
+New forms (packed int4 codes + scales, rotated) subclass
 ``WeightForm``, register in ``FORMS`` and take their options from the rule.
 
   config.model.weight_forms = (
@@ -26,7 +41,10 @@ import dataclasses
 import re
 from typing import Any
 
+import zlib
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from qtrain.layers.dot_general import Matmul
@@ -91,7 +109,35 @@ class LowRank(WeightForm):
     return self.matmul(linear, hooks, self.site(linear, "b", "b", r, fan_out), "dot_b", h, b)
 
 
-FORMS = {"dense": Dense, "low_rank": LowRank}
+def sparse_support(seed: int, path: str, layer, fan_in: int, fan_out: int, nnz: int):
+  """(rows, cols) [nnz] of the fixed support of the layer at ``path`` (block
+  ``layer``: a Python int, a traced int under ``nn.scan``, or None)."""
+  key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()))
+  key = jax.random.fold_in(key, 0 if layer is None else layer)
+  flat = jax.random.randint(key, (nnz,), 0, fan_in * fan_out)
+  return flat // fan_out, flat % fan_out
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseLowRank(LowRank):
+  """y = (x @ A) @ B + x @ S, S sparse on a fixed support (see the module)."""
+  density: float = 0.03  # SLTrain's delta: stored values / (in * out).
+  seed: int = 0  # Picks the supports (with each layer's path and index).
+
+  def __call__(self, linear, hooks, x):
+    y = super().__call__(linear, hooks, x)
+    fan_in, fan_out = x.shape[-1], linear.features
+    nnz = max(1, round(self.density * fan_in * fan_out))
+    values = linear.param("s", nn.with_logical_partitioning(
+        nn.initializers.normal(self.init_std), ("sparse",)), (nnz,), linear.param_dtype)
+    rows, cols = sparse_support(self.seed, canonical_path(linear)[0], hooks.layer,
+                                fan_in, fan_out, nnz)
+    s = jnp.zeros((fan_in, fan_out), values.dtype).at[rows, cols].add(values)
+    site = self.site(linear, "s", "s", fan_in, fan_out)
+    return y + self.matmul(linear, hooks, site, "dot_s", x, s)
+
+
+FORMS = {"dense": Dense, "low_rank": LowRank, "sparse_low_rank": SparseLowRank}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +149,7 @@ class FormRule:
 
   def build(self, init_std: float) -> WeightForm:
     opts = dict(self.options)
-    if self.form == "low_rank":
+    if self.form in ("low_rank", "sparse_low_rank"):
       opts.setdefault("init_std", init_std)
     return FORMS[self.form](**opts)
 
@@ -126,8 +172,12 @@ def form_rules(dicts, where: str = "config.model.weight_forms") -> tuple[FormRul
       if key not in fields:
         raise ValueError(f"{at}.{key} is not an option of form {form!r}; options: "
                          f"{sorted(fields) or 'none'}")
-    if form == "low_rank" and not (isinstance(d.get("rank"), int) and d["rank"] > 0):
-      raise ValueError(f"{at}.rank={d.get('rank')!r}: low_rank needs an int rank > 0")
+    if form in ("low_rank", "sparse_low_rank") and not (isinstance(d.get("rank"), int)
+                                                        and d["rank"] > 0):
+      raise ValueError(f"{at}.rank={d.get('rank')!r}: {form} needs an int rank > 0")
+    if form == "sparse_low_rank" and not 0 < d.get("density", 0.03) <= 1:
+      raise ValueError(f"{at}.density={d['density']!r}: sparse_low_rank needs a density "
+                       "in (0, 1] (SLTrain: 0.03)")
     rules.append(FormRule(pattern=pattern, form=form, options=tuple(sorted(d.items()))))
   return tuple(rules)
 

@@ -17,6 +17,9 @@ import optax
 
 from qtrain.config.validate import ConfigError
 from qtrain.optim import adamw as _adamw  # noqa: F401  (registers adamw, frozen)
+from qtrain.optim import apollo as _apollo  # noqa: F401  (registers apollo)
+from qtrain.optim import fira as _fira  # noqa: F401  (registers fira)
+from qtrain.optim import galore as _galore  # noqa: F401  (registers galore)
 from qtrain.optim import muon as _muon  # noqa: F401  (registers muon)
 from qtrain.optim.groups import assign_groups, decay_mask, param_path, parse_groups
 from qtrain.optim.registry import get_optimizer

@@ -1,0 +1,10 @@
+"""Issue 11: APOLLO (channel-wise scaling, rank d/4) on the hidden matrices (configs/optim/base.py).
+
+  python -m qtrain.train --config=configs/optim/apollo.py --workdir=runs/optim/apollo
+"""
+
+from qtrain.config.variants import config_module
+
+
+def get_config(arg: str = ""):
+  return config_module("optim.base").get_config(arg, optimizer="apollo")

@@ -1,0 +1,64 @@
+"""Memory-efficient pretraining (issue 11): the base of the configs in this
+folder, which differ only in optimizer, weight form and restarts.
+
+  python -m qtrain.sweep --configs='configs/optim/[!b]*.py' --workdir=runs/optim_cpu
+  python -m qtrain.sweep --configs='configs/optim/[!b]*.py:125m' --workdir=runs/optim_125m
+  python -m qtrain.train --config=configs/optim/galore.py:smoke --workdir=/tmp/galore
+
+Sizes (the variant): none = the `make train` model (configs/default.py: d 192,
+4 layers, data/kjv, 300 steps); ``125m`` = configs/llama_125m.py:corpus
+(data/debian_en, 64 x 1024 tokens a step, 1600 steps); ``smoke`` =
+configs/default.py:smoke for tests. Other variants (quant presets) pass through.
+
+Choices, the papers' where they transfer (../shared/PAPERS.md):
+* Projecting optimizers (GaLore, Fira, APOLLO) and low-rank forms act on the
+  decoder's attention and MLP projections; embedding, LM head and norms stay
+  dense on AdamW, as in GaLore, SLTrain and Glentis et al.
+* Rank d_model / 4 everywhere (GaLore and SLTrain at 1B: 512 of 2048).
+* GaLore's subspace update is scaled by 0.25 and its group's lr multiplied by
+  4, so lr * scale is AdamW's rate (GaLore's lr 0.01 with scale 0.25 is the
+  same arrangement); Fira and APOLLO use scale 1 (APOLLO-Mini: sqrt(128)).
+* Restarts every 200 updates (Glentis et al.), 100 on the 300-step CPU run;
+  the projection refresh gap is the same, so resets fall on refreshes.
+"""
+
+from qtrain.config.variants import config_module, split_variants
+
+SIZES = ("125m",)
+HIDDEN = r"decoder/layers(_\d+)?/(attn|mlp)/[a-z]+_proj/.*"
+FORMS_AT = r"decoder/layers/(attn|mlp)/.*"
+OPTIMIZERS = ("adamw", "galore", "fira", "apollo")
+
+
+def get_config(arg: str = "", *, optimizer: str = "adamw", form: str = "dense",
+               restarts: bool = False, apollo_mode: str = "apollo"):
+  """One point of the comparison: ``optimizer`` on the hidden matrices, their
+  weight ``form`` (dense | low_rank | sparse_low_rank), and restarts (momentum
+  reset + refactorization)."""
+  variants = split_variants(arg)
+  rest = ",".join(v for v in variants if v not in SIZES)
+  if "125m" in variants:
+    c = config_module("llama_125m").get_config(",".join(filter(None, ("corpus", rest))))
+  else:
+    c = config_module("default").get_config(rest)
+  every = 100 if c.train.steps <= 300 else 200
+  rank = c.model.d_model // 4
+  if form != "dense":
+    rule = dict(pattern=FORMS_AT, form=form, rank=rank)
+    if form == "sparse_low_rank":
+      rule["density"] = 0.03  # SLTrain's delta.
+    c.model.weight_forms = (rule,)
+  if optimizer != "adamw":
+    group = c.optim[optimizer]
+    group.update(rank=rank, update_proj_gap=every)
+    lr_mult = 1.0
+    if optimizer == "galore":
+      lr_mult = 1.0 / group.scale
+    if optimizer == "apollo" and apollo_mode == "mini":
+      group.update(mode="mini", rank=1, scale=128 ** 0.5)
+    c.optim.groups = (dict(pattern=HIDDEN, optimizer=optimizer, lr_mult=lr_mult),
+                      dict(pattern=r".*", optimizer="adamw"))
+  if restarts:
+    c.optim.restarts.every = every
+    c.optim.refactor.every = every
+  return c

@@ -1,0 +1,10 @@
+"""Issue 11: Low-rank hidden layers W = A B (rank d/4) trained from scratch with AdamW (configs/optim/base.py).
+
+  python -m qtrain.train --config=configs/optim/low_rank.py --workdir=runs/optim/low_rank
+"""
+
+from qtrain.config.variants import config_module
+
+
+def get_config(arg: str = ""):
+  return config_module("optim.base").get_config(arg, form="low_rank")
