@@ -182,26 +182,6 @@ def base_config() -> ml_collections.ConfigDict:
       # path ("decoder/layers/mlp/down_proj", "lm_head"); "" = none.
       matmuls=".*",
   ))
-  # Compressed data-parallel gradient exchange (qtrain/parallel/exchange.py),
-  # run by --config.train.step=compressed over the `data` axis; configs/exchange/.
-  c.exchange = ml_collections.ConfigDict(dict(
-      method="dense",  # dense (pmean, the reference) | dgc | powersgd
-      min_size=4096,  # Matrices (per scanned layer) with fewer elements go dense.
-      dgc=dict(  # Deep Gradient Compression (Lin et al. 2018), top-k per matrix.
-          sparsity=0.999,  # Share of each matrix not sent per step, after warm-up.
-          warmup_steps=0,  # Steps over which the stages below run; 0 = none.
-          warmup_sparsity=(0.75, 0.9375, 0.984375, 0.996),  # One compiled branch each.
-          # Momentum correction + factor masking: the exchange carries the
-          # velocity, so pair m > 0 with a momentum-free optimizer (Adam's
-          # first moment is a momentum already: keep 0 with AdamW).
-          momentum=0.0,
-          clip=0.0,  # Local global-norm clip at clip / sqrt(data) before accumulating; 0 = off.
-      ),
-      powersgd=dict(  # PowerSGD (Vogels et al. 2019): one warm-started power iteration.
-          rank=4,  # r per matrix (min(r, n, m)).
-          seed=0,  # Q's initial draw.
-      ),
-  ))
   # Quantization: mode + ordered rules over matmul paths; presets in
   # configs/quant/ (select with a config variant, e.g. `default.py:w4a4`).
   c.quant = quant_config_defaults()
