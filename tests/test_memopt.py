@@ -159,6 +159,22 @@ def test_galore_rank_r_per_layer_matches_float64_numpy():
                                err_msg=path)
 
 
+def test_galore_stacked_refreshes_under_one_cond_with_one_shared_count():
+  """Per-layer vmap keeps the step count unbatched, so the SVD sits in a
+  lax.cond taken on refresh steps only (a batched count would turn it into a
+  select that runs the SVD every step)."""
+  c = _cfg(rank=2, update_proj_gap=10, scale=1.0, b1=B1, b2=B2, eps=EPS)
+  tx = build_galore(c, learning_rate=1.0, weight_decay=0.0, decay_mask=None,
+                    params=_boxed(LAYOUT))
+  params = _nest({p: jnp.zeros(s, jnp.float32) for p, (s, _) in LAYOUT.items()})
+  state = tx.init(params)
+  counts = [x for p, x in jax.tree_util.tree_flatten_with_path(state)[0]
+            if param_path(p).endswith("count")]
+  assert counts and all(x.shape == () for x in counts)
+  jaxpr = str(jax.make_jaxpr(tx.update)(params, state, params))
+  assert jaxpr.count("cond[") == 2 and "svd" in jaxpr  # The stacked and the flat leaves'.
+
+
 # --------------------------------------------------------------------- Fira --
 
 
