@@ -1,7 +1,7 @@
 """`debian_en`: real English prose and technical text from Debian packages.
 
 KJV (~1M tokens) is too small and too uniform for activation outliers to
-appear. This corpus (~60M tokens with its 32k vocabulary) reads dictionaries
+appear. This corpus (~54M tokens with its 32k vocabulary) reads dictionaries
 and documentation that the Debian (bookworm) registry serves, installed with
 `python -m qtrain.data.debian --check`'s command (`missing_packages` of
 `SOURCES`; about 3 GB installed):
@@ -64,14 +64,16 @@ Sphinx `_sources`/`_modules`, Javadoc `class-use`/`index-files`).
 
 What becomes a document: 20 consecutive dictionary entries (in the order of
 the dictionary file: neighbouring headwords); one section of an HTML page (a
-new document starts at each <h1>/<h2>); one rST file; one man page; one =head1 section of a POD file.
+new document starts at each <h1>/<h2>); one rST file; one man page; one
+=head1 section of a POD file.
 
 Markup is stripped with the standard library and a few rules per format
 (`html_sections`, `rst_text`, `roff_text`, `pod_sections`,
 `dict_entry_text`); code is dropped where it is cheap to recognise (<pre>,
 rST literal blocks and code directives, roff .nf/.EX blocks, POD verbatim
 paragraphs and the Perl code around the POD) and so are tables (<table>, rST
-grid/simple tables, roff .TS). Inline code (``x``, <code>, \\fB) is kept: it is part of the sentence.
+grid/simple tables, roff .TS). Inline code (``x``, <code>, \\fB) is kept: it
+is part of the sentence.
 
 De-duplication is exact: a document whose normalised text (lower case,
 whitespace collapsed) hashes like an earlier one is dropped; the first copy in
@@ -431,10 +433,13 @@ def pod_sections(source: str) -> list[str]:
     para = para.strip("\n")
     if not para:
       continue
-    command, _, rest = para[1:].partition(" ") if para[:1] == "=" else ("", "", "")
-    command = command.split("\n")[0]
-    if skip_to is not None:
-      skip_to = None if command == "end" and rest.split()[:1] == [skip_to] else skip_to
+    command, rest = "", ""
+    if para[:1] == "=":
+      command, _, rest = para[1:].partition(" ")
+      command = command.split("\n")[0]
+    if skip_to is not None:  # Inside =begin FORMAT ... =end FORMAT.
+      if command == "end" and rest.split()[:1] == [skip_to]:
+        skip_to = None
       continue
     if command == "cut":
       in_pod = False
@@ -523,7 +528,8 @@ def _dictd(name: str, package: str, stem: str | None = None) -> Source:
 _BOILERPLATE = re.compile(
     r"/(_sources|_static|_images|_modules|_downloads|releases?|releaselog"
     r"|whatsnew|changelog|index-files|class-use)/"
-    r"|/(genindex[-\w]*|(py-mod|mod|book|all(classes|packages)-)?index|search|contents"
+    r"|/(genindex[-\w]*|(py-mod|mod|book|all(classes|packages)-)?index"
+    r"|search|contents"
     r"|toc|print|license|licence|copyright|copying|changelog|changes"
     r"|chronology|release-?notes|release-[\d.-]+|whats-?new|overview-tree"
     r"|package-tree|deprecated-list|constant-values|serialized-form"
@@ -540,9 +546,9 @@ SOURCES = (
     Source("man", ("manpages", "manpages-dev"),
            r"/usr/share/man/man\d/[^/]+\.\d\w*\.gz$", _read_roff),
     Source("perl", ("perl-doc", "perl-modules-5.36"),
-           r"/usr/share/perl/5\.36\.0/(pod/(?!perl\d*delta|perlhist|perlartistic"
-           r"|perlgpl|perltoc|perluniprops|perlapi\.|perlintern|perl(cn|jp|ko|tw)\.)"
-           r"perl\w*\.pod|(?!pod/).*\.pm)$", _read_pod),
+           r"/usr/share/perl/5\.36\.0/(pod/(?!perl\d*delta|perlhist"
+           r"|perlartistic|perlgpl|perltoc|perluniprops|perlapi\.|perlintern"
+           r"|perl(cn|jp|ko|tw)\.)perl\w*\.pod|(?!pod/).*\.pm)$", _read_pod),
     _dictd("foldoc", "dict-foldoc"),
     _dictd("jargon", "dict-jargon"),
     _dictd("devil", "dict-devil"),
@@ -556,13 +562,16 @@ SOURCES = (
     Source("debian", ("debian-handbook", "debian-reference-en", "debian-policy",
                       "developers-reference"),
            r"/usr/share/(doc/debian-handbook/html/en-US|debian-reference"
-           r"|doc/debian-policy/policy\.html|developers-reference)/[^/]*\.html$",
+           r"|doc/debian-policy/policy\.html|developers-reference)"
+           r"/[^/]*\.html$",
            _read_html),
     Source("tools", ("git-doc", "zsh-doc", "apache2-doc", "postfix-doc",
-                     "exim4-doc-html", "libreoffice-help-en-us", "gimp-help-en"),
+                     "exim4-doc-html", "libreoffice-help-en-us",
+                     "gimp-help-en"),
            r"/usr/share/(doc/(git-doc|zsh-common/html|apache2-doc/manual/en"
-           r"|postfix/html|exim4-doc-html/spec_html)|libreoffice/help/en-US/text"
-           r"|gimp/2\.0/help/en)/.*\.html$", _read_html),
+           r"|postfix/html|exim4-doc-html/spec_html)"
+           r"|libreoffice/help/en-US/text|gimp/2\.0/help/en)/.*\.html$",
+           _read_html),
     Source("math", ("octave-doc", "maxima-doc", "sagemath-doc"),
            r"/usr/share/doc/(octave/octave\.html|maxima-doc/html"
            r"|sagemath/html/en)/.*\.html$",
@@ -640,16 +649,17 @@ def all_documents(root: str | pathlib.Path = "/",
                   sources=SOURCES) -> list[tuple[str, str]]:
   """Every (source name, document) of the corpus, de-duplicated, in order.
 
-  Read once per process and kept (~40M words, ~300 MB): `prepare` asks for
-  the vocabulary's text and then for each split, and parsing ~45k HTML, POD
-  and rST files takes minutes. Packages installed or removed while a
-  process runs are not seen by it.
+  Read once per process and kept (~35M words; `prepare` peaks near 2 GB
+  resident): `prepare` asks for the vocabulary's text and then for each
+  split, and parsing ~45k HTML, POD and rST files takes minutes. Packages
+  installed or removed while a process runs are not seen by it.
   """
   root = pathlib.Path(root).resolve()
   key = (root, tuple(sources))
   if key not in _DOCUMENTS:
     _DOCUMENTS[key] = list(deduplicated(
-        (s.name, text) for s in sources for text in s.read(source_files(s, root))))
+        (s.name, text)
+        for s in sources for text in s.read(source_files(s, root))))
   return _DOCUMENTS[key]
 
 
