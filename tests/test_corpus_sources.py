@@ -194,12 +194,19 @@ def test_boilerplate_pages_are_not_read():
                "/usr/share/doc/x-doc/html/_modules/x/y.html",
                "/usr/share/doc/postgresql-doc-15/html/release-15-3.html",
                "/usr/share/doc/openjdk-17-jre-headless/api/java.base/java/util/"
-               "class-use/List.html"):
+               "class-use/List.html",
+               "/usr/share/doc/openjdk-17-jre-headless/api/java.sql/javax/sql/"
+               "package-use.html",
+               "/usr/share/doc/erlang-doc/lib/ssl-10.8.7/doc/html/notes.html",
+               "/usr/share/doc/erlang-doc/lib/jinterface/doc/html/"
+               "release_notes.html",
+               "/usr/share/doc/octave/octave.html/XREFimagealphadatamapping.html"):
     assert debian._BOILERPLATE.search(path), path
   for path in ("/usr/share/doc/python3.11/html/tutorial/index-like.html",
                "/usr/share/doc/python3.11/html/library/search-tools.html",
                "/usr/share/doc/postgresql-doc-15/html/sql-select.html",
-               "/usr/share/doc/rust-doc/html/book/ch04-01-what-is-ownership.html"):
+               "/usr/share/doc/rust-doc/html/book/ch04-01-what-is-ownership.html",
+               "/usr/share/doc/erlang-doc/lib/tools-3.5.3/doc/html/xref.html"):
     assert not debian._BOILERPLATE.search(path), path
 
 

@@ -524,16 +524,18 @@ def _dictd(name: str, package: str, stem: str | None = None) -> Source:
 
 
 # Pages that are navigation, indexes, search, release notes or licences, at
-# any depth of any HTML source (Sphinx, mdBook, DocBook, Javadoc layouts).
+# any depth of any HTML source (Sphinx, mdBook, DocBook, Javadoc layouts;
+# Erlang's notes.html are release notes; Texinfo's XREF*.html are one-line
+# redirects to the node that holds an index entry).
 _BOILERPLATE = re.compile(
     r"/(_sources|_static|_images|_modules|_downloads|releases?|releaselog"
     r"|whatsnew|changelog|index-files|class-use)/"
     r"|/(genindex[-\w]*|(py-mod|mod|book|all(classes|packages)-)?index"
     r"|search|contents"
     r"|toc|print|license|licence|copyright|copying|changelog|changes"
-    r"|chronology|release-?notes|release-[\d.-]+|whats-?new|overview-tree"
-    r"|package-tree|deprecated-list|constant-values|serialized-form"
-    r"|help-doc)(\.[\w.]+)?$", re.I)
+    r"|chronology|(release[-_]?)?notes|release-[\d.-]+|whats-?new"
+    r"|overview-tree|package-(tree|use)|deprecated-list|constant-values"
+    r"|serialized-form|help-doc|(?-i:XREF)[^/]*)(\.[\w.]+)?$", re.I)
 
 SOURCES = (
     _dictd("gcide", "dict-gcide"),
