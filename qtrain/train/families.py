@@ -92,6 +92,8 @@ def validate_step(cfg) -> None:
   if "params" in collect:
     raise ConfigError("config.train.collect names 'params': collect sown collections "
                       "such as 'intermediates', never the params")
+  from qtrain.parallel.exchange import validate_exchange  # pylint: disable=g-import-not-at-top
+  validate_exchange(cfg)
 
 
 def get_family(name: str):
