@@ -1,0 +1,265 @@
+"""The zeroth-order step family ``zeroth_order``: fine-tuning from forward
+passes only (MeZO, Malladi et al. 2023; the ZO-Bench family, Zhang et al. 2024;
+ZeroQAT when only quantizer steps move). Options: ``config.zo``.
+
+Each step draws Q directions z_q ~ N(0, I) over the perturbed params from the
+step's key (``step_key(state)``: a resumed run replays them) and estimates
+
+  spsa:    g_q = (L(p + eps z_q) - L(p - eps z_q)) / (2 eps)    two forwards
+  forward: g_q = dL/dp . z_q, one ``jax.jvp`` (forward gradient) one forward-mode pass
+  g_hat    = (1/Q) sum_q g_q z_q,   E[g_q z_q] = grad L (z_q isotropic, E[z z^T] = I)
+
+exactly in expectation for ``forward`` and up to O(eps^2) for ``spsa`` (exact
+on a quadratic, whose third derivative is 0). g_hat goes to the run's optimizer
+(``config.optim``: ``sgd`` = MeZO / ZO-SGD-MMT / ZO-SGD-Sign, ``adamw`` =
+ZO-Adam), so the schedule, groups, weight decay and skip-on-non-finite are
+those of every other family. Params in a ``frozen`` group of
+``config.optim.groups`` are not perturbed (ZeroQAT: the pre-quantized weights
+frozen, the learned quantizer steps tuned). ``blockwise`` perturbs one block
+per step, round robin: decoder layer i at step i mod (L + 1), the rest
+(embedding, final norm, head) at the last.
+
+What each piece materialises, and why (the point of MeZO is memory):
+
+* z is never stored: each use (p + eps z, p - eps z, the update) regenerates
+  it from its key. An ``optimization_barrier`` on the key before each use
+  keeps XLA from merging the identical generators into one param-sized buffer
+  that would live across both forwards, and orders the second forward after
+  the first.
+* p is never changed in place. MeZO (PyTorch) adds eps z, subtracts 2 eps z,
+  adds eps z back, which rounds (p + eps z - eps z != p in float); in XLA it
+  would not save memory either, as arrays are immutable and donation only
+  aliases the step's input to its output: p + eps z is a fresh buffer either
+  way. So each forward reads p +/- eps z computed from the untouched p (one
+  perturbed copy of the perturbed params while it runs, freed after), and p
+  is restored bit-identically by construction.
+* g_hat z (gradient-sized) is formed inside the update's conditional, where
+  it fuses with the optimizer's element-wise update; built outside, it would
+  be a materialised operand of the conditional. ``sgd`` keeps no state (MeZO),
+  momentum one velocity, ``adamw`` two moments (ZO-Adam's memory is AdamW's
+  minus the gradient). With Q > 1 the sum over queries is one param-sized
+  accumulator.
+* ``forward``: the tangent z is a param-sized input to ``jax.jvp`` and the
+  forward-mode pass carries a tangent per activation (about twice an
+  inference forward's live activations).
+* ``conservative`` (ZO-SGD-Cons): the update u is materialised and the loss
+  is evaluated at p, p + u and p - u (three more forwards); the lowest wins.
+
+Metrics: those of every family; ``grad_norm`` is the RMS over queries of the
+projected gradient g_q (a scalar per query), not ||g_hat||; plus
+``zo/projected_grad`` (mean g_q), ``zo/block`` (block-wise) and
+``zo/choice`` (conservative: 0 = kept p, 1 = p + u, 2 = p - u).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from qtrain.config.validate import ConfigError
+from qtrain.optim import zo_sgd as _zo_sgd  # noqa: F401  (registers sgd)
+from qtrain.optim.groups import assign_groups, param_path, parse_groups
+from qtrain.train.families import StepContext, register_step_family, step_metrics
+from qtrain.train.state import TrainState, step_key
+
+_UNSCANNED_LAYER = re.compile(r"decoder/layers_(\d+)/.*")
+_SCANNED = "decoder/layers/"  # Leaves stacked on axis 0 over the layers (nn.scan).
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+  """How the step treats one param leaf (tree-flatten order)."""
+  path: str
+  perturbed: bool  # False: a frozen group's param, never perturbed nor moved.
+  block: int  # Block-wise: its block, or -1 for a leaf stacked over all layers.
+
+
+def leaves_of(cfg, params) -> list[Leaf]:
+  """Per leaf of ``params``: path, whether it is perturbed, its block."""
+  paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  try:
+    groups = parse_groups(cfg.optim)
+    index, _ = assign_groups(groups, paths)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  out = []
+  for path in paths:
+    m = _UNSCANNED_LAYER.fullmatch(path)
+    block = -1 if path.startswith(_SCANNED) else int(m.group(1)) if m else cfg.model.n_layers
+    out.append(Leaf(path, groups[index[path]].optimizer != "frozen", block))
+  if not any(l.perturbed for l in out):
+    raise ConfigError("config.optim.groups: every param is in a frozen group, so the "
+                      "zeroth-order step has nothing to perturb; give some group an optimizer")
+  return out
+
+
+def directions(key, params, leaves: list[Leaf], block=None):
+  """z ~ N(0, I) per perturbed leaf (float32; None for the others) from
+  ``key``; with ``block`` (a traced int) zero outside that block."""
+  flat = jax.tree.leaves(params)
+  out = []
+  for i, (leaf, p) in enumerate(zip(leaves, flat)):
+    if not leaf.perturbed:
+      out.append(None)
+      continue
+    z = jax.random.normal(jax.random.fold_in(key, i), p.shape, jnp.float32)
+    if block is not None:
+      if leaf.block < 0:  # Stacked: keep the block's slice of the layer axis.
+        keep = jnp.arange(p.shape[0]) == block
+        z = z * keep.reshape((-1,) + (1,) * (p.ndim - 1)).astype(z.dtype)
+      else:
+        z = z * (block == leaf.block).astype(z.dtype)
+    out.append(z)
+  return out
+
+
+def perturb(params, zs, scale):
+  """params + scale * z on the perturbed leaves (float32 sum, cast back)."""
+  flat, treedef = jax.tree.flatten(params)
+  new = [p if z is None else (p.astype(jnp.float32) + scale * z).astype(p.dtype)
+         for p, z in zip(flat, zs)]
+  return jax.tree.unflatten(treedef, new)
+
+
+def _fresh(key, after):
+  """``key``, opaque to XLA and ordered after ``after``: a regenerated z is
+  neither merged with an earlier one (which would keep it alive) nor drawn
+  before ``after`` is computed."""
+  key, _ = jax.lax.optimization_barrier((key, after))
+  return key
+
+
+def _query_key(zkey, q):
+  return jax.random.fold_in(zkey, q)
+
+
+def _spsa(loss_fn, params, batch, rng, zkey, q, dirs, eps, after):
+  """(g_q, mean objective, mean aux) of one query from two forwards."""
+  lp, auxp = loss_fn(perturb(params, dirs(_fresh(_query_key(zkey, q), after)), eps), batch, rng)
+  lm, auxm = loss_fn(perturb(params, dirs(_fresh(_query_key(zkey, q), lp)), -eps), batch, rng)
+  g = (lp - lm) / (2 * eps)
+  return g, (lp + lm) / 2, jax.tree.map(lambda a, b: (a + b) / 2, auxp, auxm)
+
+
+def _forward_grad(loss_fn, params, batch, rng, zkey, q, dirs, after):
+  """(g_q, objective, aux) of one query: one jvp along z over the perturbed leaves."""
+  flat, treedef = jax.tree.flatten(params)
+  zs = dirs(_fresh(_query_key(zkey, q), after))
+  moving = [i for i, z in enumerate(zs) if z is not None]
+
+  def f(sub):
+    full = list(flat)
+    for i, x in zip(moving, sub):
+      full[i] = x
+    return loss_fn(jax.tree.unflatten(treedef, full), batch, rng)
+
+  tangents = [zs[i].astype(flat[i].dtype) for i in moving]
+  (objective, aux), (d_objective, _) = jax.jvp(f, ([flat[i] for i in moving],), (tangents,))
+  return d_objective.astype(jnp.float32), objective, aux
+
+
+def estimate(cfg, loss_fn, params, batch, rng, zkey, leaves, block=None):
+  """(g [Q] float32, objective, aux): the projected gradients of ``config.zo.queries``
+  directions and the loss (mean over the forwards at p +/- eps z, or at p)."""
+  z = cfg.zo
+  dirs = functools.partial(directions, params=params, leaves=leaves, block=block)
+  if z.estimator == "spsa":
+    one = functools.partial(_spsa, loss_fn, params, batch, rng, zkey, dirs=dirs, eps=z.eps)
+  else:
+    one = functools.partial(_forward_grad, loss_fn, params, batch, rng, zkey, dirs=dirs)
+  if z.queries == 1:
+    g, objective, aux = one(0, after=jnp.float32(0))
+    return g[None], objective, aux
+
+  # A loop, so the model is traced once and the queries' forwards run one after another.
+  shape = jax.eval_shape(lambda: one(0, after=jnp.float32(0)))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape[1:])
+
+  def body(q, carry):
+    gs, sums, last = carry
+    g, objective, aux = one(q, after=last)
+    sums = jax.tree.map(lambda s, x: s + x / z.queries, sums, (objective, aux))
+    return gs.at[q].set(g), sums, objective
+
+  gs, (objective, aux), _ = jax.lax.fori_loop(
+      0, z.queries, body, (jnp.zeros((z.queries,), jnp.float32), zeros, jnp.float32(0)))
+  return gs, objective, aux
+
+
+def estimated_gradient(cfg, params, zkey, gs, leaves, block=None):
+  """g_hat = (1/Q) sum_q g_q z_q as a params-shaped tree (zeros where not
+  perturbed); z regenerated from ``zkey``."""
+  flat, treedef = jax.tree.flatten(params)
+  q_count = gs.shape[0]
+  total = None
+  for q in range(q_count):
+    zs = directions(_fresh(_query_key(zkey, q), gs), params, leaves, block)
+    term = [None if z is None else (gs[q] / q_count) * z for z in zs]
+    total = term if total is None else [a if a is None else a + b for a, b in zip(total, term)]
+  out = [jnp.zeros_like(p) if t is None else t.astype(p.dtype) for p, t in zip(flat, total)]
+  return jax.tree.unflatten(treedef, out)
+
+
+def _conservative(params, updates, loss_at):
+  """ZO-SGD-Cons: of p, p + u, p - u, the params with the lowest loss, and which."""
+  plus = optax.apply_updates(params, updates)
+  minus = jax.tree.map(lambda p, u: p - u, params, updates)
+  losses = jnp.stack([loss_at(params, 0.0), loss_at(plus, params), loss_at(minus, plus)])
+  choice = jnp.argmin(jnp.where(jnp.isfinite(losses), losses, jnp.inf))
+  new = jax.tree.map(lambda a, b, c: jnp.select([choice == 0, choice == 1], [a, b], c),
+                     params, plus, minus)
+  return new, choice
+
+
+def _apply(cfg, state, gs, zkey, leaves, block, finite, tx, loss_at):
+  """The next params and optimizer state (unchanged when not ``finite``), g_hat
+  built inside the conditional; and the conservative choice (or -1)."""
+
+  def update(params, opt_state):
+    grads = estimated_gradient(cfg, params, zkey, gs, leaves, block)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    if cfg.zo.conservative:
+      new, choice = _conservative(params, updates, loss_at)
+      return new, opt_state, choice.astype(jnp.int32)
+    return optax.apply_updates(params, updates), opt_state, jnp.int32(-1)
+
+  return jax.lax.cond(finite, update, lambda p, o: (p, o, jnp.int32(-1)),
+                      state.params, state.opt_state)
+
+
+def train_step(state: TrainState, batch, *, cfg, loss_fn, tx, schedule):
+  """(state, batch) -> (state, metrics); pure, jitted by ``build``."""
+  leaves = leaves_of(cfg, state.params)
+  rng, zkey = jax.random.split(step_key(state))  # One rng for every forward: common noise.
+  block = state.step % (cfg.model.n_layers + 1) if cfg.zo.blockwise else None
+  gs, objective, aux = estimate(cfg, loss_fn, state.params, batch, rng, zkey, leaves, block)
+  finite = jnp.isfinite(objective) & jnp.all(jnp.isfinite(gs))
+
+  def loss_at(params, after):  # Conservative: a forward ordered after `after`.
+    params, _ = jax.lax.optimization_barrier((params, after))
+    return loss_fn(params, batch, rng)[0]
+
+  params, opt_state, choice = _apply(cfg, state, gs, zkey, leaves, block, finite, tx, loss_at)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            skipped=state.skipped + (1 - finite.astype(jnp.int32)))
+  grad_norm = jnp.sqrt(jnp.mean(jnp.square(gs)))
+  metrics = step_metrics(state, new_state, objective, aux, grad_norm, finite, schedule)
+  metrics["zo/projected_grad"] = jnp.mean(gs)
+  if block is not None:
+    metrics["zo/block"] = block.astype(jnp.float32)
+  if cfg.zo.conservative:
+    metrics["zo/choice"] = choice.astype(jnp.float32)
+  return new_state, metrics
+
+
+def build(ctx: StepContext):
+  return ctx.jit(functools.partial(train_step, cfg=ctx.cfg, loss_fn=ctx.loss_fn, tx=ctx.tx,
+                                   schedule=ctx.schedule))
+
+
+register_step_family("zeroth_order", build)
