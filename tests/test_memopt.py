@@ -27,7 +27,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from optax.contrib import GaLoreState, scale_by_galore
 
 from configs import default
-from qtrain.config import validate
+from qtrain.config import ConfigError, validate
 from qtrain.config.variants import config_module
 from qtrain.layers.hooks import Hooks
 from qtrain.layers.linear import Linear
@@ -357,6 +357,16 @@ def test_refactorization_keeps_every_layer_function_and_balances_factors():
       np.testing.assert_array_equal(np.asarray(new_f[path]), np.asarray(old_f[path]))
   logits = lambda p: model.apply({"params": p}, tokens)
   np.testing.assert_allclose(logits(new), logits(params), rtol=1e-4, atol=1e-5)
+
+
+def test_refactorization_refuses_a_rank_not_below_the_dims():
+  # A B of rank < r: its SVD would zero factor directions, which then get no gradient.
+  params = {"decoder/layers/attn/k_proj/a": jax.ShapeDtypeStruct((2, 64, 32), jnp.float32),
+            "decoder/layers/attn/k_proj/b": jax.ShapeDtypeStruct((2, 32, 16), jnp.float32)}
+  c = default.get_config()
+  c.optim.refactor.every = 10
+  with pytest.raises(ConfigError, match=r"config\.model\.weight_forms: .*k_proj has rank 32"):
+    wrap(optax.adamw(1e-3), c.optim, params)
 
 
 @pytest.mark.parametrize("moments", [("mu", "nu"), ("nu",)])

@@ -1,4 +1,4 @@
-"""Issue 11: AdamW on every param, dense weights (the full-rank baseline) (configs/optim/base.py).
+"""AdamW on every param, dense weights (the full-rank baseline) (configs/optim/base.py).
 
   python -m qtrain.train --config=configs/optim/adamw.py --workdir=runs/optim/adamw
 """
@@ -7,4 +7,4 @@ from qtrain.config.variants import config_module
 
 
 def get_config(arg: str = ""):
-  return config_module("optim.base").get_config(arg)
+  return config_module("optim.base").get_config(arg, recipe="adamw")

@@ -1,4 +1,5 @@
-"""Issue 11: APOLLO (channel-wise scaling, rank d/4) on the hidden matrices (configs/optim/base.py).
+"""APOLLO (channel-wise scaling, rank d/4) on the hidden matrices.
+One point of configs/optim/base.py.
 
   python -m qtrain.train --config=configs/optim/apollo.py --workdir=runs/optim/apollo
 """
@@ -7,4 +8,4 @@ from qtrain.config.variants import config_module
 
 
 def get_config(arg: str = ""):
-  return config_module("optim.base").get_config(arg, optimizer="apollo")
+  return config_module("optim.base").get_config(arg, recipe="apollo")

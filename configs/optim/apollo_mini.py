@@ -1,4 +1,5 @@
-"""Issue 11: APOLLO-Mini (tensor-wise, rank 1, scale sqrt(128)) on the hidden matrices (configs/optim/base.py).
+"""APOLLO-Mini (tensor-wise, rank 1, scale sqrt(128)) on the hidden matrices.
+One point of configs/optim/base.py.
 
   python -m qtrain.train --config=configs/optim/apollo_mini.py --workdir=runs/optim/apollo_mini
 """
@@ -7,4 +8,4 @@ from qtrain.config.variants import config_module
 
 
 def get_config(arg: str = ""):
-  return config_module("optim.base").get_config(arg, optimizer="apollo", apollo_mode="mini")
+  return config_module("optim.base").get_config(arg, recipe="apollo_mini")

@@ -27,24 +27,46 @@ from qtrain.config.variants import config_module, split_variants
 SIZES = ("125m",)
 HIDDEN = r"decoder/layers(_\d+)?/(attn|mlp)/[a-z]+_proj/.*"
 FORMS_AT = r"decoder/layers/(attn|mlp)/.*"
-OPTIMIZERS = ("adamw", "galore", "fira", "apollo")
+LOW_RANK_NOT_KV = r"decoder/layers/(attn/(q|o)_proj|mlp/.*)"
+# The comparison points: {config file: recipe} (one file each in this folder).
+RECIPES = {
+    "adamw": dict(),
+    "galore": dict(optimizer="galore"),
+    "fira": dict(optimizer="fira"),
+    "apollo": dict(optimizer="apollo"),
+    "apollo_mini": dict(optimizer="apollo", apollo_mode="mini"),
+    "low_rank": dict(form="low_rank"),
+    "low_rank_restarts": dict(form="low_rank", restarts=True),
+    "sltrain_restarts": dict(form="sparse_low_rank", restarts=True),
+}
 
 
-def get_config(arg: str = "", *, optimizer: str = "adamw", form: str = "dense",
-               restarts: bool = False, apollo_mode: str = "apollo"):
-  """One point of the comparison: ``optimizer`` on the hidden matrices, their
-  weight ``form`` (dense | low_rank | sparse_low_rank), and restarts (momentum
-  reset + refactorization)."""
+def get_config(arg: str = "", *, recipe: str):
+  """``configs/optim/<recipe>.py`` at the size the variant names."""
   variants = split_variants(arg)
   rest = ",".join(v for v in variants if v not in SIZES)
   if "125m" in variants:
     c = config_module("llama_125m").get_config(",".join(filter(None, ("corpus", rest))))
   else:
     c = config_module("default").get_config(rest)
+  apply_recipe(c, **RECIPES[recipe])
+  return c
+
+
+def apply_recipe(c, *, optimizer: str = "adamw", form: str = "dense", restarts: bool = False,
+                 apollo_mode: str = "apollo") -> None:
+  """Sets one point of the comparison on any config ``c`` (benchmarks/optim_memory.py
+  applies them to llama_1b): ``optimizer`` on the hidden matrices, their weight
+  ``form`` (dense | low_rank | sparse_low_rank), and restarts (momentum reset
+  + refactorization)."""
   every = 100 if c.train.steps <= 300 else 200
   rank = c.model.d_model // 4
   if form != "dense":
-    rule = dict(pattern=FORMS_AT, form=form, rank=rank)
+    # Factor only where r < min(in, out): grouped-query k/v projections
+    # (n_kv_heads * head_dim wide) stay dense when they are that narrow.
+    m = c.model
+    pattern = FORMS_AT if m.n_kv_heads * m.head_dim > rank else LOW_RANK_NOT_KV
+    rule = dict(pattern=pattern, form=form, rank=rank)
     if form == "sparse_low_rank":
       rule["density"] = 0.03  # SLTrain's delta.
     c.model.weight_forms = (rule,)
@@ -61,4 +83,3 @@ def get_config(arg: str = "", *, optimizer: str = "adamw", form: str = "dense",
   if restarts:
     c.optim.restarts.every = every
     c.optim.refactor.every = every
-  return c

@@ -1,4 +1,5 @@
-"""Issue 11: Fira (GaLore + the norm-scaled residual) on the hidden matrices (configs/optim/base.py).
+"""Fira (GaLore + the norm-scaled residual) on the hidden matrices.
+One point of configs/optim/base.py.
 
   python -m qtrain.train --config=configs/optim/fira.py --workdir=runs/optim/fira
 """
@@ -7,4 +8,4 @@ from qtrain.config.variants import config_module
 
 
 def get_config(arg: str = ""):
-  return config_module("optim.base").get_config(arg, optimizer="fira")
+  return config_module("optim.base").get_config(arg, recipe="fira")

@@ -1,4 +1,4 @@
-"""Issue 11: GaLore on the hidden matrices, AdamW elsewhere (configs/optim/base.py).
+"""GaLore on the hidden matrices, AdamW elsewhere (configs/optim/base.py).
 
   python -m qtrain.train --config=configs/optim/galore.py --workdir=runs/optim/galore
 """
@@ -7,4 +7,4 @@ from qtrain.config.variants import config_module
 
 
 def get_config(arg: str = ""):
-  return config_module("optim.base").get_config(arg, optimizer="galore")
+  return config_module("optim.base").get_config(arg, recipe="galore")

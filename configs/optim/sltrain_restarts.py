@@ -1,4 +1,5 @@
-"""Issue 11: SLTrain (A B + 3% fixed-support sparse) with restarts every K updates (configs/optim/base.py).
+"""SLTrain (A B + 3% fixed-support sparse) with restarts every K updates.
+One point of configs/optim/base.py.
 
   python -m qtrain.train --config=configs/optim/sltrain_restarts.py --workdir=runs/optim/sltrain_restarts
 """
@@ -7,4 +8,4 @@ from qtrain.config.variants import config_module
 
 
 def get_config(arg: str = ""):
-  return config_module("optim.base").get_config(arg, form="sparse_low_rank", restarts=True)
+  return config_module("optim.base").get_config(arg, recipe="sltrain_restarts")

@@ -77,7 +77,7 @@ def balanced_factors(a, b):
   a, b = a.astype(jnp.float32), b.astype(jnp.float32)
   q_a, r_a = jnp.linalg.qr(a)
   q_b, r_b = jnp.linalg.qr(jnp.swapaxes(b, -1, -2))
-  u, s, vt = jnp.linalg.svd(r_a @ jnp.swapaxes(r_b, -1, -2))
+  u, s, vt = jnp.linalg.svd(r_a @ jnp.swapaxes(r_b, -1, -2), full_matrices=False)
   root = jnp.sqrt(s)
   new_a = (q_a @ u) * root[..., None, :]
   new_b = root[..., :, None] * (vt @ jnp.swapaxes(q_b, -1, -2))
@@ -101,6 +101,19 @@ def low_rank_pairs(paths) -> list[tuple[str, str]]:
     if leaf == "a":
       pairs.append((p, partner))
   return pairs
+
+
+def check_ranks(pairs, params: dict) -> None:
+  """ConfigError for a pair whose rank r is not below both of its dims: A B then
+  has rank < r, and its SVD leaves factor directions at zero, where they get
+  no gradient again (keep such a layer dense, or lower the rank)."""
+  for a, b in pairs:
+    shape_a, shape_b = (tuple(getattr(params[k], "value", params[k]).shape) for k in (a, b))
+    fan_in, r, fan_out = shape_a[-2], shape_a[-1], shape_b[-1]
+    if r >= min(fan_in, fan_out):
+      raise ConfigError(f"config.model.weight_forms: {a[:-2]} has rank {r} >= min(in, out) = "
+                        f"{min(fan_in, fan_out)}; config.optim.refactor would zero factor "
+                        "directions for good: lower the rank or keep this layer dense")
 
 
 def refactorize(inner: optax.GradientTransformation, every: int,
@@ -142,6 +155,7 @@ def wrap(tx: optax.GradientTransformation, optim_cfg, params: dict) -> optax.Gra
     tx = momentum_reset(tx, restarts.every, tuple(restarts.moments))
   if refactor is not None and refactor.every > 0:
     pairs = low_rank_pairs(params)
+    check_ranks(pairs, params)
     if pairs:
       tx = refactorize(tx, refactor.every, pairs)
   return tx
