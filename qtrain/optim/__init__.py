@@ -11,5 +11,6 @@ from qtrain.optim.muon import build_muon, newton_schulz, osp_groups
 from qtrain.optim.registry import OPTIMIZERS, OptimizerDef, get_optimizer, register_optimizer
 from qtrain.optim.schedule import decay_horizon, learning_rate_schedule
 from qtrain.optim.sharding import opt_state_shardings
-from qtrain.optim.wrappers import WrapperState, balanced_factors, momentum_reset, refactorize, wrap
+from qtrain.optim.wrappers import (WrapperState, balanced_factors, momentum_reset, refactorize,
+                                   wrap)
 from qtrain.optim.validate import check_resume, validate_optim
