@@ -200,7 +200,7 @@ def report(rows: list[dict]) -> str:
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--model", default="llama_1b", help="configs/<name>[:variant]")
-  p.add_argument("--batch", type=int, default=4, help="rows per step")
+  p.add_argument("--batch", type=int, default=8, help="rows per step (llama_1b's 8)")
   p.add_argument("--seq", type=int, default=2048, help="tokens per row; 0 = the config's")
   p.add_argument("--remat", default="", help="override the model's remat_policy")
   p.add_argument("--steps", type=int, default=10, help="timed steps per variant")

@@ -16,7 +16,8 @@ matrix G (m >= n; otherwise transposed roles, channels being the rows)::
   W <- W - lr * scale * S            (decoupled, masked weight decay besides)
 
 ``scale`` is the paper's alpha: 1 for APOLLO, sqrt(128) for APOLLO-Mini (its
-rank-1 estimate of the ratio is that much too small on average). The moments
+reference setting: with P norm-preserving, ||R~|| of Adam-normalised entries
+grows with sqrt(r), so a rank-1 ratio is far below AdamW's update norm). The moments
 are kept across projection refreshes, as in the reference code. Params that
 are not matrices get AdamW (the paper's setting). Scanned stacks [L, m, n]
 are batched natively: each layer draws its own P from the same seed folded
