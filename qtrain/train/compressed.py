@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+from qtrain.config.validate import ConfigError
 from qtrain.parallel import exchange as ex_lib
 from qtrain.train.families import (StepContext, apply_if_finite, register_step_family,
                                    step_metrics)
@@ -130,6 +131,11 @@ def state_shardings(ctx: StepContext) -> TrainState:
 
 
 def build(ctx: StepContext):
+  if not isinstance(ctx.state_sh.opt_state, ex_lib.ExchangeState):
+    raise ConfigError(
+        f"config.train.step={ex_lib.FAMILY!r} keeps its compressor state in the optimizer "
+        "state, but this optimizer was built without it: wrap it with "
+        "qtrain.parallel.exchange.with_exchange_state(cfg, tx, boxed_params)")
   mesh = ctx.batch_sh.mesh
   state_sh = state_shardings(ctx)
   step = functools.partial(train_step, loss_fn=ctx.loss_fn, tx=ctx.tx, schedule=ctx.schedule,
