@@ -101,7 +101,7 @@ def scale_by_fira(rank: int, update_proj_gap: int, scale: float, gamma: float,
 def build_fira(c, *, learning_rate, weight_decay, decay_mask, params):
   adam = optax.scale_by_adam(b1=c.b1, b2=c.b2, eps=c.eps)
   make = lambda dims: scale_by_fira(c.rank, c.update_proj_gap, c.scale, c.gamma, adam, dims)
-  return optax.chain(stacked_or_flat(make, params),
+  return optax.chain(stacked_or_flat(make, params, adam),
                      optax.add_decayed_weights(weight_decay, decay_mask),
                      optax.scale_by_learning_rate(learning_rate))
 

@@ -30,7 +30,8 @@ do, and what this module adds:
   they share with it (``optim/sharding.py``).
 
 Non-matrix params of a galore group (norm scales, LSQ steps) get plain Adam
-on the full gradient, as in optax. Weight decay is decoupled and masked, after
+on the full gradient, as in optax (here outside its transform: optax keeps a
+zero-size projector for them, which orbax cannot checkpoint). Weight decay is decoupled and masked, after
 the projection (optax's ``galore`` does the same).
 """
 
@@ -122,18 +123,19 @@ def per_matrix(inner: optax.GradientTransformation, batch_axes) -> optax.Gradien
   return optax.GradientTransformation(init, update)
 
 
-def stacked_or_flat(make, params: dict) -> optax.GradientTransformation:
-  """``make(dims)`` for the unstacked params and, vmapped per matrix, for the
-  scanned stacks of a group; ``dims(tree)`` gives GaLoreDimensionNumbers on
-  matrices and None elsewhere (paths are the params', inside the vmap too)."""
+def stacked_or_flat(make, params: dict, other: optax.GradientTransformation
+                    ) -> optax.GradientTransformation:
+  """``make(dims)`` for the group's unstacked matrices and, vmapped per
+  matrix, for its scanned stacks; ``other`` for params that are not matrices
+  (optax's galore would keep a zero-size projector for them, which orbax
+  refuses to save). ``dims(tree)`` marks every leaf it sees as a matrix."""
   lay = layouts(params)
-  dims = lambda tree: by_path(
-      tree, lambda p: GaLoreDimensionNumbers(0, 1) if lay[p].is_matrix else None)
-  labels = lambda tree: by_path(
-      tree, lambda p: "stacked" if lay[p].batch_axis is not None else "flat")
+  dims = lambda tree: by_path(tree, lambda p: GaLoreDimensionNumbers(0, 1))
+  labels = lambda tree: by_path(tree, lambda p: "other" if not lay[p].is_matrix else (
+      "stacked" if lay[p].batch_axis is not None else "flat"))
   axes = lambda tree: by_path(tree, lambda p: lay[p].batch_axis)
-  return optax.partition({"flat": _empty_ok(make(dims)), "stacked": per_matrix(make(dims), axes)},
-                         labels)
+  return optax.partition({"flat": _empty_ok(make(dims)), "stacked": per_matrix(make(dims), axes),
+                          "other": other}, labels)
 
 
 def _empty_ok(tx: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -157,7 +159,7 @@ def build_galore(c, *, learning_rate, weight_decay, decay_mask, params):
   make = lambda dims: scale_by_galore(rank=c.rank, update_proj_gap=c.update_proj_gap,
                                       scale=c.scale, base_optimizer=adam,
                                       weight_dimension_numbers=dims)
-  return optax.chain(stacked_or_flat(make, params),
+  return optax.chain(stacked_or_flat(make, params, adam),
                      optax.add_decayed_weights(weight_decay, decay_mask),
                      optax.scale_by_learning_rate(learning_rate))
 
