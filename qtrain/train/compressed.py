@@ -107,6 +107,10 @@ def train_step(state: TrainState, batch, *, loss_fn, tx, schedule, cfg, mesh):
   state_specs = ex_lib.state_specs(opt.exchange)
   local = functools.partial(_replica_step, loss_fn=loss_fn, cfg=cfg, replicas=replicas,
                             rules=_without_data(nn.get_logical_axis_rules()))
+  # check_vma=False: with it, differentiating the replicated params inside the
+  # body sums their gradient over `data` implicitly (a dense all-reduce before
+  # any compression: the dense test saw 8x the gradient), and DGC's all_gather
+  # result, equal on every replica, is typed as varying.
   est, new_exchange, objective, aux, extra = jax.shard_map(
       local, mesh=mesh, axis_names={AXIS}, check_vma=False,
       in_specs=(P(), state_specs, P(AXIS), P(), P()),
