@@ -182,6 +182,53 @@ def base_config() -> ml_collections.ConfigDict:
       # path ("decoder/layers/mlp/down_proj", "lm_head"); "" = none.
       matmuls=".*",
   ))
+  # Compressed data-parallel gradient exchange (qtrain/parallel/exchange.py),
+  # run by --config.train.step=compressed over the `data` axis; configs/exchange/.
+  c.exchange = ml_collections.ConfigDict(dict(
+      method="dense",  # dense (pmean, the reference) | dgc | powersgd
+      min_size=4096,  # Matrices (per scanned layer) with fewer elements go dense.
+      dgc=dict(  # Deep Gradient Compression (Lin et al. 2018), top-k per matrix.
+          sparsity=0.999,  # Share of each matrix not sent per step, after warm-up.
+          warmup_steps=0,  # Steps over which the stages below run; 0 = none.
+          warmup_sparsity=(0.75, 0.9375, 0.984375, 0.996),  # One compiled branch each.
+          # Momentum correction + factor masking: the exchange carries the
+          # velocity, so pair m > 0 with a momentum-free optimizer (Adam's
+          # first moment is a momentum already: keep 0 with AdamW).
+          momentum=0.0,
+          clip=0.0,  # Local global-norm clip at clip / sqrt(data) before accumulating; 0 = off.
+      ),
+      powersgd=dict(  # PowerSGD (Vogels et al. 2019): one warm-started power iteration.
+          rank=4,  # r per matrix (min(r, n, m)).
+          seed=0,  # Q's initial draw.
+      ),
+  ))
+  # Zeroth-order fine-tuning (MeZO, ZO-Bench; qtrain/train/zeroth_order.py,
+  # configs/zo/), with config.train.step="zeroth_order". The update rule is the
+  # optimizer of config.optim (sgd: MeZO / ZO-SGD-MMT / ZO-SGD-Sign; adamw:
+  # ZO-Adam) fed with the estimate g_hat * z; which params move (and are
+  # perturbed) is config.optim.groups: a group with optimizer="frozen" is neither.
+  c.optim.sgd = ml_collections.ConfigDict(dict(  # qtrain/optim/zo_sgd.py
+      momentum=0.0,  # Velocity decay; 0 = plain SGD (MeZO).
+      nesterov=False,
+      sign=False,  # Step lr * sign(update) per element (ZO-SGD-Sign).
+  ))
+  c.zo = ml_collections.ConfigDict(dict(
+      # spsa: g_hat = (L(p + eps z) - L(p - eps z)) / (2 eps), two forwards (MeZO);
+      # forward: g_hat = dL/dp . z from one jax.jvp (forward gradient; no quantizer
+      # estimators, which are custom VJPs).
+      estimator="spsa",
+      eps=1e-3,  # Perturbation scale (spsa); MeZO uses 1e-3.
+      queries=1,  # Directions z per step, their estimates averaged.
+      # ZO-SGD-Cons: two more forwards at p -/+ update and one at p; keep the lowest.
+      conservative=False,
+      # Perturb one block per step, round robin: each decoder layer, then the
+      # rest (embedding, final norm, head) as the last block (ZO-Bench block-wise).
+      blockwise=False,
+      # Generator of z: rbg (XLA's RngBitGenerator, one op that fuses into the
+      # perturbation; z depends on backend and mesh) | threefry (the same z on
+      # any mesh; its expansion holds u32 temporaries of 2-4x each leaf on CPU).
+      rng="rbg",
+  ))
   # Quantization: mode + ordered rules over matmul paths; presets in
   # configs/quant/ (select with a config variant, e.g. `default.py:w4a4`).
   c.quant = quant_config_defaults()
