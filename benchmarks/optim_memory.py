@@ -4,7 +4,7 @@
   python benchmarks/optim_memory.py --model=llama_1b:smoke --batch=2 --seq=64 \\
       --steps=1 --warmup=1                                               # CPU self-check
 
-One model and batch, each variant of ``configs/optim/base.py:RECIPES`` applied
+One model and batch, each variant of ``configs/optim/_base.py:RECIPES`` applied
 to it (adamw, galore, fira, apollo, apollo_mini, low_rank, low_rank_restarts,
 sltrain_restarts): the optimizer on the hidden matrices, their weight form,
 restarts. Per variant:
@@ -54,15 +54,15 @@ from qtrain.train.build import build_model
 from qtrain.train.state import abstract_params, init_state, state_shardings
 from qtrain.train.step import make_steps
 
-RECIPES = config_module("optim.base").RECIPES
-HIDDEN = config_module("optim.base").HIDDEN
+RECIPES = config_module("optim._base").RECIPES
+HIDDEN = config_module("optim._base").HIDDEN
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory")
 GALORE_TARGET = 0.35
 
 
 def variant_config(args, name: str):
   cfg = load_config(args.model)
-  config_module("optim.base").apply_recipe(cfg, **RECIPES[name])
+  config_module("optim._base").apply_recipe(cfg, **RECIPES[name])
   cfg.mesh.update(data=1, fsdp=1, pipeline=1, sequence=1, tensor=1)
   seq = args.seq or cfg.data.seq_len
   cfg.data.update(seq_len=seq, global_batch_size=args.batch, eval_batch_size=args.batch)

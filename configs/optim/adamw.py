@@ -1,4 +1,4 @@
-"""AdamW on every param, dense weights (the full-rank baseline) (configs/optim/base.py).
+"""AdamW on every param, dense weights (the full-rank baseline) (configs/optim/_base.py).
 
   python -m qtrain.train --config=configs/optim/adamw.py --workdir=runs/optim/adamw
 """
@@ -7,4 +7,4 @@ from qtrain.config.variants import config_module
 
 
 def get_config(arg: str = ""):
-  return config_module("optim.base").get_config(arg, recipe="adamw")
+  return config_module("optim._base").get_config(arg, recipe="adamw")

@@ -1,4 +1,4 @@
-"""GaLore on the hidden matrices, AdamW elsewhere (configs/optim/base.py).
+"""GaLore on the hidden matrices, AdamW elsewhere (configs/optim/_base.py).
 
   python -m qtrain.train --config=configs/optim/galore.py --workdir=runs/optim/galore
 """
@@ -7,4 +7,4 @@ from qtrain.config.variants import config_module
 
 
 def get_config(arg: str = ""):
-  return config_module("optim.base").get_config(arg, recipe="galore")
+  return config_module("optim._base").get_config(arg, recipe="galore")

@@ -1,8 +1,8 @@
 """Memory-efficient pretraining (issue 11): the base of the configs in this
 folder, which differ only in optimizer, weight form and restarts.
 
-  python -m qtrain.sweep --configs='configs/optim/[!b]*.py' --workdir=runs/optim_cpu
-  python -m qtrain.sweep --configs='configs/optim/[!b]*.py:125m' --workdir=runs/optim_125m
+  python -m qtrain.sweep --configs='configs/optim/*.py' --workdir=runs/optim_cpu
+  python -m qtrain.sweep --configs='configs/optim/*.py:125m' --workdir=runs/optim_125m
   python -m qtrain.train --config=configs/optim/galore.py:smoke --workdir=/tmp/galore
 
 Sizes (the variant): none = the `make train` model (configs/default.py: d 192,
