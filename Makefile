@@ -33,10 +33,10 @@ $(DATA)/meta.json: $(TRAIN_STAMP)
 	$(BIN)/python -m qtrain.data.prepare --task=kjv --out=$(DATA)
 
 # debian_en (qtrain/data/debian.py): real English from ~40 Debian
-# documentation and dictionary packages (~54M tokens), with a 32k vocabulary.
+# documentation and dictionary packages (52.7M tokens), with a 32k vocabulary.
 # Not part of `make train`. Needs the packages installed (apt-get, as root,
 # ~3 GB); when they are not, `--check` prints the apt-get command naming all
-# of them and fails. About 8 min on two cores. CORPUS_ARGS=--force rebuilds.
+# of them and fails. 7-12 min on two busy cores. CORPUS_ARGS=--force rebuilds.
 CORPUS := data/debian_en
 CORPUS_ARGS ?=
 

@@ -1,10 +1,10 @@
 """`debian_en`: real English prose and technical text from Debian packages.
 
 KJV (~1M tokens) is too small and too uniform for activation outliers to
-appear. This corpus (~54M tokens with its 32k vocabulary) reads dictionaries
-and documentation that the Debian (bookworm) registry serves, installed with
-`python -m qtrain.data.debian --check`'s command (`missing_packages` of
-`SOURCES`; about 3 GB installed):
+appear. This corpus (52.7M train tokens with its 32k vocabulary) reads
+dictionaries and documentation that the Debian (bookworm) registry serves,
+installed with the command that `python -m qtrain.data.debian --check`
+prints (`missing_packages` of `SOURCES`; about 3 GB installed):
 
   apt-get install --no-install-recommends dict-gcide dict-wn python3.11-doc \
       linux-doc-6.1 manpages manpages-dev perl-doc perl-modules-5.36 \
