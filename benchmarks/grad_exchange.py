@@ -31,9 +31,8 @@ import jax  # pylint: disable=g-import-not-at-top
 from benchmarks.train_step import load_config, synthetic_batch, time_steps
 from qtrain.optim import build_optimizer
 from qtrain.parallel import Layout, batch_sharding
-from qtrain.parallel import exchange as ex_lib
 from qtrain.train.build import build_model
-from qtrain.train.state import abstract_params, abstract_state, init_state, state_shardings
+from qtrain.train.state import abstract_params, init_state, state_shardings
 from qtrain.train.step import make_steps
 
 LINKS_GBIT = (25, 100)
@@ -51,12 +50,8 @@ def _step(cfg, host):
   model = build_model(cfg)
   layout = Layout.from_config(cfg)
   with layout:
-    tx = ex_lib.with_exchange_state(cfg, build_optimizer(cfg, abstract_params(model, seq)),
-                                    abstract_params(model, seq))
+    tx = build_optimizer(cfg, abstract_params(model, seq))  # + the compressor state.
     sh = state_shardings(model, tx, layout.mesh, seq)
-    sh = sh.replace(opt_state=ex_lib.with_state_shardings(
-        sh.opt_state, abstract_state(model, tx, layout.mesh, seq).opt_state, sh.params,
-        layout.mesh))
     state = jax.device_put(init_state(model, tx, layout.mesh, cfg.seed, seq), sh)
     step, _ = make_steps(cfg, model, tx, layout.mesh, sh, batch_keys=tuple(host))
     batch = {k: jax.device_put(v, batch_sharding(layout.mesh)) for k, v in host.items()}

@@ -29,7 +29,7 @@ import parallel_util as pu
 from qtrain.config import ConfigError, base_config, validate
 from qtrain.data.global_batch import to_global
 from qtrain.parallel import exchange as ex_lib
-from qtrain.train import abstract_params, abstract_state, init_state, make_steps, state_shardings
+from qtrain.train import abstract_state, init_state, make_steps, state_shardings
 from qtrain.train.checkpoint import Checkpointer
 
 D = 8  # Replicas on the data axis.
@@ -170,14 +170,12 @@ def _family(method, adamw_eps=None, **groups):
     cfg.optim.adamw.eps = adamw_eps
   cfg.train.step = "compressed"
   cfg.exchange.update(_ex(method, min_size=256, **groups))
-  run = pu.Run(cfg)
+  run = pu.Run(cfg)  # build_optimizer adds the compressor state for this family.
+  assert isinstance(jax.eval_shape(run.tx.init, abstract_params_values(run)),
+                    ex_lib.ExchangeState)
   with run.layout:
-    tx = ex_lib.with_exchange_state(cfg, run.tx, abstract_params(run.model, pu.SEQ))
-    sh = state_shardings(run.model, tx, run.mesh, pu.SEQ)
-    abstract = abstract_state(run.model, tx, run.mesh, pu.SEQ)
-    sh = sh.replace(opt_state=ex_lib.with_state_shardings(sh.opt_state, abstract.opt_state,
-                                                           sh.params, run.mesh))
-  return run, tx, sh
+    sh = state_shardings(run.model, run.tx, run.mesh, pu.SEQ)
+  return run, run.tx, sh
 
 
 def abstract_params_values(run):

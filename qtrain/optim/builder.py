@@ -72,4 +72,7 @@ def build_optimizer(cfg, boxed_abstract_params) -> optax.GradientTransformation:
     tx = optax.partition(transforms, jax.tree_util.tree_unflatten(treedef, labels))
   if cfg.optim.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(cfg.optim.grad_clip), tx)
-  return tx
+  # The compressed exchange keeps its compressor state (residuals, momenta,
+  # PowerSGD's Q) beside the optimizer's, so it is checkpointed with it.
+  from qtrain.parallel.exchange import with_exchange_state  # pylint: disable=g-import-not-at-top
+  return with_exchange_state(cfg, tx, boxed_abstract_params)

@@ -73,6 +73,8 @@ class Reporter:
     shown = {"loss": f"{float(m['loss']):.3f}"}
     if "lr" in m:
       shown["lr"] = f"{float(m['lr']):.2e}"
+    if "exchange/ratio" in m:  # Gradient bytes a dense all-reduce sends / sent.
+      shown["comm"] = f"{float(m['exchange/ratio']):.0f}x"
     if "tokens_per_s" in row:
       shown["tok/s"] = f"{row['tokens_per_s']:,.0f}"
       shown.update({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from qtrain.optim.sharding import opt_state_shardings
+from qtrain.parallel import exchange
 from qtrain.parallel.rules import logical_sharding, replicated
 
 
@@ -84,7 +85,11 @@ def state_shardings(model, tx, mesh, seq_len: int) -> TrainState:
   boxed = abstract_params(model, seq_len)
   params = _values(boxed)
   param_sh = logical_sharding(boxed, mesh)
-  opt_sh = opt_state_shardings(jax.eval_shape(tx.init, params), params, param_sh, mesh)
+  abstract_opt = jax.eval_shape(tx.init, params)
+  opt_sh = opt_state_shardings(abstract_opt, params, param_sh, mesh)
+  # Per-replica compressor state (the compressed exchange) is split over
+  # `data`, which the generic rule cannot tell from the state's shapes.
+  opt_sh = exchange.with_state_shardings(opt_sh, abstract_opt, param_sh, mesh)
   rep = replicated(mesh)
   return TrainState(step=rep, params=param_sh, opt_state=opt_sh, skipped=rep, rng=rep)
 
