@@ -23,6 +23,7 @@ import optax
 
 from qtrain.config.validate import ConfigError
 from qtrain.train.state import TrainState
+from qtrain.train.zo_config import validate_zo
 
 STEP_FAMILIES: dict[str, Callable[["StepContext"], Callable]] = {}
 
@@ -92,6 +93,7 @@ def validate_step(cfg) -> None:
   if "params" in collect:
     raise ConfigError("config.train.collect names 'params': collect sown collections "
                       "such as 'intermediates', never the params")
+  validate_zo(cfg)  # config.zo (qtrain/train/zo_config.py).
   from qtrain.parallel.exchange import validate_exchange  # pylint: disable=g-import-not-at-top
   validate_exchange(cfg)
 

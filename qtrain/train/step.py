@@ -15,6 +15,7 @@ from qtrain.analysis import telemetry
 from qtrain.optim.schedule import learning_rate_schedule
 from qtrain.parallel.rules import batch_sharding, replicated
 from qtrain.train import first_order
+from qtrain.train import zeroth_order  # noqa: F401  (registers zeroth_order)
 from qtrain.train import compressed as _compressed  # noqa: F401  (registers compressed)
 from qtrain.train.families import StepContext, get_family
 from qtrain.train.loss import cross_entropy, forward, loss_mask, make_loss

@@ -134,22 +134,30 @@ def _fresh(key, after):
   return key
 
 
-def _query_key(zkey, q):
-  return jax.random.fold_in(zkey, q)
+def query_keys(zkey, rng: str):
+  """q -> query q's key; ``rng='rbg'`` rewraps it for XLA's RngBitGenerator, one op
+  that fuses into its consumer (threefry's expansion materialises u32
+  temporaries of 2-4x each leaf on the CPU backend)."""
+  def key(q):
+    k = jax.random.fold_in(zkey, q)
+    if rng == "rbg":
+      k = jax.random.wrap_key_data(jax.random.bits(k, (4,), jnp.uint32), impl="rbg")
+    return k
+  return key
 
 
-def _spsa(loss_fn, params, batch, rng, zkey, q, dirs, eps, after):
+def _spsa(loss_fn, params, batch, rng, qkey, q, dirs, eps, after):
   """(g_q, mean objective, mean aux) of one query from two forwards."""
-  lp, auxp = loss_fn(perturb(params, dirs(_fresh(_query_key(zkey, q), after)), eps), batch, rng)
-  lm, auxm = loss_fn(perturb(params, dirs(_fresh(_query_key(zkey, q), lp)), -eps), batch, rng)
+  lp, auxp = loss_fn(perturb(params, dirs(_fresh(qkey(q), after)), eps), batch, rng)
+  lm, auxm = loss_fn(perturb(params, dirs(_fresh(qkey(q), lp)), -eps), batch, rng)
   g = (lp - lm) / (2 * eps)
   return g, (lp + lm) / 2, jax.tree.map(lambda a, b: (a + b) / 2, auxp, auxm)
 
 
-def _forward_grad(loss_fn, params, batch, rng, zkey, q, dirs, after):
+def _forward_grad(loss_fn, params, batch, rng, qkey, q, dirs, after):
   """(g_q, objective, aux) of one query: one jvp along z over the perturbed leaves."""
   flat, treedef = jax.tree.flatten(params)
-  zs = dirs(_fresh(_query_key(zkey, q), after))
+  zs = dirs(_fresh(qkey(q), after))
   moving = [i for i, z in enumerate(zs) if z is not None]
 
   def f(sub):
@@ -163,15 +171,15 @@ def _forward_grad(loss_fn, params, batch, rng, zkey, q, dirs, after):
   return d_objective.astype(jnp.float32), objective, aux
 
 
-def estimate(cfg, loss_fn, params, batch, rng, zkey, leaves, block=None):
+def estimate(cfg, loss_fn, params, batch, rng, qkey, leaves, block=None):
   """(g [Q] float32, objective, aux): the projected gradients of ``config.zo.queries``
   directions and the loss (mean over the forwards at p +/- eps z, or at p)."""
   z = cfg.zo
   dirs = functools.partial(directions, params=params, leaves=leaves, block=block)
   if z.estimator == "spsa":
-    one = functools.partial(_spsa, loss_fn, params, batch, rng, zkey, dirs=dirs, eps=z.eps)
+    one = functools.partial(_spsa, loss_fn, params, batch, rng, qkey, dirs=dirs, eps=z.eps)
   else:
-    one = functools.partial(_forward_grad, loss_fn, params, batch, rng, zkey, dirs=dirs)
+    one = functools.partial(_forward_grad, loss_fn, params, batch, rng, qkey, dirs=dirs)
   if z.queries == 1:
     g, objective, aux = one(0, after=jnp.float32(0))
     return g[None], objective, aux
@@ -191,14 +199,14 @@ def estimate(cfg, loss_fn, params, batch, rng, zkey, leaves, block=None):
   return gs, objective, aux
 
 
-def estimated_gradient(cfg, params, zkey, gs, leaves, block=None):
+def estimated_gradient(params, qkey, gs, leaves, block=None):
   """g_hat = (1/Q) sum_q g_q z_q as a params-shaped tree (zeros where not
-  perturbed); z regenerated from ``zkey``."""
+  perturbed); z regenerated from ``qkey(q)``."""
   flat, treedef = jax.tree.flatten(params)
   q_count = gs.shape[0]
   total = None
   for q in range(q_count):
-    zs = directions(_fresh(_query_key(zkey, q), gs), params, leaves, block)
+    zs = directions(_fresh(qkey(q), gs), params, leaves, block)
     term = [None if z is None else (gs[q] / q_count) * z for z in zs]
     total = term if total is None else [a if a is None else a + b for a, b in zip(total, term)]
   out = [jnp.zeros_like(p) if t is None else t.astype(p.dtype) for p, t in zip(flat, total)]
@@ -216,12 +224,12 @@ def _conservative(params, updates, loss_at):
   return new, choice
 
 
-def _apply(cfg, state, gs, zkey, leaves, block, finite, tx, loss_at):
+def _apply(cfg, state, gs, qkey, leaves, block, finite, tx, loss_at):
   """The next params and optimizer state (unchanged when not ``finite``), g_hat
   built inside the conditional; and the conservative choice (or -1)."""
 
   def update(params, opt_state):
-    grads = estimated_gradient(cfg, params, zkey, gs, leaves, block)
+    grads = estimated_gradient(params, qkey, gs, leaves, block)
     updates, opt_state = tx.update(grads, opt_state, params)
     if cfg.zo.conservative:
       new, choice = _conservative(params, updates, loss_at)
@@ -236,15 +244,16 @@ def train_step(state: TrainState, batch, *, cfg, loss_fn, tx, schedule):
   """(state, batch) -> (state, metrics); pure, jitted by ``build``."""
   leaves = leaves_of(cfg, state.params)
   rng, zkey = jax.random.split(step_key(state))  # One rng for every forward: common noise.
+  qkey = query_keys(zkey, cfg.zo.rng)
   block = state.step % (cfg.model.n_layers + 1) if cfg.zo.blockwise else None
-  gs, objective, aux = estimate(cfg, loss_fn, state.params, batch, rng, zkey, leaves, block)
+  gs, objective, aux = estimate(cfg, loss_fn, state.params, batch, rng, qkey, leaves, block)
   finite = jnp.isfinite(objective) & jnp.all(jnp.isfinite(gs))
 
   def loss_at(params, after):  # Conservative: a forward ordered after `after`.
     params, _ = jax.lax.optimization_barrier((params, after))
     return loss_fn(params, batch, rng)[0]
 
-  params, opt_state, choice = _apply(cfg, state, gs, zkey, leaves, block, finite, tx, loss_at)
+  params, opt_state, choice = _apply(cfg, state, gs, qkey, leaves, block, finite, tx, loss_at)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             skipped=state.skipped + (1 - finite.astype(jnp.int32)))
   grad_norm = jnp.sqrt(jnp.mean(jnp.square(gs)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 from qtrain.config.validate import ConfigError
 
 ESTIMATORS = ("spsa", "forward")
+RNGS = ("rbg", "threefry")
 
 
 def _require(ok: bool, msg: str) -> None:
@@ -23,6 +24,7 @@ def validate_zo(cfg) -> None:
   _require(isinstance(z.eps, float) and z.eps > 0, f"config.zo.eps={z.eps!r} must be a float > 0")
   _require(isinstance(z.queries, int) and z.queries >= 1,
            f"config.zo.queries={z.queries!r} must be an integer >= 1")
+  _require(z.rng in RNGS, f"config.zo.rng={z.rng!r}; use one of {RNGS}")
   for field in ("conservative", "blockwise"):
     _require(isinstance(z[field], bool), f"config.zo.{field}={z[field]!r}: use True or False")
   if cfg.train.step != "zeroth_order":

@@ -1,0 +1,325 @@
+"""The zeroth-order step family (qtrain/train/zeroth_order.py): the estimators
+against the true gradient of a quadratic (mean and variance over seeds), the
+forward gradient against grad . z, the updates against float64 NumPy and optax,
+params restored bit-identically, ZeroQAT moving only quantizer steps, the
+compiled MeZO step's memory, and resume replaying the same directions."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import default
+from qtrain.config import ConfigError, base_config, validate
+from qtrain.train import zeroth_order as zo
+from qtrain.train.loss import make_loss
+from test_steps import _Run, _batch
+
+D1, D2 = 5, 7  # Two leaves of a quadratic in R^12.
+
+
+def _quadratic(seed=0):
+  rng = np.random.default_rng(seed)
+  m = rng.normal(size=(D1 + D2, D1 + D2))
+  a = m @ m.T / (D1 + D2) + np.eye(D1 + D2)  # Positive definite.
+  b = rng.normal(size=D1 + D2)
+  theta = rng.normal(size=D1 + D2)
+  params = {"u": jnp.asarray(theta[:D1], jnp.float32), "w": jnp.asarray(theta[D1:], jnp.float32)}
+  a32, b32 = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+
+  def loss_fn(p, batch, rng):
+    del batch, rng
+    x = jnp.concatenate([p["u"], p["w"]])
+    return 0.5 * x @ a32 @ x + b32 @ x, {}
+
+  return params, loss_fn, a @ theta + b  # The true gradient, float64.
+
+
+def _zo_cfg(**zo_fields):
+  c = base_config()
+  c.zo.update(**zo_fields)
+  return c
+
+
+def _samples(cfg, params, loss_fn, n):
+  """g_hat (flattened, [n, 12]) and g_q ([n, Q]) over n seeds."""
+  leaves = zo.leaves_of(cfg, params)
+
+  def one(seed):
+    qkey = zo.query_keys(jax.random.key(seed), cfg.zo.rng)
+    gs, _, _ = zo.estimate(cfg, loss_fn, params, None, None, qkey, leaves)
+    g_hat = zo.estimated_gradient(params, qkey, gs, leaves)
+    return jnp.concatenate([g_hat["u"], g_hat["w"]]), gs
+
+  # lax.map, not vmap: a batched RngBitGenerator draws other bits than one call.
+  return jax.jit(lambda seeds: jax.lax.map(one, seeds))(jnp.arange(n))
+
+
+@pytest.mark.parametrize("estimator, queries", [("spsa", 1), ("forward", 1), ("spsa", 4)])
+def test_estimators_mean_and_variance_match_the_quadratic(estimator, queries):
+  """On L = x^T A x / 2 + b^T x, both estimators give g_hat = (1/Q) sum z z^T grad
+  (SPSA exactly: the quadratic terms cancel in L(x + eps z) - L(x - eps z)).
+  For z ~ N(0, I): E[g_hat_i] = grad_i and Var[g_hat_i] = (||grad||^2 + grad_i^2) / Q
+  (E[z_i^2 z_j^2] = 1 + 2 delta_ij). Mean of N = 4000 seeds: |mean_i - grad_i|
+  <= 5 sd_i with sd_i = sqrt(Var_i / N) (CLT; P(any of 12 beyond 5 sd) ~ 7e-6).
+  Sample variance: g_hat_i is a product of Gaussians (kurtosis up to 15 at Q=1),
+  so its relative standard error is <= sqrt(14 / N) ~ 6%; bound 25%."""
+  params, loss_fn, grad = _quadratic()
+  n = 4000
+  g_hat, _ = _samples(_zo_cfg(estimator=estimator, queries=queries), params, loss_fn, n)
+  g_hat = np.asarray(g_hat, np.float64)
+  var = (grad @ grad + grad ** 2) / queries
+  assert np.all(np.abs(g_hat.mean(0) - grad) <= 5 * np.sqrt(var / n)), (g_hat.mean(0), grad)
+  np.testing.assert_allclose(g_hat.var(0), var, rtol=0.25)
+
+
+def test_spsa_and_each_jvp_equal_grad_dot_z():
+  """Per seed: the forward gradient's g equals grad . z (float32, rtol 1e-5);
+  SPSA's equals it up to float32 rounding of L(+) and L(-), which the
+  difference does not cancel: a few ulps of |L| each (a sum of 156 float32
+  terms), divided by 2 eps. Bound: 8 ulps of max |L| per loss."""
+  params, loss_fn, grad = _quadratic()
+  _, g_fwd = _samples(_zo_cfg(estimator="forward"), params, loss_fn, 64)
+  _, g_spsa = _samples(_zo_cfg(estimator="spsa"), params, loss_fn, 64)
+  cfg = _zo_cfg()
+  leaves = zo.leaves_of(cfg, params)
+  z = np.stack([np.concatenate([np.asarray(x) for x in zo.directions(
+      zo.query_keys(jax.random.key(s), cfg.zo.rng)(0), params, leaves)]) for s in range(64)])
+  np.testing.assert_allclose(np.asarray(g_fwd[:, 0]), z @ grad, rtol=1e-5, atol=1e-5)
+  l_max = max(abs(float(loss_fn(params, None, None)[0])), 1.0) * 1.5  # |L(p +/- eps z)| < this.
+  eps = cfg.zo.eps
+  atol = 2 * 8 * np.finfo(np.float32).eps * l_max / (2 * eps)
+  assert atol < 0.05 * np.median(np.abs(z @ grad))  # Still a sharp check.
+  np.testing.assert_allclose(np.asarray(g_spsa[:, 0]), z @ grad, atol=atol)
+
+
+def _cfg(preset="", **zo_fields):
+  c = default.get_config(",".join(filter(None, ("smoke", preset))))
+  c.model.vocab_size = 512
+  c.data.update(seq_len=16, global_batch_size=8)
+  c.train.step = "zeroth_order"
+  c.optim.update(name="sgd", grad_clip=0.0, warmup_steps=0, lr=1e-2, weight_decay=0.1)
+  c.zo.update(**zo_fields)
+  return c
+
+
+def _np(tree):
+  return jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
+
+
+def test_forward_gradient_of_the_model_is_grad_dot_z():
+  """On the smoke model (quantization off): jvp along z vs jax.grad . z, both
+  float32 over ~50k params in different summation orders: rtol 1e-3."""
+  cfg = _cfg(estimator="forward")
+  run = _Run(cfg)
+  batch = _batch(cfg, 0)
+  loss_fn = make_loss(run.model)
+  params = run.state.params
+  leaves = zo.leaves_of(cfg, params)
+  qkey = zo.query_keys(jax.random.key(3), "rbg")
+  with run._ctx():  # pylint: disable=protected-access
+    gs, _, _ = jax.jit(lambda p: zo.estimate(cfg, loss_fn, p, batch, jax.random.key(0), qkey,
+                                             leaves))(params)
+    grads = jax.jit(jax.grad(lambda p: loss_fn(p, batch, jax.random.key(0))[0]))(params)
+  zs = zo.directions(qkey(0), params, leaves)
+  ref = sum(np.sum(np.asarray(g, np.float64) * np.asarray(z, np.float64))
+            for g, z in zip(jax.tree.leaves(grads), zs))
+  np.testing.assert_allclose(float(gs[0]), ref, rtol=1e-3)
+
+
+def test_params_are_restored_bit_identically():
+  """With lr_mult=0 the update is exactly zero, so after a step that perturbed
+  the params (g != 0) they must equal the params before, bit for bit. MeZO's
+  in-place cycle p + eps z - 2 eps z + eps z (measured below) is not."""
+  cfg = _cfg()
+  cfg.optim.groups = (dict(pattern=r".*", lr_mult=0.0),)
+  run = _Run(cfg)
+  before = jax.tree.map(np.asarray, run.state.params)
+  state, m = run.step(run.copy(run.state), _batch(cfg, 0))
+  assert m["finite"] == 1 and abs(m["zo/projected_grad"]) > 0
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  # The in-place cycle, for the record: how many elements come back changed.
+  leaves = zo.leaves_of(cfg, run.state.params)
+  zs = zo.directions(zo.query_keys(jax.random.key(0), "rbg")(0), run.state.params, leaves)
+  p = zo.perturb(zo.perturb(zo.perturb(run.state.params, zs, 1e-3), zs, -2e-3), zs, 1e-3)
+  changed = sum(int(np.sum(np.asarray(a) != b)) for a, b in zip(jax.tree.leaves(p),
+                                                               jax.tree.leaves(before)))
+  assert changed > 0  # Rounding: why the step never modifies p in place.
+
+
+@pytest.mark.parametrize("rule", ["mezo", "sign", "adam"])
+def test_one_update_matches_the_reference(rule):
+  """One step's params vs float64 NumPy from the step's own g and z
+  (regenerated): MeZO p - lr (g z + wd p) (wd masked by no_decay), ZO-SGD-Sign
+  p - lr (sign(g z) + wd p), ZO-Adam = optax.adamw on g z. float32 vs float64
+  on |p| ~ 1: atol 1e-6."""
+  cfg = _cfg()
+  if rule == "sign":
+    cfg.optim.sgd.sign = True
+  if rule == "adam":
+    cfg.optim.name = "adamw"
+  run = _Run(cfg)
+  p0 = _np(run.state.params)
+  state, m = run.step(run.copy(run.state), _batch(cfg, 0))
+  g = np.float64(m["zo/projected_grad"])
+  leaves = zo.leaves_of(cfg, run.state.params)
+  _, zkey = jax.random.split(zo.step_key(run.state))
+  zs = zo.directions(zo.query_keys(zkey, "rbg")(0), run.state.params, leaves)
+  g_hat = jax.tree.unflatten(jax.tree.structure(p0), [g * np.asarray(z, np.float64) for z in zs])
+  lr, wd = cfg.optim.lr, cfg.optim.weight_decay
+  mask = flax.traverse_util.flatten_dict(jax.tree.map(lambda _: True, p0), sep="/")
+  decay = {k: not any(re.fullmatch(r, k) for r in cfg.optim.no_decay) for k in mask}
+  decay = flax.traverse_util.unflatten_dict(decay, sep="/")
+  if rule == "adam":
+    tx = optax.adamw(lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=wd, mask=decay)
+    updates, _ = tx.update(g_hat, tx.init(p0), p0)
+    ref = optax.apply_updates(p0, updates)
+  else:
+    step = np.sign if rule == "sign" else (lambda x: x)
+    ref = jax.tree.map(lambda p, gz, d: p - lr * (step(gz) + wd * d * p), p0, g_hat, decay)
+  for a, b in zip(jax.tree.leaves(_np(state.params)), jax.tree.leaves(_np(ref))):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_zeroqat_moves_only_the_quantizer_steps():
+  """configs/zo/zeroqat_w4a16.py's groups on the smoke model: learned weight
+  steps move, every other param (the weights being quantized) stays bit-identical."""
+  from configs.zo import zeroqat_w4a16  # pylint: disable=g-import-not-at-top
+  cfg = zeroqat_w4a16.get_config("smoke")
+  cfg.model.vocab_size = 512
+  cfg.data.update(seq_len=16, global_batch_size=8)
+  run = _Run(cfg)
+  before = flax.traverse_util.flatten_dict(jax.tree.map(np.asarray, run.state.params), sep="/")
+  state, m = run.step(run.copy(run.state), _batch(cfg, 0))
+  after = flax.traverse_util.flatten_dict(jax.tree.map(np.asarray, state.params), sep="/")
+  steps = [k for k in before if k.endswith("weight_step")]
+  assert m["finite"] == 1 and len(steps) == 7
+  for k in before:
+    if k in steps:
+      assert not np.array_equal(after[k], before[k]), k
+    else:
+      np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+
+
+def test_blockwise_moves_one_layer_per_step():
+  """Step 0 perturbs block 0 (layer 0 of every stacked leaf); with no weight
+  decay nothing else moves, layer 1 and the embedding included."""
+  cfg = _cfg(blockwise=True)
+  cfg.optim.weight_decay = 0.0
+  run = _Run(cfg)
+  before = _np(run.state.params)
+  state, m = run.step(run.copy(run.state), _batch(cfg, 0))
+  after = _np(state.params)
+  assert m["zo/block"] == 0
+  q0, q1 = before["decoder"]["layers"]["attn"]["q_proj"]["kernel"], after["decoder"]["layers"]["attn"]["q_proj"]["kernel"]
+  assert not np.array_equal(q0[0], q1[0]) and np.array_equal(q0[1], q1[1])
+  np.testing.assert_array_equal(before["embedding"], after["embedding"])
+
+
+def test_config_errors_name_the_field():
+  cfg = _cfg()
+  cfg.optim.grad_clip = 1.0
+  with pytest.raises(ConfigError, match=r"config\.optim\.grad_clip=1\.0.*grad_clip=0"):
+    validate(cfg, n_devices=8)
+  cfg = _cfg("w4a16", estimator="forward")
+  with pytest.raises(ConfigError, match=r"config\.zo\.estimator='forward'.*custom VJP"):
+    validate(cfg, n_devices=8)
+  cfg = _cfg(queries=0)
+  with pytest.raises(ConfigError, match=r"config\.zo\.queries=0"):
+    validate(cfg, n_devices=8)
+  cfg = _cfg()
+  cfg.optim.groups = (dict(pattern=r".*", optimizer="frozen"),)
+  with pytest.raises(ConfigError, match=r"every param is in a frozen group"):
+    run = _Run(cfg)
+    run.step(run.state, _batch(cfg, 0))
+
+
+def _temp_bytes(run):
+  with run._ctx():  # pylint: disable=protected-access
+    return run.train.lower(run.state, _batch(run.cfg, 0)).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_mezo_step_holds_no_gradient_or_optimizer_state():
+  """Compiled memory on one device (params 0.58 MB, activations small):
+  MeZO's optimizer state is a count (no param-sized buffer), and its temps
+  stay under forward's + 2 x params (one perturbed copy while each forward
+  runs + the generator's u32 bits of z) and under the first-order step's
+  (gradients and backward activations). Measured on CPU: MeZO 1.91 x params,
+  first order 2.32 x, forward alone 0.32 x."""
+  one = jax.devices()[:1]
+  runs = {}
+  for name, step in (("mezo", "zeroth_order"), ("first_order", "first_order")):
+    c = _cfg()
+    c.train.step = step
+    runs[name] = _OneDevice(c, one)
+  run = runs["mezo"]
+  params = sum(x.nbytes for x in jax.tree.leaves(run.state.params))
+  opt = sum(x.nbytes for x in jax.tree.leaves(run.state.opt_state))
+  assert opt < 64, opt  # The schedule's count only.
+  loss_fn = make_loss(run.model)
+  with run._ctx():  # pylint: disable=protected-access
+    fwd = jax.jit(lambda p, b: loss_fn(p, b, jax.random.key(0))[0]).lower(
+        run.state.params, _batch(run.cfg, 0)).compile().memory_analysis().temp_size_in_bytes
+  mezo, first = _temp_bytes(run), _temp_bytes(runs["first_order"])
+  assert mezo <= fwd + 2 * params, (mezo / params, fwd / params)
+  assert mezo < first, (mezo / params, first / params)
+
+
+class _OneDevice(_Run):
+  """_Run on a one-device mesh (memory per device, nothing split)."""
+
+  def __init__(self, cfg, devices):
+    from qtrain.parallel import Layout  # pylint: disable=g-import-not-at-top
+    from qtrain.optim import build_optimizer  # pylint: disable=g-import-not-at-top
+    from qtrain.train import abstract_params, init_state, make_steps, state_shardings  # pylint: disable=g-import-not-at-top
+    from qtrain.train.build import build_model  # pylint: disable=g-import-not-at-top
+    cfg.mesh.data = 1
+    validate(cfg, n_devices=1)
+    self.cfg, self.model = cfg, build_model(cfg)
+    self.layout = Layout.from_config(cfg, devices=devices)
+    self.mesh = self.layout.mesh
+    seq = cfg.data.seq_len
+    with self.layout:
+      self.tx = build_optimizer(cfg, abstract_params(self.model, seq))
+      self.sh = state_shardings(self.model, self.tx, self.mesh, seq)
+      self.state = init_state(self.model, self.tx, self.mesh, cfg.seed, seq)
+      self.train, self.eval = make_steps(cfg, self.model, self.tx, self.mesh, self.sh)
+
+
+def test_resume_replays_the_same_directions(tmp_path):
+  """MeZO through the loop on data/kjv: 4 steps straight vs the same run with
+  its step-4 checkpoint removed (killed after saving step 2) and resumed: the
+  directions come from step_key(state), so the final params are bit-identical."""
+  from conftest import smoke_config  # pylint: disable=g-import-not-at-top
+  from qtrain.train import checkpoint  # pylint: disable=g-import-not-at-top
+  from qtrain.train.build import build_model  # pylint: disable=g-import-not-at-top
+  from qtrain.train.loop import run as train  # pylint: disable=g-import-not-at-top
+  from qtrain.train.state import abstract_params  # pylint: disable=g-import-not-at-top
+  cfg = smoke_config()
+  cfg.train.step = "zeroth_order"
+  cfg.optim.update(name="sgd", grad_clip=0.0, lr=1e-2)
+  cfg.data.eval_batches = 1
+  straight = tmp_path / "straight"
+  train(cfg, str(straight))
+  resumed = tmp_path / "resumed"
+  shutil.copytree(straight, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "4")
+  assert train(cfg, str(resumed))["step"] == 4
+  target = jax.tree.map(lambda x: getattr(x, "value", x),
+                        abstract_params(build_model(cfg), cfg.data.seq_len),
+                        is_leaf=lambda x: hasattr(x, "value"))
+  a, _ = checkpoint.restore_params(str(straight), target, step=4)
+  b, _ = checkpoint.restore_params(str(resumed), target, step=4)
+  p2, _ = checkpoint.restore_params(str(straight), target, step=2)
+  for x, y, z in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(p2)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert any(not np.array_equal(np.asarray(x), np.asarray(z))
+             for x, z in zip(jax.tree.leaves(a), jax.tree.leaves(p2)))  # Steps 3-4 moved them.
