@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import zlib
 
 import flax.linen as nn
@@ -510,6 +511,28 @@ def _namedtuples(tree):
 
   visit(tree)
   return out
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: setattr(c.optim.restarts, "every", -1), "config.optim.restarts.every=-1"),
+    (lambda c: setattr(c.optim.refactor, "every", -3), "config.optim.refactor.every=-3"),
+    (lambda c: setattr(c.optim.restarts, "moments", ()), "config.optim.restarts.moments=()"),
+    (lambda c: setattr(c.optim.galore, "rank", 0), "config.optim.galore.rank=0"),
+    (lambda c: setattr(c.optim.fira, "gamma", 0.5), "config.optim.fira.gamma=0.5"),
+    (lambda c: setattr(c.optim.apollo, "mode", "maxi"), "config.optim.apollo.mode='maxi'"),
+    (lambda c: setattr(c.model, "weight_forms", (dict(pattern=".*", form="sparse_low_rank",
+                                                      rank=4, density=0.0),)),
+     "config.model.weight_forms[0].density=0.0"),
+])
+def test_bad_fields_name_the_field(edit, message):
+  from qtrain.optim.wrappers import validate_wrappers  # pylint: disable=g-import-not-at-top
+  c = default.get_config()
+  c.optim.groups = (dict(pattern=".*", optimizer="galore"), dict(pattern="x", optimizer="fira"),
+                    dict(pattern="y", optimizer="apollo"))
+  edit(c)
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    validate(c, n_devices=8)
+    validate_wrappers(c.optim)  # Until validate_optim calls it (the builder hook's twin).
 
 
 @pytest.mark.xfail(strict=True, reason="needs qtrain/optim/builder.py to call "
