@@ -14,3 +14,4 @@ from qtrain.optim.sharding import opt_state_shardings
 from qtrain.optim.wrappers import (WrapperState, balanced_factors, momentum_reset, refactorize,
                                    wrap)
 from qtrain.optim.validate import check_resume, validate_optim
+from qtrain.optim.zo_sgd import build_sgd

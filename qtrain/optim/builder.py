@@ -21,6 +21,7 @@ from qtrain.optim import apollo as _apollo  # noqa: F401  (registers apollo)
 from qtrain.optim import fira as _fira  # noqa: F401  (registers fira)
 from qtrain.optim import galore as _galore  # noqa: F401  (registers galore)
 from qtrain.optim import muon as _muon  # noqa: F401  (registers muon)
+from qtrain.optim import zo_sgd as _zo_sgd  # noqa: F401  (registers sgd)
 from qtrain.optim.groups import assign_groups, decay_mask, param_path, parse_groups
 from qtrain.optim.registry import get_optimizer
 from qtrain.optim.schedule import learning_rate_schedule
