@@ -19,6 +19,7 @@ from qtrain.config import ConfigError
 from qtrain.data import loader, sft, token_file
 from qtrain.train.loss import cross_entropy, loss_mask
 from qtrain.train.warm_start import check_source
+from test_corpus_sources import _b64  # dictd's base-64 digits, written apart from the reader.
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KJV = ROOT / "data" / "kjv"
@@ -32,18 +33,6 @@ _ENTRIES = [
     ("Cat", "Cat \\Cat\\, n.\n   A small domesticated carnivore.\n   [1913 Webster]\n"),
     ("Bare", "Bare \\Bare\\, a.\n   Without covering.\n   [1913 Webster]\n"),
 ]
-_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-
-
-def _b64(n: int) -> str:
-  digits = ""
-  while True:
-    digits = _B64[n % 64] + digits
-    n //= 64
-    if n == 0:
-      return digits
-
-
 def _write_gcide(root: pathlib.Path) -> None:
   """A dict-gcide install under ``root`` holding `_ENTRIES` (+ a second
   headword, "Cats", pointing at the "Cat" entry)."""
