@@ -60,7 +60,7 @@ from qtrain.config.variants import config_module
 from qtrain.optim import build_optimizer
 from qtrain.parallel import Layout, batch_sharding
 from qtrain.train.build import build_model
-from qtrain.train.state import abstract_params, init_state, state_shardings
+from qtrain.train.state import abstract_params, abstract_state, init_state, state_shardings
 from qtrain.train.step import make_steps
 
 VARIANTS = ("forward", "adamw", "mezo", "zo_adam", "forward_grad", "blockwise", "zeroqat_w4a16")
@@ -77,7 +77,7 @@ def apply_method(cfg, name: str) -> None:
   src = config_module(f"zo.{name}").get_config("")
   cfg.train.step = src.train.step
   cfg.zo = src.zo
-  for field in ("name", "lr", "grad_clip", "warmup_steps", "decay_steps", "groups", "sgd"):
+  for field in ("name", "lr", "grad_clip", "groups", "sgd"):  # Not the schedule: cfg's.
     cfg.optim[field] = src.optim[field]
   if src.optim.groups:
     cfg.optim.weight_decay = src.optim.weight_decay
@@ -128,9 +128,14 @@ def child(args) -> None:
     tx = optax.identity() if name == "forward" else build_optimizer(
         cfg, abstract_params(model, seq))
     sh = state_shardings(model, tx, layout.mesh, seq)
-    state = init_state(model, tx, layout.mesh, cfg.seed, seq)
+    if args.compile_only:  # Shapes only: nothing of the model's size is allocated.
+      state = abstract_state(model, tx, layout.mesh, seq)
+      batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(layout.mesh))
+               for k, v in host.items()}
+    else:
+      state = init_state(model, tx, layout.mesh, cfg.seed, seq)
+      batch = {k: jax.device_put(v, batch_sharding(layout.mesh)) for k, v in host.items()}
     train, evaluate = make_steps(cfg, model, tx, layout.mesh, sh, batch_keys=tuple(host))
-    batch = {k: jax.device_put(v, batch_sharding(layout.mesh)) for k, v in host.items()}
     row = {"variant": name, "model": args.model, "batch": rows, "seq": seq,
            "device": devices[0].device_kind, "jax": jax.__version__,
            "params_bytes": _nbytes(state.params), "optimizer_bytes": _nbytes(state.opt_state),
@@ -142,6 +147,9 @@ def child(args) -> None:
       compiled = train.lower(state, batch).compile()
     row["compile_s"] = round(time.perf_counter() - t0, 1)
     row["planned_bytes"] = planned_bytes(compiled)
+    if args.compile_only:
+      print(json.dumps({**row, "step_ms": None, "peak_bytes": None, "finite": None}), flush=True)
+      return
     box, losses = [state], []
 
     def step():
@@ -195,6 +203,7 @@ def report(rows: list[dict]) -> str:
   key = "peak_bytes" if measured else "planned_bytes"
   gib = lambda n: "-" if n is None else f"{n / 2**30:.3f}"
   x = lambda v: "-" if v is None else f"{v:.2f}"
+  ms = lambda v: "-" if v is None else f"{v:.1f}"
   lines = [f"memory: {'device peak_bytes_in_use' if measured else 'XLA plan of the compiled step (arguments + unaliased outputs + temps; no device memory stats on this backend)'}",
            f"{'variant':<16} {'opt GiB':>8} {'mem GiB':>9} {'x fwd':>6} {'x AdamW':>8} "
            f"{'fwd/step':>8} {'ms/step':>9} {'x fwd':>6}"]
@@ -206,7 +215,7 @@ def report(rows: list[dict]) -> str:
     lines.append(
         f"{r['variant']:<16} {gib(r['optimizer_bytes']):>8} {gib(r[key]):>9} "
         f"{x(_ratio(r[key], base.get(key))):>6} {x(_ratio(r[key], adamw.get(key))):>8} "
-        f"{r['forwards']:>8} {r['step_ms']:>9.1f} {x(_ratio(r['step_ms'], base.get('step_ms'))):>6}")
+        f"{r['forwards']:>8} {ms(r['step_ms']):>9} {x(_ratio(r['step_ms'], base.get('step_ms'))):>6}")
   mezo = next((r for r in ok if r["variant"] == "mezo"), None)
   if mezo and base:
     v = _ratio(mezo[key], base[key])
@@ -223,6 +232,9 @@ def main() -> None:
   p.add_argument("--remat", default="", help="override the model's remat_policy")
   p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
   p.add_argument("--warmup", type=int, default=3, help="untimed steps after the compile")
+  p.add_argument("--compile_only", action="store_true",
+                 help="compile on abstract shapes and report XLA's plan only (no step run, "
+                 "nothing allocated): llama_1b's plan on a CPU host")
   p.add_argument("--only", default="", help="comma-separated variants (forward or any "
                  "configs/zo file; default: " + ",".join(VARIANTS) + ")")
   p.add_argument("--child_timeout_s", type=float, default=600)
