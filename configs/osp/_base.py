@@ -17,21 +17,14 @@ RMS, so it reuses AdamW's lr and weight decay (Liu et al. 2025, Moonlight), and
 the runs differ only in what the ablation names. Weight decay 0.1 for all.
 """
 
-from qtrain.config.variants import config_module, split_variants
+from qtrain.config.variants import ablation_config
 from qtrain.optim.muon import osp_groups
-
-SIZES = ("125m",)
 
 
 def get_config(arg: str = "", *, muon: bool, norm: str = "rmsnorm", embproj: bool = False):
   """The ablation point: Muon (OSP's partition) or AdamW everywhere; the norm
   (rmsnorm | ssnorm) and EmbProj."""
-  variants = split_variants(arg)
-  rest = ",".join(v for v in variants if v not in SIZES)
-  if "125m" in variants:
-    c = config_module("llama_125m").get_config(",".join(filter(None, ("corpus", rest))))
-  else:
-    c = config_module("default").get_config(rest)
+  c, _ = ablation_config(arg)
   c.model.update(norm=norm, embproj=embproj)
   if muon:  # Hidden matrices and EmbProj: Muon; embedding, LM head, norms, steps: AdamW.
     c.optim.groups = osp_groups()

@@ -28,6 +28,19 @@ def config_module(name: str):
   return importlib.import_module(f"configs.{name}")
 
 
+def ablation_config(arg: str, large: tuple[str, str] = ("llama_125m", "corpus")):
+  """The config an ablation point builds on: ``configs/default.py`` (the
+  `make train` model; ``smoke`` and quant variants pass through) or, with the
+  variant ``125m``, ``configs/<large[0]>.py:<large[1]>`` plus the other
+  variants. Returns (config, "125m" or "")."""
+  variants = split_variants(arg)
+  rest = [v for v in variants if v != "125m"]
+  if "125m" in variants:
+    name, size = large
+    return config_module(name).get_config(",".join([size, *rest])), "125m"
+  return config_module("default").get_config(",".join(rest)), ""
+
+
 def apply_variants(c, variants: list[str], config_name: str) -> None:
   """Applies non-size variants (quantization presets) to config ``c``."""
   for v in variants:
