@@ -9,6 +9,7 @@ from qtrain.config.variants import config_module
 
 
 def get_config(arg: str = ""):
-  c = config_module("zo._base").get_config(arg, rule="sgd", lr=1e-4, estimator="forward")
+  c = config_module("zo._base").get_config(arg, rule="sgd", lr=1e-4, estimator="forward",
+                                              cpu_lr=3e-3)
   c.model.attention_impl = "xla"  # cuDNN's attention is a custom VJP: jvp cannot enter it.
   return c

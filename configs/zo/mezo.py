@@ -8,4 +8,5 @@ from qtrain.config.variants import config_module
 
 
 def get_config(arg: str = ""):
-  return config_module("zo._base").get_config(arg, rule="sgd", lr=1e-4, eps=1e-3)
+  return config_module("zo._base").get_config(arg, rule="sgd", lr=1e-4, eps=1e-3,
+                                              cpu_lr=3e-3)

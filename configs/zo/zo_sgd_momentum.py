@@ -8,6 +8,7 @@ from qtrain.config.variants import config_module
 
 
 def get_config(arg: str = ""):
-  c = config_module("zo._base").get_config(arg, rule="sgd", lr=1e-5, eps=1e-3)
+  c = config_module("zo._base").get_config(arg, rule="sgd", lr=1e-5, eps=1e-3,
+                                              cpu_lr=3e-4)
   c.optim.sgd.momentum = 0.9
   return c
