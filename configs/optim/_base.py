@@ -22,9 +22,8 @@ Choices, the papers' where they transfer (../shared/PAPERS.md):
   the projection refresh gap is the same, so resets fall on refreshes.
 """
 
-from qtrain.config.variants import config_module, split_variants
+from qtrain.config.variants import ablation_config
 
-SIZES = ("125m",)
 HIDDEN = r"decoder/layers(_\d+)?/(attn|mlp)/[a-z]+_proj/.*"
 FORMS_AT = r"decoder/layers/(attn|mlp)/.*"
 LOW_RANK_NOT_KV = r"decoder/layers/(attn/(q|o)_proj|mlp/.*)"
@@ -43,12 +42,7 @@ RECIPES = {
 
 def get_config(arg: str = "", *, recipe: str):
   """``configs/optim/<recipe>.py`` at the size the variant names."""
-  variants = split_variants(arg)
-  rest = ",".join(v for v in variants if v not in SIZES)
-  if "125m" in variants:
-    c = config_module("llama_125m").get_config(",".join(filter(None, ("corpus", rest))))
-  else:
-    c = config_module("default").get_config(rest)
+  c, _ = ablation_config(arg)
   apply_recipe(c, **RECIPES[recipe])
   return c
 
