@@ -46,8 +46,8 @@ def test_llama_1b_has_the_tinyllama_shape():
      "config.optim.groups[0].pattern='('"),
     (lambda c: setattr(c.optim, "groups", (dict(pattern=".*", lr=2.0),)),
      "config.optim.groups[0].lr is not a group field"),
-    (lambda c: setattr(c.optim, "groups", (dict(pattern=".*", optimizer="sgd"),)),
-     "config.optim.groups[0].optimizer='sgd'"),
+    (lambda c: setattr(c.optim, "groups", (dict(pattern=".*", optimizer="lion"),)),
+     "config.optim.groups[0].optimizer='lion'"),
     (lambda c: setattr(c.train, "step", "zeroth"), "config.train.step='zeroth'"),
     (lambda c: setattr(c.train, "collect", ("intermediates", "")), "config.train.collect"),
     (lambda c: setattr(c.train, "collect", ("params",)), "config.train.collect names 'params'"),
@@ -214,3 +214,14 @@ def test_resume_with_a_changed_cosine_horizon_fails_naming_the_fix():
   other.optim.groups = (dict(pattern=".*", optimizer="frozen"),)
   with pytest.raises(ConfigError, match=r"config\.optim\.name/groups"):
     check_resume(saved, other)
+
+
+def test_resume_refuses_turning_restarts_on():
+  """The restarts wrapper adds state around the groups': a checkpoint saved
+  without it cannot be restored into it."""
+  saved = default.get_config()
+  wrapped = default.get_config()
+  wrapped.optim.restarts.every = 50
+  check_resume(saved, default.get_config())
+  with pytest.raises(ConfigError, match=r"restarts\.every>0"):
+    check_resume(saved, wrapped)

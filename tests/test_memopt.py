@@ -525,18 +525,14 @@ def _namedtuples(tree):
      "config.model.weight_forms[0].density=0.0"),
 ])
 def test_bad_fields_name_the_field(edit, message):
-  from qtrain.optim.wrappers import validate_wrappers  # pylint: disable=g-import-not-at-top
   c = default.get_config()
   c.optim.groups = (dict(pattern=".*", optimizer="galore"), dict(pattern="x", optimizer="fira"),
                     dict(pattern="y", optimizer="apollo"))
   edit(c)
   with pytest.raises(ConfigError, match=re.escape(message)):
     validate(c, n_devices=8)
-    validate_wrappers(c.optim)  # Until validate_optim calls it (the builder hook's twin).
 
 
-@pytest.mark.xfail(strict=True, reason="needs qtrain/optim/builder.py to call "
-                   "qtrain.optim.wrappers.wrap on each group's transform (lead)")
 def test_build_optimizer_applies_restarts_from_the_config():
   c = config_module("optim.low_rank_restarts").get_config("smoke")
   boxed = abstract_params(build_model(c), c.data.seq_len)

@@ -25,6 +25,7 @@ from qtrain.optim import zo_sgd as _zo_sgd  # noqa: F401  (registers sgd)
 from qtrain.optim.groups import assign_groups, decay_mask, param_path, parse_groups
 from qtrain.optim.registry import get_optimizer
 from qtrain.optim.schedule import learning_rate_schedule
+from qtrain.optim.wrappers import wrap
 
 
 def _scaled(schedule, mult: float):
@@ -35,12 +36,15 @@ def _group_transform(cfg, group, schedule, params_by_path):
   o = cfg.optim
   definition = get_optimizer(group.optimizer, "config.optim.groups[].optimizer")
   no_decay = tuple(o.no_decay)
-  return definition.build(
+  tx = definition.build(
       o.get(group.optimizer) if definition.has_group else None,
       learning_rate=_scaled(schedule, group.lr_mult),
       weight_decay=o.weight_decay * group.wd_mult,
       decay_mask=lambda params: decay_mask(params, no_decay),
       params=params_by_path)
+  # Momentum reset and low-rank refactorization (config.optim.restarts/refactor)
+  # wrap any group's transform; off by default.
+  return wrap(tx, o, params_by_path)
 
 
 def build_optimizer(cfg, boxed_abstract_params) -> optax.GradientTransformation:

@@ -57,13 +57,18 @@ def validate_optim(cfg) -> None:
         definition.validate(o[group.optimizer], where)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  from qtrain.optim.wrappers import validate_wrappers  # pylint: disable=g-import-not-at-top
+  validate_wrappers(o)
 
 
 def _optimizer_layout(cfg) -> list[tuple[str, str]]:
   """(pattern, optimizer) per group: what the saved optimizer state holds."""
   if "groups" not in cfg.optim:  # A run saved before groups existed: one adamw group.
     return [(".*", cfg.optim.name)]
-  return [(g.pattern, g.optimizer) for g in parse_groups(cfg.optim)]
+  # The restarts and refactor wrappers add their own state around the groups'.
+  wrapped = [(f"{w}.every>0", "wrapper") for w in ("restarts", "refactor")
+             if cfg.optim.get(w) is not None and cfg.optim[w].every > 0]
+  return [(g.pattern, g.optimizer) for g in parse_groups(cfg.optim)] + wrapped
 
 
 def check_resume(saved_cfg, cfg) -> None:
