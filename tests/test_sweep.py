@@ -174,3 +174,15 @@ def test_ptq_evaluation_specs():
   assert ev.columns == ("ptq_w4a4kv4_rtn_ffnh_ppl", "ptq_w4a4kv4_rtn_ffnh_gap")
   with pytest.raises(ConfigError, match=r"ptq:RECIPE\[:METHOD\]\[:ffn_hadamard\]"):
     resolve("ptq:w4a4kv4:rtn:hadamard", {})
+
+
+def test_a_field_added_after_a_run_counts_as_its_default():
+  """A run saved before a field existed is not "another config" while the new
+  config keeps that field's default; set it otherwise and it differs."""
+  from qtrain.train.resume import differing_fields  # pylint: disable=g-import-not-at-top
+  cfg = default.get_config()
+  saved = cfg.to_dict()
+  del saved["telemetry"], saved["model"]["norm"]  # Fields newer than the run.
+  assert differing_fields(saved, cfg) == []
+  cfg.model.norm = "ssnorm"
+  assert differing_fields(saved, cfg) == ["model.norm"]

@@ -35,8 +35,13 @@ def _freeze(v):
 
 
 def differing_fields(saved, cfg) -> list[str]:
-  a, b = flat_fields(saved), flat_fields(cfg)
-  return sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
+  """Fields whose values differ. A field the saved config lacks (the run
+  predates it) counts as its default: new fields default to the old
+  behaviour, so a run is not "another config" because the schema grew."""
+  from qtrain.config.base import base_config  # pylint: disable=g-import-not-at-top
+  a, b, default = flat_fields(saved), flat_fields(cfg), flat_fields(base_config())
+  return sorted(k for k in a.keys() | b.keys()
+                if a.get(k, default.get(k, "<unset>")) != b.get(k, "<unset>"))
 
 
 def _param_signature(cfg):
