@@ -179,6 +179,7 @@ def test_ptq_evaluation_specs():
 def test_a_field_added_after_a_run_counts_as_its_default():
   """A run saved before a field existed is not "another config" while the new
   config keeps that field's default; set it otherwise and it differs."""
+  from configs import default  # pylint: disable=g-import-not-at-top
   from qtrain.train.resume import differing_fields  # pylint: disable=g-import-not-at-top
   cfg = default.get_config()
   saved = cfg.to_dict()
