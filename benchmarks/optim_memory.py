@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import subprocess
 import sys
 import time
 
@@ -44,6 +42,7 @@ import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax
 import numpy as np
 
+from benchmarks import children
 from benchmarks.train_step import load_config, synthetic_batch, time_steps
 from qtrain.config import validate
 from qtrain.config.variants import config_module
@@ -56,7 +55,6 @@ from qtrain.train.step import make_steps
 
 RECIPES = config_module("optim._base").RECIPES
 HIDDEN = config_module("optim._base").HIDDEN
-OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory")
 GALORE_TARGET = 0.35
 
 
@@ -143,31 +141,6 @@ def child(args) -> None:
   print(json.dumps(row), flush=True)
 
 
-def spawn(name: str, args) -> dict:
-  """Runs ``--variant=name`` in a fresh process; its JSON row, or what failed."""
-  cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), *sys.argv[1:],
-         f"--variant={name}"]
-  env = dict(os.environ)
-  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(args.mem_fraction))
-  t0 = time.time()
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False,
-                          timeout=args.child_timeout_s)
-  except subprocess.TimeoutExpired:
-    return {"variant": name, "oom": False, "error": f"timed out after {args.child_timeout_s} s"}
-  row = next((json.loads(l) for l in reversed(proc.stdout.splitlines()) if l.startswith("{")),
-             None)
-  if row is None:
-    lines = [l for l in (proc.stderr or "").splitlines() if l.strip()]
-    oom = next((l for l in reversed(lines) if any(m in l for m in OOM_MARKERS)), None)
-    row = {"variant": name, "oom": oom is not None,
-           "error": (oom or (lines[-1] if lines else f"exit status {proc.returncode}"))[:500]}
-    sys.stderr.write(f"--- {name} failed; the end of its stderr:\n"
-                     + "\n".join((proc.stderr or "").splitlines()[-15:]) + "\n")
-  row["wall_s"] = round(time.time() - t0, 1)
-  return row
-
-
 def _ratio(a, b):
   return None if a is None or not b else a / b
 
@@ -219,7 +192,8 @@ def main() -> None:
   for name in RECIPES:
     if args.only and name not in args.only.split(","):
       continue
-    rows.append(spawn(name, args))
+    rows.append(children.spawn(__file__, name, mem_fraction=args.mem_fraction,
+                                   timeout_s=args.child_timeout_s))
     print(f"[{time.time() - start:5.0f} s] {name}: {rows[-1].get('error', 'ok')}", flush=True)
   text = report(rows)
   for r in rows:

@@ -54,6 +54,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import children
 from benchmarks.train_step import load_config, synthetic_batch, time_steps, trainer_step
 from qtrain.config import validate
 from qtrain.optim import build_optimizer
@@ -65,7 +66,6 @@ from qtrain.train.step import make_steps
 
 MFU_TARGET_8B = 0.40
 EFFICIENCY_TARGET = 0.90  # dp and fsdp.
-OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory")
 # Cheaper ways to hold the 8B on one GPU, compiled in 8b_1gpu while time allows.
 ALTERNATIVES = {
     "remat_full": lambda c: c.model.update(remat_policy="full"),
@@ -248,41 +248,6 @@ def child(args) -> None:
   print(json.dumps(row), flush=True)
 
 
-def _failure(name: str, proc: subprocess.CompletedProcess) -> dict:
-  """A failed child's row: the out-of-memory line of its stderr if there is
-  one, else its last line (the exception)."""
-  lines = [l for l in (proc.stderr or "").splitlines() if l.strip()]
-  oom = next((l for l in reversed(lines) if any(m in l for m in OOM_MARKERS)), None)
-  cause = oom or (lines[-1] if lines else f"exit status {proc.returncode}")
-  return {"variant": name, "rc": proc.returncode, "oom": oom is not None, "error": cause[:500]}
-
-
-def spawn(name: str, args, extra=()) -> dict:
-  """Runs ``--variant=name`` in a fresh process; its JSON row, or what failed."""
-  cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), *sys.argv[1:],
-         f"--variant={name}", *extra]
-  env = dict(os.environ)
-  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(args.mem_fraction))
-  t0 = time.time()
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False,
-                          timeout=args.child_timeout_s)
-  except subprocess.TimeoutExpired:
-    return {"variant": name, "oom": False,
-            "error": f"timed out after {args.child_timeout_s} s (--child_timeout_s)"}
-  for line in reversed(proc.stdout.strip().splitlines()):
-    if line.startswith("{"):
-      row = json.loads(line)
-      break
-  else:
-    row = _failure(name, proc)
-  row["wall_s"] = round(time.time() - t0, 1)
-  if "error" in row:
-    sys.stderr.write(f"--- {name} failed; the end of its stderr:\n"
-                     + "\n".join((proc.stderr or "").splitlines()[-15:]) + "\n")
-  return row
-
-
 def summarize(rows: list[dict], n: int) -> dict:
   """Absolute figures of every variant that ran, the scaling efficiency of
   the N-GPU llama_1b variants, the 8B's MFU and its one-GPU plan."""
@@ -356,7 +321,8 @@ def driver(args) -> None:
     if spec["model"] == "model8b" and not spec.get("compile_only") and args.remat8b != "full":
       tries.append(["--remat8b=full"])  # Keeps only the residual stream per layer.
     for attempt in tries:
-      rows.append(spawn(name, args, attempt))
+      rows.append(children.spawn(__file__, name, mem_fraction=args.mem_fraction,
+                                   timeout_s=args.child_timeout_s, extra=attempt))
       print(f"[{time.time() - start:5.0f} s] {' '.join([name, *attempt])}: "
             + rows[-1].get("error", "ok"), flush=True)
       if not rows[-1].get("oom"):
