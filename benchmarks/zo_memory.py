@@ -41,9 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import subprocess
 import sys
 import time
 
@@ -54,6 +52,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 import optax
 
+from benchmarks import children
 from benchmarks.train_step import load_config, synthetic_batch, time_steps
 from qtrain.config import base_config, validate
 from qtrain.config.variants import config_module
@@ -64,7 +63,6 @@ from qtrain.train.state import abstract_params, abstract_state, init_state, stat
 from qtrain.train.step import make_steps
 
 VARIANTS = ("forward", "adamw", "mezo", "zo_adam", "forward_grad", "blockwise", "zeroqat_w4a16")
-OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory")
 MEZO_TARGET = 1.2  # x the forward pass's peak.
 _ZO_BASE = config_module("zo._base")
 
@@ -166,31 +164,6 @@ def child(args) -> None:
   print(json.dumps(row), flush=True)
 
 
-def spawn(name: str, args) -> dict:
-  """Runs ``--variant=name`` in a fresh process; its JSON row, or what failed."""
-  cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), *sys.argv[1:],
-         f"--variant={name}"]
-  env = dict(os.environ)
-  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(args.mem_fraction))
-  t0 = time.time()
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False,
-                          timeout=args.child_timeout_s)
-  except subprocess.TimeoutExpired:
-    return {"variant": name, "oom": False, "error": f"timed out after {args.child_timeout_s} s"}
-  row = next((json.loads(l) for l in reversed(proc.stdout.splitlines()) if l.startswith("{")),
-             None)
-  if row is None:
-    lines = [l for l in (proc.stderr or "").splitlines() if l.strip()]
-    oom = next((l for l in reversed(lines) if any(m in l for m in OOM_MARKERS)), None)
-    row = {"variant": name, "oom": oom is not None,
-           "error": (oom or (lines[-1] if lines else f"exit status {proc.returncode}"))[:500]}
-    sys.stderr.write(f"--- {name} failed; the end of its stderr:\n"
-                     + "\n".join((proc.stderr or "").splitlines()[-15:]) + "\n")
-  row["wall_s"] = round(time.time() - t0, 1)
-  return row
-
-
 def _ratio(a, b):
   return None if a is None or not b else a / b
 
@@ -251,7 +224,8 @@ def main() -> None:
     names.insert(0, "forward")  # Every ratio needs it.
   start, rows = time.time(), []
   for name in names:
-    rows.append(spawn(name, args))
+    rows.append(children.spawn(__file__, name, mem_fraction=args.mem_fraction,
+                               timeout_s=args.child_timeout_s))
     print(f"[{time.time() - start:5.0f} s] {name}: {rows[-1].get('error', 'ok')}", flush=True)
   text = report(rows)
   for r in rows:
