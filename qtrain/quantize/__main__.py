@@ -43,20 +43,6 @@ from qtrain.quantize.export import load_quantized, ptq_providers, save_quantized
 from qtrain.quantize.gptq_awq import collect_stats, quantize_params
 from qtrain.quantize.rtn import weight_sites, weight_sites_checked
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training run (config.json, checkpoints/).")
-_RECIPE = flags.DEFINE_string("recipe", None, "Quant preset in configs/quant, e.g. w4a4kv4.")
-_METHOD = flags.DEFINE_enum("method", "rtn", ["rtn", "gptq", "awq"], "PTQ method.")
-_CALIB = flags.DEFINE_integer("calib_batches", 8, "Training batches for GPTQ/AWQ statistics.")
-_OUT = flags.DEFINE_string("out", None, "Output dir; default <workdir>/ptq_<recipe>_<method>.")
-_DATA = flags.DEFINE_string("data_dir", None, "Prepared data; default config.data.dir of the run.")
-_ACT_ORDER = flags.DEFINE_bool("act_order", False, "GPTQ: columns by decreasing Hessian diagonal.")
-_BLOCK = flags.DEFINE_integer("gptq_blocksize", 128, "GPTQ: columns per lazy-update block.")
-_DAMP = flags.DEFINE_float("gptq_damp", 0.01, "GPTQ: damping, a fraction of mean(diag H).")
-_GRID = flags.DEFINE_integer("awq_grid", 20, "AWQ: exponents searched in [0, 1].")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to quantize; default the latest.")
-_FFN_H = flags.DEFINE_bool("ffn_hadamard", False, "Fold the FFN Hadamard into the trained "
-                           "model (down_proj W -> H W, online H on its input) before PTQ.")
-flags.mark_flags_as_required(["workdir", "recipe"])
 
 
 def _method_kwargs(method: str) -> dict:
@@ -192,5 +178,26 @@ def main(argv):
   _print(m)
 
 
+def _define_flags() -> None:
+  """The CLI's flags, defined only when it runs: importing ``run`` (tests, the
+  sweep) must not claim --workdir, which qtrain.eval defines too."""
+  global _WORKDIR, _RECIPE, _METHOD, _CALIB, _OUT, _DATA, _ACT_ORDER, _BLOCK, _DAMP, _GRID, _STEP, _FFN_H
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Training run (config.json, checkpoints/).")
+  _RECIPE = flags.DEFINE_string("recipe", None, "Quant preset in configs/quant, e.g. w4a4kv4.")
+  _METHOD = flags.DEFINE_enum("method", "rtn", ["rtn", "gptq", "awq"], "PTQ method.")
+  _CALIB = flags.DEFINE_integer("calib_batches", 8, "Training batches for GPTQ/AWQ statistics.")
+  _OUT = flags.DEFINE_string("out", None, "Output dir; default <workdir>/ptq_<recipe>_<method>.")
+  _DATA = flags.DEFINE_string("data_dir", None, "Prepared data; default config.data.dir of the run.")
+  _ACT_ORDER = flags.DEFINE_bool("act_order", False, "GPTQ: columns by decreasing Hessian diagonal.")
+  _BLOCK = flags.DEFINE_integer("gptq_blocksize", 128, "GPTQ: columns per lazy-update block.")
+  _DAMP = flags.DEFINE_float("gptq_damp", 0.01, "GPTQ: damping, a fraction of mean(diag H).")
+  _GRID = flags.DEFINE_integer("awq_grid", 20, "AWQ: exponents searched in [0, 1].")
+  _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to quantize; default the latest.")
+  _FFN_H = flags.DEFINE_bool("ffn_hadamard", False, "Fold the FFN Hadamard into the trained "
+                             "model (down_proj W -> H W, online H on its input) before PTQ.")
+  flags.mark_flags_as_required(["workdir", "recipe"])
+
+
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
