@@ -47,3 +47,22 @@ def spawn(script: str, name: str, *, mem_fraction: float, timeout_s: float,
                      + "\n".join((proc.stderr or "").splitlines()[-15:]) + "\n")
   row["wall_s"] = round(time.time() - t0, 1)
   return row
+
+
+def run_all(script: str, names, args, report) -> list[dict]:
+  """Each variant of ``names`` in its own process, in order; prints the rows
+  and ``report(rows)``, and writes both to ``args.out`` (JSON) when set."""
+  start, rows = time.time(), []
+  for name in names:
+    rows.append(spawn(script, name, mem_fraction=args.mem_fraction,
+                      timeout_s=args.child_timeout_s))
+    print(f"[{time.time() - start:5.0f} s] {name}: {rows[-1].get('error', 'ok')}", flush=True)
+  text = report(rows)
+  for r in rows:
+    print(json.dumps(r))
+  print(text)
+  if args.out:
+    with open(args.out, "w", encoding="utf-8") as f:
+      json.dump({"rows": rows, "report": text, "argv": sys.argv[1:],
+                 "wall_s": round(time.time() - start, 1)}, f, indent=1)
+  return rows

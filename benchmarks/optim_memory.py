@@ -188,22 +188,8 @@ def main() -> None:
   if args.variant:
     child(args)
     return
-  start, rows = time.time(), []
-  for name in RECIPES:
-    if args.only and name not in args.only.split(","):
-      continue
-    rows.append(children.spawn(__file__, name, mem_fraction=args.mem_fraction,
-                                   timeout_s=args.child_timeout_s))
-    print(f"[{time.time() - start:5.0f} s] {name}: {rows[-1].get('error', 'ok')}", flush=True)
-  text = report(rows)
-  for r in rows:
-    print(json.dumps(r))
-  print(text)
-  if args.out:
-    with open(args.out, "w", encoding="utf-8") as f:
-      json.dump({"rows": rows, "report": text, "argv": sys.argv[1:],
-                 "wall_s": round(time.time() - start, 1)}, f, indent=1)
-
+  names = [n for n in RECIPES if not args.only or n in args.only.split(",")]
+  children.run_all(__file__, names, args, report)
 
 if __name__ == "__main__":
   main()

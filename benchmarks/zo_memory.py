@@ -222,20 +222,7 @@ def main() -> None:
   names = args.only.split(",") if args.only else list(VARIANTS)
   if "forward" not in names:
     names.insert(0, "forward")  # Every ratio needs it.
-  start, rows = time.time(), []
-  for name in names:
-    rows.append(children.spawn(__file__, name, mem_fraction=args.mem_fraction,
-                               timeout_s=args.child_timeout_s))
-    print(f"[{time.time() - start:5.0f} s] {name}: {rows[-1].get('error', 'ok')}", flush=True)
-  text = report(rows)
-  for r in rows:
-    print(json.dumps(r))
-  print(text)
-  if args.out:
-    with open(args.out, "w", encoding="utf-8") as f:
-      json.dump({"rows": rows, "report": text, "argv": sys.argv[1:],
-                 "wall_s": round(time.time() - start, 1)}, f, indent=1)
-
+  children.run_all(__file__, names, args, report)
 
 if __name__ == "__main__":
   main()
