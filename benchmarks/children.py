@@ -49,6 +49,21 @@ def spawn(script: str, name: str, *, mem_fraction: float, timeout_s: float,
   return row
 
 
+def ratio(a, b):
+  """a / b, or None when either is missing."""
+  return None if a is None or not b else a / b
+
+
+def finish_row(row: dict, device, losses) -> dict:
+  """``row`` with the device's peak memory (None where it keeps no stats) and
+  whether every timed loss was finite; printed as the child's JSON line."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  row["peak_bytes"] = (device.memory_stats() or {}).get("peak_bytes_in_use")
+  row["finite"] = bool(np.isfinite(losses).all())
+  print(json.dumps(row), flush=True)
+  return row
+
+
 def run_all(script: str, names, args, report) -> list[dict]:
   """Each variant of ``names`` in its own process, in order; prints the rows
   and ``report(rows)``, and writes both to ``args.out`` (JSON) when set."""

@@ -30,7 +30,6 @@ such). Restart steps (reset, refactorization, GaLore's SVD refresh) fall every
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import time
@@ -40,7 +39,6 @@ sys.path.insert(0, str(ROOT))
 
 import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax
-import numpy as np
 
 from benchmarks import children
 from benchmarks.train_step import load_config, synthetic_batch, time_steps
@@ -135,14 +133,7 @@ def child(args) -> None:
       box[0], m = compiled(box[0], batch)
       losses.append(float(m["loss"]))  # Host sync on the metrics.
     row["step_ms"] = 1e3 * time_steps(step, args.steps, args.warmup)
-  stats = devices[0].memory_stats() or {}
-  row["peak_bytes"] = stats.get("peak_bytes_in_use")
-  row["finite"] = bool(np.isfinite(losses).all())
-  print(json.dumps(row), flush=True)
-
-
-def _ratio(a, b):
-  return None if a is None or not b else a / b
+  children.finish_row(row, devices[0], losses)
 
 
 def report(rows: list[dict]) -> str:
@@ -158,15 +149,15 @@ def report(rows: list[dict]) -> str:
       continue
     lines.append(
         f"{r['variant']:<18} {r['params']:>12,} {gib(r['optimizer_bytes']):>8} "
-        f"{ratio(_ratio(r['optimizer_bytes'], base.get('optimizer_bytes'))):>8} "
-        f"{ratio(_ratio(r['optimizer_hidden_bytes'], base.get('optimizer_hidden_bytes'))):>8} "
-        f"{gib(r['peak_bytes']):>9} {ratio(_ratio(r['peak_bytes'], base.get('peak_bytes'))):>8} "
-        f"{r['step_ms']:>9.1f} {ratio(_ratio(r['step_ms'], base.get('step_ms'))):>8}")
+        f"{ratio(children.ratio(r['optimizer_bytes'], base.get('optimizer_bytes'))):>8} "
+        f"{ratio(children.ratio(r['optimizer_hidden_bytes'], base.get('optimizer_hidden_bytes'))):>8} "
+        f"{gib(r['peak_bytes']):>9} {ratio(children.ratio(r['peak_bytes'], base.get('peak_bytes'))):>8} "
+        f"{r['step_ms']:>9.1f} {ratio(children.ratio(r['step_ms'], base.get('step_ms'))):>8}")
   galore = next((r for r in rows if r["variant"] == "galore" and "error" not in r), None)
   if galore and base:
     x = galore["optimizer_bytes"] / base["optimizer_bytes"]
     lines.append(f"GaLore optimizer state: {x:.3f}x AdamW's (target <= {GALORE_TARGET}); "
-                 f"whole-step peak: {ratio(_ratio(galore['peak_bytes'], base['peak_bytes']))}x")
+                 f"whole-step peak: {ratio(children.ratio(galore['peak_bytes'], base['peak_bytes']))}x")
   return "\n".join(lines)
 
 

@@ -158,14 +158,7 @@ def child(args) -> None:
         box[0], m = compiled(box[0], batch)
         losses.append(float(m["loss"]))
     row["step_ms"] = 1e3 * time_steps(step, args.steps, args.warmup)
-  stats = devices[0].memory_stats() or {}
-  row["peak_bytes"] = stats.get("peak_bytes_in_use")
-  row["finite"] = bool(np.isfinite(losses).all())
-  print(json.dumps(row), flush=True)
-
-
-def _ratio(a, b):
-  return None if a is None or not b else a / b
+  children.finish_row(row, devices[0], losses)
 
 
 def report(rows: list[dict]) -> str:
@@ -187,11 +180,11 @@ def report(rows: list[dict]) -> str:
       continue
     lines.append(
         f"{r['variant']:<16} {gib(r['optimizer_bytes']):>8} {gib(r[key]):>9} "
-        f"{x(_ratio(r[key], base.get(key))):>6} {x(_ratio(r[key], adamw.get(key))):>8} "
-        f"{r['forwards']:>8} {ms(r['step_ms']):>9} {x(_ratio(r['step_ms'], base.get('step_ms'))):>6}")
+        f"{x(children.ratio(r[key], base.get(key))):>6} {x(children.ratio(r[key], adamw.get(key))):>8} "
+        f"{r['forwards']:>8} {ms(r['step_ms']):>9} {x(children.ratio(r['step_ms'], base.get('step_ms'))):>6}")
   mezo = next((r for r in ok if r["variant"] == "mezo"), None)
   if mezo and base:
-    v = _ratio(mezo[key], base[key])
+    v = children.ratio(mezo[key], base[key])
     lines.append(f"MeZO: {x(v)}x the forward pass (target <= {MEZO_TARGET}: "
                  f"{'met' if v is not None and v <= MEZO_TARGET else 'NOT met'})")
   return "\n".join(lines)

@@ -95,7 +95,6 @@ tokens `prepare` writes for them (pieces + EOS).
 from __future__ import annotations
 
 import argparse
-import base64
 import collections
 import dataclasses
 import gzip
@@ -120,7 +119,7 @@ _B64 = {c: i for i, c in enumerate(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")}
 
 
-def _b64_number(digits: str) -> int:
+def b64_number(digits: str) -> int:
   n = 0
   for c in digits:
     n = n * 64 + _B64[c]
@@ -139,7 +138,7 @@ def dict_entries(index_text: str, dict_bytes: bytes) -> list[str]:
     parts = line.split("\t")
     if len(parts) < 3 or parts[0].startswith(("00-database", "00database")):
       continue
-    spans.add((_b64_number(parts[1]), _b64_number(parts[2])))
+    spans.add((b64_number(parts[1]), b64_number(parts[2])))
   return [dict_bytes[o:o + n].decode("utf-8", "replace")
           for o, n in sorted(spans)]
 
@@ -471,13 +470,13 @@ class Source:
   read: Callable[[list[pathlib.Path]], Iterable[str]]
 
 
-def _read_bytes(path: pathlib.Path) -> bytes:
+def read_bytes(path: pathlib.Path) -> bytes:
   data = path.read_bytes()
   return gzip.decompress(data) if path.suffix in (".gz", ".dz") else data
 
 
-def _read_text(path: pathlib.Path) -> str:
-  return _read_bytes(path).decode("utf-8", "replace")
+def read_text(path: pathlib.Path) -> str:
+  return read_bytes(path).decode("utf-8", "replace")
 
 
 def _read_dict(paths: list[pathlib.Path]) -> Iterator[str]:
@@ -488,26 +487,26 @@ def _read_dict(paths: list[pathlib.Path]) -> Iterator[str]:
         f"a dictd dictionary is one .index and one .dict(.dz) file, found"
         f" {[str(p) for p in paths]}: reinstall its Debian package.")
   index, data = index[0], data[0]
-  yield from dict_documents(_read_text(index), _read_bytes(data))
+  yield from dict_documents(read_text(index), read_bytes(data))
 
 
 def _read_html(paths):
   for p in paths:
-    yield from html_sections(_read_text(p))
+    yield from html_sections(read_text(p))
 
 
 def _read_rst(paths):
-  return (rst_text(_read_text(p)) for p in paths)
+  return (rst_text(read_text(p)) for p in paths)
 
 
 def _read_roff(paths):
   # A link page (".so man2/open.2") reads as "" and is dropped as too short.
-  return (roff_text(_read_text(p)) for p in paths)
+  return (roff_text(read_text(p)) for p in paths)
 
 
 def _read_pod(paths):
   for p in paths:
-    yield from pod_sections(_read_text(p))
+    yield from pod_sections(read_text(p))
 
 
 PYDOC_PACKAGES = ("python-django-doc", "python-sqlalchemy-doc",

@@ -61,7 +61,7 @@ def _headwords(index_text: str) -> dict[tuple[int, int], str]:
     parts = line.split("\t")
     if len(parts) < 3:
       continue
-    span = (debian._b64_number(parts[1]), debian._b64_number(parts[2]))  # pylint: disable=protected-access
+    span = (debian.b64_number(parts[1]), debian.b64_number(parts[2]))
     if parts[0].startswith("00"):
       metadata.add(span)
     spans.setdefault(span, parts[0])
@@ -108,5 +108,5 @@ def examples(split: str, root: str | pathlib.Path = "/") -> Iterator[dict]:
     raise FileNotFoundError(
         f"sft_en reads the 1913 Webster's from {index} and {data}: "
         f"{debian.install_command(['dict-gcide'])}")
-  yield from define_examples(debian._read_text(index), debian._read_bytes(data), split)  # pylint: disable=protected-access
+  yield from define_examples(debian.read_text(index), debian.read_bytes(data), split)
   yield from recite_examples(split)
