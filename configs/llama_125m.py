@@ -23,6 +23,9 @@ def corpus(c, steps: int = 1600) -> None:
   """Sets ``c`` to train on data/debian_en for ``steps`` steps of 65,536 tokens."""
   c.data.update(dir="data/debian_en", seq_len=1024, global_batch_size=64,
                 eval_batch_size=32, eval_batches=16)
+  # Dictionary entries are short: a 1024-token row packs up to ~20 of them (46 of
+  # the SFT pairs); the packed cuDNN path needs the bound (data/global_batch.py).
+  c.model.attention_max_segments = 64
   c.optim.update(lr=1.5e-3, warmup_steps=min(200, steps // 10), decay_steps=0,
                  min_lr_ratio=0.1, weight_decay=0.1)
   c.train.update(steps=steps, log_every=50, eval_every=max(steps // 8, 1),
