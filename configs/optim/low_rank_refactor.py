@@ -1,0 +1,12 @@
+"""Low-rank layers with weight refactorization only (no momentum reset) every K
+updates: the refactorization half of Glentis et al.'s ablation.
+One point of configs/optim/_base.py.
+
+  python -m qtrain.train --config=configs/optim/low_rank_refactor.py --workdir=runs/optim/low_rank_refactor
+"""
+
+from qtrain.config.variants import config_module
+
+
+def get_config(arg: str = ""):
+  return config_module("optim._base").get_config(arg, recipe="low_rank_refactor")
