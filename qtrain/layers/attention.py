@@ -10,6 +10,12 @@ token s iff s <= t and both belong to the same packed segment.
 * ``xla``: the unfused reference (CPU, tests, float32). On an H100 it ran at a
   third of cuDNN's speed, so ``auto`` only picks it off-GPU.
 
+With the sequence split over the mesh's ``sequence`` axis and
+``context_parallel`` set (``ring`` | ``all_gather``), attention runs in
+``qtrain.parallel.context_parallel`` (explicit K/V exchange in ``shard_map``;
+the mask from positions and segment ids, so any token order is right);
+``none`` leaves the gathering of K/V to XLA.
+
 Named hook sites (``qtrain.layers.hooks``): ``query`` and ``key`` (after
 RoPE) and ``value``; the KV quantizer and online rotations attach there.
 """
@@ -29,6 +35,7 @@ from qtrain.layers.hooks import Hooks
 from qtrain.layers.linear import Linear
 from qtrain.layers.rope import apply_rope, inverse_frequencies
 from qtrain.layers.sharding import HEADS
+from qtrain.parallel import context_parallel as cp
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
@@ -103,11 +110,20 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, scale=None,
 
 
 def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *,
-                          impl: str = "auto", scale=None, max_segments: int = 16):
-  """Causal GQA attention; ``segment_ids_BT`` (0 = padding) masks packing."""
+                          impl: str = "auto", scale=None, max_segments: int = 16,
+                          positions_BT=None, context_parallel: str = "none"):
+  """Causal GQA attention; ``segment_ids_BT`` (0 = padding) masks packing.
+
+  ``context_parallel`` (see the module docstring) applies when the active
+  mesh splits the length; it reads ``positions_BT`` for the causal mask.
+  """
   N, K = q_BTNH.shape[2], k_BSKH.shape[2]
   if N % K:
     raise ValueError(f"{N} query heads are not a multiple of {K} kv heads")
+  cp.check_mode(context_parallel)
+  if context_parallel != "none" and cp.sequence_axis()[1] > 1:
+    return cp.context_parallel_attention(q_BTNH, k_BSKH, v_BSKH, positions_BT, segment_ids_BT,
+                                         mode=context_parallel, scale=scale)
   if resolve_impl(impl, q_BTNH.dtype) == "cudnn":
     return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, scale, max_segments)
   return xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, scale)
@@ -154,6 +170,8 @@ class Attention(nn.Module):
       v_BTKH = hooks.activation(self, "value", v_BTKH)
       out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT,
                                        impl=cfg.attention_impl,
-                                       max_segments=cfg.attention_max_segments)
+                                       max_segments=cfg.attention_max_segments,
+                                       positions_BT=positions_BT,
+                                       context_parallel=cfg.context_parallel)
     out_BTNH = checkpoint_name(nn.with_logical_constraint(out_BTNH, HEADS["q"]), "attention_out")
     return dense(cfg.d_model, ("q_heads", "embed"), name="o_proj")(out_BTNH.reshape(B, T, N * H))

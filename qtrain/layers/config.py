@@ -55,6 +55,10 @@ class ModelConfig:
   # Most packed segments per row the cuDNN path describes (0 = T, exact but
   # cuDNN's workspace grows with it: T=2048 asked for 536 GiB on an H100).
   attention_max_segments: int = 16
+  # With config.mesh.sequence > 1: none (XLA gathers K/V implicitly) | ring
+  # (K/V chunks passed around the sequence ring) | all_gather (K/V gathered
+  # explicitly). qtrain/parallel/context_parallel.py.
+  context_parallel: str = "none"
   init_std: float = 0.02
   # Weight forms by path (qtrain.layers.weights.FormRule); none matching: dense.
   weight_forms: tuple = ()
