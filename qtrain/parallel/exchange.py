@@ -35,6 +35,42 @@ method (``Dense``, ``DGC``, ``PowerSGD``), so the step reads the plan from it.
 Bytes on the wire are counted at trace time from the arrays handed to the
 collectives, as a ring moves them (sent per device): an all-reduce of B bytes
 sends 2 (D-1)/D B, an all-gather of B bytes per device sends (D-1) B.
+
+With ``fsdp`` > 1 (a ``data`` x ``fsdp`` mesh) the forward and backward stay
+XLA's: each layer's weights are gathered over ``fsdp`` inside the scan and the
+gradients leave reduce-scattered over ``fsdp``, as in the ``first_order``
+step. The exchange then runs per fsdp shard, in a ``shard_map`` manual over
+``fsdp`` nested in the family's one over ``data`` (``specs``: each param's
+spec, ``fsdp`` entries only), so no gradient is gathered over ``fsdp`` and the
+``data`` collectives move only the shard's own share:
+
+* ``dense``: ``pmean`` over ``data`` of each shard.
+* ``dgc``: top-k per (matrix, fsdp shard), with k scaled by the shard's share
+  of the matrix (``round(shard size x (1 - sparsity))``); values and shard-local
+  indices are all-gathered over ``data`` and scattered into the shard. This is
+  a per-shard top-k, not the tensor's: a shard whose entries are all small
+  still sends its k (Lin et al. select per tensor). The residual keeps what
+  was not sent, so error feedback still delivers the rest later.
+* ``powersgd``: the matrix ``M`` [n, m] is split over ``fsdp`` along its rows
+  (``embed`` first: q/k/v, gate/up), its columns (``embed`` last: down, o,
+  the embedding) or its scanned batch axes. Rows: ``P = M Q`` has local rows;
+  it is orthogonalised by gathering the small ``P`` [n, r] over ``fsdp`` and
+  taking the same reduced QR as the unsplit path (Gram + Cholesky would square
+  P's condition number in float32), then ``Q = M^T P`` is summed over
+  ``fsdp``. Columns: ``Q``'s rows of the shard's columns give partial ``P``,
+  summed over ``fsdp``; ``Q = M^T P`` has local rows, gathered over ``fsdp``
+  afterwards so the stored ``Q`` stays whole. ``P`` and ``Q`` are all-reduced
+  over ``data`` only, as without ``fsdp``.
+
+Per-replica state leaves ``[D, *param shape]`` are split over ``data`` and,
+on the param's dims, like the param (``state_shardings``): a device holds the
+error / residual of its own replica and fsdp shard. ``Q`` [*batch, m, r] is
+small and stays replicated. Bytes: ``Wire.sent`` counts only the ``data``
+collectives (per device, from its shard's arrays), ``Wire.dense`` the ``data``
+all-reduce of the same shards; the ``fsdp`` reduce-scatter of the gradient is
+XLA's in every method (and in ``first_order``) and is not counted;
+PowerSGD's extra ``fsdp`` collectives (P's gather, the partial-sum psums, Q's
+gather) are counted apart in ``Wire.sent_fsdp``.
 """
 
 from __future__ import annotations
@@ -52,6 +88,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from qtrain.config.validate import ConfigError
 
 AXIS = "data"
+FSDP = "fsdp"  # Split inside the exchange (per shard), never gathered.
 METHODS = ("dense", "dgc", "powersgd")
 FAMILY = "compressed"  # config.train.step of the family that runs the exchange.
 
@@ -194,6 +231,24 @@ def with_state_shardings(opt_shardings, abstract_opt_state, param_shardings, mes
       abstract_opt_state.exchange, param_shardings, mesh))
 
 
+def fsdp_specs(param_shardings):
+  """Each param's PartitionSpec with its ``fsdp`` entries only (the other axes
+  are refused by ``validate_exchange``): the nested shard_map's specs of a
+  replica's gradient."""
+
+  def leaf(sh):
+    spec = tuple(sh.spec) if isinstance(sh, NamedSharding) else ()
+    has = lambda a: a == FSDP or (isinstance(a, tuple) and FSDP in a)
+    return P(*(FSDP if has(a) else None for a in spec))
+
+  return jax.tree.map(leaf, param_shardings)
+
+
+def _split_dim(spec) -> int | None:
+  """The dim of a leaf that ``spec`` splits over ``fsdp`` (None: whole)."""
+  return next((i for i, a in enumerate(spec) if a == FSDP), None)
+
+
 # ------------------------------------------------------------ the wire --
 
 
@@ -201,10 +256,12 @@ class Wire:
   """The gradient collectives over ``data``, counting the bytes each device
   sends (ring algorithms; see the module docstring) from their arrays."""
 
-  def __init__(self, replicas: int):
+  def __init__(self, replicas: int, shards: int = 1):
     self.d = replicas
-    self.sent = 0.0  # Bytes this device sends this step.
+    self.f = shards  # The fsdp axis (1: none).
+    self.sent = 0.0  # Bytes this device sends over `data` this step.
     self.dense = 0.0  # Bytes the dense all-reduce of the same leaves would send.
+    self.sent_fsdp = 0.0  # Bytes of PowerSGD's own collectives over `fsdp`.
 
   def _allreduce_bytes(self, x) -> float:
     return 2 * (self.d - 1) / self.d * x.size * x.dtype.itemsize
@@ -219,6 +276,15 @@ class Wire:
   def all_gather(self, x):
     self.sent += (self.d - 1) * x.size * x.dtype.itemsize
     return jax.lax.all_gather(x, AXIS)
+
+  def psum_fsdp(self, x):
+    self.sent_fsdp += 2 * (self.f - 1) / self.f * x.size * x.dtype.itemsize
+    return jax.lax.psum(x, FSDP)
+
+  def gather_fsdp(self, x, axis: int):
+    """The whole of ``x`` split over ``fsdp`` along ``axis`` (tiled)."""
+    self.sent_fsdp += (self.f - 1) * x.size * x.dtype.itemsize
+    return jax.lax.all_gather(x, FSDP, axis=axis, tiled=True)
 
 
 # --------------------------------------------------------------- methods --
@@ -255,16 +321,54 @@ def _orthonormal(p_BNr):
   return q
 
 
-def powersgd_exchange(c, state: PowerSGD, n_batch: int, wire: Wire):
-  """(rank-r mean estimate, new PowerSGD state) of one leaf."""
+def _q_axis(split: int, n_batch: int) -> int:
+  """The axis of Q's leaf-shaped view ``[*batch, *shape[n_batch+1:], r]``
+  that matches the leaf's ``split`` dim (a column or batch dim)."""
+  return split if split < n_batch else split - 1
+
+
+def _q_view(c, state: PowerSGD, n_batch: int, shards: int, split: int):
+  """Q viewed like the leaf: [*batch, *columns' dims, r], whole over fsdp."""
+  whole = list(c.shape)
+  whole[split] *= shards
+  return state.q.reshape(*whole[:n_batch], *whole[n_batch + 1:], state.q.shape[-1])
+
+
+def powersgd_exchange(c, state: PowerSGD, n_batch: int, wire: Wire,
+                      split: int | None = None):
+  """(rank-r mean estimate, new PowerSGD state) of one leaf; ``split`` is the
+  dim of ``c`` (this device's shard) split over ``fsdp`` (see the module)."""
   batch, n, m = matrix_dims(c.shape, n_batch)
   hi = jax.lax.Precision.HIGHEST  # r is small; TF32 would lose the estimate's digits.
+  mm = lambda a, b: jnp.matmul(a, b, precision=hi)
   m_BNM = (c + _local(state.error)).reshape(batch, n, m)
-  q_BMr = state.q.reshape(batch, m, -1)
-  p_BNr = _orthonormal(wire.pmean(jnp.matmul(m_BNM, q_BMr, precision=hi)))
-  q_BMr = wire.pmean(jnp.matmul(jnp.swapaxes(m_BNM, 1, 2), p_BNr, precision=hi))
-  est_BNM = jnp.matmul(p_BNr, jnp.swapaxes(q_BMr, 1, 2), precision=hi)
+  rows = split == n_batch  # P's rows (M's) are this shard's; else M's columns or batch.
+  q_axis = None if split is None or rows else _q_axis(split, n_batch)
+  if q_axis is None:
+    q_BMr = state.q.reshape(batch, m, -1)
+  else:  # This shard's columns (or matrices) of Q.
+    view = _q_view(c, state, n_batch, wire.f, split)
+    size = view.shape[q_axis] // wire.f
+    local = jax.lax.dynamic_slice_in_dim(view, jax.lax.axis_index(FSDP) * size, size, q_axis)
+    q_BMr = local.reshape(batch, m, -1)
+  p_BNr = mm(m_BNM, q_BMr)
+  if q_axis is not None and split >= n_batch:  # Partial sums over the columns.
+    p_BNr = wire.psum_fsdp(p_BNr)
+  p_BNr = wire.pmean(p_BNr)
+  if rows:  # Orthogonalise the whole (small) P, keep this shard's rows.
+    whole = _orthonormal(wire.gather_fsdp(p_BNr, axis=1))
+    p_BNr = jax.lax.dynamic_slice_in_dim(whole, jax.lax.axis_index(FSDP) * n, n, 1)
+  else:
+    p_BNr = _orthonormal(p_BNr)
+  q_BMr = mm(jnp.swapaxes(m_BNM, 1, 2), p_BNr)
+  if rows:  # Partial sums over M's rows.
+    q_BMr = wire.psum_fsdp(q_BMr)
+  q_BMr = wire.pmean(q_BMr)
+  est_BNM = mm(p_BNr, jnp.swapaxes(q_BMr, 1, 2))
   error = (m_BNM - est_BNM).reshape(c.shape)[None]
+  if q_axis is not None:  # Stored whole: gather the shards' rows of Q.
+    view = q_BMr.reshape(*c.shape[:n_batch], *c.shape[n_batch + 1:], -1)
+    q_BMr = wire.gather_fsdp(view, axis=q_axis)
   return est_BNM.reshape(c.shape), PowerSGD(error, q_BMr.reshape(state.q.shape))
 
 
@@ -275,24 +379,61 @@ def _clip(tree, max_norm):
   return jax.tree.map(lambda x: x * scale.astype(x.dtype), tree)
 
 
-def exchange(contrib, states, ex, wire: Wire, *, sparsity: float | None = None):
-  """(mean estimate, new states) over ``data`` of every leaf of ``contrib``
-  (inside a shard_map over ``data``); ``sparsity`` is DGC's current stage."""
-  if ex.method == "dgc" and ex.dgc.clip > 0:
-    contrib = _clip(contrib, ex.dgc.clip / math.sqrt(wire.d))
+def _exchange_leaves(contrib, states, splits, ex, wire: Wire, sparsity):
+  """``exchange`` of every leaf as this device holds it (a whole leaf, or its
+  fsdp shard with ``splits`` naming the split dim)."""
   leaves, treedef = jax.tree.flatten(contrib)
   out, new = [], []
-  for c, state in zip(leaves, treedef.flatten_up_to(states)):
+  for c, state, split in zip(leaves, treedef.flatten_up_to(states),
+                             treedef.flatten_up_to(splits)):
     wire.count_dense(c)
-    if isinstance(state, DGC):
+    if isinstance(state, DGC):  # k from the shard's size: per-shard top-k.
       est, state = dgc_exchange(c, state, sparsity, ex.dgc.momentum, wire)
     elif isinstance(state, PowerSGD):
-      est, state = powersgd_exchange(c, state, state.q.ndim - 2, wire)
+      est, state = powersgd_exchange(c, state, state.q.ndim - 2, wire, split)
     else:
       est = wire.pmean(c)
     out.append(est)
     new.append(state)
   return jax.tree.unflatten(treedef, out), jax.tree.unflatten(treedef, new)
+
+
+def _shard_specs(states, specs):
+  """The nested shard_map's specs of the compressor state: per-replica leaves
+  [1, *shape] split like their param, Q whole."""
+
+  def leaf(state, spec):
+    per_replica = P(None, *spec)
+    if isinstance(state, DGC):
+      return DGC(per_replica, per_replica, state.n_batch)
+    if isinstance(state, PowerSGD):
+      return PowerSGD(per_replica, P())
+    return Dense()
+
+  return jax.tree.map(leaf, states, specs, is_leaf=_is_state)
+
+
+def exchange(contrib, states, ex, wire: Wire, *, sparsity: float | None = None,
+             specs=None):
+  """(mean estimate, new states) over ``data`` of every leaf of ``contrib``
+  (inside a shard_map over ``data``); ``sparsity`` is DGC's current stage.
+  ``specs`` (``fsdp_specs`` of the params; None: nothing split) runs the
+  exchange per fsdp shard in a shard_map manual over ``fsdp``."""
+  if ex.method == "dgc" and ex.dgc.clip > 0:  # The replica's whole gradient (fsdp auto).
+    contrib = _clip(contrib, ex.dgc.clip / math.sqrt(wire.d))
+  is_spec = lambda x: isinstance(x, P)
+  if specs is None or all(_split_dim(s) is None
+                          for s in jax.tree.leaves(specs, is_leaf=is_spec)):
+    splits = jax.tree.map(lambda _: None, contrib)
+    return _exchange_leaves(contrib, states, splits, ex, wire, sparsity)
+  splits = jax.tree.map(_split_dim, specs, is_leaf=is_spec)
+  state_specs = _shard_specs(states, specs)
+  body = lambda c, s: _exchange_leaves(c, s, splits, ex, wire, sparsity)
+  # check_vma=False as in the family: the data collectives' results are equal
+  # over `data` but typed as varying; fsdp stays manual only here.
+  return jax.shard_map(body, mesh=jax.sharding.get_abstract_mesh(), axis_names={FSDP},
+                       in_specs=(specs, state_specs), out_specs=(specs, state_specs),
+                       check_vma=False)(contrib, states)
 
 
 # ------------------------------------------------------------ warm-up --
@@ -344,10 +485,12 @@ def validate_exchange(cfg) -> None:
     raise ConfigError(f"config.exchange.dgc.momentum={d.momentum} must lie in [0, 1) and "
                       f"config.exchange.dgc.clip={d.clip} be >= 0 (0 = off)")
   if step == FAMILY:
-    others = {a: cfg.mesh[a] for a in ("fsdp", "pipeline", "sequence", "tensor")
+    others = {a: cfg.mesh[a] for a in ("pipeline", "sequence", "tensor")
               if cfg.mesh[a] != 1}
     if others:
       raise ConfigError(
-          f"config.train.step={FAMILY!r} supports pure data parallelism for now: "
+          f"config.train.step={FAMILY!r} runs on a data x fsdp mesh only: "
           + ", ".join(f"config.mesh.{a}={n}" for a, n in others.items())
-          + " must be 1; put the devices on config.mesh.data")
+          + " must be 1 (the exchange splits gradients per fsdp shard, not per "
+          "tensor / sequence / pipeline shard); put the devices on config.mesh.data "
+          "and config.mesh.fsdp")

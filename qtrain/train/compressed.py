@@ -10,11 +10,18 @@ is ``first_order``'s: ``apply_if_finite`` with the run's optimizer, and the
 compressor state (in the optimizer state: ``ExchangeState``) advances only on
 a finite step, so a skipped step leaves residuals and Q untouched.
 
-Composition with other axes: only ``data`` is manual in the shard_map (the
-other mesh axes would stay with XLA), but for now the family is validated for
-pure data parallelism (``fsdp``, ``sequence``, ``tensor``, ``pipeline`` = 1):
-top-k and the power iteration over an FSDP-split gradient are left for later.
-Inside the shard_map the logical rules lose ``data`` (the rows are local).
+Composition with ``fsdp`` (a ``data`` x ``fsdp`` mesh): only ``data`` is
+manual in the shard_map, so the forward and backward inside it are the
+``first_order`` step's FSDP, left to XLA: each scanned layer's weights are
+gathered over ``fsdp`` and its gradients reduce-scattered, and a replica's
+gradient leaves the backward split over ``fsdp`` like its params. Writing
+that FSDP by hand would buy nothing the exchange needs. The exchange then
+makes ``fsdp`` manual for itself alone (a nested shard_map, with the params'
+specs: ``exchange.fsdp_specs``), so it compresses each fsdp shard where it
+lies and no gradient is gathered (``qtrain/parallel/exchange.py`` says how
+DGC and PowerSGD act per shard). ``sequence``, ``tensor`` and ``pipeline``
+must be 1 (validated). Inside the shard_map the logical rules lose ``data``
+(the rows are local); ``activation_batch`` keeps ``fsdp``.
 
 DGC's sparsity warm-up is one compiled step: each stage is a ``lax.switch``
 branch with its own static k, picked by the step counter on device.
@@ -22,7 +29,10 @@ branch with its own static k, picked by the step counter on device.
 Metrics beside ``step_metrics``'s: ``exchange/bytes_sent`` (bytes a device
 sends for the gradient per step, from the arrays the collectives move),
 ``exchange/bytes_dense`` (what the dense all-reduce of the same gradient
-sends), ``exchange/ratio`` (their quotient) and, for DGC, ``exchange/sparsity``.
+sends), ``exchange/ratio`` (their quotient) and, for DGC, ``exchange/sparsity``;
+with ``fsdp`` > 1, ``exchange/bytes_fsdp`` (PowerSGD's own collectives over
+``fsdp``; the gradient's reduce-scatter over ``fsdp`` is XLA's in every method
+and uncounted).
 """
 
 from __future__ import annotations
@@ -54,16 +64,18 @@ def _without_data(rules):
   return tuple((name, strip(axes)) for name, axes in rules)
 
 
-def _exchange_stages(cfg, contrib, states, replicas, step):
-  """(estimate, new states, bytes sent, bytes dense, sparsity) of this step;
-  DGC's stages are branches of one ``lax.switch``."""
+def _exchange_stages(cfg, contrib, states, replicas, step, specs):
+  """(estimate, new states, bytes sent, bytes dense, bytes over fsdp, sparsity)
+  of this step; DGC's stages are branches of one ``lax.switch``."""
   ex = cfg.exchange
   stages = ex_lib.dgc_stages(ex.dgc) if ex.method == "dgc" else (None,)
+  shards = jax.sharding.get_abstract_mesh().shape.get(ex_lib.FSDP, 1)
 
   def branch(sparsity):
-    wire = ex_lib.Wire(replicas)
-    est, new = ex_lib.exchange(contrib, states, ex, wire, sparsity=sparsity)
-    return est, new, jnp.float32(wire.sent), jnp.float32(wire.dense)
+    wire = ex_lib.Wire(replicas, shards)
+    est, new = ex_lib.exchange(contrib, states, ex, wire, sparsity=sparsity, specs=specs)
+    return (est, new, jnp.float32(wire.sent), jnp.float32(wire.dense),
+            jnp.float32(wire.sent_fsdp))
 
   if len(stages) == 1:
     out = branch(stages[0])
@@ -75,7 +87,8 @@ def _exchange_stages(cfg, contrib, states, replicas, step):
   return (*out, sparsity)
 
 
-def _replica_step(params, states, batch, rng, step, *, loss_fn, cfg, replicas, rules):
+def _replica_step(params, states, batch, rng, step, *, loss_fn, cfg, replicas, rules,
+                  specs):
   """One replica's part, inside the shard_map: its loss and gradient, the
   exchange, and the metrics reduced over ``data``."""
   # Each replica draws its own stochastic-rounding bits.
@@ -85,7 +98,8 @@ def _replica_step(params, states, batch, rng, step, *, loss_fn, cfg, replicas, r
   total = jax.lax.psum(aux["tokens"], AXIS)
   share = aux["tokens"] / jnp.maximum(total, 1.0)  # Of the global token mean.
   contrib = jax.tree.map(lambda g: g * (share * replicas).astype(g.dtype), grads)
-  est, states, sent, dense, sparsity = _exchange_stages(cfg, contrib, states, replicas, step)
+  est, states, sent, dense, sent_fsdp, sparsity = _exchange_stages(
+      cfg, contrib, states, replicas, step, specs)
   weighted = lambda x: jax.lax.psum(share * x, AXIS)
   aux = {"loss": weighted(aux["loss"]), "z_loss": weighted(aux["z_loss"]), "tokens": total,
          "sown": jax.tree.map(lambda x: jax.lax.pmean(x, AXIS), aux["sown"])}
@@ -93,11 +107,14 @@ def _replica_step(params, states, batch, rng, step, *, loss_fn, cfg, replicas, r
              "exchange/ratio": dense / jnp.maximum(sent, 1.0)}
   if cfg.exchange.method == "dgc":
     metrics["exchange/sparsity"] = sparsity
+  if jax.sharding.get_abstract_mesh().shape.get(ex_lib.FSDP, 1) > 1:
+    metrics["exchange/bytes_fsdp"] = sent_fsdp
   return est, states, weighted(objective), aux, metrics
 
 
-def train_step(state: TrainState, batch, *, loss_fn, tx, schedule, cfg, mesh):
-  """(state, batch) -> (state, metrics); pure, jitted by ``build``."""
+def train_step(state: TrainState, batch, *, loss_fn, tx, schedule, cfg, mesh, specs=None):
+  """(state, batch) -> (state, metrics); pure, jitted by ``build``. ``specs``:
+  the params' fsdp specs (``exchange.fsdp_specs``; None: nothing split)."""
   opt = state.opt_state
   if not isinstance(opt, ex_lib.ExchangeState):
     raise TypeError(
@@ -106,7 +123,7 @@ def train_step(state: TrainState, batch, *, loss_fn, tx, schedule, cfg, mesh):
   replicas = mesh.shape[AXIS]
   state_specs = ex_lib.state_specs(opt.exchange)
   local = functools.partial(_replica_step, loss_fn=loss_fn, cfg=cfg, replicas=replicas,
-                            rules=_without_data(nn.get_logical_axis_rules()))
+                            rules=_without_data(nn.get_logical_axis_rules()), specs=specs)
   # check_vma=False: with it, differentiating the replicated params inside the
   # body sums their gradient over `data` implicitly (a dense all-reduce before
   # any compression: the dense test saw 8x the gradient), and DGC's all_gather
@@ -143,7 +160,8 @@ def build(ctx: StepContext):
   mesh = ctx.batch_sh.mesh
   state_sh = state_shardings(ctx)
   step = functools.partial(train_step, loss_fn=ctx.loss_fn, tx=ctx.tx, schedule=ctx.schedule,
-                           cfg=ctx.cfg, mesh=mesh)
+                           cfg=ctx.cfg, mesh=mesh,
+                           specs=ex_lib.fsdp_specs(ctx.state_sh.params))
   return jax.jit(step, in_shardings=(state_sh, ctx.batch_sh),
                  out_shardings=(state_sh, ctx.out_sh), donate_argnums=(0,))
 

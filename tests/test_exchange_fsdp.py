@@ -1,0 +1,227 @@
+"""The compressed exchange on a ``data`` x ``fsdp`` mesh (8 fake CPU devices):
+each replica's gradient stays split over ``fsdp`` and is compressed per shard
+(qtrain/parallel/exchange.py, qtrain/train/compressed.py).
+
+References: the ``first_order`` step on the same mesh and on one device
+(dense), the float64 mean of the replicas' contributions (PowerSGD at full
+rank, DGC sending everything), the same exchange on ``data`` alone (PowerSGD
+at low rank: splitting over fsdp must not change it), a float64 NumPy DGC
+run per fsdp shard (the per-shard merge), the compiled HLO (what crosses
+``data``), and an uninterrupted run (resume).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import parallel_util as pu
+from qtrain.config import ConfigError, base_config, validate
+from qtrain.data.global_batch import to_global
+from qtrain.parallel import exchange as ex_lib
+from qtrain.train import abstract_state, init_state, make_steps, state_shardings
+from qtrain.train.checkpoint import Checkpointer
+
+D, F = 4, 2  # data x fsdp.
+
+# Leaves split over fsdp the ways the rules split params (``embed`` is the
+# fsdp dim): rows (q/k/v, gate/up: [L, embed, out]), columns (down, the
+# embedding: [.., embed] last), a column dim inside m (o_proj [L, heads, hd,
+# embed]), a scanned batch dim (no rule does it; supported all the same), and
+# one unsplit. name -> (shape, n_batch, fsdp spec).
+LEAVES = {
+    "rows": ((2, 16, 12), 1, P(None, "fsdp", None)),
+    "cols": ((16, 12), 0, P(None, "fsdp")),
+    "inner": ((2, 4, 6, 8), 1, P(None, None, None, "fsdp")),
+    "batch": ((4, 8, 6), 1, P("fsdp", None, None)),
+    "whole": ((8, 10), 0, P(None, None)),
+}
+
+
+def _ex(method, **groups):
+  ex = base_config().exchange
+  ex.method = method
+  for name, values in groups.items():
+    ex[name].update(values)
+  return ex
+
+
+def _mesh(data, fsdp):
+  return jax.sharding.Mesh(np.array(jax.devices()[:data * fsdp]).reshape(data, fsdp),
+                           (ex_lib.AXIS, ex_lib.FSDP))
+
+
+def _exchange_fn(ex, states, mesh, sparsity=None):
+  """jitted (contrib {name: [D, *shape]}, states) -> (estimate, states, bytes
+  over data, bytes over fsdp): a shard_map manual over ``data`` (fsdp auto,
+  the leaves split as LEAVES say), as the family calls the exchange."""
+  d, f = mesh.shape[ex_lib.AXIS], mesh.shape[ex_lib.FSDP]
+  specs = {k: (s if f > 1 else P()) for k, (_, _, s) in LEAVES.items()}
+  outer = ex_lib.state_specs(states)
+
+  def local(contrib, states):
+    wire = ex_lib.Wire(d, f)
+    est, new = ex_lib.exchange(jax.tree.map(lambda c: c[0], contrib), states, ex, wire,
+                               sparsity=sparsity, specs=specs if f > 1 else None)
+    return est, new, jnp.float32(wire.sent), jnp.float32(wire.sent_fsdp)
+
+  body = jax.shard_map(local, mesh=mesh, axis_names={ex_lib.AXIS}, check_vma=False,
+                       in_specs=(P(ex_lib.AXIS), outer), out_specs=(P(), outer, P(), P()))
+  sh = lambda spec: NamedSharding(mesh, spec)
+  contrib_sh = {k: sh(P(ex_lib.AXIS, *s)) for k, s in specs.items()}
+  state_sh = jax.tree.map(
+      lambda st, s: (ex_lib.DGC(sh(P(ex_lib.AXIS, *s)), sh(P(ex_lib.AXIS, *s)), st.n_batch)
+                     if isinstance(st, ex_lib.DGC) else
+                     ex_lib.PowerSGD(sh(P(ex_lib.AXIS, *s)), sh(P()))),
+      states, specs, is_leaf=lambda x: isinstance(x, (ex_lib.DGC, ex_lib.PowerSGD)))
+  return jax.jit(body, in_shardings=(contrib_sh, state_sh),
+                 out_shardings=({k: sh(s) for k, s in specs.items()}, state_sh,
+                                sh(P()), sh(P())))
+
+
+def _contribs(seed):
+  rng = np.random.default_rng(seed)
+  return {k: rng.normal(size=(D, *shape)).astype(np.float32)
+          for k, (shape, _, _) in LEAVES.items()}
+
+
+def _powersgd_states(rank=None, seed=0):
+  """PowerSGD states of LEAVES (rank None: full rank min(n, m))."""
+  rng, states = np.random.default_rng(seed), {}
+  for k, (shape, n_batch, _) in LEAVES.items():
+    _, n, m = ex_lib.matrix_dims(shape, n_batch)
+    r = min(n, m) if rank is None else rank
+    q = rng.normal(size=(*shape[:n_batch], m, r)).astype(np.float32)
+    states[k] = ex_lib.PowerSGD(np.zeros((D, *shape), np.float32), q)
+  return states
+
+
+def _dgc_states():
+  return {k: ex_lib.DGC(np.zeros((D, *shape), np.float32), np.zeros((D, *shape), np.float32),
+                        n_batch=n_batch) for k, (shape, n_batch, _) in LEAVES.items()}
+
+
+def test_powersgd_at_full_rank_is_the_mean_on_data_x_fsdp():
+  c = _contribs(1)
+  states = _powersgd_states()
+  est, new, sent, sent_fsdp = _exchange_fn(_ex("powersgd"), states, _mesh(D, F))(c, states)
+  for k in LEAVES:
+    mean = c[k].astype(np.float64).mean(0)
+    # f32 QR and two f32 matmuls on O(1) entries: ~1e-6 relative; 1e-5 leaves margin.
+    np.testing.assert_allclose(np.asarray(est[k]), mean, rtol=0,
+                               atol=1e-5 * np.abs(mean).max(), err_msg=k)
+    assert np.abs(np.asarray(new[k].error).mean(0)).max() < 1e-5, k
+  # Bytes over data, per device, from the shard's own P and Q (f32, ring all-reduce):
+  # rows split: P [B, n/F, r], Q [B, m, r]; columns or batch split: P [B, n, r] of
+  # the shard's matrices, Q [B, m/F, r]; unsplit: both whole.
+  elems = {"rows": 2 * (8 * 12 + 12 * 12), "cols": 16 * 12 + 6 * 12,
+           "inner": 2 * (4 * 4 + 24 * 4), "batch": 2 * (8 * 6 + 6 * 6), "whole": 8 * 8 + 10 * 8}
+  assert float(sent) == pytest.approx(2 * (D - 1) / D * 4 * sum(elems.values()))
+  assert float(sent_fsdp) > 0  # P's gather, the partial sums, Q's gather.
+
+
+def test_powersgd_split_over_fsdp_equals_it_on_data_alone():
+  """Rank 2 over three steps (warm-started Q, error feedback): splitting the
+  gradient over fsdp changes only the float32 summation order."""
+  ex = _ex("powersgd", powersgd={"rank": 2})
+  split = _exchange_fn(ex, _powersgd_states(2), _mesh(D, F))
+  whole = _exchange_fn(ex, _powersgd_states(2), _mesh(D, 1))
+  s_split = s_whole = _powersgd_states(2)
+  for step in range(3):
+    c = _contribs(10 + step)
+    e_split, s_split, _, _ = split(c, s_split)
+    e_whole, s_whole, _, _ = whole(c, s_whole)
+    for k in LEAVES:
+      # O(1) values through QR and three matmuls, errors fed back 3 times: 1e-4.
+      np.testing.assert_allclose(np.asarray(e_split[k]), np.asarray(e_whole[k]), rtol=0,
+                                 atol=1e-4, err_msg=k)
+      np.testing.assert_allclose(np.asarray(s_split[k].q), np.asarray(s_whole[k].q), rtol=0,
+                                 atol=1e-4, err_msg=k)
+      np.testing.assert_allclose(np.asarray(s_split[k].error), np.asarray(s_whole[k].error),
+                                 rtol=0, atol=1e-4, err_msg=k)
+
+
+def _shards(x, n_batch, spec):
+  """[D, *shape] -> list over fsdp shards of [D, batch, n m] (shard-flattened)."""
+  split = ex_lib._split_dim(spec)  # pylint: disable=protected-access
+  blocks = [x] if split is None else np.split(x, F, axis=1 + split)
+  return [b.reshape(D, *ex_lib.matrix_dims(b.shape[1:], n_batch)[:1], -1) for b in blocks]
+
+
+def _unshard(blocks, shape, spec):
+  split = ex_lib._split_dim(spec)  # pylint: disable=protected-access
+  if split is None:
+    return blocks[0].reshape(shape)
+  local = list(shape)
+  local[split] //= F
+  return np.concatenate([b.reshape(local) for b in blocks], axis=split)
+
+
+def _numpy_dgc(c, u, v, sparsity, momentum):
+  """float64 DGC of Lin et al. on [D, batch, N] (momentum correction,
+  accumulation, top-k per row of N, factor masking): (mean, u, v)."""
+  k = max(1, round(c.shape[-1] * (1 - sparsity)))
+  u = momentum * u + c
+  v = v + u
+  est = np.zeros(c.shape[1:])
+  for r in range(c.shape[0]):
+    for b in range(c.shape[1]):
+      top = np.argsort(-np.abs(v[r, b]))[:k]
+      est[b, top] += v[r, b, top]
+      u[r, b, top] = 0.0
+      v[r, b, top] = 0.0
+  return est / c.shape[0], u, v
+
+
+def _local_shape(shape, spec):
+  split = ex_lib._split_dim(spec)  # pylint: disable=protected-access
+  return tuple(n // F if i == split else n for i, n in enumerate(shape))
+
+
+def test_dgc_is_a_top_k_per_fsdp_shard():
+  """Three steps at 90% with momentum 0.9 against a float64 DGC run on each
+  fsdp shard as its own matrix (k = round(shard size x 0.1))."""
+  sparsity, momentum = 0.9, 0.9
+  ex = _ex("dgc", dgc={"momentum": momentum})
+  states = _dgc_states()
+  step = _exchange_fn(ex, states, _mesh(D, F), sparsity=sparsity)
+  ref = {k: [(np.zeros(b.shape), np.zeros(b.shape))
+             for b in _shards(np.zeros((D, *shape)), n_batch, spec)]
+         for k, (shape, n_batch, spec) in LEAVES.items()}
+  for t in range(3):
+    c = _contribs(20 + t)
+    est, states, sent, _ = step(c, states)
+    for k, (shape, n_batch, spec) in LEAVES.items():
+      outs = [_numpy_dgc(b.astype(np.float64), u, v, sparsity, momentum)
+              for b, (u, v) in zip(_shards(c[k], n_batch, spec), ref[k])]
+      ref[k] = [(u, v) for _, u, v in outs]
+      # float32 accumulation of O(1) values over 3 steps: 1e-5 absolute.
+      want = _unshard([e for e, _, _ in outs], shape, spec)
+      np.testing.assert_allclose(np.asarray(est[k]), want, atol=1e-5, err_msg=k)
+      for name, got, i in (("momentum", states[k].momentum, 0), ("residual", states[k].residual, 1)):
+        for j, (b, r) in enumerate(zip(_shards(np.asarray(got), n_batch, spec), ref[k])):
+          np.testing.assert_allclose(b, r[i], atol=1e-5, err_msg=f"{k} {name} shard {j}")
+  # Per device: k f32 values + k s32 indices of each matrix of its own shard,
+  # all-gathered over data: (D-1) x 8 bytes x k x matrices.
+  expected = 0
+  for shape, n_batch, spec in LEAVES.values():
+    local = _local_shape(shape, spec)
+    k = max(1, round(int(np.prod(local[n_batch:])) * (1 - sparsity)))
+    expected += (D - 1) * 8 * k * int(np.prod(local[:n_batch]))
+  assert float(sent) == expected
+
+
+def test_dgc_sending_everything_is_the_mean_on_data_x_fsdp():
+  c = _contribs(30)
+  states = _dgc_states()
+  est, new, _, _ = _exchange_fn(_ex("dgc"), states, _mesh(D, F), sparsity=0.0)(c, states)
+  for k in LEAVES:
+    # k = every entry of the shard: a sum of 4 float32 values, /4.
+    np.testing.assert_allclose(np.asarray(est[k]), c[k].astype(np.float64).mean(0), rtol=0,
+                               atol=1e-6, err_msg=k)
+    assert not np.asarray(new[k].residual).any()
