@@ -165,6 +165,12 @@ def base_config() -> ml_collections.ConfigDict:
       init_from="",
       # Step family (registry in qtrain/train/families.py): first_order.
       step="first_order",
+      # Microbatches per optimizer step (first_order only): the global batch is
+      # split into this many, gradients summed in float32 over a scan, one
+      # update; same loss and gradient as the whole batch at once
+      # (qtrain/train/first_order.py). global_batch_size must divide by it
+      # times data x fsdp.
+      grad_accum_steps=1,
       # Flax collections the train step applies as mutable and returns as
       # metrics, e.g. ("intermediates",) for values sown with self.sow.
       collect=(),

@@ -105,6 +105,7 @@ def _check_data_train(c, n_devices: int) -> None:
            f"{c.model.max_seq_len}, the longest sequence RoPE positions are set up for; "
            "raise max_seq_len (and rope_theta/rope_scaling) or shorten seq_len")
   _check_mesh(c, n_devices)
+  _check_accum(c, n_devices)
   _require(t.nan_policy in ("skip", "stop"),
            f"config.train.nan_policy={t.nan_policy!r}; use 'skip' or 'stop'")
   _require(t.steps > 0, f"config.train.steps={t.steps} must be > 0")
@@ -122,6 +123,32 @@ def _check_mesh(c, n_devices: int) -> None:
     raise ConfigError(str(e)) from None
   if notes and jax.process_index() == 0:
     print("\n".join(notes), flush=True)
+
+
+def _check_accum(c, n_devices: int) -> None:
+  """``config.train.grad_accum_steps``: the first-order step splits each
+  device's rows into that many microbatches (qtrain/train/first_order.py)."""
+  from qtrain.parallel.mesh import mesh_sizes  # pylint: disable=g-import-not-at-top
+  k, t = c.train.get("grad_accum_steps", 1), c.train
+  _require(isinstance(k, int) and not isinstance(k, bool) and k >= 1,
+           f"config.train.grad_accum_steps={k!r} must be an int >= 1 (1 = no accumulation)")
+  if k == 1:
+    return
+  _require(t.step == "first_order",
+           f"config.train.grad_accum_steps={k} needs config.train.step='first_order' (got "
+           f"{t.step!r}, which does not accumulate); set grad_accum_steps=1 or use first_order")
+  _require(not tuple(t.collect),
+           f"config.train.grad_accum_steps={k} with config.train.collect={tuple(t.collect)}: "
+           "sown values are not combined over microbatches; set collect=() or "
+           "grad_accum_steps=1 (telemetry works: config.telemetry)")
+  s = mesh_sizes(c.mesh, n_devices)
+  rows, n = s["data"] * s["fsdp"], c.data.global_batch_size
+  _require(n % (k * rows) == 0,
+           f"config.data.global_batch_size={n} is not a multiple of config.train."
+           f"grad_accum_steps x config.mesh.data x fsdp = {k} x {rows} = {k * rows} (each "
+           "device splits its rows into grad_accum_steps microbatches); use global_batch_size="
+           f"{max(k * rows, n // (k * rows) * k * rows)} or a grad_accum_steps dividing "
+           f"{n // rows}")
 
 
 def _check_optim_and_step(c) -> None:

@@ -3,34 +3,150 @@
 A non-finite objective or gradient norm is detected inside the step: the
 update is dropped (``apply_if_finite``), ``skipped`` counts it, and the
 metrics carry ``finite=0`` so the loop can stop if the config says so.
+
+Gradient accumulation (``config.train.grad_accum_steps`` = k; MaxText's
+``gradient_accumulation_steps``) reaches a large batch per optimizer step on
+few devices: the global batch is split into k microbatches, a ``lax.scan``
+sums their gradients in float32, and one update follows. The loss is a mean
+over the scored tokens of the *whole* batch, so each microbatch contributes
+its token-mean objective times its token count n_j, and the sum is divided
+by N = sum_j n_j at the end:
+
+  grad = (1/N) sum_j n_j grad(L_j) = grad(sum_j nll_j / N),
+
+the full-batch gradient up to float32 reassociation, even when loss masks
+give microbatches very different n_j (a mean of microbatch means would not
+be). Metrics are those of the whole batch. Microbatch j holds rows j, j+k,
+j+2k, ... of every device's block of rows (the batch axis reshaped to
+[B/k, k] with the sharded axis first), so every microbatch stays split over
+data x fsdp and the split moves no data between devices. Each microbatch
+draws its quantizer randomness from the step key folded with j.
+
+Activation telemetry (``config.telemetry``) is combined exactly: every value
+is a mean over real tokens (weighted here by each microbatch's real-token
+count) except ``max_abs``, a maximum. Other sown collections
+(``config.train.collect``) are refused with accumulation by validation.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
+from qtrain.analysis import telemetry
 from qtrain.train.families import (StepContext, apply_if_finite, register_step_family,
                                    step_metrics)
 from qtrain.train.state import TrainState, step_key
 
 
-def train_step(state: TrainState, batch, *, loss_fn, tx, schedule):
-  """(state, batch) -> (state, metrics); pure, jitted by ``build``."""
-  (objective, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, batch, step_key(state))
+def train_step(state: TrainState, batch, *, loss_fn, tx, schedule, accum=None):
+  """(state, batch) -> (state, metrics); pure, jitted by ``build``. ``accum``
+  (a ``functools.partial`` of ``accumulate``) splits the batch into
+  microbatches; None differentiates it whole."""
+  if accum is None:
+    (objective, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, step_key(state))
+  else:
+    objective, aux, grads = accum(loss_fn, state.params, batch, step_key(state))
   grad_norm = optax.tree.norm(grads).astype(jnp.float32)
   finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
   new_state = apply_if_finite(state, grads, finite, tx)
   return new_state, step_metrics(state, new_state, objective, aux, grad_norm, finite, schedule)
 
 
+def microbatches(batch, k: int, spec: NamedSharding | None = None):
+  """{name: [B, ...]} -> {name: [k, B/k, ...]}; microbatch j = rows j, j+k, ...
+  so each device's rows split into k local microbatches (see the module)."""
+
+  def split(x):
+    x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
+
+  return {name: split(x) for name, x in batch.items()}
+
+
+def _devices_of(spec: NamedSharding) -> int:
+  """How many devices split the rows (dim 1) of the microbatch stack."""
+  axes = spec.spec[1]
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return math.prod(spec.mesh.shape[a] for a in axes)
+
+
+def _real_tokens(batch):
+  """Tokens the model treats as real (its telemetry mask: segment_ids > 0)."""
+  if "segment_ids" in batch:
+    return jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)
+  return jnp.asarray(batch["inputs"].size, jnp.float32)
+
+
+def _combine_sown(sown_K: dict, real_K):
+  """Telemetry of the whole batch from its k microbatches' values: max_abs is
+  a maximum, every other value a mean over real tokens (real-token-weighted)."""
+  w_K = real_K / jnp.maximum(jnp.sum(real_K), 1.0)
+  max_prefix = f"{telemetry.PREFIX}/max_abs"
+  out = {}
+  for name, v_K in sown_K.items():
+    if name == max_prefix or name.startswith(max_prefix + "/"):
+      out[name] = jnp.max(v_K, axis=0)
+    else:
+      out[name] = jnp.tensordot(w_K, v_K.astype(jnp.float32), axes=1)
+  return out
+
+
+def accumulate(loss_fn, params, batch, rng, *, k: int, spec=None, grad_sharding=None):
+  """(objective, aux, grads) of ``batch`` from k microbatches, equal to
+  ``value_and_grad(loss_fn)`` on the whole batch (see the module docstring).
+  ``spec`` shards the [k, B/k, ...] microbatch stack, ``grad_sharding`` the
+  float32 gradient sum (the params' shardings)."""
+  rows = next(iter(batch.values())).shape[0]
+  shards = 1 if spec is None else _devices_of(spec)
+  if rows % (k * shards):
+    raise ValueError(f"a batch of {rows} rows over {shards} row shards does not split into "
+                     f"config.train.grad_accum_steps={k} microbatches per shard; make "
+                     "config.data.global_batch_size a multiple of grad_accum_steps x "
+                     "config.mesh.data x fsdp")
+  grad_sum = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  if grad_sharding is not None:
+    grad_sum = jax.lax.with_sharding_constraint(grad_sum, grad_sharding)
+
+  def token_sum(p, micro, key):  # n_j L_j = nll_j (+ z-loss sum), differentiable.
+    objective, aux = loss_fn(p, micro, key)
+    return objective * aux["tokens"], (objective, aux)
+
+  def body(grad_sum, xs):
+    micro, j = xs
+    (_, (objective, aux)), g = jax.value_and_grad(token_sum, has_aux=True)(
+        params, micro, jax.random.fold_in(rng, j))
+    grad_sum = jax.tree.map(lambda s, x: s + x.astype(jnp.float32), grad_sum, g)
+    per_micro = {"objective": objective, "loss": aux["loss"], "z_loss": aux["z_loss"],
+                 "tokens": aux["tokens"], "real": _real_tokens(micro), "sown": aux["sown"]}
+    return grad_sum, per_micro
+
+  grad_sum, m = jax.lax.scan(body, grad_sum, (microbatches(batch, k, spec), jnp.arange(k)))
+  n_K = m["tokens"]
+  denom = jnp.maximum(jnp.sum(n_K), 1.0)  # As the whole-batch loss: no scored token, no loss.
+  grads = jax.tree.map(lambda s, p: (s / denom).astype(p.dtype), grad_sum, params)
+  mean = lambda v_K: jnp.sum(v_K * n_K) / denom
+  aux = {"loss": mean(m["loss"]), "z_loss": mean(m["z_loss"]), "tokens": jnp.sum(n_K),
+         "sown": _combine_sown(m["sown"], m["real"])}
+  return mean(m["objective"]), aux, grads
+
+
 def build(ctx: StepContext):
+  k = int(ctx.cfg.train.get("grad_accum_steps", 1))  # Configs saved before the field: 1.
+  accum = None
+  if k > 1:
+    batch_axes = ctx.batch_sh.spec[0]  # The rows' mesh axes (data x fsdp).
+    accum = functools.partial(
+        accumulate, k=k, spec=NamedSharding(ctx.batch_sh.mesh, PartitionSpec(None, batch_axes)),
+        grad_sharding=ctx.state_sh.params)
   return ctx.jit(functools.partial(train_step, loss_fn=ctx.loss_fn, tx=ctx.tx,
-                                   schedule=ctx.schedule))
+                                   schedule=ctx.schedule, accum=accum))
 
 
 register_step_family("first_order", build)
