@@ -24,7 +24,7 @@ import parallel_util as pu
 from qtrain.config import ConfigError, base_config, validate
 from qtrain.data.global_batch import to_global
 from qtrain.parallel import exchange as ex_lib
-from qtrain.train import abstract_state, init_state, make_steps, state_shardings
+from qtrain.train import abstract_state, make_steps, state_shardings
 from qtrain.train.checkpoint import Checkpointer
 
 D, F = 4, 2  # data x fsdp.
@@ -225,3 +225,233 @@ def test_dgc_sending_everything_is_the_mean_on_data_x_fsdp():
     np.testing.assert_allclose(np.asarray(est[k]), c[k].astype(np.float64).mean(0), rtol=0,
                                atol=1e-6, err_msg=k)
     assert not np.asarray(new[k].residual).any()
+
+
+# ------------------------------------------------------- the step family --
+
+
+def _family(method, **exchange):
+  """(run, state shardings) of the compressed family on data=4 x fsdp=2."""
+  cfg = pu.smoke_config(data=D, fsdp=F)
+  cfg.optim.adamw.eps = _EPS
+  cfg.train.step = "compressed"
+  cfg.exchange.method = method
+  cfg.exchange.min_size = 256
+  for name, values in exchange.items():
+    cfg.exchange[name].update(values)
+  run = pu.Run(cfg)
+  with run.layout:
+    return run, state_shardings(run.model, run.tx, run.mesh, pu.SEQ)
+
+
+@pytest.fixture(scope="module")
+def state0():
+  """The smoke model's initial TrainState (numpy), from one device: every
+  mesh starts from the same numbers."""
+  one = pu.smoke_config()
+  one.optim.adamw.eps = _EPS
+  return pu.Run(one).init_state()
+
+
+def _init(run, sh, state0):
+  """``state0`` on ``run``'s mesh with the compressor state of a fresh run
+  (zeros: DGC and dense only), so no init is compiled per mesh."""
+  abstract = jax.eval_shape(run.tx.init, state0.params)
+  assert isinstance(abstract, ex_lib.ExchangeState)
+  exchange = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract.exchange)
+  opt = ex_lib.ExchangeState(state0.opt_state, exchange)
+  assert jax.tree.structure(opt) == jax.tree.structure(abstract)
+  return jax.device_put(state0.replace(opt_state=opt), sh)
+
+
+def _masked_batch():
+  """Rows scoring 1..T tokens: replicas (and fsdp shards) hold unequal shares."""
+  b = pu.batch(0)
+  lengths = np.linspace(1, pu.SEQ, pu.BATCH).astype(int)
+  b["loss_mask"] = (np.arange(pu.SEQ)[None, :] < lengths[:, None]).astype(np.int32)
+  return b
+
+
+# Adam's first update is lr g / (|g| + eps): with eps 1e-8 an entry within a few
+# eps of zero turns float32 reordering into a visible change; eps 1e-3 keeps the
+# comparison well conditioned (every side shares it).
+_EPS = 1e-3
+
+
+def test_dense_on_data_x_fsdp_equals_first_order_and_one_device(state0):
+  refs = {}
+  for name, mesh in (("one device", {}), ("first_order data x fsdp", dict(data=D, fsdp=F))):
+    cfg = pu.smoke_config(**mesh)
+    cfg.optim.adamw.eps = _EPS
+    refs[name] = pu.Run(cfg).train_step(state0, _masked_batch())
+  run, sh = _family("dense")
+  state = _init(run, sh, state0)
+  with run.layout:
+    train, _ = make_steps(run.cfg, run.model, run.tx, run.mesh, sh)
+    state, m = train(state, to_global(_masked_batch(), run.mesh))
+  m = {k: float(v) for k, v in m.items()}
+  for name, (params, metrics) in refs.items():
+    # The global token-mean gradient up to float32 reordering; one AdamW step
+    # of lr 3e-3 moves params by <= 3e-3, 1e-6 is 0.03% of it.
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params), strict=True):
+      np.testing.assert_allclose(np.asarray(b), a, rtol=0, atol=1e-6, err_msg=name)
+    for k in ("loss", "objective", "tokens"):
+      assert m[k] == pytest.approx(metrics[k], rel=1e-6), (name, k)
+    assert m["grad_norm"] == pytest.approx(metrics["grad_norm"], rel=1e-5), name
+  # Each device all-reduces its own fsdp shard over data: half the gradient.
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  assert m["exchange/bytes_sent"] == m["exchange/bytes_dense"] == pytest.approx(
+      2 * (D - 1) / D * 4 * _sharded_elems(sh.params, state.params))
+  assert _sharded_elems(sh.params, state.params) < n_params
+  assert m["exchange/bytes_fsdp"] == 0.0
+
+
+def _sharded_elems(shardings, params) -> int:
+  """Elements of the params one device holds (each split over fsdp or whole)."""
+  return sum(int(np.prod(s.shard_shape(x.shape)))
+             for s, x in zip(jax.tree.leaves(shardings), jax.tree.leaves(params)))
+
+
+# ------------------------------------------------------------ HLO groups --
+
+
+def _iota(dims, perm, shape):
+  ids = np.arange(int(np.prod(dims))).reshape(dims)
+  return (ids.transpose(perm) if perm else ids).reshape(shape)
+
+
+def _groups(line: str) -> list[list[int]]:
+  """The device groups of a collective's ``replica_groups`` (explicit, iota,
+  or mesh form)."""
+  m = re.search(r"replica_groups=\{(\{[\d,{}]*\})\}", line)
+  if m:
+    return [[int(i) for i in g.split(",") if i] for g in re.findall(r"\{([\d,]*)\}", m.group(1))]
+  m = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
+  if m:
+    shape, dims = [[int(i) for i in x.split(",")] for x in m.groups()[:2]]
+    perm = [int(i) for i in m.group(3).split(",")] if m.group(3) else None
+    return _iota(dims, perm, shape).tolist()
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\], device_ids=\(\[([\d,]+)\]"
+                r"(?:T\(([\d,]+)\))?\) \{([^}]*)\}", line)
+  if m:
+    axes = re.findall(r"'(\w+)'=(\d+)", m.group(1))
+    names, sizes = [a for a, _ in axes], [int(n) for _, n in axes]
+    dims = [int(i) for i in m.group(2).split(",")]
+    perm = [int(i) for i in m.group(3).split(",")] if m.group(3) else None
+    ids = _iota(dims, perm, sizes)
+    over = [names.index(a) for a in re.findall(r"'(\w+)'", m.group(4))]
+    rest = [i for i in range(len(names)) if i not in over]
+    return ids.transpose(rest + over).reshape(-1, int(np.prod([sizes[i] for i in over]))).tolist()
+  raise AssertionError(f"unparsed replica_groups: {line[:300]}")
+
+
+_COLLECTIVE = re.compile(r"=\s+(\(.*?\)|\S+)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
+                         r"collective-permute)(?:-start)?\(")
+
+
+def _over_data(text, mesh) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+  """{op: [(dtype, dims) of each array]} of the collectives whose device
+  groups span more than one data index."""
+  data_of = {d.id: i for i, row in enumerate(mesh.devices) for d in row.ravel()}
+  out: dict[str, list] = {}
+  for line in text.splitlines():
+    m = _COLLECTIVE.search(line)
+    if not m:
+      continue
+    if any(len({data_of[i] for i in g}) > 1 for g in _groups(line)):
+      shapes = [(dt, tuple(int(d) for d in dims.split(",") if d))
+                for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", m.group(1))]
+      out.setdefault(m.group(2), []).extend(shapes)
+  return out
+
+
+DGC_WARMUP = dict(sparsity=0.99, warmup_steps=2, warmup_sparsity=(0.75, 0.9), momentum=0.9)
+
+
+@pytest.fixture(scope="module")
+def dgc_step(state0):
+  """(run, shardings, the compiled DGC step with a 3-stage warm-up, its
+  initial state as a function)."""
+  run, sh = _family("dgc", dgc=DGC_WARMUP)
+  fresh = lambda: _init(run, sh, state0)
+  with run.layout:
+    train, _ = make_steps(run.cfg, run.model, run.tx, run.mesh, sh)
+    compiled = train.lower(fresh(), to_global(pu.batch(0), run.mesh)).compile()
+  return run, sh, compiled, fresh
+
+
+def test_dgc_sends_only_k_per_shard_over_data(dgc_step):
+  run, sh, compiled, _ = dgc_step
+  over = _over_data(compiled.as_text(), run.mesh)
+  # Each compressed matrix's fsdp shard sends round(shard size (1 - s)) f32
+  # values and s32 indices per stage, gathered over the D replicas.
+  with run.layout:
+    params = abstract_state(run.model, run.tx, run.mesh, pu.SEQ).params
+  expected = set()
+  for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(sh.params)):
+    if x.size >= 256 and x.ndim >= 2:
+      local = s.shard_shape(x.shape)
+      batch = local[0] if x.ndim == 3 else 1
+      for sparsity in (0.75, 0.9, 0.99):
+        k = max(1, round(int(np.prod(local)) // batch * (1 - sparsity)))
+        expected |= {("f32", (D, batch, k)), ("s32", (D, batch, k))}
+  assert set(over["all-gather"]) == expected, sorted(set(over["all-gather"]))
+  # Nothing gradient-sized crosses data: all-reduces only of the dense small
+  # leaves (norm scales, <= 128 elements) and scalars; no other collective.
+  assert max(int(np.prod(d)) for _, d in over["all-reduce"]) < 256, over["all-reduce"]
+  assert set(over) == {"all-gather", "all-reduce"}, set(over)
+
+
+def _save_restore(run, sh, state, workdir):
+  ckpt = Checkpointer(str(workdir), keep=2, async_save=False)
+  ckpt.save(2, state, {})
+  ckpt.wait()
+  with run.layout:
+    target = abstract_state(run.model, run.tx, run.mesh, pu.SEQ)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        target, sh)
+  restored, _ = ckpt.restore(2, target)
+  ckpt.close()
+  return restored
+
+
+def _steps(run, compiled, state, batches):
+  metrics = []
+  for i in batches:
+    state, m = compiled(state, to_global(pu.batch(i), run.mesh))
+    metrics.append({k: float(v) for k, v in m.items()})
+  return state, metrics
+
+
+def test_resume_is_bit_identical_with_the_state_over_data_x_fsdp(dgc_step, tmp_path):
+  run, sh, compiled, fresh = dgc_step
+  straight, metrics = _steps(run, compiled, fresh(), range(4))
+  assert [m["exchange/sparsity"] for m in metrics] == pytest.approx([0.75, 0.9, 0.99, 0.99])
+  first, _ = _steps(run, compiled, fresh(), range(2))
+  restored = _save_restore(run, sh, first, tmp_path / "ckpt")
+  resumed, _ = _steps(run, compiled, restored, range(2, 4))
+  exchange = straight.opt_state.exchange
+  assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(exchange))  # In play.
+  leaves = lambda s: jax.tree.leaves(jax.tree.map(np.asarray, s))
+  for a, b in zip(leaves(straight), leaves(resumed), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # A device holds its replica's slice of its fsdp shard: q_proj's residual
+  # [D, L, d, heads x hd] is split over data and, on d, over fsdp.
+  v = exchange["decoder"]["layers"]["attn"]["q_proj"]["kernel"].residual
+  assert v.sharding.spec[:3] == ("data", None, "fsdp")
+  assert v.addressable_shards[0].data.shape == (1, v.shape[1], v.shape[2] // F, v.shape[3])
+
+
+# ----------------------------------------------------------- the config --
+
+
+@pytest.mark.parametrize("axis", ["tensor", "sequence"])
+def test_other_axes_are_refused(axis):
+  cfg = pu.smoke_config(data=2, fsdp=2, **{axis: 2})
+  cfg.train.step = "compressed"
+  cfg.exchange.method = "dgc"
+  with pytest.raises(ConfigError, match=rf"config.train.step='compressed' runs on a data x "
+                     rf"fsdp mesh only: config.mesh.{axis}=2 must be 1"):
+    validate(cfg, n_devices=8)
+  cfg.mesh[axis] = 1
+  validate(cfg, n_devices=4)  # data x fsdp passes.
