@@ -5,6 +5,7 @@ one device (and its collectives), and the configs/osp files."""
 from __future__ import annotations
 
 import collections
+import math
 import re
 
 import flax.linen as nn
@@ -20,6 +21,7 @@ from qtrain.config import ConfigError, base_config, validate
 from qtrain.config.variants import config_module
 from qtrain.optim import (assign_groups, build_muon, build_optimizer, decay_mask,
                           opt_state_shardings, osp_groups, param_path, parse_groups)
+from qtrain.optim.muon import _as_stack, matrix_of, newton_schulz, newton_schulz_flops
 from qtrain.parallel import Layout
 from qtrain.parallel.rules import logical_sharding
 from qtrain.train.build import build_model
@@ -127,6 +129,32 @@ def test_three_steps_match_float64_numpy(stacked):
   # And the steps were real: every param moved by about 3 x lr x 0.2 RMS.
   moved = {k: np.sqrt(np.mean((want[k] - as_matrices(params)[k]) ** 2)) for k in want}
   assert all(0.01 < v < 0.05 for v in moved.values()), moved
+
+
+def _dot_flops(jaxpr) -> int:
+  """2 x output elements x contraction size, summed over every dot_general of
+  a jaxpr and the jaxprs nested in it (jnp.matmul traces through pjit)."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in contract)
+    for v in eqn.params.values():
+      inner = getattr(v, "jaxpr", v)
+      if hasattr(inner, "eqns"):
+        total += _dot_flops(inner)
+  return total
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 12), (2, 24, 6)])
+def test_newton_schulz_flops_count_the_dots_it_runs(shape):
+  """The analytic count the benchmarks print equals the dots of the traced
+  iteration, for a wide stack and a tall one (iterated on its transpose)."""
+  m = matrix_of("decoder/layers/c/kernel", boxed(shape, ("layers", "embed", "mlp")))
+  x_BMN, _ = _as_stack(jnp.ones(shape, jnp.float32), m)
+  traced = jax.make_jaxpr(lambda x: newton_schulz(x, 5, 1e-7))(x_BMN).jaxpr
+  assert newton_schulz_flops(m, 5) == _dot_flops(traced) > 0
 
 
 def test_layer_axis_is_a_batch_axis():

@@ -29,6 +29,21 @@ Two implementations with the same numbers (tests/test_muon.py):
 
 OSP (Park et al., ACL 2025, arXiv 2506.19697) trains the hidden matrices and
 EmbProj with Muon and the embeddings with AdamW: ``osp_groups``.
+
+Matmul precision of Newton-Schulz: its dots pass no ``precision``, so they
+run at JAX's default for their dtype (``jax_default_matmul_precision``
+unset). With ``ns_dtype="float32"`` that is *not* full float32 on an
+H100: JAX's default lets XLA compute float32 dots in TF32 on tensor cores
+(10-bit mantissa; about half the bfloat16 dense peak, 495 vs 989 TFLOP/s)
+and in bfloat16 passes on TPU (docs.jax.dev, "Matmul precision"); CPU
+computes true float32. ``ns_dtype="bfloat16"`` (OSP's) runs bfloat16
+operands at the full tensor-core rate (Jordan's reference Muon iterates in
+bfloat16 too). To force full float32, run under
+``jax.default_matmul_precision("highest")`` (several times slower on GPU).
+``newton_schulz_flops`` counts the work per update (5 iterations over each
+A x B matrix: 5 (4 m^2 n + 2 m^3), m = min(A, B), n = max(A, B)); it is per
+optimizer step, so gradient accumulation (``config.train.grad_accum_steps``)
+amortises it over more tokens.
 """
 
 from __future__ import annotations
@@ -139,6 +154,15 @@ def newton_schulz(x_BMN, steps: int, eps: float):
     a_BMM = x @ x.mT
     x = a * x + (b * a_BMM + c * a_BMM @ a_BMM) @ x
   return x
+
+
+def newton_schulz_flops(m: Matrix, steps: int) -> float:
+  """Matmul FLOPs of ``newton_schulz`` over every matrix of ``m``'s stack. Per
+  iteration on an M x N matrix (M <= N): X X^T 2M^2N, A A 2M^3, (bA + cA^2) X
+  2M^2N; the norm and the element-wise terms are O(MN) and left out."""
+  small, large = sorted(m.fan_in_out)
+  count = math.prod(m.shape[i] for i in m.batch)
+  return float(count * steps * (4 * small * small * large + 2 * small ** 3))
 
 
 def _stack_axes(axes) -> tuple[tuple[str, ...], int]:
