@@ -216,14 +216,21 @@ def test_dgc_is_a_top_k_per_fsdp_shard():
   assert float(sent) == expected
 
 
-def test_dgc_sending_everything_is_the_mean_on_data_x_fsdp():
+@pytest.mark.parametrize("clip", [0.0, 10.0])
+def test_dgc_sending_everything_is_the_mean_on_data_x_fsdp(clip):
+  """Sparsity 0 (k = every entry of the shard), with and without DGC's local
+  clipping, whose norm is the replica's whole gradient, not its shard's."""
   c = _contribs(30)
   states = _dgc_states()
-  est, new, _, _ = _exchange_fn(_ex("dgc"), states, _mesh(D, F), sparsity=0.0)(c, states)
+  ex = _ex("dgc", dgc={"clip": clip})
+  est, new, _, _ = _exchange_fn(ex, states, _mesh(D, F), sparsity=0.0)(c, states)
+  norms = np.sqrt(sum((c[k].astype(np.float64).reshape(D, -1) ** 2).sum(1) for k in LEAVES))
+  scale = np.minimum(1.0, clip / np.sqrt(D) / norms) if clip else np.ones(D)
+  assert clip == 0 or scale.max() < 0.5  # The clip is in play (norms ~ 35 vs 10 / sqrt(D) = 5).
   for k in LEAVES:
-    # k = every entry of the shard: a sum of 4 float32 values, /4.
-    np.testing.assert_allclose(np.asarray(est[k]), c[k].astype(np.float64).mean(0), rtol=0,
-                               atol=1e-6, err_msg=k)
+    mean = (c[k].astype(np.float64) * scale.reshape(-1, *[1] * (c[k].ndim - 1))).mean(0)
+    # A sum of 4 float32 values, /4 (and the scale's float32 rounding).
+    np.testing.assert_allclose(np.asarray(est[k]), mean, rtol=0, atol=1e-6, err_msg=k)
     assert not np.asarray(new[k].residual).any()
 
 
