@@ -25,12 +25,13 @@ index in the local chunk: key s is visible to query t iff they are in the same
 packed segment and pos_t >= pos_s (positions restart at 0 per document, so
 this is the causal mask of packed rows). So the attention is right for any
 order of the tokens along the sequence, in particular the zig-zag order of
-``qtrain.parallel.zigzag`` that balances the causal work. Each local chunk is
-cut into ``2`` parts and a (query part, key part) block whose mask is empty
-is skipped (``lax.cond`` on the mask, which costs 1/(N H) of the block's
-matmuls): in zig-zag order every device then does the same work on every
-ring step (3 of 4 blocks on the first, 2 of 4 on the others); in contiguous
-order device 0 would idle while the last one works.
+``qtrain.parallel.zigzag`` that balances the causal work. The mask also
+decides what each (local queries, K/V chunk) pair computes, in one
+``lax.switch`` (testing the mask costs 1/(N H) of the block's matmuls):
+nothing, the late half of the queries, the early half of the keys, or the
+whole block. In zig-zag order every device then does the same work on every
+ring step (the whole block on the first, one half on the others); in
+contiguous order device 0 would idle while the last one works.
 
 The block kernel: ``attention_block(q, k, v, mask, scale) -> (out, lse)`` is
 the one point where a fused kernel plugs in (``BLOCK_KERNELS``); ``xla`` here
@@ -55,6 +56,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from qtrain.layers.sharding import HEADS
@@ -63,7 +65,6 @@ MODES = ("none", "ring", "all_gather")
 # Log-sum-exp of a block whose mask is empty: finite, so merges never form
 # inf - inf; exp(_EMPTY - l) is 0 against any real row's l.
 _EMPTY = -1e30
-_PARTS = 2  # Parts per local chunk for block skipping (zig-zag needs 2).
 
 
 def check_mode(mode: str) -> None:
@@ -117,33 +118,52 @@ def merge(out_a, lse_a, out_b, lse_b):
   return out_a * w_a + out_b * w_b, lse
 
 
+def _empty(q_BTNH):
+  return (jnp.zeros(q_BTNH.shape, jnp.float32),
+          jnp.full(q_BTNH.shape[:3], _EMPTY, jnp.float32))
+
+
 def chunk_attention(q_BTNH, pos_q_BT, seg_q_BT, k_BSKH, v_BSKH, pos_k_BS, seg_k_BS, *,
-                    scale, q_parts=_PARTS, k_parts=_PARTS, kernel="xla"):
-  """Local queries against one K/V chunk, (out, lse) in float32, each of the
-  q_parts x k_parts blocks computed only if its mask is not empty."""
-  block = BLOCK_KERNELS[kernel]
+                    scale, kernel="xla"):
+  """Local queries against one K/V chunk: (out, lse) in float32.
+
+  The mask picks one of four computations (one ``lax.switch``): nothing
+  (no key visible), the late half of the queries against all keys (the early
+  half sees nothing), all queries against the early half of the keys (the
+  late half is seen by none), or the whole block. In zig-zag order every
+  off-diagonal ring step is one of the two halves on every device.
+  """
+  block = functools.partial(BLOCK_KERNELS[kernel], scale=scale)
   T, S = q_BTNH.shape[1], k_BSKH.shape[1]
-  q_parts = q_parts if T % q_parts == 0 else 1
-  k_parts = k_parts if S % k_parts == 0 else 1
-  tq, tk = T // q_parts, S // k_parts
-  outs, lses = [], []
-  for i in range(q_parts):
-    qs = slice(i * tq, (i + 1) * tq)
-    q, pq, sq = q_BTNH[:, qs], pos_q_BT[:, qs], seg_q_BT[:, qs]
-    out = jnp.zeros(q.shape, jnp.float32)
-    lse = jnp.full(q.shape[:3], _EMPTY, jnp.float32)
-    for j in range(k_parts):
-      ks = slice(j * tk, (j + 1) * tk)
-      k, v = k_BSKH[:, ks], v_BSKH[:, ks]
-      mask = visible(pq, sq, pos_k_BS[:, ks], seg_k_BS[:, ks])
-      skip = lambda q, k, v, m: (jnp.zeros(q.shape, jnp.float32),
-                                 jnp.full(q.shape[:3], _EMPTY, jnp.float32))
-      o, l = jax.lax.cond(jnp.any(mask), functools.partial(block, scale=scale), skip,
-                          q, k, v, mask)
-      out, lse = merge(out, lse, o, l)
-    outs.append(out)
-    lses.append(lse)
-  return jnp.concatenate(outs, 1), jnp.concatenate(lses, 1)
+  mask_BTS = visible(pos_q_BT, seg_q_BT, pos_k_BS, seg_k_BS)
+  if T % 2 or S % 2:
+    return block(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+  tq, sk = T // 2, S // 2
+
+  def late_queries(q, k, v, m):
+    out, lse = block(q[:, tq:], k, v, m[:, tq:])
+    empty_out, empty_lse = _empty(q[:, :tq])
+    return jnp.concatenate([empty_out, out], 1), jnp.concatenate([empty_lse, lse], 1)
+
+  def early_keys(q, k, v, m):
+    return block(q, k[:, :sk], v[:, :sk], m[:, :, :sk])
+
+  return jax.lax.switch(plan(mask_BTS), (lambda q, k, v, m: _empty(q), late_queries,
+                                         early_keys, block),
+                        q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+
+
+# The work of each of chunk_attention's computations, in blocks.
+PLAN_WORK = (0.0, 0.5, 0.5, 1.0)
+
+
+def plan(mask_BTS):
+  """Which computation of ``chunk_attention`` a [B, T, S] mask needs: 0
+  nothing, 1 late queries, 2 early keys, 3 the whole block."""
+  tq, sk = mask_BTS.shape[1] // 2, mask_BTS.shape[2] // 2
+  return jnp.where(~jnp.any(mask_BTS), 0,
+                   jnp.where(~jnp.any(mask_BTS[:, :tq]), 1,
+                             jnp.where(~jnp.any(mask_BTS[:, :, sk:]), 2, 3)))
 
 
 # ------------------------------------------------------ per-device bodies --
@@ -169,11 +189,18 @@ def ring_body(q, pos_q, seg_q, k, v, pos_k, seg_k, *, axis, n, scale, kernel="xl
 
 
 def all_gather_body(q, pos_q, seg_q, k, v, pos_k, seg_k, *, axis, n, scale, kernel="xla"):
-  """One device's share of all-gather-KV attention (inside ``shard_map``)."""
+  """One device's share of all-gather-KV attention (inside ``shard_map``):
+  the gathered K/V attended chunk by chunk, each chunk's empty halves skipped
+  as on a ring step."""
   gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)
   k, v, pos_k, seg_k = gather(k), gather(v), gather(pos_k), gather(seg_k)
-  out, _ = chunk_attention(q, pos_q, seg_q, k, v, pos_k, seg_k, scale=scale,
-                           k_parts=_PARTS * n, kernel=kernel)
+  S = k.shape[1] // n
+  chunk = lambda x, j: x[:, j * S:(j + 1) * S]
+  out, lse = _empty(q)
+  for j in range(n):
+    out, lse = merge(out, lse, *chunk_attention(
+        q, pos_q, seg_q, chunk(k, j), chunk(v, j), chunk(pos_k, j), chunk(seg_k, j),
+        scale=scale, kernel=kernel))
   return out.astype(q.dtype)
 
 
@@ -196,6 +223,14 @@ def sequence_axis():
     raise ValueError(f"context-parallel attention needs the length split over one mesh "
                      f"axis; the rules map activation_length to {axis}")
   return axis, mesh.shape[axis]
+
+
+def _splits_evenly(shape, spec, mesh) -> bool:
+  for dim, axes in zip(shape, spec):
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    if dim % max(1, int(np.prod([mesh.shape[a] for a in axes]))):
+      return False
+  return True
 
 
 def _local_kv_heads(k, v, q_heads_axis, n_q_local, group):
@@ -225,13 +260,16 @@ def context_parallel_attention(q_BTNH, k_BSKH, v_BSKH, positions_BT=None, segmen
   if segment_ids_BT is None:
     segment_ids_BT = jnp.ones((B, T), jnp.int32)
   axis, n = sequence_axis()
-  if mode == "none" or n == 1:
+  mesh = jax.sharding.get_abstract_mesh()
+  q_spec, kv_spec = nn.logical_to_mesh_axes(HEADS["q"]), nn.logical_to_mesh_axes(HEADS["kv"])
+  if mode == "none" or n == 1 or not (_splits_evenly(q_BTNH.shape, q_spec, mesh)
+                                      and _splits_evenly(k_BSKH.shape, kv_spec, mesh)):
+    # Same mask on global arrays, XLA partitions it: no mesh, or shapes that
+    # do not split (model.init traces one row).
     out, _ = chunk_attention(q_BTNH, positions_BT, segment_ids_BT, k_BSKH, v_BSKH,
                              positions_BT, segment_ids_BT, scale=scale, kernel=kernel)
     return out.astype(q_BTNH.dtype)
-  q_spec, kv_spec = nn.logical_to_mesh_axes(HEADS["q"]), nn.logical_to_mesh_axes(HEADS["kv"])
   tok_spec = P(q_spec[0], q_spec[1])
-  mesh = jax.sharding.get_abstract_mesh()
   q_heads_axis = q_spec[2] if q_spec[2] != kv_spec[2] else None
   n_q_local = N // (mesh.shape[q_heads_axis] if q_heads_axis else 1)
   body = functools.partial(BODIES[mode], axis=axis, n=n, scale=scale, kernel=kernel)
