@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 
 from parallel_util import BATCH, SEQ, VOCAB, Run, instructions, parse_hlo, same_dims, smoke_config
-from qtrain.parallel import context_parallel as cp
-from qtrain.parallel.zigzag import inverse_order, zigzag_batch, zigzag_order
+from qtrain.layers.config import ModelConfig
+from qtrain.parallel import MeshError, check_mesh, context_parallel as cp, make_mesh
+from qtrain.parallel.zigzag import for_model, inverse_order, zigzag_batch, zigzag_order
 from qtrain.train.build import build_model
 
 U = 2.0 ** -24  # float32 unit roundoff.
@@ -135,6 +136,28 @@ def test_zigzag_order():
   np.testing.assert_array_equal(batch["targets"], batch["inputs"] + 1)
   with pytest.raises(ValueError, match=r"config.data.seq_len=10 .* 2 x config.mesh.sequence"):
     zigzag_order(10, 2)
+
+
+def test_for_model_orders_only_context_parallel_layouts():
+  batch = packed_batch()
+  mesh = make_mesh(RING, jax.devices()[:8])
+  ring = ModelConfig.of(context_run("ring", RING).cfg.model)
+  zig = for_model(batch, mesh, ring)
+  np.testing.assert_array_equal(zig["positions"], batch["positions"][:, zigzag_order(SEQ, 4)])
+  plain = ModelConfig.of(smoke_config().model)  # context_parallel="none": index order kept.
+  assert for_model(batch, mesh, plain) is batch
+  assert for_model(batch, make_mesh(dict(data=8), jax.devices()[:8]), ring) is batch
+
+
+@pytest.mark.parametrize("mode,seq_len,match", [
+    ("ring", 36, r"config.data.seq_len=36 is not a multiple of 2 x config.mesh.sequence = 8"),
+    ("rnig", 32, r"config.model.context_parallel='rnig'; use one of")])
+def test_check_mesh_names_the_field(mode, seq_len, match):
+  cfg = smoke_config(**RING)
+  cfg.data.seq_len = seq_len
+  model = ModelConfig.of({**cfg.model.to_dict(), "context_parallel": mode})
+  with pytest.raises(MeshError, match=match):
+    check_mesh(cfg.mesh, 8, model, cfg.data)
 
 
 def ring_work(order, n):

@@ -15,10 +15,12 @@ order follows how much each axis talks per step:
   slowest links (between hosts or slices).
 
 Sizes multiply to the device count; one may be -1 (the rest). ``pipeline``
-and ``sequence`` exist and are validated here; the pipeline schedule and
-context-parallel attention come with their own issue (``pipeline`` > 1 is
-refused until then; ``sequence`` > 1 shards activations over the sequence and
-lets XLA gather keys and values for attention).
+and ``sequence`` exist and are validated here; the pipeline schedule comes
+with its own issue (``pipeline`` > 1 is refused until then). ``sequence`` > 1
+shards activations over the sequence; attention then exchanges keys and
+values as ``config.model.context_parallel`` says (``ring`` | ``all_gather``:
+``qtrain.parallel.context_parallel``, on batches in zig-zag order) or, with
+``none``, lets XLA gather them.
 """
 
 from __future__ import annotations
@@ -128,6 +130,15 @@ def check_mesh(mesh_cfg, n_devices: int, model: Any, data: Any) -> list[str]:
     raise MeshError(f"config.data.seq_len={data.seq_len} is not a multiple of config.mesh."
                     f"sequence x tensor = {span} (activations between layers are split over "
                     "both along the sequence); change seq_len or the mesh")
+  mode = getattr(model, "context_parallel", "none")
+  from qtrain.parallel.context_parallel import MODES  # pylint: disable=g-import-not-at-top
+  if mode not in MODES:
+    raise MeshError(f"config.model.context_parallel={mode!r}; use one of {MODES}")
+  if mode != "none" and s["sequence"] > 1 and data.seq_len % (2 * s["sequence"]):
+    raise MeshError(f"config.data.seq_len={data.seq_len} is not a multiple of 2 x config.mesh."
+                    f"sequence = {2 * s['sequence']} (context_parallel={mode!r} orders the "
+                    "tokens in 2 chunks per device, qtrain/parallel/zigzag.py); change seq_len "
+                    "or the mesh")
   return notes
 
 

@@ -11,7 +11,9 @@ skips the blocks whose mask is empty).
 
 The order is applied to the whole batch once, before the model: inputs,
 targets, positions, segment ids and loss mask are permuted together along the
-sequence (``zigzag_batch``, on the host rows that ``to_global`` places). Nothing
+sequence (``zigzag_batch``), on the host rows at the one door every batch
+takes into the model (``qtrain.data.global_batch.to_global`` calls
+``for_model``), so training, evaluation and calibration all see it. Nothing
 downstream depends on the order: RoPE reads the ``positions`` array (added
 here when the batch has none), the attention mask is built from positions and
 segment ids, and the loss is a sum over tokens.
@@ -51,3 +53,13 @@ def zigzag_batch(batch: dict, n: int) -> dict:
   if "positions" not in out:
     out["positions"] = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len))
   return {k: np.asarray(v)[:, order] if np.ndim(v) == 2 else v for k, v in out.items()}
+
+
+def for_model(batch: dict, mesh, model_cfg) -> dict:
+  """``batch`` in the order the model's attention wants on ``mesh``: zig-zag
+  when ``model_cfg.context_parallel`` is on and the mesh splits the sequence,
+  else unchanged (the single-device and XLA paths mask by index)."""
+  n = mesh.shape.get("sequence", 1)
+  if getattr(model_cfg, "context_parallel", "none") == "none" or n == 1:
+    return batch
+  return zigzag_batch(batch, n)
