@@ -26,10 +26,19 @@ stack; per-layer choices are tables indexed by it, never unscanning) and
 Paths are canonical: module path without the layer index,
 ``decoder/layers/attn/q_proj`` for scanned and unscanned stacks alike, so one
 rule serves both; the index is ``layer``.
+
+``scoped_providers(*providers)`` adds providers for the matmuls traced inside
+a ``with`` block only, outside the model's own: a step uses it to change one
+trace of the loss without rebuilding the model (the zeroth-order step adds
+its perturbation to each weight right before its dot, layer by layer inside
+the scan). It acts at trace time: what a traced value may depend on comes in
+through the provider's fields (a key, a scale), never from outside the trace.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import re
 from typing import Any, Callable
@@ -40,6 +49,10 @@ import jax
 # f(module, lhs, rhs, dimension_numbers, precision, preferred_element_type) -> out;
 # ``module`` is the matmul's own scope (params, sows, rngs of a provider live there).
 DotFn = Callable[..., jax.Array]
+
+# Providers of ``scoped_providers`` blocks being traced, outermost first.
+_SCOPED: contextvars.ContextVar[tuple] = contextvars.ContextVar("qtrain_scoped_providers",
+                                                                 default=())
 
 _LAYER = re.compile(r"^(decoder/layers)_(\d+)(/|$)")
 
@@ -117,7 +130,7 @@ class Hooks:
 
   def dot_fn(self, site: MatmulSite) -> DotFn:
     fn = xla_dot
-    for p in reversed(self.providers):
+    for p in reversed(_SCOPED.get() + self.providers):
       fn = p.dot(site, self, fn)
     return fn
 
@@ -133,6 +146,18 @@ class Hooks:
     if len(specs) > 1:
       raise ValueError(f"{path}: {len(specs)} providers define the KV cache format; keep one")
     return specs[0] if specs else None
+
+
+@contextlib.contextmanager
+def scoped_providers(*providers: Provider):
+  """Within the block, ``providers`` wrap every matmul traced (outermost, an
+  enclosing block's outside these), as if the model held them first in its
+  ``Hooks.providers``. Their ``dot`` hooks only; the model is not rebuilt."""
+  token = _SCOPED.set(_SCOPED.get() + tuple(providers))
+  try:
+    yield
+  finally:
+    _SCOPED.reset(token)
 
 
 def as_hooks(provider=None) -> Hooks:

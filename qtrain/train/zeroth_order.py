@@ -55,75 +55,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from qtrain.config.validate import ConfigError
 from qtrain.optim import zo_sgd as _zo_sgd  # noqa: F401  (registers sgd)
-from qtrain.optim.groups import assign_groups, param_path, parse_groups
+from qtrain.optim.groups import parse_groups
 from qtrain.train.families import StepContext, register_step_family, step_metrics
 from qtrain.train.state import TrainState, step_key
-
-_UNSCANNED_LAYER = re.compile(r"decoder/layers_(\d+)/.*")
-_SCANNED = "decoder/layers/"  # Leaves stacked on axis 0 over the layers (nn.scan).
-
-
-@dataclasses.dataclass(frozen=True)
-class Leaf:
-  """How the step treats one param leaf (tree-flatten order)."""
-  path: str
-  perturbed: bool  # False: a frozen group's param, never perturbed nor moved.
-  block: int  # Block-wise: its block, or -1 for a leaf stacked over all layers.
-
-
-def leaves_of(cfg, params) -> list[Leaf]:
-  """Per leaf of ``params``: path, whether it is perturbed, its block."""
-  paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  try:
-    groups = parse_groups(cfg.optim)
-    index, _ = assign_groups(groups, paths)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  out = []
-  for path in paths:
-    m = _UNSCANNED_LAYER.fullmatch(path)
-    block = -1 if path.startswith(_SCANNED) else int(m.group(1)) if m else cfg.model.n_layers
-    out.append(Leaf(path, groups[index[path]].optimizer != "frozen", block))
-  if not any(l.perturbed for l in out):
-    raise ConfigError("config.optim.groups: every param is in a frozen group, so the "
-                      "zeroth-order step has nothing to perturb; give some group an optimizer")
-  return out
-
-
-def directions(key, params, leaves: list[Leaf], block=None):
-  """z ~ N(0, I) per perturbed leaf (float32; None for the others) from
-  ``key``; with ``block`` (a traced int) zero outside that block."""
-  flat = jax.tree.leaves(params)
-  out = []
-  for i, (leaf, p) in enumerate(zip(leaves, flat)):
-    if not leaf.perturbed:
-      out.append(None)
-      continue
-    z = jax.random.normal(jax.random.fold_in(key, i), p.shape, jnp.float32)
-    if block is not None:
-      if leaf.block < 0:  # Stacked: keep the block's slice of the layer axis.
-        keep = jnp.arange(p.shape[0]) == block
-        z = z * keep.reshape((-1,) + (1,) * (p.ndim - 1)).astype(z.dtype)
-      else:
-        z = z * (block == leaf.block).astype(z.dtype)
-    out.append(z)
-  return out
-
-
-def perturb(params, zs, scale):
-  """params + scale * z on the perturbed leaves (float32 sum, cast back)."""
-  flat, treedef = jax.tree.flatten(params)
-  new = [p if z is None else (p.astype(jnp.float32) + scale * z).astype(p.dtype)
-         for p, z in zip(flat, zs)]
-  return jax.tree.unflatten(treedef, new)
+from qtrain.train.zo_perturb import (Leaf, direction, directions, gate,  # noqa: F401
+                                     leaf_direction, leaves_of, matmul_leaves, perturb,
+                                     perturbed_loss)
 
 
 def _fresh(key, after):
@@ -146,28 +89,22 @@ def query_keys(zkey, rng: str):
   return key
 
 
-def _spsa(loss_fn, params, batch, rng, qkey, q, dirs, eps, after):
-  """(g_q, mean objective, mean aux) of one query from two forwards."""
-  lp, auxp = loss_fn(perturb(params, dirs(_fresh(qkey(q), after)), eps), batch, rng)
-  lm, auxm = loss_fn(perturb(params, dirs(_fresh(qkey(q), lp)), -eps), batch, rng)
+def _spsa(f, qkey, q, eps, after):
+  """(g_q, mean objective, mean aux) of one query from two forwards;
+  ``f(key, scale)`` is the loss at p + scale * z(key)."""
+  lp, auxp = f(_fresh(qkey(q), after), eps)
+  lm, auxm = f(_fresh(qkey(q), lp), -eps)
   g = (lp - lm) / (2 * eps)
   return g, (lp + lm) / 2, jax.tree.map(lambda a, b: (a + b) / 2, auxp, auxm)
 
 
-def _forward_grad(loss_fn, params, batch, rng, qkey, q, dirs, after):
-  """(g_q, objective, aux) of one query: one jvp along z over the perturbed leaves."""
-  flat, treedef = jax.tree.flatten(params)
-  zs = dirs(_fresh(qkey(q), after))
-  moving = [i for i, z in enumerate(zs) if z is not None]
-
-  def f(sub):
-    full = list(flat)
-    for i, x in zip(moving, sub):
-      full[i] = x
-    return loss_fn(jax.tree.unflatten(treedef, full), batch, rng)
-
-  tangents = [zs[i].astype(flat[i].dtype) for i in moving]
-  (objective, aux), (d_objective, _) = jax.jvp(f, ([flat[i] for i in moving],), (tangents,))
+def _forward_grad(f, qkey, q, after):
+  """(g_q, objective, aux) of one query: the jvp of t -> L(p + t z) at t = 0
+  along dt = 1, i.e. grad L . z. The tangent of each weight is its z, made
+  where the weight is used (per layer in the scan), not a param-sized input."""
+  key = _fresh(qkey(q), after)
+  (objective, aux), (d_objective, _) = jax.jvp(lambda t: f(key, t), (jnp.float32(0),),
+                                               (jnp.float32(1),))
   return d_objective.astype(jnp.float32), objective, aux
 
 
@@ -175,11 +112,15 @@ def estimate(cfg, loss_fn, params, batch, rng, qkey, leaves, block=None):
   """(g [Q] float32, objective, aux): the projected gradients of ``config.zo.queries``
   directions and the loss (mean over the forwards at p +/- eps z, or at p)."""
   z = cfg.zo
-  dirs = functools.partial(directions, params=params, leaves=leaves, block=block)
+  in_matmul = matmul_leaves(loss_fn, params, batch, rng, leaves)
+
+  def f(key, scale):
+    return perturbed_loss(loss_fn, params, batch, rng, key, scale, leaves, in_matmul, block)
+
   if z.estimator == "spsa":
-    one = functools.partial(_spsa, loss_fn, params, batch, rng, qkey, dirs=dirs, eps=z.eps)
+    one = functools.partial(_spsa, f, qkey, eps=z.eps)
   else:
-    one = functools.partial(_forward_grad, loss_fn, params, batch, rng, qkey, dirs=dirs)
+    one = functools.partial(_forward_grad, f, qkey)
   if z.queries == 1:
     g, objective, aux = one(0, after=jnp.float32(0))
     return g[None], objective, aux
@@ -199,17 +140,26 @@ def estimate(cfg, loss_fn, params, batch, rng, qkey, leaves, block=None):
   return gs, objective, aux
 
 
+def _projected(keys, gs, leaf: Leaf, shape, block, layer=None):
+  """(1/Q) sum_q g_q z_q of one leaf, or with ``layer`` of that layer's slice
+  of a stacked leaf (``shape`` without the layer axis); float32."""
+  total = 0
+  for q, key in enumerate(keys):
+    if layer is None:
+      z = leaf_direction(key, leaf, shape, block)
+    else:
+      z = direction(key, leaf.path, shape, layer) * gate(block, leaf, layer)
+    total = total + (gs[q] / len(keys)) * z
+  return total
+
+
 def estimated_gradient(params, qkey, gs, leaves, block=None):
   """g_hat = (1/Q) sum_q g_q z_q as a params-shaped tree (zeros where not
   perturbed); z regenerated from ``qkey(q)``."""
   flat, treedef = jax.tree.flatten(params)
-  q_count = gs.shape[0]
-  total = None
-  for q in range(q_count):
-    zs = directions(_fresh(qkey(q), gs), params, leaves, block)
-    term = [None if z is None else (gs[q] / q_count) * z for z in zs]
-    total = term if total is None else [a if a is None else a + b for a, b in zip(total, term)]
-  out = [jnp.zeros_like(p) if t is None else t.astype(p.dtype) for p, t in zip(flat, total)]
+  keys = [_fresh(qkey(q), gs) for q in range(gs.shape[0])]
+  out = [_projected(keys, gs, leaf, p.shape, block).astype(p.dtype) if leaf.perturbed
+         else jnp.zeros_like(p) for leaf, p in zip(leaves, flat)]
   return jax.tree.unflatten(treedef, out)
 
 
@@ -224,11 +174,67 @@ def _conservative(params, updates, loss_at):
   return new, choice
 
 
+def layerwise_update(cfg, opt_state) -> bool:
+  """Whether the update may run one leaf, and one layer of a stacked leaf, at a
+  time: every moving group's rule is SGD without momentum (MeZO, ZO-SGD-Sign:
+  element-wise, and stateless but for the schedule's count), with no
+  refactorization (an SVD of whole factors) and not conservative (which
+  compares whole updated trees)."""
+  o = cfg.optim
+  rules = {g.optimizer for g in parse_groups(o)} - {"frozen"}
+  refactor = o.get("refactor")
+  return (rules == {"sgd"} and o.sgd.momentum == 0 and not cfg.zo.conservative
+          and (refactor is None or refactor.every == 0)
+          and all(x.size <= 1 for x in jax.tree.leaves(opt_state)))
+
+
+def _update_layerwise(params, opt_state, tx, keys, gs, leaves, block):
+  """The update p <- p + tx(g_hat, p) (MeZO: p - lr (g_hat + wd p)) with g_hat
+  regenerated per leaf, and per layer of a stacked leaf inside a loop that
+  writes each layer back into the leaf: no params-sized g_hat or update, and
+  with the state donated the loop updates the param's buffer in place.
+  ``tx`` is element-wise and stateless (``layerwise_update``), so each call
+  gives the leaves it does not update as empty arrays and returns the same state."""
+  flat, treedef = jax.tree.flatten(params)
+
+  def update(chosen):  # {leaf index: (p, g_hat)} -> ({leaf index: new p}, state)
+    ps = [chosen[i][0] if i in chosen else jnp.zeros((0,), x.dtype) for i, x in enumerate(flat)]
+    grads = [chosen[i][1].astype(x.dtype) if i in chosen else x for i, x in enumerate(ps)]
+    updates, state = tx.update(jax.tree.unflatten(treedef, grads), opt_state,
+                               jax.tree.unflatten(treedef, ps))
+    u = jax.tree.leaves(updates)
+    return {i: (ps[i] + u[i]).astype(ps[i].dtype) for i in chosen}, state
+
+  moving = [i for i, l in enumerate(leaves) if l.perturbed]
+  new, new_state = update({i: (flat[i], _projected(keys, gs, leaves[i], flat[i].shape, block))
+                           for i in moving if not leaves[i].stacked})
+  stacked = [i for i in moving if leaves[i].stacked]
+
+  def layer(l, carry):
+    sliced = {i: (jax.lax.dynamic_index_in_dim(p, l, keepdims=False),
+                  _projected(keys, gs, leaves[i], p.shape[1:], block, l))
+              for i, p in zip(stacked, carry)}
+    out, _ = update(sliced)
+    return tuple(jax.lax.dynamic_update_index_in_dim(p, out[i], l, 0)
+                 for i, p in zip(stacked, carry))
+
+  if stacked:
+    carry = jax.lax.fori_loop(0, flat[stacked[0]].shape[0], layer,
+                              tuple(flat[i] for i in stacked))
+    new.update(zip(stacked, carry))
+  return jax.tree.unflatten(treedef, [new.get(i, x) for i, x in enumerate(flat)]), new_state
+
+
 def _apply(cfg, state, gs, qkey, leaves, block, finite, tx, loss_at):
   """The next params and optimizer state (unchanged when not ``finite``), g_hat
   built inside the conditional; and the conservative choice (or -1)."""
+  layerwise = layerwise_update(cfg, state.opt_state)
 
   def update(params, opt_state):
+    if layerwise:
+      keys = [_fresh(qkey(q), gs) for q in range(gs.shape[0])]
+      params, opt_state = _update_layerwise(params, opt_state, tx, keys, gs, leaves, block)
+      return params, opt_state, jnp.int32(-1)
     grads = estimated_gradient(params, qkey, gs, leaves, block)
     updates, opt_state = tx.update(grads, opt_state, params)
     if cfg.zo.conservative:
