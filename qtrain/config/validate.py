@@ -143,12 +143,14 @@ def _check_accum(c, n_devices: int) -> None:
            "grad_accum_steps=1 (telemetry works: config.telemetry)")
   s = mesh_sizes(c.mesh, n_devices)
   rows, n = s["data"] * s["fsdp"], c.data.global_batch_size
+  per_device = n // rows
+  other = (f" or a grad_accum_steps dividing {per_device} (the rows per device)"
+           if per_device > 1 else "")
   _require(n % (k * rows) == 0,
            f"config.data.global_batch_size={n} is not a multiple of config.train."
            f"grad_accum_steps x config.mesh.data x fsdp = {k} x {rows} = {k * rows} (each "
            "device splits its rows into grad_accum_steps microbatches); use global_batch_size="
-           f"{max(k * rows, n // (k * rows) * k * rows)} or a grad_accum_steps dividing "
-           f"{n // rows}")
+           f"{max(k * rows, n // (k * rows) * k * rows)}{other}")
 
 
 def _check_optim_and_step(c) -> None:
