@@ -47,8 +47,15 @@ corpus: $(TRAIN_STAMP)
 train: data
 	XLA_FLAGS= $(BIN)/python -m qtrain.train --config=$(CONFIG) --workdir=$(RUN)
 
+# Two pytest-xdist workers: XLA compiles (most of the suite's time) run on one
+# thread each, so two workers keep both of CI's cores busy. Each worker has
+# its own 8 fake devices (XLA_FLAGS); tests/conftest.py gives them one shared
+# compilation cache. --dist loadfile keeps a module on one worker, so its
+# module-scoped fixtures (a compiled model, a trained run) are built once.
+TEST_WORKERS ?= 2
+
 test: data $(TEST_STAMP)
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) data  # runs/ holds trained models: never cleaned

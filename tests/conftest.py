@@ -1,16 +1,66 @@
 """Shared fixtures: one short smoke training run, trained in-process once per
-session and copied by the tests that resume, damage or evaluate it."""
+session and copied by the tests that resume, damage or evaluate it; and one
+JAX persistent compilation cache for the whole session.
+
+The cache: most of the suite's time is XLA compiling the smoke model, and
+many tests compile the very same program (the same config's init and step,
+the CLIs the tests spawn, the two-process workers, the notebook's kernel).
+JAX's persistent cache keys an executable by its HLO, compile options and
+devices (not by file or line), so the second compile of a program is a file
+read. The cache lives in a fresh temporary directory per session (set through
+the environment, so subprocesses and pytest-xdist workers share it) and is
+removed at the end: every CI run still compiles everything once.
+"""
 
 from __future__ import annotations
 
 import os
 import pathlib
 import shutil
+import sys
+import tempfile
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = pathlib.Path(os.environ.get("QTRAIN_TEST_DATA", ROOT / "data" / "kjv"))
+
+_CACHE_ENV = {
+    # Every compile, also the sub-second ones: the smoke model's are 0.2-3 s,
+    # and a read of the cached executable is ~10x faster than compiling it.
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    # A size limit turns on JAX's file lock around reads and writes, so two
+    # xdist workers never read an entry the other is half-way writing.
+    "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30),
+}
+_made_cache_dir = None
+
+
+def pytest_configure(config):
+  """Points JAX (here, in xdist workers and in subprocesses: all inherit the
+  environment) at one compilation cache for the session, unless the caller
+  set JAX_COMPILATION_CACHE_DIR. Runs before any test module imports jax."""
+  global _made_cache_dir
+  del config
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return  # Set by the caller, or by the xdist controller for this worker.
+  _made_cache_dir = tempfile.mkdtemp(prefix="qtrain-jax-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _made_cache_dir
+  for name, value in _CACHE_ENV.items():
+    os.environ.setdefault(name, value)
+  if "jax" in sys.modules:  # Imported by a plugin: its flags read the environment already.
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_compilation_cache_dir", _made_cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+    jax.config.update("jax_compilation_cache_max_size",
+                      int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
+
+
+def pytest_unconfigure(config):
+  del config
+  if _made_cache_dir is not None:
+    shutil.rmtree(_made_cache_dir, ignore_errors=True)
 
 
 def smoke_config(**train):
