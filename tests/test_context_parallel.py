@@ -22,7 +22,7 @@ import pytest
 
 from parallel_util import BATCH, SEQ, VOCAB, Run, instructions, parse_hlo, same_dims, smoke_config
 from qtrain.layers.config import ModelConfig
-from qtrain.parallel import MeshError, check_mesh, context_parallel as cp, make_mesh
+from qtrain.parallel import MeshError, blockwise as bw, check_mesh, make_mesh
 from qtrain.parallel.zigzag import for_model, inverse_order, zigzag_batch, zigzag_order
 from qtrain.train.build import build_model
 
@@ -171,8 +171,8 @@ def ring_work(order, n):
   for step in range(n):
     for dev in range(n):
       src = (dev - step) % n  # The chunk that reached `dev` after `step` hops.
-      mask = cp.visible(chunk(pos, dev), chunk(seg, dev), chunk(pos, src), chunk(seg, src))
-      work[step, dev] = cp.PLAN_WORK[int(cp.plan(mask))]
+      mask = bw.visible(chunk(pos, dev), chunk(seg, dev), chunk(pos, src), chunk(seg, src))
+      work[step, dev] = bw.PLAN_WORK[int(bw.plan(mask))]
   return work
 
 

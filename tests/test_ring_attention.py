@@ -21,7 +21,7 @@ import pytest
 from qtrain.layers.attention import dot_product_attention, xla_attention
 from qtrain.layers.config import ModelConfig
 from qtrain.parallel import Layout
-from qtrain.parallel import context_parallel as cp
+from qtrain.parallel import blockwise as bw
 from qtrain.parallel.zigzag import zigzag_order
 
 B, T, N, K, H = 2, 32, 4, 2, 16
@@ -156,13 +156,13 @@ def test_block_merge_against_one_block():
   """Two halves of the keys merged by LSE equal one block over all keys, for
   rows where one half is empty too (the merge's guard against inf - inf)."""
   q, k, v, pos, seg = (jnp.asarray(x) for x in packed_inputs())
-  mask = cp.visible(pos, seg, pos, seg)
-  whole, whole_lse = cp.xla_block(q, k, v, mask, H ** -0.5)
+  mask = bw.visible(pos, seg, pos, seg)
+  whole, whole_lse = bw.xla_block(q, k, v, mask, H ** -0.5)
   half = T // 2
-  a = cp.xla_block(q, k[:, :half], v[:, :half], mask[..., :half], H ** -0.5)
-  b = cp.xla_block(q, k[:, half:], v[:, half:], mask[..., half:], H ** -0.5)
-  out, lse = cp.merge(*a, *b)
-  assert np.all(np.asarray(b[1])[:, :half] == cp._EMPTY)  # Early rows see nothing in b.
+  a = bw.xla_block(q, k[:, :half], v[:, :half], mask[..., :half], H ** -0.5)
+  b = bw.xla_block(q, k[:, half:], v[:, half:], mask[..., half:], H ** -0.5)
+  out, lse = bw.merge(*a, *b)
+  assert np.all(np.asarray(b[1])[:, :half] == bw._EMPTY)  # Early rows see nothing in b.
   np.testing.assert_allclose(out, whole, atol=TOL * float(jnp.abs(v).max()), rtol=0)
   np.testing.assert_allclose(lse, whole_lse, atol=TOL * float(jnp.abs(whole_lse).max()), rtol=0)
 

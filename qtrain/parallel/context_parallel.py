@@ -14,8 +14,11 @@ Attention needs every query to meet every key it may see; two ways, chosen by
   l_a, l_b their log-sum-exps, l = logaddexp(l_a, l_b) and
   o = o_a exp(l_a - l) + o_b exp(l_b - l), exact and stable in float32. The
   send of the next chunk is issued before the current one is attended, so the
-  transfer can overlap the compute. No device ever holds all of K/V in the
-  forward pass (autodiff's residuals keep the received chunks for the backward).
+  transfer can overlap the compute. The ring has its own VJP: the forward
+  keeps only the local q, K/V, output and log-sum-exp (autodiff would keep
+  every chunk that passed by: all of K/V), and the backward runs a second
+  ring in which each K/V chunk travels with its dK/dV accumulator and comes
+  home after a last hop. No device ever holds all of K/V.
 * ``all_gather``: K/V (and their positions and segment ids) are all-gathered
   over ``sequence`` and the local queries attend to all of them; one collective,
   more memory (the full K/V per device).
@@ -33,20 +36,21 @@ whole block. In zig-zag order every device then does the same work on every
 ring step (the whole block on the first, one half on the others); in
 contiguous order device 0 would idle while the last one works.
 
-The block kernel: ``attention_block(q, k, v, mask, scale) -> (out, lse)`` is
-the one point where a fused kernel plugs in (``BLOCK_KERNELS``); ``xla`` here
-is plain einsums in float32 (CPU, tests). What exists on GPU (surveyed for
-jax 0.10-0.11): cuDNN through ``jax.nn.dot_product_attention`` returns no
-log-sum-exp, so it cannot be merged; ``jax.experimental.pallas.ops.gpu.
-attention.mha(..., return_residuals=True)`` returns (out, lse), with lse in
-base 2 (m + log2 l: multiply by ln 2), a causal mask by index within the call
-and one segment-id array shared by q and k (a ring step needs separate q and
-k segment ids and positions, so it needs a small change to the kernel), and its
-custom VJP ignores the lse cotangent, so a fused ring needs a ring-level
-``custom_vjp`` whose backward re-runs the ring with the final (out, lse) and
-calls the flash backward per block (the standard ring-attention backward);
-tokamax's flash attention exposes the residuals the same way. Until one is
-wired here, ring steps use the XLA block on every backend.
+The block kernels (``qtrain.parallel.blockwise.BLOCK_KERNELS``: a forward
+returning (out, lse) and a backward taking the final lse and rowsum(dO * O))
+are the one point where a fused kernel plugs in; ``xla`` is plain einsums
+with float32 accumulation, used on every backend today. What exists on GPU
+(surveyed for jax 0.10-0.11): cuDNN through ``jax.nn.dot_product_attention``
+returns no log-sum-exp, so its blocks cannot be merged.
+``jax.experimental.pallas.ops.gpu.attention`` has both halves:
+``mha(..., return_residuals=True)`` returns (out, lse), lse in base 2 of the
+log2(e)-scaled logits (multiply by ln 2), and ``mha_backward_kernel`` takes
+lse and delta; but its mask is by index inside the call with one segment-id
+array shared by q and k, while a ring block needs separate q/k positions and
+segment ids, so it needs that change before it can serve here (for
+unpacked rows in zig-zag order each half-block is either fully visible or
+causal by index, which its ``causal`` flag can express). tokamax was not
+surveyed (it is not in the CPU environment).
 """
 
 from __future__ import annotations
@@ -60,11 +64,9 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from qtrain.layers.sharding import HEADS
+from qtrain.parallel.blockwise import chunk_attention, chunk_attention_bwd, empty, merge
 
 MODES = ("none", "ring", "all_gather")
-# Log-sum-exp of a block whose mask is empty: finite, so merges never form
-# inf - inf; exp(_EMPTY - l) is 0 against any real row's l.
-_EMPTY = -1e30
 
 
 def check_mode(mode: str) -> None:
@@ -72,108 +74,14 @@ def check_mode(mode: str) -> None:
     raise ValueError(f"config.model.context_parallel={mode!r}; use one of {MODES}")
 
 
-# ------------------------------------------------------------ block kernel --
-
-
-def visible(pos_q_BT, seg_q_BT, pos_k_BS, seg_k_BS):
-  """[B, T, S]: key s visible to query t (same segment, pos_t >= pos_s)."""
-  return ((seg_q_BT[:, :, None] == seg_k_BS[:, None, :])
-          & (pos_q_BT[:, :, None] >= pos_k_BS[:, None, :]))
-
-
-def xla_block(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale):
-  """Attention of one (query block, key block): (out_BTNH, lse_BTN), float32.
-
-  ``out`` is normalised within the block; rows with nothing visible get
-  out = 0 and lse = _EMPTY, so merging them changes nothing.
-  """
-  B, T, N, H = q_BTNH.shape
-  K = k_BSKH.shape[2]
-  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-  logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
-                            preferred_element_type=jnp.float32) * scale
-  mask_B11TS = mask_BTS[:, None, None]
-  logits_BKGTS = jnp.where(mask_B11TS, logits_BKGTS, _EMPTY)
-  # The max only keeps exp in range: lse's gradient does not depend on it.
-  max_BKGT = jax.lax.stop_gradient(jnp.max(logits_BKGTS, axis=-1))
-  p_BKGTS = jnp.where(mask_B11TS, jnp.exp(logits_BKGTS - max_BKGT[..., None]), 0.0)
-  sum_BKGT = jnp.sum(p_BKGTS, axis=-1)
-  any_BKGT = sum_BKGT > 0
-  safe_BKGT = jnp.where(any_BKGT, sum_BKGT, 1.0)
-  lse_BKGT = jnp.where(any_BKGT, max_BKGT + jnp.log(safe_BKGT), _EMPTY)
-  out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS.astype(v_BSKH.dtype), v_BSKH,
-                         preferred_element_type=jnp.float32)
-  out_BTKGH = out_BTKGH / jnp.moveaxis(safe_BKGT, -1, 1)[..., None]
-  return out_BTKGH.reshape(B, T, N, H), jnp.moveaxis(lse_BKGT, -1, 1).reshape(B, T, N)
-
-
-# The fused-kernel point: name -> fn(q, k, v, mask_BTS, scale) -> (out, lse).
-BLOCK_KERNELS = {"xla": xla_block}
-
-
-def merge(out_a, lse_a, out_b, lse_b):
-  """Two partial attentions over disjoint key sets -> the attention over both."""
-  lse = jnp.logaddexp(lse_a, lse_b)
-  w_a, w_b = jnp.exp(lse_a - lse)[..., None], jnp.exp(lse_b - lse)[..., None]
-  return out_a * w_a + out_b * w_b, lse
-
-
-def _empty(q_BTNH):
-  return (jnp.zeros(q_BTNH.shape, jnp.float32),
-          jnp.full(q_BTNH.shape[:3], _EMPTY, jnp.float32))
-
-
-def chunk_attention(q_BTNH, pos_q_BT, seg_q_BT, k_BSKH, v_BSKH, pos_k_BS, seg_k_BS, *,
-                    scale, kernel="xla"):
-  """Local queries against one K/V chunk: (out, lse) in float32.
-
-  The mask picks one of four computations (one ``lax.switch``): nothing
-  (no key visible), the late half of the queries against all keys (the early
-  half sees nothing), all queries against the early half of the keys (the
-  late half is seen by none), or the whole block. In zig-zag order every
-  off-diagonal ring step is one of the two halves on every device.
-  """
-  block = functools.partial(BLOCK_KERNELS[kernel], scale=scale)
-  T, S = q_BTNH.shape[1], k_BSKH.shape[1]
-  mask_BTS = visible(pos_q_BT, seg_q_BT, pos_k_BS, seg_k_BS)
-  if T % 2 or S % 2:
-    return block(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
-  tq, sk = T // 2, S // 2
-
-  def late_queries(q, k, v, m):
-    out, lse = block(q[:, tq:], k, v, m[:, tq:])
-    empty_out, empty_lse = _empty(q[:, :tq])
-    return jnp.concatenate([empty_out, out], 1), jnp.concatenate([empty_lse, lse], 1)
-
-  def early_keys(q, k, v, m):
-    return block(q, k[:, :sk], v[:, :sk], m[:, :, :sk])
-
-  return jax.lax.switch(plan(mask_BTS), (lambda q, k, v, m: _empty(q), late_queries,
-                                         early_keys, block),
-                        q_BTNH, k_BSKH, v_BSKH, mask_BTS)
-
-
-# The work of each of chunk_attention's computations, in blocks.
-PLAN_WORK = (0.0, 0.5, 0.5, 1.0)
-
-
-def plan(mask_BTS):
-  """Which computation of ``chunk_attention`` a [B, T, S] mask needs: 0
-  nothing, 1 late queries, 2 early keys, 3 the whole block."""
-  tq, sk = mask_BTS.shape[1] // 2, mask_BTS.shape[2] // 2
-  return jnp.where(~jnp.any(mask_BTS), 0,
-                   jnp.where(~jnp.any(mask_BTS[:, :tq]), 1,
-                             jnp.where(~jnp.any(mask_BTS[:, :, sk:]), 2, 3)))
-
-
 # ------------------------------------------------------ per-device bodies --
 
 
-def ring_body(q, pos_q, seg_q, k, v, pos_k, seg_k, *, axis, n, scale, kernel="xla"):
-  """One device's share of ring attention (inside ``shard_map`` over ``axis``)."""
-  attend = functools.partial(chunk_attention, q, pos_q, seg_q, scale=scale, kernel=kernel)
+def _ring_forward(q, pos, seg, k, v, *, axis, n, scale, kernel):
+  """(out, lse) in float32 of the local queries against every chunk."""
+  attend = functools.partial(chunk_attention, q, pos, seg, scale=scale, kernel=kernel)
   perm = [(i, (i + 1) % n) for i in range(n)]  # Chunk of device i moves to i + 1.
-  out, lse = attend(k, v, pos_k, seg_k)  # Step 0: the local chunk.
+  out, lse = attend(k, v, pos, seg)  # Step 0: the local chunk.
 
   def step(carry, _):
     out, lse, kv = carry
@@ -181,25 +89,71 @@ def ring_body(q, pos_q, seg_q, k, v, pos_k, seg_k, *, axis, n, scale, kernel="xl
     out, lse = merge(out, lse, *attend(*kv))
     return (out, lse, kv_next), None
 
-  kv = jax.lax.ppermute((k, v, pos_k, seg_k), axis, perm)
+  kv = jax.lax.ppermute((k, v, pos, seg), axis, perm)
   if n > 2:  # Steps 1 .. n-2 send the next chunk while attending the current one.
     (out, lse, kv), _ = jax.lax.scan(step, (out, lse, kv), length=n - 2)
-  out, _ = merge(out, lse, *attend(*kv))  # Step n-1: nothing left to send.
-  return out.astype(q.dtype)
+  return merge(out, lse, *attend(*kv))  # Step n-1: nothing left to send.
 
 
-def all_gather_body(q, pos_q, seg_q, k, v, pos_k, seg_k, *, axis, n, scale, kernel="xla"):
+def _ring_backward(res, do, *, axis, n, scale, kernel):
+  """The ring again, K/V travelling with their gradient accumulators: each
+  device adds its queries' share to the chunk passing by, and after n - 1
+  hops one more hop brings every chunk's dK/dV home."""
+  q, pos, seg, k, v, out, lse = res
+  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  grad = functools.partial(chunk_attention_bwd, q, pos, seg, lse_BTN=lse, delta_BTN=delta,
+                           do_BTNH=do, scale=scale, kernel=kernel)
+  perm = [(i, (i + 1) % n) for i in range(n)]
+  dq, dk, dv = grad(k, v, pos, seg)
+
+  def step(carry, _):
+    dq, kv, (dk, dv) = carry
+    kv, (dk, dv) = jax.lax.ppermute((kv, (dk, dv)), axis, perm)
+    dq_b, dk_b, dv_b = grad(*kv)
+    return (dq + dq_b, kv, (dk + dk_b, dv + dv_b)), None
+
+  (dq, _, (dk, dv)), _ = jax.lax.scan(step, (dq, (k, v, pos, seg), (dk, dv)), length=n - 1)
+  dk, dv = jax.lax.ppermute((dk, dv), axis, perm)
+  return dq.astype(q.dtype), None, None, dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _ring(axis, n, scale, kernel):
+  """Ring attention of one device with its own VJP: the forward keeps only
+  the local q, K/V, output and lse (autodiff would keep every chunk that
+  passed by, i.e. all of K/V), the backward runs a second ring."""
+  opts = dict(axis=axis, n=n, scale=scale, kernel=kernel)
+
+  @jax.custom_vjp
+  def ring(q, pos, seg, k, v):
+    return _ring_forward(q, pos, seg, k, v, **opts)[0].astype(q.dtype)
+
+  def fwd(q, pos, seg, k, v):
+    out, lse = _ring_forward(q, pos, seg, k, v, **opts)
+    out = out.astype(q.dtype)
+    return out, (q, pos, seg, k, v, out, lse)
+
+  ring.defvjp(fwd, functools.partial(_ring_backward, **opts))
+  return ring
+
+
+def ring_body(q, pos, seg, k, v, *, axis, n, scale, kernel="xla"):
+  """One device's share of ring attention (inside ``shard_map`` over ``axis``)."""
+  return _ring(axis, n, float(scale), kernel)(q, pos, seg, k, v)
+
+
+def all_gather_body(q, pos, seg, k, v, *, axis, n, scale, kernel="xla"):
   """One device's share of all-gather-KV attention (inside ``shard_map``):
   the gathered K/V attended chunk by chunk, each chunk's empty halves skipped
   as on a ring step."""
   gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)
-  k, v, pos_k, seg_k = gather(k), gather(v), gather(pos_k), gather(seg_k)
+  k, v, pos_k, seg_k = gather(k), gather(v), gather(pos), gather(seg)
   S = k.shape[1] // n
   chunk = lambda x, j: x[:, j * S:(j + 1) * S]
-  out, lse = _empty(q)
+  out, lse = empty(q)
   for j in range(n):
     out, lse = merge(out, lse, *chunk_attention(
-        q, pos_q, seg_q, chunk(k, j), chunk(v, j), chunk(pos_k, j), chunk(seg_k, j),
+        q, pos, seg, chunk(k, j), chunk(v, j), chunk(pos_k, j), chunk(seg_k, j),
         scale=scale, kernel=kernel))
   return out.astype(q.dtype)
 
@@ -277,10 +231,11 @@ def context_parallel_attention(q_BTNH, k_BSKH, v_BSKH, positions_BT=None, segmen
   def local(q, pos, seg, k, v):
     if q_heads_axis is not None:
       k, v = _local_kv_heads(k, v, q_heads_axis, n_q_local, N // K)
-    return body(q, pos, seg, k, v, pos, seg)
+    return body(q, pos, seg, k, v)
 
   # check_vma off: the skipped-block branch of chunk_attention makes fresh
   # zeros, which the varying-axes check would ask to cast to each input's axes.
-  return jax.shard_map(local, in_specs=(q_spec, tok_spec, tok_spec, kv_spec, kv_spec),
-                       out_specs=q_spec, check_vma=False)(q_BTNH, positions_BT.astype(jnp.int32),
-                                         segment_ids_BT.astype(jnp.int32), k_BSKH, v_BSKH)
+  sharded = jax.shard_map(local, in_specs=(q_spec, tok_spec, tok_spec, kv_spec, kv_spec),
+                          out_specs=q_spec, check_vma=False)
+  return sharded(q_BTNH, positions_BT.astype(jnp.int32), segment_ids_BT.astype(jnp.int32),
+                 k_BSKH, v_BSKH)
