@@ -171,3 +171,20 @@ def test_unknown_mode_names_the_field():
   q, k, v, *_ = packed_inputs()
   with pytest.raises(ValueError, match="config.model.context_parallel='ringg'"):
     dot_product_attention(q, k, v, context_parallel="ringg")
+
+
+@pytest.mark.parametrize("mode", ["ring", "all_gather"])
+def test_backward_keeps_only_local_chunks(mode):
+  """What the VJP keeps for the backward is the local q, K/V, output, lse,
+  positions and segment ids (global shapes here, split over the mesh): no
+  received or gathered K/V chunk and no [T, S] probabilities (autodiff
+  through the ring kept every chunk that passed by and each switch branch's
+  intermediates: 17x these bytes on this layout)."""
+  q, k, v, pos, seg = packed_inputs()
+  attention = lambda q, k, v: dot_product_attention(
+      q, k, v, jnp.asarray(seg), positions_BT=jnp.asarray(pos), context_parallel=mode)
+  with Layout.of(LAYOUTS["seq4_data2"], MODEL, jax.devices()[:8]):
+    kept = jax.eval_shape(lambda q, k, v: jax.vjp(attention, q, k, v)[1], q, k, v)
+  kept_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(kept))
+  lse_bytes = B * T * N * 4
+  assert kept_bytes == 2 * q.nbytes + k.nbytes + v.nbytes + lse_bytes + pos.nbytes + seg.nbytes

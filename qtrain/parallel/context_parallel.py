@@ -117,48 +117,59 @@ def _ring_backward(res, do, *, axis, n, scale, kernel):
   return dq.astype(q.dtype), None, None, dk.astype(k.dtype), dv.astype(v.dtype)
 
 
+def _gathered_chunks(x, axis, n):
+  """``x`` all-gathered along the sequence, cut back into the n devices' chunks."""
+  full = jax.lax.all_gather(x, axis, axis=1, tiled=True)
+  S = x.shape[1]
+  return [full[:, j * S:(j + 1) * S] for j in range(n)]
+
+
+def _all_gather_forward(q, pos, seg, k, v, *, axis, n, scale, kernel):
+  """(out, lse) in float32: the gathered K/V attended chunk by chunk, each
+  chunk's empty halves skipped as on a ring step."""
+  out, lse = empty(q)
+  for kv in zip(*(_gathered_chunks(x, axis, n) for x in (k, v, pos, seg))):
+    out, lse = merge(out, lse, *chunk_attention(q, pos, seg, *kv, scale=scale, kernel=kernel))
+  return out, lse
+
+
+def _all_gather_backward(res, do, *, axis, n, scale, kernel):
+  """K/V gathered again (not kept from the forward); each chunk's dK/dV
+  reduce-scattered back to the device that holds it."""
+  q, pos, seg, k, v, out, lse = res
+  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  dq, dks, dvs = jnp.zeros(q.shape, jnp.float32), [], []
+  for kv in zip(*(_gathered_chunks(x, axis, n) for x in (k, v, pos, seg))):
+    dq_j, dk_j, dv_j = chunk_attention_bwd(q, pos, seg, *kv, lse_BTN=lse, delta_BTN=delta,
+                                           do_BTNH=do, scale=scale, kernel=kernel)
+    dq, dks, dvs = dq + dq_j, dks + [dk_j], dvs + [dv_j]
+  scatter = lambda ds: jax.lax.psum_scatter(jnp.concatenate(ds, 1), axis, scatter_dimension=1,
+                                            tiled=True)
+  return dq.astype(q.dtype), None, None, scatter(dks).astype(k.dtype), scatter(dvs).astype(
+      v.dtype)
+
+
 @functools.lru_cache(maxsize=None)
-def _ring(axis, n, scale, kernel):
-  """Ring attention of one device with its own VJP: the forward keeps only
-  the local q, K/V, output and lse (autodiff would keep every chunk that
-  passed by, i.e. all of K/V), the backward runs a second ring."""
+def _with_vjp(mode, axis, n, scale, kernel):
+  """One device's attention of ``mode`` with its own VJP: the forward keeps
+  only the local q, K/V, output and lse (autodiff would keep every K/V chunk
+  and each skipped-or-not branch's intermediates), the backward exchanges
+  K/V again: a second ring, or a second gather and a reduce-scatter."""
+  forward, backward = {"ring": (_ring_forward, _ring_backward),
+                       "all_gather": (_all_gather_forward, _all_gather_backward)}[mode]
   opts = dict(axis=axis, n=n, scale=scale, kernel=kernel)
 
   @jax.custom_vjp
-  def ring(q, pos, seg, k, v):
-    return _ring_forward(q, pos, seg, k, v, **opts)[0].astype(q.dtype)
+  def attention(q, pos, seg, k, v):
+    return forward(q, pos, seg, k, v, **opts)[0].astype(q.dtype)
 
   def fwd(q, pos, seg, k, v):
-    out, lse = _ring_forward(q, pos, seg, k, v, **opts)
+    out, lse = forward(q, pos, seg, k, v, **opts)
     out = out.astype(q.dtype)
     return out, (q, pos, seg, k, v, out, lse)
 
-  ring.defvjp(fwd, functools.partial(_ring_backward, **opts))
-  return ring
-
-
-def ring_body(q, pos, seg, k, v, *, axis, n, scale, kernel="xla"):
-  """One device's share of ring attention (inside ``shard_map`` over ``axis``)."""
-  return _ring(axis, n, float(scale), kernel)(q, pos, seg, k, v)
-
-
-def all_gather_body(q, pos, seg, k, v, *, axis, n, scale, kernel="xla"):
-  """One device's share of all-gather-KV attention (inside ``shard_map``):
-  the gathered K/V attended chunk by chunk, each chunk's empty halves skipped
-  as on a ring step."""
-  gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)
-  k, v, pos_k, seg_k = gather(k), gather(v), gather(pos), gather(seg)
-  S = k.shape[1] // n
-  chunk = lambda x, j: x[:, j * S:(j + 1) * S]
-  out, lse = empty(q)
-  for j in range(n):
-    out, lse = merge(out, lse, *chunk_attention(
-        q, pos, seg, chunk(k, j), chunk(v, j), chunk(pos_k, j), chunk(seg_k, j),
-        scale=scale, kernel=kernel))
-  return out.astype(q.dtype)
-
-
-BODIES = {"ring": ring_body, "all_gather": all_gather_body}
+  attention.defvjp(fwd, functools.partial(backward, **opts))
+  return attention
 
 
 # ----------------------------------------------------------- entry point --
@@ -226,7 +237,7 @@ def context_parallel_attention(q_BTNH, k_BSKH, v_BSKH, positions_BT=None, segmen
   tok_spec = P(q_spec[0], q_spec[1])
   q_heads_axis = q_spec[2] if q_spec[2] != kv_spec[2] else None
   n_q_local = N // (mesh.shape[q_heads_axis] if q_heads_axis else 1)
-  body = functools.partial(BODIES[mode], axis=axis, n=n, scale=scale, kernel=kernel)
+  body = _with_vjp(mode, axis, n, float(scale), kernel)
 
   def local(q, pos, seg, k, v):
     if q_heads_axis is not None:
