@@ -91,11 +91,17 @@ def query_keys(zkey, rng: str):
 
 def _spsa(f, qkey, q, eps, after):
   """(g_q, mean objective, mean aux) of one query from two forwards;
-  ``f(key, scale)`` is the loss at p + scale * z(key)."""
-  lp, auxp = f(_fresh(qkey(q), after), eps)
-  lm, auxm = f(_fresh(qkey(q), lp), -eps)
+  ``f(key, scale)`` is the loss at p + scale * z(key). The forwards are the
+  two steps of a loop over scale = +eps, -eps: the model is traced and
+  compiled once, and the second forward runs after the first."""
+  key = _fresh(qkey(q), after)
+
+  def forward(scale):  # The barrier ties z to the iteration: XLA cannot hoist it.
+    return f(_fresh(key, scale), scale)
+
+  (lp, lm), aux = jax.lax.map(forward, jnp.asarray([eps, -eps], jnp.float32))
   g = (lp - lm) / (2 * eps)
-  return g, (lp + lm) / 2, jax.tree.map(lambda a, b: (a + b) / 2, auxp, auxm)
+  return g, (lp + lm) / 2, jax.tree.map(lambda a: (a[0] + a[1]) / 2, aux)
 
 
 def _forward_grad(f, qkey, q, after):
