@@ -38,6 +38,7 @@ LAYOUTS = {
     # tensor=4 over 4 query heads and 2 kv heads: k/v replicated over tensor,
     # each shard's kv head picked inside the shard_map.
     "seq2_tensor4": dict(sequence=2, tensor=4),
+    "seq8": dict(sequence=8),  # 16 chunks of 2 tokens; the ring's scan runs 6 steps.
 }
 
 
@@ -104,7 +105,8 @@ def run_sharded(mode, layout, order):
 
 
 CASES = [("ring", "seq4_data2", "zigzag"), ("all_gather", "seq4_data2", "zigzag"),
-         ("ring", "seq2_tensor4", "contiguous"), ("all_gather", "seq2_tensor4", "contiguous")]
+         ("ring", "seq2_tensor4", "contiguous"), ("all_gather", "seq2_tensor4", "contiguous"),
+         ("ring", "seq8", "zigzag")]
 
 
 @pytest.fixture(scope="module")

@@ -96,24 +96,38 @@ def _ring_forward(q, pos, seg, k, v, *, axis, n, scale, kernel):
 
 
 def _ring_backward(res, do, *, axis, n, scale, kernel):
-  """The ring again, K/V travelling with their gradient accumulators: each
+  """The ring again, each K/V chunk followed by its dK/dV accumulator: a
   device adds its queries' share to the chunk passing by, and after n - 1
-  hops one more hop brings every chunk's dK/dV home."""
+  hops one more hop brings every accumulator home. As in the forward, the
+  next chunk is sent while the current one is differentiated; the
+  accumulator's hop overlaps that compute too (it is added after)."""
   q, pos, seg, k, v, out, lse = res
   delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   grad = functools.partial(chunk_attention_bwd, q, pos, seg, lse_BTN=lse, delta_BTN=delta,
                            do_BTNH=do, scale=scale, kernel=kernel)
   perm = [(i, (i + 1) % n) for i in range(n)]
-  dq, dk, dv = grad(k, v, pos, seg)
+  hop = lambda x: jax.lax.ppermute(x, axis, perm)
+
+  def visit(dq, kv, acc):
+    """The accumulator of chunk ``kv`` arrives; this device's share is added."""
+    acc = hop(acc)
+    dq_b, dk_b, dv_b = grad(*kv)
+    return dq + dq_b, (acc[0] + dk_b, acc[1] + dv_b)
 
   def step(carry, _):
-    dq, kv, (dk, dv) = carry
-    kv, (dk, dv) = jax.lax.ppermute((kv, (dk, dv)), axis, perm)
-    dq_b, dk_b, dv_b = grad(*kv)
-    return (dq + dq_b, kv, (dk + dk_b, dv + dv_b)), None
+    dq, kv, acc = carry
+    kv_next = hop(kv)
+    dq, acc = visit(dq, kv, acc)
+    return (dq, kv_next, acc), None
 
-  (dq, _, (dk, dv)), _ = jax.lax.scan(step, (dq, (k, v, pos, seg), (dk, dv)), length=n - 1)
-  dk, dv = jax.lax.ppermute((dk, dv), axis, perm)
+  kv = hop((k, v, pos, seg))
+  dq, dk, dv = grad(k, v, pos, seg)  # Step 0: the local chunk.
+  carry = (dq, kv, (dk, dv))
+  if n > 2:
+    carry, _ = jax.lax.scan(step, carry, length=n - 2)
+  dq, kv, acc = carry
+  dq, acc = visit(dq, kv, acc)  # Step n-1: nothing left to send.
+  dk, dv = hop(acc)  # Home.
   return dq.astype(q.dtype), None, None, dk.astype(k.dtype), dv.astype(v.dtype)
 
 
