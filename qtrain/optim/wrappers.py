@@ -72,7 +72,17 @@ def momentum_reset(inner: optax.GradientTransformation, every: int,
 
 
 def balanced_factors(a, b):
-  """(U sqrt(S), sqrt(S) V^T) of A B = U S V^T, for A [..., in, r], B [..., r, out]."""
+  """(U sqrt(S), sqrt(S) V^T) of A B = U S V^T, for A [..., in, r], B [..., r, out].
+
+  A scanned stack is re-split one matrix at a time (``lax.map`` over the
+  leading axes), not by batched QR/SVD: on CPU, jaxlib 0.10's batched QR runs
+  on the intra-op thread pool and deadlocked on a 2-core machine when the
+  refactorization step issued several at once (every pool thread waiting in a
+  QR for work only a pool thread could run). It runs once every
+  ``refactor.every`` steps, so the serial loop costs nothing measurable.
+  """
+  if a.ndim > 2:
+    return jax.lax.map(lambda ab: balanced_factors(*ab), (a, b))
   dtype = a.dtype
   a, b = a.astype(jnp.float32), b.astype(jnp.float32)
   q_a, r_a = jnp.linalg.qr(a)
