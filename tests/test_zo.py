@@ -7,7 +7,6 @@ compiled MeZO step's memory, and resume replaying the same directions."""
 from __future__ import annotations
 
 import re
-import shutil
 
 import flax
 import jax
@@ -371,32 +370,34 @@ def test_mezo_step_holds_no_gradient_or_optimizer_state(mezo):
   assert extra < 2 * layer, (extra / params, layer / params)
 
 
-def test_resume_replays_the_same_directions(tmp_path):
-  """MeZO through the loop on data/kjv: 4 steps straight vs the same run with
-  its step-4 checkpoint removed (killed after saving step 2) and resumed: the
-  directions come from step_key(state), so the final params are bit-identical."""
-  from conftest import smoke_config  # pylint: disable=g-import-not-at-top
-  from qtrain.train import checkpoint  # pylint: disable=g-import-not-at-top
-  from qtrain.train.build import build_model  # pylint: disable=g-import-not-at-top
-  from qtrain.train.loop import run as train  # pylint: disable=g-import-not-at-top
-  from qtrain.train.state import abstract_params  # pylint: disable=g-import-not-at-top
-  cfg = smoke_config()
-  cfg.train.step = "zeroth_order"
-  cfg.optim.update(name="sgd", grad_clip=0.0, lr=1e-2)
-  cfg.data.eval_batches = 1
-  straight = tmp_path / "straight"
-  train(cfg, str(straight))
-  resumed = tmp_path / "resumed"
-  shutil.copytree(straight, resumed)
-  shutil.rmtree(resumed / "checkpoints" / "4")
-  assert train(cfg, str(resumed))["step"] == 4
-  target = jax.tree.map(lambda x: getattr(x, "value", x),
-                        abstract_params(build_model(cfg), cfg.data.seq_len),
-                        is_leaf=lambda x: hasattr(x, "value"))
-  a, _ = checkpoint.restore_params(str(straight), target, step=4)
-  b, _ = checkpoint.restore_params(str(resumed), target, step=4)
-  p2, _ = checkpoint.restore_params(str(straight), target, step=2)
-  for x, y, z in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(p2)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  assert any(not np.array_equal(np.asarray(x), np.asarray(z))
-             for x, z in zip(jax.tree.leaves(a), jax.tree.leaves(p2)))  # Steps 3-4 moved them.
+def test_kill_and_resume_replays_the_same_directions(mezo, tmp_path):
+  """MeZO 4 steps straight vs 2 steps, an orbax save and restore (the state a
+  killed run resumes from), 2 more: the directions come from step_key(state)
+  (the state's rng and step), so the final params are bit-identical. The
+  loop's own resume (data position, SIGKILL) is tests/test_train.py's."""
+  from qtrain.train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  from qtrain.train.state import abstract_state  # pylint: disable=g-import-not-at-top
+  run = mezo
+  batches = [_batch(run.cfg, i) for i in range(4)]
+
+  def steps(state, bs):
+    for b in bs:
+      state, _ = run.step(state, b)
+    return state
+
+  straight = steps(run.copy(run.state), batches)
+  half = steps(run.copy(run.state), batches[:2])
+  ckpt = Checkpointer(str(tmp_path / "ckpt"), keep=1, async_save=False)
+  ckpt.save(2, half, {})
+  ckpt.wait()
+  with run._ctx():  # pylint: disable=protected-access
+    target = abstract_state(run.model, run.tx, run.mesh, run.cfg.data.seq_len)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        target, run.sh)
+  restored, _ = ckpt.restore(2, target)
+  ckpt.close()
+  resumed = steps(restored, batches[2:])
+  leaves = lambda s: jax.tree.leaves(jax.tree.map(np.asarray, s.params))
+  for a, b in zip(leaves(straight), leaves(resumed), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in zip(leaves(straight), leaves(half)))
