@@ -1,9 +1,10 @@
 """Context parallelism in the model and the train step, on 8 fake CPU devices.
 
 * The smoke model's training loss and gradients with ring attention on
-  data=2 x sequence=4 equal one device's within float32 reordering, on a packed
-  batch (several documents per row, positions restarting, a padded tail) in
-  zig-zag order; the compiled program exchanges K/V only by collective-permutes.
+  data=2 x sequence=4, under ``w4a4kv4`` fake-quant (KV-cache quantized), equal
+  one device's within float32 reordering, on a packed batch (several documents
+  per row, positions restarting, a padded tail) in zig-zag order; the compiled
+  program exchanges K/V only by collective-permutes.
 * One train step (``make_steps``, AdamW) with all-gather-KV attention on
   sequence=4 moves the params as one device does.
 * The zig-zag order: device i holds chunks i and 2n-1-i; with it every device
@@ -51,11 +52,11 @@ def packed_batch(seed=0) -> dict:
           "positions": pos, "loss_mask": (seg > 0).astype(np.int32)}
 
 
-def context_run(mode: str, mesh: dict) -> Run:
+def context_run(mode: str, mesh: dict, quant: str = "") -> Run:
   """The smoke Run on ``mesh`` with ``config.model.context_parallel=mode``.
   The field is set after ``Run`` validates the config: ``qtrain/config/base.py``
   does not list it yet."""
-  run = Run(smoke_config(**mesh))
+  run = Run(smoke_config(quant, **mesh))
   run.cfg.model.context_parallel = mode
   run.model = build_model(run.cfg)
   assert run.model.cfg.context_parallel == mode
@@ -68,9 +69,11 @@ class Runs:
     self.state = self.single.init_state()
     self.batch = packed_batch()
 
-  @functools.cached_property
-  def reference(self):
-    return self.single.loss_and_grads(self.state.params, self.batch)
+  @functools.cache
+  def reference(self, quant: str = ""):
+    """One device's (loss, grads, hlo) under the ``quant`` preset."""
+    run = Run(smoke_config(quant)) if quant else self.single
+    return run.loss_and_grads(self.state.params, self.batch)
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +88,14 @@ def assert_reordered(got, want, what=""):
 
 
 def test_ring_loss_and_grads_equal_single_device(runs):
-  run = context_run("ring", RING)
+  """Under ``w4a4kv4`` fake-quant: the ring passes the K/V the KV-cache
+  quantizer has already rounded (4-bit, per token), so a KV-quantized model
+  needs nothing more. The quantizers' inputs differ from one device's by
+  float32 reordering only, and on this batch no rounding flips (as on every
+  layout of tests/test_parallel.py), so the float32 bound holds."""
+  run = context_run("ring", RING, "w4a4kv4")
   loss, grads, hlo = run.loss_and_grads(runs.state.params, zigzag_batch(runs.batch, 4))
-  ref_loss, ref_grads, _ = runs.reference
+  ref_loss, ref_grads, _ = runs.reference("w4a4kv4")
   assert abs(loss - ref_loss) <= REORDER * abs(ref_loss), (loss, ref_loss)
   assert_reordered(grads, ref_grads, "ring: ")
   module = parse_hlo(hlo)
@@ -112,7 +120,7 @@ def test_all_gather_train_step_equals_single_device(runs):
   assert metrics["finite"] == 1
   for key in ("loss", "grad_norm"):
     assert abs(metrics[key] - ref_metrics[key]) <= REORDER * abs(ref_metrics[key]), key
-  _, grads, _ = runs.reference
+  _, grads, _ = runs.reference()
   lr, eps = ref_metrics["lr"], 1e-8
   flat = lambda t: jax.tree.leaves(t)
   for p, want, g, p0 in zip(flat(params), flat(ref_params), flat(grads), flat(runs.state.params)):
