@@ -2,12 +2,12 @@
 each replica's gradient stays split over ``fsdp`` and is compressed per shard
 (qtrain/parallel/exchange.py, qtrain/train/compressed.py).
 
-References: the ``first_order`` step on the same mesh and on one device
-(dense), the float64 mean of the replicas' contributions (PowerSGD at full
-rank, DGC sending everything), the same exchange on ``data`` alone (PowerSGD
-at low rank: splitting over fsdp must not change it), a float64 NumPy DGC
-run per fsdp shard (the per-shard merge), the compiled HLO (what crosses
-``data``), and an uninterrupted run (resume).
+References: the ``first_order`` step on the same mesh (dense), the float64
+mean of the replicas' contributions (PowerSGD at full rank, DGC sending
+everything), the same exchange on ``data`` alone (PowerSGD at low rank:
+splitting over fsdp must not change it), a float64 NumPy DGC run per fsdp
+shard (the per-shard merge), the compiled HLO (what crosses ``data``), and an
+uninterrupted run (resume).
 """
 
 from __future__ import annotations
@@ -137,24 +137,30 @@ def test_powersgd_split_over_fsdp_equals_it_on_data_alone():
     e_split, s_split, _, _ = split(c, s_split)
     e_whole, s_whole, _, _ = whole(c, s_whole)
     for k in LEAVES:
-      # O(1) values through QR and three matmuls, errors fed back 3 times: 1e-4.
+      # O(1) values through QR and three float32 matmuls, errors fed back: the
+      # gap grows 3e-7, 2e-6, 4e-6 over the steps; 2e-5 leaves 4x.
       np.testing.assert_allclose(np.asarray(e_split[k]), np.asarray(e_whole[k]), rtol=0,
-                                 atol=1e-4, err_msg=k)
+                                 atol=2e-5, err_msg=k)
       np.testing.assert_allclose(np.asarray(s_split[k].q), np.asarray(s_whole[k].q), rtol=0,
-                                 atol=1e-4, err_msg=k)
+                                 atol=2e-5, err_msg=k)
       np.testing.assert_allclose(np.asarray(s_split[k].error), np.asarray(s_whole[k].error),
-                                 rtol=0, atol=1e-4, err_msg=k)
+                                 rtol=0, atol=2e-5, err_msg=k)
+
+
+def _split(spec) -> int | None:
+  """The dim ``spec`` puts on fsdp."""
+  return next((i for i, a in enumerate(spec) if a == ex_lib.FSDP), None)
 
 
 def _shards(x, n_batch, spec):
   """[D, *shape] -> list over fsdp shards of [D, batch, n m] (shard-flattened)."""
-  split = ex_lib._split_dim(spec)  # pylint: disable=protected-access
+  split = _split(spec)
   blocks = [x] if split is None else np.split(x, F, axis=1 + split)
   return [b.reshape(D, *ex_lib.matrix_dims(b.shape[1:], n_batch)[:1], -1) for b in blocks]
 
 
 def _unshard(blocks, shape, spec):
-  split = ex_lib._split_dim(spec)  # pylint: disable=protected-access
+  split = _split(spec)
   if split is None:
     return blocks[0].reshape(shape)
   local = list(shape)
@@ -179,7 +185,7 @@ def _numpy_dgc(c, u, v, sparsity, momentum):
 
 
 def _local_shape(shape, spec):
-  split = ex_lib._split_dim(spec)  # pylint: disable=protected-access
+  split = _split(spec)
   return tuple(n // F if i == split else n for i, n in enumerate(shape))
 
 
@@ -283,12 +289,13 @@ def _masked_batch():
 _EPS = 1e-3
 
 
-def test_dense_on_data_x_fsdp_equals_first_order_and_one_device(state0):
-  refs = {}
-  for name, mesh in (("one device", {}), ("first_order data x fsdp", dict(data=D, fsdp=F))):
-    cfg = pu.smoke_config(**mesh)
-    cfg.optim.adamw.eps = _EPS
-    refs[name] = pu.Run(cfg).train_step(state0, _masked_batch())
+def test_dense_on_data_x_fsdp_equals_first_order(state0):
+  """The ``first_order`` step on the same mesh; that one equals the step on one
+  device (tests/test_parallel.py::test_adamw_step_equals_single_device, on
+  data x fsdp x tensor), which a third compile here would only repeat."""
+  cfg = pu.smoke_config(data=D, fsdp=F)
+  cfg.optim.adamw.eps = _EPS
+  refs = {"first_order data x fsdp": pu.Run(cfg).train_step(state0, _masked_batch())}
   run, sh = _family("dense")
   state = _init(run, sh, state0)
   with run.layout:
