@@ -24,6 +24,7 @@ import pytest
 from parallel_util import BATCH, SEQ, VOCAB, Run, instructions, parse_hlo, same_dims, smoke_config
 from qtrain.layers.config import ModelConfig
 from qtrain.parallel import MeshError, blockwise as bw, check_mesh, make_mesh
+from qtrain.data.global_batch import to_global
 from qtrain.parallel.zigzag import for_model, inverse_order, zigzag_batch, zigzag_order
 from qtrain.train.build import build_model
 
@@ -155,6 +156,11 @@ def test_for_model_orders_only_context_parallel_layouts():
   plain = ModelConfig.of(smoke_config().model)  # context_parallel="none": index order kept.
   assert for_model(batch, mesh, plain) is batch
   assert for_model(batch, make_mesh(dict(data=8), jax.devices()[:8]), ring) is batch
+  # The loop's door applies it: every batch the trainer, eval and calibration
+  # hand to the model arrives in zig-zag order on a context-parallel mesh.
+  placed = jax.device_get(to_global(batch, mesh, ring))
+  np.testing.assert_array_equal(placed["positions"], zig["positions"])
+  np.testing.assert_array_equal(placed["targets"], batch["targets"][:, zigzag_order(SEQ, 4)])
 
 
 @pytest.mark.parametrize("mode,seq_len,match", [

@@ -38,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
       # Packed documents per row the cuDNN path describes (0 = seq_len, which
       # is exact but slow); the loop stops with a clear error if a batch has more.
       attention_max_segments=16,
+      # mesh.sequence > 1: none (XLA gathers K/V), ring or all_gather
+      # (qtrain/parallel/context_parallel.py; zig-zag order at data/global_batch.py).
+      context_parallel="none",
       init_std=0.02,
       # Weight forms by path, first match wins (qtrain/layers/weights.py), e.g.
       # (dict(pattern=r"decoder/layers/mlp/.*", form="low_rank", rank=64),); none: dense.
@@ -189,11 +192,13 @@ def base_config() -> ml_collections.ConfigDict:
       matmuls=".*",
   ))
   # Compressed data-parallel gradient exchange (qtrain/parallel/exchange.py),
-  # run by --config.train.step=compressed over the `data` axis; configs/exchange/.
+  # run by --config.train.step=compressed over the `data` axis (per fsdp shard on a
+  # data x fsdp mesh); configs/exchange/.
   c.exchange = ml_collections.ConfigDict(dict(
       method="dense",  # dense (pmean, the reference) | dgc | powersgd
       min_size=4096,  # Matrices (per scanned layer) with fewer elements go dense.
-      dgc=dict(  # Deep Gradient Compression (Lin et al. 2018), top-k per matrix.
+      dgc=dict(  # Deep Gradient Compression (Lin et al. 2018), top-k per matrix
+          # (per fsdp shard of it when fsdp > 1).
           sparsity=0.999,  # Share of each matrix not sent per step, after warm-up.
           warmup_steps=0,  # Steps over which the stages below run; 0 = none.
           warmup_sparsity=(0.75, 0.9375, 0.984375, 0.996),  # One compiled branch each.

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from qtrain.layers.attention import resolve_impl
-from qtrain.parallel import batch_sharding, data_shard
+from qtrain.parallel import batch_sharding, data_shard, zigzag
 
 
 def check_segments(batch: dict, model_cfg) -> None:
@@ -35,10 +35,14 @@ def check_segments(batch: dict, model_cfg) -> None:
 def to_global(local_batch: dict, mesh, model_cfg=None) -> dict:
   """Host-local numpy rows -> global arrays, rows over ``data`` x ``fsdp``.
 
-  ``model_cfg`` (a ``qtrain.layers.ModelConfig``) turns on ``check_segments``.
+  ``model_cfg`` (a ``qtrain.layers.ModelConfig``) turns on ``check_segments``
+  and the token order its attention wants on ``mesh`` (zig-zag under context
+  parallelism: ``qtrain/parallel/zigzag.py``). Every batch enters the model
+  here: training, evaluation, calibration and the kurtosis report.
   """
   if model_cfg is not None:
     check_segments(local_batch, model_cfg)
+    local_batch = zigzag.for_model(local_batch, mesh, model_cfg)
   sharding, (_, shards) = batch_sharding(mesh), data_shard(mesh)
   out = {}
   for k, v in local_batch.items():

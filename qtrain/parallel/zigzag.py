@@ -13,11 +13,9 @@ The order is applied to the whole batch once, before the model: inputs,
 targets, positions, segment ids and loss mask are permuted together along the
 sequence (``zigzag_batch``), on host rows. Its place is the one door every
 batch takes into the model, ``qtrain.data.global_batch.to_global``, through
-``for_model``, so training, evaluation and calibration all see it (until
-that call is wired in, callers apply it, as tests/test_context_parallel.py
-does; a batch left in index order is still attended correctly, only the
-work is unbalanced). Nothing
-downstream depends on the order: RoPE reads the ``positions`` array (added
+``for_model``, so training, evaluation and calibration all see it (a batch
+left in index order is still attended correctly, only the work is
+unbalanced). Nothing downstream depends on the order: RoPE reads the ``positions`` array (added
 here when the batch has none), the attention mask is built from positions and
 segment ids, and the loss is a sum over tokens.
 """
