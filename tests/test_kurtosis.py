@@ -128,18 +128,30 @@ def _steps(cfg):
   return layout, model, state, train, measured
 
 
-def test_telemetry_on_equals_off_in_loss_and_params():
+@pytest.fixture(scope="module")
+def built():
+  """{telemetry.every: _steps(...)}, built once for the module's tests (each
+  build traces the model and compiles its init; the jitted steps keep their
+  executables across tests). The steps donate the state: steppers take a
+  copy (`_fresh`)."""
+  return {every: _steps(_cfg(every=every)) for every in (0, 1)}
+
+
+def _fresh(state):
+  return jax.tree.map(lambda x: x.copy(), state)
+
+
+def test_telemetry_on_equals_off_in_loss_and_params(built):
   """Two steps of the measured step vs the plain step of a model without the
   provider, from the same state and batches: the loss, grad norm and the
   params after 2 steps are bit-identical (the statistics are read from
   stop_gradient'ed activations and never reach the objective; XLA keeps the
   loss and update arithmetic as it was), and the measured metrics are there."""
-  off = _steps(_cfg(every=0))
-  on = _steps(_cfg(every=1))
+  off, on = built[0], built[1]
   assert off[4] is None and on[1].provider and not off[1].provider
   results = []
   for layout, _, state, train, measured in (off, on):
-    step = measured or train
+    step, state = measured or train, _fresh(state)
     ms = []
     with layout:
       for seed in (0, 1):
@@ -154,7 +166,7 @@ def test_telemetry_on_equals_off_in_loss_and_params():
   jax.tree.map(np.testing.assert_array_equal, p_off, p_on)
 
 
-def test_logged_kurtosis_equals_kurtosis_of_captured_activations():
+def test_logged_kurtosis_equals_kurtosis_of_captured_activations(built):
   """The measured step's per-layer metrics vs the float64 formula on the
   activations flax's capture_intermediates records for the same params and
   batch (a model without the provider): embedding output, every layer's
@@ -162,12 +174,12 @@ def test_logged_kurtosis_equals_kurtosis_of_captured_activations():
   (silu(gate) * up), the lm_head input; padding excluded. float32 moments vs
   float64: rtol 2e-4."""
   cfg = _cfg(every=1)
-  layout, _, state, _, measured = _steps(cfg)
+  layout, _, state, _, measured = built[1]
   batch = _batch(cfg)
   params = jax.device_get(state.params)
   plain = Transformer(model_config(cfg))
   with layout:
-    _, m = measured(state, batch)
+    _, m = measured(_fresh(state), batch)
   m = jax.device_get(m)
   _, inter = plain.apply({"params": params}, batch["inputs"], batch["positions"],
                          batch["segment_ids"], capture_intermediates=True,
@@ -208,15 +220,15 @@ def _flops(step, state, batch, layout):
   return cost["flops"]
 
 
-def test_unmeasured_step_costs_nothing():
+def test_unmeasured_step_costs_nothing(built):
   """The plain step of a telemetry config lowers to the FLOPs of the step
   without the provider, and the measured step to more (it really computes
   the statistics). The provider traces no statistic when the collection is
   immutable; with that check removed this still passes (tried): unused
   statistics are dropped before XLA sees them, as the design assumed."""
   batch = _batch(_cfg())
-  l0, _, s0, train0, _ = _steps(_cfg(every=0))
-  l1, _, s1, train1, measured = _steps(_cfg(every=1))
+  l0, _, s0, train0, _ = built[0]
+  l1, _, s1, train1, measured = built[1]
   f_off, f_plain, f_measured = (_flops(train0, s0, batch, l0), _flops(train1, s1, batch, l1),
                                 _flops(measured, s1, batch, l1))
   assert f_plain == f_off, (f_plain, f_off)
