@@ -140,68 +140,68 @@ def _np(tree):
 
 
 # Perturbed like every param, but never moved (lr_mult 0): one through the
-# matmul hook (the LM head's kernel), one through the tree (the final norm).
-STILL = r"lm_head/kernel|final_norm/scale"
+# matmul hook (a low-rank factor), one through the tree (the final norm).
+STILL = r"decoder/layers/mlp/down_proj/b|final_norm/scale"
+
+
+def _mezo_cfg(**zo_fields):
+  """_cfg's model with a tied LM head and low-rank MLP weights (so the hook
+  meets kernels, factors and a tied embedding), STILL at lr_mult 0."""
+  c = _cfg(**zo_fields)
+  c.model.update(tie_embeddings=True,
+                 weight_forms=(dict(pattern=r".*/mlp/.*", form="low_rank", rank=8),))
+  c.optim.groups = (dict(pattern=STILL, lr_mult=0.0), dict(pattern=r".*"))
+  return c
 
 
 @pytest.fixture(scope="module")
 def mezo():
-  """The MeZO run most tests share (its step compiles once)."""
-  c = _cfg()
-  c.optim.groups = (dict(pattern=STILL, lr_mult=0.0), dict(pattern=r".*"))
-  return _OneDevice(c)
+  """The MeZO run the model tests share (its step compiles once)."""
+  return _OneDevice(_mezo_cfg())
 
 
-def _losses(run, params, batch, key, eps, block=None):
-  """(loss at p + eps z through the hook and the tree, through the tree alone, at p)."""
-  cfg, loss_fn = run.cfg, make_loss(run.model)
-  leaves = zo.leaves_of(cfg, params)
-  rng = jax.random.key(0)
-  with run._ctx():  # pylint: disable=protected-access
-    in_matmul = zo.matmul_leaves(loss_fn, params, batch, rng, leaves)
-    hook = jax.jit(lambda p, b: zo.perturbed_loss(loss_fn, p, batch, rng, key, eps, leaves,
-                                                  in_matmul, b)[0])
-    tree = jax.jit(lambda p, b: loss_fn(zo.perturb(p, zo.directions(key, p, leaves, b), eps),
-                                        batch, rng)[0])
-    at_p = float(jax.jit(lambda p: loss_fn(p, batch, rng)[0])(params))
-    b = None if block is None else jnp.int32(block)
-    return float(hook(params, b)), float(tree(params, b)), at_p, sorted(in_matmul)
-
-
-def _unscanned_tied_low_rank():
-  c = _cfg()
-  c.model.update(scan_layers=False, tie_embeddings=True, n_layers=2,
-                 weight_forms=(dict(pattern=r".*/mlp/.*", form="low_rank", rank=8),))
-  return _OneDevice(c)
-
-
-@pytest.mark.parametrize("model", ["scanned", "unscanned_tied_low_rank"])
-def test_the_layerwise_perturbation_is_the_trees(mezo, model):
+def test_the_layerwise_perturbation_is_the_trees(mezo):
   """The loss at p + eps z with the matmul weights perturbed per layer in the
   hook (z of layer l from fold_in(key_P, l), generated inside the scan) equals
   the loss at the whole tree p + eps z with the same z, materialised: float32
   compute, same weights bit for bit, so only XLA's fusion of the sum into
-  other ops may differ: rtol 1e-6 (~8 ulps). Also block-wise (block 1 only,
-  the layer gate inside the scan).
-  The hook covers exactly the Linear weights (kernels, low-rank factors); the
-  tied embedding (read by the lookup too) stays in the tree."""
-  run = mezo if model == "scanned" else _unscanned_tied_low_rank()
-  batch = _batch(run.cfg, 0)
-  weights = [p for p in (param_path(k) for k, _ in jax.tree_util.tree_flatten_with_path(
-      run.state.params)[0]) if re.search(r"/(kernel|a|b)$", p)]
+  other ops may differ: rtol 1e-6 (~8 ulps). Also block-wise (block 1: the
+  layer gate inside the scan). The hook covers exactly the Linear weights
+  (kernels, low-rank factors); the tied embedding, which the lookup reads
+  too, stays in the tree."""
+  run, cfg = mezo, mezo.cfg
+  batch, rng, params = _batch(cfg, 0), jax.random.key(0), mezo.state.params
+  loss_fn = make_loss(run.model)
+  leaves = zo.leaves_of(cfg, params)
   key = zo.query_keys(jax.random.key(5), "rbg")(0)  # The step's generator.
-  for block in (None, 1) if model == "scanned" else (None,):
-    hook, tree, at_p, in_matmul = _losses(run, run.state.params, batch, key, 1e-2, block)
-    assert in_matmul == sorted(weights) and "embedding" not in in_matmul
-    np.testing.assert_allclose(hook, tree, rtol=1e-6)
-    assert abs(hook - at_p) > 1e-4, (hook, at_p)  # The perturbation really moved the loss.
+  eps, one = 1e-2, jnp.int32(1)
+
+  found = []
+
+  def losses(p):
+    in_matmul = zo.matmul_leaves(loss_fn, p, batch, rng, leaves)
+    found.append(sorted(in_matmul))  # Traced again here: not a cached trace's empty list.
+    hook = lambda b: zo.perturbed_loss(loss_fn, p, batch, rng, key, eps, leaves, in_matmul, b)[0]
+    tree = lambda b: loss_fn(zo.perturb(p, zo.directions(key, p, leaves, b), eps), batch, rng)[0]
+    return hook(None), tree(None), hook(one), tree(one), loss_fn(p, batch, rng)[0]
+
+  with run._ctx():  # pylint: disable=protected-access
+    in_matmul = zo.matmul_leaves(loss_fn, params, batch, rng, leaves)
+    hook, tree, hook_1, tree_1, at_p = map(float, jax.jit(losses)(params))
+  weights = [l.path for l in leaves if re.search(r"/(kernel|a|b)$", l.path)]
+  assert sorted(in_matmul) == found[0] == sorted(weights) and len(weights) == 10
+  assert "embedding" not in in_matmul  # The tied head's operand.
+  np.testing.assert_allclose([hook, hook_1], [tree, tree_1], rtol=1e-6)
+  for h in (hook, hook_1):
+    assert abs(h - at_p) > 1e-4, (h, at_p)  # The perturbation really moved the loss.
+  assert abs(hook - hook_1) > 1e-4  # Block 1 alone is another perturbation.
 
 
 def test_forward_gradient_of_the_model_is_grad_dot_z(mezo):
   """On the smoke model: the jvp of t -> L(p + t z) (z made per layer in the
   hook) vs jax.grad . z, both float32 over ~50k params in different
   summation orders: rtol 1e-3."""
-  cfg = _cfg(estimator="forward")
+  cfg = _mezo_cfg(estimator="forward")
   batch = _batch(cfg, 0)
   loss_fn = make_loss(mezo.model)
   params = mezo.state.params
@@ -211,17 +211,23 @@ def test_forward_gradient_of_the_model_is_grad_dot_z(mezo):
     gs, _, _ = jax.jit(lambda p: zo.estimate(cfg, loss_fn, p, batch, jax.random.key(0), qkey,
                                              leaves))(params)
     grads = jax.jit(jax.grad(lambda p: loss_fn(p, batch, jax.random.key(0))[0]))(params)
-  zs = zo.directions(qkey(0), params, leaves)
+  zs = _directions(cfg, params, qkey(0))
   ref = sum(np.sum(np.asarray(g, np.float64) * np.asarray(z, np.float64))
             for g, z in zip(jax.tree.leaves(grads), zs))
   np.testing.assert_allclose(float(gs[0]), ref, rtol=1e-3)
 
 
+def _directions(cfg, params, key, block=None):
+  """zo.directions in one jit (eagerly, each leaf's layer loop compiles alone)."""
+  leaves = zo.leaves_of(cfg, params)
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
+  return jax.jit(lambda k, b: zo.directions(k, shapes, leaves, b))(key, block)
+
+
 def _reference(cfg, p0, g, zkey, lr_mult, block=None):
   """The update of the params p0 (float64 NumPy) from one projected gradient g
   and z regenerated from the step's ``zkey``."""
-  leaves = zo.leaves_of(cfg, p0)
-  zs = zo.directions(zo.query_keys(zkey, "rbg")(0), p0, leaves, block)
+  zs = _directions(cfg, p0, zo.query_keys(zkey, "rbg")(0), block)
   g_hat = jax.tree.unflatten(jax.tree.structure(p0), [g * np.asarray(z, np.float64) for z in zs])
   lr, wd = cfg.optim.lr, cfg.optim.weight_decay
   paths = flax.traverse_util.flatten_dict(jax.tree.map(lambda _: True, p0), sep="/")
@@ -267,8 +273,7 @@ def test_mezo_step_matches_the_reference_and_restores(mezo):
   assert len(kept) == 2
   for k in kept:
     np.testing.assert_array_equal(after[k], before[k], err_msg=k)
-  leaves = zo.leaves_of(cfg, run.state.params)
-  zs = zo.directions(zo.query_keys(jax.random.key(0), "rbg")(0), run.state.params, leaves)
+  zs = _directions(cfg, run.state.params, zo.query_keys(jax.random.key(0), "rbg")(0))
   p = zo.perturb(zo.perturb(zo.perturb(run.state.params, zs, 1e-3), zs, -2e-3), zs, 1e-3)
   changed = sum(int(np.sum(np.asarray(a) != b)) for a, b in zip(
       jax.tree.leaves(p), jax.tree.leaves(jax.tree.map(np.asarray, run.state.params))))
@@ -276,28 +281,34 @@ def test_mezo_step_matches_the_reference_and_restores(mezo):
 
 
 @pytest.mark.parametrize("rule", ["sign", "adam", "blockwise"])
-def test_update_rules_match_the_reference(rule):
-  """The update alone (``_apply``, jitted without the forwards: the
-  estimator is the same as MeZO's) for a given g: ZO-SGD-Sign
+def test_update_rules_match_the_reference(mezo, rule):
+  """The update alone (``_apply`` jitted without the forwards, whose
+  estimate is MeZO's) for a given g, on the shared run's params: ZO-SGD-Sign
   p - lr (sign(g z) + wd p), one layer at a time; ZO-Adam = optax.adamw on
   g z, the whole-tree path; block-wise MeZO with block 0 and no weight decay:
   layer 0 of each stacked leaf moves, nothing else does (layer 1, the
   embedding)."""
-  cfg = _cfg(blockwise=rule == "blockwise")
+  from qtrain.optim import build_optimizer  # pylint: disable=g-import-not-at-top
+  from qtrain.train import abstract_params  # pylint: disable=g-import-not-at-top
+  cfg = _mezo_cfg(blockwise=rule == "blockwise")
+  cfg.optim.groups = (dict(pattern=r".*"),)
   cfg.optim.sgd.sign = rule == "sign"
   cfg.optim.name = "adamw" if rule == "adam" else "sgd"
   if rule == "blockwise":
     cfg.optim.weight_decay = 0.0
-  run = _OneDevice(cfg)
-  assert zo.layerwise_update(cfg, run.state.opt_state) == (rule != "adam")
+  run = mezo
+  with run._ctx():  # pylint: disable=protected-access
+    tx = build_optimizer(cfg, abstract_params(run.model, cfg.data.seq_len))
+  state = run.state.replace(opt_state=tx.init(run.state.params))
+  assert zo.layerwise_update(cfg, state.opt_state) == (rule != "adam")
   g, zkey = 0.7, jax.random.key(11)
   block = jnp.int32(0) if rule == "blockwise" else None
-  leaves = zo.leaves_of(cfg, run.state.params)
+  leaves = zo.leaves_of(cfg, state.params)
   with run._ctx():  # pylint: disable=protected-access
     params, _, _ = jax.jit(lambda st: zo._apply(  # pylint: disable=protected-access
         cfg, st, jnp.asarray([g], jnp.float32), zo.query_keys(zkey, "rbg"), leaves, block,
-        jnp.bool_(True), run.tx, None))(run.state)
-  p0 = _np(run.state.params)
+        jnp.bool_(True), tx, None))(state)
+  p0 = _np(state.params)
   _assert_close(params, _reference(cfg, p0, g, zkey, lambda k: 1.0, block))
   if rule == "blockwise":
     after = _np(params)

@@ -164,7 +164,9 @@ def matmul_leaves(loss_fn, params, batch, rng, leaves: list[Leaf]) -> dict[str, 
   1) is the embedding, which the lookup also reads: it stays in the tree."""
   rec = _Recorder()
   with scoped_providers(rec):
-    jax.eval_shape(loss_fn, params, batch, rng)
+    # A fresh function: eval_shape caches traces by function, and a cached
+    # trace would record nothing.
+    jax.eval_shape(lambda *args: loss_fn(*args), params, batch, rng)
   shapes = {l.path: p.shape for l, p in zip(leaves, jax.tree.leaves(params))}
   by_path = {l.path: l for l in leaves if l.perturbed}
   shared = {"/".join(s.param) for s in rec.sites if s.weight_axis != 0}
