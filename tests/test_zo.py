@@ -360,12 +360,12 @@ def test_mezo_step_holds_no_gradient_or_optimizer_state(mezo):
   """Compiled memory on one device: MeZO's optimizer state is the schedule's
   counts (no param-sized buffer), and its temporaries exceed the forward
   pass's by less than two layers' worth of params (one layer's z and its
-  perturbed weights; 4 layers here, 90% of the params): the matmul weights
-  are perturbed one layer at a time in the hook and the update writes one
-  layer at a time into the donated params, so no perturbed copy, z, g_hat or
-  update of the whole stack is live. Measured on CPU: + 0.30 x params (the
-  whole-tree perturbation before: + 1.6 x, a perturbed copy plus the
-  generator's bits)."""
+  perturbed weights; 4 layers here, 22% of the params each): the matmul
+  weights are perturbed one layer at a time in the hook and the update writes
+  one layer at a time into the donated params, so no perturbed copy, z, g_hat
+  or update of the whole stack is live. Measured on CPU: + 0.26 x params
+  (one layer: 0.22 x); the whole-tree perturbation before: + 1.6 x, a
+  perturbed copy plus the generator's bits."""
   run = mezo
   params = sum(x.nbytes for x in jax.tree.leaves(run.state.params))
   layer = sum(x.nbytes for x in jax.tree.leaves(run.state.params["decoder"])) / run.cfg.model.n_layers

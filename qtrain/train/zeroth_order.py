@@ -22,24 +22,27 @@ per step, round robin: decoder layer i at step i mod (L + 1), the rest
 What each piece materialises, and why (the point of MeZO is memory):
 
 * z is never stored: each use (p + eps z, p - eps z, the update) regenerates
-  it from its key. An ``optimization_barrier`` on the key before each use
-  keeps XLA from merging the identical generators into one param-sized buffer
-  that would live across both forwards, and orders the second forward after
-  the first.
+  it from its key (``zo_perturb.py``: per leaf, and per layer of a scanned
+  stack). An ``optimization_barrier`` on the key before each use keeps XLA
+  from merging identical generators into a buffer that would live across
+  both forwards, and orders the forwards and the update.
 * p is never changed in place. MeZO (PyTorch) adds eps z, subtracts 2 eps z,
-  adds eps z back, which rounds (p + eps z - eps z != p in float); in XLA it
-  would not save memory either, as arrays are immutable and donation only
-  aliases the step's input to its output: p + eps z is a fresh buffer either
-  way. So each forward reads p +/- eps z computed from the untouched p (one
-  perturbed copy of the perturbed params while it runs, freed after), and p
-  is restored bit-identically by construction.
-* g_hat z (gradient-sized) is formed inside the update's conditional, where
-  it fuses with the optimizer's element-wise update; built outside, it would
-  be a materialised operand of the conditional. ``sgd`` keeps no state (MeZO),
-  momentum one velocity, ``adamw`` two moments (ZO-Adam's memory is AdamW's
-  minus the gradient). With Q > 1 the sum over queries is one param-sized
-  accumulator.
-* ``forward``: the tangent z is a param-sized input to ``jax.jvp`` and the
+  adds eps z back, which rounds (p + eps z - eps z != p in float). Here each
+  forward reads p +/- eps z formed from the untouched p: for a Linear's
+  weight in the matmul hook, right before its dot, one layer at a time inside
+  the decoder's scan (at most one layer's perturbed weight and z live); for
+  the other leaves (embedding, norms, quantizer steps) in the tree, a small
+  perturbed copy. p is restored bit-identically by construction. The two
+  SPSA forwards are one loop over +/-eps: the model compiles once.
+* The update: for SGD without momentum (MeZO, ZO-SGD-Sign; element-wise and
+  stateless) g_hat is regenerated one leaf, and one layer of a stacked leaf,
+  at a time in a loop that writes each layer back into the donated params:
+  no params-sized g_hat or update. Other rules (momentum, ZO-Adam,
+  conservative) get the whole-tree g_hat inside the update's conditional,
+  where it fuses with the element-wise update; momentum keeps one velocity,
+  ``adamw`` two moments (ZO-Adam's memory is AdamW's minus the gradient).
+* ``forward``: the jvp of t -> L(p + t z) at t = 0, so each weight's tangent
+  is its z, made where the weight is used (per layer in the scan); the
   forward-mode pass carries a tangent per activation (about twice an
   inference forward's live activations).
 * ``conservative`` (ZO-SGD-Cons): the update u is materialised and the loss
