@@ -311,11 +311,11 @@ def test_kill_and_resume_is_bit_identical_with_dgc(dgc_step, tmp_path):
      "'compressed' step family; set --config.train.step=compressed"),
     (dict(method="powersgd", rank=0), "config.exchange.powersgd.rank=0 must be >= 1"),
     (dict(method="dgc", sparsity=1.0), "config.exchange.dgc.sparsity / warmup_sparsity"),
-    (dict(method="dgc", fsdp=2), "config.train.step='compressed' supports pure data "
-     "parallelism for now: config.mesh.fsdp=2 must be 1"),
+    (dict(method="dgc", tensor=2), "config.train.step='compressed' runs on a data x fsdp "
+     "mesh only: config.mesh.tensor=2 must be 1"),
 ])
 def test_config_errors_name_the_field(fields, message):
-  cfg = pu.smoke_config(data=4, fsdp=fields.pop("fsdp", 1))
+  cfg = pu.smoke_config(data=4, tensor=fields.pop("tensor", 1))
   cfg.train.step = fields.pop("step", "compressed")
   cfg.exchange.method = fields.pop("method")
   if "rank" in fields:
@@ -323,7 +323,7 @@ def test_config_errors_name_the_field(fields, message):
   if "sparsity" in fields:
     cfg.exchange.dgc.sparsity = fields.pop("sparsity")
   with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-    validate(cfg, n_devices=8 if cfg.mesh.fsdp == 2 else 4)
+    validate(cfg, n_devices=8 if cfg.mesh.tensor == 2 else 4)
 
 
 # ------------------------------------------------------- two processes --

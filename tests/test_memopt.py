@@ -469,7 +469,8 @@ CONFIGS = sorted(os.path.basename(f)[:-3] for f in glob.glob(
 
 def test_every_comparison_point_has_a_config():
   assert CONFIGS == ["adamw", "apollo", "apollo_mini", "fira", "galore", "low_rank",
-                     "low_rank_restarts", "sltrain_restarts"]
+                     "low_rank_refactor", "low_rank_reset", "low_rank_restarts",
+                     "sltrain_restarts"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
