@@ -20,7 +20,9 @@ from qtrain.config import validate
 from qtrain.data.global_batch import to_global
 from qtrain.optim import build_optimizer
 from qtrain.parallel import AXES, Layout, replicated
-from qtrain.train import abstract_params, init_state, make_loss, make_steps, state_shardings
+from qtrain.train import (abstract_params, abstract_state, init_state, make_loss, make_steps,
+                          state_shardings)
+from qtrain.train.checkpoint import Checkpointer
 from qtrain.train.build import build_model
 
 # The smoke model (2 layers, d 64, 4 heads, 2 kv heads, ffn 160) with a
@@ -166,3 +168,28 @@ def instructions(module, op: str, computations=None) -> list[Instr]:
 def same_dims(a, b) -> bool:
   """Equal up to the order of dims (XLA may gather a transposed copy)."""
   return sorted(a) == sorted(b)
+
+
+def save_restore(run, tx, shardings, state, workdir, step: int):
+  """``state`` through an orbax save and a restore onto ``shardings`` (the
+  resume path of the loop, without the loop)."""
+  ckpt = Checkpointer(str(workdir), keep=2, async_save=False)
+  ckpt.save(step, state, {})
+  ckpt.wait()
+  with run.layout:
+    target = abstract_state(run.model, tx, run.mesh, SEQ)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        target, shardings)
+  restored, _ = ckpt.restore(step, target)
+  ckpt.close()
+  return restored
+
+
+def run_steps(run, compiled, state, batches):
+  """(state after ``compiled`` on ``batch(i)`` for i in ``batches``, each step's
+  metrics as floats)."""
+  metrics = []
+  for i in batches:
+    state, m = compiled(state, to_global(batch(i), run.mesh))
+    metrics.append({k: float(v) for k, v in m.items()})
+  return state, metrics

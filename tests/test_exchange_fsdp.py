@@ -25,7 +25,6 @@ from qtrain.config import ConfigError, base_config, validate
 from qtrain.data.global_batch import to_global
 from qtrain.parallel import exchange as ex_lib
 from qtrain.train import abstract_state, make_steps, state_shardings
-from qtrain.train.checkpoint import Checkpointer
 
 D, F = 4, 2  # data x fsdp.
 
@@ -435,34 +434,17 @@ def test_dgc_sends_only_k_per_shard_over_data(dgc_step):
   assert set(over) == {"all-gather", "all-reduce"}, set(over)
 
 
-def _save_restore(run, sh, state, workdir):
-  ckpt = Checkpointer(str(workdir), keep=2, async_save=False)
-  ckpt.save(2, state, {})
-  ckpt.wait()
-  with run.layout:
-    target = abstract_state(run.model, run.tx, run.mesh, pu.SEQ)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        target, sh)
-  restored, _ = ckpt.restore(2, target)
-  ckpt.close()
-  return restored
 
 
-def _steps(run, compiled, state, batches):
-  metrics = []
-  for i in batches:
-    state, m = compiled(state, to_global(pu.batch(i), run.mesh))
-    metrics.append({k: float(v) for k, v in m.items()})
-  return state, metrics
 
 
 def test_resume_is_bit_identical_with_the_state_over_data_x_fsdp(dgc_step, tmp_path):
   run, sh, compiled, fresh = dgc_step
-  straight, metrics = _steps(run, compiled, fresh(), range(4))
+  straight, metrics = pu.run_steps(run, compiled, fresh(), range(4))
   assert [m["exchange/sparsity"] for m in metrics] == pytest.approx([0.75, 0.9, 0.99, 0.99])
-  first, _ = _steps(run, compiled, fresh(), range(2))
-  restored = _save_restore(run, sh, first, tmp_path / "ckpt")
-  resumed, _ = _steps(run, compiled, restored, range(2, 4))
+  first, _ = pu.run_steps(run, compiled, fresh(), range(2))
+  restored = pu.save_restore(run, run.tx, sh, first, tmp_path / "ckpt", 2)
+  resumed, _ = pu.run_steps(run, compiled, restored, range(2, 4))
   exchange = straight.opt_state.exchange
   assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(exchange))  # In play.
   leaves = lambda s: jax.tree.leaves(jax.tree.map(np.asarray, s))

@@ -30,7 +30,6 @@ from qtrain.config import ConfigError, base_config, validate
 from qtrain.data.global_batch import to_global
 from qtrain.parallel import exchange as ex_lib
 from qtrain.train import abstract_state, init_state, make_steps, state_shardings
-from qtrain.train.checkpoint import Checkpointer
 
 D = 8  # Replicas on the data axis.
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -262,36 +261,19 @@ def test_dgc_sends_k_values_and_indices_in_the_compiled_step(dgc_step):
   assert reduced and max(int(np.prod(d)) for _, d in reduced) < 256, reduced
 
 
-def _save_restore(run, tx, sh, state, workdir):
-  ckpt = Checkpointer(str(workdir), keep=2, async_save=False)
-  ckpt.save(3, state, {})
-  ckpt.wait()
-  with run.layout:
-    target = abstract_state(run.model, tx, run.mesh, pu.SEQ)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        target, sh)
-  restored, _ = ckpt.restore(3, target)
-  ckpt.close()
-  return restored
 
 
-def _steps(run, compiled, state, batches):
-  metrics = []
-  for i in batches:
-    state, m = compiled(state, to_global(pu.batch(i), run.mesh))
-    metrics.append({k: float(v) for k, v in m.items()})
-  return state, metrics
 
 
 def test_kill_and_resume_is_bit_identical_with_dgc(dgc_step, tmp_path):
   run, tx, sh, compiled = dgc_step
-  straight, metrics = _steps(run, compiled, _init(run, tx, sh), range(6))
+  straight, metrics = pu.run_steps(run, compiled, _init(run, tx, sh), range(6))
   # Stages by the step counter: 0.75 for steps 0-1, 0.9 for 2-3, then 0.99.
   assert [m["exchange/sparsity"] for m in metrics] == pytest.approx(
       [0.75, 0.75, 0.9, 0.9, 0.99, 0.99])
-  first, _ = _steps(run, compiled, _init(run, tx, sh), range(3))
-  restored = _save_restore(run, tx, sh, first, tmp_path / "ckpt")
-  resumed, _ = _steps(run, compiled, restored, range(3, 6))
+  first, _ = pu.run_steps(run, compiled, _init(run, tx, sh), range(3))
+  restored = pu.save_restore(run, tx, sh, first, tmp_path / "ckpt", 3)
+  resumed, _ = pu.run_steps(run, compiled, restored, range(3, 6))
   exchange = straight.opt_state.exchange
   assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(exchange))  # In play.
   leaves = lambda s: jax.tree.leaves(jax.tree.map(np.asarray, s))

@@ -28,6 +28,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from optax.contrib import GaLoreState, scale_by_galore
 
 from configs import default
+from optim_util import namedtuples
 from qtrain.config import ConfigError, validate
 from qtrain.config.variants import config_module
 from qtrain.layers.hooks import Hooks
@@ -486,7 +487,7 @@ def test_optim_configs_validate_and_build_over_every_param(name):
       boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
   tx = wrap(tx, c.optim, {param_path(p): leaf for p, leaf in flat})
   state = jax.eval_shape(tx.init, nn.unbox(boxed))
-  names = {type(x).__name__ for x in _namedtuples(state)}
+  names = {type(x).__name__ for x in namedtuples(state)}
   expect = {"galore": "GaLoreState", "fira": "FiraState", "apollo": "ApolloState",
             "apollo_mini": "ApolloState"}.get(name)
   if expect:
@@ -495,23 +496,6 @@ def test_optim_configs_validate_and_build_over_every_param(name):
     assert "WrapperState" in names and (c.optim.restarts.every == c.optim.refactor.every > 0)
 
 
-def _namedtuples(tree):
-  out = []
-
-  def visit(x):
-    if isinstance(x, tuple) and hasattr(x, "_fields"):
-      out.append(x)
-      for y in x:
-        visit(y)
-    elif isinstance(x, (tuple, list)):
-      for y in x:
-        visit(y)
-    elif isinstance(x, dict):
-      for y in x.values():
-        visit(y)
-
-  visit(tree)
-  return out
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -538,4 +522,4 @@ def test_build_optimizer_applies_restarts_from_the_config():
   c = config_module("optim.low_rank_restarts").get_config("smoke")
   boxed = abstract_params(build_model(c), c.data.seq_len)
   state = jax.eval_shape(build_optimizer(c, boxed).init, nn.unbox(boxed))
-  assert "WrapperState" in {type(x).__name__ for x in _namedtuples(state)}
+  assert "WrapperState" in {type(x).__name__ for x in namedtuples(state)}

@@ -12,7 +12,6 @@ Glentis et al. 2025 in float64 NumPy for the behaviour.
 from __future__ import annotations
 
 import ast
-import glob
 import os
 
 import flax.linen as nn
@@ -21,6 +20,7 @@ import numpy as np
 import optax
 import pytest
 
+from optim_util import namedtuples
 from qtrain.config.variants import config_module
 from qtrain.optim import build_optimizer
 from qtrain.optim.groups import param_path
@@ -121,8 +121,8 @@ def _run(name: str, every: int, n_updates: int, seed: int = 0):
   for g in grads:
     updates, state = step(g, state, params)
     params = optax.apply_updates(params, updates)
-  adam = [x for x in _namedtuples(state) if type(x).__name__ == "ScaleByAdamState"]
-  assert len(adam) == 1, [type(x).__name__ for x in _namedtuples(state)]
+  adam = [x for x in namedtuples(state) if type(x).__name__ == "ScaleByAdamState"]
+  assert len(adam) == 1, [type(x).__name__ for x in namedtuples(state)]
   return _flat(params), _flat(adam[0].mu), _flat(adam[0].nu), [_flat(g) for g in grads]
 
 
@@ -131,21 +131,6 @@ def _flat(tree) -> dict:
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _namedtuples(tree):
-  found = []
-
-  def visit(x):
-    if isinstance(x, tuple) and hasattr(x, "_fields"):
-      found.append(x)
-    if isinstance(x, (tuple, list)):
-      for y in x:
-        visit(y)
-    elif isinstance(x, dict):
-      for y in x.values():
-        visit(y)
-
-  visit(tree)
-  return found
 
 
 def _pairs(params: dict) -> list[tuple[str, str]]:
