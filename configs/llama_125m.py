@@ -6,7 +6,9 @@
 
 ``corpus``: the reproduction base on ``data/debian_en`` (``make corpus``),
 64 x 1024 tokens a step, 1600 steps = 105M tokens; the budget arithmetic is in
-docs/reproductions.md. ``sft``: fine-tuning on ``data/sft_en`` (prompt ->
+docs/reproductions.md; ``corpus,short`` is the same at 300 steps (19.7M
+tokens), what a sweep of several runs affords on one H100 in one session
+(``configs/optim/*.py:125m,short``). ``sft``: fine-tuning on ``data/sft_en`` (prompt ->
 response, responses scored) from a ``corpus`` run::
 
   python -m qtrain.finetune --config=configs/llama_125m.py:sft \
@@ -16,7 +18,8 @@ response, responses scored) from a ``corpus`` run::
 from qtrain.config import base_config
 from qtrain.config.variants import apply_variants, split_variants
 
-SIZES = ("smoke", "corpus", "sft")
+SIZES = ("smoke", "corpus", "short", "sft")
+SHORT_STEPS = 300  # 19.7M tokens: a sweep of several such runs fits one session's device time.
 
 
 def corpus(c, steps: int = 1600) -> None:
@@ -49,8 +52,11 @@ def get_config(arg: str = ""):
   c.optim.update(lr=6e-4, warmup_steps=2000, weight_decay=0.1)
   c.train.update(steps=100_000, log_every=50, eval_every=2000, checkpoint_every=2000)
   variants = split_variants(arg)
+  if "short" in variants and "corpus" not in variants:
+    raise ValueError("configs/llama_125m.py: the variant 'short' shortens 'corpus'; "
+                     "use 'corpus,short'")
   if "corpus" in variants or "sft" in variants:
-    corpus(c)
+    corpus(c, steps=SHORT_STEPS if "short" in variants else 1600)
   if "sft" in variants:
     sft(c)
   if "smoke" in variants:  # Same architecture family, laptop size.
