@@ -1,0 +1,221 @@
+"""Orthogonal rotations for quantization: Hadamard matrices of many orders,
+randomized Hadamard, learned (Cayley) rotations, and the online transform.
+
+Rotating a matmul's input by an orthogonal R and its weight by R^T leaves the
+product unchanged, (x R)(R^T W) = x W, while it spreads an outlier channel of
+x over all channels, so a 4-bit quantizer of x R loses less to it (QuaRot,
+Ashkboos et al. 2024; SpinQuant, Liu et al. 2024; RoSTE, Wei et al. 2025).
+
+**Hadamard matrices** H (entries +-1, H H^T = n I) are built here for
+n = 2^k * m, as the Kronecker product H_m (x) H_{2^k} of
+
+* Sylvester's H_{2^k} = H_2^{(x)k} (``fwht`` of ``qtrain.layers.hadamard``), and
+* a Paley matrix of order m (m = 1: none), generated from the Legendre symbol
+  chi of a prime q (Paley 1933):
+  - Paley I, q = 3 (mod 4): m = q + 1. The Jacobsthal matrix
+    Q[i, j] = chi(j - i) is skew; S = [[0, 1^T], [-1, Q]], H = I + S.
+  - Paley II, q = 1 (mod 4): m = 2(q + 1). Q is symmetric; the conference
+    matrix C = [[0, 1^T], [1, Q]] gives H = C (x) [[1, -1], [-1, -1]]
+    + I (x) [[1, 1], [1, -1]].
+
+No table is pasted; ``supported(n)`` says whether n is reachable this way (12,
+20, 28, 36, 40, 44, llama_1b's d_ff 5632 = 44 * 2^7 are; 52, 92 and 172 are
+not: Hadamard matrices of those orders exist, but need prime-power fields or
+other constructions). Llama-2-7B's 11008 = 5504 * 2 is, through Paley I with
+q = 5503, but its dense part is 5504 x 5504.
+Among the factorisations of n the one with the smallest m is used, so the
+dense part of the fast transform is as small as it can be.
+
+**The fast transform** ``hadamard_transform(x, signs)`` = x diag(s) H / sqrt(n)
+over the last axis: with x viewed as [..., m, 2^k], H_{2^k} acts on the last
+axis by the O(n log n) butterfly and H_m on the other by a dense m x m matmul,
+both in float32 at HIGHEST precision (no TF32 pass on GPU: the rotation must
+stay exact for weights folded on the other side). Paley matrices are not
+symmetric, so the inverse transform uses H^T: ``inverse=True``.
+
+**Randomized Hadamard** (QuaRot): diag(s) H / sqrt(n) with seeded random signs
+s (``random_signs``); orthogonal, its inverse is H^T diag(s) / sqrt(n).
+
+**Learned rotation** (SpinQuant trains R on the Stiefel manifold; the Cayley
+map parameterises it without constraints): R = (I - A)(I + A)^{-1}, A skew
+(A^T = -A), is orthogonal for every A, and R^{-1} = R^T.
+
+``online(...)`` applies an online rotation (R3 on Q/K after RoPE, R4 on the
+down_proj input) as the layers call it: identity when off, and per block a
+``lax.cond`` on a static table indexed by the (traced) block index, so a
+scanned stack stays one compiled block.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qtrain.layers.hadamard import fwht, is_power_of_two
+
+
+def _is_prime(q: int) -> bool:
+  if q < 2:
+    return False
+  return all(q % d for d in range(2, math.isqrt(q) + 1))
+
+
+def _paley_kind(m: int) -> str | None:
+  """'I' or 'II' when a Paley construction gives order m (I preferred)."""
+  if _is_prime(m - 1) and (m - 1) % 4 == 3:
+    return "I"
+  if m % 2 == 0 and _is_prime(m // 2 - 1) and (m // 2 - 1) % 4 == 1:
+    return "II"
+  return None
+
+
+def factor(n: int) -> tuple[int, int] | None:
+  """(m, 2^k) with n = m * 2^k, m = 1 or a Paley order, m as small as
+  possible; None when no such split exists."""
+  if n < 1:
+    return None
+  p = n & -n  # The largest power of two dividing n.
+  while p >= 1:
+    m = n // p
+    if m == 1 or _paley_kind(m):
+      return m, p
+    p //= 2
+  return None
+
+
+def supported(n: int) -> bool:
+  """Whether ``hadamard_matrix(n)`` exists here (Sylvester x Paley I/II)."""
+  return factor(n) is not None
+
+
+def nearest_supported(n: int) -> tuple[int | None, int]:
+  """The largest supported size below n (None if none) and the smallest above."""
+  below = next((k for k in range(n - 1, 0, -1) if supported(k)), None)
+  above = next(k for k in range(n + 1, 4 * n + 8) if supported(k))
+  return below, above
+
+
+def require_supported(n: int, where: str) -> None:
+  """ValueError naming ``where`` and the nearest supported sizes unless n is supported."""
+  if not supported(n):
+    below, above = nearest_supported(n)
+    raise ValueError(
+        f"{where}={n}: no Hadamard matrix of order {n} here (n = 2^k * m with m = 1, "
+        f"q + 1 for a prime q = 3 mod 4, or 2(q + 1) for a prime q = 1 mod 4); the nearest "
+        f"supported sizes are {below} and {above}")
+
+
+def _legendre(q: int) -> np.ndarray:
+  """chi(a) for a = 0..q-1: 0, +1 on quadratic residues, -1 otherwise."""
+  chi = -np.ones(q, np.int64)
+  chi[0] = 0
+  chi[np.unique(np.arange(1, q, dtype=np.int64) ** 2 % q)] = 1
+  return chi
+
+
+def _jacobsthal(q: int) -> np.ndarray:
+  i = np.arange(q)
+  return _legendre(q)[(i[None, :] - i[:, None]) % q]  # Q[i, j] = chi(j - i).
+
+
+def _paley(m: int) -> np.ndarray:
+  kind = _paley_kind(m)
+  if kind == "I":
+    q = m - 1
+    s = np.zeros((m, m), np.int64)
+    s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, _jacobsthal(q)
+    return np.eye(m, dtype=np.int64) + s
+  q = m // 2 - 1
+  c = np.zeros((q + 1, q + 1), np.int64)
+  c[0, 1:], c[1:, 0], c[1:, 1:] = 1, 1, _jacobsthal(q)
+  return (np.kron(c, np.array([[1, -1], [-1, -1]]))
+          + np.kron(np.eye(q + 1, dtype=np.int64), np.array([[1, 1], [1, -1]])))
+
+
+def _sylvester(p: int) -> np.ndarray:
+  h = np.ones((1, 1), np.int64)
+  while h.shape[0] < p:
+    h = np.block([[h, h], [h, -h]])
+  return h
+
+
+@functools.lru_cache(maxsize=64)
+def _matrix(n: int) -> np.ndarray:
+  split = factor(n)
+  if split is None:
+    require_supported(n, "n")
+  m, p = split
+  h = _sylvester(p) if m == 1 else np.kron(_paley(m), _sylvester(p))
+  h = h.astype(np.float64)
+  h.setflags(write=False)
+  return h
+
+
+def hadamard_matrix(n: int) -> np.ndarray:
+  """The unnormalised Hadamard matrix H_m (x) H_{2^k} of order n, float64
+  (H H^T = n I); ValueError with the nearest sizes when n is unsupported."""
+  return _matrix(n).copy()
+
+
+def random_signs(n: int, seed: int) -> np.ndarray:
+  """n random +-1 (float64) from ``seed``: the randomized Hadamard's diag(s)."""
+  return np.random.default_rng(seed).choice(np.array([-1.0, 1.0]), size=n)
+
+
+@functools.partial(jax.jit, static_argnames=("inverse",))
+def hadamard_transform(x, signs=None, inverse: bool = False):
+  """x diag(s) H / sqrt(n) over the last axis (``inverse``: x H^T diag(s) / sqrt(n),
+  which undoes it); ``signs`` None means s = 1. Float32 inside, x's dtype out.
+
+  A jitted function of its own, so the compiled program of a model shows each
+  online rotation as one ``call @hadamard_transform``.
+  """
+  n = x.shape[-1]
+  require_supported(n, "hadamard_transform: the last axis")
+  m, p = factor(n)
+  lead = x.shape[:-1]
+  y = x.astype(jnp.float32)
+  s = None if signs is None else jnp.asarray(signs, jnp.float32)
+  if s is not None and not inverse:
+    y = y * s
+  if m > 1:  # H_m on the m axis of [..., m, p]; H_m^T for the inverse.
+    h_m = _paley(m).astype(np.float32) / np.float32(math.sqrt(m))
+    h_m = h_m.T if inverse else h_m
+    y = jnp.einsum("...ap,ab->...bp", y.reshape(*lead, m, p), jnp.asarray(h_m),
+                   precision=jax.lax.Precision.HIGHEST,
+                   preferred_element_type=jnp.float32).reshape(*lead, n)
+  if p > 1:  # Sylvester is symmetric: the same butterfly both ways.
+    y = fwht(y.reshape(*lead, m, p)).reshape(*lead, n)
+  if s is not None and inverse:
+    y = y * s
+  return y.astype(x.dtype)
+
+
+def rotation_matrix(n: int, signs=None) -> np.ndarray:
+  """The dense orthogonal R = diag(s) H / sqrt(n) that ``hadamard_transform``
+  applies (float64; for folding and tests)."""
+  h = hadamard_matrix(n) / math.sqrt(n)
+  return h if signs is None else np.asarray(signs, np.float64)[:, None] * h
+
+
+def skew(w):
+  """A = W - W^T: an unconstrained square param made skew-symmetric."""
+  return w - jnp.swapaxes(w, -1, -2)
+
+
+def cayley(a):
+  """R = (I - A)(I + A)^{-1} for skew A (orthogonal; I + A is always
+  invertible since A's eigenvalues are imaginary). (I - A) and (I + A)^{-1}
+  commute, so R = (I + A)^{-1}(I - A): one solve."""
+  eye = jnp.eye(a.shape[-1], dtype=a.dtype)
+  return jnp.linalg.solve(eye + a, eye - a)
+
+
+def cayley_inverse(a):
+  """R^{-1} = R^T = (I - A)^{-1}(I + A) of ``cayley(a)``."""
+  eye = jnp.eye(a.shape[-1], dtype=a.dtype)
+  return jnp.linalg.solve(eye - a, eye + a)
