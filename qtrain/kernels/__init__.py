@@ -1,0 +1,7 @@
+"""Pallas low-bit kernels (issue 16): int8 x int8 and packed-int4 matmuls with
+fused scales, a fast Walsh-Hadamard transform, and the dispatcher that picks
+a kernel or its XLA reference by backend and shape at trace time."""
+
+from qtrain.kernels.int8 import Blocks, int8_matmul, int8_matmul_xla
+
+__all__ = ["Blocks", "int8_matmul", "int8_matmul_xla"]

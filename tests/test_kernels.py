@@ -1,0 +1,97 @@
+"""Pallas kernels (qtrain/kernels) against their XLA paths and float64 NumPy.
+
+The GPU flavour runs in Pallas' interpret mode and the TPU flavour in TPU
+interpret mode (``pltpu.InterpretParams``), both on CPU. Interpret mode fills
+outputs it was not told to write with NaN (int32: its min) and the ``out``
+buffers we alias are NaN-filled, so "no NaN and equal to the reference" also
+says every element was written. Blocks are small (16/32) so the odd shapes
+span several tiles and need padding.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+from qtrain.kernels import int8 as k8
+
+SMALL_GPU = k8.Blocks(16, 32, 32, 4, 2)
+SMALL_TPU = k8.Blocks(32, 128, 128, 0, 0)  # TPU's smallest legal int8 tiles.
+BLOCKS = {"gpu": SMALL_GPU, "tpu": SMALL_TPU}
+
+
+def _codes(rng, shape):
+  return jnp.asarray(rng.integers(-127, 128, shape), jnp.int8)
+
+
+def _scales(rng, n):
+  return jnp.asarray(rng.uniform(1e-3, 1.0, n), jnp.float32)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("m,n,k,xt,wt", [(17, 40, 100, False, False), (100, 48, 160, True, False),
+                                         (33, 130, 64, False, True)])
+def test_int8_accumulator_exact(backend, m, n, k, xt, wt):
+  """Raw int32 sums equal float64 NumPy's bit for bit: integer arithmetic is
+  exact, so any difference is a wrong index, a dropped tile or padding."""
+  rng = np.random.default_rng(m * n + k)
+  x, w = _codes(rng, (m, k)), _codes(rng, (k, n))
+  ref = np.asarray(x, np.int64) @ np.asarray(w, np.int64)
+  acc = k8.int8_matmul(x.T if xt else x, w.T if wt else w, out_dtype=jnp.int32, backend=backend,
+                       blocks=BLOCKS[backend], x_transposed=xt, w_transposed=wt, interpret=True)
+  assert acc.dtype == jnp.int32 and acc.shape == (m, n)
+  np.testing.assert_array_equal(np.asarray(acc, np.int64), ref)
+  np.testing.assert_array_equal(acc, k8.int8_matmul_xla(x, w, out_dtype=jnp.int32))
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_int8_scaled_epilogue(backend):
+  """bf16 out: bit-equal to the XLA path (same int32 sum, same float32
+  products in the same order, one rounding to bf16), and within 2^-8
+  relative of float64 (bf16's half-ulp 2^-9 plus float32 epilogue error)."""
+  m, n, k = 45, 70, 96
+  rng = np.random.default_rng(1)
+  x, w, s_x, s_w = _codes(rng, (m, k)), _codes(rng, (k, n)), _scales(rng, m), _scales(rng, n)
+  b = BLOCKS[backend]
+  poison = jnp.full(k8.padded_out_shape(m, n, k, backend, b), jnp.nan, jnp.bfloat16)
+  y = k8.int8_matmul(x, w, s_x, s_w, backend=backend, blocks=b, interpret=True, out=poison)
+  y32 = np.asarray(y, np.float32)
+  assert not np.isnan(y32).any(), "an output element was never written"
+  np.testing.assert_array_equal(y32, np.asarray(k8.int8_matmul_xla(x, w, s_x, s_w), np.float32))
+  ref = (np.asarray(x, np.float64) @ np.asarray(w, np.float64)) * np.asarray(s_x, np.float64)[:, None]
+  ref = ref * np.asarray(s_w, np.float64)[None, :]
+  np.testing.assert_array_less(np.abs(y32 - ref), 2.0 ** -8 * np.abs(ref) + 1e-30)
+
+
+def test_poison_buffer_catches_an_unwritten_tile():
+  """The poison check can fail: a kernel that skips one tile leaves NaN there."""
+  def kernel(x_ref, o_ref):
+    @pl.when(pl.program_id(0) != 1)
+    def _():
+      o_ref[...] = x_ref[...]
+
+  x = jnp.ones((64, 16), jnp.float32)
+  spec = pl.BlockSpec((16, 16), lambda i: (i, 0))
+  in_specs, args, kw = [spec], [x], {}
+  body = k8.with_poison(kernel, kw, in_specs, args, jnp.full((64, 16), jnp.nan), spec)
+  y = pl.pallas_call(body, grid=(4,), in_specs=in_specs, out_specs=spec,
+                     out_shape=jax.ShapeDtypeStruct((64, 16), jnp.float32), interpret=True,
+                     **kw)(*args)
+  nan_rows = np.isnan(np.asarray(y)).any(axis=1)
+  np.testing.assert_array_equal(nan_rows, np.arange(64) // 16 == 1)
+
+
+def test_int8_rejects_bad_inputs():
+  x = jnp.zeros((4, 8), jnp.int8)
+  with pytest.raises(ValueError, match="int8 codes"):
+    k8.int8_matmul(x.astype(jnp.float32), jnp.zeros((8, 4), jnp.int8))
+  with pytest.raises(ValueError, match="contraction"):
+    k8.int8_matmul(x, jnp.zeros((4, 4), jnp.int8), jnp.ones(4), jnp.ones(4))
+  with pytest.raises(ValueError, match="raw accumulator"):
+    k8.int8_matmul(x, jnp.zeros((8, 4), jnp.int8), out_dtype=jnp.int32, s_x=jnp.ones(4),
+                   s_w=jnp.ones(4))
