@@ -1,0 +1,216 @@
+"""Low-bit Pallas matmuls against XLA's bf16 dot on Llama layer shapes.
+
+  python benchmarks/matmul.py --out=/tmp/matmul.json            # GPU (H100)
+  python benchmarks/matmul.py --smoke                           # CPU, interpret mode
+
+For each layer shape (K, N) of ``llama_1b`` (d 2048, d_ff 5632) and
+``llama_8b`` (d 4096, d_ff 14336): attention out (d, d), gate/up (d, d_ff)
+and down (d_ff, d), and M tokens from 16 to 16384, in one process:
+
+* ``xla_bf16``: ``jnp.dot`` of bf16 operands, bf16 out (the baseline; timed
+  twice, the two medians give the noise);
+* ``xla_int8``: XLA's int8 dot with the same scale epilogue as the kernel
+  (``int8_matmul_xla``, today's w8a8 path);
+* ``pallas_int8``: ``qtrain.kernels.int8_matmul`` (Triton flavour on GPU),
+  each block config of ``--int8_configs``; the fastest is reported;
+* ``pallas_w4a16``: the packed-int4 W4A16 kernel, group 128 (when present);
+* ``torch_int_mm``: ``torch._int_mm`` (int8 x int8 -> int32, no epilogue),
+  when torch sees a CUDA device.
+
+Before timing, each variant's output is checked against its reference
+(relative error ||y - ref|| / ||ref||; NaN fails) with the Pallas output
+buffer poisoned with NaN (aliased), so an unwritten element fails the check.
+Times are medians over ``--reps`` calls of one jitted function that runs the
+op over rotated input sets (``qtrain/kernels/timing.py``). Each row prints
+the speedup over xla_bf16 and the two floors of an H100 (FLOP floor at the
+measured 798 TFLOP/s bf16 / 1979 TOP/s int8 datasheet; byte floor at the
+measured 3.0 TB/s). A short table is printed last; full rows go to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+
+from qtrain.kernels import int8 as k8  # noqa: E402
+from qtrain.kernels import timing  # noqa: E402
+
+BF16_FLOPS, INT8_OPS, COPY_BPS = 798e12, 1979e12, 3.0e12
+MODELS = {"llama_1b": (2048, 5632), "llama_8b": (4096, 14336)}
+M_FULL = (16, 64, 256, 1024, 4096, 16384)
+# (block_m, block_n, block_k, num_warps, num_stages): small-M (weight-bound)
+# tiles first, then the usual Hopper tensor-core tiles.
+INT8_CONFIGS = ("16,64,256,4,4", "32,128,128,4,4", "64,128,128,4,4", "128,128,128,8,3",
+                "128,256,128,8,3", "256,128,128,8,3")
+
+
+def layer_shapes(model: str):
+  d, ff = MODELS[model]
+  return {"attn_out": (d, d), "gate_up": (d, ff), "down": (ff, d)}
+
+
+def floors(m, n, k, op_bytes, peak):
+  flop = 2.0 * m * n * k
+  moved = op_bytes * (m * k + k * n) + 2 * m * n  # Operands once, bf16 out once.
+  return flop / peak, moved / COPY_BPS
+
+
+def _inputs(key, m, n, k, sets):
+  out = []
+  for i in range(sets):
+    kx, kw, ks = jax.random.split(jax.random.fold_in(key, i), 3)
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    w = jax.random.normal(kw, (k, n), jnp.bfloat16) * (k ** -0.5)
+    qx = jax.random.randint(kx, (m, k), -127, 128, jnp.int32).astype(jnp.int8)
+    qw = jax.random.randint(kw, (k, n), -127, 128, jnp.int32).astype(jnp.int8)
+    sx = jax.random.uniform(ks, (m,), jnp.float32, 1e-3, 1e-2)
+    sw = jax.random.uniform(jax.random.fold_in(ks, 1), (n,), jnp.float32, 1e-3, 1e-2)
+    out.append(dict(x=x, w=w, qx=qx, qw=qw, sx=sx, sw=sw))
+  return out
+
+
+def _blocks(spec: str) -> k8.Blocks:
+  return k8.Blocks(*(int(v) for v in spec.split(",")))
+
+
+def bench_int8(sets, m, n, k, configs, interpret, reps, row):
+  s0 = sets[0]
+  ref = k8.int8_matmul_xla(s0["qx"], s0["qw"], s0["sx"], s0["sw"])
+  ref_acc = k8.int8_matmul_xla(s0["qx"], s0["qw"], out_dtype=jnp.int32)
+  best = None
+  for spec in configs:
+    b = _blocks(spec)
+    fn = jax.jit(functools.partial(k8.int8_matmul, backend="gpu", blocks=b, interpret=interpret))
+    try:
+      poison = jnp.full(k8.padded_out_shape(m, n, k, "gpu", b), jnp.nan, jnp.bfloat16)
+      y = fn(s0["qx"], s0["qw"], s0["sx"], s0["sw"], out=poison)
+      acc = jax.jit(functools.partial(k8.int8_matmul, backend="gpu", blocks=b,
+                                      interpret=interpret, out_dtype=jnp.int32))(s0["qx"], s0["qw"])
+      err = timing.relative_error(y, ref)
+      exact = bool(jnp.array_equal(acc, ref_acc))
+      entry = {"config": spec, "rel_err": err, "acc_exact": exact}
+      if not exact or not err < 1e-2:  # bf16 out of the same float32 epilogue: ~1e-3 at most.
+        entry["error"] = "wrong result: not timed"
+      else:
+        entry["s"] = timing.time_per_call(lambda a, b_, c, d: fn(a, b_, c, d),
+                                          [(s["qx"], s["qw"], s["sx"], s["sw"]) for s in sets], reps)
+    except Exception as e:  # pylint: disable=broad-except
+      entry = {"config": spec, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+    row.setdefault("pallas_int8_configs", []).append(entry)
+    if "s" in entry and (best is None or entry["s"] < best["s"]):
+      best = entry
+  if best:
+    row["pallas_int8_s"], row["pallas_int8_config"] = best["s"], best["config"]
+
+
+def bench_torch_int_mm(m, n, k, reps, row):
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    if not torch.cuda.is_available():
+      row["torch_int_mm"] = "unavailable: torch sees no CUDA device"
+      return
+    g = torch.Generator(device="cuda").manual_seed(0)
+    per = m * k + k * n + 4 * m * n
+    sets = [(torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8, generator=g),
+             torch.randint(-127, 128, (k, n), device="cuda", dtype=torch.int8, generator=g))
+            for _ in range(timing.n_sets(per))]
+    a, b = sets[0]
+    ref = a.double().cpu() @ b.double().cpu()
+    err = float((torch._int_mm(a, b).double().cpu() - ref).norm() / ref.norm())  # pylint: disable=protected-access
+    row["torch_int_mm_rel_err"] = err
+    row["torch_int_mm_s"] = timing.torch_time_per_call(torch._int_mm, sets, reps)  # pylint: disable=protected-access
+  except Exception as e:  # pylint: disable=broad-except
+    row["torch_int_mm"] = f"unavailable: {type(e).__name__}: {str(e)[:200]}"
+
+
+def bench_shape(model, name, m, k, n, args, interpret):
+  row = dict(model=model, layer=name, M=m, K=k, N=n)
+  per_set = 2 * (m * k + k * n) + m * k + k * n + 2 * m * n
+  sets = _inputs(jax.random.key(m * 7 + n * 3 + k), m, n, k, 2 if args.smoke else timing.n_sets(per_set))
+  bf16 = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+  xy = [(s["x"], s["w"]) for s in sets]
+  row["xla_bf16_s"], row["xla_bf16_s_again"] = timing.spread(bf16, xy, args.reps)
+  xla8 = jax.jit(k8.int8_matmul_xla)
+  row["xla_int8_s"] = timing.time_per_call(
+      xla8, [(s["qx"], s["qw"], s["sx"], s["sw"]) for s in sets], args.reps)
+  bench_int8(sets, m, n, k, args.int8_configs.split(";"), interpret, args.reps, row)
+  bench_w4a16(sets, m, n, k, interpret, args.reps, row)
+  if not args.smoke:
+    bench_torch_int_mm(m, n, k, args.reps, row)
+  row["floor_bf16_flop_s"], row["floor_bf16_byte_s"] = floors(m, n, k, 2, BF16_FLOPS)
+  row["floor_int8_flop_s"], row["floor_int8_byte_s"] = floors(m, n, k, 1, INT8_OPS)
+  row["floor_w4a16_byte_s"] = (2 * m * k + k * n / 2 + 2 * m * n) / COPY_BPS
+  for key in ("xla_int8", "pallas_int8", "pallas_w4a16", "torch_int_mm"):
+    if f"{key}_s" in row:
+      row[f"{key}_speedup"] = row["xla_bf16_s"] / row[f"{key}_s"]
+  return row
+
+
+def bench_w4a16(sets, m, n, k, interpret, reps, row):
+  try:
+    from qtrain.kernels import int4  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    row["pallas_w4a16"] = "unavailable: qtrain.kernels.int4 not built"
+    return
+  int4.bench_into(sets, m, n, k, interpret, reps, row)
+
+
+def _fmt(row, key):
+  v = row.get(f"{key}_speedup")
+  return f"{v:6.2f}x" if v else "    --"
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--models", default="llama_1b,llama_8b")
+  p.add_argument("--ms", default=",".join(map(str, M_FULL)))
+  p.add_argument("--layers", default="attn_out,gate_up,down")
+  p.add_argument("--int8_configs", default=";".join(INT8_CONFIGS),
+                 help="';'-separated block_m,block_n,block_k,num_warps,num_stages")
+  p.add_argument("--reps", type=int, default=20)
+  p.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
+  p.add_argument("--out", default=None)
+  args = p.parse_args()
+  backend = jax.default_backend()
+  interpret = backend != "gpu"
+  print(f"device: {jax.devices()[0].device_kind} ({backend}); jax {jax.__version__}", flush=True)
+  if backend != "gpu":
+    print(f"pallas_int8 GPU flavour: no GPU ({backend}), running in interpret mode (times "
+          "are not kernel speeds)", flush=True)
+  if args.smoke:
+    args.reps = 2
+    args.int8_configs = "16,32,32,4,2;32,64,64,4,2"
+    shapes = [("smoke", "tiny", m, k, n) for m, k, n in ((16, 128, 64), (40, 96, 80))]
+  else:
+    shapes = [(model, name, m, k, n) for model in args.models.split(",")
+              for name, (k, n) in layer_shapes(model).items() if name in args.layers.split(",")
+              for m in map(int, args.ms.split(","))]
+  rows = []
+  for model, name, m, k, n in shapes:
+    row = bench_shape(model, name, m, k, n, args, interpret)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    if args.out:
+      with open(args.out, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+  print("\nspeedup over XLA bf16 (same run); floors in us (bf16 flop / int8 flop / int8 bytes)")
+  print(f"{'model':9s} {'layer':8s} {'M':>6s} {'bf16 us':>8s} {'xla_i8':>7s} {'pallas8':>7s} "
+        f"{'w4a16':>7s} {'torch8':>7s}  floors")
+  for r in rows:
+    print(f"{r['model']:9s} {r['layer']:8s} {r['M']:6d} {r['xla_bf16_s'] * 1e6:8.1f} "
+          f"{_fmt(r, 'xla_int8')} {_fmt(r, 'pallas_int8')} {_fmt(r, 'pallas_w4a16')} "
+          f"{_fmt(r, 'torch_int_mm')}  {r['floor_bf16_flop_s'] * 1e6:.1f}/"
+          f"{r['floor_int8_flop_s'] * 1e6:.1f}/{r['floor_int8_byte_s'] * 1e6:.1f}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,73 @@
+"""How the kernel benchmarks time a function (``/work/.library/device/METHOD.md``).
+
+* Rotated inputs: ``sets`` independent input sets, enough that one pass over
+  them outgrows the L2 (50 MB on an H100), so a repeat does not time the cache.
+* One dispatch, many launches: a jitted function maps the op over all the
+  sets, so host dispatch (tens of microseconds, longer than a decode-sized
+  matmul) is paid once per ``len(sets)`` launches.
+* Warm-up calls (compilation, autotuning) first, then the median of ``reps``
+  timed calls, each ending in ``block_until_ready``.
+* ``relative_error``: ||y - ref|| / ||ref|| in float64; NaN counts as failing.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import numpy as np
+
+L2_BYTES = 50 * 2 ** 20
+
+
+def n_sets(bytes_per_set: int, lo: int = 4, hi: int = 32) -> int:
+  """Input sets to rotate: twice the L2 in all, between ``lo`` and ``hi``."""
+  return int(min(hi, max(lo, -(-2 * L2_BYTES // max(1, bytes_per_set)))))
+
+
+def time_per_call(fn, sets: list, reps: int = 20, warmup: int = 2, *, many=None) -> float:
+  """Median seconds per ``fn(*s)``, ``fn`` run once on each of ``sets`` per
+  timed call (one dispatch)."""
+  many = many or jax.jit(lambda ss: [fn(*s) for s in ss])
+  for _ in range(warmup):
+    jax.block_until_ready(many(sets))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(many(sets))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times) / len(sets)
+
+
+def spread(fn, sets, reps: int = 20) -> tuple[float, float]:
+  """(median, median of a second identical measurement): the noise floor."""
+  many = jax.jit(lambda ss: [fn(*s) for s in ss])
+  return (time_per_call(fn, sets, reps, many=many),
+          time_per_call(fn, sets, reps, warmup=0, many=many))
+
+
+def relative_error(y, ref) -> float:
+  y64, r64 = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+  if not np.isfinite(y64).all():
+    return float("nan")
+  return float(np.linalg.norm(y64 - r64) / max(np.linalg.norm(r64), 1e-300))
+
+
+def torch_time_per_call(fn, sets: list, reps: int = 20, warmup: int = 2) -> float:
+  """The same protocol for torch on CUDA, timed with CUDA events."""
+  import torch  # pylint: disable=g-import-not-at-top
+  for _ in range(warmup):
+    for s in sets:
+      fn(*s)
+  torch.cuda.synchronize()
+  times = []
+  for _ in range(reps):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for s in sets:
+      fn(*s)
+    end.record()
+    torch.cuda.synchronize()
+    times.append(start.elapsed_time(end) / 1e3)
+  return statistics.median(times) / len(sets)
