@@ -95,3 +95,46 @@ def test_int8_rejects_bad_inputs():
   with pytest.raises(ValueError, match="raw accumulator"):
     k8.int8_matmul(x, jnp.zeros((8, 4), jnp.int8), out_dtype=jnp.int32, s_x=jnp.ones(4),
                    s_w=jnp.ones(4))
+
+
+# --- Walsh-Hadamard kernel --------------------------------------------------
+
+from qtrain.kernels import hadamard as kh  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+@pytest.mark.parametrize("n,rows", [(64, 37), (512, 20), (2048, 3)])
+def test_hadamard_matches_dense_float64(n, rows):
+  """float32 in/out with random signs: within 1e-6 relative (Frobenius) of
+  the dense float64 (x * s) H_n / sqrt(n). Three bf16 pieces carry float32's
+  24 bits and H's +-1 are exact, so only float32 accumulation rounding is
+  left (~1e-7); a two-piece split sits near 3e-6 and fails. Covers the
+  dense path (n <= 128) and the Kronecker path with a = b and a != b."""
+  rng = np.random.default_rng(n + rows)
+  x = rng.standard_normal((rows, n))
+  s = rng.choice([-1.0, 1.0], n)
+  ref = (x * s) @ kh.sylvester(n).astype(np.float64) / np.sqrt(n)
+  poison = jnp.full((kh.padded_rows(rows, n), n), jnp.nan, jnp.float32)
+  y = kh.hadamard(jnp.asarray(x, jnp.float32), jnp.asarray(s, jnp.float32), interpret=True,
+                  out=poison)
+  y = np.asarray(y, np.float64)
+  assert np.isfinite(y).all(), "an output element was never written"
+  assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-6
+
+
+def test_hadamard_bf16_against_xla_path():
+  """bf16 in/out (leading dims kept): within one bf16 ulp (2^-8 relative) of
+  the XLA butterflies, which round the same float32 transform to bf16."""
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.standard_normal((3, 5, 256)), jnp.bfloat16)
+  y = np.asarray(kh.hadamard(x, interpret=True), np.float32)
+  ref = np.asarray(kh.hadamard_xla(x), np.float32)
+  assert y.shape == (3, 5, 256)
+  np.testing.assert_array_less(np.abs(y - ref), 2.0 ** -8 * np.abs(ref) + 1e-30)
+
+
+def test_hadamard_falls_back_outside_the_kernel():
+  """n = 8 (below the tile) runs the XLA path; a non-power of two says why."""
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 8)), jnp.float32)
+  np.testing.assert_array_equal(kh.hadamard(x, interpret=True), kh.hadamard_xla(x))
+  with pytest.raises(ValueError, match="power-of-two"):
+    kh.hadamard(jnp.ones((2, 24)), interpret=True)
