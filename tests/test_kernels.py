@@ -99,7 +99,7 @@ def test_int8_rejects_bad_inputs():
 
 # --- Walsh-Hadamard kernel --------------------------------------------------
 
-from qtrain.kernels import hadamard as kh  # noqa: E402  pylint: disable=g-import-not-at-top
+from qtrain.kernels import fwht as kh  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 @pytest.mark.parametrize("n,rows", [(64, 37), (512, 20), (2048, 3)])

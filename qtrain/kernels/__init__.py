@@ -2,7 +2,7 @@
 fused scales, a fast Walsh-Hadamard transform, and the dispatcher that picks
 a kernel or its XLA reference by backend and shape at trace time."""
 
-from qtrain.kernels.hadamard import hadamard, hadamard_xla
+from qtrain.kernels.fwht import hadamard, hadamard_xla
 from qtrain.kernels.int8 import Blocks, int8_matmul, int8_matmul_xla
 
 __all__ = ["Blocks", "hadamard", "hadamard_xla", "int8_matmul", "int8_matmul_xla"]
