@@ -174,6 +174,13 @@ def base_config() -> ml_collections.ConfigDict:
       # (qtrain/train/first_order.py). global_batch_size must divide by it
       # times data x fsdp.
       grad_accum_steps=1,
+      # Pipeline parallelism, with config.mesh.pipeline > 1 and step="pipeline"
+      # (qtrain/train/pipeline.py): schedule gpipe | circular (interleaved,
+      # pipeline_repeats virtual stages per device) | 1f1b (PipeDream-flush);
+      # microbatches per step, 0 = config.mesh.pipeline.
+      pipeline_schedule="gpipe",
+      pipeline_microbatches=0,
+      pipeline_repeats=2,  # circular only: each microbatch visits every device this often.
       # Flax collections the train step applies as mutable and returns as
       # metrics, e.g. ("intermediates",) for values sown with self.sow.
       collect=(),

@@ -105,6 +105,7 @@ def _check_data_train(c, n_devices: int) -> None:
            f"{c.model.max_seq_len}, the longest sequence RoPE positions are set up for; "
            "raise max_seq_len (and rope_theta/rope_scaling) or shorten seq_len")
   _check_mesh(c, n_devices)
+  _check_pipeline(c, n_devices)
   _check_accum(c, n_devices)
   _require(t.nan_policy in ("skip", "stop"),
            f"config.train.nan_policy={t.nan_policy!r}; use 'skip' or 'stop'")
@@ -151,6 +152,56 @@ def _check_accum(c, n_devices: int) -> None:
            f"grad_accum_steps x config.mesh.data x fsdp = {k} x {rows} = {k * rows} (each "
            "device splits its rows into grad_accum_steps microbatches); use global_batch_size="
            f"{max(k * rows, n // (k * rows) * k * rows)}{other}")
+
+
+def _check_pipeline(c, n_devices: int) -> None:
+  """``config.train.pipeline_*`` against the mesh, the model and the batch
+  (qtrain/parallel/pipeline.py); combinations not built are refused."""
+  from qtrain.parallel.mesh import mesh_sizes  # pylint: disable=g-import-not-at-top
+  from qtrain.parallel.pipeline import SCHEDULES  # pylint: disable=g-import-not-at-top
+  t, s = c.train, mesh_sizes(c.mesh, n_devices)
+  p = s["pipeline"]
+  if p == 1:
+    _require(t.step != "pipeline", "config.train.step='pipeline' needs config.mesh.pipeline > "
+             "1; set the mesh's pipeline size or use step='first_order'")
+    return
+  _require(t.step == "pipeline", f"config.mesh.pipeline={p} needs config.train.step="
+           f"'pipeline' (got {t.step!r}); set it, or set config.mesh.pipeline=1")
+  k = t.get("grad_accum_steps", 1)
+  _require(k == 1, f"config.train.grad_accum_steps={k} with config.mesh.pipeline={p}: the "
+           "pipeline splits the batch into microbatches itself; set grad_accum_steps=1 and "
+           f"config.train.pipeline_microbatches={k * p}")
+  name, m, v = t.pipeline_schedule, t.pipeline_microbatches, t.pipeline_repeats
+  _require(name in SCHEDULES,
+           f"config.train.pipeline_schedule={name!r}; use one of {SCHEDULES}")
+  _require(isinstance(m, int) and m >= 0, f"config.train.pipeline_microbatches={m!r} must "
+           "be an int >= 1 (0 = config.mesh.pipeline)")
+  m = m or p
+  rows = s["data"] * s["fsdp"]
+  per_shard = c.data.global_batch_size // rows
+  _require(per_shard % m == 0,
+           f"config.train.pipeline_microbatches={m} does not divide the {per_shard} rows per "
+           f"data x fsdp shard (config.data.global_batch_size={c.data.global_batch_size} over "
+           f"{rows}); use global_batch_size={rows * m * max(1, per_shard // m)} or fewer "
+           "microbatches")
+  if name == "circular":
+    _require(isinstance(v, int) and v >= 2, f"config.train.pipeline_repeats={v!r} must be an "
+             "int >= 2 for pipeline_schedule='circular' (1 is 'gpipe')")
+    _require(c.model.n_layers % (p * v) == 0,
+             f"config.model.n_layers={c.model.n_layers} does not split into config.mesh."
+             f"pipeline x config.train.pipeline_repeats = {p} x {v} stages; choose repeats "
+             f"dividing {c.model.n_layers // p}")
+    _require(m % p == 0, f"config.train.pipeline_microbatches={m} must be a multiple of "
+             f"config.mesh.pipeline={p} for 'circular' (microbatches circulate in groups of p)")
+  cp = c.model.get("context_parallel", "none")
+  _require(cp == "none" or s["sequence"] == 1,
+           f"config.model.context_parallel={cp!r} with config.mesh.pipeline={p}: context-"
+           "parallel attention inside a pipeline stage is not built; set context_parallel="
+           "'none' or pipeline=1")
+  _require(not tuple(t.collect), f"config.train.collect={tuple(t.collect)} with config.mesh."
+           f"pipeline={p}: the stages do not return sown collections; set collect=()")
+  _require(not c.telemetry.get("every", 0), f"config.telemetry.every={c.telemetry.every} with "
+           f"config.mesh.pipeline={p}: the stages do not sow telemetry; set every=0")
 
 
 def _check_optim_and_step(c) -> None:

@@ -63,7 +63,10 @@ class Decoder(nn.Module):
   decode: bool = False  # Inference with the KV cache; the cache is stacked like params.
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, layers_K=None):
+    """``layers_K``: the global indices of the blocks to run (a pipeline
+    stage's slice of the stack, ``qtrain/parallel/pipeline.py``; its params
+    are then [K, ...]); None runs all ``cfg.n_layers``."""
     cfg = self.cfg
     if cfg.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={cfg.remat_policy!r}; use one of {sorted(REMAT_POLICIES)}")
@@ -71,12 +74,16 @@ class Decoder(nn.Module):
     if cfg.remat_policy != "none" and not self.decode:  # Remat serves a backward pass only.
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy],
                        prevent_cse=not cfg.scan_layers)
+    if layers_K is not None and not cfg.scan_layers:
+      raise ValueError("a slice of the stack (layers_K) needs config.model.scan_layers=True")
     if cfg.scan_layers:
+      if layers_K is None:
+        layers_K = jnp.arange(cfg.n_layers, dtype=jnp.int32)
       stack = nn.scan(block, variable_axes={True: 0}, split_rngs={True: True},
-                      in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.n_layers,
+                      in_axes=(nn.broadcast, nn.broadcast, 0), length=layers_K.shape[0],
                       metadata_params={nn.PARTITION_NAME: "layers"})
       x_BTD, _ = stack(cfg, self.hooks, self.decode, name="layers")(
-          x_BTD, positions_BT, segment_ids_BT, jnp.arange(cfg.n_layers, dtype=jnp.int32))
+          x_BTD, positions_BT, segment_ids_BT, layers_K)
       return x_BTD
     for i in range(cfg.n_layers):
       x_BTD, _ = block(cfg, self.hooks, self.decode, name=f"layers_{i}")(

@@ -15,8 +15,8 @@ order follows how much each axis talks per step:
   slowest links (between hosts or slices).
 
 Sizes multiply to the device count; one may be -1 (the rest). ``pipeline``
-and ``sequence`` exist and are validated here; the pipeline schedule comes
-with its own issue (``pipeline`` > 1 is refused until then). ``sequence`` > 1
+> 1 splits the scanned stack into stages run by a schedule
+(``qtrain/parallel/pipeline.py``, step family ``pipeline``). ``sequence`` > 1
 shards activations over the sequence; attention then exchanges keys and
 values as ``config.model.context_parallel`` says (``ring`` | ``all_gather``:
 ``qtrain.parallel.context_parallel``, on batches in zig-zag order) or, with
@@ -96,8 +96,7 @@ def check_mesh(mesh_cfg, n_devices: int, model: Any, data: Any) -> list[str]:
   s = mesh_sizes(mesh_cfg, n_devices)
   t, notes = s["tensor"], []
   if s["pipeline"] > 1:
-    raise MeshError(f"config.mesh.pipeline={s['pipeline']}: the pipeline schedule is not "
-                    "built yet; set it to 1 and use fsdp or tensor for the devices")
+    _check_pipeline(s["pipeline"], model)
   if not _divides(model.n_heads, t):
     raise MeshError(f"config.mesh.tensor={t} does not divide config.model.n_heads="
                     f"{model.n_heads}; choose tensor among {_divisors(model.n_heads)}")
@@ -140,6 +139,17 @@ def check_mesh(mesh_cfg, n_devices: int, model: Any, data: Any) -> list[str]:
                     "tokens in 2 chunks per device, qtrain/parallel/zigzag.py); change seq_len "
                     "or the mesh")
   return notes
+
+
+def _check_pipeline(p: int, model: Any) -> None:
+  """The stack splits into p stages of whole scanned layers (the schedule's
+  own fields are checked with config.train: ``qtrain/config/validate.py``)."""
+  if not getattr(model, "scan_layers", True):
+    raise MeshError(f"config.mesh.pipeline={p} needs config.model.scan_layers=True (stages "
+                    "are slices of the scanned stack); set it, or set pipeline=1")
+  if model.n_layers % p:
+    raise MeshError(f"config.mesh.pipeline={p} does not divide config.model.n_layers="
+                    f"{model.n_layers}; choose pipeline among {_divisors(model.n_layers)}")
 
 
 def _divisors(n: int) -> list[int]:

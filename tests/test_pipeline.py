@@ -1,0 +1,230 @@
+"""Pipeline parallelism (``qtrain/parallel/pipeline.py``, step family
+``pipeline``) on 8 fake CPU devices, against one device.
+
+* GPipe, circular (2 repeats) and 1F1B on pipeline=2 and pipeline=4: the
+  training loss and every gradient equal one device's within float32
+  reordering; the compiled programs pass activations by collective-permutes
+  between neighbouring pipeline devices only.
+* One AdamW train step of the family on data=2 x pipeline=2 x tensor=2
+  (1F1B) moves the params as one device does.
+* 1F1B's compiled temp memory is below GPipe's at m = 2p = 4 microbatches.
+* The tick accounting: every schedule's busy ticks per device match the
+  bubble formula (p - 1) / (v m + p - 1) (timing: benchmarks/pipeline_bubble.py).
+* Wrong configs fail in validation, naming the field.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from parallel_util import BATCH, SEQ, Run, batch, smoke_config
+from qtrain.config import ConfigError, validate
+from qtrain.data.global_batch import to_global
+from qtrain.parallel import pipeline as pp
+from qtrain.parallel.rules import batch_sharding, replicated
+from qtrain.train import make_loss
+from qtrain.train import pipeline as family  # Registers the `pipeline` step family.
+
+U = 2.0 ** -24  # float32 unit roundoff.
+# As tests/test_parallel.py: the pipeline computes the same sums as one
+# device but adds the loss and each weight gradient over the B*T tokens in
+# another order (per microbatch, then over microbatches); reordering a float32
+# sum of n terms moves it by at most ~n*u of the largest magnitude. Measured:
+# loss <= 1e-7 relative, gradients <= 6e-7 of the leaf's largest element.
+REORDER = BATCH * SEQ * U
+N_LAYERS = 4
+# (schedule, pipeline size, microbatches). m = 2p on pipeline=2 so the
+# memory comparison sees 1F1B's bound; circular with 2 repeats needs m % p == 0.
+CASES = [("gpipe", 2, 4), ("gpipe", 4, 4), ("circular", 2, 4), ("circular", 4, 4),
+         ("1f1b", 2, 4), ("1f1b", 4, 4)]
+
+
+def pipeline_config(schedule="gpipe", m=0, n_layers=N_LAYERS, **mesh):
+  cfg = smoke_config(**mesh)
+  cfg.model.n_layers = n_layers
+  if mesh.get("pipeline", 1) > 1:
+    cfg.train.update(step="pipeline", pipeline_schedule=schedule, pipeline_microbatches=m)
+  return cfg
+
+
+class Runs:
+  def __init__(self):
+    self.single = Run(pipeline_config())
+    self.state = self.single.init_state()
+    self.batch = batch()
+
+  @functools.cached_property
+  def reference(self):
+    return self.single.loss_and_grads(self.state.params, self.batch)
+
+  @functools.cache
+  def pipelined(self, schedule: str, p: int, m: int):
+    """(loss, grads, compiled) of the family's gradients on pipeline=p."""
+    n_layers = 2 * N_LAYERS if (schedule, p) == ("circular", 4) else N_LAYERS
+    run = Run(pipeline_config(schedule, m, n_layers, pipeline=p))
+    sched = pp.schedule_of(run.cfg, p)
+    accum = family.gradients(sched, run.mesh, batch_sharding(run.mesh))
+    loss_fn = make_loss(run.model)
+    f = lambda prm, b: accum(loss_fn, prm, b, jax.random.key(0))[::2]
+    params = self.state.params if n_layers == N_LAYERS else self.deep_params(n_layers)
+    with run.layout:
+      jitted = jax.jit(f, out_shardings=(replicated(run.mesh), run.state_sh.params))
+      args = jax.device_put(params, run.state_sh.params), to_global(self.batch, run.mesh)
+      compiled = jitted.lower(*args).compile()
+      loss, grads = compiled(*args)
+    return float(loss), jax.tree.map(np.asarray, grads), compiled, run
+
+  @functools.cache
+  def deep_params(self, n_layers):
+    return Run(pipeline_config(n_layers=n_layers)).init_state().params
+
+  @functools.cache
+  def deep_reference(self, n_layers):
+    run = Run(pipeline_config(n_layers=n_layers))
+    return run.loss_and_grads(self.deep_params(n_layers), self.batch)
+
+
+@pytest.fixture(scope="module")
+def runs():
+  return Runs()
+
+
+def assert_reordered(got, want, what=""):
+  for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+    assert g.shape == w.shape, (what, jax.tree_util.keystr(path))
+    err, tol = np.abs(g - w).max(), REORDER * np.abs(w).max()
+    assert err <= tol, f"{what}{jax.tree_util.keystr(path)}: max |diff| {err:.3g} > {tol:.3g}"
+
+
+def permute_pairs(hlo: str) -> list[tuple[int, int]]:
+  """(source, target) device pairs of every collective-permute in ``hlo``."""
+  pairs = []
+  for line in hlo.splitlines():
+    if re.search(r"collective-permute(-start)?\(", line):
+      found = re.search(r"source_target_pairs=\{(.*?)\}\}?", line)
+      pairs += [tuple(map(int, p)) for p in re.findall(r"\{(\d+),(\d+)\}", found.group(0))]
+  return pairs
+
+
+def pipeline_coordinate(mesh) -> dict[int, tuple]:
+  """{device id: (pipeline index, the other axes' indices)}."""
+  axes = list(mesh.axis_names)
+  k = axes.index(pp.AXIS)
+  out = {}
+  for idx in np.ndindex(mesh.devices.shape):
+    out[mesh.devices[idx].id] = (idx[k], idx[:k] + idx[k + 1:])
+  return out
+
+
+@pytest.mark.parametrize("schedule,p,m", CASES)
+def test_schedule_equals_single_device(runs, schedule, p, m):
+  loss, grads, compiled, run = runs.pipelined(schedule, p, m)
+  deep = (schedule, p) == ("circular", 4)
+  ref_loss, ref_grads, _ = runs.deep_reference(2 * N_LAYERS) if deep else runs.reference
+  assert abs(loss - ref_loss) <= REORDER * abs(ref_loss), (loss, ref_loss)
+  assert_reordered(grads, ref_grads, f"{schedule} p={p}: ")
+  # Activations (and 1F1B's cotangents) move between ring neighbours of the
+  # pipeline axis, and only there.
+  pairs = permute_pairs(compiled.as_text())
+  assert pairs, "the stages hand activations over by collective-permute"
+  where = pipeline_coordinate(run.mesh)
+  for a, b in pairs:
+    (sa, rest_a), (sb, rest_b) = where[a], where[b]
+    assert rest_a == rest_b and (sb - sa) % p in (1, p - 1), (a, b)
+
+
+def test_1f1b_memory_below_gpipe(runs):
+  """At m = 2p GPipe keeps every tick's activations for its backward (the
+  residuals of v m + p - 1 ticks); 1F1B keeps at most 2p - 1 stage inputs
+  and recomputes the stage in its backward slot."""
+  temp = {s: runs.pipelined(s, 2, 4)[2].memory_analysis().temp_size_in_bytes
+          for s in ("gpipe", "1f1b")}
+  assert temp["1f1b"] < 0.8 * temp["gpipe"], temp
+
+
+def test_train_step_3d_layout(runs):
+  """data=2 x pipeline=2 x tensor=2 under 1F1B, through ``make_steps``: one
+  AdamW step (lr 3e-3, no warm-up). Adam's first update is g/(|g| + eps), so
+  a gradient within reordering noise d of zero may move by up to 2 lr;
+  elsewhere the update moves by at most d eps/(|g| - d)^2."""
+  run = Run(pipeline_config("1f1b", 2, data=2, pipeline=2, tensor=2))
+  params, metrics = run.train_step(runs.state, runs.batch)
+  ref_params, ref_metrics = runs.single.train_step(runs.state, runs.batch)
+  assert metrics["finite"] == 1
+  for key in ("loss", "grad_norm", "tokens"):
+    assert abs(metrics[key] - ref_metrics[key]) <= REORDER * abs(ref_metrics[key]), key
+  _, grads, _ = runs.reference
+  lr, eps = ref_metrics["lr"], 1e-8
+  leaves = jax.tree.leaves
+  for p, want, g, p0 in zip(leaves(params), leaves(ref_params), leaves(grads),
+                            leaves(runs.state.params)):
+    d = REORDER * np.abs(g).max()
+    du = np.minimum(2.0, d * eps / (np.maximum(np.abs(g) - d, 0) + eps) ** 2)
+    assert np.all(np.abs(p - want) <= lr * (du + 16 * U) + 2 * U * np.abs(want))
+    assert np.abs(want - p0).max() > 0.5 * lr  # The step moved every leaf.
+
+
+@pytest.mark.parametrize("name,p,m,v", [("gpipe", 2, 4, 1), ("gpipe", 4, 8, 1),
+                                        ("circular", 4, 8, 2), ("circular", 2, 2, 4),
+                                        ("1f1b", 4, 8, 1), ("1f1b", 2, 1, 1)])
+def test_tick_accounting(name, p, m, v):
+  """Each device works v m forward (and as many backward) stage slots; with
+  every tick as long as its busiest device, the idle fraction is the bubble
+  formula (p - 1) / (v m + p - 1), for 1F1B too (priced F = 1, B = 2)."""
+  sched = pp.Schedule(name, p, m, v)
+  fwd, bwd = (np.asarray(a) for a in pp.busy_ticks(sched))
+  np.testing.assert_array_equal(fwd.sum(0), v * m)
+  if name == "1f1b":
+    np.testing.assert_array_equal(bwd.sum(0), m)
+  f, b = 1.0, 2.0
+  idle = 1 - v * m * (f + b) / pp.step_time(sched, f, b)
+  np.testing.assert_allclose(idle, (p - 1) / (v * m + p - 1), rtol=1e-6)
+  np.testing.assert_allclose(sched.bubble, (p - 1) / (v * m + p - 1))
+  if name == "1f1b":
+    return
+  # Each (microbatch, stage) pair is visited exactly once, in stage order.
+  t = np.arange(sched.ticks)[:, None]
+  s = np.arange(p)[None, :]
+  i, r, ok = (np.asarray(a) for a in pp.forward_slot(t, s, sched))
+  seen = {}
+  for tt, ss in zip(*np.nonzero(ok)):
+    seen[(i[tt, ss], r[tt, ss] * p + ss)] = tt
+  assert len(seen) == m * v * p
+  for (mb, j), tt in seen.items():
+    if j:
+      assert seen[(mb, j - 1)] == tt - 1  # Handed over by the previous stage one tick before.
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(train=dict(step="first_order")), r"config.mesh.pipeline=2 needs config.train.step"),
+    (dict(train=dict(pipeline_schedule="zb")), r"config.train.pipeline_schedule='zb'"),
+    (dict(train=dict(pipeline_microbatches=3)),
+     r"config.train.pipeline_microbatches=3 does not divide the 4 rows per data x fsdp shard.*global_batch_size=6"),
+    (dict(model=dict(n_layers=3)), r"config.mesh.pipeline=2 does not divide config.model."
+     "n_layers=3"),
+    (dict(train=dict(pipeline_schedule="circular", pipeline_repeats=4)),
+     r"config.model.n_layers=4 does not split into config.mesh.pipeline x config.train."
+     "pipeline_repeats"),
+    (dict(train=dict(grad_accum_steps=2)), r"config.train.grad_accum_steps=2 with config.mesh"),
+    (dict(model=dict(context_parallel="ring"), mesh=dict(sequence=2, data=1)),
+     r"config.model.context_parallel='ring' with config.mesh.pipeline"),
+    (dict(telemetry=dict(every=5)), r"config.telemetry.every=5 with config.mesh.pipeline"),
+])
+def test_validation_names_the_field(change, match):
+  cfg = pipeline_config("gpipe", 0, data=2, pipeline=2)
+  for group, fields in change.items():
+    cfg[group].update(fields)
+  with pytest.raises(ConfigError, match=match):
+    validate(cfg, n_devices=4)
+
+
+def test_pipeline_step_needs_a_pipeline():
+  cfg = smoke_config(data=2)
+  cfg.train.step = "pipeline"
+  with pytest.raises(ConfigError, match=r"config.train.step='pipeline' needs config.mesh"):
+    validate(cfg, n_devices=2)
