@@ -13,7 +13,9 @@ and down (d_ff, d), and M tokens from 16 to 16384, in one process:
   (``int8_matmul_xla``, today's w8a8 path);
 * ``pallas_int8``: ``qtrain.kernels.int8_matmul`` (Triton flavour on GPU),
   each block config of ``--int8_configs``; the fastest is reported;
-* ``pallas_w4a16``: the packed-int4 W4A16 kernel, group 128 (when present);
+* ``xla_w4a16`` / ``pallas_w4a16``: packed-int4 weights (group 128) times
+  bf16 x, the XLA reference path and the Pallas kernel (best of
+  ``--w4a16_configs``);
 * ``torch_int_mm``: ``torch._int_mm`` (int8 x int8 -> int32, no epilogue),
   when torch sees a CUDA device.
 
@@ -41,6 +43,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 
+from qtrain.kernels import int4 as k4  # noqa: E402
 from qtrain.kernels import int8 as k8  # noqa: E402
 from qtrain.kernels import timing  # noqa: E402
 
@@ -51,6 +54,10 @@ M_FULL = (16, 64, 256, 1024, 4096, 16384)
 # tiles first, then the usual Hopper tensor-core tiles.
 INT8_CONFIGS = ("16,64,256,4,4", "32,128,128,4,4", "64,128,128,4,4", "128,128,128,8,3",
                 "128,256,128,8,3", "256,128,128,8,3")
+
+
+W4A16_CONFIGS = ("16,64,0,4,4", "16,128,0,4,4", "64,128,0,4,3", "128,128,0,8,3",
+                 "128,256,0,8,3")
 
 
 def layer_shapes(model: str):
@@ -143,25 +150,48 @@ def bench_shape(model, name, m, k, n, args, interpret):
   row["xla_int8_s"] = timing.time_per_call(
       xla8, [(s["qx"], s["qw"], s["sx"], s["sw"]) for s in sets], args.reps)
   bench_int8(sets, m, n, k, args.int8_configs.split(";"), interpret, args.reps, row)
-  bench_w4a16(sets, m, n, k, interpret, args.reps, row)
+  bench_w4a16(sets, m, n, k, args.w4a16_configs.split(";"), interpret, args.reps, row,
+              args.group)
   if not args.smoke:
     bench_torch_int_mm(m, n, k, args.reps, row)
   row["floor_bf16_flop_s"], row["floor_bf16_byte_s"] = floors(m, n, k, 2, BF16_FLOPS)
   row["floor_int8_flop_s"], row["floor_int8_byte_s"] = floors(m, n, k, 1, INT8_OPS)
   row["floor_w4a16_byte_s"] = (2 * m * k + k * n / 2 + 2 * m * n) / COPY_BPS
-  for key in ("xla_int8", "pallas_int8", "pallas_w4a16", "torch_int_mm"):
+  for key in ("xla_int8", "pallas_int8", "xla_w4a16", "pallas_w4a16", "torch_int_mm"):
     if f"{key}_s" in row:
       row[f"{key}_speedup"] = row["xla_bf16_s"] / row[f"{key}_s"]
   return row
 
 
-def bench_w4a16(sets, m, n, k, interpret, reps, row):
-  try:
-    from qtrain.kernels import int4  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    row["pallas_w4a16"] = "unavailable: qtrain.kernels.int4 not built"
+def bench_w4a16(sets, m, n, k, configs, interpret, reps, row, group=128):
+  """bf16 x against int4 codes of the set's w (group scales); best config."""
+  if k % (2 * group):
+    row["pallas_w4a16"] = f"unavailable: K={k} is not a multiple of 2 * group={2 * group}"
     return
-  int4.bench_into(sets, m, n, k, interpret, reps, row)
+  quant = jax.jit(functools.partial(k4.quantize_int4, group=group))
+  wsets = [(s["x"], *quant(s["w"])) for s in sets]
+  ref = k4.int4_matmul_xla(*wsets[0], group=group)
+  row["xla_w4a16_s"] = timing.time_per_call(
+      functools.partial(k4.int4_matmul_xla, group=group), wsets, reps)
+  best = None
+  for spec in configs:
+    b = _blocks(spec)
+    fn = jax.jit(functools.partial(k4.int4_matmul, group=group, blocks=b, interpret=interpret))
+    entry = {"config": spec}
+    try:
+      poison = jnp.full(k4.padded_out_shape(m, n, b), jnp.nan, jnp.bfloat16)
+      entry["rel_err"] = err = timing.relative_error(fn(*wsets[0], out=poison), ref)
+      if not err < 1e-2:  # Same bf16 products, float32 sums reordered: ~1e-3 at most.
+        entry["error"] = "wrong result: not timed"
+      else:
+        entry["s"] = timing.time_per_call(lambda x, p_, s_: fn(x, p_, s_), wsets, reps)
+    except Exception as e:  # pylint: disable=broad-except
+      entry["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    row.setdefault("pallas_w4a16_configs", []).append(entry)
+    if "s" in entry and (best is None or entry["s"] < best["s"]):
+      best = entry
+  if best:
+    row["pallas_w4a16_s"], row["pallas_w4a16_config"] = best["s"], best["config"]
 
 
 def _fmt(row, key):
@@ -176,6 +206,9 @@ def main() -> None:
   p.add_argument("--layers", default="attn_out,gate_up,down")
   p.add_argument("--int8_configs", default=";".join(INT8_CONFIGS),
                  help="';'-separated block_m,block_n,block_k,num_warps,num_stages")
+  p.add_argument("--w4a16_configs", default=";".join(W4A16_CONFIGS),
+                 help="';'-separated block_m,block_n,0,num_warps,num_stages (block_k: the group)")
+  p.add_argument("--group", type=int, default=128)
   p.add_argument("--reps", type=int, default=20)
   p.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
   p.add_argument("--out", default=None)
@@ -189,6 +222,7 @@ def main() -> None:
   if args.smoke:
     args.reps = 2
     args.int8_configs = "16,32,32,4,2;32,64,64,4,2"
+    args.w4a16_configs, args.group = "16,32,0,4,2", 32
     shapes = [("smoke", "tiny", m, k, n) for m, k, n in ((16, 128, 64), (40, 96, 80))]
   else:
     shapes = [(model, name, m, k, n) for model in args.models.split(",")
