@@ -11,6 +11,15 @@ vocabulary: ``qtrain/train/warm_start.py:check_source``). A workdir with
 checkpoints of its own resumes from them. On data with a loss mask (prompt 0,
 response 1) training and evaluation score the responses only, and the result
 is reported as held-out response perplexity and loss.
+
+Quantized fine-tuning (configs/roste/): with ``config.quant.rotation.choose =
+"roste"`` RoSTE's lower level runs first, on the pretrained params, and its
+choice fills ``config.quant.rotation.table`` (``qtrain/quant/roste.py``; saved
+as ``<workdir>/roste_rotations.json`` and reused on resume). When the config
+quantizes (``config.quant.mode`` not none), the run ends with the held-out
+loss and perplexity of its final params under its quantizers
+(``quantized_eval.json``): for ``config.quant.stage = "ptq"`` that is the
+high-precision fine-tune with RTN weights, its only quantized number.
 """
 
 from __future__ import annotations
@@ -31,7 +40,16 @@ def main(argv):
     train_cli.fail(f"--init_from={_INIT_FROM.value} and config.train.init_from="
                    f"{cfg.train.init_from} disagree; give one")
   cfg.train.init_from = _INIT_FROM.value
-  train_cli.train(cfg, train_cli.WORKDIR.value)
+  workdir = train_cli.WORKDIR.value
+  rot = cfg.quant.get("rotation")
+  if rot is not None and rot.sites and rot.choose == "roste":
+    from qtrain.quant import roste  # pylint: disable=g-import-not-at-top
+    # It touches devices before train() starts jax.distributed: single-process runs only.
+    rot.table = roste.choose_rotations(cfg, workdir)
+  train_cli.train(cfg, workdir)
+  if cfg.quant.mode != "none":
+    from qtrain.quant import roste  # pylint: disable=g-import-not-at-top
+    print(roste.format_eval(roste.quantized_eval(workdir)), flush=True)
 
 
 if __name__ == "__main__":

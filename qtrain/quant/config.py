@@ -21,6 +21,16 @@ key) leaves that operand unquantized; ``layers`` names block indices (see
 unless a rule names ``lm_head``, stay in high precision. Presets live in
 ``configs/quant/``.
 
+``stage`` says when the rules apply: ``qat`` (training and evaluation) or
+``ptq`` (training in high precision; ``python -m qtrain.finetune`` evaluates the
+final params under the rules, i.e. round-to-nearest weights: SFT then RTN).
+``rotation`` rotates the operands of the matmuls it names before they are
+quantized, (X R)(R^T W) with R a randomized Hadamard per block
+(``qtrain.quant.rotated``; RoSTE):
+
+  config.quant.rotation.sites = LINEARS   # regex over canonical matmul paths
+  config.quant.rotation.choose = "roste"  # all | table | roste
+
 Errors are ``ValueError``s naming the field, e.g.
 ``config.quant.rules.linears.weight.bits=1: bits must be in 2..8``.
 """
@@ -36,6 +46,7 @@ import ml_collections
 from qtrain.layers.dot_general import HighPrecision
 from qtrain.quant.dot_general import MODES, mode_problem
 from qtrain.quant.provider import QuantProvider
+from qtrain.quant.rotated import RotationProvider
 from qtrain.quant.rules import QuantRule, parse_layers
 from qtrain.quant.spec import QuantSpec
 
@@ -53,6 +64,23 @@ def quant_config_defaults() -> ml_collections.ConfigDict:
   c.order = ()  # Rule names, first tried first; with named rules, every name exactly once.
   c.int8_backward = True  # int8/fp8 modes: dX and dW as low-precision dots too.
   c.grad_stochastic_rounding = False  # int8 backward: stochastic rounding of dY.
+  # qat: the rules quantize training and evaluation | ptq: training in high
+  # precision, the rules (and rotation) evaluate the final params (RTN PTQ),
+  # run by python -m qtrain.finetune (qtrain/quant/roste.py).
+  c.stage = "qat"
+  c.rotation = ml_collections.ConfigDict(dict(
+      # Regex fullmatching canonical matmul paths whose operands are rotated,
+      # (X R)(R^T W), R = diag(signs) H / sqrt(n) of the contraction dim n; "" = none.
+      sites="",
+      # all: every block of `sites` | table: per block from `table` | roste:
+      # RoSTE's lower level fills `table` when python -m qtrain.finetune starts
+      # (identity vs Hadamard, the lower quantization error E per block).
+      choose="all",
+      # {canonical path: "0110"}: one 0/1 per block ("1" outside the stack); None = unset.
+      table=None,
+      seed=0,  # Random signs per (seed, path, block).
+      calib_batches=8,  # choose=roste: training batches E is measured on (RoSTE: 128 samples).
+  ))
   return c
 
 
@@ -165,6 +193,95 @@ def _check_dims(quant_cfg, rules, model_cfg) -> None:
                        "config.model.scan_layers=False")
 
 
+ROTATION_KEYS = ("sites", "choose", "table", "seed", "calib_batches")
+CHOICES = ("all", "table", "roste")
+STAGES = ("qat", "ptq")
+
+
+def rotation_table(rot) -> tuple[tuple[str, tuple[bool, ...]], ...] | None:
+  """``config.quant.rotation.table`` as the provider's hashable table."""
+  table = rot.get("table")
+  if table is None:
+    return None
+  out = []
+  for path, bits in _as_dict(table).items():
+    if not isinstance(bits, str) or not bits or set(bits) - {"0", "1"}:
+      raise ValueError(f"config.quant.rotation.table[{path!r}]={bits!r}: give one 0/1 per "
+                       "block, e.g. '0110'")
+    out.append((path, tuple(b == "1" for b in bits)))
+  return tuple(out)
+
+
+def _check_rotation(quant_cfg, model_cfg) -> None:
+  """``config.quant.rotation``: fields, and with ``model_cfg`` every rotated
+  contraction dim supported and the table covering exactly the matched paths."""
+  rot = quant_cfg.get("rotation")
+  if rot is None:
+    return
+  for key in rot.keys():
+    if key not in ROTATION_KEYS:
+      raise _unknown(key, ROTATION_KEYS, "config.quant.rotation")
+  sites, choose = rot.sites, rot.choose
+  try:
+    re.compile(sites)
+  except (re.error, TypeError) as e:
+    raise ValueError(f"config.quant.rotation.sites={sites!r} is not a regex: {e}") from None
+  if choose not in CHOICES:
+    raise ValueError(f"config.quant.rotation.choose={choose!r}: use one of {CHOICES}")
+  table = rotation_table(rot)
+  if choose == "all" and table is not None:
+    raise ValueError("config.quant.rotation.table is set but choose='all' ignores it; set "
+                     "choose='table' or table=None")
+  if choose == "table" and table is None:
+    raise ValueError("config.quant.rotation.choose='table' needs config.quant.rotation.table "
+                     "({path: '0110', ...})")
+  if not isinstance(rot.calib_batches, int) or rot.calib_batches < 1:
+    raise ValueError(f"config.quant.rotation.calib_batches={rot.calib_batches!r}: use an int >= 1")
+  if model_cfg is None or not sites:
+    return
+  from qtrain.layers import ModelConfig, config_sites  # pylint: disable=g-import-not-at-top
+  from qtrain.layers.rotation import nearest_supported, supported  # pylint: disable=g-import-not-at-top
+  mc = ModelConfig.of(model_cfg)
+  matched = {}
+  for s in config_sites(mc).matmuls:
+    if re.fullmatch(sites, s.path):
+      if not supported(s.in_features):
+        below, above = nearest_supported(s.in_features)
+        raise ValueError(f"config.quant.rotation.sites={sites!r} matches {s.path}, whose "
+                         f"contraction dim {s.in_features} has no Hadamard matrix here "
+                         f"(nearest supported: {below}, {above}); narrow the regex")
+      matched[s.path] = mc.n_layers if s.layered else 1
+  if not matched:
+    raise ValueError(f"config.quant.rotation.sites={sites!r} matches no matmul of the model; "
+                     f"paths: {list(config_sites(mc).paths())}")
+  if table is None:
+    return
+  given = dict(table)
+  for path, blocks in matched.items():
+    if path not in given:
+      raise ValueError(f"config.quant.rotation.table has no entry for {path}, which "
+                       "config.quant.rotation.sites matches")
+    if len(given[path]) != blocks:
+      raise ValueError(f"config.quant.rotation.table[{path!r}] has {len(given[path])} "
+                       f"entries; the model has {blocks} there")
+  extra = sorted(set(given) - set(matched))
+  if extra:
+    raise ValueError(f"config.quant.rotation.table names {extra}, which "
+                     "config.quant.rotation.sites does not match")
+
+
+def rotation_provider(quant_cfg):
+  """The ``RotationProvider`` of ``config.quant.rotation``, or None when off."""
+  rot = quant_cfg.get("rotation")
+  if rot is None or not rot.sites:
+    return None
+  if rot.choose == "roste" and rot.get("table") is None:
+    raise ValueError("config.quant.rotation.choose='roste': the table is chosen by RoSTE's "
+                     "lower level when `python -m qtrain.finetune --init_from=RUN` starts; run "
+                     "through it, or set choose='table' with a table")
+  return RotationProvider(pattern=rot.sites, table=rotation_table(rot), seed=int(rot.seed))
+
+
 def validate_quant(quant_cfg, model_cfg=None) -> tuple[QuantRule, ...]:
   """Raises ValueError naming the first wrong ``config.quant`` field; returns
   the rules. With ``model_cfg`` (``config.model``), group sizes are checked
@@ -175,6 +292,9 @@ def validate_quant(quant_cfg, model_cfg=None) -> tuple[QuantRule, ...]:
       raise _unknown(key, list(known.keys()), "config.quant")
   if quant_cfg.mode not in MODES:
     raise ValueError(f"config.quant.mode={quant_cfg.mode!r}: use one of {MODES}")
+  if quant_cfg.get("stage", "qat") not in STAGES:
+    raise ValueError(f"config.quant.stage={quant_cfg.stage!r}: use one of {STAGES}")
+  _check_rotation(quant_cfg, model_cfg)
   if quant_cfg.get("grad_stochastic_rounding", False) and quant_cfg.mode == "fp8":
     raise ValueError("config.quant.grad_stochastic_rounding=True: implemented for "
                      "mode='int8' only (fp8 gradients use e5m2 round-to-nearest)")
@@ -186,15 +306,20 @@ def validate_quant(quant_cfg, model_cfg=None) -> tuple[QuantRule, ...]:
   return rules
 
 
-def provider_from_config(quant_cfg, model_cfg=None):
-  """HighPrecision for mode 'none', else a QuantProvider over the rules."""
+def provider_from_config(quant_cfg, model_cfg=None, *, stage: str | None = None):
+  """HighPrecision for mode 'none' (or while training a 'ptq' stage), else a
+  QuantProvider over the rules, rotating first where ``rotation`` says.
+  ``stage``: overrides ``config.quant.stage`` ('qat' builds the quantized
+  model of a 'ptq' config, to evaluate it)."""
   rules = validate_quant(quant_cfg, model_cfg)
-  if quant_cfg.mode == "none":
+  stage = stage or quant_cfg.get("stage", "qat")
+  if quant_cfg.mode == "none" or stage == "ptq":
     return HighPrecision()  # The pass-through provider.
   return QuantProvider(rules=rules, mode=quant_cfg.mode,
                        int8_backward=bool(quant_cfg.get("int8_backward", True)),
                        grad_stochastic_rounding=bool(quant_cfg.get("grad_stochastic_rounding",
-                                                                   False)))
+                                                                   False)),
+                       rotation=rotation_provider(quant_cfg))
 
 
 def with_kv_bits(quant_cfg, bits: int) -> None:

@@ -13,6 +13,10 @@ a traced scalar. When the rules choose differently per block, the site runs
 axis, compiled once. Learned steps (LSQ) create params, which a switch branch
 cannot: their rules must agree across the blocks of a scanned stack (config
 validation says so and how to fix it).
+
+``rotation`` (a ``qtrain.quant.rotated.RotationProvider``) composes outside
+the quantizer: it rotates both operands, (X R)(R^T W), and the quantizer then
+sees the rotated ones (RoSTE).
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class QuantProvider(Provider):
   mode: str = "fake"
   int8_backward: bool = True
   grad_stochastic_rounding: bool = False
+  rotation: Provider | None = None  # Applied to the operands before they are quantized.
   log: MatchLog = dataclasses.field(default_factory=MatchLog, compare=False, repr=False)
 
   def dot_spec(self, i: int | None) -> DotSpec:
@@ -74,6 +79,10 @@ class QuantProvider(Provider):
                    self.grad_stochastic_rounding)
 
   def dot(self, site, hooks, inner):
+    quantized = self._quant_dot(site, hooks, inner)
+    return quantized if self.rotation is None else self.rotation.dot(site, hooks, quantized)
+
+  def _quant_dot(self, site, hooks, inner):
     choice = choice_per_layer(self.rules, site.path, site.layered,
                               site.layer if site.layer is not None else hooks.layer,
                               hooks.n_layers)
