@@ -188,3 +188,51 @@ def test_int4_matmul_matches_xla_and_float64():
   assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 4e-3
   with pytest.raises(ValueError, match="2 \\* group"):
     k4.int4_matmul(x[:, :96], packed[:48], scales[:3], group=g, interpret=True)
+
+
+# --- dispatcher and the int8 training matmul --------------------------------
+
+from qtrain.kernels import dispatch  # noqa: E402  pylint: disable=g-import-not-at-top
+from qtrain.quant.dot_general import DotSpec, quant_dot  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def _pallas_calls(fn, *args) -> int:
+  return str(jax.make_jaxpr(fn)(*args)).count("pallas_call")
+
+
+def test_dispatch_rules():
+  assert dispatch.flavour("xla", "int8") is None
+  assert dispatch.flavour("auto", "int8") is None  # CPU: no Pallas flavour, XLA.
+  assert dispatch.flavour("interpret", "int4") == ("gpu", True)
+  with pytest.raises(ValueError, match="config.quant.kernels"):
+    dispatch.flavour("triton", "int8")
+  x, w = jnp.ones((8, 32), jnp.int8), jnp.ones((32, 32), jnp.int8)
+  dot = lambda m: dispatch.int8_dot(m, w, out_dtype=jnp.int32, kernels="interpret")
+  assert _pallas_calls(dot, x) == 0  # M = 8 < 16: XLA by the shape rule.
+  assert _pallas_calls(dot, jnp.ones((16, 32), jnp.int8)) == 1
+
+
+@pytest.mark.parametrize("granularity", ["token", "tensor"])
+def test_quant_dot_int8_through_kernel_equals_xla(granularity):
+  """config.quant.kernels only changes where the int8 dots run: forward
+  values and both gradients (int8 backward) are bit-equal between the XLA
+  path and the kernel (interpret mode), which runs all three dots."""
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.standard_normal((2, 12, 32)), jnp.float32)  # M = 24 tokens.
+  w = jnp.asarray(rng.standard_normal((32, 48)), jnp.float32)
+  r = jnp.asarray(rng.standard_normal((2, 12, 48)), jnp.float32)
+  dims = (((2,), (0,)), ((), ()))
+
+  def loss(kernels, x, w):
+    spec = DotSpec(weight=QuantSpec(bits=8, granularity="channel"),
+                   act=QuantSpec(bits=8, granularity=granularity), mode="int8", kernels=kernels)
+    return jnp.sum(quant_dot(spec, None, None, x, w, dims) * r)
+
+  grads = {k: jax.value_and_grad(functools.partial(loss, k), argnums=(0, 1))(x, w)
+           for k in ("xla", "interpret")}
+  assert _pallas_calls(jax.grad(functools.partial(loss, "interpret"), argnums=(0, 1)), x, w) == 3
+  (v0, (dx0, dw0)), (v1, (dx1, dw1)) = grads["xla"], grads["interpret"]
+  np.testing.assert_array_equal(v1, v0)
+  np.testing.assert_array_equal(dx1, dx0)
+  np.testing.assert_array_equal(dw1, dw0)
+  assert float(jnp.abs(dw0).max()) > 0

@@ -16,6 +16,10 @@ Modes (one per provider):
   fake-quant STE gradients dY W^^T and X^^T dY up to dY's int8 rounding.
   Without ``int8_backward`` the two backward dots multiply dY by X^ and W^ in
   the activations' dtype (bf16 in mixed precision) accumulating in float32.
+  ``DotSpec.kernels`` (``qtrain.kernels.dispatch``: "xla" default, "auto",
+  "interpret") routes the three int8 dots with their scale epilogues through
+  the Pallas int8 kernel, which rounds exactly as the XLA path does; the
+  custom VJP is unchanged.
 * ``fp8``: the same structure with e4m3 forward codes, e5m2 for the
   gradients and float8 dots accumulating in float32.
 * ``none``: the high-precision dot.
@@ -44,6 +48,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qtrain.kernels import dispatch
 from qtrain.quant import calibration, estimators, quantizer
 from qtrain.quant.spec import QuantSpec
 
@@ -78,6 +83,7 @@ class _Lowp:
   x_dtype: Any
   w_dtype: Any
   out_dtype: Any  # preferred_element_type, else the activations' dtype.
+  kernels: str = "xla"  # int8 dots: qtrain.kernels.dispatch's switch.
 
 
 _NN = (((1,), (0,)), ((), ()))  # [M, K] x [K, N]
@@ -93,12 +99,27 @@ def _inside(x, qt, spec):
   return (x >= lo) & (x <= hi)
 
 
+def _scaled_int8(cfg: _Lowp, x, w, s_x, s_w, out_dtype, x_t=False, w_t=False):
+  """(x w) * s_x * s_w on int8 codes through the dispatcher; scales are
+  [rows, 1] / [1, cols] (or [1, 1]) arrays, None meaning 1 (a product by
+  1.0 is exact, so the kernel's two-sided epilogue rounds as one side)."""
+  m = x.shape[1] if x_t else x.shape[0]
+  n = w.shape[0] if w_t else w.shape[1]
+  vec = lambda s, d: jnp.ones((d,), jnp.float32) if s is None else jnp.broadcast_to(
+      s.astype(jnp.float32).reshape(-1), (d,))
+  return dispatch.int8_dot(x, w, vec(s_x, m), vec(s_w, n), out_dtype=out_dtype,
+                           kernels=cfg.kernels, x_transposed=x_t, w_transposed=w_t)
+
+
 def _lowp_fwd(x_MK, w_KN, rng, cfg: _Lowp):
   qx = quantizer.quantize(x_MK, cfg.act, contract_axis=1)  # scale [M, 1] or [1, 1]
   qw = quantizer.quantize(w_KN, cfg.weight, contract_axis=0)  # scale [1, N] or [1, 1]
+  masks = (_inside(x_MK, qx, cfg.act), _inside(w_KN, qw, cfg.weight))
+  if cfg.acc_dtype == jnp.int32 and cfg.kernels != "xla":
+    y_MN = _scaled_int8(cfg, qx.q, qw.q, qx.scale, qw.scale, cfg.out_dtype)
+    return y_MN, (qx, qw, masks, rng)
   acc_MN = jax.lax.dot_general(qx.q, qw.q, _NN, preferred_element_type=cfg.acc_dtype)
   y_MN = acc_MN.astype(jnp.float32) * qx.scale * qw.scale
-  masks = (_inside(x_MK, qx, cfg.act), _inside(w_KN, qw, cfg.weight))
   return y_MN.astype(cfg.out_dtype), (qx, qw, masks, rng)
 
 
@@ -115,12 +136,16 @@ def _lowp_bwd(cfg: _Lowp, res, g_MN):
     r_x, r_w = jax.random.split(rng) if rng is not None else (None, None)
     # Move s_w onto dY's columns, quantize per row: dX = s_gx * (Q_gx Q_w^T).
     gx = quantizer.quantize(g_MN * qw.scale, cfg.grad, contract_axis=1, rng=r_x)
-    dx = jax.lax.dot_general(gx.q, qw.q, _NT, preferred_element_type=cfg.acc_dtype)
-    dx = dx.astype(jnp.float32) * gx.scale
     # Move s_x onto dY's rows, quantize per column: dW = (Q_x^T Q_gw) * s_gw.
     gw = quantizer.quantize(g_MN * qx.scale, cfg.grad, contract_axis=0, rng=r_w)
-    dw = jax.lax.dot_general(qx.q, gw.q, _TN, preferred_element_type=cfg.acc_dtype)
-    dw = dw.astype(jnp.float32) * gw.scale
+    if cfg.acc_dtype == jnp.int32 and cfg.kernels != "xla":  # Codes read in place, untransposed.
+      dx = _scaled_int8(cfg, gx.q, qw.q, gx.scale, None, jnp.float32, w_t=True)
+      dw = _scaled_int8(cfg, qx.q, gw.q, None, gw.scale, jnp.float32, x_t=True)
+    else:
+      dx = jax.lax.dot_general(gx.q, qw.q, _NT, preferred_element_type=cfg.acc_dtype)
+      dx = dx.astype(jnp.float32) * gx.scale
+      dw = jax.lax.dot_general(qx.q, gw.q, _TN, preferred_element_type=cfg.acc_dtype)
+      dw = dw.astype(jnp.float32) * gw.scale
   if mask_x is not None:
     dx = jnp.where(mask_x, dx, 0.0)
   if mask_w is not None:
@@ -152,6 +177,7 @@ class DotSpec:
   mode: str = "fake"
   int8_backward: bool = True  # int8/fp8: low-precision dX and dW dots.
   grad_stochastic_rounding: bool = False  # int8 backward: SR of dY (rng "quant").
+  kernels: str = "xla"  # int8 mode: "xla" | "auto" | "interpret" (qtrain.kernels.dispatch).
 
   @property
   def quantizes(self) -> bool:
@@ -242,7 +268,7 @@ def _lowp(spec: DotSpec, lhs, rhs, lhs_axis, rhs_axis, preferred_element_type, r
               grad=_grad_spec(spec.mode, sr) if spec.int8_backward else None,
               acc_dtype=jnp.int32 if spec.mode == "int8" else jnp.float32,
               x_dtype=lhs.dtype, w_dtype=rhs.dtype,
-              out_dtype=preferred_element_type or lhs.dtype)
+              out_dtype=preferred_element_type or lhs.dtype, kernels=spec.kernels)
   y = lowp_matmul(x.reshape(-1, x.shape[-1]), w.reshape(w.shape[0], -1), rng, cfg)
   return y.reshape(out_shape)
 

@@ -1,0 +1,75 @@
+"""Picks a Pallas kernel or its XLA reference at trace time.
+
+``kernels`` (``config.quant.kernels``):
+
+* ``"xla"`` (the default): always the XLA path (``lax.dot_general`` int8,
+  the grouped int4 einsum, ``fwht``'s butterflies).
+* ``"auto"``: the Pallas flavour of ``jax.default_backend()`` where one is
+  built (int8: "gpu" Triton and "tpu" Mosaic; int4 and Hadamard: "gpu"),
+  else XLA; on CPU that is XLA, so nothing changes there.
+* ``"interpret"``: the GPU flavour in Pallas interpret mode on any backend
+  (tests; slow).
+
+Shape rules (checked on static shapes, so the choice is made once per trace):
+int8 takes the kernel when M, N and K are all >= 16 (a smaller dim would be
+padded to a 16-wide tile: more padding than work); other shapes that do not
+tile are zero-padded inside the kernel call. int4 needs K a multiple of
+2 * group (its K step takes two groups), else XLA. The Hadamard kernel
+covers power-of-two n in [16, 65536] and falls back by itself.
+
+The kernels see whole, unsharded operands: under a sharded jit, XLA cannot
+partition a Pallas call and gathers its operands. Use ``"auto"`` on one
+device, or inside ``shard_map``, until the call is wrapped per shard.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from qtrain.kernels import fwht, int4, int8
+
+KERNELS = ("xla", "auto", "interpret")
+_BUILT = {"int8": ("gpu", "tpu"), "int4": ("gpu",), "hadamard": ("gpu",)}
+
+
+def flavour(kernels: str, op: str) -> tuple[str, bool] | None:
+  """(pallas backend, interpret) for ``op`` under ``kernels``; None: XLA."""
+  if kernels not in KERNELS:
+    raise ValueError(f"config.quant.kernels={kernels!r}: one of {KERNELS}")
+  if kernels == "xla":
+    return None
+  if kernels == "interpret":
+    return "gpu", True
+  backend = jax.default_backend()
+  return (backend, False) if backend in _BUILT[op] else None
+
+
+def int8_dot(x, w, s_x=None, s_w=None, *, out_dtype, kernels: str = "xla",
+             x_transposed: bool = False, w_transposed: bool = False):
+  """``int8.int8_matmul`` or ``int8.int8_matmul_xla`` (same arguments)."""
+  m = x.shape[1] if x_transposed else x.shape[0]
+  k = x.shape[0] if x_transposed else x.shape[1]
+  n = w.shape[0] if w_transposed else w.shape[1]
+  pick = flavour(kernels, "int8")
+  kw = dict(out_dtype=out_dtype, x_transposed=x_transposed, w_transposed=w_transposed)
+  if pick is None or min(m, n, k) < 16:
+    return int8.int8_matmul_xla(x, w, s_x, s_w, **kw)
+  backend, interpret = pick
+  return int8.int8_matmul(x, w, s_x, s_w, backend=backend, interpret=interpret, **kw)
+
+
+def w4a16_dot(x, packed, scales, *, group: int, out_dtype, kernels: str = "xla"):
+  """``int4.int4_matmul`` or its XLA path."""
+  pick = flavour(kernels, "int4")
+  if pick is None or x.shape[1] % (2 * group):
+    return int4.int4_matmul_xla(x, packed, scales, group=group, out_dtype=out_dtype)
+  return int4.int4_matmul(x, packed, scales, group=group, out_dtype=out_dtype,
+                          interpret=pick[1])
+
+
+def hadamard(x, signs=None, *, kernels: str = "xla"):
+  """(x * signs) H_n / sqrt(n) over the last axis: the kernel or ``fwht``."""
+  pick = flavour(kernels, "hadamard")
+  if pick is None:
+    return fwht.hadamard_xla(x, signs)
+  return fwht.hadamard(x, signs, backend=pick[0], interpret=pick[1])
