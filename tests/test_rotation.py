@@ -7,6 +7,8 @@ change the logits), and the lowered program (how many online rotations run).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import jax
@@ -31,9 +33,12 @@ def test_supported_list_is_what_the_constructions_give():
 
 
 def test_hadamard_matrices_are_hadamard():
-  """Every supported order up to 1024: entries +-1 and H H^T = n I exactly
-  (the product in float32, exact for integer sums below 2^24: no tolerance)."""
-  for n in SUPPORTED:
+  """Every supported order up to 256 and every 8th above up to 1024 (with
+  1020 = Paley I q = 1019, 1024; all 191 take 12 s on this machine): entries
+  +-1 and H H^T = n I exactly (the product in float32, exact for integer sums
+  below 2^24: no tolerance)."""
+  large = [n for n in SUPPORTED if n > 256]
+  for n in [n for n in SUPPORTED if n <= 256] + large[::8] + [1020, 1024]:
     h = rotation.hadamard_matrix(n)
     assert h.dtype == np.float64 and h.shape == (n, n)
     assert np.array_equal(np.abs(h), np.ones((n, n))), n
@@ -90,3 +95,159 @@ def test_cayley_rotation_orthogonal_and_inverse():
   r32 = np.asarray(rotation.cayley(a32), np.float64)
   np.testing.assert_allclose(r32.T @ r32, np.eye(16), rtol=0, atol=1e-6)
   np.testing.assert_allclose(np.asarray(rotation.cayley_inverse(a32)), r32.T, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the model
+import dataclasses  # pylint: disable=g-import-not-at-top,wrong-import-position
+import re  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import flax.linen as nn  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from qtrain.convert.rotate import fuse_rotations  # pylint: disable=g-import-not-at-top,wrong-import-position
+from qtrain.layers import FormRule, ModelConfig, Provider, Transformer  # pylint: disable=g-import-not-at-top,wrong-import-position
+from qtrain.layers.config import RotationConfig  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# No power of two among D = 48 = 12*4, H = 12 (Paley I), F = 88 = 44*2: every
+# rotation runs its dense Paley part. init_std 0.15 and norm gains 1 + 0.3 N(0, 1)
+# so a wrong fold moves logits by O(1), far above the tolerance.
+CFG = ModelConfig(vocab_size=128, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=12,
+                  d_ff=88, init_std=0.15, max_seq_len=64)
+TOKENS = jnp.asarray(np.random.default_rng(1).integers(0, 128, (2, 16)), jnp.int32)
+ALL = dict(r1="random_hadamard", r2="random_hadamard", r3="random_hadamard",
+           r4="random_hadamard", seed=7)
+# Per block: R2 on block 1, R3 on block 0, R4 on block 1 (a table under scan).
+MIXED = dict(r1="hadamard", r2="hadamard", r2_layers=(1,), r3="random_hadamard",
+             r3_layers="0", r4="random_hadamard", r4_layers=(1,))
+
+
+def random_params(cfg: ModelConfig, seed: int = 0):
+  shapes = nn.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.key(0),
+                                   jnp.zeros((1, 8), jnp.int32)))["params"]
+  rng = np.random.default_rng(seed)
+
+  def draw(path, s):
+    if jax.tree_util.keystr(path).endswith("['scale']"):
+      return jnp.asarray(1 + 0.3 * rng.standard_normal(s.shape), s.dtype)
+    return jnp.asarray(cfg.init_std * rng.standard_normal(s.shape), s.dtype)
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def logits(cfg, params):
+  return np.asarray(jax.jit(Transformer(cfg).apply)({"params": params}, TOKENS), np.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def plain(scan: bool, tie: bool):
+  cfg = dataclasses.replace(CFG, scan_layers=scan, tie_embeddings=tie)
+  params = random_params(cfg)
+  return cfg, params, logits(cfg, params)
+
+
+@pytest.mark.parametrize("scan,tie,rot", [
+    (True, False, dict(r1="random_hadamard")),
+    (True, False, dict(r2="random_hadamard")),
+    (True, False, dict(r4="random_hadamard")),
+    (True, False, ALL),
+    (False, True, ALL),
+    (True, False, MIXED),
+    (False, True, MIXED),
+])
+def test_fused_rotations_keep_the_function(scan, tie, rot):
+  """Rotated + fused logits = plain logits within 1e-5 of max |logit| in
+  float32: the rotations are exact, so only float32 rounding of the folded
+  products and of the online transforms remains (observed <= 1.5e-6)."""
+  cfg, params, ref = plain(scan, tie)
+  fused, cfg2 = fuse_rotations(params, cfg, rot)
+  assert cfg2.rotation == RotationConfig.of(rot)
+  assert cfg2.tie_embeddings == (tie and rot.get("r1", "none") == "none")
+  if rot.get("r1", "none") != "none":  # Norm gains folded away, weights changed.
+    assert np.all(np.asarray(fused["final_norm"]["scale"]) == 1)
+    assert not np.allclose(fused["embedding"], params["embedding"])
+  got = logits(cfg2, fused)
+  np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_learned_rotations_fuse_exactly():
+  """Cayley rotations (R1 [D, D], R2 one per block [L, H, H]) passed as
+  matrices: same function (1e-5 of max |logit|)."""
+  cfg, params, ref = plain(True, False)
+  rng = np.random.default_rng(4)
+  r1 = rotation.cayley(rotation.skew(jnp.asarray(rng.standard_normal((48, 48)), jnp.float32)))
+  r2 = rotation.cayley(rotation.skew(jnp.asarray(rng.standard_normal((2, 12, 12)), jnp.float32)))
+  fused, cfg2 = fuse_rotations(params, cfg, dict(r1="learned", r2="learned"), r1=r1, r2=r2)
+  np.testing.assert_allclose(logits(cfg2, fused), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+  with pytest.raises(ValueError, match=r"rotation.r1='learned': pass its matrix"):
+    fuse_rotations(params, cfg, dict(r1="learned"))
+
+
+def test_fuse_refuses_twice_and_factored_weights():
+  cfg, params, _ = plain(True, False)
+  fused, cfg2 = fuse_rotations(params, cfg, ALL)
+  with pytest.raises(ValueError, match="rotate twice"):
+    fuse_rotations(fused, cfg2, ALL)
+  low = dataclasses.replace(cfg, weight_forms=(FormRule(r".*/q_proj", "low_rank", (("rank", 4),)),))
+  with pytest.raises(ValueError, match=r"q_proj holds \['a', 'b'\].*config.model.weight_forms"):
+    fuse_rotations(random_params(low), low, dict(r1="hadamard"))
+
+
+def _hadamard_calls(cfg) -> int:
+  model = Transformer(cfg)
+  params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), TOKENS))["params"]
+  text = jax.jit(lambda p: model.apply({"params": p}, TOKENS)).lower(params).as_text()
+  return len(re.findall(r"call @hadamard_transform(_\d+)?\(", text))
+
+
+def test_online_rotations_in_the_program():
+  """Each online rotation is one jitted ``hadamard_transform``, so the
+  lowered program has one ``call @hadamard_transform`` per rotated tensor:
+  R3 on Q and on K, R4 on the down_proj input = 3 per block. Unscanned, 3 per
+  block in the program; scanned, 3 in the one block body (blocks differing:
+  each inside a ``stablehlo.case`` branch)."""
+  on = RotationConfig(r3="hadamard", r4="random_hadamard")
+  assert _hadamard_calls(dataclasses.replace(CFG, scan_layers=False, rotation=on)) == 6
+  assert _hadamard_calls(dataclasses.replace(CFG, scan_layers=True, rotation=on)) == 3
+  assert _hadamard_calls(CFG) == 0
+  some = RotationConfig.of(dict(r3="hadamard", r3_layers=(1,), r4="hadamard", r4_layers=(0,)))
+  assert _hadamard_calls(dataclasses.replace(CFG, scan_layers=False, rotation=some)) == 3
+
+
+class _Record(Provider):
+  """Sows what the ``key`` site sees."""
+
+  def activation(self, path, name, hooks, module, x):
+    if name == "key":
+      module.sow("intermediates", "key", x)
+    return x
+
+
+def test_r3_rotates_keys_before_their_site():
+  """The KV quantizer's site sees K R3 (R3 = diag(s) H / sqrt(H)): the key
+  site of the rotated model vs the plain model's keys times the float64
+  dense R3 (float32 rounding: 1e-5 of max |K|), in every block."""
+  cfg, params, _ = plain(True, False)
+  keys = lambda c: np.asarray(Transformer(c, _Record()).apply(
+      {"params": params}, TOKENS, mutable=["intermediates"])[1]["intermediates"]["decoder"][
+          "layers"]["attn"]["key"][0], np.float64)
+  rot = RotationConfig(r3="random_hadamard", seed=3)
+  k_plain, k_rot = keys(cfg), keys(dataclasses.replace(cfg, rotation=rot))
+  r3 = rotation.rotation_matrix(12, rotation.signs_for(rot, "r3", 12))
+  np.testing.assert_allclose(k_rot, k_plain @ r3, rtol=0, atol=1e-5 * np.abs(k_plain).max())
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(d_ff=172, rotation=dict(r4="hadamard")),
+     r"config.model.rotation.r4='hadamard' rotates over config.model.d_ff=172.*168 and 176"),
+    (dict(head_dim=10, rotation=dict(r3="random_hadamard")),
+     r"rotation.r3='random_hadamard' rotates over config.model.head_dim=10.*8 and 12"),
+    (dict(rotation=dict(r3="learned")), r"rotation.r3='learned'; use one of .*fused: r1 or r2"),
+    (dict(rotation=dict(r4="hadamard", r4_layers="2-4")), r"r4_layers names block 4, but config.model.n_layers=4"),
+    (dict(d_ff=64, ffn_hadamard=True, rotation=dict(r4="hadamard")), "keep one"),
+    (dict(rotation=dict(r5="hadamard")), r"config.model.rotation.r5 is not a rotation field"),
+])
+def test_validation_names_the_field(change, match):
+  from qtrain.config.base import base_config  # pylint: disable=g-import-not-at-top
+  m = base_config().model
+  m.update(dict(d_model=48, head_dim=12, d_ff=88))
+  m.update(change)
+  with pytest.raises(ValueError, match=match):
+    rotation.check_rotation(m)

@@ -91,6 +91,12 @@ def _check_model(m) -> None:
            f"config.model.ffn_hadamard=True needs config.model.d_ff a power of two (the fast "
            f"Walsh-Hadamard transform), got {m.d_ff}; set d_ff={lo} or {2 * lo}, or "
            "ffn_hadamard=False")
+  # Rotations (qtrain/layers/rotation.py): kinds, supported sizes, blocks.
+  from qtrain.layers.rotation import check_rotation  # pylint: disable=g-import-not-at-top
+  try:
+    check_rotation(m)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   _require(m.rope_scaling.factor >= 1.0,
            f"config.model.rope_scaling.factor={m.rope_scaling.factor} must be >= 1 (1 = off)")
   if m.rope_scaling.factor > 1.0:

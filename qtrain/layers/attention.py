@@ -17,7 +17,8 @@ the mask from positions and segment ids, so any token order is right);
 ``none`` leaves the gathering of K/V to XLA.
 
 Named hook sites (``qtrain.layers.hooks``): ``query`` and ``key`` (after
-RoPE) and ``value``; the KV quantizer and online rotations attach there.
+RoPE, and after the online R3 rotation when ``cfg.rotation.r3`` is on:
+``qtrain.layers.rotation``) and ``value``; the KV quantizer attaches there.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from qtrain.layers import kv_cache
+from qtrain.layers import kv_cache, rotation
 from qtrain.layers.config import ModelConfig
 from qtrain.layers.hooks import Hooks
 from qtrain.layers.linear import Linear
@@ -155,9 +156,12 @@ class Attention(nn.Module):
     v_BTKH = heads(dense(K * H, ("embed", "kv_heads"), name="v_proj")(x_BTD), K, "kv")
     inv_freq = inverse_frequencies(H, cfg.rope_theta, cfg.rope_scaling)
     hooks = self.hooks
-    q_BTNH = hooks.activation(self, "query", apply_rope(q_BTNH, positions_BT, inv_freq))
+    # R3 (online, both or neither; Q K^T unchanged) rotates Q and K before
+    # their sites and the cache, so KV quantizers see and store rotated K.
+    r3 = functools.partial(rotation.online, cfg, "r3", hooks.layer)
+    q_BTNH = hooks.activation(self, "query", r3(apply_rope(q_BTNH, positions_BT, inv_freq)))
     q_BTNH = checkpoint_name(q_BTNH, "query_proj")
-    k_BTKH = checkpoint_name(apply_rope(k_BTKH, positions_BT, inv_freq), "key_proj")
+    k_BTKH = checkpoint_name(r3(apply_rope(k_BTKH, positions_BT, inv_freq)), "key_proj")
     v_BTKH = checkpoint_name(v_BTKH, "value_proj")
     if self.decode:  # Inference: write the new K/V to the cache, attend to all of it.
       kv_spec = hooks.kv_spec(self)

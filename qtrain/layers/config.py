@@ -32,6 +32,58 @@ class RopeScaling:
   original_max_position: int = 8192
 
 
+# Kinds of rotation (qtrain/layers/rotation.py): fused ones may be learned
+# (a Cayley rotation, its matrix handed to qtrain.convert.rotate); online ones
+# are fast transforms.
+FUSED_ROTATIONS = ("none", "hadamard", "random_hadamard", "learned")
+ONLINE_ROTATIONS = ("none", "hadamard", "random_hadamard")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RotationConfig:
+  """SpinQuant's rotations (Liu et al. 2024; QuaRot, RoSTE use the same places).
+
+  R1 and R2 are fused into the weights by ``qtrain.convert.rotate.fuse_rotations``
+  and never applied by the model: here they record what the params hold.
+  R3 and R4 are applied online by the layers (``rotation.online``). Blocks:
+  ``*_layers`` None = every block, else the block indices (an int, a sequence,
+  or "0-3,7"), resolved per block under ``nn.scan`` by a table.
+  """
+  r1: str = "none"  # Residual stream, D x D: embedding, q/k/v/gate/up inputs, o/down outputs, LM head.
+  r2: str = "none"  # Per head on V (v_proj outputs) and O (o_proj inputs), H x H.
+  r2_layers: Any = None
+  r3: str = "none"  # Online on Q and K after RoPE (over head_dim): Q K^T unchanged.
+  r3_layers: Any = None
+  # Online on the down_proj input (over d_ff), R^T fused into down_proj.
+  # "hadamard" on every block is ``ffn_hadamard`` (OSP) for power-of-two d_ff.
+  r4: str = "none"
+  r4_layers: Any = None
+  seed: int = 0  # Signs of the random_hadamard kinds.
+
+  @classmethod
+  def of(cls, d) -> "RotationConfig":
+    """From a dict / ConfigDict / RotationConfig; block lists become sorted tuples."""
+    if isinstance(d, cls):
+      return d
+    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+      raise ValueError(f"config.model.rotation.{unknown[0]} is not a rotation field; known: "
+                       f"{[f.name for f in dataclasses.fields(cls)]}")
+    from qtrain.quant.rules import parse_layers  # pylint: disable=g-import-not-at-top
+    for k in ("r2_layers", "r3_layers", "r4_layers"):
+      if d.get(k) is not None:
+        d[k] = tuple(sorted(parse_layers(d[k], f"config.model.rotation.{k}")))
+    return cls(**d)
+
+  def blocks(self, which: str, n_layers: int) -> tuple[bool, ...]:
+    """Per block, whether rotation ``which`` ('r2' | 'r3' | 'r4') is on."""
+    if getattr(self, which) == "none":
+      return (False,) * n_layers
+    layers = getattr(self, f"{which}_layers")
+    return tuple(layers is None or i in layers for i in range(n_layers))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
   """A Llama-family decoder."""
@@ -73,6 +125,8 @@ class ModelConfig:
   # mlp_hidden site; d_ff a power of two); hadamard.fold_ffn_hadamard turns it
   # on in a model trained without it.
   ffn_hadamard: bool = False
+  # Rotations for quantization (RotationConfig): R1/R2 fused, R3/R4 online.
+  rotation: RotationConfig = RotationConfig()
 
   @property
   def compute_dtype(self):
@@ -93,6 +147,7 @@ class ModelConfig:
   def from_dict(cls, d: dict) -> "ModelConfig":
     d = dict(d)
     d["rope_scaling"] = RopeScaling(**dict(d.get("rope_scaling", {})))
+    d["rotation"] = RotationConfig.of(d.get("rotation", {}))
     from qtrain.layers.weights import form_rules  # pylint: disable=g-import-not-at-top
     d["weight_forms"] = form_rules(d.get("weight_forms", ()))
     return cls(**d)

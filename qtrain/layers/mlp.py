@@ -9,6 +9,12 @@ down_proj's matmul hook, where the quantizer rounds the operands, sees the
 rotated one. Without folding its inverse into down_proj (``fold_ffn_hadamard``)
 the switch changes the function: train with it, or fold it into a model
 trained without it.
+
+``cfg.rotation.r4`` generalises it (SpinQuant's R4): any supported d_ff
+(``qtrain.layers.rotation``), randomized signs, per block; its R^T is fused
+into down_proj by ``qtrain.convert.rotate.fuse_rotations``. r4="hadamard" on
+every block of a power-of-two d_ff is ``ffn_hadamard`` (validation refuses
+both at once).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import functools
 import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
+from qtrain.layers import rotation
 from qtrain.layers.config import ModelConfig
 from qtrain.layers.hadamard import fwht
 from qtrain.layers.hooks import Hooks
@@ -42,4 +49,7 @@ class MLP(nn.Module):
     h_BTF = self.hooks.activation(self, "mlp_hidden", h_BTF)
     if cfg.ffn_hadamard:  # down_proj's input is h H (H orthonormal, self-inverse).
       h_BTF = nn.with_logical_constraint(fwht(h_BTF), MLP_HIDDEN)
+    # R4 (identity where off): h R, with R^T fused into down_proj.
+    h_BTF = nn.with_logical_constraint(rotation.online(cfg, "r4", self.hooks.layer, h_BTF),
+                                       MLP_HIDDEN)
     return dense(cfg.d_model, ("mlp", "embed"), name="down_proj")(h_BTF)

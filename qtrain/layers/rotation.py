@@ -219,3 +219,70 @@ def cayley_inverse(a):
   """R^{-1} = R^T = (I - A)^{-1}(I + A) of ``cayley(a)``."""
   eye = jnp.eye(a.shape[-1], dtype=a.dtype)
   return jnp.linalg.solve(eye - a, eye + a)
+
+
+# Which rotation a random_hadamard seed belongs to: each draws its own signs.
+_STREAM = {"r1": 1, "r2": 2, "r3": 3, "r4": 4}
+
+
+def signs_for(rot, which: str, n: int, layer: int = 0) -> np.ndarray | None:
+  """The random signs of rotation ``which`` of ``rot`` (a RotationConfig) at
+  block ``layer`` (R2 differs per block; R1, R3, R4 use layer 0), or None
+  unless its kind is random_hadamard."""
+  if getattr(rot, which) != "random_hadamard":
+    return None
+  return random_signs(n, [rot.seed, _STREAM[which], layer])
+
+
+def online(cfg, which: str, layer, x):
+  """x rotated over its last axis by the online rotation ``which`` ('r3' on Q
+  and K, 'r4' on the down_proj input) of ``cfg.rotation`` at block ``layer``
+  (an int, a traced int32 under ``nn.scan``); x itself where it is off.
+
+  Blocks that differ under scan take ``lax.cond`` on a static per-block
+  table: one compiled block, only the taken branch runs."""
+  rot = cfg.rotation
+  on = rot.blocks(which, cfg.n_layers)
+  if not any(on):
+    return x
+  signs = signs_for(rot, which, x.shape[-1])
+  rotate = lambda y: hadamard_transform(y, signs)
+  if all(on):
+    return rotate(x)
+  if layer is None:
+    raise ValueError(f"config.model.rotation.{which}_layers names blocks, but this "
+                     f"{which} site sits outside the decoder stack")
+  if isinstance(layer, int):
+    return rotate(x) if on[layer] else x
+  return jax.lax.cond(jnp.asarray(on)[layer], rotate, lambda y: y, x)
+
+
+def check_rotation(m) -> None:
+  """ValueError naming the field unless ``m``'s (a ModelConfig, or config.model
+  as a ConfigDict) rotations fit it: known kinds, supported sizes, blocks in
+  range, and R4 not doubled by ``ffn_hadamard``."""
+  from qtrain.layers.config import (  # pylint: disable=g-import-not-at-top
+      FUSED_ROTATIONS, ONLINE_ROTATIONS, RotationConfig)
+  raw = getattr(m, "rotation", None)
+  if raw is None:
+    return
+  rot = RotationConfig.of(raw)
+  dims = {"r1": ("d_model", m.d_model), "r2": ("head_dim", m.head_dim),
+          "r3": ("head_dim", m.head_dim), "r4": ("d_ff", m.d_ff)}
+  for which, (field, n) in dims.items():
+    kind, where = getattr(rot, which), f"config.model.rotation.{which}"
+    kinds = ONLINE_ROTATIONS if which in ("r3", "r4") else FUSED_ROTATIONS
+    if kind not in kinds:
+      extra = (" (a learned rotation is fused: r1 or r2)" if kind == "learned" else "")
+      raise ValueError(f"{where}={kind!r}; use one of {kinds}{extra}")
+    if kind not in ("none", "learned"):
+      require_supported(n, f"{where}={kind!r} rotates over config.model.{field}")
+    layers = getattr(rot, f"{which}_layers", None)
+    bad = [i for i in layers or () if i >= m.n_layers]
+    if bad:
+      raise ValueError(f"{where}_layers names block {bad[0]}, but config.model.n_layers="
+                       f"{m.n_layers}: use indices 0..{m.n_layers - 1}")
+  if rot.r4 != "none" and m.ffn_hadamard:
+    raise ValueError("config.model.rotation.r4 and config.model.ffn_hadamard both rotate the "
+                     "down_proj input: ffn_hadamard=True is r4='hadamard' on every block; "
+                     "keep one")
