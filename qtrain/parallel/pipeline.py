@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -115,6 +116,26 @@ def to_stages(tree_L, sched: Schedule):
   return jax.tree.map(lambda a: a.reshape(sched.v, sched.p, -1, *a.shape[1:]), tree_L)
 
 
+def _rules_without_pipeline():
+  """The active logical rules with ``pipeline`` removed: inside the shard_map
+  the axis is manual, so a rule that splits activations (or the head's rows)
+  over it outside the pipeline must not reach the stages."""
+  def strip(axes):
+    if isinstance(axes, (tuple, list)):
+      return tuple(a for a in axes if a != AXIS) or None
+    return None if axes == AXIS else axes
+  return nn.logical_axis_rules(
+      tuple((name, strip(axes)) for name, axes in nn.get_logical_axis_rules()))
+
+
+def _manual_rules(body):
+  """``body`` traced under ``_rules_without_pipeline``."""
+  def run(*args):
+    with _rules_without_pipeline():
+      return body(*args)
+  return run
+
+
 def _ring(p: int, step: int):
   return [(j, (j + step) % p) for j in range(p)]
 
@@ -131,6 +152,7 @@ def forward(stage_fn, layers_L, x_MBTD, pos_MBT, seg_MBT, sched: Schedule, mesh)
   if not has_seg:
     seg_MBT = jnp.zeros(pos_MBT.shape, jnp.int32)
 
+  @_manual_rules
   def body(params_V1K, x, pos, seg):
     params_VK = jax.tree.map(lambda a: a[:, 0], params_V1K)
     s = jax.lax.axis_index(AXIS)
@@ -187,6 +209,7 @@ def one_f_one_b(stage_fn, head_fn, layers_L, head_params, x_MBTD, pos_MBT, seg_M
   if not has_seg:
     seg_MBT = jnp.zeros(pos_MBT.shape, jnp.int32)
 
+  @_manual_rules
   def body(params_K, head_p, x, pos, seg, micro, scale):
     s = jax.lax.axis_index(AXIS)
     ids_K = s * K + jnp.arange(K, dtype=jnp.int32)
