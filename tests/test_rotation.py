@@ -251,3 +251,24 @@ def test_validation_names_the_field(change, match):
   m.update(change)
   with pytest.raises(ValueError, match=match):
     rotation.check_rotation(m)
+
+
+@pytest.mark.slow
+def test_quantize_cli_rotates_quarot_style(smoke_run):
+  """``python -m qtrain.quantize --rotate=quarot``: the rotated fp model is the
+  trained one (held-out perplexity equal to 1e-5 relative: float32 rounding),
+  and W4A4KV4 RTN then quantizes rotated operands (another perplexity)."""
+  from qtrain.quantize.__main__ import run  # pylint: disable=g-import-not-at-top
+  plain_m = run(str(smoke_run), "w4a4kv4", "rtn")
+  rot_m = run(str(smoke_run), "w4a4kv4", "rtn", rotate="quarot")
+  assert rot_m["out"].endswith("ptq_w4a4kv4_rtn_quarot") and rot_m["rotate"] == "quarot"
+  print(f"ppl fp {plain_m['ppl_fp']} / rotated {rot_m['ppl_fp']}; w4a4kv4 rtn "
+        f"{plain_m['ppl_ptq']} / rotated {rot_m['ppl_ptq']}")
+  assert rot_m["ppl_fp"] == pytest.approx(plain_m["ppl_fp"], rel=1e-5)
+  from qtrain.quantize.export import load_quantized  # pylint: disable=g-import-not-at-top
+  emb = [np.asarray(load_quantized(m["out"])["embedding"]) for m in (plain_m, rot_m)]
+  assert np.abs(emb[0] - emb[1]).max() > 0.1 * np.abs(emb[0]).max()  # E -> E R1: rotated.
+  assert rot_m["ppl_ptq"] != plain_m["ppl_ptq"]
+  assert len(rot_m["quantized_matmuls"]) == len(plain_m["quantized_matmuls"]) == 7
+  with pytest.raises(ValueError, match="keep one"):
+    run(str(smoke_run), "w4a4kv4", "rtn", rotate="quarot", ffn_hadamard=True)

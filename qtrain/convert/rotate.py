@@ -168,6 +168,21 @@ def _fuse_r4(params, cfg: ModelConfig, rot: RotationConfig) -> None:
              lambda w, i: r4.left_t(w))
 
 
+def rotated_config(cfg: ModelConfig, rotation: RotationConfig | dict | str = "quarot"
+                   ) -> ModelConfig:
+  """The ModelConfig that ``fuse_rotations(params, cfg, rotation)`` returns,
+  checked (ValueError naming the field), without touching params."""
+  rot = QUAROT if rotation == "quarot" else RotationConfig.of(rotation)
+  if cfg.rotation != RotationConfig():
+    raise ValueError(f"config.model.rotation={cfg.rotation} is on already: the params hold "
+                     "its rotations; fusing again would rotate twice")
+  out = dataclasses.replace(  # merge_osp's plain Llama, then the rotations.
+      cfg, norm="rmsnorm", embproj=False, ffn_hadamard=False, rotation=rot,
+      tie_embeddings=cfg.tie_embeddings and not cfg.embproj and rot.r1 == "none")
+  check_rotation(out)
+  return out
+
+
 def fuse_rotations(params, cfg: ModelConfig, rotation: RotationConfig | dict | str = "quarot",
                    *, r1=None, r2=None) -> tuple[dict, ModelConfig]:
   """(params, cfg) of a model without rotations -> the same function with
@@ -177,23 +192,18 @@ def fuse_rotations(params, cfg: ModelConfig, rotation: RotationConfig | dict | s
   of learned rotations ([D, D]; [H, H] or [L, H, H]).
 
   ``params``: boxed or plain, wrapped or not; returned plain and unwrapped
-  (untouched leaves shared). The returned cfg is plain Llama (norm rmsnorm,
-  no EmbProj or FFN Hadamard; untied when R1 is fused with tied embeddings)
-  with ``rotation`` recorded.
+  (untouched leaves shared). The returned cfg (``rotated_config``) is a plain
+  Llama (norm rmsnorm, no EmbProj or FFN Hadamard; untied when R1 is fused
+  with tied embeddings) with ``rotation`` recorded.
   """
-  rot = QUAROT if rotation == "quarot" else RotationConfig.of(rotation)
-  if cfg.rotation != RotationConfig():
-    raise ValueError(f"config.model.rotation={cfg.rotation} is on already: the params hold "
-                     "its rotations; fusing again would rotate twice")
+  out = rotated_config(cfg, rotation)
+  rot = out.rotation
   params = copy_tree(unwrap(params))
   if not is_plain(cfg):
     params, cfg = merge_osp(params, cfg)
-  out = dataclasses.replace(cfg, rotation=rot)
-  check_rotation(out)
   if rot.r1 != "none":
     _fold_norms(params, cfg)
     _fuse_r1(params, _rot(rot, "r1", cfg.d_model, r1))
-    out = dataclasses.replace(out, tie_embeddings=False)
   if rot.r2 != "none":
     _fuse_r2(params, cfg, rot, r2)
   if rot.r4 != "none":

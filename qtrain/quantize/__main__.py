@@ -2,7 +2,7 @@
 
   python -m qtrain.quantize --workdir=runs/NAME --recipe=w4a4kv4 --method=rtn|gptq|awq \\
       [--calib_batches=8] [--out=runs/NAME/ptq_<recipe>_<method>] [--act_order] [--step=N] \\
-      [--ffn_hadamard]
+      [--ffn_hadamard] [--rotate=quarot]
 
 Restores the run's latest params (or those of checkpoint ``--step``) (config.json + checkpoints/), quantizes the
 weight of every matmul the recipe's rules match (``--recipe``: a preset in
@@ -18,10 +18,18 @@ fake-quantized activations and KV per the recipe). Writes
 online H on its input): the same function unquantized, but the down_proj
 input the quantizer sees is rotated. One trained model thus gives the W4A4KV4
 perplexity with and without it (default ``--out``: ``..._ffnh``).
+
+``--rotate=quarot`` quantizes the run's model rotated QuaRot-style
+(``qtrain.convert.rotate.fuse_rotations``): random Hadamard R1 (residual
+stream) and R2 (per head on V/O) fused into the weights after folding the norm
+gains, R3 (Q, K after RoPE) and R4 (down_proj input) online, R4^T fused. The
+unquantized perplexity is the run's own (the same function); the quantizers
+see rotated weights, activations and KV (default ``--out``: ``..._quarot``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -30,6 +38,7 @@ import time
 from absl import app, flags, logging
 import jax
 
+from qtrain.convert.rotate import fuse_rotations, rotated_config
 from qtrain.data import loader
 from qtrain.data.global_batch import to_global
 from qtrain.layers import Transformer
@@ -78,12 +87,32 @@ def _with_ffn_hadamard(cfg):
   return cfg
 
 
+def _rotated(cfg, rotate: str):
+  """(the run's config with its model rotated by ``rotate``, fuse) checked:
+  ``fuse(params)`` gives the rotated params of the same function."""
+  if rotate != "quarot":
+    raise ValueError(f"--rotate={rotate!r}; use none or quarot")
+  trained_model = model_config(cfg)
+  rotated = rotated_config(trained_model, rotate)
+  cfg = cfg.copy_and_resolve_references()
+  for field in ("norm", "embproj", "ffn_hadamard", "tie_embeddings"):
+    cfg.model[field] = getattr(rotated, field)
+  cfg.model.rotation = dataclasses.asdict(rotated.rotation)
+  return cfg, lambda params: fuse_rotations(params, trained_model, rotate)[0]
+
+
 def run(workdir: str, recipe: str, method: str, *, calib_batches: int = 8, out: str | None = None,
         data_dir: str | None = None, method_kwargs: dict | None = None,
-        step: int | None = None, ffn_hadamard: bool = False) -> dict:
+        step: int | None = None, ffn_hadamard: bool = False, rotate: str = "none") -> dict:
   """Quantizes, exports, reloads and evaluates; returns ptq_metrics.json's dict."""
+  if rotate != "none" and ffn_hadamard:
+    raise ValueError("--rotate and --ffn_hadamard both rotate the down_proj input (R4); "
+                     "keep one")
   trained = load_config(workdir)
   cfg = _with_ffn_hadamard(trained) if ffn_hadamard else trained
+  fuse = None
+  if rotate != "none":
+    cfg, fuse = _rotated(trained, rotate)
   if method == "awq" and (cfg.model.get("norm", "rmsnorm") != "rmsnorm" or cfg.model.get("embproj")):
     # AWQ folds a per-channel 1/s into the RMSNorm gain feeding each group; a
     # Single-Scale norm has one gain, and EmbProj puts head_proj between the
@@ -99,7 +128,8 @@ def run(workdir: str, recipe: str, method: str, *, calib_batches: int = 8, out: 
   sites, notes = weight_sites(model_cfg, validate_quant(recipe_quant, cfg.model))
   if not sites:
     raise ValueError(f"--recipe={recipe}: its rules quantize no weight of this model")
-  out = out or os.path.join(workdir, f"ptq_{recipe}_{method}" + ("_ffnh" if ffn_hadamard else ""))
+  out = out or os.path.join(workdir, f"ptq_{recipe}_{method}" + ("_ffnh" if ffn_hadamard else "")
+                            + ("" if rotate == "none" else f"_{rotate}"))
   calib_batches = calib_batches if method in ("gptq", "awq") else 0
   layout, times, stats = Layout.for_checkpoint(cfg), {}, None
   mesh = layout.mesh
@@ -107,6 +137,8 @@ def run(workdir: str, recipe: str, method: str, *, calib_batches: int = 8, out: 
     params, step = ev.restore_params(workdir, trained, mesh, step)
     if ffn_hadamard:  # (h H)(H W) = h W: same function, rotated down_proj input.
       params, _ = fold_ffn_hadamard(params, model_config(trained))
+    if fuse is not None:  # (x R)(R^T W) = x W: same function, rotated operands.
+      params = fuse(params)
     weight_sites_checked(params, sites)
     if calib_batches:
       t = time.perf_counter()
@@ -138,7 +170,8 @@ def run(workdir: str, recipe: str, method: str, *, calib_batches: int = 8, out: 
                                                                            cfg.model)))
     nll_ptq, ppl_ptq = ev.perplexity(ptq_model, loaded, eval_batches, mesh, d.seq_len)
   times["eval_s"] = time.perf_counter() - t
-  metrics = {"recipe": recipe, "method": method, "ffn_hadamard": ffn_hadamard, "step": step,
+  metrics = {"recipe": recipe, "method": method, "ffn_hadamard": ffn_hadamard, "rotate": rotate,
+             "step": step,
              "ppl_fp": ppl_fp, "ppl_ptq": ppl_ptq, "nll_fp": nll_fp, "nll_ptq": nll_ptq,
              "unigram": meta.get("unigram_ppl_validation"), "eval_batches": len(eval_batches),
              "calib_batches": calib_batches, "quantized_matmuls": [s.path for s in sites],
@@ -155,7 +188,8 @@ def _print(m: dict) -> None:
   print(f"{m['recipe']} {m['method']}: {len(m['quantized_matmuls'])} weight matmuls quantized "
         f"(step {m['step']}); " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in m.items()
                                             if k.endswith("_s")))
-  name = f"{m['recipe']} {m['method']}" + (" +ffn_hadamard" if m.get("ffn_hadamard") else "")
+  name = (f"{m['recipe']} {m['method']}" + (" +ffn_hadamard" if m.get("ffn_hadamard") else "")
+          + (f" +{m['rotate']}" if m.get("rotate", "none") != "none" else ""))
   w = max(len(name), len("unquantized"))
   uni = f"  (unigram {m['unigram']:.2f})" if m.get("unigram") else ""
   print(f"held-out perplexity over {m['eval_batches']} batches:")
@@ -171,7 +205,7 @@ def main(argv):
   try:
     m = run(_WORKDIR.value, _RECIPE.value, _METHOD.value, calib_batches=_CALIB.value,
             out=_OUT.value, data_dir=_DATA.value, method_kwargs=_method_kwargs(_METHOD.value),
-            step=_STEP.value, ffn_hadamard=_FFN_H.value)
+            step=_STEP.value, ffn_hadamard=_FFN_H.value, rotate=_ROTATE.value)
   except (ValueError, *EXPECTED) as e:  # ValueError: a recipe or GPTQ input the user can fix.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -181,7 +215,7 @@ def main(argv):
 def _define_flags() -> None:
   """The CLI's flags, defined only when it runs: importing ``run`` (tests, the
   sweep) must not claim --workdir, which qtrain.eval defines too."""
-  global _WORKDIR, _RECIPE, _METHOD, _CALIB, _OUT, _DATA, _ACT_ORDER, _BLOCK, _DAMP, _GRID, _STEP, _FFN_H
+  global _WORKDIR, _RECIPE, _METHOD, _CALIB, _OUT, _DATA, _ACT_ORDER, _BLOCK, _DAMP, _GRID, _STEP, _FFN_H, _ROTATE
   _WORKDIR = flags.DEFINE_string("workdir", None, "Training run (config.json, checkpoints/).")
   _RECIPE = flags.DEFINE_string("recipe", None, "Quant preset in configs/quant, e.g. w4a4kv4.")
   _METHOD = flags.DEFINE_enum("method", "rtn", ["rtn", "gptq", "awq"], "PTQ method.")
@@ -195,6 +229,8 @@ def _define_flags() -> None:
   _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to quantize; default the latest.")
   _FFN_H = flags.DEFINE_bool("ffn_hadamard", False, "Fold the FFN Hadamard into the trained "
                              "model (down_proj W -> H W, online H on its input) before PTQ.")
+  _ROTATE = flags.DEFINE_enum("rotate", "none", ["none", "quarot"], "Rotate the trained model "
+                              "before PTQ: quarot = random Hadamard R1/R2 fused, R3/R4 online.")
   flags.mark_flags_as_required(["workdir", "recipe"])
 
 
