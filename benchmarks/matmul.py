@@ -50,14 +50,15 @@ from qtrain.kernels import timing  # noqa: E402
 BF16_FLOPS, INT8_OPS, COPY_BPS = 798e12, 1979e12, 3.0e12
 MODELS = {"llama_1b": (2048, 5632), "llama_8b": (4096, 14336)}
 M_FULL = (16, 64, 256, 1024, 4096, 16384)
-# (block_m, block_n, block_k, num_warps, num_stages): small-M (weight-bound)
-# tiles first, then the usual Hopper tensor-core tiles.
-INT8_CONFIGS = ("16,64,256,4,4", "32,128,128,4,4", "64,128,128,4,4", "128,128,128,8,3",
-                "128,256,128,8,3", "256,128,128,8,3")
+# (block_m, block_n, block_k, num_warps, num_stages[, split_k]): small-M
+# (weight-bound) tiles, split over K to fill the SMs, then the usual Hopper
+# tensor-core tiles. Configs whose tile does not suit M are skipped (``_suits``).
+INT8_CONFIGS = ("16,64,256,4,4", "16,64,128,4,4,4", "16,128,128,4,4,8", "32,128,128,4,4",
+                "64,128,128,4,4", "128,128,128,8,3", "128,256,128,8,3", "256,128,128,8,3")
 
 
-W4A16_CONFIGS = ("16,64,0,4,4", "16,128,0,4,4", "64,128,0,4,3", "128,128,0,8,3",
-                 "128,256,0,8,3")
+W4A16_CONFIGS = ("16,64,0,4,4", "16,64,0,4,4,4", "16,128,0,4,4,8", "64,128,0,4,3",
+                 "128,128,0,8,3", "128,256,0,8,3")
 
 
 def layer_shapes(model: str):
@@ -89,16 +90,27 @@ def _blocks(spec: str) -> k8.Blocks:
   return k8.Blocks(*(int(v) for v in spec.split(",")))
 
 
+def _suits(spec: str, m: int) -> bool:
+  """Small tiles and split-K at small M only, big tiles at big M only: the
+  rest would only spend the run's time (the fitted duplicates included)."""
+  b = _blocks(spec)
+  if m >= 1024:
+    return b.m >= 64 and b.split_k == 1
+  return b.m <= max(16, m) or b.m <= 64
+
+
 def bench_int8(sets, m, n, k, configs, interpret, reps, row):
   s0 = sets[0]
   ref = k8.int8_matmul_xla(s0["qx"], s0["qw"], s0["sx"], s0["sw"])
   ref_acc = k8.int8_matmul_xla(s0["qx"], s0["qw"], out_dtype=jnp.int32)
   best = None
-  for spec in configs:
+  for spec in [c for c in configs if _suits(c, m)]:
     b = _blocks(spec)
     fn = jax.jit(functools.partial(k8.int8_matmul, backend="gpu", blocks=b, interpret=interpret))
     try:
-      poison = jnp.full(k8.padded_out_shape(m, n, k, "gpu", b), jnp.nan, jnp.bfloat16)
+      shape = k8.padded_out_shape(m, n, k, "gpu", b)  # 3-D: split_k's int32 partials.
+      poison = (jnp.full(shape, jnp.nan, jnp.bfloat16) if len(shape) == 2
+                else jnp.full(shape, jnp.iinfo(jnp.int32).min, jnp.int32))
       y = fn(s0["qx"], s0["qw"], s0["sx"], s0["sw"], out=poison)
       acc = jax.jit(functools.partial(k8.int8_matmul, backend="gpu", blocks=b,
                                       interpret=interpret, out_dtype=jnp.int32))(s0["qx"], s0["qw"])
@@ -174,12 +186,13 @@ def bench_w4a16(sets, m, n, k, configs, interpret, reps, row, group=128):
   row["xla_w4a16_s"] = timing.time_per_call(
       functools.partial(k4.int4_matmul_xla, group=group), wsets, reps)
   best = None
-  for spec in configs:
+  for spec in [c for c in configs if _suits(c, m)]:
     b = _blocks(spec)
     fn = jax.jit(functools.partial(k4.int4_matmul, group=group, blocks=b, interpret=interpret))
     entry = {"config": spec}
     try:
-      poison = jnp.full(k4.padded_out_shape(m, n, b), jnp.nan, jnp.bfloat16)
+      shape = k4.padded_out_shape(m, n, k, group, b)
+      poison = jnp.full(shape, jnp.nan, jnp.bfloat16 if len(shape) == 2 else jnp.float32)
       entry["rel_err"] = err = timing.relative_error(fn(*wsets[0], out=poison), ref)
       if not err < 1e-2:  # Same bf16 products, float32 sums reordered: ~1e-3 at most.
         entry["error"] = "wrong result: not timed"
@@ -205,7 +218,7 @@ def main() -> None:
   p.add_argument("--ms", default=",".join(map(str, M_FULL)))
   p.add_argument("--layers", default="attn_out,gate_up,down")
   p.add_argument("--int8_configs", default=";".join(INT8_CONFIGS),
-                 help="';'-separated block_m,block_n,block_k,num_warps,num_stages")
+                 help="';'-separated block_m,block_n,block_k,num_warps,num_stages[,split_k]")
   p.add_argument("--w4a16_configs", default=";".join(W4A16_CONFIGS),
                  help="';'-separated block_m,block_n,0,num_warps,num_stages (block_k: the group)")
   p.add_argument("--group", type=int, default=128)
@@ -221,8 +234,8 @@ def main() -> None:
           "are not kernel speeds)", flush=True)
   if args.smoke:
     args.reps = 2
-    args.int8_configs = "16,32,32,4,2;32,64,64,4,2"
-    args.w4a16_configs, args.group = "16,32,0,4,2", 32
+    args.int8_configs = "16,32,32,4,2;32,64,64,4,2;16,32,32,4,2,2"
+    args.w4a16_configs, args.group = "16,32,0,4,2;16,32,0,4,2,2", 32
     shapes = [("smoke", "tiny", m, k, n) for m, k, n in ((16, 128, 64), (40, 96, 80))]
   else:
     shapes = [(model, name, m, k, n) for model in args.models.split(",")

@@ -33,7 +33,10 @@ def _scales(rng, n):
   return jnp.asarray(rng.uniform(1e-3, 1.0, n), jnp.float32)
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+SPLIT_GPU = k8.Blocks(16, 32, 32, 4, 2, split_k=3)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu", "gpu_split"])
 @pytest.mark.parametrize("m,n,k,xt,wt", [(17, 40, 100, False, False), (100, 48, 160, True, False),
                                          (33, 130, 64, False, True)])
 def test_int8_accumulator_exact(backend, m, n, k, xt, wt):
@@ -42,14 +45,16 @@ def test_int8_accumulator_exact(backend, m, n, k, xt, wt):
   rng = np.random.default_rng(m * n + k)
   x, w = _codes(rng, (m, k)), _codes(rng, (k, n))
   ref = np.asarray(x, np.int64) @ np.asarray(w, np.int64)
-  acc = k8.int8_matmul(x.T if xt else x, w.T if wt else w, out_dtype=jnp.int32, backend=backend,
-                       blocks=BLOCKS[backend], x_transposed=xt, w_transposed=wt, interpret=True)
+  blocks = SPLIT_GPU if backend == "gpu_split" else BLOCKS[backend]
+  acc = k8.int8_matmul(x.T if xt else x, w.T if wt else w, out_dtype=jnp.int32,
+                       backend=backend.removesuffix("_split"), blocks=blocks, x_transposed=xt,
+                       w_transposed=wt, interpret=True)
   assert acc.dtype == jnp.int32 and acc.shape == (m, n)
   np.testing.assert_array_equal(np.asarray(acc, np.int64), ref)
   np.testing.assert_array_equal(acc, k8.int8_matmul_xla(x, w, out_dtype=jnp.int32))
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("backend", ["gpu", "tpu", "gpu_split"])
 def test_int8_scaled_epilogue(backend):
   """bf16 out: bit-equal to the XLA path (same int32 sum, same float32
   products in the same order, one rounding to bf16), and within 2^-8
@@ -57,8 +62,13 @@ def test_int8_scaled_epilogue(backend):
   m, n, k = 45, 70, 96
   rng = np.random.default_rng(1)
   x, w, s_x, s_w = _codes(rng, (m, k)), _codes(rng, (k, n)), _scales(rng, m), _scales(rng, n)
-  b = BLOCKS[backend]
-  poison = jnp.full(k8.padded_out_shape(m, n, k, backend, b), jnp.nan, jnp.bfloat16)
+  if backend == "gpu_split":  # Poisoned int32 partials: an unwritten one wrecks the sum.
+    b, backend = SPLIT_GPU, "gpu"
+    poison = jnp.full(k8.padded_out_shape(m, n, k, backend, b), -2 ** 31, jnp.int32)
+    assert poison.ndim == 3  # The split really happens (K = 96: 3 steps of 32).
+  else:
+    b = BLOCKS[backend]
+    poison = jnp.full(k8.padded_out_shape(m, n, k, backend, b), jnp.nan, jnp.bfloat16)
   y = k8.int8_matmul(x, w, s_x, s_w, backend=backend, blocks=b, interpret=True, out=poison)
   y32 = np.asarray(y, np.float32)
   assert not np.isnan(y32).any(), "an output element was never written"
@@ -167,7 +177,8 @@ def test_int4_quantize_is_the_projects_group_quantizer():
   np.testing.assert_array_equal(k4.dequantize_int4(packed, scales, 32), ref)
 
 
-def test_int4_matmul_matches_xla_and_float64():
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_int4_matmul_matches_xla_and_float64(split_k):
   """M = 17, N = 40 pad to the 16 x 32 tiles; 4 groups of 32 along K = 128.
   Against the XLA path: within one bf16 ulp (2^-8) per element (same bf16
   products, float32 sums in another order, one rounding to bf16). Against
@@ -178,8 +189,9 @@ def test_int4_matmul_matches_xla_and_float64():
   x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
   packed, scales = jax.jit(k4.quantize_int4, static_argnums=1)(
       jnp.asarray(rng.standard_normal((k, n)), jnp.float32), g)
-  b = k8.Blocks(16, 32, 0, 4, 2)
-  poison = jnp.full(k4.padded_out_shape(m, n, b), jnp.nan, jnp.bfloat16)
+  b = k8.Blocks(16, 32, 0, 4, 2, split_k=split_k)  # split_k=2: float32 partials, poisoned too.
+  poison = jnp.full(k4.padded_out_shape(m, n, k, g, b), jnp.nan,
+                    jnp.bfloat16 if split_k == 1 else jnp.float32)
   y = np.asarray(k4.int4_matmul(x, packed, scales, group=g, blocks=b, interpret=True, out=poison),
                  np.float32)
   assert not np.isnan(y).any(), "an output element was never written"

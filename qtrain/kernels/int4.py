@@ -24,7 +24,10 @@ weight element. ``int4_matmul_xla`` computes the same grouped sums in XLA
 (the reference; only float32 summation order differs).
 
 Shapes: K must be a multiple of 2 * group (else ValueError: the dispatcher
-takes the XLA path); M and N are zero-padded to their blocks.
+takes the XLA path); M and N are zero-padded to their blocks. ``split_k``
+(``Blocks``) splits the group pairs over more programs for small M, each
+writing a float32 partial that XLA sums (the sum order differs from the
+unsplit kernel's by float32 rounding only).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from qtrain.kernels.int8 import Blocks, fit_blocks, with_poison
+from qtrain.kernels.int8 import Blocks, fit_blocks, split_divisor, with_poison
 from qtrain.quant import quantizer
 from qtrain.quant.spec import QuantSpec
 
@@ -102,10 +105,12 @@ def int4_matmul_xla(x, packed, scales, *, group: int = 128, out_dtype=jnp.bfloat
   return jnp.sum(part_MGN * scales[None], axis=1).astype(out_dtype)
 
 
-def _kernel(x_ref, p_ref, s_ref, o_ref, *, group: int, half_groups: int):
+def _kernel(x_ref, p_ref, s_ref, o_ref, *, group: int, half_groups: int, steps: int):
   bm, bn = o_ref.shape
+  j0 = pl.program_id(2) * steps  # This program's share of the group pairs (split-K).
 
   def body(j, acc):
+    j = j0 + j
     rows = pl.ds(pl.multiple_of(j * group, group), group)
     lo, hi = _nibbles(p_ref[rows, :])
     x_lo = x_ref[:, rows]
@@ -114,7 +119,7 @@ def _kernel(x_ref, p_ref, s_ref, o_ref, *, group: int, half_groups: int):
     d_hi = jnp.dot(x_hi, hi.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
     return acc + d_lo * s_ref[j, :][None, :] + d_hi * s_ref[j + half_groups, :][None, :]
 
-  acc = jax.lax.fori_loop(0, half_groups, body, jnp.zeros((bm, bn), jnp.float32))
+  acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
   o_ref[...] = acc.astype(o_ref.dtype)
 
 
@@ -128,23 +133,36 @@ def int4_matmul(x, packed, scales, *, group: int = 128, out_dtype=jnp.bfloat16,
   xp = jnp.pad(x.astype(jnp.bfloat16), ((0, mp - m), (0, 0)))
   pp = jnp.pad(packed, ((0, 0), (0, np_ - n)))
   sp = jnp.pad(scales.astype(jnp.float32), ((0, 0), (0, np_ - n)))
-  specs = [pl.BlockSpec((b.m, k), lambda i, j: (i, 0)), pl.BlockSpec((k // 2, b.n), lambda i, j: (0, j)),
-           pl.BlockSpec((k // group, b.n), lambda i, j: (0, j))]
+  hg = k // (2 * group)
+  sk = split_divisor(hg, b.split_k)  # Never more programs than group pairs, never uneven.
+  specs = [pl.BlockSpec((b.m, k), lambda i, j, s: (i, 0)),
+           pl.BlockSpec((k // 2, b.n), lambda i, j, s: (0, j)),
+           pl.BlockSpec((k // group, b.n), lambda i, j, s: (0, j))]
   args, kw = [xp, pp, sp], {}
-  out_spec = pl.BlockSpec((b.m, b.n), lambda i, j: (i, j))
-  kernel = functools.partial(_kernel, group=group, half_groups=k // (2 * group))
+  if sk == 1:
+    out_spec = pl.BlockSpec((b.m, b.n), lambda i, j, s: (i, j))
+    out_shape = (mp, np_)
+  else:  # float32 partials [split_k, M, N], summed below.
+    out_spec = pl.BlockSpec((None, b.m, b.n), lambda i, j, s: (s, i, j))
+    out_shape = (sk, mp, np_)
+  kernel = functools.partial(_kernel, group=group, half_groups=hg, steps=hg // sk)
   if out is not None:
-    if out.shape != (mp, np_):
-      raise ValueError(f"out must be the padded output [{mp}, {np_}], got {out.shape}")
+    if out.shape != out_shape:
+      raise ValueError(f"out must be the padded output {out_shape}, got {out.shape}")
     kernel = with_poison(kernel, kw, specs, args, out, out_spec)
   y = pl.pallas_call(
-      kernel, grid=(mp // b.m, np_ // b.n), in_specs=specs, out_specs=out_spec,
-      out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+      kernel, grid=(mp // b.m, np_ // b.n, sk), in_specs=specs, out_specs=out_spec,
+      out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype if sk == 1 else jnp.float32),
       compiler_params=plgpu.CompilerParams(num_warps=b.num_warps, num_stages=b.num_stages),
       interpret=interpret, name="int4_matmul", **kw)(*args)
+  if sk > 1:
+    y = jnp.sum(y, axis=0).astype(out_dtype)
   return y[:m, :n]
 
 
-def padded_out_shape(m: int, n: int, blocks: Blocks | None = None):
+def padded_out_shape(m: int, n: int, k: int, group: int, blocks: Blocks | None = None):
+  """``out``'s shape: the padded [M, N], or [split_k, M, N] float32 partials."""
   b = fit_blocks(dataclasses.replace(blocks or GPU_BLOCKS, k=16), m, n, 16)
-  return -(-m // b.m) * b.m, -(-n // b.n) * b.n
+  shape = (-(-m // b.m) * b.m, -(-n // b.n) * b.n)
+  sk = split_divisor(k // (2 * group), b.split_k)
+  return shape if sk == 1 else (sk, *shape)

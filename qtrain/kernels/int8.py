@@ -50,12 +50,18 @@ _MIN_BLOCK = 16  # tl.dot's smallest tile side.
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
-  """Tile sizes and, for the GPU flavour, Triton's warps and pipeline depth."""
+  """Tile sizes and, for the GPU flavour, Triton's warps and pipeline depth.
+
+  split_k (GPU): programs per output tile, each summing K / split_k into its
+  own int32 (float32 for int4) partial; XLA adds the partials and applies
+  the epilogue. For small M, where N / n tiles leave most SMs idle.
+  """
   m: int = 128
   n: int = 128
   k: int = 128
   num_warps: int = 8
   num_stages: int = 3
+  split_k: int = 1
 
 
 GPU_BLOCKS = Blocks(128, 128, 128, 8, 3)
@@ -139,12 +145,13 @@ def _epilogue(acc, s_x_M1, s_w_1N, o_ref):
     o_ref[...] = (acc.astype(jnp.float32) * s_x_M1 * s_w_1N).astype(o_ref.dtype)
 
 
-def _gpu_kernel(x_ref, w_ref, *rest, nk: int, bk: int, xt: bool, wt: bool):
+def _gpu_kernel(x_ref, w_ref, *rest, nk: int, bk: int, xt: bool, wt: bool, split: bool):
   sx_ref, sw_ref, o_ref = rest if len(rest) == 3 else (None, None, rest[0])
   bm, bn = o_ref.shape
+  k0 = pl.program_id(2) * nk if split else 0  # This program's share of K, in steps.
 
   def body(i, acc):
-    ks = pl.ds(pl.multiple_of(i * bk, bk), bk)
+    ks = pl.ds(pl.multiple_of((k0 + i) * bk, bk), bk)
     x = x_ref[ks, :] if xt else x_ref[:, ks]
     w = w_ref[:, ks] if wt else w_ref[ks, :]
     dims = (((0 if xt else 1,), (1 if wt else 0,)), ((), ()))
@@ -162,25 +169,39 @@ def _gpu_call(x, w, s_x, s_w, out_dtype, b: Blocks, xt, wt, interpret, out):
   kp = x.shape[0] if xt else x.shape[1]
   mp = x.shape[1] if xt else x.shape[0]
   np_ = w.shape[0] if wt else w.shape[1]
+  sk = b.split_k
   # Each program sees its rows (columns) of x and w over the whole K and
   # slices K itself: loads, not blocks, must be powers of two on Triton.
-  x_spec = (pl.BlockSpec((kp, b.m), lambda i, j: (0, i)) if xt
-            else pl.BlockSpec((b.m, kp), lambda i, j: (i, 0)))
-  w_spec = (pl.BlockSpec((b.n, kp), lambda i, j: (j, 0)) if wt
-            else pl.BlockSpec((kp, b.n), lambda i, j: (0, j)))
+  x_spec = (pl.BlockSpec((kp, b.m), lambda i, j, s: (0, i)) if xt
+            else pl.BlockSpec((b.m, kp), lambda i, j, s: (i, 0)))
+  w_spec = (pl.BlockSpec((b.n, kp), lambda i, j, s: (j, 0)) if wt
+            else pl.BlockSpec((kp, b.n), lambda i, j, s: (0, j)))
   in_specs, args = [x_spec, w_spec], [x, w]
-  if s_x is not None:
-    in_specs += [pl.BlockSpec((b.m,), lambda i, j: (i,)), pl.BlockSpec((b.n,), lambda i, j: (j,))]
+  if s_x is not None and sk == 1:
+    in_specs += [pl.BlockSpec((b.m,), lambda i, j, s: (i,)),
+                 pl.BlockSpec((b.n,), lambda i, j, s: (j,))]
     args += [s_x, s_w]
-  kernel = functools.partial(_gpu_kernel, nk=kp // b.k, bk=b.k, xt=xt, wt=wt)
-  out_spec = pl.BlockSpec((b.m, b.n), lambda i, j: (i, j))
+  kernel = functools.partial(_gpu_kernel, nk=kp // (b.k * sk), bk=b.k, xt=xt, wt=wt,
+                             split=sk > 1)
+  if sk == 1:
+    out_spec = pl.BlockSpec((b.m, b.n), lambda i, j, s: (i, j))
+    out_shape = jax.ShapeDtypeStruct((mp, np_), out_dtype)
+  else:  # int32 partials [split_k, M, N]; a poison buffer is int32-min filled by the caller.
+    out_spec = pl.BlockSpec((None, b.m, b.n), lambda i, j, s: (s, i, j))
+    out_shape = jax.ShapeDtypeStruct((sk, mp, np_), jnp.int32)
   kw = {}
   kernel = with_poison(kernel, kw, in_specs, args, out, out_spec)
-  return pl.pallas_call(
-      kernel, grid=(mp // b.m, np_ // b.n), in_specs=in_specs, out_specs=out_spec,
-      out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+  y = pl.pallas_call(
+      kernel, grid=(mp // b.m, np_ // b.n, sk), in_specs=in_specs, out_specs=out_spec,
+      out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=b.num_warps, num_stages=b.num_stages),
       interpret=interpret, name="int8_matmul", **kw)(*args)
+  if sk == 1:
+    return y
+  acc = jnp.sum(y, axis=0, dtype=jnp.int32)  # Exact: integer partial sums.
+  if s_x is None:
+    return acc
+  return (acc.astype(jnp.float32) * s_x[:, None] * s_w[None, :]).astype(out_dtype)
 
 
 def _tpu_kernel(x_ref, w_ref, *rest, xt: bool, wt: bool):
@@ -248,24 +269,44 @@ def int8_matmul(x, w, s_x=None, s_w=None, *, out_dtype=jnp.bfloat16, backend: st
   m, n, k, raw = _check(x, w, s_x, s_w, out_dtype, x_transposed, w_transposed)
   if backend not in ("gpu", "tpu"):
     raise ValueError(f"int8_matmul backend={backend!r}: 'gpu' or 'tpu' (XLA: int8_matmul_xla)")
-  b = fit_blocks(blocks or (GPU_BLOCKS if backend == "gpu" else TPU_BLOCKS), m, n, k, backend)
-  xp = _pad_to(_pad_to(x, int(x_transposed), b.m), int(not x_transposed), b.k)
-  wp = _pad_to(_pad_to(w, int(w_transposed), b.k), int(not w_transposed), b.n)
+  b = effective_blocks(m, n, k, backend, blocks)
+  kb = b.k * b.split_k
+  xp = _pad_to(_pad_to(x, int(x_transposed), b.m), int(not x_transposed), kb)
+  wp = _pad_to(_pad_to(w, int(w_transposed), kb), int(not w_transposed), b.n)
   if not raw:
     s_x, s_w = _pad_to(s_x.astype(jnp.float32), 0, b.m), _pad_to(s_w.astype(jnp.float32), 0, b.n)
   call = _gpu_call if backend == "gpu" else _tpu_call
-  if out is not None and (out.shape, out.dtype) != ((_up(m, b.m), _up(n, b.n)), jnp.dtype(out_dtype)):
-    raise ValueError(f"out must be {jnp.dtype(out_dtype)}{(_up(m, b.m), _up(n, b.n))} (the padded "
-                     f"output), got {out.dtype}{out.shape}")
+  want = padded_out_shape(m, n, k, backend, b), jnp.dtype(out_dtype if b.split_k == 1 else jnp.int32)
+  if out is not None and (out.shape, out.dtype) != want:
+    raise ValueError(f"out must be {want[1]}{want[0]} (the padded output; int32 partials with "
+                     f"split_k), got {out.dtype}{out.shape}")
   y = call(xp, wp, s_x, s_w, jnp.dtype(out_dtype), b, x_transposed, w_transposed, interpret, out)
   return y[:m, :n]
+
+
+def split_divisor(steps: int, split_k: int) -> int:
+  """The largest divisor of ``steps`` up to ``split_k``: a split never pads K
+  (padding K would copy the weight at every call)."""
+  return max(d for d in range(1, max(1, split_k) + 1) if steps % d == 0)
 
 
 def _up(d: int, mult: int) -> int:
   return -(-d // mult) * mult
 
 
-def padded_out_shape(m: int, n: int, k: int, backend: str = "gpu", blocks: Blocks | None = None):
-  """The [M, N] the kernel writes before slicing (the shape ``out`` must have)."""
+def effective_blocks(m: int, n: int, k: int, backend: str = "gpu",
+                     blocks: Blocks | None = None) -> Blocks:
+  """The blocks a call runs: fitted to the dims, split_k cut to a divisor
+  of the K steps."""
   b = fit_blocks(blocks or (GPU_BLOCKS if backend == "gpu" else TPU_BLOCKS), m, n, k, backend)
-  return _up(m, b.m), _up(n, b.n)
+  if backend != "gpu" and b.split_k != 1:
+    raise ValueError("split_k is a GPU-flavour option (the TPU grid already walks K)")
+  return dataclasses.replace(b, split_k=split_divisor(-(-k // b.k), b.split_k))
+
+
+def padded_out_shape(m: int, n: int, k: int, backend: str = "gpu", blocks: Blocks | None = None):
+  """``out``'s shape: the padded [M, N] the kernel writes before slicing,
+  or with split_k the [split_k, M, N] int32 partials."""
+  b = effective_blocks(m, n, k, backend, blocks)
+  shape = (_up(m, b.m), _up(n, b.n))
+  return shape if b.split_k == 1 else (b.split_k, *shape)
