@@ -190,6 +190,27 @@ def test_fuse_refuses_twice_and_factored_weights():
     fuse_rotations(random_params(low), low, dict(r1="hadamard"))
 
 
+def test_cached_decoding_of_the_rotated_model():
+  """Decoding with the KV cache (R3 rotates K before it is stored, on block
+  0 only under scan) gives the plain model's full-forward logits: float32
+  on both paths, within 1e-5 of max |logit| as above."""
+  from qtrain.layers.kv_cache import init_cache  # pylint: disable=g-import-not-at-top
+  from qtrain.train.sample import decode  # pylint: disable=g-import-not-at-top
+  cfg, params, ref = plain(True, False)
+  fused, cfg2 = fuse_rotations(params, cfg, MIXED)
+  model = Transformer(cfg2)
+  step = jax.jit(decode, static_argnums=0)
+  cache = init_cache(model, 2, 16)
+  pos = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (2, 16))
+  out, cache = step(model, fused, cache, TOKENS[:, :9], pos[:, :9])
+  outs = [out]
+  for t in range(9, 16):
+    out, cache = step(model, fused, cache, TOKENS[:, t:t + 1], pos[:, t:t + 1])
+    outs.append(out)
+  np.testing.assert_allclose(np.concatenate(outs, axis=1), ref, rtol=0,
+                             atol=1e-5 * np.abs(ref).max())
+
+
 def _hadamard_calls(cfg) -> int:
   model = Transformer(cfg)
   params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), TOKENS))["params"]
@@ -225,9 +246,9 @@ def test_r3_rotates_keys_before_their_site():
   site of the rotated model vs the plain model's keys times the float64
   dense R3 (float32 rounding: 1e-5 of max |K|), in every block."""
   cfg, params, _ = plain(True, False)
-  keys = lambda c: np.asarray(Transformer(c, _Record()).apply(
-      {"params": params}, TOKENS, mutable=["intermediates"])[1]["intermediates"]["decoder"][
-          "layers"]["attn"]["key"][0], np.float64)
+  keys = lambda c: np.asarray(jax.jit(functools.partial(
+      Transformer(c, _Record()).apply, mutable=["intermediates"]))({"params": params}, TOKENS)[
+          1]["intermediates"]["decoder"]["layers"]["attn"]["key"][0], np.float64)
   rot = RotationConfig(r3="random_hadamard", seed=3)
   k_plain, k_rot = keys(cfg), keys(dataclasses.replace(cfg, rotation=rot))
   r3 = rotation.rotation_matrix(12, rotation.signs_for(rot, "r3", 12))
