@@ -283,3 +283,45 @@ def test_every_file_in_the_folder_is_a_method():
   names = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs", "roste"))
                  if f.endswith(".py") and not f.startswith("_"))
   assert names == sorted(METHODS)
+
+
+# --- 5. a fine-tune through finetune's steps, and the PTQ evaluation --------
+
+
+def test_lower_level_records_its_choice_and_the_run_evaluates_with_it(smoke_run_dir, smoke_run,
+                                                                     tmp_path):
+  from qtrain import eval as eval_lib  # pylint: disable=g-import-not-at-top
+  from conftest import DATA  # pylint: disable=g-import-not-at-top
+  cfg = config_module("roste.roste").get_config("smoke")
+  cfg.data.dir = str(DATA)
+  cfg.train.init_from = str(smoke_run_dir)
+  workdir = str(tmp_path / "roste")
+  table = roste.choose_rotations(cfg, workdir)  # What python -m qtrain.finetune runs first.
+  with open(os.path.join(workdir, "roste_rotations.json"), encoding="utf-8") as f:
+    saved = json.load(f)
+  assert saved["table"] == table == roste.choose(saved["errors"])
+  assert saved["samples"] == cfg.data.global_batch_size  # calib_batches = 1 at smoke size.
+  assert roste.choose_rotations(cfg, workdir) == table  # A resumed run keeps its choice.
+  # The table in config.json is what the model runs: the loop's evaluation
+  # (build_model of config.json, as for a QAT run) equals quantized_eval.
+  cfg.quant.rotation.table = table
+  path = smoke_run / "config.json"
+  saved_cfg = json.loads(path.read_text())
+  saved_cfg["quant"] = cfg.quant.to_dict()
+  path.write_text(json.dumps(saved_cfg))
+  ours = roste.quantized_eval(str(smoke_run))
+  assert ours["loss"] == pytest.approx(eval_lib.run(str(smoke_run))["eval_loss"], rel=1e-6)
+
+
+def test_ptq_stage_evaluation_is_rtn_as_qtrain_quantize_computes_it(smoke_run):
+  from qtrain.quantize import __main__ as ptq  # pylint: disable=g-import-not-at-top
+  from qtrain.quantize.evaluate import load_recipe  # pylint: disable=g-import-not-at-top
+  path = smoke_run / "config.json"
+  cfg = json.loads(path.read_text())
+  cfg["quant"] = load_recipe("w4a4kv4").to_dict()
+  cfg["quant"]["stage"] = "ptq"
+  path.write_text(json.dumps(cfg))
+  ours = roste.quantized_eval(str(smoke_run))
+  theirs = ptq.run(str(smoke_run), "w4a4kv4", "rtn", out=str(smoke_run / "ptq"))
+  assert ours["loss"] == pytest.approx(theirs["nll_ptq"], rel=1e-6)
+  assert abs(theirs["nll_ptq"] - theirs["nll_fp"]) > 1e-4  # The quantizers did something.

@@ -49,6 +49,7 @@ LINEARS = r"decoder/layers/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)(/a|/b)?
 ATTENTION = r"decoder/layers/attn"
 CPU_STEPS = 150  # ~0.5-1 s a QAT step of 16 x 128 tokens on the shared 2-core CPU.
 CPU_EVAL_BATCHES = 16  # Of ~85 held-out batches, spread over all of them.
+CALIB_SAMPLES = 128  # RoSTE's lower level: n = 128 samples.
 
 
 def int4(granularity: str, clip: float) -> dict:
@@ -93,6 +94,7 @@ def get_config(arg: str = "", *, stage: str, rotate: str):
     c.train.update(steps=2, eval_every=2, checkpoint_every=2, sample_tokens=0)
     c.optim.warmup_steps = 1
   c.quant = quant(clip, stage=stage, rotate=rotate)
-  if size == "smoke":
-    c.quant.rotation.calib_batches = 1
+  # RoSTE's n = 128 calibration samples (rows), one batch at smoke size.
+  c.quant.rotation.calib_batches = 1 if size == "smoke" else max(
+      CALIB_SAMPLES // c.data.global_batch_size, 1)
   return c

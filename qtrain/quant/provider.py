@@ -155,4 +155,9 @@ class QuantProvider(Provider):
         lines.append(f"  {p}: " + ("high precision (no rule)" if i is None else f"rule {i}"))
     for i in self.unused_rules():
       lines.append(f"  rule {i} ({self.rules[i].pattern!r}) matched nothing")
+    if self.rotation is not None:
+      table = getattr(self.rotation, "table", None)
+      lines.append(f"  rotated first: {getattr(self.rotation, 'pattern', self.rotation)!r}, "
+                   + ("every block" if table is None else "per block " + ", ".join(
+                       f"{p}:{''.join('1' if b else '0' for b in on)}" for p, on in table)))
     return "\n".join(lines)
