@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 
 from qtrain.kernels import int8 as k8
 
-SMALL_GPU = k8.Blocks(16, 32, 32, 4, 2)
+SMALL_GPU = k8.Blocks(16, 32, 32, 4, 2, group_m=2)  # Runs of 2 tile rows, a short last run.
 SMALL_TPU = k8.Blocks(32, 128, 128, 0, 0)  # TPU's smallest legal int8 tiles.
 BLOCKS = {"gpu": SMALL_GPU, "tpu": SMALL_TPU}
 
@@ -251,3 +251,13 @@ def test_quant_dot_int8_through_kernel_equals_xla(granularity):
   np.testing.assert_array_equal(dx1, dx0)
   np.testing.assert_array_equal(dw1, dw0)
   assert float(jnp.abs(dw0).max()) > 0
+
+
+@pytest.mark.parametrize("nm,nn,g", [(5, 3, 2), (8, 4, 8), (3, 7, 1), (1, 5, 8)])
+def test_grouped_tile_order_visits_every_tile_once(nm, nn, g):
+  """The grouped program order is a permutation of the tiles, and with
+  group_m = 1 it is row-major."""
+  tiles = [tuple(int(v) for v in k8.grouped_tile(jnp.int32(p), nm, nn, g)) for p in range(nm * nn)]
+  assert sorted(tiles) == [(i, j) for i in range(nm) for j in range(nn)]
+  if g == 1:
+    assert tiles == [(i, j) for i in range(nm) for j in range(nn)]

@@ -55,6 +55,9 @@ class Blocks:
   split_k (GPU): programs per output tile, each summing K / split_k into its
   own int32 (float32 for int4) partial; XLA adds the partials and applies
   the epilogue. For small M, where N / n tiles leave most SMs idle.
+  group_m (GPU): output tiles are visited in column-major runs of group_m
+  tile rows, so programs running together share x rows and w columns in L2
+  (the grouped order of Triton's matmul tutorial); 1: row-major.
   """
   m: int = 128
   n: int = 128
@@ -62,6 +65,7 @@ class Blocks:
   num_warps: int = 8
   num_stages: int = 3
   split_k: int = 1
+  group_m: int = 8
 
 
 GPU_BLOCKS = Blocks(128, 128, 128, 8, 3)
@@ -148,7 +152,7 @@ def _epilogue(acc, s_x_M1, s_w_1N, o_ref):
 def _gpu_kernel(x_ref, w_ref, *rest, nk: int, bk: int, xt: bool, wt: bool, split: bool):
   sx_ref, sw_ref, o_ref = rest if len(rest) == 3 else (None, None, rest[0])
   bm, bn = o_ref.shape
-  k0 = pl.program_id(2) * nk if split else 0  # This program's share of K, in steps.
+  k0 = pl.program_id(1) * nk if split else 0  # This program's share of K, in steps.
 
   def body(i, acc):
     ks = pl.ds(pl.multiple_of((k0 + i) * bk, bk), bk)
@@ -164,35 +168,46 @@ def _gpu_kernel(x_ref, w_ref, *rest, nk: int, bk: int, xt: bool, wt: bool, split
     _epilogue(acc, sx_ref[...][:, None], sw_ref[...][None, :], o_ref)
 
 
+def grouped_tile(p, nm: int, nn: int, group_m: int):
+  """(tile row, tile column) of program p: runs of ``group_m`` tile rows
+  walked column by column (the last run may be shorter)."""
+  width = group_m * nn
+  first = (p // width) * group_m
+  rows = jnp.minimum(nm - first, group_m)
+  return first + (p % width) % rows, (p % width) // rows
+
+
 def _gpu_call(x, w, s_x, s_w, out_dtype, b: Blocks, xt, wt, interpret, out):
   from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
   kp = x.shape[0] if xt else x.shape[1]
   mp = x.shape[1] if xt else x.shape[0]
   np_ = w.shape[0] if wt else w.shape[1]
-  sk = b.split_k
+  sk, nm, nn = b.split_k, mp // b.m, np_ // b.n
+  ti = lambda p: grouped_tile(p, nm, nn, b.group_m)[0]
+  tj = lambda p: grouped_tile(p, nm, nn, b.group_m)[1]
   # Each program sees its rows (columns) of x and w over the whole K and
   # slices K itself: loads, not blocks, must be powers of two on Triton.
-  x_spec = (pl.BlockSpec((kp, b.m), lambda i, j, s: (0, i)) if xt
-            else pl.BlockSpec((b.m, kp), lambda i, j, s: (i, 0)))
-  w_spec = (pl.BlockSpec((b.n, kp), lambda i, j, s: (j, 0)) if wt
-            else pl.BlockSpec((kp, b.n), lambda i, j, s: (0, j)))
+  x_spec = (pl.BlockSpec((kp, b.m), lambda p, s: (0, ti(p))) if xt
+            else pl.BlockSpec((b.m, kp), lambda p, s: (ti(p), 0)))
+  w_spec = (pl.BlockSpec((b.n, kp), lambda p, s: (tj(p), 0)) if wt
+            else pl.BlockSpec((kp, b.n), lambda p, s: (0, tj(p))))
   in_specs, args = [x_spec, w_spec], [x, w]
   if s_x is not None and sk == 1:
-    in_specs += [pl.BlockSpec((b.m,), lambda i, j, s: (i,)),
-                 pl.BlockSpec((b.n,), lambda i, j, s: (j,))]
+    in_specs += [pl.BlockSpec((b.m,), lambda p, s: (ti(p),)),
+                 pl.BlockSpec((b.n,), lambda p, s: (tj(p),))]
     args += [s_x, s_w]
   kernel = functools.partial(_gpu_kernel, nk=kp // (b.k * sk), bk=b.k, xt=xt, wt=wt,
                              split=sk > 1)
   if sk == 1:
-    out_spec = pl.BlockSpec((b.m, b.n), lambda i, j, s: (i, j))
+    out_spec = pl.BlockSpec((b.m, b.n), lambda p, s: (ti(p), tj(p)))
     out_shape = jax.ShapeDtypeStruct((mp, np_), out_dtype)
   else:  # int32 partials [split_k, M, N]; a poison buffer is int32-min filled by the caller.
-    out_spec = pl.BlockSpec((None, b.m, b.n), lambda i, j, s: (s, i, j))
+    out_spec = pl.BlockSpec((None, b.m, b.n), lambda p, s: (s, ti(p), tj(p)))
     out_shape = jax.ShapeDtypeStruct((sk, mp, np_), jnp.int32)
   kw = {}
   kernel = with_poison(kernel, kw, in_specs, args, out, out_spec)
   y = pl.pallas_call(
-      kernel, grid=(mp // b.m, np_ // b.n, sk), in_specs=in_specs, out_specs=out_spec,
+      kernel, grid=(nm * nn, sk), in_specs=in_specs, out_specs=out_spec,
       out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=b.num_warps, num_stages=b.num_stages),
       interpret=interpret, name="int8_matmul", **kw)(*args)
