@@ -171,10 +171,13 @@ def _gpu_kernel(x_ref, w_ref, *rest, nk: int, bk: int, xt: bool, wt: bool, split
 def grouped_tile(p, nm: int, nn: int, group_m: int):
   """(tile row, tile column) of program p: runs of ``group_m`` tile rows
   walked column by column (the last run may be shorter)."""
+  # lax.div / lax.rem: p >= 0, so C division is floor division, without the
+  # sign fix-ups jnp's // adds to a scalar program the kernel then carries.
+  div, rem = jax.lax.div, jax.lax.rem
   width = group_m * nn
-  first = (p // width) * group_m
-  rows = jnp.minimum(nm - first, group_m)
-  return first + (p % width) % rows, (p % width) // rows
+  first = div(p, width) * group_m
+  rows = jax.lax.min(nm - first, group_m)
+  return first + rem(rem(p, width), rows), div(rem(p, width), rows)
 
 
 def _gpu_call(x, w, s_x, s_w, out_dtype, b: Blocks, xt, wt, interpret, out):
