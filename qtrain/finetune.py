@@ -24,7 +24,7 @@ high-precision fine-tune with RTN weights, its only quantized number.
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from qtrain.train import __main__ as train_cli  # --config, --workdir, multi-process flags.
 
@@ -44,6 +44,7 @@ def main(argv):
   rot = cfg.quant.get("rotation")
   if rot is not None and rot.sites and rot.choose == "roste":
     from qtrain.quant import roste  # pylint: disable=g-import-not-at-top
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO.
     # It touches devices before train() starts jax.distributed: single-process runs only.
     rot.table = roste.choose_rotations(cfg, workdir)
   train_cli.train(cfg, workdir)

@@ -47,7 +47,9 @@ CLIPS = {"c100": 1.0, "c95": 0.95, "c90": 0.9}
 # The block matmuls (and low-rank factors); the LM head stays in high precision.
 LINEARS = r"decoder/layers/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)(/a|/b)?"
 ATTENTION = r"decoder/layers/attn"
-CPU_STEPS = 150  # ~0.5-1 s a QAT step of 16 x 128 tokens on the shared 2-core CPU.
+# 164k tokens: a QAT step of 16 x 128 tokens took ~8 s on the shared 2-core CPU
+# (load ~10), so the five runs take ~45 minutes.
+CPU_STEPS = 80
 CPU_EVAL_BATCHES = 16  # Of ~85 held-out batches, spread over all of them.
 CALIB_SAMPLES = 128  # RoSTE's lower level: n = 128 samples.
 
@@ -88,8 +90,8 @@ def get_config(arg: str = "", *, stage: str, rotate: str):
     if not size:
       c.data.update(dir="data/sft_kjv", eval_batches=CPU_EVAL_BATCHES)
       c.optim.update(lr=3e-4, warmup_steps=CPU_STEPS // 10, decay_steps=0)
-      c.train.update(steps=CPU_STEPS, log_every=10, eval_every=CPU_STEPS // 3,
-                     checkpoint_every=CPU_STEPS // 3)
+      c.train.update(steps=CPU_STEPS, log_every=10, eval_every=CPU_STEPS // 2,
+                     checkpoint_every=CPU_STEPS // 2)
   if size == "smoke":
     c.train.update(steps=2, eval_every=2, checkpoint_every=2, sample_tokens=0)
     c.optim.warmup_steps = 1
