@@ -53,19 +53,34 @@ def test_unsupported_size_names_the_neighbours():
     rotation.hadamard_matrix(52)
 
 
-@pytest.mark.parametrize("n", [8, 12, 28, 40, 352])
-@pytest.mark.parametrize("randomized", [False, True])
-def test_fast_transform_equals_dense_matmul(n, randomized):
-  """x diag(s) H / sqrt(n) by butterfly + m x m matmul vs the float64 dense
-  product: float32 rounding of ~log2(n) + m-term sums, 2e-6 relative."""
+@pytest.mark.parametrize("n", [8, 12, 28, 40, 352, 1024])
+@pytest.mark.parametrize("impl", ["fwht", "matmul"])
+def test_fast_transform_equals_dense_matmul(n, impl):
+  """x diag(s) H / sqrt(n), by butterfly + m x m matmul or by one matmul per
+  Kronecker factor (1024 = 128 * 8: two), with and without random signs, vs
+  the float64 dense product: float32 rounding of sums of up to n terms, 2e-6
+  of max |x H|; the inverse gives x back as closely."""
   x = np.random.default_rng(n).standard_normal((3, 5, n)).astype(np.float32)
-  s = rotation.random_signs(n, seed=n) if randomized else None
-  r = rotation.rotation_matrix(n, s)
-  ref = x.astype(np.float64) @ r
-  got = np.asarray(rotation.hadamard_transform(jnp.asarray(x), s), np.float64)
-  np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
-  back = np.asarray(rotation.hadamard_transform(jnp.asarray(got, jnp.float32), s, inverse=True))
-  np.testing.assert_allclose(back, x, rtol=0, atol=2e-6 * np.abs(x).max())
+  for s in (None, rotation.random_signs(n, seed=n)):
+    ref = x.astype(np.float64) @ rotation.rotation_matrix(n, s)
+    got = np.asarray(rotation.hadamard_transform(jnp.asarray(x), s, impl=impl), np.float64)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+    back = np.asarray(rotation.hadamard_transform(jnp.asarray(got, jnp.float32), s,
+                                                  inverse=True, impl=impl))
+    np.testing.assert_allclose(back, x, rtol=0, atol=2e-6 * np.abs(x).max())
+
+
+def test_matmul_transform_in_bfloat16_rounds_once():
+  """bf16 input: the +-1 factors and signs are exact in bf16 and the sums
+  float32, so the result is the float64 product of the bf16 values rounded
+  once to bf16 (half an ulp: 2^-8 relative, per element)."""
+  n = 5632  # llama_1b's d_ff: Paley 44 x 128.
+  xb = jnp.asarray(np.random.default_rng(0).standard_normal((4, n)), jnp.bfloat16)
+  s = rotation.random_signs(n, 1)
+  ref = np.asarray(xb, np.float64) @ rotation.rotation_matrix(n, s)
+  for impl in rotation.IMPLS:
+    got = np.asarray(rotation.hadamard_transform(xb, s, impl=impl), np.float64)
+    np.testing.assert_allclose(got, ref, rtol=2 ** -8, atol=1e-6)
 
 
 def test_randomized_hadamard_inverse_exact_in_float64():
@@ -148,7 +163,7 @@ def plain(scan: bool, tie: bool):
     (True, False, dict(r2="random_hadamard")),
     (True, False, dict(r4="random_hadamard")),
     (True, False, ALL),
-    (False, True, ALL),
+    (False, True, dict(ALL, impl="matmul")),
     (True, False, MIXED),
     (False, True, MIXED),
 ])

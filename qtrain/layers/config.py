@@ -59,6 +59,9 @@ class RotationConfig:
   r4: str = "none"
   r4_layers: Any = None
   seed: int = 0  # Signs of the random_hadamard kinds.
+  # How R3/R4 run (rotation.hadamard_transform): fwht (butterfly + m x m
+  # matmul) | matmul (one small matmul per Kronecker factor).
+  impl: str = "fwht"
 
   @classmethod
   def of(cls, d) -> "RotationConfig":
