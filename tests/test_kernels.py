@@ -261,3 +261,30 @@ def test_grouped_tile_order_visits_every_tile_once(nm, nn, g):
   assert sorted(tiles) == [(i, j) for i in range(nm) for j in range(nn)]
   if g == 1:
     assert tiles == [(i, j) for i in range(nm) for j in range(nn)]
+
+
+def test_gpu_flavours_lower_to_triton_for_cuda():
+  """Each GPU kernel at a benchmark-sized shape lowers, on this CPU machine,
+  to an XLA:GPU Triton call (JAX's Pallas -> Triton IR step: power-of-two
+  loads, supported ops, block specs). Compiling that IR to PTX is left to
+  the GPU run."""
+  s = jax.ShapeDtypeStruct
+  k, n = 4096, 1024
+  cases = {
+      "int8": (functools.partial(k8.int8_matmul, backend="gpu"),
+               (s((256, k), jnp.int8), s((k, n), jnp.int8), s((256,), jnp.float32),
+                s((n,), jnp.float32))),
+      "int8 split-K, transposed": (
+          functools.partial(k8.int8_matmul, backend="gpu", blocks=k8.Blocks(16, 64, 128, 4, 4, 4),
+                            x_transposed=True, w_transposed=True, out_dtype=jnp.float32),
+          (s((k, 16), jnp.int8), s((n, k), jnp.int8), s((16,), jnp.float32), s((n,), jnp.float32))),
+      "w4a16 split-K": (functools.partial(k4.int4_matmul, group=128,
+                                          blocks=k8.Blocks(16, 64, 0, 4, 4, 4)),
+                        (s((16, k), jnp.bfloat16), s((k // 2, n), jnp.int8),
+                         s((k // 128, n), jnp.float32))),
+      "hadamard 8192": (kh.hadamard, (s((64, 8192), jnp.bfloat16), s((8192,), jnp.float32))),
+      "hadamard 128": (kh.hadamard, (s((512, 128), jnp.bfloat16),)),
+  }
+  for name, (fn, args) in cases.items():
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text, name
