@@ -276,7 +276,9 @@ def rotation_provider(quant_cfg):
   if rot is None or not rot.sites:
     return None
   if rot.choose == "roste" and rot.get("table") is None:
-    raise ValueError("config.quant.rotation.choose='roste': the table is chosen by RoSTE's "
+    # A ConfigError (a ValueError): the trainer's CLI prints it as one line, not a traceback.
+    from qtrain.config.validate import ConfigError  # pylint: disable=g-import-not-at-top
+    raise ConfigError("config.quant.rotation.choose='roste': the table is chosen by RoSTE's "
                      "lower level when `python -m qtrain.finetune --init_from=RUN` starts; run "
                      "through it, or set choose='table' with a table")
   return RotationProvider(pattern=rot.sites, table=rotation_table(rot), seed=int(rot.seed))
