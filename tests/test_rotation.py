@@ -182,6 +182,28 @@ def test_fused_rotations_keep_the_function(scan, tie, rot):
   np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
+def test_gradients_through_online_rotations_under_scan_and_remat():
+  """Online R3 (per block: a lax.cond) and R4 (down_proj fused) under scan
+  with full remat: the model is the same function of every param but
+  down_proj, so its gradients w.r.t. those equal the plain model's (float32:
+  1e-5 of the largest gradient entry)."""
+  cfg, params, _ = plain(True, False)
+  cfg = dataclasses.replace(cfg, remat_policy="full")
+  rot = dict(r3="random_hadamard", r3_layers=(1,), r4="hadamard", r4_layers=(0,))
+  fused, cfg2 = fuse_rotations(params, cfg, rot)
+
+  def grads(c, p):
+    loss = lambda p: jnp.mean(Transformer(c).apply({"params": p}, TOKENS) ** 2)
+    return jax.jit(jax.grad(loss))(p)
+  g, g2 = grads(cfg, params), grads(cfg2, fused)
+  layers = lambda x, mod, name: x["decoder"]["layers"][mod][name]["kernel"]
+  for get in (lambda x: x["embedding"], lambda x: x["lm_head"]["kernel"],
+              lambda x: layers(x, "attn", "q_proj"), lambda x: layers(x, "attn", "k_proj"),
+              lambda x: layers(x, "mlp", "up_proj")):
+    a, b = np.asarray(get(g)), np.asarray(get(g2))
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max())
+
+
 def test_learned_rotations_fuse_exactly():
   """Cayley rotations (R1 [D, D], R2 one per block [L, H, H]) passed as
   matrices: same function (1e-5 of max |logit|)."""
