@@ -28,9 +28,9 @@ same function (``qtrain.quant.quantize`` per output channel).
 Quantizers (RoSTE sec. 5): int4 asymmetric everywhere; weights per output
 channel, activations per token, K/V per token (per head); weights and
 activations clipped to c times their [min, max] (``calibration="mse"`` over
-the one ratio c), K/V not clipped. The clipping factor is a variant: ``c100``
-(default), ``c95``, ``c90`` (the paper's grid), or
-``--config.quant.rules.linears.weight.mse_grid='(0.9,)'``.
+the one ratio c), K/V not clipped. The clipping factor is a variant ``c<percent>``:
+``c100`` (default), ``c95``, ``c90`` (the paper's grid), any other ``c85``...,
+e.g. ``python -m qtrain.finetune --config=configs/roste/roste.py:c90 ...``.
 
 Sizes (the variant): none = the ``make train`` model (configs/default.py) on
 ``data/sft_kjv``; ``125m`` = configs/llama_125m.py:sft (data/sft_en, from the
@@ -43,7 +43,7 @@ from qtrain.config.variants import config_module, split_variants
 from qtrain.quant.config import quant_config_defaults
 
 SIZES = ("125m", "smoke")
-CLIPS = {"c100": 1.0, "c95": 0.95, "c90": 0.9}
+CLIPS = ("c100", "c95", "c90")  # The paper's grid; any c<percent> in (0, 100] works.
 # The block matmuls (and low-rank factors); the LM head stays in high precision.
 LINEARS = r"decoder/layers/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)(/a|/b)?"
 ATTENTION = r"decoder/layers/attn"
@@ -77,12 +77,13 @@ def quant(clip: float = 1.0, *, stage: str = "qat", rotate: str = "none"):
 
 def get_config(arg: str = "", *, stage: str, rotate: str):
   variants = split_variants(arg)
-  unknown = [v for v in variants if v not in SIZES and v not in CLIPS]
+  is_clip = lambda v: v[0] == "c" and v[1:].isdigit() and 0 < int(v[1:]) <= 100
+  unknown = [v for v in variants if v not in SIZES and not is_clip(v)]
   if unknown:
     raise ValueError(f"configs/roste: unknown variant {unknown[0]!r}; use a size {SIZES} "
-                     f"and/or a clipping factor {tuple(CLIPS)}")
+                     f"and/or a clipping factor c<percent>, e.g. {CLIPS}")
   size = next((v for v in variants if v in SIZES), "")
-  clip = CLIPS[next((v for v in variants if v in CLIPS), "c100")]
+  clip = int(next((v for v in variants if is_clip(v)), "c100")[1:]) / 100
   if size == "125m":
     c = config_module("llama_125m").get_config("sft")
   else:
