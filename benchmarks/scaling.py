@@ -3,7 +3,7 @@
   python benchmarks/scaling.py --out=scaling.json          # 2 GPUs, ~6-8 min on 2xH200
   # The same on CPU with tiny models (a check before spending GPU time):
   XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/scaling.py \\
-      --model=llama_1b:smoke --model8b=llama_8b:smoke --steps=2
+      --model=llama_1b:smoke --model8b=llama_8b:smoke --steps=2 --layers=4
 
 Variants, each at the same batch per GPU (weak scaling: global batch = per-GPU
 batch x GPUs; ``--batch`` rows of ``--seq`` tokens per GPU):
@@ -19,6 +19,11 @@ batch x GPUs; ``--batch`` rows of ``--seq`` tokens per GPU):
   8b_fsdpN  llama_8b with fsdp=N (``--batch8b`` rows of ``--seq8b`` tokens per
             GPU): its MFU against the 40% target. Rerun with remat ``full``
             if the configured policy runs out of memory.
+  ppN_S     llama_1b with pipeline=N under schedule S (gpipe, circular with
+            --repeats virtual stages per GPU, 1f1b; --microbatches per step):
+            every GPU holds all rows and 1/N of the layers, the same model
+            FLOPs per GPU as fsdpN, against which it is compared. The bubble
+            beside it is the formula's; benchmarks/pipeline_bubble.py measures it.
   8b_1gpu   llama_8b on one GPU, compiled but not run: the bytes XLA would
             need (arguments + temps) against the GPU's, the state's bytes per
             param from its dtypes, then (while --budget_s allows) the same for
@@ -59,7 +64,9 @@ from benchmarks.train_step import load_config, synthetic_batch, time_steps, trai
 from qtrain.config import validate
 from qtrain.optim import build_optimizer
 from qtrain.parallel import Layout, batch_sharding
+from qtrain.parallel.pipeline import SCHEDULES, Schedule
 from qtrain.train import metrics as metrics_lib
+from qtrain.train import pipeline as _pipeline  # noqa: F401  (registers the pipeline family)
 from qtrain.train.build import build_model
 from qtrain.train.state import abstract_params, abstract_state
 from qtrain.train.step import make_steps
@@ -81,6 +88,8 @@ def variants(n: int) -> dict[str, dict]:
       f"dp{n}": dict(model="model", gpus=n, mesh=dict(data=n)),
       f"fsdp{n}": dict(model="model", gpus=n, mesh=dict(data=1, fsdp=n)),
       f"tp{n}": dict(model="model", gpus=n, mesh=dict(data=1, tensor=n)),
+      **{f"pp{n}_{s}": dict(model="model", gpus=n, mesh=dict(data=1, pipeline=n), pipeline=s)
+         for s in SCHEDULES},
       f"8b_fsdp{n}": dict(model="model8b", gpus=n, mesh=dict(data=1, fsdp=n)),
       "8b_1gpu": dict(model="model8b", gpus=1, mesh=dict(data=1), compile_only=True),
   }
@@ -98,6 +107,11 @@ def variant_config(args, spec: dict):
   remat = args.remat8b if is_8b else args.remat
   if remat:
     cfg.model.remat_policy = remat
+  if args.layers and not is_8b:
+    cfg.model.n_layers = args.layers
+  if spec.get("pipeline"):
+    cfg.train.update(step="pipeline", pipeline_schedule=spec["pipeline"],
+                     pipeline_microbatches=args.microbatches, pipeline_repeats=args.repeats)
   validate(cfg, n_devices=spec["gpus"])
   return cfg
 
@@ -241,6 +255,12 @@ def child(args) -> None:
          "batch_per_gpu": cfg.data.global_batch_size // spec["gpus"],
          "global_batch": cfg.data.global_batch_size, "seq": cfg.data.seq_len,
          "remat": cfg.model.remat_policy, **_device_facts(devices)}
+  if spec.get("pipeline"):
+    t = cfg.train
+    sched = Schedule(t.pipeline_schedule, spec["gpus"], t.pipeline_microbatches,
+                     t.pipeline_repeats if t.pipeline_schedule == "circular" else 1)
+    row["pipeline"] = {"schedule": sched.name, "microbatches": sched.m, "repeats": sched.v,
+                       "bubble_formula": sched.bubble}
   if spec.get("compile_only"):
     row.update(plan_with_alternatives(cfg, devices, args.deadline or float("inf")))
   else:
@@ -259,6 +279,8 @@ def summarize(rows: list[dict], n: int) -> dict:
   for v in (f"dp{n}", f"fsdp{n}", f"tp{n}"):
     if base and v in ok:
       out["efficiency"][v] = ok[v]["tokens_per_s"] / (n * base["tokens_per_s"])
+  out["pipeline"] = {v: {**r["pipeline"], "vs_fsdp": (r["tokens_per_s"] / ok[f"fsdp{n}"][
+      "tokens_per_s"]) if f"fsdp{n}" in ok else None} for v, r in ok.items() if "pipeline" in r}
   if f"8b_fsdp{n}" in ok:
     out["mfu_8b"], out["mfu_8b_target"] = ok[f"8b_fsdp{n}"]["mfu"], MFU_TARGET_8B
   one = next((r for r in rows if r["variant"] == "8b_1gpu" and "plan" in r), None)
@@ -296,6 +318,10 @@ def report(rows: list[dict], summary: dict) -> str:
     lines.append(f"scaling efficiency {v}: {e:.1%} = {summary['runs'][v]['tokens_per_s']:,.0f}"
                  f" / ({summary['gpus']} x {summary['runs']['1gpu']['tokens_per_s']:,.0f}) tok/s"
                  f" (target {EFFICIENCY_TARGET:.0%} for dp, fsdp)")
+  for v, r in summary.get("pipeline", {}).items():
+    lines.append(f"{v}: m={r['microbatches']} v={r['repeats']}, bubble (p-1)/(vm+p-1) = "
+                 f"{r['bubble_formula']:.1%}; tokens/s vs fsdp{summary['gpus']}: "
+                 f"{_fmt(r['vs_fsdp'], '.2f')}x")
   if "mfu_8b" in summary:
     lines.append(f"llama_8b fsdp MFU: {_fmt(summary['mfu_8b'], '.1%')} "
                  f"(target {MFU_TARGET_8B:.0%})")
@@ -345,6 +371,11 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=8, help="rows per GPU (llama_1b)")
   p.add_argument("--seq", type=int, default=0, help="tokens per row; 0 = the config's")
   p.add_argument("--remat", default="", help="override the model's remat_policy")
+  p.add_argument("--layers", type=int, default=0,
+                 help="override llama_1b's n_layers (0 = the config's; circular needs "
+                 "pipeline x repeats to divide it)")
+  p.add_argument("--microbatches", type=int, default=8, help="pipeline microbatches per step")
+  p.add_argument("--repeats", type=int, default=2, help="virtual stages per GPU (circular)")
   p.add_argument("--model8b", default="llama_8b")
   p.add_argument("--batch8b", type=int, default=1, help="rows per GPU (llama_8b)")
   p.add_argument("--seq8b", type=int, default=0, help="tokens per row; 0 = the config's (8192)")
