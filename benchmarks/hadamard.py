@@ -30,6 +30,7 @@ import functools
 import json
 import pathlib
 import sys
+import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -92,6 +93,8 @@ def main() -> None:
   p.add_argument("--ns", default=None, help="comma list of n (default: the issue's cases)")
   p.add_argument("--reps", type=int, default=20)
   p.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
+  p.add_argument("--budget_s", type=float, default=540.0,
+                 help="start no new shape after this many seconds (the table still prints)")
   p.add_argument("--out", default=None)
   args = p.parse_args()
   backend = jax.default_backend()
@@ -106,8 +109,11 @@ def main() -> None:
   if args.smoke:
     args.reps, args.configs = 2, "0,4;2,4"
     cases = [(64, 40), (512, 6)]
-  rows = []
+  rows, t0 = [], time.perf_counter()
   for n, r in cases:
+    if time.perf_counter() - t0 > args.budget_s:
+      print(f"budget: {args.budget_s:.0f} s spent, shapes left out from here on", flush=True)
+      break
     row = bench_case(n, r, jnp.dtype(args.dtype), args.configs.split(";"), interpret, args.reps)
     rows.append(row)
     print(json.dumps(row), flush=True)

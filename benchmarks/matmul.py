@@ -36,12 +36,12 @@ import functools
 import json
 import pathlib
 import sys
+import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
-import numpy as np
 
 from qtrain.kernels import int4 as k4  # noqa: E402
 from qtrain.kernels import int8 as k8  # noqa: E402
@@ -129,6 +129,16 @@ def bench_int8(sets, m, n, k, configs, interpret, reps, row):
       best = entry
   if best:
     row["pallas_int8_s"], row["pallas_int8_config"] = best["s"], best["config"]
+
+
+def _torch_status() -> str:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return "unavailable: torch is not installed"
+  if not torch.cuda.is_available():
+    return f"unavailable: torch {torch.__version__} sees no CUDA device"
+  return f"torch {torch.__version__} on {torch.cuda.get_device_name()}"
 
 
 def bench_torch_int_mm(m, n, k, reps, row):
@@ -224,6 +234,8 @@ def main() -> None:
   p.add_argument("--group", type=int, default=128)
   p.add_argument("--reps", type=int, default=20)
   p.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
+  p.add_argument("--budget_s", type=float, default=540.0,
+                 help="start no new shape after this many seconds (the table still prints)")
   p.add_argument("--out", default=None)
   args = p.parse_args()
   backend = jax.default_backend()
@@ -232,6 +244,10 @@ def main() -> None:
   if backend != "gpu":
     print(f"pallas_int8 GPU flavour: no GPU ({backend}), running in interpret mode (times "
           "are not kernel speeds)", flush=True)
+  print(f"torch_int_mm: {_torch_status()}", flush=True)
+  if backend != "tpu":
+    print("pallas_int8 TPU flavour: unavailable on this backend (tests run it in TPU "
+          "interpret mode)", flush=True)
   if args.smoke:
     args.reps = 2
     args.int8_configs = "16,32,32,4,2;32,64,64,4,2;16,32,32,4,2,2"
@@ -241,8 +257,11 @@ def main() -> None:
     shapes = [(model, name, m, k, n) for model in args.models.split(",")
               for name, (k, n) in layer_shapes(model).items() if name in args.layers.split(",")
               for m in map(int, args.ms.split(","))]
-  rows = []
+  rows, t0 = [], time.perf_counter()
   for model, name, m, k, n in shapes:
+    if time.perf_counter() - t0 > args.budget_s:
+      print(f"budget: {args.budget_s:.0f} s spent, shapes left out from here on", flush=True)
+      break
     row = bench_shape(model, name, m, k, n, args, interpret)
     rows.append(row)
     print(json.dumps(row), flush=True)

@@ -317,6 +317,8 @@ def effective_blocks(m: int, n: int, k: int, backend: str = "gpu",
   """The blocks a call runs: fitted to the dims, split_k cut to a divisor
   of the K steps."""
   b = fit_blocks(blocks or (GPU_BLOCKS if backend == "gpu" else TPU_BLOCKS), m, n, k, backend)
+  if backend == "gpu" and any(v & (v - 1) for v in (b.m, b.n, b.k)):
+    raise ValueError(f"GPU blocks must be powers of two (Triton loads), got {b}")
   if backend != "gpu" and b.split_k != 1:
     raise ValueError("split_k is a GPU-flavour option (the TPU grid already walks K)")
   return dataclasses.replace(b, split_k=split_divisor(-(-k // b.k), b.split_k))
