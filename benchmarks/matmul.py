@@ -100,9 +100,12 @@ def _suits(spec: str, m: int) -> bool:
 
 
 def bench_int8(sets, m, n, k, configs, interpret, reps, row):
+  """Each config: poisoned run checked against XLA's int8 path, then timed;
+  the fastest is re-checked for a bit-exact int32 accumulator (one compile
+  per config for the check, one for the timing: Triton compiles dominate
+  the run)."""
   s0 = sets[0]
   ref = k8.int8_matmul_xla(s0["qx"], s0["qw"], s0["sx"], s0["sw"])
-  ref_acc = k8.int8_matmul_xla(s0["qx"], s0["qw"], out_dtype=jnp.int32)
   best = None
   for spec in [c for c in configs if _suits(c, m)]:
     b = _blocks(spec)
@@ -111,13 +114,9 @@ def bench_int8(sets, m, n, k, configs, interpret, reps, row):
       shape = k8.padded_out_shape(m, n, k, "gpu", b)  # 3-D: split_k's int32 partials.
       poison = (jnp.full(shape, jnp.nan, jnp.bfloat16) if len(shape) == 2
                 else jnp.full(shape, jnp.iinfo(jnp.int32).min, jnp.int32))
-      y = fn(s0["qx"], s0["qw"], s0["sx"], s0["sw"], out=poison)
-      acc = jax.jit(functools.partial(k8.int8_matmul, backend="gpu", blocks=b,
-                                      interpret=interpret, out_dtype=jnp.int32))(s0["qx"], s0["qw"])
-      err = timing.relative_error(y, ref)
-      exact = bool(jnp.array_equal(acc, ref_acc))
-      entry = {"config": spec, "rel_err": err, "acc_exact": exact}
-      if not exact or not err < 1e-2:  # bf16 out of the same float32 epilogue: ~1e-3 at most.
+      err = timing.relative_error(fn(s0["qx"], s0["qw"], s0["sx"], s0["sw"], out=poison), ref)
+      entry = {"config": spec, "rel_err": err}
+      if not err < 1e-2:  # Same int32 sums, same float32 epilogue: 0 expected, bf16 ulps at most.
         entry["error"] = "wrong result: not timed"
       else:
         entry["s"] = timing.time_per_call(lambda a, b_, c, d: fn(a, b_, c, d),
@@ -128,7 +127,14 @@ def bench_int8(sets, m, n, k, configs, interpret, reps, row):
     if "s" in entry and (best is None or entry["s"] < best["s"]):
       best = entry
   if best:
-    row["pallas_int8_s"], row["pallas_int8_config"] = best["s"], best["config"]
+    acc = jax.jit(functools.partial(k8.int8_matmul, backend="gpu", blocks=_blocks(best["config"]),
+                                    interpret=interpret, out_dtype=jnp.int32))(s0["qx"], s0["qw"])
+    best["acc_exact"] = bool(jnp.array_equal(
+        acc, k8.int8_matmul_xla(s0["qx"], s0["qw"], out_dtype=jnp.int32)))
+    if best["acc_exact"]:
+      row["pallas_int8_s"], row["pallas_int8_config"] = best["s"], best["config"]
+    else:
+      row["pallas_int8"] = f"config {best['config']}: int32 accumulator differs from XLA's"
 
 
 def _torch_status() -> str:
