@@ -60,6 +60,18 @@ class _Rot:
                         precision=jax.lax.Precision.HIGHEST)
     return hadamard_transform(w, self.signs)
 
+  def right_t(self, w):
+    """w R^T (the inverse rotation), float32 out."""
+    w = jnp.asarray(w, jnp.float32)
+    if self.kind == "learned":
+      return jnp.matmul(w, jnp.asarray(self.matrix, jnp.float32).T,
+                        precision=jax.lax.Precision.HIGHEST)
+    return hadamard_transform(w, self.signs, inverse=True)
+
+  def left(self, w, axis: int = -2):
+    """R w, R acting on ``axis`` of w: (w^T R^T)^T."""
+    return jnp.moveaxis(self.right_t(jnp.moveaxis(jnp.asarray(w), axis, -1)), -1, axis)
+
   def left_t(self, w, axis: int = -2):
     """R^T w, R^T acting on ``axis`` of w: (w^T R)^T."""
     return jnp.moveaxis(self.right(jnp.moveaxis(jnp.asarray(w), axis, -1)), -1, axis)
@@ -209,3 +221,19 @@ def fuse_rotations(params, cfg: ModelConfig, rotation: RotationConfig | dict | s
   if rot.r4 != "none":
     _fuse_r4(params, cfg, rot)
   return params, out
+
+
+def drop_online(params, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
+  """(params, cfg) with online R3/R4 -> the same function without them, for
+  an exporter whose model has no online rotation (HF Llama): R3 drops out
+  (Q K^T is the same), down_proj W' = R4^T W goes back to R4 W'. R1/R2 stay
+  fused (they are plain weights). ``params`` plain or boxed, wrapped or not."""
+  rot = cfg.rotation
+  params = copy_tree(unwrap(params))
+  if rot.r4 != "none":
+    r4 = _rot(rot, "r4", cfg.d_ff, None)
+    _per_block(params, cfg, rot.blocks("r4", cfg.n_layers), ("mlp", "down_proj"),
+               lambda w, i: r4.left(w))
+  return params, dataclasses.replace(cfg, rotation=dataclasses.replace(
+      rot, r3="none", r3_layers=None, r4="none", r4_layers=None))
+
