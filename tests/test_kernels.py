@@ -201,6 +201,12 @@ def test_int4_matmul_matches_xla_and_float64(split_k):
   ref = np.asarray(x, np.float64) @ (np.asarray(k4.unpack_int4(packed), np.float64)
                                      * np.repeat(np.asarray(scales, np.float64), g, axis=0))
   assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 4e-3
+  if split_k == 1:  # The Mosaic TPU flavour, TPU interpret mode, its smallest tiles (16 x 128).
+    tb = k8.Blocks(16, 128, 0, 0, 0)
+    poison = jnp.full(k4.padded_out_shape(m, n, k, g, tb, "tpu"), jnp.nan, jnp.bfloat16)
+    y_tpu = np.asarray(k4.int4_matmul(x, packed, scales, group=g, blocks=tb, backend="tpu",
+                                      interpret=True, out=poison), np.float32)
+    np.testing.assert_array_less(np.abs(y_tpu - y_xla), 2.0 ** -8 * np.abs(y_xla) + 1e-30)
   with pytest.raises(ValueError, match="2 \\* group"):
     k4.int4_matmul(x[:, :96], packed[:48], scales[:3], group=g, interpret=True)
 

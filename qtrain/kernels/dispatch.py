@@ -5,7 +5,7 @@
 * ``"xla"`` (the default): always the XLA path (``lax.dot_general`` int8,
   the grouped int4 einsum, ``fwht``'s butterflies).
 * ``"auto"``: the Pallas flavour of ``jax.default_backend()`` where one is
-  built (int8: "gpu" Triton and "tpu" Mosaic; int4 and Hadamard: "gpu"),
+  built (int8 and int4: "gpu" Triton and "tpu" Mosaic; Hadamard: "gpu"),
   else XLA; on CPU that is XLA, so nothing changes there.
 * ``"interpret"``: the GPU flavour in Pallas interpret mode on any backend
   (tests; slow).
@@ -29,7 +29,7 @@ import jax
 from qtrain.kernels import fwht, int4, int8
 
 KERNELS = ("xla", "auto", "interpret")
-_BUILT = {"int8": ("gpu", "tpu"), "int4": ("gpu",), "hadamard": ("gpu",)}
+_BUILT = {"int8": ("gpu", "tpu"), "int4": ("gpu", "tpu"), "hadamard": ("gpu",)}
 
 
 def flavour(kernels: str, op: str) -> tuple[str, bool] | None:
@@ -64,7 +64,7 @@ def w4a16_dot(x, packed, scales, *, group: int, out_dtype, kernels: str = "xla")
   if pick is None or x.shape[1] % (2 * group):
     return int4.int4_matmul_xla(x, packed, scales, group=group, out_dtype=out_dtype)
   return int4.int4_matmul(x, packed, scales, group=group, out_dtype=out_dtype,
-                          interpret=pick[1])
+                          backend=pick[0], interpret=pick[1])
 
 
 def hadamard(x, signs=None, *, kernels: str = "xla"):

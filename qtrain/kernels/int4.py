@@ -15,7 +15,8 @@ packed rows then yields two whole groups (rows i.. and K/2 + i..) as two
 plain tiles, with no interleaving of K inside the kernel: unpacking is a
 shift pair, (p << 4) >> 4 and p >> 4, arithmetic shifts that sign-extend.
 
-Kernel (Pallas Triton): an output tile per program; per K step it loads
+Kernels: Pallas Triton ("gpu") and Mosaic TPU ("tpu", the K steps on an
+"arbitrary" grid axis with a float32 VMEM accumulator). GPU: an output tile per program; per K step it loads
 x's two [bm, group] slices, one [group, bn] packed tile and the two groups'
 scale rows, unpacks the codes to bf16 (exact: |q| <= 7) and accumulates
 dot(x_lo, q_lo) * s_lo + dot(x_hi, q_hi) * s_hi in float32: a group's
@@ -44,6 +45,7 @@ from qtrain.quant import quantizer
 from qtrain.quant.spec import QuantSpec
 
 GPU_BLOCKS = Blocks(m=64, n=128, k=0, num_warps=4, num_stages=3)  # k: the group.
+TPU_BLOCKS = Blocks(m=256, n=256, k=0, num_warps=0, num_stages=0)
 
 
 def pack_int4(q_KN):
@@ -123,11 +125,64 @@ def _kernel(x_ref, p_ref, s_ref, o_ref, *, group: int, half_groups: int, steps: 
   o_ref[...] = acc.astype(o_ref.dtype)
 
 
+def _tpu_kernel(xlo_ref, xhi_ref, p_ref, slo_ref, shi_ref, o_ref, acc_ref):
+  @pl.when(pl.program_id(2) == 0)
+  def _():
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+
+  lo, hi = _nibbles(p_ref[...])
+  d_lo = jnp.dot(xlo_ref[...], lo.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+  d_hi = jnp.dot(xhi_ref[...], hi.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+  acc_ref[...] += d_lo * slo_ref[...] + d_hi * shi_ref[...]
+
+  @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
+  def _():
+    o_ref[...] = acc_ref[...].astype(o_ref.dtype)
+
+
+def _tpu_call(xp, pp, sp, b: Blocks, group: int, out_dtype, interpret, out):
+  """Mosaic TPU: grid (M/bm, N/bn, group pairs), K innermost; x enters twice
+  (its low- and high-half group as two [bm, group] blocks) and the scales as
+  [K/group, 1, N] so each group's row is a legal (1, bn) tile."""
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+  (mp, k), np_ = xp.shape, pp.shape[1]
+  hg = k // (2 * group)
+  s3 = sp.reshape(k // group, 1, np_)
+  specs = [pl.BlockSpec((b.m, group), lambda i, j, g: (i, g)),
+           pl.BlockSpec((b.m, group), lambda i, j, g: (i, g + hg)),
+           pl.BlockSpec((group, b.n), lambda i, j, g: (g, j)),
+           pl.BlockSpec((None, 1, b.n), lambda i, j, g: (g, 0, j)),
+           pl.BlockSpec((None, 1, b.n), lambda i, j, g: (g + hg, 0, j))]
+  args, kw = [xp, xp, pp, s3, s3], {}
+  out_spec = pl.BlockSpec((b.m, b.n), lambda i, j, g: (i, j))
+  kernel = with_poison(_tpu_kernel, kw, specs, args, out, out_spec)
+  return pl.pallas_call(
+      kernel, grid=(mp // b.m, np_ // b.n, hg), in_specs=specs, out_specs=out_spec,
+      out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+      scratch_shapes=[pltpu.VMEM((b.m, b.n), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=pltpu.InterpretParams() if interpret else False, name="int4_matmul", **kw)(*args)
+
+
 def int4_matmul(x, packed, scales, *, group: int = 128, out_dtype=jnp.bfloat16,
-                blocks: Blocks | None = None, interpret: bool = False, out=None):
-  """x [M, K] (cast to bf16) times the packed int4 weight; see the module doc."""
-  from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
+                blocks: Blocks | None = None, backend: str = "gpu", interpret: bool = False,
+                out=None):
+  """x [M, K] (cast to bf16) times the packed int4 weight through the Pallas
+  kernel of ``backend`` ("gpu": Triton, "tpu": Mosaic); see the module doc."""
   m, n, k = _check(x, packed, scales, group)
+  if backend == "tpu":
+    b = fit_blocks(blocks or TPU_BLOCKS, m, n, group, "tpu")
+    mp, np_ = -(-m // b.m) * b.m, -(-n // b.n) * b.n
+    xp = jnp.pad(x.astype(jnp.bfloat16), ((0, mp - m), (0, 0)))
+    pp = jnp.pad(packed, ((0, 0), (0, np_ - n)))
+    sp = jnp.pad(scales.astype(jnp.float32), ((0, 0), (0, np_ - n)))
+    if out is not None and out.shape != (mp, np_):
+      raise ValueError(f"out must be the padded output {(mp, np_)}, got {out.shape}")
+    return _tpu_call(xp, pp, sp, b, group, out_dtype, interpret, out)[:m, :n]
+  if backend != "gpu":
+    raise ValueError(f"int4_matmul backend={backend!r}: 'gpu' or 'tpu' (XLA: int4_matmul_xla)")
+  from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
   b = fit_blocks(dataclasses.replace(blocks or GPU_BLOCKS, k=group), m, n, group)
   mp, np_ = -(-m // b.m) * b.m, -(-n // b.n) * b.n
   xp = jnp.pad(x.astype(jnp.bfloat16), ((0, mp - m), (0, 0)))
@@ -160,8 +215,12 @@ def int4_matmul(x, packed, scales, *, group: int = 128, out_dtype=jnp.bfloat16,
   return y[:m, :n]
 
 
-def padded_out_shape(m: int, n: int, k: int, group: int, blocks: Blocks | None = None):
+def padded_out_shape(m: int, n: int, k: int, group: int, blocks: Blocks | None = None,
+                     backend: str = "gpu"):
   """``out``'s shape: the padded [M, N], or [split_k, M, N] float32 partials."""
+  if backend == "tpu":
+    b = fit_blocks(blocks or TPU_BLOCKS, m, n, group, "tpu")
+    return -(-m // b.m) * b.m, -(-n // b.n) * b.n
   b = fit_blocks(dataclasses.replace(blocks or GPU_BLOCKS, k=16), m, n, 16)
   shape = (-(-m // b.m) * b.m, -(-n // b.n) * b.n)
   sk = split_divisor(k // (2 * group), b.split_k)
