@@ -7,14 +7,19 @@ change the logits), and the lowered program (how many online rotations run).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import re
 
-import numpy as np
-import pytest
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
-from qtrain.layers import rotation
+from qtrain.convert.rotate import drop_online, fuse_rotations
+from qtrain.layers import FormRule, ModelConfig, Provider, Transformer, rotation
+from qtrain.layers.config import RotationConfig
 
 SUPPORTED = [n for n in range(1, 1025) if rotation.supported(n)]
 
@@ -112,15 +117,24 @@ def test_cayley_rotation_orthogonal_and_inverse():
   np.testing.assert_allclose(np.asarray(rotation.cayley_inverse(a32)), r32.T, rtol=0, atol=1e-6)
 
 
+def test_learned_rotation_stays_orthogonal_under_gradient_steps():
+  """LearnedRotation starts at I and, after SGD steps on its free param
+  towards a random target, is still orthogonal (float32: 1e-5) and moved."""
+  mod = rotation.LearnedRotation(8)
+  params = mod.init(jax.random.key(0))
+  np.testing.assert_array_equal(mod.apply(params), np.eye(8, dtype=np.float32))
+  target = jnp.asarray(np.random.default_rng(0).standard_normal((8, 8)), jnp.float32)
+  loss = jax.jit(jax.value_and_grad(lambda p: jnp.sum((mod.apply(p) - target) ** 2)))
+  l0, _ = loss(params)
+  for _ in range(5):
+    _, g = loss(params)
+    params = jax.tree.map(lambda p, g: p - 0.05 * g, params, g)
+  r = np.asarray(mod.apply(params), np.float64)
+  np.testing.assert_allclose(r @ r.T, np.eye(8), rtol=0, atol=1e-5)
+  assert loss(params)[0] < l0 and np.abs(r - np.eye(8)).max() > 0.1
+
+
 # ---------------------------------------------------------------- the model
-import dataclasses  # pylint: disable=g-import-not-at-top,wrong-import-position
-import re  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-import flax.linen as nn  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from qtrain.convert.rotate import drop_online, fuse_rotations  # pylint: disable=g-import-not-at-top,wrong-import-position
-from qtrain.layers import FormRule, ModelConfig, Provider, Transformer  # pylint: disable=g-import-not-at-top,wrong-import-position
-from qtrain.layers.config import RotationConfig  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # No power of two among D = 48 = 12*4, H = 12 (Paley I), F = 88 = 44*2: every
 # rotation runs its dense Paley part. init_std 0.15 and norm gains 1 + 0.3 N(0, 1)
@@ -308,7 +322,8 @@ def test_r3_rotates_keys_before_their_site():
     (dict(head_dim=10, rotation=dict(r3="random_hadamard")),
      r"rotation.r3='random_hadamard' rotates over config.model.head_dim=10.*8 and 12"),
     (dict(rotation=dict(r3="learned")), r"rotation.r3='learned'; use one of .*fused: r1 or r2"),
-    (dict(rotation=dict(r4="hadamard", r4_layers="2-4")), r"r4_layers names block 4, but config.model.n_layers=4"),
+    (dict(rotation=dict(r4="hadamard", r4_layers="2-4")),
+     r"r4_layers names block 4, but config.model.n_layers=4"),
     (dict(d_ff=64, ffn_hadamard=True, rotation=dict(r4="hadamard")), "keep one"),
     (dict(rotation=dict(r5="hadamard")), r"config.model.rotation.r5 is not a rotation field"),
 ])

@@ -49,7 +49,9 @@ class RotationConfig:
   ``*_layers`` None = every block, else the block indices (an int, a sequence,
   or "0-3,7"), resolved per block under ``nn.scan`` by a table.
   """
-  r1: str = "none"  # Residual stream, D x D: embedding, q/k/v/gate/up inputs, o/down outputs, LM head.
+  # Residual stream, D x D: the embedding, q/k/v/gate/up inputs, o/down
+  # outputs, the LM head.
+  r1: str = "none"
   r2: str = "none"  # Per head on V (v_proj outputs) and O (o_proj inputs), H x H.
   r2_layers: Any = None
   r3: str = "none"  # Online on Q and K after RoPE (over head_dim): Q K^T unchanged.

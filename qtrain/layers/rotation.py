@@ -38,7 +38,8 @@ s (``random_signs``); orthogonal, its inverse is H^T diag(s) / sqrt(n).
 
 **Learned rotation** (SpinQuant trains R on the Stiefel manifold; the Cayley
 map parameterises it without constraints): R = (I - A)(I + A)^{-1}, A skew
-(A^T = -A), is orthogonal for every A, and R^{-1} = R^T.
+(A^T = -A), is orthogonal for every A, and R^{-1} = R^T (``cayley``,
+``cayley_inverse``; ``LearnedRotation`` holds A's free param).
 
 ``online(...)`` applies an online rotation (R3 on Q/K after RoPE, R4 on the
 down_proj input) as the layers call it: identity when off, and per block a
@@ -51,6 +52,7 @@ from __future__ import annotations
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -263,6 +265,18 @@ def cayley_inverse(a):
   """R^{-1} = R^T = (I - A)^{-1}(I + A) of ``cayley(a)``."""
   eye = jnp.eye(a.shape[-1], dtype=a.dtype)
   return jnp.linalg.solve(eye - a, eye + a)
+
+
+class LearnedRotation(nn.Module):
+  """R = cayley(skew(W)) [n, n], W an unconstrained param (zeros: R = I):
+  SpinQuant's learned R1 / R2, trained by plain gradient steps on W while R
+  stays orthogonal; ``fuse_rotations(..., r1=R)`` folds the result."""
+  n: int
+
+  @nn.compact
+  def __call__(self):
+    w = self.param("w", nn.initializers.zeros, (self.n, self.n), jnp.float32)
+    return cayley(skew(w))
 
 
 # Which rotation a random_hadamard seed belongs to: each draws its own signs.

@@ -215,7 +215,8 @@ def main(argv):
 def _define_flags() -> None:
   """The CLI's flags, defined only when it runs: importing ``run`` (tests, the
   sweep) must not claim --workdir, which qtrain.eval defines too."""
-  global _WORKDIR, _RECIPE, _METHOD, _CALIB, _OUT, _DATA, _ACT_ORDER, _BLOCK, _DAMP, _GRID, _STEP, _FFN_H, _ROTATE
+  global _WORKDIR, _RECIPE, _METHOD, _CALIB, _OUT, _DATA, _ACT_ORDER, _BLOCK, _DAMP, _GRID, _STEP
+  global _FFN_H, _ROTATE
   _WORKDIR = flags.DEFINE_string("workdir", None, "Training run (config.json, checkpoints/).")
   _RECIPE = flags.DEFINE_string("recipe", None, "Quant preset in configs/quant, e.g. w4a4kv4.")
   _METHOD = flags.DEFINE_enum("method", "rtn", ["rtn", "gptq", "awq"], "PTQ method.")
