@@ -1,6 +1,7 @@
 """Shared fixtures: one short smoke training run, trained in-process once per
-session and copied by the tests that resume, damage or evaluate it; and one
-JAX persistent compilation cache for the whole session.
+session (once for all pytest-xdist workers) and read or copied by the tests
+that evaluate, quantize, resume or damage it; and one JAX persistent
+compilation cache for the whole session.
 
 The cache: most of the suite's time is XLA compiling the smoke model, and
 many tests compile the very same program (the same config's init and step,
@@ -14,6 +15,7 @@ removed at the end: every CI run still compiles everything once.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pathlib
 import shutil
@@ -75,12 +77,41 @@ def smoke_config(**train):
   return cfg
 
 
+def shared_dir(tmp_path_factory, name: str, build) -> pathlib.Path:
+  """A directory ``build(path)`` fills, made once per test session.
+
+  pytest-xdist workers are separate processes, so a session fixture runs
+  once in each. Under xdist the first worker to ask builds the directory
+  (in a private temporary path, then renamed into place: a failed build
+  leaves nothing half-made) while holding an exclusive lock in the temporary
+  directory all workers of this session share; the others wait on the lock
+  and read what it built. Callers must not write into the result: copy it.
+  """
+  if os.environ.get("PYTEST_XDIST_WORKER") is None:
+    path = tmp_path_factory.mktemp(name) / name
+    build(path)
+    return path
+  shared = tmp_path_factory.getbasetemp().parent  # pytest-<n>/, above every popen-gw<i>/.
+  path = shared / name
+  with open(shared / f"{name}.lock", "w", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
+    if not path.exists():
+      private = tmp_path_factory.mktemp(name) / name
+      build(private)
+      os.replace(private, path)
+  return path
+
+
+def _train_smoke_run(workdir: pathlib.Path) -> None:
+  from qtrain.train.loop import run  # pylint: disable=g-import-not-at-top
+  run(smoke_config(), str(workdir))
+
+
 @pytest.fixture(scope="session")
 def smoke_run_dir(tmp_path_factory) -> pathlib.Path:
-  from qtrain.train.loop import run  # pylint: disable=g-import-not-at-top
-  workdir = tmp_path_factory.mktemp("smoke_run") / "run"
-  run(smoke_config(), str(workdir))
-  return workdir
+  """The smoke run (4 steps, checkpoints at 2 and 4), trained once for all
+  workers of the session. Read-only: tests that write take ``smoke_run``."""
+  return shared_dir(tmp_path_factory, "smoke_run", _train_smoke_run)
 
 
 @pytest.fixture

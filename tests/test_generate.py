@@ -29,7 +29,6 @@ from qtrain.quant import QuantProvider, QuantRule, QuantSpec
 from qtrain.train.sample import decode, generate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DATA = pathlib.Path(os.environ.get("QTRAIN_TEST_DATA", ROOT / "data" / "kjv"))
 
 # init_std well above 0.02 so that logits are O(1) and greedy picks are not ties.
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -219,22 +218,16 @@ def test_tokens_with_packed_cache_equal_fake_quant_forward(bits, temperature):
     assert len(set(got)) > 6, got
 
 
-def test_cli_prints_text_of_a_tiny_run(tmp_path):
+def test_cli_prints_text_of_a_tiny_run(smoke_run_dir):
+  """The session's smoke run (tests/conftest.py), read only."""
   env = dict(os.environ, PYTHONUNBUFFERED="1")
-  run = lambda *args: subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env,
-                                     capture_output=True, text=True, timeout=300)
-  train = run("qtrain.train", "--config=configs/default.py:smoke", f"--workdir={tmp_path}",
-              f"--config.data.dir={DATA}", "--config.train.steps=1",
-              "--config.optim.warmup_steps=0", "--config.train.sample_tokens=0",
-              "--config.data.eval_batches=1", "--config.train.async_checkpoint=False",
-              # One unscanned layer compiles ~20% faster; the KV rule must match layers_0.
-              "--config.model.n_layers=1", "--config.model.scan_layers=False")
-  assert train.returncode == 0, train.stderr[-3000:]
-  gen = run("qtrain.generate", f"--workdir={tmp_path}", "--prompt=And God said",
-            "--max_new_tokens=8", "--kv_bits=4")
+  gen = subprocess.run([sys.executable, "-m", "qtrain.generate", f"--workdir={smoke_run_dir}",
+                        "--prompt=And God said", "--max_new_tokens=8", "--kv_bits=4"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
   assert gen.returncode == 0, gen.stderr[-3000:]
   text = gen.stdout.strip()
   assert text.startswith("And God said") and len(text.split()) > 3, gen.stdout
-  # --kv_bits=4 reached the cache: 2 * K * (H / 2 + 4 + 1) bytes per token for
-  # one layer with K=2, H=16 (float32 K/V would take 256, unpacked int4 84).
-  assert "KV cache 52 bytes per token" in gen.stderr, gen.stderr[-2000:]
+  # --kv_bits=4 reached the cache: L * 2 * K * (H / 2 + 4 + 1) bytes per token
+  # for the smoke model's L=2 layers, K=2, H=16 (float32 K/V would take 512,
+  # unpacked int4 168).
+  assert "checkpoint step 4; KV cache 104 bytes per token" in gen.stderr, gen.stderr[-2000:]

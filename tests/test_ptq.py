@@ -468,13 +468,10 @@ def _env():
 
 
 @pytest.mark.slow
-def test_cli_end_to_end_rtn_gptq_awq(tmp_path):
-  run = tmp_path / "run"
-  train = [sys.executable, "-m", "qtrain.train", "--config=configs/default.py:smoke",
-           f"--workdir={run}", f"--config.data.dir={DATA}", "--config.train.steps=4",
-           "--config.train.sample_tokens=0"]
-  proc = subprocess.run(train, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+def test_cli_end_to_end_rtn_gptq_awq(smoke_run):
+  """The session's 4-step smoke run (tests/conftest.py; a copy: the exports
+  go into the run's directory) quantized by the CLI with each method."""
+  run = smoke_run
   procs = {m: subprocess.Popen(
       [sys.executable, "-m", "qtrain.quantize", f"--workdir={run}", "--recipe=w4a4kv4",
        f"--method={m}", "--calib_batches=2"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
@@ -499,18 +496,19 @@ def test_cli_end_to_end_rtn_gptq_awq(tmp_path):
   assert metrics["gptq"]["calib_batches"] == 2
   assert metrics["gptq"]["ppl_ptq"] != metrics["rtn"]["ppl_ptq"]  # Different weights.
   # GPTQ minimises each matmul's output error E = tr(dW^T H dW), H = X^T X / n
-  # of its input. The held-out perplexity of this 4-step model is ~6130 (near
+  # of its input. The held-out perplexity of this 4-step model is ~5780 (near
   # the 8k vocabulary) for every method, and moves by +-0.3% between methods
   # and weight noises: a GPTQ whose error propagation was flipped (the break
-  # tried) scored 6122 against RTN's 6149, "better". So the check is E of the
-  # exported weights on held-out inputs (not the 2 calibration batches).
+  # tried, on an earlier 4-step run) scored 6122 against RTN's 6149, "better".
+  # So the check is E of the exported weights on held-out inputs (not the 2
+  # calibration batches).
   err = _layer_errors(run, [run / f"ptq_w4a4kv4_{m}" for m in ("rtn", "gptq")])
   for path, (e_rtn, e_gptq) in err.items():
-    # Measured: GPTQ/RTN 0.08 (o_proj) to 0.78 (v_proj) per matmul; 10% slack
+    # Measured: GPTQ/RTN 0.06 (o_proj) to 0.74 (v_proj) per matmul; 10% slack
     # for calibrating on 2 batches and measuring on 2 others.
     assert e_gptq <= 1.1 * e_rtn, (path, e_gptq, e_rtn)
   total = [sum(e[i] for e in err.values()) for i in (0, 1)]
-  assert total[1] <= 0.8 * total[0], total  # Measured 0.53.
+  assert total[1] <= 0.8 * total[0], total  # Measured 0.45.
 
 
 def _layer_errors(run, exports) -> dict:

@@ -180,22 +180,22 @@ def test_prepare_uses_the_base_vocabulary_and_masks_prompts(sft_data):
     assert np.all(np.diff(tf.doc_mask(i).astype(int)) >= 0)
 
 
-def test_finetune_from_a_pretrained_run_reports_response_perplexity(sft_data, tmp_path):
+def test_finetune_from_a_pretrained_run_reports_response_perplexity(sft_data, smoke_run_dir,
+                                                                   tmp_path):
+  """From the session's smoke run (tests/conftest.py: 4 steps on KJV, 8
+  devices), read only, onto this process's one device."""
   out, _ = sft_data
   smoke = "--config=configs/default.py:smoke"
-  base = _cli("qtrain.train", smoke, f"--workdir={tmp_path / 'base'}",
-              "--config.train.steps=3", "--config.train.sample_tokens=0", cwd=ROOT)
-  assert base.returncode == 0, base.stderr[-2000:]
   tuned = _cli("qtrain.finetune", smoke, f"--workdir={tmp_path / 'sft'}",
-               f"--init_from={tmp_path / 'base'}", f"--config.data.dir={out}",
+               f"--init_from={smoke_run_dir}", f"--config.data.dir={out}",
                "--config.train.steps=3", "--config.train.sample_tokens=0", cwd=ROOT)
   assert tuned.returncode == 0, tuned.stderr[-2000:]
-  assert f"initialised params from {tmp_path / 'base'} (step 3)" in tuned.stdout
+  assert f"initialised params from {smoke_run_dir} (step 4)" in tuned.stdout
   assert "held-out response perplexity: initial" in tuned.stdout
   rows = [json.loads(l) for l in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
   first = next(r for r in rows if r.get("step") == 0 and "eval_ppl" in r)
   # The initial held-out loss is the base model's, on responses only: below
-  # an untrained model's log(V) (the base trained 3 steps on KJV text).
+  # an untrained model's log(V) (the base trained 4 steps on KJV text).
   assert first["eval_loss"] < np.log(8192)
   # A second workdir of the same config, with another (wrong) source: refused
   # in one line before anything compiles.

@@ -198,9 +198,8 @@ def test_training_path_imports_no_tensorflow_and_starts_no_backend():
   subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=300)
 
 
-def test_init_from_starts_with_another_runs_params(tmp_path):
-  src, dst = tmp_path / "src", tmp_path / "dst"
-  _run(src, "--config.train.steps=4", "--config.train.eval_every=100")
+def test_init_from_starts_with_another_runs_params(smoke_run_dir, tmp_path):
+  src, dst = smoke_run_dir, tmp_path / "dst"  # The session's smoke run (conftest.py), read only.
   proc = _run(dst, "--config.train.steps=2", "--config.optim.warmup_steps=1",
               f"--config.train.init_from={src}", "--config.train.eval_every=100")
   assert "initialised params from" in proc.stdout

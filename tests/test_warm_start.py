@@ -41,9 +41,8 @@ def _source_params(workdir):
     return checkpoint.restore_params(workdir, params_target(model, mesh, 64))
 
 
-def test_init_from_unquantized_run_into_lsq_config(tmp_path):
-  src = str(tmp_path / "src")
-  run(_smoke(), src)
+def test_init_from_unquantized_run_into_lsq_config(smoke_run_dir, tmp_path):
+  src = str(smoke_run_dir)  # The session's unquantized smoke run (tests/conftest.py), read only.
   cfg = _lsq(_smoke(2))
   cfg.train.init_from = src
   model = build_model(cfg)
