@@ -115,20 +115,22 @@ def test_int8_rejects_bad_inputs():
 from qtrain.kernels import fwht as kh  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
-@pytest.mark.parametrize("n,rows", [(64, 37), (512, 20), (2048, 3)])
-def test_hadamard_matches_dense_float64(n, rows):
+@pytest.mark.parametrize("backend,n,rows", [("gpu", 64, 37), ("gpu", 512, 20), ("gpu", 2048, 3),
+                                            ("tpu", 64, 37), ("tpu", 512, 5)])
+def test_hadamard_matches_dense_float64(backend, n, rows):
   """float32 in/out with random signs: within 1e-6 relative (Frobenius) of
   the dense float64 (x * s) H_n / sqrt(n). Three bf16 pieces carry float32's
   24 bits and H's +-1 are exact, so only float32 accumulation rounding is
   left (~1e-7); a two-piece split sits near 3e-6 and fails. Covers the
-  dense path (n <= 128) and the Kronecker path with a = b and a != b."""
+  dense path (n <= 128) and the Kronecker path with a = b and a != b, in
+  both flavours (TPU in TPU interpret mode)."""
   rng = np.random.default_rng(n + rows)
   x = rng.standard_normal((rows, n))
   s = rng.choice([-1.0, 1.0], n)
   ref = (x * s) @ kh.sylvester(n).astype(np.float64) / np.sqrt(n)
   poison = jnp.full((kh.padded_rows(rows, n), n), jnp.nan, jnp.float32)
-  y = kh.hadamard(jnp.asarray(x, jnp.float32), jnp.asarray(s, jnp.float32), interpret=True,
-                  out=poison)
+  y = kh.hadamard(jnp.asarray(x, jnp.float32), jnp.asarray(s, jnp.float32), backend=backend,
+                  interpret=True, out=poison)
   y = np.asarray(y, np.float64)
   assert np.isfinite(y).all(), "an output element was never written"
   assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-6

@@ -5,7 +5,7 @@
 * ``"xla"`` (the default): always the XLA path (``lax.dot_general`` int8,
   the grouped int4 einsum, ``fwht``'s butterflies).
 * ``"auto"``: the Pallas flavour of ``jax.default_backend()`` where one is
-  built (int8 and int4: "gpu" Triton and "tpu" Mosaic; Hadamard: "gpu"),
+  built (int8, int4 and Hadamard: "gpu" Triton and "tpu" Mosaic),
   else XLA; on CPU that is XLA, so nothing changes there.
 * ``"interpret"``: the GPU flavour in Pallas interpret mode on any backend
   (tests; slow).
@@ -29,7 +29,7 @@ import jax
 from qtrain.kernels import fwht, int4, int8
 
 KERNELS = ("xla", "auto", "interpret")
-_BUILT = {"int8": ("gpu", "tpu"), "int4": ("gpu", "tpu"), "hadamard": ("gpu",)}
+_BUILT = {"int8": ("gpu", "tpu"), "int4": ("gpu", "tpu"), "hadamard": ("gpu", "tpu")}
 
 
 def flavour(kernels: str, op: str) -> tuple[str, bool] | None:

@@ -24,6 +24,11 @@ pieces (16 bits) are plenty there and cost a third less. A bf16 input times
 For n <= 128 (per-head rotations: head_dim 64, 128) a block of rows is one
 [rows, n] x [n, n] product with the dense H_n instead.
 
+Flavours: the kernel bodies are ref loads/stores and dots only, so the same
+bodies run on Triton ("gpu") and Mosaic TPU ("tpu"; checked in TPU interpret
+mode; on a real TPU, b >= 128 keeps the row tile lane-dense, i.e. n >= 2^14
+for the Kronecker path or n = 128 for the dense one).
+
 Not tiled: n not a power of two, n < 16 or n > 2^16 (a, b <= 256 keeps the
 [a, b] row in one program). ``hadamard`` falls back to the XLA path there.
 """
@@ -108,11 +113,15 @@ def _dense_kernel(x_ref, h_ref, *rest, terms: int, scale: float):
   o_ref[...] = (y * scale).astype(o_ref.dtype)
 
 
-def _compiler_params(backend, num_warps):
+def _call_params(backend, num_warps, interpret):
+  """(compiler_params, interpret) of the backend's flavour: the kernel bodies
+  are plain ref loads/stores and dots, shared by Triton and Mosaic TPU."""
   if backend == "gpu":
     from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
-    return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
-  return None
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=1), interpret
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+  params = pltpu.CompilerParams(dimension_semantics=("parallel",))
+  return params, (pltpu.InterpretParams() if interpret else False)
 
 
 def _split(n: int) -> tuple[int, int]:
@@ -132,8 +141,8 @@ def hadamard(x, signs=None, *, backend: str = "gpu", block_rows: int | None = No
   n = x.shape[-1]
   if not kernel_supports(n):
     return hadamard_xla(x, signs)
-  if backend != "gpu":
-    raise ValueError(f"hadamard backend={backend!r}: only the 'gpu' (Triton) flavour is built")
+  if backend not in ("gpu", "tpu"):
+    raise ValueError(f"hadamard backend={backend!r}: 'gpu' (Triton) or 'tpu' (Mosaic)")
   terms = terms or (3 if x.dtype == jnp.float32 else 2)
   lead = x.shape[:-1]
   x2 = x.reshape(-1, n)
@@ -170,11 +179,11 @@ def hadamard(x, signs=None, *, backend: str = "gpu", block_rows: int | None = No
   if out is not None:
     from qtrain.kernels.int8 import with_poison  # pylint: disable=g-import-not-at-top
     kernel = with_poison(kernel, kw, specs, args, out.reshape(out_shape), out_spec)
+  params, interpret = _call_params(backend, num_warps, interpret)
   y = pl.pallas_call(
       kernel, grid=(rp // br,), in_specs=specs, out_specs=out_spec,
       out_shape=jax.ShapeDtypeStruct(out_shape, x.dtype),
-      compiler_params=_compiler_params(backend, num_warps), interpret=interpret,
-      name="hadamard", **kw)(*args)
+      compiler_params=params, interpret=interpret, name="hadamard", **kw)(*args)
   return y.reshape(rp, n)[:rows].reshape(*lead, n)
 
 
