@@ -2,6 +2,7 @@
 
   python benchmarks/matmul.py --out=/tmp/matmul.json            # GPU (H100)
   python benchmarks/matmul.py --smoke                           # CPU, interpret mode
+  python benchmarks/matmul.py --train --out=/tmp/train.json     # fwd + bwd of the int8 training matmul
 
 For each layer shape (K, N) of ``llama_1b`` (d 2048, d_ff 5632) and
 ``llama_8b`` (d 4096, d_ff 14336): attention out (d, d), gate/up (d, d_ff)
@@ -191,6 +192,52 @@ def bench_shape(model, name, m, k, n, args, interpret):
   return row
 
 
+def bench_train(model, name, m, k, n, args, interpret):
+  """One training matmul, forward and backward (y, dX, dW for a random
+  cotangent): the bf16 dot against ``quant_dot``'s int8 mode (per-token x,
+  per-channel W, int8 backward) through XLA and through the Pallas kernel
+  (the dispatcher's default blocks). The kernel path must equal the XLA path
+  (same codes, same epilogues) before it is timed."""
+  from qtrain.quant.dot_general import DotSpec, quant_dot  # pylint: disable=g-import-not-at-top
+  from qtrain.quant.spec import QuantSpec  # pylint: disable=g-import-not-at-top
+  row = dict(model=model, layer=name, M=m, K=k, N=n, kind="train")
+  dims = (((1,), (0,)), ((), ()))
+  n_sets = 2 if args.smoke else timing.n_sets(6 * (m * k + k * n + m * n), lo=2, hi=8)
+  key = jax.random.key(m + k + n)
+  sets = []
+  for i in range(n_sets):
+    kx, kw, kg = jax.random.split(jax.random.fold_in(key, i), 3)
+    sets.append((jax.random.normal(kx, (m, k), jnp.bfloat16),
+                 (jax.random.normal(kw, (k, n), jnp.float32) * k ** -0.5).astype(jnp.bfloat16),
+                 jax.random.normal(kg, (m, n), jnp.bfloat16)))
+
+  def fwd_bwd(dot):
+    def f(x, w, g):
+      y, vjp = jax.vjp(dot, x, w)
+      return (y, *vjp(g))
+    return f
+
+  bf16 = fwd_bwd(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
+  int8 = lambda kernels: fwd_bwd(lambda x, w: quant_dot(
+      DotSpec(weight=QuantSpec(bits=8, granularity="channel"),
+              act=QuantSpec(bits=8, granularity="token"), mode="int8", kernels=kernels),
+      None, None, x, w, dims))
+  pallas = "interpret" if interpret else "auto"
+  outs = [jax.jit(int8(kk))(*sets[0]) for kk in ("xla", pallas)]
+  row["kernel_vs_xla_max_abs"] = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+                                     for a, b in zip(*outs))
+  row["bf16_s"], row["bf16_s_again"] = timing.spread(bf16, sets, args.reps)
+  row["int8_xla_s"] = timing.time_per_call(int8("xla"), sets, args.reps)
+  if row["kernel_vs_xla_max_abs"] == 0.0:  # Same codes and epilogues: bit-equal or wrong.
+    row["int8_pallas_s"] = timing.time_per_call(int8(pallas), sets, args.reps)
+  else:
+    row["int8_pallas"] = "differs from the XLA path: not timed"
+  for key_ in ("int8_xla", "int8_pallas"):
+    if f"{key_}_s" in row:
+      row[f"{key_}_speedup"] = row["bf16_s"] / row[f"{key_}_s"]
+  return row
+
+
 def bench_w4a16(sets, m, n, k, configs, interpret, reps, row, group=128):
   """bf16 x against int4 codes of the set's w (group scales); best config."""
   if k % (2 * group):
@@ -242,6 +289,8 @@ def main() -> None:
   p.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
   p.add_argument("--budget_s", type=float, default=540.0,
                  help="start no new shape after this many seconds (the table still prints)")
+  p.add_argument("--train", action="store_true",
+                 help="forward + backward of the int8 training matmul (quant_dot) instead")
   p.add_argument("--out", default=None)
   args = p.parse_args()
   backend = jax.default_backend()
@@ -263,6 +312,10 @@ def main() -> None:
     shapes = [(model, name, m, k, n) for model in args.models.split(",")
               for name, (k, n) in layer_shapes(model).items() if name in args.layers.split(",")
               for m in map(int, args.ms.split(","))]
+  if args.train:
+    if not args.smoke and args.ms == ",".join(map(str, M_FULL)):
+      args.ms = "2048,8192,16384"  # Tokens per microbatch of a training step.
+    return main_train(args, interpret)
   rows, t0 = [], time.perf_counter()
   for model, name, m, k, n in shapes:
     if time.perf_counter() - t0 > args.budget_s:
@@ -282,6 +335,31 @@ def main() -> None:
           f"{_fmt(r, 'xla_int8')} {_fmt(r, 'pallas_int8')} {_fmt(r, 'pallas_w4a16')} "
           f"{_fmt(r, 'torch_int_mm')}  {r['floor_bf16_flop_s'] * 1e6:.1f}/"
           f"{r['floor_int8_flop_s'] * 1e6:.1f}/{r['floor_int8_byte_s'] * 1e6:.1f}")
+
+
+def main_train(args, interpret) -> None:
+  if args.smoke:
+    shapes = [("smoke", "tiny", 32, 64, 48)]
+  else:
+    shapes = [(model, name, m, k, n) for model in args.models.split(",")
+              for name, (k, n) in layer_shapes(model).items() if name in args.layers.split(",")
+              for m in map(int, args.ms.split(","))]
+  rows, t0 = [], time.perf_counter()
+  for model, name, m, k, n in shapes:
+    if time.perf_counter() - t0 > args.budget_s:
+      print(f"budget: {args.budget_s:.0f} s spent, shapes left out from here on", flush=True)
+      break
+    row = bench_train(model, name, m, k, n, args, interpret)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    if args.out:
+      with open(args.out, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+  print("\ntraining matmul (y, dX, dW), speedup over the bf16 dot's forward + backward")
+  print(f"{'model':9s} {'layer':8s} {'M':>6s} {'bf16 us':>8s} {'int8 xla':>9s} {'int8 pallas':>12s}")
+  for r in rows:
+    print(f"{r['model']:9s} {r['layer']:8s} {r['M']:6d} {r['bf16_s'] * 1e6:8.1f} "
+          f"{_fmt(r, 'int8_xla'):>9s} {_fmt(r, 'int8_pallas'):>12s}")
 
 
 if __name__ == "__main__":
