@@ -100,42 +100,66 @@ def _suits(spec: str, m: int) -> bool:
   return b.m <= max(16, m) or b.m <= 64
 
 
-def bench_int8(sets, m, n, k, configs, interpret, reps, row):
-  """Each config: poisoned run checked against XLA's int8 path, then timed;
-  the fastest is re-checked for a bit-exact int32 accumulator (one compile
-  per config for the check, one for the timing: Triton compiles dominate
-  the run)."""
-  s0 = sets[0]
-  ref = k8.int8_matmul_xla(s0["qx"], s0["qw"], s0["sx"], s0["sw"])
+def tune(name, configs, m, make, sets, ref, poison, reps, row, tol=1e-2):
+  """Times ``make(blocks)`` for each config that suits M and returns the
+  fastest entry after re-running it on a poisoned output buffer.
+
+  Per config one compile: the timed function's first outputs are checked
+  against ``ref`` (relative error < ``tol``; NaN fails). The winner alone is
+  re-run with ``out=poison(blocks)`` aliased (a second compile), so a buffer
+  that happened to hold the right values cannot hide an unwritten tile.
+  """
   best = None
   for spec in [c for c in configs if _suits(c, m)]:
-    b = _blocks(spec)
-    fn = jax.jit(functools.partial(k8.int8_matmul, backend="gpu", blocks=b, interpret=interpret))
+    b, entry = _blocks(spec), {"config": spec}
     try:
-      shape = k8.padded_out_shape(m, n, k, "gpu", b)  # 3-D: split_k's int32 partials.
-      poison = (jnp.full(shape, jnp.nan, jnp.bfloat16) if len(shape) == 2
-                else jnp.full(shape, jnp.iinfo(jnp.int32).min, jnp.int32))
-      err = timing.relative_error(fn(s0["qx"], s0["qw"], s0["sx"], s0["sw"], out=poison), ref)
-      entry = {"config": spec, "rel_err": err}
-      if not err < 1e-2:  # Same int32 sums, same float32 epilogue: 0 expected, bf16 ulps at most.
+      fn = make(b)
+      many = jax.jit(lambda ss, fn=fn: [fn(*s_) for s_ in ss])
+      entry["rel_err"] = err = timing.relative_error(many(sets)[0], ref)
+      if not err < tol:
         entry["error"] = "wrong result: not timed"
       else:
-        entry["s"] = timing.time_per_call(lambda a, b_, c, d: fn(a, b_, c, d),
-                                          [(s["qx"], s["qw"], s["sx"], s["sw"]) for s in sets], reps)
+        entry["s"] = timing.time_per_call(fn, sets, reps, many=many)
     except Exception as e:  # pylint: disable=broad-except
-      entry = {"config": spec, "error": f"{type(e).__name__}: {str(e)[:200]}"}
-    row.setdefault("pallas_int8_configs", []).append(entry)
+      entry["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    row.setdefault(f"{name}_configs", []).append(entry)
     if "s" in entry and (best is None or entry["s"] < best["s"]):
       best = entry
-  if best:
-    acc = jax.jit(functools.partial(k8.int8_matmul, backend="gpu", blocks=_blocks(best["config"]),
-                                    interpret=interpret, out_dtype=jnp.int32))(s0["qx"], s0["qw"])
-    best["acc_exact"] = bool(jnp.array_equal(
-        acc, k8.int8_matmul_xla(s0["qx"], s0["qw"], out_dtype=jnp.int32)))
-    if best["acc_exact"]:
-      row["pallas_int8_s"], row["pallas_int8_config"] = best["s"], best["config"]
-    else:
-      row["pallas_int8"] = f"config {best['config']}: int32 accumulator differs from XLA's"
+  if best is None:
+    return None
+  b = _blocks(best["config"])
+  best["poisoned_rel_err"] = err = timing.relative_error(
+      jax.jit(make(b))(*sets[0], out=poison(b)), ref)
+  if not err < tol:
+    row[name] = f"config {best['config']}: an output element was not written (poison survived)"
+    return None
+  return best
+
+
+def bench_int8(sets, m, n, k, configs, interpret, reps, row):
+  """The int8 kernel's configs against XLA's int8 path; the winner's int32
+  accumulator must also equal XLA's bit for bit."""
+  qsets = [(s["qx"], s["qw"], s["sx"], s["sw"]) for s in sets]
+  ref = k8.int8_matmul_xla(*qsets[0])
+  make = lambda b: functools.partial(k8.int8_matmul, backend="gpu", blocks=b, interpret=interpret)
+
+  def poison(b):
+    shape = k8.padded_out_shape(m, n, k, "gpu", b)  # 3-D: split_k's int32 partials.
+    if len(shape) == 2:
+      return jnp.full(shape, jnp.nan, jnp.bfloat16)
+    return jnp.full(shape, jnp.iinfo(jnp.int32).min, jnp.int32)
+
+  # Same int32 sums, same float32 epilogue: 0 expected, bf16 ulps at most.
+  best = tune("pallas_int8", configs, m, make, qsets, ref, poison, reps, row)
+  if best is None:
+    return
+  acc = jax.jit(functools.partial(make(_blocks(best["config"])), out_dtype=jnp.int32))(*qsets[0][:2])
+  best["acc_exact"] = bool(jnp.array_equal(
+      acc, k8.int8_matmul_xla(*qsets[0][:2], out_dtype=jnp.int32)))
+  if best["acc_exact"]:
+    row["pallas_int8_s"], row["pallas_int8_config"] = best["s"], best["config"]
+  else:
+    row["pallas_int8"] = f"config {best['config']}: int32 accumulator differs from XLA's"
 
 
 def _torch_status() -> str:
@@ -242,7 +266,8 @@ def bench_train(model, name, m, k, n, args, interpret):
 
 
 def bench_w4a16(sets, m, n, k, configs, interpret, reps, row, group=128):
-  """bf16 x against int4 codes of the set's w (group scales); best config."""
+  """bf16 x against int4 codes of the set's w (group scales): the XLA path
+  and the kernel's configs."""
   if k % (2 * group):
     row["pallas_w4a16"] = f"unavailable: K={k} is not a multiple of 2 * group={2 * group}"
     return
@@ -251,24 +276,14 @@ def bench_w4a16(sets, m, n, k, configs, interpret, reps, row, group=128):
   ref = k4.int4_matmul_xla(*wsets[0], group=group)
   row["xla_w4a16_s"] = timing.time_per_call(
       functools.partial(k4.int4_matmul_xla, group=group), wsets, reps)
-  best = None
-  for spec in [c for c in configs if _suits(c, m)]:
-    b = _blocks(spec)
-    fn = jax.jit(functools.partial(k4.int4_matmul, group=group, blocks=b, interpret=interpret))
-    entry = {"config": spec}
-    try:
-      shape = k4.padded_out_shape(m, n, k, group, b)
-      poison = jnp.full(shape, jnp.nan, jnp.bfloat16 if len(shape) == 2 else jnp.float32)
-      entry["rel_err"] = err = timing.relative_error(fn(*wsets[0], out=poison), ref)
-      if not err < 1e-2:  # Same bf16 products, float32 sums reordered: ~1e-3 at most.
-        entry["error"] = "wrong result: not timed"
-      else:
-        entry["s"] = timing.time_per_call(lambda x, p_, s_: fn(x, p_, s_), wsets, reps)
-    except Exception as e:  # pylint: disable=broad-except
-      entry["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-    row.setdefault("pallas_w4a16_configs", []).append(entry)
-    if "s" in entry and (best is None or entry["s"] < best["s"]):
-      best = entry
+  make = lambda b: functools.partial(k4.int4_matmul, group=group, blocks=b, interpret=interpret)
+
+  def poison(b):
+    shape = k4.padded_out_shape(m, n, k, group, b)  # 3-D: split_k's float32 partials.
+    return jnp.full(shape, jnp.nan, jnp.bfloat16 if len(shape) == 2 else jnp.float32)
+
+  # Same bf16 products, float32 sums reordered: ~1e-3 at most.
+  best = tune("pallas_w4a16", configs, m, make, wsets, ref, poison, reps, row)
   if best:
     row["pallas_w4a16_s"], row["pallas_w4a16_config"] = best["s"], best["config"]
 
