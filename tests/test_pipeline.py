@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from parallel_util import BATCH, SEQ, Run, batch, smoke_config
+from parallel_util import BATCH, SEQ, Run, batch, save_restore, smoke_config
 from qtrain.config import ConfigError, validate
 from qtrain.data.global_batch import to_global
 from qtrain.parallel import pipeline as pp
@@ -40,12 +40,14 @@ REORDER = BATCH * SEQ * U
 N_LAYERS = 4
 # (schedule, pipeline size, microbatches). m = 2p on pipeline=2 so the
 # memory comparison sees 1F1B's bound; circular with 2 repeats needs m % p == 0.
-CASES = [("gpipe", 2, 4), ("gpipe", 4, 4), ("circular", 2, 4), ("circular", 4, 4),
-         ("1f1b", 2, 4), ("1f1b", 4, 4)]
+# 1F1B on pipeline=4 runs under ``w4a4kv4`` fake-quant: the stages resolve the
+# quantizers' path rules and per-layer state as the whole model does.
+CASES = [("gpipe", 2, 4, ""), ("gpipe", 4, 4, ""), ("circular", 2, 4, ""),
+         ("circular", 4, 4, ""), ("1f1b", 2, 4, ""), ("1f1b", 4, 4, "w4a4kv4")]
 
 
-def pipeline_config(schedule="gpipe", m=0, n_layers=N_LAYERS, **mesh):
-  cfg = smoke_config(**mesh)
+def pipeline_config(schedule="gpipe", m=0, n_layers=N_LAYERS, quant="", **mesh):
+  cfg = smoke_config(quant, **mesh)
   cfg.model.n_layers = n_layers
   if mesh.get("pipeline", 1) > 1:
     cfg.train.update(step="pipeline", pipeline_schedule=schedule, pipeline_microbatches=m)
@@ -63,10 +65,14 @@ class Runs:
     return self.single.loss_and_grads(self.state.params, self.batch)
 
   @functools.cache
-  def pipelined(self, schedule: str, p: int, m: int):
-    """(loss, grads, compiled) of the family's gradients on pipeline=p."""
+  def quant_reference(self, quant: str):
+    return Run(pipeline_config(quant=quant)).loss_and_grads(self.state.params, self.batch)
+
+  @functools.cache
+  def pipelined(self, schedule: str, p: int, m: int, quant: str = ""):
+    """(loss, grads, compiled, run) of the family's gradients on pipeline=p."""
     n_layers = 2 * N_LAYERS if (schedule, p) == ("circular", 4) else N_LAYERS
-    run = Run(pipeline_config(schedule, m, n_layers, pipeline=p))
+    run = Run(pipeline_config(schedule, m, n_layers, quant, pipeline=p))
     sched = pp.schedule_of(run.cfg, p)
     accum = family.gradients(sched, run.mesh, batch_sharding(run.mesh))
     loss_fn = make_loss(run.model)
@@ -121,11 +127,18 @@ def pipeline_coordinate(mesh) -> dict[int, tuple]:
   return out
 
 
-@pytest.mark.parametrize("schedule,p,m", CASES)
-def test_schedule_equals_single_device(runs, schedule, p, m):
-  loss, grads, compiled, run = runs.pipelined(schedule, p, m)
-  deep = (schedule, p) == ("circular", 4)
-  ref_loss, ref_grads, _ = runs.deep_reference(2 * N_LAYERS) if deep else runs.reference
+@pytest.mark.parametrize("schedule,p,m,quant", CASES)
+def test_schedule_equals_single_device(runs, schedule, p, m, quant):
+  """Under fake-quant the quantizers' inputs differ from one device's by
+  float32 reordering only and no rounding flips on this batch (as on every
+  layout of tests/test_parallel.py), so the same bound holds."""
+  loss, grads, compiled, run = runs.pipelined(schedule, p, m, quant)
+  if quant:
+    ref_loss, ref_grads, _ = runs.quant_reference(quant)
+  elif (schedule, p) == ("circular", 4):
+    ref_loss, ref_grads, _ = runs.deep_reference(2 * N_LAYERS)
+  else:
+    ref_loss, ref_grads, _ = runs.reference
   assert abs(loss - ref_loss) <= REORDER * abs(ref_loss), (loss, ref_loss)
   assert_reordered(grads, ref_grads, f"{schedule} p={p}: ")
   # Activations (and 1F1B's cotangents) move between ring neighbours of the
@@ -142,7 +155,7 @@ def test_1f1b_memory_below_gpipe(runs):
   """At m = 2p GPipe keeps every tick's activations for its backward (the
   residuals of v m + p - 1 ticks); 1F1B keeps at most 2p - 1 stage inputs
   and recomputes the stage in its backward slot."""
-  temp = {s: runs.pipelined(s, 2, 4)[2].memory_analysis().temp_size_in_bytes
+  temp = {s: runs.pipelined(s, 2, 4, "")[2].memory_analysis().temp_size_in_bytes
           for s in ("gpipe", "1f1b")}
   assert temp["1f1b"] < 0.8 * temp["gpipe"], temp
 
@@ -167,6 +180,16 @@ def test_train_step_3d_layout(runs):
     du = np.minimum(2.0, d * eps / (np.maximum(np.abs(g) - d, 0) + eps) ** 2)
     assert np.all(np.abs(p - want) <= lr * (du + 16 * U) + 2 * U * np.abs(want))
     assert np.abs(want - p0).max() > 0.5 * lr  # The step moved every leaf.
+
+
+def test_checkpoint_restores_without_pipeline(runs, tmp_path):
+  """A pipelined run's state keeps the [L, ...] layout: saved from the
+  data=2 x pipeline=2 mesh, it restores onto one device unchanged."""
+  run = Run(pipeline_config("1f1b", 0, data=2, pipeline=2))
+  placed = jax.device_put(runs.state, run.state_sh)
+  restored = save_restore(runs.single, runs.single.tx, runs.single.state_sh, placed, tmp_path, 1)
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(runs.state)):
+    np.testing.assert_array_equal(np.asarray(got), want)
 
 
 @pytest.mark.parametrize("name,p,m,v", [("gpipe", 2, 4, 1), ("gpipe", 4, 8, 1),

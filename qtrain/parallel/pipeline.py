@@ -63,10 +63,6 @@ class Schedule:
     """The idle fraction of each device: (p - 1) / (v m + p - 1)."""
     return (self.p - 1) / (self.v * self.m + self.p - 1)
 
-  def stages(self, n_layers: int) -> int:
-    """Layers per stage, K."""
-    return n_layers // (self.p * self.v)
-
 
 def schedule_of(cfg, p: int) -> Schedule:
   """The Schedule of ``config.train`` on a pipeline axis of size p."""
