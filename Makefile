@@ -59,3 +59,12 @@ test: data $(TEST_STAMP)
 
 clean:
 	rm -rf $(VENV) data  # runs/ holds trained models: never cleaned
+
+# A real one-node SLURM on 127.0.0.1 (scripts/slurm/local_cluster.sh): a
+# 2-task job of the smoke config through scripts/slurm/launch.py, then one
+# process starting from its checkpoint. Installs Debian's slurm-wlm and munge
+# with apt-get when missing (root only; otherwise it names them and exits 3).
+# Needs `make data` (and the venv) first; ~2-3 min on two cores.
+.PHONY: test-slurm
+test-slurm:
+	PY=$(BIN)/python DATA=$(DATA) scripts/slurm/local_cluster.sh
