@@ -289,6 +289,9 @@ def test_online_rotations_in_the_program():
   assert _hadamard_calls(dataclasses.replace(CFG, scan_layers=False, rotation=on)) == 6
   assert _hadamard_calls(dataclasses.replace(CFG, scan_layers=True, rotation=on)) == 3
   assert _hadamard_calls(CFG) == 0
+  every = RotationConfig.of(dict(r3="hadamard", r3_layers="all", r4="hadamard", r4_layers="0-1"))
+  assert every.blocks("r3", 2) == every.blocks("r4", 2) == (True, True)
+  assert _hadamard_calls(dataclasses.replace(CFG, scan_layers=True, rotation=every)) == 3
   some = RotationConfig.of(dict(r3="hadamard", r3_layers=(1,), r4="hadamard", r4_layers=(0,)))
   assert _hadamard_calls(dataclasses.replace(CFG, scan_layers=False, rotation=some)) == 3
 

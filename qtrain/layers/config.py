@@ -46,8 +46,8 @@ class RotationConfig:
   R1 and R2 are fused into the weights by ``qtrain.convert.rotate.fuse_rotations``
   and never applied by the model: here they record what the params hold.
   R3 and R4 are applied online by the layers (``rotation.online``). Blocks:
-  ``*_layers`` None = every block, else the block indices (an int, a sequence,
-  or "0-3,7"), resolved per block under ``nn.scan`` by a table.
+  ``*_layers`` None or "all" = every block, else the block indices (an int, a
+  sequence, or "0-3,7"), resolved per block under ``nn.scan`` by a table.
   """
   # Residual stream, D x D: the embedding, q/k/v/gate/up inputs, o/down
   # outputs, the LM head.
@@ -77,6 +77,8 @@ class RotationConfig:
                        f"{[f.name for f in dataclasses.fields(cls)]}")
     from qtrain.quant.rules import parse_layers  # pylint: disable=g-import-not-at-top
     for k in ("r2_layers", "r3_layers", "r4_layers"):
+      if d.get(k) == "all":  # A string default keeps command-line overrides typed.
+        d[k] = None
       if d.get(k) is not None:
         d[k] = tuple(sorted(parse_layers(d[k], f"config.model.rotation.{k}")))
     return cls(**d)
