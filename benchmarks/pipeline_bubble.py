@@ -2,10 +2,11 @@
 
   XLA_FLAGS=--xla_force_host_platform_device_count=4 nice -n 10 \\
       python benchmarks/pipeline_bubble.py                  # CPU, ~3 min
-  python benchmarks/pipeline_bubble.py --p=2 --m=2,4,8,16   # 2 GPUs
+  python benchmarks/pipeline_bubble.py --p=2 --m=2,4,8,16 --model=llama_1b \
+      --layers_per_stage=4 --rows=1 --seq=2048              # 2 GPUs, llama_1b's blocks
 
-Times the tick program of ``qtrain/parallel/pipeline.py`` alone: the smoke
-model's decoder stack (K layers per stage, no embedding or head, so nothing
+Times the tick program of ``qtrain/parallel/pipeline.py`` alone: the
+``--model`` config's decoder blocks (K layers per stage, no embedding or head, so nothing
 outside the pipeline dilutes the fraction), forward and backward, on a
 ``pipeline`` mesh of p devices.
 
@@ -20,8 +21,10 @@ outside the pipeline dilutes the fraction), forward and backward, on a
   device lends its core to the others and the program's time does not show
   the bubble; the script times one stage's forward f and backward b alone
   and prices the tick plan (``pipeline.step_time``: idle ticks x measured
-  tick time): bubble = 1 - m (f + b) / step_time. On GPUs it also prints the
-  program's time against m (f + b).
+  tick time): bubble = 1 - m (f + b) / step_time, which checks the tick plan
+  (it equals the formula whenever the plan keeps every device busy outside
+  the fill and drain) but measures nothing else. On GPUs the number to read
+  is the program's own time against m (f + b), printed beside it.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import default
+from benchmarks.train_step import load_config
 from qtrain.layers import ModelConfig
 from qtrain.layers.decoder import Decoder
 from qtrain.layers.hooks import as_hooks
@@ -75,8 +78,8 @@ def _timed(*fns, args_, reps: int) -> list[float]:
 
 
 def _stack(n_layers: int, args):
-  """(stage_fn, params [L, ...], x [m, b, T, D], positions) of the smoke decoder."""
-  cfg = default.get_config("smoke")
+  """(stage_fn, params [L, ...], x [m, b, T, D], positions) of the model's decoder."""
+  cfg = load_config(args.model)
   cfg.model.n_layers = n_layers
   model_cfg = ModelConfig.of(cfg.model)
   hooks = as_hooks(None).with_context(forms=model_cfg.weight_forms, n_layers=n_layers)
@@ -132,7 +135,8 @@ def measure(name: str, p: int, m: int, v: int, args) -> dict:
                             reps=args.reps)
     f, b = _stage_times(stage, params, x, pos, K, args.reps)
     plan = pp.step_time(sched, f, b)
-    row.update(f_s=f, b_s=b, busy_s=m * (f + b), plan_s=plan, measured=1 - m * (f + b) / plan)
+    row.update(f_s=f, b_s=b, busy_s=m * (f + b), plan_s=plan, measured=1 - m * (f + b) / plan,
+               program=1 - m * (f + b) / row["full_s"])
   else:
     full, busy = _timed(_forward_grad(stage, sched, mesh),
                         _forward_grad(stage, _Busy(name, p, m, v), mesh),
@@ -143,6 +147,7 @@ def measure(name: str, p: int, m: int, v: int, args) -> dict:
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--model", default="default:smoke", help="configs/<name>[:variant]")
   ap.add_argument("--p", default="2,4", help="pipeline sizes")
   ap.add_argument("--m", default="1x,2x,4x", help="microbatches: numbers, or Nx = N times p")
   ap.add_argument("--schedules", default="gpipe,circular,1f1b")
@@ -155,7 +160,7 @@ def main() -> None:
   ps = [int(p) for p in args.p.split(",")]
   ms = lambda p: [int(s[:-1]) * p if s.endswith("x") else int(s) for s in args.m.split(",")]
   args.m_max = max(max(ms(p)) for p in ps)
-  print(f"{jax.devices()[0].device_kind} x {len(jax.devices())}; smoke decoder, "
+  print(f"{jax.devices()[0].device_kind} x {len(jax.devices())}; {args.model} blocks, "
         f"{args.layers_per_stage} layer(s) per stage, {args.rows} x {args.seq} tokens per "
         "microbatch")
   print(f"{'schedule':<9} {'p':>2} {'m':>3} {'v':>2} {'ticks':>5} {'step ms':>9} "
@@ -170,8 +175,9 @@ def main() -> None:
         step = r.get("plan_s", r["full_s"])
         print(f"{name:<9} {p:>2} {m:>3} {v:>2} {r['ticks']:>5} {1e3 * step:>9.2f} "
               f"{1e3 * r['busy_s']:>9.2f} {r['measured']:>9.3f} {r['formula']:>8.3f}"
-              + (f"   (program {1e3 * r['full_s']:.2f} ms; f {1e3 * r['f_s']:.2f}, "
-                 f"b {1e3 * r['b_s']:.2f} ms)" if name == "1f1b" else ""), flush=True)
+              + (f"   (f {1e3 * r['f_s']:.2f}, b {1e3 * r['b_s']:.2f} ms; the program "
+                 f"{1e3 * r['full_s']:.2f} ms: 1 - m(f+b)/it = {r['program']:.3f})"
+                 if name == "1f1b" else ""), flush=True)
 
 
 if __name__ == "__main__":
