@@ -2,7 +2,9 @@
 and curves against tokens seen in ``loss.png`` and ``ppl.png``.
 
 Tokens seen after step s are s x global batch x sequence length (every step
-consumes one full packed batch; metrics.jsonl rows carry the step only).
+consumes one full packed batch; metrics.jsonl rows carry the step only). The
+curves are read and drawn by ``qtrain.plot``, which ``python -m qtrain.plot``
+uses for any set of runs.
 """
 
 from __future__ import annotations
@@ -10,16 +12,17 @@ from __future__ import annotations
 import json
 import os
 
-from qtrain.train.metrics import read_rows
+from qtrain.plot import plot_curves, read_series
 
 
 def curves(workdir: str, tokens_per_step: int) -> dict:
   """{"loss": [(tokens, train loss)], "eval_ppl": [(tokens, held-out ppl)]}
-  from a run's metrics.jsonl (a resumed run's rows after its restored step
-  were truncated by the loop, so each step appears once per kind)."""
-  rows = read_rows(workdir)
-  return {key: [(r["step"] * tokens_per_step, r[key]) for r in rows if key in r]
-          for key in ("loss", "eval_ppl")}
+  from a run's metrics.jsonl (``qtrain.plot.read_series``); empty before
+  its first logged step."""
+  if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    return {"loss": [], "eval_ppl": []}
+  series = read_series(workdir, tokens_per_step)
+  return {key: series.get(key, []) for key in ("loss", "eval_ppl")}
 
 
 def result_row(run, status: str, evals: dict) -> dict:
@@ -57,30 +60,10 @@ def markdown(rows: list[dict], eval_columns: list[str]) -> str:
 
 
 def plot(rows: list[dict], key: str, ylabel: str, path: str, log_y: bool = False) -> dict:
-  """One line per run of ``key`` against tokens, saved as a PNG; returns
-  {run name: [(tokens, value)]} read back from the figure's lines."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  try:
-    for r in rows:
-      pts = r["curves"][key]
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None,
-              label=r["name"])
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel(ylabel)
-    if log_y:
-      ax.set_yscale("log")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=120)
-    os.replace(path + ".tmp.png", path)
-    return {line.get_label(): [tuple(map(float, xy)) for xy in line.get_xydata()]
-            for line in ax.get_lines()}
-  finally:
-    plt.close(fig)
+  """One line per run of ``key`` against tokens, saved as a PNG
+  (``qtrain.plot.plot_curves``); returns {run name: [(tokens, value)]} read
+  back from the figure's lines."""
+  return plot_curves({r["name"]: r["curves"][key] for r in rows}, ylabel, path, log_y)
 
 
 def write(workdir: str, rows: list[dict], eval_columns: list[str]) -> dict:
