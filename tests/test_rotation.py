@@ -358,3 +358,35 @@ def test_quantize_cli_rotates_quarot_style(smoke_run):
   assert len(rot_m["quantized_matmuls"]) == len(plain_m["quantized_matmuls"]) == 7
   with pytest.raises(ValueError, match="keep one"):
     run(str(smoke_run), "w4a4kv4", "rtn", rotate="quarot", ffn_hadamard=True)
+
+
+def test_hf_export_of_a_model_with_online_rotations_is_the_same_function():
+  """QuaRot-rotated (R1/R2 fused, R3/R4 online) -> HF Llama state dict ->
+  transformers gives the unrotated model's logits: the exporter drops the
+  online rotations first (HF Llama has none). float32 on both sides; the
+  rotations add ~1e-6 of rounding (the exactness tests above), HF's own
+  accumulation order ~6e-6 (tests/test_convert.py): 1e-4 as there."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from qtrain.convert import config_from_hf, params_from_hf_model, params_to_hf_state_dict
+  config = transformers.LlamaConfig(
+      vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, intermediate_size=160, max_position_embeddings=64,
+      tie_word_embeddings=False, rms_norm_eps=1e-5, attn_implementation="eager")
+  torch.manual_seed(0)
+  hf = transformers.LlamaForCausalLM(config).float().eval()
+  with torch.no_grad():
+    for name, p in hf.named_parameters():
+      p.copy_(1.0 + 0.3 * torch.randn_like(p) if name.endswith("norm.weight")
+              else 0.15 * torch.randn_like(p))
+  cfg = config_from_hf(hf.config)
+  params, rcfg = fuse_rotations(params_from_hf_model(hf), cfg, "quarot")
+  assert rcfg.rotation.r3 != "none" and rcfg.rotation.r4 != "none"
+  exported = params_to_hf_state_dict(params, rcfg)
+  fresh = transformers.LlamaForCausalLM(config).float().eval()
+  fresh.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in exported.items()},
+                        strict=True)
+  tokens = torch.from_numpy(np.random.default_rng(1).integers(0, 128, (2, 16))).long()
+  with torch.no_grad():
+    want, got = hf(tokens).logits.numpy(), fresh(tokens).logits.numpy()
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)

@@ -53,6 +53,14 @@ def base_config() -> ml_collections.ConfigDict:
       # Online fast Walsh-Hadamard transform of the down_proj input
       # (d_ff a power of two); fold_ffn_hadamard turns it on in a trained model.
       ffn_hadamard=False,
+      # Rotations (qtrain/layers/rotation.py; SpinQuant's places). R1 (residual
+      # stream) and R2 (per head on V/O) are fused into the weights by
+      # qtrain.convert.rotate.fuse_rotations and only recorded here; R3 (Q, K
+      # after RoPE) and R4 (down_proj input) run online. Kinds: none | hadamard |
+      # random_hadamard (| learned: r1, r2). *_layers: "all" or blocks "0-3,7".
+      # impl: fwht | matmul (how R3/R4 run).
+      rotation=dict(r1="none", r2="none", r2_layers="all", r3="none", r3_layers="all",
+                    r4="none", r4_layers="all", seed=0, impl="fwht"),
   ))
 
   # Device mesh, outermost axis first; sizes multiply to the device count and

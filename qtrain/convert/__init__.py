@@ -3,3 +3,4 @@
 from qtrain.convert.hf_llama import (config_from_hf, load_hf_checkpoint, params_from_hf_model,
                                      params_from_hf_state_dict, params_to_hf_state_dict)
 from qtrain.convert.osp import merge_osp
+from qtrain.convert.rotate import drop_online, fuse_rotations, rotated_config

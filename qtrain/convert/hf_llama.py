@@ -40,6 +40,7 @@ import ml_dtypes  # noqa: F401  Registers bfloat16 with numpy for safetensors.
 import numpy as np
 
 from qtrain.convert.osp import is_plain, merge_osp, unwrap
+from qtrain.convert.rotate import drop_online
 from qtrain.layers.config import ModelConfig, RopeScaling
 from qtrain.layers.param_tree import put as _set
 
@@ -231,8 +232,15 @@ def params_to_hf_state_dict(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
   (``qtrain.convert.osp.merge_osp``); with EmbProj and tied embeddings that
   Llama is untied (``merge_osp(params, cfg)[1]`` is its config: write its HF
   config with ``tie_word_embeddings=False``).
+
+  A model with online rotations (``cfg.rotation``: R3 on Q/K, R4 on the
+  down_proj input) has them removed first (``qtrain.convert.rotate.drop_online``:
+  R3 cancels in Q K^T, R4 folds back into down_proj); fused R1/R2 are plain
+  weights and export as they are.
   """
   params = unwrap(params)
+  if cfg.rotation.r3 != "none" or cfg.rotation.r4 != "none":
+    params, cfg = drop_online(params, cfg)
   if not is_plain(cfg):
     params, cfg = merge_osp(params, cfg)
   to_np = np.asarray

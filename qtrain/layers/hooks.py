@@ -7,9 +7,9 @@ module holds one ``Hooks`` value and asks it three things:
   provider may wrap the one below it (quantize its operands, rotate them, sow
   statistics of the input, or replace the dot with an int8 kernel).
 * ``activation(module, name, x)``: a *named site* in the block, e.g. ``key``
-  and ``value`` (K after RoPE, V: the KV quantizer), ``query`` (Q after RoPE),
-  ``mlp_hidden`` (the SwiGLU hidden: down_proj's input, before the
-  optional FFN Hadamard), ``block_out`` (the residual stream
+  and ``value`` (K after RoPE and the online R3 rotation when on, V: the KV
+  quantizer), ``query`` (Q after RoPE and R3), ``mlp_hidden`` (the SwiGLU
+  hidden: down_proj's input, before the optional FFN Hadamard / R4), ``block_out`` (the residual stream
   after each block). Online rotations and telemetry attach here.
 * ``kv_spec(module)``: how the decode-time KV cache stores keys and values.
 
