@@ -1,7 +1,8 @@
-"""Text from a trained run, decoded with the (quantized) KV cache.
+"""Text from a trained run or a PTQ export, decoded with the (quantized) KV cache.
 
   python -m qtrain.generate --workdir=runs/NAME --prompt="And God said" \
       --max_new_tokens=64 [--temperature=0.8] [--seed=0] [--kv_bits=4] [--step=N]
+  python -m qtrain.generate --ptq=runs/NAME/ptq_w4a16_rtn [--dequantize] ...
 
 Rebuilds the model from ``workdir/config.json`` (its ``config.quant``
 included) and restores the params of the latest checkpoint (or ``--step``)
@@ -9,6 +10,17 @@ onto one device.
 ``--kv_bits=B`` (2..8) overrides the run's KV quantizer with int B asymmetric
 per token per head (the w4a4kv4 preset's KV spec at B bits); ``--kv_bits=0``
 keeps K/V unquantized. Without it the run's own config decides.
+
+``--ptq=DIR`` runs a PTQ export (``python -m qtrain.quantize``) the way its
+evaluation does (the recipe's activation and KV quantizers, AWQ input
+scales), on the source run's vocabulary. Its symmetric 4-bit weights stay
+packed two codes a byte on the device (``export.load_packed``: the
+``int4_packed`` weight form, the W4A16 kernel for bf16 activations on GPU);
+that is the default because it is the point of a 4-bit export, and on every
+backend it gives the tokens of the dequantized model (the XLA path is
+bit-identical to it; the kernel differs by float32 summation order).
+``--dequantize`` loads float kernels instead (``load_quantized``), e.g. to
+compare the two.
 """
 
 from __future__ import annotations
@@ -19,6 +31,9 @@ import sys
 from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with config.json and checkpoints.")
+_PTQ = flags.DEFINE_string("ptq", None, "PTQ export directory (instead of --workdir).")
+_DEQUANTIZE = flags.DEFINE_bool("dequantize", False, "--ptq: float kernels instead of packed "
+                                "int4 codes resident.")
 _PROMPT = flags.DEFINE_string("prompt", "And God said", "Text to continue.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sampling temperature.")
@@ -26,7 +41,9 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _KV_BITS = flags.DEFINE_integer("kv_bits", None, "Override the KV cache quantizer: int bits "
                                 "2..8 (asymmetric, per token per head) or 0 for none.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.")
-flags.mark_flags_as_required(["workdir"])
+flags.register_multi_flags_validator(
+    ["workdir", "ptq"], lambda f: (f["workdir"] is None) != (f["ptq"] is None),
+    "give exactly one of --workdir (a training run) and --ptq (a PTQ export)")
 
 def load_run(workdir: str, kv_bits: int | None = None, step: int | None = None):
   """(config, model, params, step) of the latest (or given) checkpoint in ``workdir``."""
@@ -46,6 +63,34 @@ def load_run(workdir: str, kv_bits: int | None = None, step: int | None = None):
                           shapes)
   params, step = restore_params(workdir, abstract, step)  # The optimizer moments stay on disk.
   return cfg, model, params, step
+
+
+def load_ptq(out: str, *, packed: bool = True, kv_bits: int | None = None):
+  """(config, model, params, step) of the PTQ export at ``out``: the source
+  run's config with the export's model, the recipe's activation / KV
+  quantizers (``--kv_bits`` overrides KV), params on one device, the 4-bit
+  weights packed (``packed``) or dequantized to float."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from qtrain.layers import ModelConfig, Transformer  # pylint: disable=g-import-not-at-top
+  from qtrain.quantize import evaluate as ev, export  # pylint: disable=g-import-not-at-top
+  from qtrain.train.checkpoint import load_config  # pylint: disable=g-import-not-at-top
+  doc = export.read_meta(out)
+  cfg = load_config(doc["source"]["workdir"])
+  recipe_quant = ml_collections.ConfigDict(doc["recipe_quant"])
+  if kv_bits is not None:
+    from qtrain.quant.config import with_kv_bits  # pylint: disable=g-import-not-at-top
+    with_kv_bits(recipe_quant, kv_bits)
+  model_cfg = ModelConfig.from_dict(doc["model"])  # Rotated / ffn_hadamard as quantized.
+  if packed:
+    params, rules = export.load_packed(out)
+    model_cfg = dataclasses.replace(model_cfg, weight_forms=rules + model_cfg.weight_forms)
+  else:
+    params = export.load_quantized(out)
+  provider = export.ptq_providers(out, ev.eval_provider(recipe_quant, doc["model"]))
+  params = jax.device_put(params, jax.devices()[0])
+  return cfg, Transformer(model_cfg, provider), params, doc["source"]["step"]
 
 
 def main(argv):
@@ -70,7 +115,11 @@ def _generate() -> None:
   from qtrain.layers import kv_cache  # pylint: disable=g-import-not-at-top
   from qtrain.train.sample import generate  # pylint: disable=g-import-not-at-top
   try:
-    cfg, model, params, step = load_run(_WORKDIR.value, _KV_BITS.value, _STEP.value)
+    if _PTQ.value:
+      cfg, model, params, step = load_ptq(_PTQ.value, packed=not _DEQUANTIZE.value,
+                                          kv_bits=_KV_BITS.value)
+    else:
+      cfg, model, params, step = load_run(_WORKDIR.value, _KV_BITS.value, _STEP.value)
   except ValueError as e:  # --kv_bits out of range, a config.json of another schema.
     _fail(str(e))
   per_token = kv_cache.cache_bytes_per_token(kv_cache.init_cache(model, 1, 1), 1, 1)

@@ -27,8 +27,22 @@ rotation, calibration, PTQ and export see every form alike.
   distinct support is density * (1 - density / 2) on average. Values init
   N(0, init_std) (SLTrain's sparse part starts at the dense init's scale).
 
-New forms (packed int4 codes + scales, rotated) subclass
-``WeightForm``, register in ``FORMS`` and take their options from the rule.
+* ``int4_packed`` (inference: PTQ exports, generation): ``codes`` int8
+  [in/2, out], two symmetric 4-bit codes a byte in the W4A16 kernel's
+  "halves" layout, and ``scales`` float32 [1, out] (``group_size=0``: per
+  output channel) or [in / group_size, out]. The product goes through the
+  matmul hook with the weight operand a ``qtrain.kernels.packed.PackedInt4``;
+  an innermost provider the form adds runs it: the W4A16 kernel for bf16
+  activations on GPU/TPU under ``kernels="auto"``, else unpack + dequantize
+  + the same dot as ``dense`` (bit-identical to the dense layer holding the
+  dequantized weight). Outer providers see the activations as usual (the
+  activation / KV quantizers, AWQ input scales, telemetry); one that
+  transforms the weight operand (a weight quantizer, a rotation) cannot run
+  on codes. Integer params have no gradient: not a training form.
+  ``qtrain.quantize.export.load_packed`` builds these params from a PTQ export.
+
+New forms (rotated, ...) subclass ``WeightForm``, register in ``FORMS`` and
+take their options from the rule.
 
   config.model.weight_forms = (
       dict(pattern=r"decoder/layers/(attn|mlp)/.*", form="low_rank", rank=64),)
@@ -47,8 +61,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qtrain.kernels import dispatch, packed
 from qtrain.layers.dot_general import Matmul
-from qtrain.layers.hooks import MatmulSite, canonical_path
+from qtrain.layers.hooks import MatmulSite, Provider, canonical_path
 
 
 def _contract_last(x, w):
@@ -137,7 +152,49 @@ class SparseLowRank(LowRank):
     return y + self.matmul(linear, hooks, site, "dot_s", x, s)
 
 
-FORMS = {"dense": Dense, "low_rank": LowRank, "sparse_low_rank": SparseLowRank}
+@dataclasses.dataclass(frozen=True)
+class _PackedDot(Provider):
+  """Innermost provider of a packed layer: a ``PackedInt4`` weight operand is
+  multiplied by ``qtrain.kernels.packed.dot``, anything else by the dot below."""
+  kernels: str = "auto"
+
+  def dot(self, site, hooks, inner):
+    def fn(module, lhs, rhs, dims, precision=None, preferred_element_type=None):
+      if isinstance(rhs, packed.PackedInt4):
+        return packed.dot(lhs, rhs, dims, precision, preferred_element_type,
+                          kernels=self.kernels)
+      return inner(module, lhs, rhs, dims, precision, preferred_element_type)
+    return fn
+
+
+@dataclasses.dataclass(frozen=True)
+class Int4Packed(WeightForm):
+  """y = x @ W^, W^ = unpack(``codes``) * ``scales`` (see the module doc)."""
+  group_size: int = 0  # 0: one scale per output channel; else rows of `in` per scale.
+  kernels: str = "auto"  # qtrain.kernels.dispatch: "auto" | "xla" | "interpret".
+
+  def __call__(self, linear, hooks, x):
+    fan_in, fan_out = x.shape[-1], linear.features
+    in_axis, out_axis = linear.kernel_axes
+    n_scales = fan_in // self.group_size if self.group_size else 1
+    if fan_in % 2 or (self.group_size and fan_in % self.group_size):
+      raise ValueError(f"{canonical_path(linear)[0]}: int4_packed needs an even input dim "
+                       f"divisible by group_size={self.group_size}, got {fan_in}")
+    codes = linear.param("codes", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                               (in_axis, out_axis)),
+                         (fan_in // 2, fan_out), jnp.int8)
+    scales = linear.param("scales", nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                                 (None, out_axis)),
+                          (n_scales, fan_out), jnp.float32)
+    site = self.site(linear, None, "codes", fan_in, fan_out)
+    hooks = hooks.with_context(providers=hooks.providers + (_PackedDot(self.kernels),))
+    w = packed.PackedInt4(codes, scales, linear.param_dtype)
+    x = x.astype(linear.dtype)
+    return Matmul(site, hooks, parent=linear, name="dot_general")(x, w, _contract_last(x, w))
+
+
+FORMS = {"dense": Dense, "low_rank": LowRank, "sparse_low_rank": SparseLowRank,
+         "int4_packed": Int4Packed}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +235,12 @@ def form_rules(dicts, where: str = "config.model.weight_forms") -> tuple[FormRul
     if form == "sparse_low_rank" and not 0 < d.get("density", 0.03) <= 1:
       raise ValueError(f"{at}.density={d['density']!r}: sparse_low_rank needs a density "
                        "in (0, 1] (SLTrain: 0.03)")
+    if form == "int4_packed":
+      if not (isinstance(d.get("group_size", 0), int) and d.get("group_size", 0) >= 0):
+        raise ValueError(f"{at}.group_size={d['group_size']!r}: int4_packed needs an int >= 0 "
+                         "(0: per output channel)")
+      if d.get("kernels", "auto") not in dispatch.KERNELS:
+        raise ValueError(f"{at}.kernels={d['kernels']!r}: use one of {dispatch.KERNELS}")
     rules.append(FormRule(pattern=pattern, form=form, options=tuple(sorted(d.items()))))
   return tuple(rules)
 
