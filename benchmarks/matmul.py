@@ -18,7 +18,10 @@ and down (d_ff, d), and M tokens from 16 to 16384, in one process:
   bf16 x, the XLA reference path and the Pallas kernel (best of
   ``--w4a16_configs``);
 * ``torch_int_mm``: ``torch._int_mm`` (int8 x int8 -> int32, no epilogue),
-  when torch sees a CUDA device.
+  when torch sees a CUDA device, with B column-major (``b_nk.t()``: the
+  layout cuBLASLt's fast int8 path takes; issue 16's 1.34x XLA bf16), and
+  ``torch_int_mm_rowmajor`` with a row-major (k, n) B beside it (0.24x in
+  KERNEL_NOTES' first run, which timed only that layout).
 
 Before timing, each variant's output is checked against its reference
 (relative error ||y - ref|| / ||ref||; NaN fails) with the Pallas output
@@ -173,23 +176,32 @@ def _torch_status() -> str:
 
 
 def bench_torch_int_mm(m, n, k, reps, row):
+  """``torch._int_mm`` with B column-major (``torch_int_mm``) and row-major
+  (``torch_int_mm_rowmajor``): the same (k, n) values, two memory layouts."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
     if not torch.cuda.is_available():
       row["torch_int_mm"] = "unavailable: torch sees no CUDA device"
       return
-    g = torch.Generator(device="cuda").manual_seed(0)
-    per = m * k + k * n + 4 * m * n
-    sets = [(torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8, generator=g),
-             torch.randint(-127, 128, (k, n), device="cuda", dtype=torch.int8, generator=g))
-            for _ in range(timing.n_sets(per))]
-    a, b = sets[0]
-    ref = a.double().cpu() @ b.double().cpu()
-    err = float((torch._int_mm(a, b).double().cpu() - ref).norm() / ref.norm())  # pylint: disable=protected-access
-    row["torch_int_mm_rel_err"] = err
-    row["torch_int_mm_s"] = timing.torch_time_per_call(torch._int_mm, sets, reps)  # pylint: disable=protected-access
-  except Exception as e:  # pylint: disable=broad-except
-    row["torch_int_mm"] = f"unavailable: {type(e).__name__}: {str(e)[:200]}"
+  except ImportError as e:
+    row["torch_int_mm"] = f"unavailable: {e}"
+    return
+  g = torch.Generator(device="cuda").manual_seed(0)
+  per = m * k + k * n + 4 * m * n
+  draw = lambda shape: torch.randint(-127, 128, shape, device="cuda", dtype=torch.int8,
+                                     generator=g)
+  col = [(draw((m, k)), draw((n, k)).t()) for _ in range(timing.n_sets(per))]  # B: stride (1, k).
+  layouts = {"torch_int_mm": col,
+             "torch_int_mm_rowmajor": [(a, b.contiguous()) for a, b in col]}
+  for key, sets in layouts.items():
+    try:
+      a, b = sets[0]
+      ref = a.double().cpu() @ b.double().cpu()
+      err = float((torch._int_mm(a, b).double().cpu() - ref).norm() / ref.norm())  # pylint: disable=protected-access
+      row[f"{key}_rel_err"] = err
+      row[f"{key}_s"] = timing.torch_time_per_call(torch._int_mm, sets, reps)  # pylint: disable=protected-access
+    except Exception as e:  # pylint: disable=broad-except
+      row[key] = f"unavailable: {type(e).__name__}: {str(e)[:200]}"
 
 
 def bench_shape(model, name, m, k, n, args, interpret):
@@ -210,7 +222,8 @@ def bench_shape(model, name, m, k, n, args, interpret):
   row["floor_bf16_flop_s"], row["floor_bf16_byte_s"] = floors(m, n, k, 2, BF16_FLOPS)
   row["floor_int8_flop_s"], row["floor_int8_byte_s"] = floors(m, n, k, 1, INT8_OPS)
   row["floor_w4a16_byte_s"] = (2 * m * k + k * n / 2 + 2 * m * n) / COPY_BPS
-  for key in ("xla_int8", "pallas_int8", "xla_w4a16", "pallas_w4a16", "torch_int_mm"):
+  for key in ("xla_int8", "pallas_int8", "xla_w4a16", "pallas_w4a16", "torch_int_mm",
+              "torch_int_mm_rowmajor"):
     if f"{key}_s" in row:
       row[f"{key}_speedup"] = row["xla_bf16_s"] / row[f"{key}_s"]
   return row
@@ -347,11 +360,12 @@ def main() -> None:
         f.write(json.dumps(row) + "\n")
   print("\nspeedup over XLA bf16 (same run); floors in us (bf16 flop / int8 flop / int8 bytes)")
   print(f"{'model':9s} {'layer':8s} {'M':>6s} {'bf16 us':>8s} {'xla_i8':>7s} {'pallas8':>7s} "
-        f"{'w4a16':>7s} {'torch8':>7s}  floors")
+        f"{'w4a16':>7s} {'torch8':>7s} {'t8 rowB':>7s}  floors")
   for r in rows:
     print(f"{r['model']:9s} {r['layer']:8s} {r['M']:6d} {r['xla_bf16_s'] * 1e6:8.1f} "
           f"{_fmt(r, 'xla_int8')} {_fmt(r, 'pallas_int8')} {_fmt(r, 'pallas_w4a16')} "
-          f"{_fmt(r, 'torch_int_mm')}  {r['floor_bf16_flop_s'] * 1e6:.1f}/"
+          f"{_fmt(r, 'torch_int_mm')} {_fmt(r, 'torch_int_mm_rowmajor')}  "
+          f"{r['floor_bf16_flop_s'] * 1e6:.1f}/"
           f"{r['floor_int8_flop_s'] * 1e6:.1f}/{r['floor_int8_byte_s'] * 1e6:.1f}")
 
 

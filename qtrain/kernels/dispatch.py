@@ -14,8 +14,12 @@ Shape rules (checked on static shapes, so the choice is made once per trace):
 int8 takes the kernel when M, N and K are all >= 16 (a smaller dim would be
 padded to a 16-wide tile: more padding than work); other shapes that do not
 tile are zero-padded inside the kernel call. int4 needs K a multiple of
-2 * group (its K step takes two groups), else XLA. The Hadamard kernel
-covers power-of-two n in [16, 65536] and falls back by itself.
+2 * group (its K step takes two groups), else XLA. Hadamard: n <= 128
+(per-head rotations) goes to XLA's dense [rows, n] x [n, n] matmul
+(``hadamard_dense``): on an H100 it ran at 92% of the copy bandwidth
+against the kernel's 47% at n = 128 over 524,288 rows (KERNEL_NOTES.md), so
+the kernel takes power-of-two n in (128, 65536] and falls back by itself
+elsewhere.
 
 The kernels see whole, unsharded operands: under a sharded jit, XLA cannot
 partition a Pallas call and gathers its operands. Use ``"auto"`` on one
@@ -68,8 +72,11 @@ def w4a16_dot(x, packed, scales, *, group: int, out_dtype, kernels: str = "xla")
 
 
 def hadamard(x, signs=None, *, kernels: str = "xla"):
-  """(x * signs) H_n / sqrt(n) over the last axis: the kernel or ``fwht``."""
+  """(x * signs) H_n / sqrt(n) over the last axis: the kernel, the dense
+  matmul (n <= 128) or ``fwht``."""
   pick = flavour(kernels, "hadamard")
   if pick is None:
     return fwht.hadamard_xla(x, signs)
+  if x.shape[-1] <= fwht.DENSE_MAX_N and not pick[1]:  # Interpret mode: tests of the kernel.
+    return fwht.hadamard_dense(x, signs)
   return fwht.hadamard(x, signs, backend=pick[0], interpret=pick[1])
