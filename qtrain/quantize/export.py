@@ -207,9 +207,16 @@ def load_packed(out: str) -> tuple[dict, tuple]:
   codes one a byte), the other quantized kernels dequantized as in
   ``load_quantized``. Rules go in front of the model config's weight_forms."""
   doc, qweights, params = load_export(out)
+  return packed_params(params, qweights, doc["weights"], f"{out}/{META_NAME}")
+
+
+def packed_params(params, qweights: dict, entries: dict, where: str = "packed_params"):
+  """``load_packed``'s result from float params without the quantized kernels,
+  {path: QuantizedWeight} and ptq.json's ``weights`` entries (``param``,
+  ``spec``, ``dtype``; ``entries(sites, params)`` makes them in memory)."""
   params = _copy(params)
   groups: dict[str, int] = {}
-  for path, e in doc["weights"].items():
+  for path, e in entries.items():
     w, spec = qweights[path], e["spec"]
     if not (packable(_spec(spec), w.qt.q.shape) and w.qt.zero_point is None):
       _set(params, e["param"], dequantize_weight(w, np.dtype(e["dtype"])))
@@ -220,11 +227,17 @@ def load_packed(out: str) -> tuple[dict, tuple]:
     canonical = re.sub(r"^decoder/layers_\d+/", "decoder/layers/", path)
     group = spec["group_size"] if spec["granularity"] == "group" else 0
     if groups.setdefault(canonical, group) != group:
-      raise ValueError(f"{out}: the blocks of {canonical} have different group sizes; one "
+      raise ValueError(f"{where}: the blocks of {canonical} have different group sizes; one "
                        "int4_packed rule per path cannot hold them (use load_quantized)")
   rules = form_rules([dict(pattern=re.escape(p), form="int4_packed", group_size=g)
-                      for p, g in groups.items()], where=f"{out}/{META_NAME}")
+                      for p, g in groups.items()], where=where)
   return params, rules
+
+
+def entries(sites, params) -> dict:
+  """ptq.json's per-weight fields that ``packed_params`` reads, for in-memory sites."""
+  return {s.path: {"param": list(s.param), "spec": _spec_dict(s.spec),
+                   "dtype": str(_get(params, s.param).dtype)} for s in sites}
 
 
 def _spec(d: dict) -> QuantSpec:
