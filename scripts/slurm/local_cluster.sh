@@ -82,14 +82,19 @@ munged --force --socket="$T/munge.sock" --key-file="$T/munge.key" \
   --pid-file="$T/munged.pid" --log-file="$T/munged.log" --seed-file="$T/munged.seed" ||
   fail "munged did not start: $(tail -3 "$T/munged.log" 2>/dev/null)"
 
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# Two distinct free ports (both sockets open at once), for slurmctld and slurmd.
+read -r CTLD_PORT SLURMD_PORT < <("$PY" -c '
+import socket
+s = [socket.socket() for _ in range(2)]
+for x in s: x.bind(("127.0.0.1", 0))
+print(*(x.getsockname()[1] for x in s))')
 NODE=$(hostname -s)
 mkdir -p "$T/state" "$T/spool"
 cat >"$SLURM_CONF" <<EOF
 ClusterName=qtrain
 SlurmctldHost=$NODE(127.0.0.1)
-SlurmctldPort=$(free_port)
-SlurmdPort=$(free_port)
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
 SlurmUser=$(id -un)
 AuthType=auth/munge
 CredType=cred/munge
@@ -103,6 +108,9 @@ SchedulerType=sched/builtin
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
+# The trainer's coordinator port is 61440 + job id mod 4096: a random first id
+# keeps two of these clusters on one machine from sharing it.
+FirstJobId=$((RANDOM % 4096 + 1))
 StateSaveLocation=$T/state
 SlurmdSpoolDir=$T/spool
 SlurmctldPidFile=$T/slurmctld.pid
