@@ -148,9 +148,12 @@ def forward(stage_fn, layers_L, x_MBTD, pos_MBT, seg_MBT, sched: Schedule, mesh)
   if not has_seg:
     seg_MBT = jnp.zeros(pos_MBT.shape, jnp.int32)
 
+  dtype = x_MBTD.dtype
+
   @_manual_rules
   def body(params_V1K, x, pos, seg):
     params_VK = jax.tree.map(lambda a: a[:, 0], params_V1K)
+    x = x.astype(dtype)
     s = jax.lax.axis_index(AXIS)
 
     def tick(carry, t):
@@ -169,10 +172,13 @@ def forward(stage_fn, layers_L, x_MBTD, pos_MBT, seg_MBT, sched: Schedule, mesh)
     return out[None]
 
   # check_vma off: the tick program mixes per-device values (the stage's
-  # params, the received state) with replicated inputs under selects.
+  # params, the received state) with replicated inputs under selects. The
+  # inputs enter in float32: their cotangent is summed over the pipeline
+  # axis (stage 0's), and XLA:CPU's all-reduce promotion fails on a bfloat16 one.
   out = jax.shard_map(body, mesh=mesh, in_specs=(P(None, AXIS), P(), P(), P()),
                       out_specs=P(AXIS), axis_names={AXIS}, check_vma=False)(
-                          to_stages(layers_L, sched), x_MBTD, pos_MBT, seg_MBT)
+                          to_stages(layers_L, sched), x_MBTD.astype(jnp.float32), pos_MBT,
+                          seg_MBT)
   return out[p - 1]
 
 
