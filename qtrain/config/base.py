@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
       # random_hadamard (| learned: r1, r2). *_layers: "all" or blocks "0-3,7".
       # impl: fwht | matmul (how R3/R4 run).
       rotation=dict(r1="none", r2="none", r2_layers="all", r3="none", r3_layers="all",
-                    r4="none", r4_layers="all", seed=0, impl="fwht"),
+                    r4="none", r4_layers="all", seed=0, impl="matmul"),
   ))
 
   # Device mesh, outermost axis first; sizes multiply to the device count and
