@@ -66,5 +66,5 @@ clean:
 # with apt-get when missing (root only; otherwise it names them and exits 3).
 # Needs `make data` (and the venv) first; ~2-3 min on two cores.
 .PHONY: test-slurm
-test-slurm:
+test-slurm: data $(TRAIN_STAMP)
 	PY=$(BIN)/python DATA=$(DATA) scripts/slurm/local_cluster.sh
