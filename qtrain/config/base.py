@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
           original_max_position=8192),
       tie_embeddings=False,
       norm_eps=1e-5,
+      qkv_bias=False,  # Biases on q/k/v (Qwen2; qtrain/convert/hf.py imports them).
       param_dtype="float32",  # float32 | bfloat16
       dtype="float32",  # Compute dtype: float32 | bfloat16 | float16
       scan_layers=True,

@@ -132,6 +132,7 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *,
 
 class Attention(nn.Module):
   """Llama attention block: q/k/v projections, RoPE, GQA, output projection.
+  ``cfg.qkv_bias`` gives q/k/v a bias each (Qwen2), added before RoPE.
 
   ``decode=True``: autoregressive inference. K/V of the new tokens go into the
   ``cache`` collection (in the format ``hooks.kv_spec`` gives, see
@@ -151,9 +152,10 @@ class Attention(nn.Module):
                               kernel_init=nn.initializers.normal(cfg.init_std), hooks=self.hooks,
                               init_std=cfg.init_std)
     heads = lambda y, n, axis: nn.with_logical_constraint(y.reshape(B, T, n, H), HEADS[axis])
-    q_BTNH = heads(dense(N * H, ("embed", "q_heads"), name="q_proj")(x_BTD), N, "q")
-    k_BTKH = heads(dense(K * H, ("embed", "kv_heads"), name="k_proj")(x_BTD), K, "kv")
-    v_BTKH = heads(dense(K * H, ("embed", "kv_heads"), name="v_proj")(x_BTD), K, "kv")
+    qkv = functools.partial(dense, use_bias=cfg.qkv_bias)  # Qwen2: q/k/v biases, o none.
+    q_BTNH = heads(qkv(N * H, ("embed", "q_heads"), name="q_proj")(x_BTD), N, "q")
+    k_BTKH = heads(qkv(K * H, ("embed", "kv_heads"), name="k_proj")(x_BTD), K, "kv")
+    v_BTKH = heads(qkv(K * H, ("embed", "kv_heads"), name="v_proj")(x_BTD), K, "kv")
     inv_freq = inverse_frequencies(H, cfg.rope_theta, cfg.rope_scaling)
     hooks = self.hooks
     # R3 (online, both or neither; Q K^T unchanged) rotates Q and K before

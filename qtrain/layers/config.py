@@ -93,7 +93,7 @@ class RotationConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-  """A Llama-family decoder."""
+  """A Llama-family decoder (Llama, Qwen2 with ``qkv_bias``)."""
   vocab_size: int  # V: may exceed the tokenizer's vocabulary (padding).
   d_model: int  # D
   n_layers: int  # L
@@ -106,6 +106,8 @@ class ModelConfig:
   rope_scaling: RopeScaling = RopeScaling()
   tie_embeddings: bool = False
   norm_eps: float = 1e-5
+  # Biases on the q/k/v projections (Qwen2; o_proj and the MLP have none).
+  qkv_bias: bool = False
   param_dtype: str = "float32"
   dtype: str = "float32"  # Compute dtype of matmuls and activations.
   scan_layers: bool = True

@@ -1,5 +1,10 @@
-"""A bias-free dense layer whose weight form is chosen by path rules and whose
-matmul(s) go through the one hook (see ``qtrain.layers.weights``)."""
+"""A dense layer whose weight form is chosen by path rules and whose matmul(s)
+go through the one hook (see ``qtrain.layers.weights``).
+
+An optional bias (``use_bias``: Qwen2's q/k/v projections) is added after the
+form's product(s), outside the hook: quantizers, rotations and calibration see
+the weight alone, as in a quantized kernel whose epilogue adds the bias in
+high precision."""
 
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ def module_path(module: nn.Module) -> str:
 
 
 class Linear(nn.Module):
-  """y = x W, W [in, out] (or the form's factors), annotated with logical axes."""
+  """y = x W (+ b), W [in, out] (or the form's factors), b [out], annotated with
+  logical axes (b's is W's output axis)."""
   features: int
   kernel_axes: tuple[str, str]
   dtype: Any = jnp.float32
@@ -27,8 +33,15 @@ class Linear(nn.Module):
   kernel_init: Any = nn.initializers.normal(0.02)
   hooks: Any = None  # Hooks, a Provider, a tuple of them, or None (plain dots).
   init_std: float = 0.02  # Scale of factorised forms' init (see weights.LowRank).
+  use_bias: bool = False  # No param at all when off (bias-free checkpoints unchanged).
 
   @nn.compact
   def __call__(self, x):
     hooks = as_hooks(self.hooks)
-    return form_for(hooks.forms, module_path(self), self.init_std)(self, hooks, x)
+    y = form_for(hooks.forms, module_path(self), self.init_std)(self, hooks, x)
+    if not self.use_bias:
+      return y
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                           (self.kernel_axes[1],)),
+                      (self.features,), self.param_dtype)
+    return y + bias.astype(y.dtype)

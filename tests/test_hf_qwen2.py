@@ -1,0 +1,179 @@
+"""HF Qwen2 <-> qtrain, against transformers itself (the reference).
+
+A tiny random ``Qwen2ForCausalLM`` (GQA, non-zero q/k/v biases, tied and
+untied, default and Llama-3-scaled RoPE) is converted and both frameworks'
+float32 logits compared; the export goes back through safetensors + config.json
+into ``transformers.AutoModelForCausalLM`` and must give the same logits. The
+Llama path is covered by tests/test_convert.py (unchanged, still passing).
+"""
+
+import json
+
+import flax
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from qtrain.convert import (config_from_hf, config_to_hf, load_hf_checkpoint,
+                            params_from_hf_model, params_from_hf_state_dict,
+                            params_to_hf_state_dict, save_hf_checkpoint)
+from qtrain.layers import Transformer
+
+torch.use_deterministic_algorithms(True)
+torch.set_num_threads(1)
+
+V, T, B = 256, 32, 2
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 1000000.0, "factor": 8.0,
+          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+DEFAULT = {"rope_type": "default", "rope_theta": 1000000.0}
+# float32 on both sides; only the accumulation order of matmuls and reductions
+# over D=64/F=160 differs (plus float64- vs float32-computed inverse
+# frequencies), ~10 ulps of logits of |max| ~5, std ~1.2: measured max |diff|
+# 4.4e-6..4.5e-6 with default RoPE, 7.7e-6..8.6e-6 with Llama-3 scaling
+# (tied/untied), so 1e-4 leaves >10x margin, while a wrong bias mapping
+# (biases ~N(0, 0.5)) moves logits by O(1) (test_biases_matter).
+LOGIT_ATOL = 1e-4
+
+
+def qwen2(tied: bool, scaling: bool = False, seed: int = 0):
+  config = transformers.Qwen2Config(
+      vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, intermediate_size=160, max_position_embeddings=64,
+      rope_parameters=dict(LLAMA3 if scaling else DEFAULT), tie_word_embeddings=tied,
+      rms_norm_eps=1e-6, attn_implementation="eager")
+  torch.manual_seed(seed)
+  model = transformers.Qwen2ForCausalLM(config).float().eval()
+  with torch.no_grad():  # Std well above HF's 0.02, non-unit norms, and biases
+    for name, p in model.named_parameters():  # large enough to matter.
+      if name.endswith("norm.weight"):
+        p.copy_(1.0 + 0.3 * torch.randn_like(p))
+      elif name.endswith("bias"):
+        p.normal_(0.0, 0.5)
+      else:
+        p.normal_(0.0, 0.15)
+  return model
+
+
+def tokens(seed: int = 1):
+  return np.random.default_rng(seed).integers(0, V, (B, T), dtype=np.int32)
+
+
+def hf_logits(model, tokens_BT):
+  with torch.no_grad():
+    return model(torch.from_numpy(tokens_BT).long()).logits.numpy()
+
+
+def qtrain_logits(cfg, params, tokens_BT):
+  return np.asarray(jax.jit(Transformer(cfg).apply)({"params": params}, tokens_BT))
+
+
+def numpy_state_dict(model):
+  return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scan", "unscanned"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_logits_match_transformers(tied, scan):
+  model = qwen2(tied)
+  cfg = config_from_hf(model.config, scan_layers=scan)
+  assert cfg.qkv_bias and cfg.tie_embeddings == tied
+  assert (cfg.rope_theta, cfg.norm_eps, cfg.n_kv_heads) == (1e6, 1e-6, 2)
+  params = params_from_hf_model(model, cfg)
+  attn = params["decoder"]["layers" if scan else "layers_1"]["attn"]
+  assert set(attn["k_proj"]) == {"kernel", "bias"} and set(attn["o_proj"]) == {"kernel"}
+  ref = hf_logits(model, tokens())
+  np.testing.assert_allclose(qtrain_logits(cfg, params, tokens()), ref, rtol=0, atol=LOGIT_ATOL)
+
+
+def test_llama3_rope_scaling():
+  model = qwen2(tied=False, scaling=True)
+  cfg = config_from_hf(model.config)
+  assert cfg.rope_scaling.factor == 8.0
+  np.testing.assert_allclose(qtrain_logits(cfg, params_from_hf_model(model, cfg), tokens()),
+                             hf_logits(model, tokens()), rtol=0, atol=LOGIT_ATOL)
+
+
+def test_biases_matter():
+  """Zeroing the imported biases moves the logits far beyond the tolerance:
+  the match above is not one a bias-free model would pass too."""
+  model = qwen2(tied=True)
+  cfg = config_from_hf(model.config)
+  params = params_from_hf_model(model, cfg)
+  for n in "qkv":
+    params["decoder"]["layers"]["attn"][f"{n}_proj"]["bias"] *= 0
+  assert np.abs(qtrain_logits(cfg, params, tokens()) - hf_logits(model, tokens())).max() > 0.1
+
+
+def _param_paths(cfg):
+  shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens())["params"]
+  return {"/".join(k) for k in flax.traverse_util.flatten_dict(flax.linen.unbox(shapes))}
+
+
+def test_llama_path_has_no_bias_param():
+  """Without qkv_bias the param tree is the Llama one, key for key; with it,
+  exactly q/k/v gain a bias."""
+  llama = config_from_hf(transformers.LlamaConfig(
+      vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, intermediate_size=160, tie_word_embeddings=True))
+  qwen = config_from_hf(qwen2(tied=True).config)
+  assert not llama.qkv_bias and not [p for p in _param_paths(llama) if "bias" in p]
+  assert _param_paths(qwen) - _param_paths(llama) == {
+      f"decoder/layers/attn/{n}_proj/bias" for n in "qkv"}
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_state_dict_round_trip(tied):
+  model = qwen2(tied)
+  state_dict = numpy_state_dict(model)
+  cfg = config_from_hf(model.config)
+  exported = params_to_hf_state_dict(params_from_hf_state_dict(state_dict, cfg), cfg)
+  assert sorted(exported) == sorted(state_dict)
+  for k, v in state_dict.items():
+    np.testing.assert_array_equal(exported[k], v, err_msg=k)
+
+
+@pytest.mark.parametrize("shard,tied,scaling", [(False, True, False), (True, False, True)],
+                         ids=["single_tied", "sharded_untied_llama3"])
+def test_export_loads_into_transformers(tmp_path, shard, tied, scaling):
+  """save_hf_checkpoint -> AutoModelForCausalLM.from_pretrained: the class,
+  config and logits are the original model's (bit-equal: same float32 weights,
+  same torch code)."""
+  model = qwen2(tied, scaling)
+  cfg = config_from_hf(model.config)
+  params = params_from_hf_model(model, cfg)
+  save_hf_checkpoint(tmp_path, params, cfg, max_shard_bytes=100_000 if shard else 2**30)
+  assert (tmp_path / "model.safetensors.index.json").exists() == shard
+  loaded = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path, attn_implementation="eager").float().eval()
+  assert type(loaded) is transformers.Qwen2ForCausalLM
+  assert loaded.config.tie_word_embeddings == tied
+  np.testing.assert_array_equal(hf_logits(loaded, tokens()), hf_logits(model, tokens()))
+  cfg2, params2 = load_hf_checkpoint(tmp_path)  # And back again: the same qtrain model.
+  assert cfg2 == cfg
+  jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+def test_config_to_hf_is_a_transformers_config():
+  model = qwen2(tied=True, scaling=True)
+  cfg = config_from_hf(model.config)
+  doc = config_to_hf(cfg)
+  hf = transformers.AutoConfig.for_model(**json.loads(json.dumps(doc)))
+  assert isinstance(hf, transformers.Qwen2Config)
+  assert config_from_hf(hf) == cfg
+  for key in ("hidden_size", "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings"):
+    assert getattr(hf, key) == getattr(model.config, key), key
+
+
+def test_config_errors():
+  base = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=160)
+  with pytest.raises(ValueError, match=r"model_type='mistral'; qtrain converts 'llama' and "
+                                       r"'qwen2' only"):
+    config_from_hf(dict(base, model_type="mistral"))
+  with pytest.raises(ValueError, match="use_sliding_window=True"):
+    config_from_hf(dict(base, model_type="qwen2", use_sliding_window=True))
+  assert config_from_hf(dict(base, model_type="qwen2")).qkv_bias
+  assert not config_from_hf(dict(base, model_type="llama")).qkv_bias
