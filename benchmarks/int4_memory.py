@@ -49,12 +49,14 @@ from qtrain.layers import Transformer  # pylint: disable=g-import-not-at-top
 from qtrain.layers.kv_cache import init_cache  # pylint: disable=g-import-not-at-top
 from qtrain.layers.param_tree import get as get_param  # pylint: disable=g-import-not-at-top
 from qtrain.quant import validate_quant  # pylint: disable=g-import-not-at-top
-from qtrain.quantize import dequantized_params, quantize_params, weight_sites  # pylint: disable=g-import-not-at-top
+from qtrain.quantize import (dequantized_params, quantize_params,  # pylint: disable=g-import-not-at-top
+                             weight_sites)
 from qtrain.quantize import evaluate as ev  # pylint: disable=g-import-not-at-top
 from qtrain.quantize.export import entries, packed_params  # pylint: disable=g-import-not-at-top
 from qtrain.layers.param_tree import without  # pylint: disable=g-import-not-at-top
 from qtrain.train.build import model_config  # pylint: disable=g-import-not-at-top
-from qtrain.train.sample import _next_token  # pylint: disable=g-import-not-at-top
+# The jitted step generate() runs, lowered here for its compiled memory analysis.
+from qtrain.train.sample import _next_token  # pylint: disable=g-import-not-at-top,protected-access
 
 
 def nbytes(tree) -> int:
