@@ -138,28 +138,30 @@ def test_packed_model_equals_dequantized_dense_model(export, act):
   np.testing.assert_array_equal(got, want)
 
 
-def test_form_through_kernel_matches_float64():
+@pytest.mark.parametrize("m,k,group", [(15, 64, 0), (15, 64, 16), (40, 64, 32)])
+def test_form_through_kernel_matches_float64(m, k, group):
   """bf16 activations take the W4A16 kernel (Pallas interpret mode): within
   2^-7 relative per element of float64 x @ W^ (one bf16 rounding of the
   output, 2^-8, plus float32 sums; x is bf16 on both sides, codes exact).
-  Per channel (kernel groups of 32 repeating the column scale) and per group
-  of 32; the jaxpr shows the kernel ran."""
-  rng = np.random.default_rng(3)
-  k, n = 64, 24
-  x = jnp.asarray(rng.standard_normal((3, 5, k)), jnp.bfloat16)
-  for group, n_scales in [(0, 1), (32, 2)]:
-    q = jnp.asarray(rng.integers(-7, 8, (k, n)), jnp.int8)
-    s = jnp.asarray(rng.uniform(0.01, 0.1, (n_scales, n)), jnp.float32)
-    w = packed.pack(q, s)
-    rules = form_rules([dict(pattern=".*", form="int4_packed", group_size=group,
-                             kernels="interpret")])
-    lin = Linear(n, ("embed", "mlp"), dtype=jnp.bfloat16, hooks=_forms(rules))
-    apply = lambda x: lin.apply({"params": {"codes": w.codes, "scales": s}}, x)
-    assert str(jax.make_jaxpr(apply)(x)).count("pallas_call") == 1
-    y = np.asarray(apply(x), np.float64)
-    ref = np.asarray(x, np.float64) @ (np.asarray(q, np.float64)
-                                       * np.repeat(np.asarray(s, np.float64), k // n_scales, 0))
-    np.testing.assert_array_less(np.abs(y - ref), 2.0 ** -7 * np.abs(ref) + 1e-6)
+  Per channel (kernel groups of 32 repeating the column scale), per group of
+  16 (two group pairs: split-K 2 of the decode blocks, M <= 16) and of 32 at
+  M = 40 (the default blocks); the jaxpr shows the kernel ran."""
+  rng = np.random.default_rng(m + group)
+  n, n_scales = 24, k // group if group else 1
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16).reshape(m // 5 if m % 5 == 0 else 1,
+                                                                     -1, k)
+  q = jnp.asarray(rng.integers(-7, 8, (k, n)), jnp.int8)
+  s = jnp.asarray(rng.uniform(0.01, 0.1, (n_scales, n)), jnp.float32)
+  w = packed.pack(q, s)
+  rules = form_rules([dict(pattern=".*", form="int4_packed", group_size=group,
+                           kernels="interpret")])
+  lin = Linear(n, ("embed", "mlp"), dtype=jnp.bfloat16, hooks=_forms(rules))
+  apply = lambda x: lin.apply({"params": {"codes": w.codes, "scales": s}}, x)
+  assert str(jax.make_jaxpr(apply)(x)).count("pallas_call") == 1
+  y = np.asarray(apply(x), np.float64)
+  ref = np.asarray(x, np.float64) @ (np.asarray(q, np.float64)
+                                     * np.repeat(np.asarray(s, np.float64), k // n_scales, 0))
+  np.testing.assert_array_less(np.abs(y - ref), 2.0 ** -7 * np.abs(ref) + 1e-6)
 
 
 def _forms(rules):

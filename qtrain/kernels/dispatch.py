@@ -14,7 +14,9 @@ Shape rules (checked on static shapes, so the choice is made once per trace):
 int8 takes the kernel when M, N and K are all >= 16 (a smaller dim would be
 padded to a 16-wide tile: more padding than work); other shapes that do not
 tile are zero-padded inside the kernel call. int4 needs K a multiple of
-2 * group (its K step takes two groups), else XLA. Hadamard: n <= 128
+2 * group (its K step takes two groups), else XLA; on GPU, M <= 16 runs
+the decode blocks (16 x 64 tiles, split-K 4: the best of the H100 run at
+M = 16). Hadamard: n <= 128
 (per-head rotations) goes to XLA's dense [rows, n] x [n, n] matmul
 (``hadamard_dense``): on an H100 it ran at 92% of the copy bandwidth
 against the kernel's 47% at n = 128 over 524,288 rows (KERNEL_NOTES.md), so
@@ -63,12 +65,14 @@ def int8_dot(x, w, s_x=None, s_w=None, *, out_dtype, kernels: str = "xla",
 
 
 def w4a16_dot(x, packed, scales, *, group: int, out_dtype, kernels: str = "xla"):
-  """``int4.int4_matmul`` or its XLA path."""
+  """``int4.int4_matmul`` or its XLA path; on GPU, M <= 16 (decode) takes
+  ``int4.GPU_DECODE_BLOCKS`` (split-K), larger M the default blocks."""
   pick = flavour(kernels, "int4")
   if pick is None or x.shape[1] % (2 * group):
     return int4.int4_matmul_xla(x, packed, scales, group=group, out_dtype=out_dtype)
+  blocks = int4.GPU_DECODE_BLOCKS if pick[0] == "gpu" and x.shape[0] <= 16 else None
   return int4.int4_matmul(x, packed, scales, group=group, out_dtype=out_dtype,
-                          backend=pick[0], interpret=pick[1])
+                          blocks=blocks, backend=pick[0], interpret=pick[1])
 
 
 def hadamard(x, signs=None, *, kernels: str = "xla"):
