@@ -76,6 +76,9 @@ def load_ptq(out: str, *, packed: bool = True, kv_bits: int | None = None):
   from qtrain.layers import ModelConfig, Transformer  # pylint: disable=g-import-not-at-top
   from qtrain.quantize import evaluate as ev, export  # pylint: disable=g-import-not-at-top
   from qtrain.train.checkpoint import load_config  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(os.path.join(out, export.META_NAME)):
+    raise FileNotFoundError(f"--ptq={out}: no {export.META_NAME} there; give a directory that "
+                            "python -m qtrain.quantize wrote (its --out)")
   doc = export.read_meta(out)
   cfg = load_config(doc["source"]["workdir"])
   recipe_quant = ml_collections.ConfigDict(doc["recipe_quant"])
