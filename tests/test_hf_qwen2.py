@@ -38,9 +38,9 @@ DEFAULT = {"rope_type": "default", "rope_theta": 1000000.0}
 LOGIT_ATOL = 1e-4
 
 
-def qwen2(tied: bool, scaling: bool = False, seed: int = 0):
+def qwen2(tied: bool, scaling: bool = False, seed: int = 0, vocab: int = V):
   config = transformers.Qwen2Config(
-      vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+      vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
       num_key_value_heads=2, intermediate_size=160, max_position_embeddings=64,
       rope_parameters=dict(LLAMA3 if scaling else DEFAULT), tie_word_embeddings=tied,
       rms_norm_eps=1e-6, attn_implementation="eager")
