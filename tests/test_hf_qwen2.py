@@ -177,3 +177,64 @@ def test_config_errors():
     config_from_hf(dict(base, model_type="qwen2", use_sliding_window=True))
   assert config_from_hf(dict(base, model_type="qwen2")).qkv_bias
   assert not config_from_hf(dict(base, model_type="llama")).qkv_bias
+
+
+# --- export of models trained in qtrain ------------------------------------------
+
+def _random_qtrain_params(cfg, seed=0):
+  """Params of ``cfg``'s shapes: weights and biases N(0, 0.15), norm gains
+  1 + 0.3 N(0, 1) (scalars for ssnorm), so every piece moves logits by O(1)."""
+  shapes = flax.linen.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.key(0),
+                                           tokens()))["params"]
+  rng = np.random.default_rng(seed)
+
+  def draw(path, s):
+    gain = jax.tree_util.keystr(path).endswith("['scale']")
+    return (1.0 * gain + (0.3 if gain else 0.15) * rng.standard_normal(s.shape)).astype(s.dtype)
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@pytest.mark.parametrize("qkv_bias,osp", [(True, True), (False, True), (True, False)],
+                         ids=["qwen2_osp", "llama_osp", "qwen2_llama3_untied"])
+def test_qtrain_model_exports_to_transformers(tmp_path, qkv_bias, osp):
+  """A model trained in qtrain (OSP: Single-Scale norms, EmbProj with tied
+  embeddings, FFN Hadamard; or plain with Llama-3 RoPE) saved by
+  save_hf_checkpoint: transformers loads the family its biases say, with the
+  config it needs (EmbProj unties the head), and computes qtrain's logits.
+  Tolerance as above: float32 both sides, the merges adding a few ulps;
+  measured max |diff| 5.4e-6..7.5e-6 on logits of |max| ~6."""
+  from qtrain.layers import ModelConfig, RopeScaling  # pylint: disable=g-import-not-at-top
+  cfg = ModelConfig(vocab_size=V, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                    d_ff=128, max_seq_len=64, rope_theta=1e6, norm_eps=1e-6, qkv_bias=qkv_bias,
+                    tie_embeddings=osp, norm="ssnorm" if osp else "rmsnorm", embproj=osp,
+                    ffn_hadamard=osp,
+                    rope_scaling=RopeScaling() if osp else RopeScaling(
+                        factor=8.0, original_max_position=16))
+  params = _random_qtrain_params(cfg)
+  plain = save_hf_checkpoint(tmp_path, {"params": params}, cfg)
+  assert not plain.tie_embeddings  # Tied + EmbProj merges into an untied head; plain stays.
+  loaded = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path, attn_implementation="eager").float().eval()
+  assert type(loaded) is (transformers.Qwen2ForCausalLM if qkv_bias
+                          else transformers.LlamaForCausalLM)
+  assert loaded.config.tie_word_embeddings is False
+  want = qtrain_logits(cfg, params, tokens())
+  assert np.abs(want).max() > 1.0
+  np.testing.assert_allclose(hf_logits(loaded, tokens()), want, rtol=0, atol=LOGIT_ATOL)
+
+
+def test_bfloat16_export(tmp_path):
+  """--dtype=bfloat16: safetensors of bf16 (as HF checkpoints ship) that
+  transformers loads as such; the values are the float32 weights rounded."""
+  model = qwen2(tied=False)
+  cfg = config_from_hf(model.config)
+  save_hf_checkpoint(tmp_path, params_from_hf_model(model, cfg), cfg, dtype="bfloat16")
+  assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+  loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+  bias = loaded.model.layers[1].self_attn.q_proj.bias
+  assert bias.dtype == torch.bfloat16
+  np.testing.assert_array_equal(
+      bias.detach().float().numpy(), model.model.layers[1].self_attn.q_proj.bias.detach()
+      .to(torch.bfloat16).float().numpy())
+  with pytest.raises(ValueError, match="dtype='float16'; export float32 or bfloat16"):
+    save_hf_checkpoint(tmp_path / "x", params_from_hf_model(model, cfg), cfg, dtype="float16")
