@@ -304,9 +304,10 @@ def plain_params(params, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
   online rotations removed, OSP merged (see ``params_to_hf_state_dict``);
   plain, unwrapped params."""
   params = unwrap(params)
-  if cfg.weight_forms:
-    raise ValueError(f"config.model.weight_forms={cfg.weight_forms}: HF export takes dense "
-                     "kernels; multiply the factors out into a dense model first")
+  factored = [r.pattern for r in cfg.weight_forms if r.form != "dense"]
+  if factored:
+    raise ValueError(f"config.model.weight_forms puts {factored} in factored forms; HF export "
+                     "takes dense kernels: multiply the factors out into a dense model first")
   if cfg.rotation.r3 != "none" or cfg.rotation.r4 != "none":
     params, cfg = drop_online(params, cfg)
   if not is_plain(cfg):
