@@ -74,8 +74,8 @@ def numpy_state_dict(model):
   return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("scan", [True, False], ids=["scan", "unscanned"])
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("scan,tied", [(True, False), (False, True)],
+                         ids=["scan-untied", "unscanned-tied"])
 def test_logits_match_transformers(tied, scan):
   model = qwen2(tied)
   cfg = config_from_hf(model.config, scan_layers=scan)
@@ -238,3 +238,34 @@ def test_bfloat16_export(tmp_path):
       .to(torch.bfloat16).float().numpy())
   with pytest.raises(ValueError, match="dtype='float16'; export float32 or bfloat16"):
     save_hf_checkpoint(tmp_path / "x", params_from_hf_model(model, cfg), cfg, dtype="float16")
+
+
+def test_qkv_bias_on_fsdp_tensor_mesh_equals_one_device():
+  """The bias carries its kernel's output axis: split over tensor like the
+  heads it adds to, and loss and grads equal the one-device run's."""
+  from jax.sharding import PartitionSpec  # pylint: disable=g-import-not-at-top
+  from parallel_util import BATCH, SEQ, Run, batch, smoke_config  # pylint: disable=g-import-not-at-top
+  one, mesh = smoke_config(), smoke_config(data=2, fsdp=2, tensor=2)
+  for cfg in (one, mesh):
+    cfg.model.qkv_bias = True
+  ref = Run(one)
+  params = ref.init_state().params
+  rng = np.random.default_rng(0)
+  for n in "qkv":  # Non-zero biases, so they shape the loss too.
+    b = params["decoder"]["layers"]["attn"][f"{n}_proj"]["bias"]
+    params["decoder"]["layers"]["attn"][f"{n}_proj"]["bias"] = jax.numpy.asarray(
+        0.5 * rng.standard_normal(b.shape), b.dtype)
+  run = Run(mesh)
+  for n in "qkv":
+    assert run.state_sh.params["decoder"]["layers"]["attn"][f"{n}_proj"]["bias"].spec == (
+        PartitionSpec(None, "tensor"))
+  loss, grads, _ = run.loss_and_grads(params, batch())
+  ref_loss, ref_grads, _ = ref.loss_and_grads(params, batch())
+  # tests/test_parallel.py's float32 reordering bound: sums over B*T tokens
+  # (and tensor shards) regrouped, <= n*u of the largest element.
+  reorder = BATCH * SEQ * 2.0 ** -24
+  assert abs(loss - ref_loss) <= reorder * abs(ref_loss), (loss, ref_loss)
+  for (path, g), (_, w) in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
+                               jax.tree_util.tree_flatten_with_path(ref_grads)[0]):
+    assert np.abs(g - w).max() <= reorder * np.abs(w).max(), jax.tree_util.keystr(path)
+  assert np.abs(ref_grads["decoder"]["layers"]["attn"]["v_proj"]["bias"]).max() > 0
