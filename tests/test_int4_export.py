@@ -49,7 +49,7 @@ def _np_halves(q):
 
 def test_pack_unpack_exact_against_numpy_layout():
   """Every code in [-8, 7], 2-D and scanned 3-D: the bytes are the NumPy
-  halves layout, and unpacking gives the codes back."""
+  halves layout, and unpacking gives the codes back, on device and host."""
   rng = np.random.default_rng(0)
   for shape in [(16, 5), (3, 32, 7)]:
     q = jnp.asarray(rng.integers(-8, 8, shape), jnp.int8)
@@ -57,6 +57,9 @@ def test_pack_unpack_exact_against_numpy_layout():
     assert w.codes.dtype == jnp.int8 and w.shape == shape
     np.testing.assert_array_equal(np.asarray(w.codes), _np_halves(q))
     np.testing.assert_array_equal(w.unpacked(), q)
+    # The export's host-side twins (no device ops: exports may run under a mesh).
+    np.testing.assert_array_equal(packed.pack_host(q), _np_halves(q))
+    np.testing.assert_array_equal(packed.unpack_host(_np_halves(q)), q)
 
 
 @pytest.fixture(scope="module")

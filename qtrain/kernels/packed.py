@@ -89,6 +89,26 @@ def pack(q, scales, dtype=jnp.float32) -> PackedInt4:
   return PackedInt4(fn(q), scales, dtype)
 
 
+def pack_host(q) -> np.ndarray:
+  """NumPy ``pack``'s codes (int8 [..., K/2, N], halves layout) of codes q
+  [..., K, N] in [-8, 7]: host-side, for exports, which must not run device
+  ops (they may sit inside another computation's mesh context)."""
+  q = np.asarray(q).astype(np.int16)
+  k = q.shape[-2]
+  if k % 2:
+    raise ValueError(f"packing pairs rows of K: K={k} must be even")
+  byte = (q[..., : k // 2, :] & 0xF) | ((q[..., k // 2:, :] & 0xF) << 4)
+  return byte.astype(np.uint8).view(np.int8)
+
+
+def unpack_host(codes) -> np.ndarray:
+  """The inverse of ``pack_host``: int8 [..., K, N] (arithmetic shifts
+  sign-extend each nibble)."""
+  p = np.asarray(codes).astype(np.int8)
+  lo = np.left_shift(p, np.int8(4)) >> np.int8(4)  # int8 wraps: the low nibble's sign.
+  return np.concatenate([lo, p >> np.int8(4)], axis=-2)
+
+
 def kernel_group(k: int, n_scales: int) -> int | None:
   """Rows per group as the kernel sees them, None when it cannot tile K.
 

@@ -104,7 +104,7 @@ def packable(spec, shape) -> bool:
 
 
 def _weight_arrays(w: QuantizedWeight, pack: bool) -> dict:
-  q = int4_packed.pack(w.qt.q, w.qt.scale).codes if pack else w.qt.q
+  q = int4_packed.pack_host(w.qt.q) if pack else w.qt.q
   d = {"q": q, "scale": w.qt.scale}
   if w.qt.zero_point is not None:
     d["zero_point"] = w.qt.zero_point
@@ -189,7 +189,7 @@ def _unpacked(out, path, e, codes, scale):
   if codes.shape != (*shape[:-2], shape[-2] // 2, shape[-1]):
     raise ValueError(f"{out}: {path} packed codes are {codes.shape}, ptq.json says the weight "
                      f"is {shape}")
-  return int4_packed.PackedInt4(codes, jnp.asarray(scale)).unpacked()
+  return jnp.asarray(int4_packed.unpack_host(codes))
 
 
 def load_quantized(out: str) -> dict:
@@ -221,9 +221,8 @@ def packed_params(params, qweights: dict, entries: dict, where: str = "packed_pa
     if not (packable(_spec(spec), w.qt.q.shape) and w.qt.zero_point is None):
       _set(params, e["param"], dequantize_weight(w, np.dtype(e["dtype"])))
       continue
-    p = int4_packed.pack(w.qt.q, w.qt.scale)
-    _set(params, (*e["param"][:-1], "codes"), p.codes)
-    _set(params, (*e["param"][:-1], "scales"), p.scales)
+    _set(params, (*e["param"][:-1], "codes"), jnp.asarray(int4_packed.pack_host(w.qt.q)))
+    _set(params, (*e["param"][:-1], "scales"), w.qt.scale)
     canonical = re.sub(r"^decoder/layers_\d+/", "decoder/layers/", path)
     group = spec["group_size"] if spec["granularity"] == "group" else 0
     if groups.setdefault(canonical, group) != group:
