@@ -24,7 +24,7 @@ high-precision fine-tune with RTN weights, its only quantized number.
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from qtrain.train import __main__ as train_cli  # --config, --workdir, multi-process flags.
 
@@ -42,12 +42,12 @@ def main(argv):
   cfg.train.init_from = _INIT_FROM.value
   workdir = train_cli.WORKDIR.value
   rot = cfg.quant.get("rotation")
+  prepare = None
   if rot is not None and rot.sites and rot.choose == "roste":
-    from qtrain.quant import roste  # pylint: disable=g-import-not-at-top
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO.
-    # It touches devices before train() starts jax.distributed: single-process runs only.
-    rot.table = roste.choose_rotations(cfg, workdir)
-  train_cli.train(cfg, workdir)
+    def prepare(c):  # After jax.distributed starts: it touches devices.
+      from qtrain.quant import roste  # pylint: disable=g-import-not-at-top
+      c.quant.rotation.table = roste.choose_rotations(c, workdir)
+  train_cli.train(cfg, workdir, prepare)
   if cfg.quant.mode != "none":
     from qtrain.quant import roste  # pylint: disable=g-import-not-at-top
     print(roste.format_eval(roste.quantized_eval(workdir)), flush=True)

@@ -68,9 +68,11 @@ def _local_device_ids() -> list[int] | None:
          "e.g. --local_device_ids=0,1")
 
 
-def train(cfg, workdir: str) -> None:
+def train(cfg, workdir: str, prepare=None) -> None:
   """Runs ``cfg`` in ``workdir`` (multi-process start-up first) and prints the
-  result; an expected mistake ends in one line and exit status 2."""
+  result; an expected mistake ends in one line and exit status 2. ``prepare(cfg)``,
+  when given, runs after the start-up and before training: work that touches
+  devices and may still fill the config (RoSTE's rotation choice)."""
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO.
   from qtrain.parallel import distributed  # pylint: disable=g-import-not-at-top
   from qtrain.train.errors import EXPECTED, one_line  # pylint: disable=g-import-not-at-top
@@ -81,6 +83,8 @@ def train(cfg, workdir: str) -> None:
     fail(one_line(e))
   from qtrain.train.loop import run  # pylint: disable=g-import-not-at-top
   try:
+    if prepare is not None:
+      prepare(cfg)
     summary = run(cfg, workdir)
   except EXPECTED as e:
     fail(one_line(e))
