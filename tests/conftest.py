@@ -114,6 +114,30 @@ def smoke_run_dir(tmp_path_factory) -> pathlib.Path:
   return shared_dir(tmp_path_factory, "smoke_run", _train_smoke_run)
 
 
+def _train_telemetry_runs(root: pathlib.Path) -> None:
+  from qtrain.train.loop import run  # pylint: disable=g-import-not-at-top
+  root.mkdir(parents=True)
+  for seed, name in enumerate(TELEMETRY_RUNS):
+    cfg = smoke_config(log_every=100)
+    cfg.seed = seed
+    cfg.telemetry.every = 2
+    cfg.telemetry.matmuls = "decoder/layers/mlp/down_proj"  # The one the notebook plots.
+    run(cfg, str(root / name))
+
+
+TELEMETRY_RUNS = ("a", "b")
+
+
+@pytest.fixture(scope="session")
+def telemetry_runs_dir(tmp_path_factory) -> pathlib.Path:
+  """Two smoke runs (seeds 0 and 1, subdirectories a and b) with telemetry
+  every 2 steps: measured at steps 1, 2 and 4, no other train rows
+  (log_every=100), checkpoints at 2 and 4. Trained once for all workers of the
+  session; read-only (tests/test_kurtosis.py reads a, tests/test_notebook.py
+  copies both)."""
+  return shared_dir(tmp_path_factory, "telemetry_runs", _train_telemetry_runs)
+
+
 @pytest.fixture
 def smoke_run(smoke_run_dir, tmp_path) -> pathlib.Path:
   """A private copy of the session's smoke run."""

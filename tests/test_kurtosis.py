@@ -260,17 +260,14 @@ def test_unscanned_layers_stack_into_the_same_metrics():
 # --- the loop and the config --------------------------------------------------------
 
 
-def test_loop_logs_per_layer_telemetry_on_measured_steps(tmp_path):
-  """every=2, log_every=100, 4 steps: rows at steps 1 (the initial params), 2
-  and 4 carry per-layer lists (the TensorBoard tags name/<i> come from the
-  same rows), step 3's metrics are not logged."""
-  from conftest import DATA, smoke_config  # pylint: disable=g-import-not-at-top
-  from qtrain.train.loop import run  # pylint: disable=g-import-not-at-top
-  cfg = smoke_config(log_every=100)
-  cfg.telemetry.every = 2
-  run(cfg, str(tmp_path))
-  del DATA
-  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+def test_loop_logs_per_layer_telemetry_on_measured_steps(telemetry_runs_dir):
+  """every=2, log_every=100, 4 steps (the session's telemetry run a,
+  tests/conftest.py): rows at steps 1 (the initial params), 2 and 4 carry
+  per-layer lists (the TensorBoard tags name/<i> come from the same rows),
+  step 3's metrics are not logged."""
+  run_dir = telemetry_runs_dir / "a"
+  cfg = _cfg(every=2)
+  rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
   measured = [r["step"] for r in rows if "telemetry/kurtosis" in r]
   assert measured == [1, 2, 4]
   assert not any(r["step"] == 3 for r in rows)
@@ -279,7 +276,7 @@ def test_loop_logs_per_layer_telemetry_on_measured_steps(tmp_path):
   assert len(blocks) == cfg.model.n_layers
   want = np.mean([row["telemetry/kurtosis/embed_out"], *blocks])
   np.testing.assert_allclose(row["telemetry/kurtosis"], want, rtol=1e-6)
-  tb = list((tmp_path / "tb").iterdir())
+  tb = list((run_dir / "tb").iterdir())
   assert tb and any(b"telemetry/kurtosis/decoder/layers/block_out/1" in f.read_bytes()
                     for f in tb)
 
