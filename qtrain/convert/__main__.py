@@ -15,7 +15,9 @@ must be tokenized with the HF model's vocabulary: ``--data_dir`` records the
 prepared data (``config.data.dir``) that quantization calibrates on, generation
 decodes with and fine-tuning checks the vocabulary against; without it the
 field is empty and those tools say so. The HF tokenizer files are kept in
-``<workdir>/hf_tokenizer/`` and ``export`` copies them back.
+``<workdir>/hf_tokenizer/`` and ``export`` copies them back. It prints the
+``--config.model.*`` overrides a fine-tuning config needs to match the model
+(``init_from`` restores into the fine-tuning config's model).
 
 ``export`` restores the workdir's latest (or ``--step``) params and writes an
 HF directory that ``transformers.AutoModelForCausalLM.from_pretrained`` loads:
@@ -75,6 +77,25 @@ def _model_block(model_cfg) -> dict:
     if block["rotation"][key] is None:
       block["rotation"][key] = "all"
   return block
+
+
+# The model fields an HF import sets: together they fix the function, so a
+# fine-tuning config must repeat them all (its own defaults may differ).
+_IMPORTED_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                    "d_ff", "max_seq_len", "rope_theta", "rope_scaling", "tie_embeddings",
+                    "norm_eps", "qkv_bias")
+
+
+def model_flags(model_block: dict) -> list[str]:
+  """``--config.model.*`` overrides that give any config this imported model:
+  what a fine-tuning config needs, since ``init_from`` restores into the
+  fine-tuning config's model."""
+  flags = []
+  for key in _IMPORTED_FIELDS:
+    value = model_block[key]
+    items = value.items() if isinstance(value, dict) else [(None, value)]
+    flags += [f"--config.model.{key}{'' if k is None else '.' + k}={v}" for k, v in items]
+  return flags
 
 
 def import_hf(hf_dir: str, workdir: str, *, data_dir: str = "",
@@ -137,7 +158,8 @@ def import_hf(hf_dir: str, workdir: str, *, data_dir: str = "",
     for name in side:
       shutil.copy2(os.path.join(hf_dir, name), os.path.join(workdir, TOKENIZER_DIR, name))
   n_params = sum(int(np.prod(v.shape)) for v in have.values())
-  return {"model_type": model_type, "params": n_params, "files": side}
+  return {"model_type": model_type, "params": n_params, "files": side,
+          "flags": model_flags(cfg.model.to_dict())}
 
 
 def export_hf(workdir: str, out: str, *, step: int | None = None, dtype: str | None = None,
@@ -173,6 +195,8 @@ def main(argv=None) -> None:
       print(f"imported {done['model_type']} ({done['params']:,} params) from {args.hf} into "
             f"{args.workdir} (checkpoint step 0"
             + (f"; tokenizer files in {TOKENIZER_DIR}/" if done["files"] else "") + ")")
+      print(f"fine-tune it with: python -m qtrain.finetune --config=CONFIG "
+            f"--init_from={args.workdir} --workdir=NEW {' '.join(done['flags'])}")
     else:
       done = export_hf(args.workdir, args.out, step=args.step, dtype=args.dtype,
                        max_shard_mb=args.max_shard_mb)
