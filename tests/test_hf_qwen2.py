@@ -269,3 +269,28 @@ def test_qkv_bias_on_fsdp_tensor_mesh_equals_one_device():
                                jax.tree_util.tree_flatten_with_path(ref_grads)[0]):
     assert np.abs(g - w).max() <= reorder * np.abs(w).max(), jax.tree_util.keystr(path)
   assert np.abs(ref_grads["decoder"]["layers"]["attn"]["v_proj"]["bias"]).max() > 0
+
+
+def test_quarot_rotation_of_a_qwen2_keeps_the_function():
+  """QuaRot (R1/R2 fused, R3/R4 online) on a Qwen2: R2 rotates v_proj's bias
+  with its columns (V = x W + b -> V R2 = x W R2 + b R2); R1 and the folded
+  norm gains act on the input side and leave biases alone. Rotated logits =
+  the model's within 1e-5 of max |logit| (tests/test_rotation.py's bound:
+  float32 rounding of exact rotations), and the HF export (online rotations
+  dropped) gives transformers the original logits within LOGIT_ATOL."""
+  from qtrain.convert import fuse_rotations  # pylint: disable=g-import-not-at-top
+  model = qwen2(tied=False)
+  cfg = config_from_hf(model.config)
+  params = params_from_hf_model(model, cfg)
+  fused, rcfg = fuse_rotations(params, cfg, "quarot")
+  assert rcfg.qkv_bias and rcfg.rotation.r2 != "none"
+  assert not np.allclose(fused["decoder"]["layers"]["attn"]["v_proj"]["bias"],
+                         params["decoder"]["layers"]["attn"]["v_proj"]["bias"])
+  want = qtrain_logits(cfg, params, tokens())
+  np.testing.assert_allclose(qtrain_logits(rcfg, fused, tokens()), want, rtol=0,
+                             atol=1e-5 * np.abs(want).max())
+  fresh = qwen2(tied=False, seed=7)
+  fresh.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in
+                         params_to_hf_state_dict(fused, rcfg).items()}, strict=True)
+  np.testing.assert_allclose(hf_logits(fresh, tokens()), hf_logits(model, tokens()), rtol=0,
+                             atol=LOGIT_ATOL)

@@ -11,8 +11,8 @@ R2 [H, H] per block, R4 [F, F] (R^-1 = R^T):
   to 1. Then the stream carries x R1: embedding E -> E R1, every weight that
   reads it W -> R1^T W (q/k/v/gate/up, LM head), every weight that writes it
   W -> W R1 (o_proj, down_proj).
-* R2, per head on V/O: v_proj's columns of each KV head W_j -> W_j R2, so V_j
-  becomes V_j R2; attention mixes rows only, so each query head's output is
+* R2, per head on V/O: v_proj's columns of each KV head W_j -> W_j R2 (and
+  its bias b_j -> b_j R2 with ``qkv_bias``), so V_j becomes V_j R2; attention mixes rows only, so each query head's output is
   rotated too, and o_proj's rows of each query head W_n -> R2^T W_n.
 * R3, online on Q and K after RoPE: (Q R)(K R)^T = Q K^T; nothing to fuse.
 * R4, online on the down_proj input h -> h R4: down_proj W -> R4^T W.
@@ -102,21 +102,21 @@ def _blocks(params) -> list[tuple[str, int | None]]:
 
 def _kernel(params, path):
   node = get(params, path)
-  if set(node) != {"kernel"}:
+  if set(node) - {"bias"} != {"kernel"}:  # q/k/v biases (Qwen2) sit on the output side.
     raise ValueError(f"{'/'.join(path)} holds {sorted(node)}, not a dense kernel: rotations "
                      "fold into dense weights only (config.model.weight_forms)")
   return node["kernel"]
 
 
-def _update(params, path, fn, per_layer=None):
-  """Kernel at ``path`` -> fn(kernel as float32), stored in its dtype; with
-  ``per_layer`` (a scanned stack), fn(kernel[i], i) for each block i."""
-  w = _kernel(params, path)
+def _update(params, path, fn, per_layer=None, leaf="kernel"):
+  """Kernel (or ``leaf``) at ``path`` -> fn(it as float32), stored in its
+  dtype; with ``per_layer`` (a scanned stack), fn(kernel[i], i) for each block i."""
+  w = _kernel(params, path) if leaf == "kernel" else get(params, (*path, leaf))
   if per_layer is None:
     out = fn(w)
   else:
     out = jnp.stack([fn(w[i], i) for i in range(per_layer)])
-  put(params, (*path, "kernel"), jnp.asarray(out).astype(w.dtype))
+  put(params, (*path, leaf), jnp.asarray(out).astype(w.dtype))
 
 
 def _fold_norms(params, cfg: ModelConfig) -> None:
@@ -151,26 +151,30 @@ def _fuse_r1(params, r1: _Rot) -> None:
   _update(params, ("lm_head",), r1.left_t)
 
 
-def _per_block(params, cfg: ModelConfig, on: tuple[bool, ...], path, fn) -> None:
-  """fn(kernel, layer) on each block whose ``on`` entry is True."""
+def _per_block(params, cfg: ModelConfig, on: tuple[bool, ...], path, fn,
+               leaf: str = "kernel") -> None:
+  """fn(kernel (or ``leaf``), layer) on each block whose ``on`` entry is True."""
   for key, i in _blocks(params):
     full = ("decoder", key, *path)
     if i is None:
-      _update(params, full, lambda w, j: fn(w, j) if on[j] else w, per_layer=cfg.n_layers)
+      _update(params, full, lambda w, j: fn(w, j) if on[j] else w, per_layer=cfg.n_layers,
+              leaf=leaf)
     elif on[i]:
-      _update(params, full, lambda w, i=i: fn(w, i))
+      _update(params, full, lambda w, i=i: fn(w, i), leaf=leaf)
 
 
 def _fuse_r2(params, cfg: ModelConfig, rot: RotationConfig, matrix) -> None:
   N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   on = rot.blocks("r2", cfg.n_layers)
 
-  def v(w, i):  # [D, K*H]: each KV head's columns W_j -> W_j R2.
-    return _rot(rot, "r2", H, matrix, i).right(w.reshape(-1, K, H)).reshape(-1, K * H)
+  def v(w, i):  # [D, K*H] (or the bias [K*H]): each KV head's columns W_j -> W_j R2.
+    return _rot(rot, "r2", H, matrix, i).right(w.reshape(*w.shape[:-1], K, H)).reshape(w.shape)
 
   def o(w, i):  # [N*H, D]: each query head's rows W_n -> R2^T W_n.
     return _rot(rot, "r2", H, matrix, i).left_t(w.reshape(N, H, -1)).reshape(N * H, -1)
   _per_block(params, cfg, on, ("attn", "v_proj"), v)
+  if cfg.qkv_bias:  # V = x W + b: b rotates with W's columns.
+    _per_block(params, cfg, on, ("attn", "v_proj"), v, leaf="bias")
   _per_block(params, cfg, on, ("attn", "o_proj"), o)
 
 
