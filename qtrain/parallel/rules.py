@@ -12,9 +12,11 @@ q_heads, mlp             tensor               column-parallel outputs / row-para
                                               inputs (Megatron)
 kv_heads                 tensor or None       as q_heads; replicated when there are
                                               fewer kv heads than ``tensor``
-norm, layers, rank       None                 norm scales, the scan axis, low-rank r
+norm, rank               None                 norm scales, low-rank r
+layers                   pipeline or None     the scan axis: stages of a pipeline
 embed_proj               None                 EmbProj's second d (its first is embed)
-activation_batch         (data, fsdp)         rows of every activation
+activation_batch         (data, fsdp[,        rows of every activation (outside the
+                         pipeline])           pipeline's stages with pipeline > 1)
 activation_length        sequence             tokens inside attention and the MLP
 activation_norm_length   (sequence, tensor)   tokens of the residual stream and the
                                               norms between layers (sequence
@@ -49,6 +51,10 @@ def logical_rules(mesh, model_cfg) -> tuple:
   """The rules table (see the module docstring) for ``mesh`` and the model."""
   t = mesh.shape["tensor"]
   kv = "tensor" if model_cfg.n_kv_heads % t == 0 else None
+  # Pipeline stages hold their own layers (and their optimizer state); outside
+  # the stages (embedding, head, loss) the rows split over the stage devices too,
+  # so no device runs the head on the whole batch.
+  pp = mesh.shape["pipeline"] > 1
   return (
       ("vocab", "tensor"),
       ("embed", "fsdp"),
@@ -56,10 +62,10 @@ def logical_rules(mesh, model_cfg) -> tuple:
       ("kv_heads", kv),
       ("mlp", "tensor"),
       ("norm", None),
-      ("layers", None),
+      ("layers", "pipeline" if pp else None),
       ("rank", None),
       ("embed_proj", None),
-      ("activation_batch", BATCH_AXES),
+      ("activation_batch", BATCH_AXES + (("pipeline",) if pp else ())),
       ("activation_length", "sequence"),
       ("activation_norm_length", ("sequence", "tensor")),
       ("activation_heads", "tensor"),

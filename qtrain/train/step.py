@@ -17,6 +17,7 @@ from qtrain.parallel.rules import batch_sharding, replicated
 from qtrain.train import first_order
 from qtrain.train import zeroth_order  # noqa: F401  (registers zeroth_order)
 from qtrain.train import compressed as _compressed  # noqa: F401  (registers compressed)
+from qtrain.train import pipeline as _pipeline  # noqa: F401  (registers pipeline)
 from qtrain.train.families import StepContext, get_family
 from qtrain.train.loss import cross_entropy, forward, loss_mask, make_loss
 
