@@ -9,7 +9,8 @@ qtrain.quantize`` (see ``__main__``).
 
 from qtrain.quantize.awq_fold import InputScale
 from qtrain.quantize.export import (QuantizedWeight, dequantize_weight, dequantized_params,
-                                    load_export, load_quantized, ptq_providers, save_quantized)
+                                    load_export, load_packed, load_quantized, packed_params,
+                                    ptq_providers, save_quantized)
 from qtrain.quantize.gptq_awq import (StatsProvider, collect_stats, gptq, quantize_awq,
                                       quantize_awq_group, quantize_gptq, quantize_params,
                                       qwix_how)
