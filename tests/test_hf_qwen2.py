@@ -290,7 +290,7 @@ def test_quarot_rotation_of_a_qwen2_keeps_the_function():
   np.testing.assert_allclose(qtrain_logits(rcfg, fused, tokens()), want, rtol=0,
                              atol=1e-5 * np.abs(want).max())
   fresh = qwen2(tied=False, seed=7)
-  fresh.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in
+  fresh.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in
                          params_to_hf_state_dict(fused, rcfg).items()}, strict=True)
   np.testing.assert_allclose(hf_logits(fresh, tokens()), hf_logits(model, tokens()), rtol=0,
                              atol=LOGIT_ATOL)
