@@ -54,6 +54,7 @@ def imported(hf_dir, tmp_path_factory):
   r = cli("import", f"--hf={hf_dir}", f"--workdir={path}", f"--data_dir={DATA}")
   assert r.returncode == 0, r.stderr
   assert "imported qwen2 (" in r.stdout and "checkpoint step 0" in r.stdout
+  assert json.loads((path / "hf_import.json").read_text())["model_type"] == "qwen2"
   return path, r.stdout
 
 

@@ -45,6 +45,9 @@ _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.js
                "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                "generation_config.json", "chat_template.jinja")
 TOKENIZER_DIR = "hf_tokenizer"
+# Marks an imported workdir: its checkpoint holds params only, so the trainer
+# cannot resume it (it is a source for init_from, not a run to continue).
+IMPORT_RECORD = "hf_import.json"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -152,6 +155,10 @@ def import_hf(hf_dir: str, workdir: str, *, data_dir: str = "",
     ckpt.save(0, {"params": jax.tree.map(jax.numpy.asarray, params)}, {}, force=True)
   finally:
     ckpt.close()
+  with open(os.path.join(workdir, IMPORT_RECORD), "w", encoding="utf-8") as f:
+    json.dump({"hf": os.path.abspath(hf_dir), "model_type": model_type,
+               "note": "checkpoint step 0 holds params only (no optimizer state): start "
+                       f"runs from it with --config.train.init_from={workdir}"}, f, indent=2)
   side = [n for n in _SIDE_FILES if os.path.isfile(os.path.join(hf_dir, n))]
   if side:
     os.makedirs(os.path.join(workdir, TOKENIZER_DIR), exist_ok=True)
