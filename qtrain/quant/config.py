@@ -64,6 +64,10 @@ def quant_config_defaults() -> ml_collections.ConfigDict:
   c.order = ()  # Rule names, first tried first; with named rules, every name exactly once.
   c.int8_backward = True  # int8/fp8 modes: dX and dW as low-precision dots too.
   c.grad_stochastic_rounding = False  # int8 backward: stochastic rounding of dY.
+  # int8 mode's dots: xla (lax.dot_general) | auto (the Pallas kernel of
+  # qtrain/kernels on GPU/TPU, XLA elsewhere) | interpret (the kernel in Pallas
+  # interpret mode: tests). Same numbers; one device only for now.
+  c.kernels = "xla"
   # qat: the rules quantize training and evaluation | ptq: training in high
   # precision, the rules (and rotation) evaluate the final params (RTN PTQ),
   # run by python -m qtrain.finetune (qtrain/quant/roste.py).
@@ -294,6 +298,12 @@ def validate_quant(quant_cfg, model_cfg=None) -> tuple[QuantRule, ...]:
       raise _unknown(key, list(known.keys()), "config.quant")
   if quant_cfg.mode not in MODES:
     raise ValueError(f"config.quant.mode={quant_cfg.mode!r}: use one of {MODES}")
+  from qtrain.kernels.dispatch import KERNELS  # pylint: disable=g-import-not-at-top
+  if quant_cfg.get("kernels", "xla") not in KERNELS:
+    raise ValueError(f"config.quant.kernels={quant_cfg.kernels!r}: use one of {KERNELS}")
+  if quant_cfg.get("kernels", "xla") != "xla" and quant_cfg.mode != "int8":
+    raise ValueError(f"config.quant.kernels={quant_cfg.kernels!r} runs int8 dots: it needs "
+                     f"config.quant.mode='int8' (got {quant_cfg.mode!r}); or set kernels='xla'")
   if quant_cfg.get("stage", "qat") not in STAGES:
     raise ValueError(f"config.quant.stage={quant_cfg.stage!r}: use one of {STAGES}")
   _check_rotation(quant_cfg, model_cfg)
@@ -321,7 +331,8 @@ def provider_from_config(quant_cfg, model_cfg=None, *, stage: str | None = None)
                        int8_backward=bool(quant_cfg.get("int8_backward", True)),
                        grad_stochastic_rounding=bool(quant_cfg.get("grad_stochastic_rounding",
                                                                    False)),
-                       rotation=rotation_provider(quant_cfg))
+                       rotation=rotation_provider(quant_cfg),
+                       kernels=quant_cfg.get("kernels", "xla"))
 
 
 def with_kv_bits(quant_cfg, bits: int) -> None:

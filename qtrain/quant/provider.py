@@ -69,6 +69,7 @@ class QuantProvider(Provider):
   int8_backward: bool = True
   grad_stochastic_rounding: bool = False
   rotation: Provider | None = None  # Applied to the operands before they are quantized.
+  kernels: str = "xla"  # int8 dots: qtrain.kernels.dispatch's switch (config.quant.kernels).
   log: MatchLog = dataclasses.field(default_factory=MatchLog, compare=False, repr=False)
 
   def dot_spec(self, i: int | None) -> DotSpec:
@@ -76,7 +77,7 @@ class QuantProvider(Provider):
     if rule is None:
       return DotSpec(mode="none")
     return DotSpec(rule.weight, rule.act, self.mode, self.int8_backward,
-                   self.grad_stochastic_rounding)
+                   self.grad_stochastic_rounding, kernels=self.kernels)
 
   def dot(self, site, hooks, inner):
     quantized = self._quant_dot(site, hooks, inner)
