@@ -192,3 +192,12 @@ def test_errors_are_one_line(hf_dir, workdir, tmp_path, capsys):
     assert not (tmp_path / f"{name}_run").exists()  # Nothing half-written.
   assert "does not exist" in _error(capsys, "export", f"--workdir={tmp_path / 'nope'}",
                                     f"--out={tmp_path / 'o'}")
+
+
+def test_training_in_the_imported_workdir_says_to_start_from_it(workdir):
+  """The import holds params only (no optimizer state, no data position):
+  the trainer refuses to resume it in one line naming the fix."""
+  r = cli("--config=configs/default.py:smoke", f"--workdir={workdir}", module="qtrain.train")
+  assert r.returncode == 2, r.stdout + r.stderr
+  assert "holds imported params only" in r.stderr
+  assert f"--config.train.init_from={workdir}" in r.stderr and "Traceback" not in r.stderr

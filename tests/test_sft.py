@@ -223,4 +223,18 @@ def test_source_trained_on_another_vocabulary_is_refused(tmp_path):
   cfg.model.d_model = 128
   with pytest.raises(ConfigError, match=r"config.model.d_model=128 \(source 256\)"):
     check_source(cfg)
+  # Same shapes, another function (an imported Llama-3's RoPE base): refused too.
+  cfg.model.d_model = source_cfg.model.d_model
+  cfg.model.rope_theta = 500000.0
+  with pytest.raises(ConfigError, match=r"rope_theta=500000.0 \(source 10000"):
+    check_source(cfg)
+  # A source written before a field existed compares as the base default:
+  # without qkv_bias it is a bias-free model, so a qkv_bias run is refused.
+  cfg.model.rope_theta = source_cfg.model.rope_theta
+  old = json.loads(source_cfg.to_json())
+  del old["model"]["qkv_bias"]
+  (tmp_path / "base" / "config.json").write_text(json.dumps(old))
+  cfg.model.qkv_bias = True
+  with pytest.raises(ConfigError, match=r"qkv_bias=True \(source False\)"):
+    check_source(cfg)
   shutil.rmtree(tmp_path / "base")

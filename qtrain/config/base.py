@@ -102,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=0.1,  # Decoupled (AdamW), times the group's wd_mult.
       # Params whose path ("decoder/layers/attn_norm/scale") matches one of
       # these regexes get no weight decay.
-      no_decay=(r".*norm.*", r"^embedding$", r".*_(step|offset)$"),  # + LSQ steps.
+      no_decay=(r".*norm.*", r"^embedding$", r".*_(step|offset)$", r".*/bias$"),  # + LSQ steps, biases.
       grad_clip=1.0,  # Global-norm clip over all params; 0 disables.
       z_loss=0.0,  # Weight of the log(Z)^2 auxiliary loss (PaLM).
       # Ordered rules; the first whose pattern fullmatches a param path picks

@@ -127,6 +127,10 @@ def _check_workdir(cfg, workdir: str, ckpt: Checkpointer) -> None:
   """Whether this config may resume the checkpoints in ``workdir`` (before
   any write: a rejected config never replaces config.json)."""
   saved = os.path.join(workdir, "config.json")
+  if os.path.exists(os.path.join(workdir, "hf_import.json")):  # python -m qtrain.convert import
+    raise ConfigError(f"{workdir} holds imported params only (no optimizer state or data "
+                      f"position); start a run from them with --config.train.init_from="
+                      f"{workdir} and a new --workdir")
   if not ckpt.manager.all_steps() or not os.path.exists(saved):
     return
   harmless = check_resume(load_config(workdir), cfg, workdir)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import flax
 import jax
 
-from qtrain.config import ConfigError
+from qtrain.config import ConfigError, base_config
 from qtrain.data import loader
 from qtrain.data.global_batch import to_global
 from qtrain.quant import calibrate_learned_steps, learned_step_paths
@@ -42,7 +42,17 @@ def _calibration_batch(cfg, mesh, model_cfg):
 
 # Fields that fix a param's shape: a source run must agree on them.
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                "d_ff", "tie_embeddings")
+                "d_ff", "tie_embeddings", "qkv_bias")
+# Fields that change the function without changing a shape (an imported
+# Llama-3 or Qwen2 has its own RoPE base and norm epsilon): a fine-tune under
+# other values would start from a different model, silently.
+FUNCTION_FIELDS = ("rope_theta", "rope_scaling", "norm_eps")
+
+
+def _model_field(model, field: str):
+  """``model.<field>``, the base default for configs written before it existed."""
+  value = model.get(field, base_config().model.get(field))
+  return value.to_dict() if hasattr(value, "to_dict") else value
 
 
 def check_source(cfg) -> dict:
@@ -53,10 +63,11 @@ def check_source(cfg) -> dict:
   source's config; raises ConfigError naming the field and the fix.
   """
   source = checkpoint.load_config(cfg.train.init_from)  # FileNotFoundError says what.
-  differ = [f for f in SHAPE_FIELDS if source.model.get(f) != cfg.model.get(f)]
+  differ = [f for f in SHAPE_FIELDS + FUNCTION_FIELDS
+            if _model_field(source.model, f) != _model_field(cfg.model, f)]
   if differ:
-    shown = ", ".join(f"{f}={cfg.model.get(f)!r} (source {source.model.get(f)!r})"
-                      for f in differ)
+    shown = ", ".join(f"{f}={_model_field(cfg.model, f)!r} "
+                      f"(source {_model_field(source.model, f)!r})" for f in differ)
     raise ConfigError(f"config.train.init_from={cfg.train.init_from}: the model differs in "
                       f"config.model.{shown}; fine-tune with the source's model config")
   try:
