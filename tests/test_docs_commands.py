@@ -10,8 +10,9 @@ Two checks over the fenced code blocks of README.md and docs/*.md:
   fenced block names a module or script that exists, passes only flags its
   parser lists in ``--help`` (``--helpfull`` for absl), and — where it gives
   ``--config=path[:variants]`` — names a config file that loads with those
-  variants and ``--config.a.b=...`` fields that exist in it. So commands that
-  are too big to run still cannot rot.
+  variants and ``--config.a.b=...`` fields that exist in it, and whose
+  ``--recipe`` and ``--evals`` values resolve. So commands that are too big
+  to run still cannot rot.
 """
 
 from __future__ import annotations
@@ -125,6 +126,23 @@ def _subcommand(target: str, tokens: list[str]) -> str | None:
   return tokens[0] if target == "qtrain.convert" and tokens and not tokens[0].startswith("-") else None
 
 
+def _check_values(doc: str, line: str, options: dict) -> list[str]:
+  """Values the parsers take as free strings but the run resolves later:
+  PTQ recipes (presets of configs/quant) and sweep evaluations."""
+  from qtrain.config.variants import quant_presets  # pylint: disable=g-import-not-at-top
+  from qtrain.sweep import evaluations  # pylint: disable=g-import-not-at-top
+  problems = []
+  recipe = options.get("recipe")
+  if recipe and recipe.partition("+")[0] not in quant_presets():
+    problems.append(f"{doc}: --recipe={recipe} is no preset of configs/quant: {line}")
+  for spec in filter(None, options.get("evals", "").split(",")):
+    try:
+      evaluations.resolve(spec, {})
+    except Exception as e:  # pylint: disable=broad-except
+      problems.append(f"{doc}: --evals: {e}: {line}")
+  return problems
+
+
 def test_smoke_commands_run(tmp_path):
   commands = smoke_commands()
   assert 0 < len(commands) <= MAX_SMOKE, (
@@ -166,6 +184,7 @@ def test_documented_commands_name_real_modules_flags_and_fields():
     for pattern in options.get("configs", "").split(","):
       if pattern and not glob.glob(str(ROOT / pattern.partition(":")[0])):
         problems.append(f"{doc}: --configs={pattern} matches no file: {line}")
+    problems += _check_values(doc, line, options)
     spec = options.get("config")
     if spec:
       try:
