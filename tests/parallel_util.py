@@ -193,3 +193,15 @@ def run_steps(run, compiled, state, batches):
     state, m = compiled(state, to_global(batch(i), run.mesh))
     metrics.append({k: float(v) for k, v in m.items()})
   return state, metrics
+
+
+def assert_matches_one_device(loss, grads, ref_loss, ref_grads):
+  """A sharded (loss, grads) equals one device's within float32 reordering:
+  sums over BATCH x SEQ tokens (and over shards) regrouped, so each may move
+  by n*u of its largest element (tests/test_parallel.py's bound)."""
+  reorder = BATCH * SEQ * 2.0 ** -24
+  assert abs(loss - ref_loss) <= reorder * abs(ref_loss), (loss, ref_loss)
+  for (path, g), (_, w) in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
+                               jax.tree_util.tree_flatten_with_path(ref_grads)[0]):
+    assert np.abs(g - w).max() <= reorder * np.abs(w).max(), jax.tree_util.keystr(path)
+

@@ -6,7 +6,6 @@ Llama-3 scaling) is converted and both frameworks' float32 logits compared.
 
 import json
 
-import jax
 import numpy as np
 import pytest
 import torch
@@ -14,7 +13,8 @@ import transformers
 
 from qtrain.convert import (config_from_hf, load_hf_checkpoint, params_from_hf_model,
                             params_from_hf_state_dict, params_to_hf_state_dict)
-from qtrain.layers import RopeScaling, Transformer
+from hf_util import hf_logits, numpy_state_dict, qtrain_logits, randomize
+from qtrain.layers import RopeScaling
 
 torch.use_deterministic_algorithms(True)
 torch.set_num_threads(1)
@@ -41,31 +41,12 @@ def hf_model(scaling: bool, tied: bool, seed: int = 0):
       rope_parameters=dict(LLAMA3 if scaling else DEFAULT), tie_word_embeddings=tied,
       rms_norm_eps=1e-5, attn_implementation="eager")
   torch.manual_seed(seed)
-  model = transformers.LlamaForCausalLM(config).float().eval()
-  with torch.no_grad():  # Std well above HF's 0.02 and non-unit norms, so a wrong
-    for name, p in model.named_parameters():  # mapping moves logits by O(1).
-      if name.endswith("norm.weight"):
-        p.copy_(1.0 + 0.3 * torch.randn_like(p))
-      else:
-        p.normal_(0.0, 0.15)
-  return model
+  return randomize(transformers.LlamaForCausalLM(config).float().eval())
 
 
 def tokens(seed: int = 1):
   return np.random.default_rng(seed).integers(0, V, (B, T), dtype=np.int32)
 
-
-def hf_logits(model, tokens_BT):
-  with torch.no_grad():
-    return model(torch.from_numpy(tokens_BT).long()).logits.numpy()
-
-
-def qtrain_logits(cfg, params, tokens_BT):
-  return np.asarray(jax.jit(Transformer(cfg).apply)({"params": params}, tokens_BT))
-
-
-def numpy_state_dict(model):
-  return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
 @pytest.mark.parametrize("scan", [True, False], ids=["scan", "unscanned"])

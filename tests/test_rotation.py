@@ -374,11 +374,8 @@ def test_hf_export_of_a_model_with_online_rotations_is_the_same_function():
       num_key_value_heads=2, intermediate_size=160, max_position_embeddings=64,
       tie_word_embeddings=False, rms_norm_eps=1e-5, attn_implementation="eager")
   torch.manual_seed(0)
-  hf = transformers.LlamaForCausalLM(config).float().eval()
-  with torch.no_grad():
-    for name, p in hf.named_parameters():
-      p.copy_(1.0 + 0.3 * torch.randn_like(p) if name.endswith("norm.weight")
-              else 0.15 * torch.randn_like(p))
+  from hf_util import randomize  # pylint: disable=g-import-not-at-top
+  hf = randomize(transformers.LlamaForCausalLM(config).float().eval())
   cfg = config_from_hf(hf.config)
   params, rcfg = fuse_rotations(params_from_hf_model(hf), cfg, "quarot")
   assert rcfg.rotation.r3 != "none" and rcfg.rotation.r4 != "none"
