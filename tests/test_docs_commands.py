@@ -36,10 +36,14 @@ COMMAND = re.compile(r"(?:^|\s)python3?\s+(-m\s+(qtrain[\w.]*)|(scripts/[\w./-]+
 MAX_SMOKE = 5  # The file's time budget: each smoke command is configs/default.py:smoke sized.
 
 
+def fenced(text: str) -> list[tuple[str, str]]:
+  """(info string, body) of every fenced block of a markdown text."""
+  return [(m.group(1).strip(), m.group(2)) for m in FENCE.finditer(text)]
+
+
 def blocks() -> list[tuple[pathlib.Path, str, str]]:
-  """(doc, info string, body) of every fenced block."""
-  return [(doc, m.group(1).strip(), m.group(2)) for doc in DOCS
-          for m in FENCE.finditer(doc.read_text())]
+  """(doc, info string, body) of every fenced block of the docs."""
+  return [(doc, info, body) for doc in DOCS for info, body in fenced(doc.read_text())]
 
 
 def logical_lines(body: str) -> list[str]:
@@ -55,20 +59,23 @@ def smoke_commands() -> list[tuple[str, str]]:
 def documented_commands() -> list[tuple[str, str, str, list[str]]]:
   """(doc, the line, module or script, its argument tokens) of every
   qtrain / scripts command in any fenced block."""
+  return [(doc.name, *c) for doc, _, body in blocks() for c in commands_in(body, doc.name)]
+
+
+def commands_in(body: str, where: str = "") -> list[tuple[str, str, list[str]]]:
+  """(the line, module or script, its argument tokens) of each command of a block."""
   out = []
-  for doc, _, body in blocks():
-    for line in logical_lines(body):
-      for m in COMMAND.finditer(line):
-        rest = line[m.end():]
-        try:
-          tokens = shlex.split(rest, comments=True)
-        except ValueError as e:  # Unbalanced quotes: not a command a shell runs.
-          raise AssertionError(f"{doc.name}: cannot parse {line!r}: {e}") from e
-        for i, t in enumerate(tokens):  # A chained command ends this one.
-          if t in ("&&", "||", ";", "|"):
-            tokens = tokens[:i]
-            break
-        out.append((doc.name, line, m.group(2) or m.group(3), tokens))
+  for line in logical_lines(body):
+    for m in COMMAND.finditer(line):
+      try:
+        tokens = shlex.split(line[m.end():], comments=True)
+      except ValueError as e:  # Unbalanced quotes: not a command a shell runs.
+        raise AssertionError(f"{where}: cannot parse {line!r}: {e}") from e
+      for i, t in enumerate(tokens):  # A chained command ends this one.
+        if t in ("&&", "||", ";", "|"):
+          tokens = tokens[:i]
+          break
+      out.append((line, m.group(2) or m.group(3), tokens))
   return out
 
 
@@ -205,3 +212,17 @@ def test_documented_commands_name_real_modules_flags_and_fields():
 def test_known_flags_reads_absl_and_argparse_help(text, expected):
   assert known_flags(text) >= expected
   assert "typo_flag" not in known_flags(text)
+
+
+def test_extraction_reads_tags_continuations_comments_and_chains():
+  doc = ("text\n```sh smoke\npython -m qtrain.train --config=c.py \\\n    --workdir=$TMP/a\n```\n"
+         "```\nXLA_FLAGS= python -m qtrain.eval --workdir=w  # --not_a_flag\n"
+         "python scripts/x.py --a=1 && python -m qtrain.plot --out=o w\n```\n")
+  (info1, body1), (info2, body2) = fenced(doc)
+  assert info1.split() == ["sh", "smoke"] and info2 == ""
+  assert logical_lines(body1) == ["python -m qtrain.train --config=c.py      --workdir=$TMP/a"]
+  assert [(t, toks) for _, t, toks in commands_in(body2)] == [
+      ("qtrain.eval", ["--workdir=w"]),
+      ("scripts/x.py", ["--a=1"]),
+      ("qtrain.plot", ["--out=o", "w"]),
+  ]
