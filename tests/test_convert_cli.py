@@ -81,7 +81,7 @@ def torch_greedy(model, prompt, n_new, eos_id):
 
 def test_generate_matches_transformers_greedy(model, workdir):
   from qtrain.data import loader, vocab  # pylint: disable=g-import-not-at-top
-  from qtrain.generate import load_run  # pylint: disable=g-import-not-at-top
+  from qtrain.inference import load_run  # pylint: disable=g-import-not-at-top
   from qtrain.train.sample import generate  # pylint: disable=g-import-not-at-top
   meta = loader.read_meta(str(DATA))
   sp = vocab.load_sentencepiece(os.path.join(DATA, meta["vocab_path"]))

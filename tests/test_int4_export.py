@@ -183,7 +183,7 @@ def test_generate_from_packed_export_gives_the_dequantized_tokens(smoke_run_dir,
   """The smoke run, RTN w4a16 (per channel) exported packed: greedy tokens
   from the packed params equal those of the dequantized float export
   (float32 XLA path: the logits are bit-equal, see the test above)."""
-  from qtrain.generate import load_ptq, load_run  # pylint: disable=g-import-not-at-top
+  from qtrain.inference import load_ptq, load_run  # pylint: disable=g-import-not-at-top
   from qtrain.quant import validate_quant  # pylint: disable=g-import-not-at-top
   from qtrain.quantize import evaluate as ev  # pylint: disable=g-import-not-at-top
   from qtrain.train.sample import generate  # pylint: disable=g-import-not-at-top

@@ -173,7 +173,7 @@ def export_hf(workdir: str, out: str, *, step: int | None = None, dtype: str | N
               max_shard_mb: float = 5120.0) -> dict:
   """Writes the HF directory; returns what it wrote (model_type, step)."""
   from qtrain.convert.hf import hf_model_type, save_hf_checkpoint  # pylint: disable=g-import-not-at-top
-  from qtrain.generate import load_run  # pylint: disable=g-import-not-at-top
+  from qtrain.inference import load_run  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"--workdir={workdir} does not exist")
   if os.path.exists(os.path.join(out, "config.json")) or glob.glob(
