@@ -6,7 +6,8 @@
 #   scripts/slurm/local_cluster.sh            # PY=.venv/bin/python DATA=data/kjv
 #
 # 1. Installs Debian's slurm-wlm and munge with apt-get when missing (root
-#    only; otherwise says what it needs and exits 3).
+#    only; otherwise says what it needs and exits 3; also 3 when the daemons
+#    cannot start on this machine).
 # 2. Starts munged, slurmctld and slurmd with their key, sockets, state,
 #    spool and logs under a temporary directory (nothing in /etc is read or
 #    changed): one node, this host at 127.0.0.1 with its CPU count,
@@ -34,6 +35,10 @@ DATA=${DATA:-data/kjv}
 t0=$SECONDS
 say() { echo "test-slurm [$((SECONDS - t0))s]: $*"; }
 fail() { echo "test-slurm: FAILED: $*" >&2; exit 1; }
+# The machine cannot host the daemons (a container without what munged or
+# slurmd need): not a failure of qtrain's launcher; exit 3 like a missing
+# package, after saying why.
+cannot() { echo "test-slurm: cannot run SLURM on this machine: $*" >&2; exit 3; }
 
 # --- 1. the packages --------------------------------------------------------
 missing=()
@@ -80,7 +85,7 @@ head -c 1024 /dev/urandom >"$T/munge.key"
 chmod 400 "$T/munge.key"
 munged --force --socket="$T/munge.sock" --key-file="$T/munge.key" \
   --pid-file="$T/munged.pid" --log-file="$T/munged.log" --seed-file="$T/munged.seed" ||
-  fail "munged did not start: $(tail -3 "$T/munged.log" 2>/dev/null)"
+  cannot "munged did not start: $(tail -3 "$T/munged.log" 2>/dev/null)"
 
 # Two distinct free ports (both sockets open at once), for slurmctld and slurmd.
 read -r CTLD_PORT SLURMD_PORT < <("$PY" -c '
@@ -120,14 +125,14 @@ SlurmdLogFile=$T/slurmd.log
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$(nproc) State=UNKNOWN
 PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
-slurmctld -f "$SLURM_CONF" -i || fail "slurmctld did not start: $(tail -5 "$T/slurmctld.log")"
-slurmd -f "$SLURM_CONF" -N "$NODE" || fail "slurmd did not start: $(tail -5 "$T/slurmd.log")"
+slurmctld -f "$SLURM_CONF" -i || cannot "slurmctld did not start: $(tail -5 "$T/slurmctld.log")"
+slurmd -f "$SLURM_CONF" -N "$NODE" || cannot "slurmd did not start: $(tail -5 "$T/slurmd.log")"
 for _ in $(seq 60); do
   state=$(sinfo -h -n "$NODE" -o %T 2>/dev/null || true)
   [[ $state == idle ]] && break
   sleep 0.5
 done
-[[ $state == idle ]] || fail "node $NODE is '${state}', not idle: $(tail -5 "$T/slurmd.log")"
+[[ $state == idle ]] || cannot "node $NODE is '${state}', not idle: $(tail -5 "$T/slurmd.log")"
 say "SLURM up: node $NODE, $(nproc) CPUs"
 
 # --- 3. the 2-task job ------------------------------------------------------
