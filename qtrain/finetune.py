@@ -42,12 +42,13 @@ def main(argv):
   cfg.train.init_from = _INIT_FROM.value
   workdir = train_cli.WORKDIR.value
   rot = cfg.quant.get("rotation")
-  prepare = None
-  if rot is not None and rot.sites and rot.choose == "roste":
-    def prepare(c):  # After jax.distributed starts: it touches devices.
-      from qtrain.quant import roste  # pylint: disable=g-import-not-at-top
-      c.quant.rotation.table = roste.choose_rotations(c, workdir)
-  train_cli.train(cfg, workdir, prepare)
+
+  def choose_rotations(c):  # After jax.distributed starts: it touches devices.
+    from qtrain.quant import roste  # pylint: disable=g-import-not-at-top
+    c.quant.rotation.table = roste.choose_rotations(c, workdir)
+
+  roste_choice = rot is not None and rot.sites and rot.choose == "roste"
+  train_cli.train(cfg, workdir, choose_rotations if roste_choice else None)
   if cfg.quant.mode != "none":
     from qtrain.quant import roste  # pylint: disable=g-import-not-at-top
     print(roste.format_eval(roste.quantized_eval(workdir)), flush=True)

@@ -11,7 +11,6 @@ it gives an HF directory transformers loads with the same logits.
 
 import json
 import os
-import pathlib
 import shutil
 import subprocess
 import sys

@@ -3,7 +3,6 @@ weights, and init_from an unquantized run into an LSQ config (which failed on
 missing step keys before). References: LSQ's initialisation formula on the
 loaded kernels, and the source run's own checkpoint."""
 
-import jax
 import numpy as np
 
 from configs import default

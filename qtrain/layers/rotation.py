@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qtrain.layers.hadamard import fwht, is_power_of_two
+from qtrain.layers.hadamard import fwht
 
 
 def _is_prime(q: int) -> bool:

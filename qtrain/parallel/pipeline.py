@@ -142,7 +142,7 @@ def forward(stage_fn, layers_L, x_MBTD, pos_MBT, seg_MBT, sched: Schedule, mesh)
   ``stage_fn(params_K, x_BTD, pos_BT, seg_BT, layers_K)`` runs K layers.
   ``seg_MBT`` may be None. Differentiable: the backward is autodiff.
   """
-  p, v, m = sched.p, sched.v, sched.m
+  p, v = sched.p, sched.v
   K = jax.tree.leaves(layers_L)[0].shape[0] // (p * v)
   has_seg = seg_MBT is not None
   if not has_seg:

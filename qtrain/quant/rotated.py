@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qtrain.layers.hooks import Provider
-from qtrain.layers.rotation import hadamard_transform, random_signs, supported
+from qtrain.layers.rotation import hadamard_transform, random_signs
 
 def site_signs(seed: int, path: str, n: int, blocks: int) -> np.ndarray:
   """[blocks, n] float32 random signs of the matmul at ``path``, one row per
