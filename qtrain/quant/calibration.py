@@ -93,3 +93,30 @@ def lsq_plus_init(x, qn: float, qp: float, axes=None):
   hi = jnp.max(x.astype(jnp.float32), axis=axes, keepdims=keep)
   step = jnp.maximum((hi - lo) / (qp - qn), 1e-8)
   return step, lo - qn * step
+
+
+def sum_sown(model, collection: str, params, batches, dtype=None):
+  """(sum over ``batches`` of what ``model``'s providers sow into
+  ``collection``, the batch count, the row count): the pass that GPTQ/AWQ
+  statistics and RoSTE's rotation errors share. Matmuls at highest precision
+  (no TF32 in X^T X on GPUs); ``dtype`` casts each batch's tree before the sum.
+  ``batches``: dicts of ``inputs`` (+ ``positions``, ``segment_ids``)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  @jax.jit
+  def sown(params, batch):
+    _, state = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
+                           batch.get("segment_ids"), mutable=[collection])
+    return state[collection]
+
+  total, n, rows = None, 0, 0
+  with jax.default_matmul_precision("highest"):
+    for batch in batches:
+      tree = sown(params, batch)
+      if dtype is not None:
+        tree = jax.tree.map(lambda v: v.astype(dtype), tree)
+      total = tree if total is None else jax.tree.map(jnp.add, total, tree)
+      n += 1
+      rows += batch["inputs"].shape[0]
+  return total, n, rows
+

@@ -43,6 +43,7 @@ import numpy as np
 from qtrain.layers import Provider, Transformer
 from qtrain.layers.param_tree import get as get_param
 from qtrain.quant import quantizer
+from qtrain.quant.calibration import sum_sown
 from qtrain.quant.config import provider_from_config, validate_quant
 from qtrain.quant.provider import choice_per_layer
 from qtrain.quant.rotated import rotate, site_signs
@@ -108,21 +109,8 @@ def rotation_errors(model_cfg, quant_cfg, params, batches) -> dict:
   (+ ``positions``, ``segment_ids``) [B, T]."""
   rot = quant_cfg.rotation
   provider = ErrorProvider(rules=validate_quant(quant_cfg), pattern=rot.sites, seed=int(rot.seed))
-  model = Transformer(model_cfg, provider)
-
-  @jax.jit
-  def sown(params, batch):
-    _, state = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
-                           batch.get("segment_ids"), mutable=[COLLECTION])
-    return state[COLLECTION]
-
-  batches = list(batches)
-  total, rows = None, 0
-  with jax.default_matmul_precision("highest"):
-    for batch in batches:
-      tree = jax.tree.map(lambda v: v.astype(jnp.float32), sown(params, batch))
-      total = tree if total is None else jax.tree.map(jnp.add, total, tree)
-      rows += batch["inputs"].shape[0]
+  total, n_batches, rows = sum_sown(Transformer(model_cfg, provider), COLLECTION, params,
+                                    batches, dtype=jnp.float32)
   if total is None:
     raise ValueError("RoSTE's lower level needs at least one calibration batch")
   out = {}
@@ -130,8 +118,8 @@ def rotation_errors(model_cfg, quant_cfg, params, batches) -> dict:
                                                                              kv[0][1] or 0)):
     node = get_param(total, scope)
     t = {k: np.atleast_1d(np.asarray(node[k][0], np.float64)) for k in TERMS}
-    e_id = t["w_id"] / len(batches) + t["x_id"] / rows  # Weight terms: once per batch.
-    e_rot = t["w_rot"] / len(batches) + t["x_rot"] / rows
+    e_id = t["w_id"] / n_batches + t["x_id"] / rows  # Weight terms: once per batch.
+    e_rot = t["w_rot"] / n_batches + t["x_rot"] / rows
     entry = out.setdefault(path, {"identity": [], "hadamard": []})
     entry["identity"] += [float(v) for v in e_id]
     entry["hadamard"] += [float(v) for v in e_rot]

@@ -64,6 +64,7 @@ from qwix.contrib import awq_core, gptq_core
 
 from qtrain.layers import ModelConfig, Provider, Transformer
 from qtrain.quant import QTensor, QuantSpec, quantize
+from qtrain.quant.calibration import sum_sown
 from qtrain.quant.quantizer import FP8_DTYPES, codes, grid
 from qtrain.quantize import awq_fold
 from qtrain.quantize.export import QuantizedWeight
@@ -119,20 +120,7 @@ def collect_stats(model_cfg: ModelConfig, params, batches, sites, kinds=KINDS) -
   """{path: {kind: mean over batches}} for every site; ``batches`` are global
   arrays (inside the run's mesh). Hessians are [in, in] or [L, in, in]."""
   provider = StatsProvider(frozenset(s.path for s in sites), tuple(kinds))
-  model = Transformer(model_cfg, provider)
-
-  @jax.jit
-  def stats(params, batch):
-    _, state = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
-                           batch.get("segment_ids"), mutable=[STATS])
-    return state[STATS]
-
-  total, n = None, 0
-  with jax.default_matmul_precision("highest"):  # No TF32 in X^T X on GPUs.
-    for batch in batches:
-      tree = stats(params, batch)
-      total = tree if total is None else jax.tree.map(jnp.add, total, tree)
-      n += 1
+  total, n, _ = sum_sown(Transformer(model_cfg, provider), STATS, params, batches)
   if total is None:
     raise ValueError("calibration needs at least one batch")
   out = {}
