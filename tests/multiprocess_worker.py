@@ -8,13 +8,15 @@
 Everything a user's run does, start-up through ``qtrain.parallel.distributed``
 included, runs unchanged; the hooks only watch or feed the data:
 
-* ``--batch_log``: appends a checksum of every batch this process draws.
+* ``--batch_log``: appends a checksum of every batch this process draws
+  (its rows: all the data shards it owns).
 * ``--term_at=K``: this process (only) sends itself SIGTERM while drawing
   its K-th batch.
 * ``--concat_shards=N``: one process is fed what N processes would load
   together: each batch (train and held-out) is the concatenation, in shard
   order, of the N per-process batches of ``qtrain.data.loader``. The
-  single-process reference of an N-process run on the same mesh.
+  single-process reference of an N-process run on the same mesh, built
+  apart from the loader's own ``config.data.shards`` (which does the same).
 
 Each process prints its run summary as one JSON line prefixed ``summary: ``.
 """
@@ -41,7 +43,8 @@ _CONCAT = flags.DEFINE_integer("concat_shards", None, "Feed the batches of N pro
 
 
 class _Concatenated:
-  """One process drawing the global batch of ``len(parts)`` processes."""
+  """One process drawing the global batch of ``len(parts)`` processes; its
+  state is theirs, as the data shards of the checkpoint they would write."""
 
   def __init__(self, parts):
     self._parts = parts
@@ -53,10 +56,12 @@ class _Concatenated:
     return _concat([next(p) for p in self._parts])
 
   def get_state(self):
-    return {"parts": [p.get_state() for p in self._parts]}
+    from qtrain.data import loader  # pylint: disable=g-import-not-at-top
+    return loader.join_shard_states([p.get_state() for p in self._parts])
 
   def set_state(self, state):
-    for p, s in zip(self._parts, state["parts"]):
+    from qtrain.data import loader  # pylint: disable=g-import-not-at-top
+    for p, s in zip(self._parts, loader.shard_states(state)):
       p.set_state(s)
 
 
@@ -65,36 +70,56 @@ def _concat(batches):
 
 
 def _feed_shards(loader, n):
+  """Each process's iterator of ``qtrain.data.loader`` for n processes (one
+  shard each), concatenated here: a reference independent of the loader's
+  own ``shards``."""
   train, held_out = loader.make_train_iterator, loader.make_eval_batches
 
-  def make_train_iterator(*args, process_index, process_count, **kw):
-    assert (process_index, process_count) == (0, 1), (process_index, process_count)
+  def make_train_iterator(*args, process_index, process_count, shards=0, **kw):
+    assert (process_index, process_count, shards) in ((0, 1, 0), (0, 1, 1)), (
+        process_index, process_count, shards)
     return _Concatenated([train(*args, process_index=i, process_count=n, **kw)
                           for i in range(n)])
 
-  def make_eval_batches(*args, process_index, process_count, **kw):
-    assert (process_index, process_count) == (0, 1), (process_index, process_count)
-    shards = [held_out(*args, process_index=i, process_count=n, **kw) for i in range(n)]
-    return [_concat(list(b)) for b in zip(*shards)]
+  def make_eval_batches(*args, process_index, process_count, shards=0, **kw):
+    assert (process_index, process_count, shards) in ((0, 1, 0), (0, 1, 1)), (
+        process_index, process_count, shards)
+    per_process = [held_out(*args, process_index=i, process_count=n, **kw) for i in range(n)]
+    return [_concat(list(b)) for b in zip(*per_process)]
 
   loader.make_train_iterator, loader.make_eval_batches = make_train_iterator, make_eval_batches
 
 
-def _watch_batches(loader, log, term_at):
-  original_next = loader._ResumableIterator.__next__  # pylint: disable=protected-access
-  drawn = []
+class _Watched:
+  """A train iterator whose every drawn batch (this process's rows, all its
+  shards) is logged and counted."""
 
-  def recording_next(self):
-    batch = original_next(self)
-    drawn.append(1)
-    if log:
-      with open(log, "a", encoding="utf-8") as f:
+  def __init__(self, it, log, term_at, drawn):
+    self._it, self._log, self._term_at, self._drawn = it, log, term_at, drawn
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._it)
+    self._drawn.append(1)
+    if self._log:
+      with open(self._log, "a", encoding="utf-8") as f:
         f.write(f"{zlib.crc32(batch['inputs'].tobytes())}\n")
-    if term_at is not None and len(drawn) == term_at:
+    if self._term_at is not None and len(self._drawn) == self._term_at:
       os.kill(os.getpid(), signal.SIGTERM)
     return batch
 
-  loader._ResumableIterator.__next__ = recording_next  # pylint: disable=protected-access
+  def get_state(self):
+    return self._it.get_state()
+
+  def set_state(self, state):
+    self._it.set_state(state)
+
+
+def _watch_batches(loader, log, term_at):
+  make, drawn = loader.make_train_iterator, []
+  loader.make_train_iterator = lambda *a, **kw: _Watched(make(*a, **kw), log, term_at, drawn)
 
 
 def _print_summaries(loop):

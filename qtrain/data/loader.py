@@ -1,24 +1,33 @@
 """The training path's data: token files -> packed, sharded, resumable batches.
 
 Imports numpy and grain only (no seqio, TensorFlow or sentencepiece), so it
-runs on every GPU/TPU host. The pipeline, per process:
+runs on every GPU/TPU host. The stream is cut into S fixed *shards*
+(``config.data.shards``; 0 = one per process). Shard s of S is, per shard:
 
-  documents with >= 2 tokens, every process_count-th one from process_index
+  documents with >= 2 tokens, every S-th one from s
   -> shuffled (seeded; a new order each epoch) and repeated forever
   -> shifted examples and concat-then-split packing (`packing.py`)
-  -> batches of global_batch_size // process_count rows
+  -> batches of global_batch_size // S rows
+
+Process p of n owns the S / n consecutive shards from p * S / n, and its
+batch is their rows concatenated in shard order, so the global batch (every
+process's rows in process order) is shards 0..S-1 in order whatever n is: a
+run resumed on another number of processes dividing S sees the same batches.
+Shard s of S is exactly what process s of an S-process run loaded before
+shards existed (one shard per process), so its state still names it
+``process_index`` s of ``process_count`` S, and those checkpoints are
+checkpoints of S shards.
 
 A batch is a dict of int32 arrays, each [global_batch_size // process_count,
 seq_len], with the keys of `packing.BATCH_KEYS`: `inputs`, `targets`,
 `segment_ids`, `positions` and `loss_mask` (1 = target scored; 0 for SFT
 prompt tokens and padding). See `packing.py` for their meaning.
 
-Everything is index-based and single-threaded, so the iterator state is a few
-integers: `get_state()` is JSON-serialisable and `set_state()` on a freshly
+Everything is index-based and single-threaded, so a shard's state is a few
+integers: `get_state()` is JSON-serialisable (one shard's state, or
+{"shards": [...]} for several: `shard_states`) and `set_state()` on a freshly
 built iterator (same arguments) replays exactly the same batches, which is
-what makes a killed training run resume bit-identically. The state belongs to
-one process (it names process_index and process_count): each process saves
-and restores its own.
+what makes a killed training run resume bit-identically.
 """
 
 from __future__ import annotations
@@ -109,19 +118,32 @@ def open_split(data_dir: str | os.PathLike, split: str,
   return tf
 
 
-def _shard(tf: token_file.TokenFile, process_index: int, process_count: int,
-           global_batch_size: int) -> tuple[np.ndarray, int]:
-  """(this process's document ids, per-process batch size), validated."""
+def owned_shards(process_index: int, process_count: int, shards: int,
+                 global_batch_size: int) -> tuple[int, range]:
+  """(S, the shards process_index of process_count owns), validated;
+  shards = 0 means one per process."""
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
-  if global_batch_size % process_count:
-    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by"
-                     f" process_count={process_count}.")
+  n = shards or process_count
+  if n % process_count:
+    raise ValueError(f"config.data.shards={shards} is not a multiple of the {process_count}"
+                     " processes loading distinct batch rows: each owns whole shards; use a"
+                     f" multiple of {process_count} (or 0, one shard per process).")
+  if global_batch_size % n:
+    what = (f"shards={n} (config.data.shards)" if shards and shards != process_count
+            else f"process_count={process_count}")
+    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by {what}.")
+  k = n // process_count
+  return n, range(process_index * k, (process_index + 1) * k)
+
+
+def _shard_docs(tf: token_file.TokenFile, shards: int) -> list[np.ndarray]:
+  """Each shard's document ids: every shards-th usable one."""
   ids = _usable(tf)
-  if len(ids) < process_count:
+  if len(ids) < shards:
     raise ValueError(f"{tf.path} has {len(ids)} usable documents, fewer than"
-                     f" process_count={process_count}.")
-  return ids[process_index::process_count], global_batch_size // process_count
+                     f" {shards} shards (process_count or config.data.shards).")
+  return [ids[s::shards] for s in range(shards)]
 
 
 def _usable(tf: token_file.TokenFile) -> np.ndarray:
@@ -148,8 +170,9 @@ def _tuple_slices(state: Any) -> Any:
 
 
 class _ResumableIterator(grain.DatasetIterator):
-  """JSON-safe state, tagged with the arguments that built the pipeline,
-  including the process it belongs to."""
+  """One shard's batches. JSON-safe state, tagged with the arguments that
+  built the pipeline, including the shard (as the process that would load it
+  alone: ``process_index`` of ``process_count``)."""
 
   def __init__(self, parent: grain.DatasetIterator, pipeline: dict):
     super().__init__(parent)
@@ -168,64 +191,114 @@ class _ResumableIterator(grain.DatasetIterator):
     if who(saved) != who(mine):
       raise ValueError(
           f"Data iterator state was saved by {who(saved)} and is being"
-          f" restored by {who(mine)}: each process must restore the state it"
-          " saved itself, on the same number of processes.")
+          f" restored by {who(mine)}: each shard must restore the state it"
+          " saved itself, with the same number of shards (config.data.shards).")
     if saved != mine:
       raise ValueError(
           "Data iterator state was saved by a different pipeline: saved"
           f" {saved}, this one {mine}. Resume with the same data, seq_len,"
-          " global_batch_size, seed and processes.")
+          " global_batch_size, seed and shards.")
     self._parent.set_state(_tuple_slices(state["grain"]))
+
+
+class _ConcatShards:
+  """A process's batches when it owns several shards: their rows
+  concatenated in shard order; the state lists the shards' states."""
+
+  def __init__(self, parts: list[_ResumableIterator]):
+    self._parts = parts
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batches = [next(p) for p in self._parts]
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"shards": [p.get_state() for p in self._parts]}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    states = shard_states(state)
+    if len(states) != len(self._parts):
+      raise ValueError(f"Data iterator state holds {len(states)} shards; this process owns"
+                       f" {len(self._parts)}.")
+    for part, s in zip(self._parts, states):
+      part.set_state(s)
+
+
+def shard_states(state: dict[str, Any]) -> list[dict[str, Any]]:
+  """A process iterator's state -> its shards' states, in shard order."""
+  return list(state["shards"]) if "shards" in state else [state]
+
+
+def join_shard_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+  """The inverse of `shard_states`: what the process iterator's `set_state` takes."""
+  return states[0] if len(states) == 1 else {"shards": list(states)}
 
 
 def make_train_iterator(data_dir: str | os.PathLike, *, seq_len: int,
                         global_batch_size: int, seed: int, process_index: int = 0,
-                        process_count: int = 1) -> grain.DatasetIterator:
+                        process_count: int = 1, shards: int = 0):
   """Infinite, deterministic, checkpointable iterator over this process's
-  share of the train batches (see the module docstring for the format)."""
+  rows of the train batches: its shards' (see the module docstring)."""
   meta = read_meta(data_dir)
   tf = open_split(data_dir, "train", meta)
-  ids, per_process = _shard(tf, process_index, process_count, global_batch_size)
-  docs = grain.MapDataset.source(ids).shuffle(seed=_shuffle_seed(seed)).repeat()
-  rows = packing.packed_rows(docs, tf, seq_len)
-  batches = rows.batch(per_process, drop_remainder=True)
-  pipeline = {"vocab_fingerprint": meta["vocab_fingerprint"],
-              "n_tokens": tf.num_tokens, "loss_mask": tf.has_mask,
-              "batch_format": BATCH_FORMAT, "seq_len": seq_len,
-              "global_batch_size": global_batch_size, "seed": seed,
-              "process_index": process_index, "process_count": process_count}
-  return _ResumableIterator(iter(batches), pipeline)
+  n, owned = owned_shards(process_index, process_count, shards, global_batch_size)
+  docs = _shard_docs(tf, n)
+  parts = []
+  for s in owned:
+    shuffled = grain.MapDataset.source(docs[s]).shuffle(seed=_shuffle_seed(seed)).repeat()
+    batches = packing.packed_rows(shuffled, tf, seq_len).batch(
+        global_batch_size // n, drop_remainder=True)
+    pipeline = {"vocab_fingerprint": meta["vocab_fingerprint"],
+                "n_tokens": tf.num_tokens, "loss_mask": tf.has_mask,
+                "batch_format": BATCH_FORMAT, "seq_len": seq_len,
+                "global_batch_size": global_batch_size, "seed": seed,
+                "process_index": s, "process_count": n}
+    parts.append(_ResumableIterator(iter(batches), pipeline))
+  # One shard (the default, one per process): its own iterator and state,
+  # as before shards existed.
+  return parts[0] if len(parts) == 1 else _ConcatShards(parts)
 
 
 def make_eval_batches(data_dir: str | os.PathLike, split: str = "validation", *,
                       seq_len: int, global_batch_size: int, num_batches: int,
-                      process_index: int = 0,
-                      process_count: int = 1) -> list[dict[str, np.ndarray]]:
+                      process_index: int = 0, process_count: int = 1,
+                      shards: int = 0) -> list[dict[str, np.ndarray]]:
   """Fixed batches of `split`: all of it (num_batches=0) or at most
   `num_batches` batches of rows spread evenly over all of it (`held_out.py`).
 
-  Each process packs its documents (every process_count-th, file order) and
-  reads its planned rows; every process returns the same number of batches,
-  topped up with padding rows (loss_mask 0). Each target is scored at most
-  once over all processes (exactly once for the whole split).
+  Cut into shards like the train stream (every S-th document, file order):
+  each shard packs its documents and reads its planned rows; every shard has
+  the same number of batches, topped up with padding rows (loss_mask 0), and
+  a process's batch is its shards' rows in shard order, so the batches do not
+  depend on the process count. Each target is scored at most once over all
+  shards (exactly once for the whole split).
   """
   tf = open_split(data_dir, split)
-  ids, per_process = _shard(tf, process_index, process_count, global_batch_size)
+  n, owned = owned_shards(process_index, process_count, shards, global_batch_size)
+  docs, per_shard = _shard_docs(tf, n), global_batch_size // n
   targets = tf.doc_lengths() - 1  # Per document.
-  usable = _usable(tf)
-  rows = [math.ceil(int(targets[usable[p::process_count]].sum()) / seq_len)
-          for p in range(process_count)]
-  n, picks = held_out.plan(rows, per_process, num_batches)
-  wanted = set(picks[process_index].tolist())
+  rows = [math.ceil(int(targets[d].sum()) / seq_len) for d in docs]
+  n_batches, picks = held_out.plan(rows, per_shard, num_batches)
+  parts = [_planned_rows(tf, docs[s], picks[s], n_batches * per_shard, seq_len)
+           for s in owned]
+  return [{k: np.concatenate([p[k][i * per_shard:(i + 1) * per_shard] for p in parts])
+           for k in packing.BATCH_KEYS} for i in range(n_batches)]
+
+
+def _planned_rows(tf: token_file.TokenFile, doc_ids: np.ndarray, picks: np.ndarray,
+                  n_rows: int, seq_len: int) -> dict[str, np.ndarray]:
+  """Rows `picks` of the packed documents, padded to n_rows: [n_rows, seq_len]."""
+  wanted = set(picks.tolist())
   got = []
-  for r, row in enumerate(packing.packed_rows(grain.MapDataset.source(ids), tf,
+  for r, row in enumerate(packing.packed_rows(grain.MapDataset.source(doc_ids), tf,
                                               seq_len)):
     if r in wanted:
       got.append(row)
       if len(got) == len(wanted):
         break
-  pad = packing.zero_rows(n * per_process - len(got), seq_len)
-  stacked = {k: np.concatenate([np.stack([g[k] for g in got]).reshape(-1, seq_len),
-                                pad[k]]) for k in packing.BATCH_KEYS}
-  return [{k: v[i * per_process:(i + 1) * per_process] for k, v in stacked.items()}
-          for i in range(n)]
+  pad = packing.zero_rows(n_rows - len(got), seq_len)
+  return {k: np.concatenate([np.stack([g[k] for g in got]).reshape(-1, seq_len), pad[k]])
+          for k in packing.BATCH_KEYS}

@@ -67,7 +67,8 @@ def _calibration_stats(cfg, data_dir, model_cfg, params, sites, method, n_batche
   d, (shard, shards) = cfg.data, data_shard(mesh)
   it = loader.make_train_iterator(data_dir, seq_len=d.seq_len,
                                   global_batch_size=d.global_batch_size, seed=cfg.seed,
-                                  process_index=shard, process_count=shards)
+                                  process_index=shard, process_count=shards,
+                                  shards=d.get("shards", 0))  # With shards set: the run's batches.
   batches = (to_global(next(it), mesh, model_cfg) for _ in range(n_batches))
   kinds = ("hessian",) if method == "gptq" else ("act_scale",)
   return jax.block_until_ready(collect_stats(model_cfg, params, batches, sites, kinds))

@@ -4,8 +4,9 @@ Saves are asynchronous and atomic: orbax writes a step into a temporary
 directory and renames it only once every array and every process's iterator
 state are on disk, and ``CheckpointManager`` lists only finalised steps, so a
 run killed mid-save resumes from the previous complete checkpoint. Each
-process saves and restores its own iterator state
-(``data/process_<i>-of-<n>.json``, as grain's orbax handler names them). A
+process saves its data shards' iterator states and restores those it owns now
+(``data/process_<s>-of-<S>.json``: ``qtrain/train/data_state.py``), so a run
+resumes on any process count dividing ``config.data.shards``. A
 damaged step (a file deleted inside it) is moved aside and the previous intact
 one restored. ``restore_or_init`` is the one call a run starts with.
 
@@ -26,11 +27,18 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from qtrain.train.data_state import ProcessCountError, ProcessDataRestore, ProcessDataSave
+from qtrain.config import ConfigError
+from qtrain.train.data_state import ProcessDataRestore, ProcessDataSave, ShardCountError
 
 
 class CheckpointError(ValueError):
   """No intact checkpoint, or not the one asked for; the message says which."""
+
+
+class DataShardsError(CheckpointError, ConfigError):
+  """The checkpoint's data shards cannot be read with this config.data.shards
+  and process count: a config error (the field names the fix) about this
+  checkpoint."""
 
 
 class Checkpointer:
@@ -52,13 +60,17 @@ class Checkpointer:
                               data=ProcessDataSave(data_state))
     return self.manager.save(step, args=args, force=force)
 
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+  def restore(self, step: int, abstract_state: Any,
+              data: ProcessDataRestore | None = None) -> tuple[Any, dict]:
+    """(state, data_state): ``data`` says which data shards to read (by
+    default this process's one shard of jax.process_count())."""
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                              data=ProcessDataRestore())
+                              data=data or ProcessDataRestore())
     restored = self.manager.restore(step, args=args)
     return restored.state, restored.data
 
-  def restore_or_init(self, abstract_state: Any, init: Callable[[], Any]):
+  def restore_or_init(self, abstract_state: Any, init: Callable[[], Any],
+                      data: ProcessDataRestore | None = None):
     """(state, data_state or None, step restored or None).
 
     Tries the newest step first; a damaged one (orbax and tensorstore raise
@@ -68,9 +80,9 @@ class Checkpointer:
     damaged = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        state, data_state = self.restore(step, abstract_state)
-      except ProcessCountError as e:
-        raise CheckpointError(
+        state, data_state = self.restore(step, abstract_state, data)
+      except ShardCountError as e:
+        raise DataShardsError(
             f"{e}; or start a new run from these params with "
             f"--config.train.init_from={os.path.dirname(self.directory)}") from None
       except Exception as e:  # pylint: disable=broad-except

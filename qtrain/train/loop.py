@@ -3,9 +3,10 @@
 The steps it drives are pure (``qtrain.train.step``). Step t-1's metrics are
 read after step t is dispatched, so the host never stalls the device. A run
 always starts with ``restore_or_init``: a killed run resumes from its last
-complete checkpoint, every process's iterator position included, and sees the
-same batches. Nothing is written into the workdir before the config has been
-checked against the one its checkpoints were trained with.
+complete checkpoint, the iterator position of every data shard included, and
+sees the same batches (on any process count dividing ``config.data.shards``).
+Nothing is written into the workdir before the config has been checked
+against the one its checkpoints were trained with.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from qtrain.parallel import Layout, data_shard
 from qtrain.train import metrics as metrics_lib
 from qtrain.train.build import build_model, quant_report
 from qtrain.train.checkpoint import Checkpointer, load_config
+from qtrain.train.data_state import ProcessDataRestore
 from qtrain.train.errors import data_errors
 from qtrain.train.evaluate import evaluate
 from qtrain.train.preemption import Agreement, SigtermFlag
@@ -139,17 +141,30 @@ def _check_workdir(cfg, workdir: str, ckpt: Checkpointer) -> None:
           f"{saved} is updated", flush=True)
 
 
+def _data_shards(cfg, mesh) -> tuple[int, int, int, range]:
+  """(slice, slices, S, the shards this process owns): config.data.shards over
+  the slices of the batch that processes load (``data_shard``)."""
+  shard, shards = data_shard(mesh)
+  try:
+    n, owned = loader.owned_shards(shard, shards, cfg.data.get("shards", 0),
+                                   cfg.data.global_batch_size)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  return shard, shards, n, owned
+
+
 def _check_data_shard(data_state: dict, shard: int, shards: int) -> None:
-  """A saved data position belongs to one slice of the batch; a new mesh
-  whose batch axes split the processes differently cannot continue it."""
+  """A saved shard position must be the one read for it. Before shards, a
+  file was named by process: a mesh whose batch axes grouped processes
+  (a tensor axis across hosts) named it after another process than its slice."""
   saved = data_state.get("pipeline", {})
   was = (saved.get("process_index"), saved.get("process_count"))
   if None not in was and was != (shard, shards):
     raise ConfigError(
-        f"config.mesh: this process's saved data position is slice {was[0]} of {was[1]} of "
-        f"the batch, and this mesh makes it slice {shard} of {shards} (processes holding the "
-        "same batch rows load one slice); keep the batch axes data x fsdp spanning the "
-        "processes as when the checkpoint was saved")
+        f"config.mesh: this saved data position is slice {was[0]} of {was[1]} of the batch "
+        f"and was read for slice {shard} of {shards} (processes holding the same batch rows "
+        "load one slice); keep the batch axes data x fsdp spanning the processes as when "
+        "the checkpoint was saved")
 
 
 def _start(cfg, workdir, model, tx, mesh):
@@ -160,20 +175,23 @@ def _start(cfg, workdir, model, tx, mesh):
   """
   d, t = cfg.data, cfg.train
   metrics_lib.read_rows(workdir)  # Raises MetricsFileError naming a bad line.
-  shard, shards = data_shard(mesh)
+  shard, shards, n, owned = _data_shards(cfg, mesh)
   with data_errors(d.dir):
     it = loader.make_train_iterator(
         d.dir, seq_len=d.seq_len, global_batch_size=d.global_batch_size, seed=cfg.seed,
-        process_index=shard, process_count=shards)
+        process_index=shard, process_count=shards, shards=n)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
                       async_save=t.async_checkpoint)
   try:
     _check_workdir(cfg, workdir, ckpt)
     abstract = abstract_state(model, tx, mesh, d.seq_len)
     state, data_state, restored = ckpt.restore_or_init(
-        abstract, lambda: _init(cfg, model, tx, mesh, abstract))
+        abstract, lambda: _init(cfg, model, tx, mesh, abstract),
+        ProcessDataRestore(first=owned.start, n=len(owned), shards=n,
+                           configured=d.get("shards", 0)))
     if data_state is not None:
-      _check_data_shard(data_state, shard, shards)
+      for s, saved in zip(owned, loader.shard_states(data_state)):
+        _check_data_shard(saved, s, n)
       with data_errors(d.dir):
         it.set_state(data_state)
   except BaseException:
@@ -197,11 +215,11 @@ def _run(cfg, workdir, meta, model, tx, mesh, sigterm):
     measured_step = make_measured_step(cfg, model, tx, mesh, state_sh)
     # Every config.telemetry.every steps, the step that also sows the telemetry.
     step_fn = lambda s: measured_step if telemetry.is_due(cfg, s) else train_step
-    shard, shards = data_shard(mesh)
+    shard, shards, n, _ = _data_shards(cfg, mesh)
     with data_errors(d.dir):
       eval_batches = loader.make_eval_batches(
           d.dir, seq_len=d.seq_len, global_batch_size=d.eval_batch_size,
-          num_batches=d.eval_batches, process_index=shard, process_count=shards)
+          num_batches=d.eval_batches, process_index=shard, process_count=shards, shards=n)
     report = quant_report(model)
     if report and cfg.quant.mode != "none":
       progress.write(report)

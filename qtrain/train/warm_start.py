@@ -36,7 +36,8 @@ def _flat(tree):
 def _calibration_batch(cfg, mesh, model_cfg):
   d, (shard, shards) = cfg.data, data_shard(mesh)
   it = loader.make_train_iterator(d.dir, seq_len=d.seq_len, global_batch_size=d.global_batch_size,
-                                  seed=cfg.seed, process_index=shard, process_count=shards)
+                                  seed=cfg.seed, process_index=shard, process_count=shards,
+                                  shards=d.get("shards", 0))
   return to_global(next(it), mesh, model_cfg)
 
 
