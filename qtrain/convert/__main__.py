@@ -4,6 +4,8 @@
       [--param_dtype=float32]
   python -m qtrain.convert export --workdir=runs/NAME --out=DIR [--step=N] \\
       [--dtype=float32|bfloat16] [--max_shard_mb=5120]
+  python -m qtrain.convert export --ptq=runs/NAME/ptq_w4a16_rtn --out=DIR \\
+      [--weights=auto|int|float] [--weights_only] [--dtype=...] [--max_shard_mb=5120]
 
 ``import`` reads an HF Llama or Qwen2 directory (``config.json`` +
 ``model.safetensors`` or shards; ``qtrain.convert.hf``) and writes a workdir
@@ -24,6 +26,14 @@ HF directory that ``transformers.AutoModelForCausalLM.from_pretrained`` loads:
 Qwen2 when the model has q/k/v biases, else Llama. OSP pieces are merged and
 online rotations removed first (``plain_params``); a QAT run exports its float
 (latent) weights, since transformers has no qtrain quantizer to apply.
+
+``export --ptq`` writes a PTQ export (``python -m qtrain.quantize --out``, or
+a run holding one) instead: its quantized weights as transformers' own
+packed-integer Linears (``--weights=int``) or dequantized to float
+(``--weights=float``); ``auto`` takes int where the export fits it. A
+weight-only recipe's model then gives qtrain's PTQ logits; a recipe that
+quantizes activations or KV is refused unless ``--weights_only``
+(``qtrain.convert.ptq_hf`` says what each form holds and why).
 
 Errors a user can fix (a missing directory, an unsupported ``model_type``,
 weights that do not match their config, an existing output) print one line
@@ -62,13 +72,22 @@ def _parser() -> argparse.ArgumentParser:
   imp.add_argument("--param_dtype", default="float32", choices=("float32", "bfloat16"),
                    help="config.model.param_dtype, and the dtype the checkpoint stores.")
   exp = sub.add_parser("export", help="qtrain workdir -> HF directory")
-  exp.add_argument("--workdir", required=True, help="Run with config.json and checkpoints/.")
+  source = exp.add_mutually_exclusive_group(required=True)
+  source.add_argument("--workdir", help="Run with config.json and checkpoints/.")
+  source.add_argument("--ptq", help="PTQ export (python -m qtrain.quantize's --out), or a run "
+                      "holding one.")
   exp.add_argument("--out", required=True, help="HF directory to write (new or empty).")
   exp.add_argument("--step", type=int, default=None, help="Checkpoint step; default the latest.")
   exp.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="Dtype of the safetensors; default the params'.")
   exp.add_argument("--max_shard_mb", type=float, default=5120.0,
                    help="Largest safetensors file; more weights go to further shards.")
+  exp.add_argument("--weights", default="auto", choices=("auto", "int", "float"),
+                   help="--ptq: quantized weights as transformers' packed-int Linears (int), "
+                   "dequantized (float), or int where the export fits it (auto).")
+  exp.add_argument("--weights_only", action="store_true",
+                   help="--ptq of a recipe that quantizes activations or KV: export its weights "
+                   "with float activations (a different model: its logits differ).")
   return p
 
 
@@ -176,9 +195,7 @@ def export_hf(workdir: str, out: str, *, step: int | None = None, dtype: str | N
   from qtrain.inference import load_run  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"--workdir={workdir} does not exist")
-  if os.path.exists(os.path.join(out, "config.json")) or glob.glob(
-      os.path.join(out, "*.safetensors")):
-    raise ValueError(f"--out={out} already holds a checkpoint; export into a new directory")
+  _check_out(out)
   cfg, model, params, step = load_run(workdir, step=step)
   plain_cfg = save_hf_checkpoint(out, params, model.cfg, dtype=dtype,
                                  max_shard_bytes=int(max_shard_mb * 2**20))
@@ -188,6 +205,31 @@ def export_hf(workdir: str, out: str, *, step: int | None = None, dtype: str | N
       shutil.copy2(os.path.join(tokenizer, name), os.path.join(out, name))
   del cfg
   return {"model_type": hf_model_type(plain_cfg), "step": step}
+
+
+def export_ptq(ptq: str, out: str, *, step: int | None = None, weights: str = "auto",
+               dtype: str | None = None, weights_only: bool = False,
+               max_shard_mb: float = 5120.0) -> dict:
+  """Writes the HF directory of a PTQ export (``qtrain.convert.ptq_hf``) and
+  the source run's tokenizer files; returns what it wrote."""
+  from qtrain.convert.ptq_hf import export_ptq_hf  # pylint: disable=g-import-not-at-top
+  if step is not None:
+    raise ValueError("--step picks a checkpoint of --workdir; a --ptq export holds one step "
+                     "(quantize another with python -m qtrain.quantize --step=N)")
+  _check_out(out)
+  done = export_ptq_hf(ptq, out, weights=weights, dtype=dtype, weights_only=weights_only,
+                       max_shard_bytes=int(max_shard_mb * 2**20))
+  tokenizer = os.path.join(done["source"] or "", TOKENIZER_DIR)
+  if done["source"] and os.path.isdir(tokenizer):
+    for name in sorted(os.listdir(tokenizer)):
+      shutil.copy2(os.path.join(tokenizer, name), os.path.join(out, name))
+  return done
+
+
+def _check_out(out: str) -> None:
+  if os.path.exists(os.path.join(out, "config.json")) or glob.glob(
+      os.path.join(out, "*.safetensors")):
+    raise ValueError(f"--out={out} already holds a checkpoint; export into a new directory")
 
 
 def main(argv=None) -> None:
@@ -204,7 +246,23 @@ def main(argv=None) -> None:
             + (f"; tokenizer files in {TOKENIZER_DIR}/" if done["files"] else "") + ")")
       print(f"fine-tune it with: python -m qtrain.finetune --config=CONFIG "
             f"--init_from={args.workdir} --workdir=NEW {' '.join(done['flags'])}")
+    elif args.ptq is not None:
+      done = export_ptq(args.ptq, args.out, step=args.step, weights=args.weights,
+                        dtype=args.dtype, weights_only=args.weights_only,
+                        max_shard_mb=args.max_shard_mb)
+      form = ("transformers' packed-int Linears (quant_method 'gemma')" if done["form"] == "int"
+              else "dequantized float weights")
+      print(f"exported {done['recipe']} {done['method']} of {done['ptq']} as {done['model_type']}"
+            f" with {form} to {args.out}")
+      for path, why in done["not_int"].items():
+        print(f"note: float, not int: {path}: {why}")
+      if done["weights_only"]:
+        print("note: --weights_only: activations and KV are not quantized in this export; its "
+              "logits differ from qtrain's PTQ model")
     else:
+      if args.weights != "auto" or args.weights_only:
+        raise ValueError("--weights and --weights_only apply to --ptq exports; a --workdir "
+                         "export writes the run's float params")
       done = export_hf(args.workdir, args.out, step=args.step, dtype=args.dtype,
                        max_shard_mb=args.max_shard_mb)
       print(f"exported step {done['step']} of {args.workdir} as {done['model_type']} to "

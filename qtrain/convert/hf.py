@@ -357,17 +357,35 @@ def save_hf_checkpoint(directory: str, params, cfg: ModelConfig, *, dtype: str |
   ``params`` do; returns that model's config. ``dtype`` (float32 | bfloat16)
   casts the arrays; default the params'. Tied embeddings store no
   ``lm_head.weight`` (transformers ties it on load)."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   plain, plain_cfg = plain_params(params, cfg)
   state = params_to_hf_state_dict(plain, plain_cfg)
   if plain_cfg.tie_embeddings:
     del state["lm_head.weight"]
-  if dtype is not None:
-    np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}.get(dtype)
-    if np_dtype is None:
-      raise ValueError(f"dtype={dtype!r}; export float32 or bfloat16")
-    state = {k: v.astype(np_dtype) for k, v in state.items()}
-  dtype = dtype or str(next(iter(state.values())).dtype)
+  state, dtype = cast_state(state, dtype)
+  write_hf_dir(directory, state, config_to_hf(plain_cfg, dtype), max_shard_bytes)
+  return plain_cfg
+
+
+def cast_state(state: dict, dtype: str | None, keep=()) -> tuple[dict, str]:
+  """(state with its floating arrays cast to ``dtype``, the dtype's name);
+  ``dtype`` None keeps them (the name is then the first array's dtype).
+  Integer arrays and the keys in ``keep`` stay as they are."""
+  if dtype is None:
+    return state, str(next(iter(state.values())).dtype)
+  np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}.get(dtype)
+  if np_dtype is None:
+    raise ValueError(f"dtype={dtype!r}; export float32 or bfloat16")
+  floating = lambda a: np.issubdtype(a.dtype, np.floating) or a.dtype == ml_dtypes.bfloat16
+  return {k: v.astype(np_dtype) if floating(v) and k not in keep else v
+          for k, v in state.items()}, dtype
+
+
+def write_hf_dir(directory: str, state: dict, hf_config: dict,
+                 max_shard_bytes: int = 5 * 2**30) -> None:
+  """Writes ``state`` as safetensors (shards of at most ``max_shard_bytes``,
+  named and indexed as ``save_pretrained`` does) and ``hf_config`` as
+  ``config.json`` into ``directory``."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   shards, size = [[]], 0
   for key in state:  # Greedy in key order: layers stay together, as HF's do.
     if shards[-1] and size + state[key].nbytes > max_shard_bytes:
@@ -379,7 +397,8 @@ def save_hf_checkpoint(directory: str, params, cfg: ModelConfig, *, dtype: str |
   names = (["model.safetensors"] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
   for name, keys in zip(names, shards):  # "pt": transformers reads torch-format files.
-    save_file({k: np.ascontiguousarray(state[k]) for k in keys},
+    # np.require, not ascontiguousarray: that makes 0-d arrays (scalars) 1-d.
+    save_file({k: np.require(state[k], requirements="C") for k in keys},
               os.path.join(directory, name), metadata={"format": "pt"})
   if len(shards) > 1:
     index = {"metadata": {"total_size": sum(v.nbytes for v in state.values())},
@@ -387,5 +406,4 @@ def save_hf_checkpoint(directory: str, params, cfg: ModelConfig, *, dtype: str |
     with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
       json.dump(index, f, indent=2)
   with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(config_to_hf(plain_cfg, dtype), f, indent=2)
-  return plain_cfg
+    json.dump(hf_config, f, indent=2)
