@@ -101,13 +101,14 @@ _HAVE_SLURM = shutil.which("sbatch") is not None or os.environ.get("QTRAIN_TEST_
 @pytest.mark.slow
 @pytest.mark.skipif(not _HAVE_SLURM, reason="no sbatch on PATH: `make test-slurm` (root, "
                     "apt-get) installs slurm-wlm and munge; or set QTRAIN_TEST_SLURM=1")
-def test_a_real_one_node_slurm_trains_two_tasks_and_one_process_starts_from_them():
+def test_a_real_one_node_slurm_trains_two_tasks_and_one_process_resumes_them():
   env = dict(os.environ, PY=sys.executable, DATA=str(DATA))
   proc = subprocess.run([str(ROOT / "scripts" / "slurm" / "local_cluster.sh")], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   # The script's own checks (each a `fail` above): the 2-process start-up,
-  # both data positions at step 4, the refusal, step 4's params in one process.
-  for line in ("2-task job done", "one process on the job's workdir refused, naming init_from",
-               "held-out loss after the job's step 4", "passed"):
+  # both shards' data positions at step 4, the refusal without the job's
+  # config.data.shards, one process resuming step 2 to the job's losses.
+  for line in ("2-task job done", "one process without --config.data.shards=2 refused, naming it",
+               "loss at step 4: job", "eval_loss at step 4: job", "passed"):
     assert line in proc.stdout, proc.stdout
