@@ -136,6 +136,10 @@ class ModelConfig:
   ffn_hadamard: bool = False
   # Rotations for quantization (RotationConfig): R1/R2 fused, R3/R4 online.
   rotation: RotationConfig = RotationConfig()
+  # The loss's LM head + cross-entropy in this many chunks of each row's
+  # tokens, each rematerialised in the backward, so no [B, T, V] float32
+  # logits are kept (qtrain.train.loss); 0 = off (one [B, T, V] head call).
+  loss_chunks: int = 0
 
   @property
   def compute_dtype(self):
