@@ -3,6 +3,7 @@
   python benchmarks/matmul.py --out=/tmp/matmul.json            # GPU (H100)
   python benchmarks/matmul.py --smoke                           # CPU, interpret mode
   python benchmarks/matmul.py --train --out=/tmp/train.json     # fwd + bwd of the int8 training matmul
+  python benchmarks/matmul.py --sweep --out=/tmp/sweep.json     # int8 tile / flavour / layout sweep
 
 For each layer shape (K, N) of ``llama_1b`` (d 2048, d_ff 5632) and
 ``llama_8b`` (d 4096, d_ff 14336): attention out (d, d), gate/up (d, d_ff)
@@ -31,6 +32,23 @@ op over rotated input sets (``qtrain/kernels/timing.py``). Each row prints
 the speedup over xla_bf16 and the two floors of an H100 (FLOP floor at the
 measured 798 TFLOP/s bf16 / 1979 TOP/s int8 datasheet; byte floor at the
 measured 3.0 TB/s). A short table is printed last; full rows go to --out.
+
+``--sweep`` (issue 16's int8 target, >= 1.6x XLA bf16 at large M): every
+layer shape of both models at M = 16384 and 4096, each config of
+``--sweep_configs`` (``flavour:layout:bm,bn,bk,warps,stages``; flavour
+``triton`` = ``backend="gpu"``, ``mosaic`` = ``backend="mosaic_gpu"``;
+layout ``kn``: w [K, N] as the forward weight is stored, ``nk``: w [N, K],
+K contiguous, the only layout s8 wgmma reads) as a ratio to XLA bf16 timed
+in the same row, beside XLA int8 and ``torch._int_mm``. A config that fails
+to compile or gives a wrong result is recorded with its error and the sweep
+goes on. Each config is checked twice: the timed function's first output
+equal to XLA int8's (same int32 sums and epilogue: bit-equal expected, rel
+err < 1e-2 accepted and recorded), then one call on a fresh input, Triton's
+into a NaN-poisoned output buffer (Mosaic GPU has no aliasing; the fresh
+input makes a stale buffer from an earlier config wrong). ``--dump_dir``
+keeps XLA's PTX (and asks Mosaic GPU for its PTX/SASS) and counts s8
+``wgmma`` against s8 ``mma.sync`` per file, the check that Triton's int8
+dot reached Hopper's wgmma.
 """
 
 from __future__ import annotations
@@ -38,6 +56,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import pathlib
 import sys
 import time
@@ -59,6 +78,17 @@ M_FULL = (16, 64, 256, 1024, 4096, 16384)
 # tensor-core tiles. Configs whose tile does not suit M are skipped (``_suits``).
 INT8_CONFIGS = ("16,64,256,4,4", "16,64,128,4,4,4", "16,128,128,4,4,8", "32,128,128,4,4",
                 "64,128,128,4,4", "128,128,128,8,3", "128,256,128,8,3", "256,128,128,8,3")
+
+
+# The sweep's configs: today's Triton default in both weight layouts (is
+# the row-major B what costs 2x?), a 128 x 256 tile 4 stages deep, and
+# Mosaic GPU (TMA + wgmma) tiles; 128 x 256 on one warpgroup may spill.
+SWEEP_CONFIGS = ("triton:kn:128,128,128,8,3", "triton:nk:128,128,128,8,3",
+                 "triton:nk:128,256,128,8,4", "triton:kn:128,256,128,8,4",
+                 "mosaic:nk:128,128,128,4,4", "mosaic:nk:64,256,128,4,4",
+                 "mosaic:nk:128,256,128,4,3", "mosaic:nk:128,128,256,4,3")
+SWEEP_MS = (16384, 4096)
+FLAVOURS = {"triton": "gpu", "mosaic": "mosaic_gpu"}
 
 
 W4A16_CONFIGS = ("16,64,0,4,4", "16,64,0,4,4,4", "16,128,0,4,4,8", "64,128,0,4,3",
@@ -301,6 +331,131 @@ def bench_w4a16(sets, m, n, k, configs, interpret, reps, row, group=128):
     row["pallas_w4a16_s"], row["pallas_w4a16_config"] = best["s"], best["config"]
 
 
+def parse_sweep_config(spec: str):
+  """"flavour:layout:bm,bn,bk,warps,stages" -> (backend, w_transposed, Blocks)."""
+  try:
+    flavour, layout, blocks = spec.split(":")
+    backend, wt = FLAVOURS[flavour], {"kn": False, "nk": True}[layout]
+  except (ValueError, KeyError) as e:
+    raise ValueError(f"--sweep_configs entry {spec!r}: flavour:layout:bm,bn,bk,warps,stages "
+                     f"with flavour in {tuple(FLAVOURS)} and layout kn or nk") from e
+  return backend, wt, _blocks(blocks)
+
+
+def sweep_config(spec, m, n, k, qsets, ref, fresh, fresh_ref, reps, interpret):
+  """One config's entry: checks (see the module doc), time, or the error."""
+  entry = {"config": spec}
+  try:
+    backend, wt, b = parse_sweep_config(spec)
+    fn = functools.partial(k8.int8_matmul, backend=backend, blocks=b, w_transposed=wt,
+                           interpret=interpret)
+    sets = [(x, w.T if wt else w, sx, sw) for x, w, sx, sw in qsets]  # w.T: one [N, K] copy.
+    many = jax.jit(lambda ss: [fn(*s_) for s_ in ss])
+    y = many(sets)[0]
+    entry["rel_err"] = err = timing.relative_error(y, ref)
+    entry["bit_equal_xla"] = bool(jnp.array_equal(y, ref))
+    fx, fw, fsx, fsw = fresh
+    kw = {}
+    if backend == "gpu":
+      kw["out"] = jnp.full(k8.padded_out_shape(m, n, k, backend, b), jnp.nan, jnp.bfloat16)
+    y2 = jax.jit(fn)(fx, fw.T if wt else fw, fsx, fsw, **kw)
+    entry["fresh_rel_err"] = err2 = timing.relative_error(y2, fresh_ref)
+    if not (err < 1e-2 and err2 < 1e-2):
+      entry["error"] = "wrong result (or an unwritten element): not timed"
+    else:
+      entry["s"] = timing.time_per_call(fn, sets, reps, many=many)
+  except Exception as e:  # pylint: disable=broad-except
+    entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+  return entry
+
+
+def sweep_shape(model, name, m, k, n, args, interpret):
+  """XLA bf16 (twice: the noise), XLA int8, torch._int_mm and every sweep
+  config on one shape."""
+  row = dict(model=model, layer=name, M=m, K=k, N=n, kind="sweep")
+  per_set = 2 * (m * k + k * n) + m * k + 2 * k * n + 2 * m * n
+  n_sets = 2 if args.smoke else timing.n_sets(per_set, lo=2, hi=8)
+  sets = _inputs(jax.random.key(m * 7 + n * 3 + k), m, n, k, n_sets + 1)
+  fresh_set, sets = sets[-1], sets[:-1]
+  bf16 = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+  row["xla_bf16_s"], row["xla_bf16_s_again"] = timing.spread(bf16, [(s["x"], s["w"]) for s in sets],
+                                                             args.reps)
+  qsets = [(s["qx"], s["qw"], s["sx"], s["sw"]) for s in sets]
+  xla8 = jax.jit(k8.int8_matmul_xla)
+  row["xla_int8_s"] = timing.time_per_call(xla8, qsets, args.reps)
+  ref = xla8(*qsets[0])
+  fresh = (fresh_set["qx"], fresh_set["qw"], fresh_set["sx"], fresh_set["sw"])
+  fresh_ref = xla8(*fresh)
+  row["configs"] = [sweep_config(spec, m, n, k, qsets, ref, fresh, fresh_ref, args.reps, interpret)
+                    for spec in args.sweep_configs.split(";")]
+  del sets, qsets
+  if not args.smoke:
+    bench_torch_int_mm(m, n, k, args.reps, row)
+  row["floor_bf16_flop_s"], _ = floors(m, n, k, 2, BF16_FLOPS)
+  row["floor_int8_flop_s"], row["floor_int8_byte_s"] = floors(m, n, k, 1, INT8_OPS)
+  for key in ("xla_int8", "torch_int_mm", "torch_int_mm_rowmajor"):
+    if f"{key}_s" in row:
+      row[f"{key}_speedup"] = row["xla_bf16_s"] / row[f"{key}_s"]
+  for c in row["configs"]:
+    if "s" in c:
+      c["speedup"] = row["xla_bf16_s"] / c["s"]
+      c["int8_tops"] = 2 * m * n * k / c["s"] / 1e12
+  return row
+
+
+def main_sweep(args, interpret) -> None:
+  if args.dump_dir:
+    print(f"dumps: XLA's modules and PTX under {args.dump_dir}", flush=True)
+  if args.smoke:
+    args.reps = 1
+    if args.sweep_configs == ";".join(SWEEP_CONFIGS):
+      args.sweep_configs = "triton:kn:16,32,32,4,2;triton:nk:32,64,64,4,2;mosaic:nk:64,64,128,4,2"
+    shapes = [("smoke", "tiny", 70, 200, 130)]
+  else:
+    ms = SWEEP_MS if args.ms == ",".join(map(str, M_FULL)) else tuple(map(int, args.ms.split(",")))
+    shapes = [(model, name, m, k, n) for m in ms for model in reversed(args.models.split(","))
+              for name, (k, n) in layer_shapes(model).items() if name in args.layers.split(",")]
+  rows, t0 = [], time.perf_counter()
+  for model, name, m, k, n in shapes:
+    if time.perf_counter() - t0 > args.budget_s:
+      print(f"budget: {args.budget_s:.0f} s spent, shapes left out from here on", flush=True)
+      break
+    row = sweep_shape(model, name, m, k, n, args, interpret)
+    row["elapsed_s"] = time.perf_counter() - t0
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    if args.out:
+      with open(args.out, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+  if args.dump_dir:
+    for line in ptx_s8_report(args.dump_dir):
+      print(line)
+  specs = args.sweep_configs.split(";")
+  print("\nint8 sweep: speedup over XLA bf16 (same row); ERR: failed (error in the JSON)")
+  for i, spec in enumerate(specs):
+    print(f"  c{i}: {spec}")
+  print(f"{'model':9s} {'layer':8s} {'M':>6s} {'bf16 us':>8s} {'xla_i8':>7s} {'torch8':>7s} "
+        + " ".join(f"{'c' + str(i):>6s}" for i in range(len(specs))))
+  for r in rows:
+    cells = [f"{c['speedup']:6.2f}" if "speedup" in c else "   ERR" for c in r["configs"]]
+    print(f"{r['model']:9s} {r['layer']:8s} {r['M']:6d} {r['xla_bf16_s'] * 1e6:8.1f} "
+          f"{_fmt(r, 'xla_int8')} {_fmt(r, 'torch_int_mm')} " + " ".join(cells))
+
+
+def ptx_s8_report(dump_dir: str) -> list[str]:
+  """Per dumped PTX file that holds an int8 MMA: how many s8 wgmma
+  (Hopper's async warpgroup MMA) and s8 mma.sync (the Ampere-style
+  warp MMA) instructions it has."""
+  lines = [f"PTX s8 MMA instructions under {dump_dir} (wgmma = Hopper path, mma.sync = older):"]
+  for path in sorted(pathlib.Path(dump_dir).rglob("*.ptx")):
+    text = path.read_text(errors="replace")
+    wg = sum("wgmma.mma_async" in l and ".s8" in l for l in text.splitlines())
+    ms = sum("mma.sync" in l and ".s8" in l for l in text.splitlines())
+    if wg or ms:
+      lines.append(f"  {path.name}: wgmma s8 {wg}, mma.sync s8 {ms}")
+  return lines
+
+
 def _fmt(row, key):
   v = row.get(f"{key}_speedup")
   return f"{v:6.2f}x" if v else "    --"
@@ -322,8 +477,25 @@ def main() -> None:
                  help="start no new shape after this many seconds (the table still prints)")
   p.add_argument("--train", action="store_true",
                  help="forward + backward of the int8 training matmul (quant_dot) instead")
+  p.add_argument("--sweep", action="store_true",
+                 help="int8 flavours, layouts and tiles at large M (SWEEP_CONFIGS) instead")
+  p.add_argument("--sweep_configs", default=";".join(SWEEP_CONFIGS),
+                 help="';'-separated flavour:layout:bm,bn,bk,warps,stages (see the module doc)")
+  p.add_argument("--dump_dir", default=None,
+                 help="--sweep: dump XLA's PTX (and Mosaic GPU's) here and count s8 MMAs")
   p.add_argument("--out", default=None)
   args = p.parse_args()
+  if args.sweep:
+    for spec in args.sweep_configs.split(";"):
+      parse_sweep_config(spec)  # A typo fails here, before any compile.
+    if args.budget_s == p.get_default("budget_s"):
+      args.budget_s = 170.0  # The whole sweep stays under 4 minutes on an H100.
+  if args.dump_dir:  # Read when the backend starts, i.e. after this point.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_dump_to={args.dump_dir}").strip()
+    os.environ.setdefault("MOSAIC_GPU_DUMP_TO", args.dump_dir)
+    os.environ.setdefault("MOSAIC_GPU_DUMP_PTX", "1")
+    os.environ.setdefault("MOSAIC_GPU_DUMP_SASS", "1")
   backend = jax.default_backend()
   interpret = backend != "gpu"
   print(f"device: {jax.devices()[0].device_kind} ({backend}); jax {jax.__version__}", flush=True)
@@ -343,6 +515,8 @@ def main() -> None:
     shapes = [(model, name, m, k, n) for model in args.models.split(",")
               for name, (k, n) in layer_shapes(model).items() if name in args.layers.split(",")
               for m in map(int, args.ms.split(","))]
+  if args.sweep:
+    return main_sweep(args, interpret)
   if args.train:
     if not args.smoke and args.ms == ",".join(map(str, M_FULL)):
       args.ms = "2048,8192,16384"  # Tokens per microbatch of a training step.

@@ -110,6 +110,114 @@ def test_int8_rejects_bad_inputs():
                    s_w=jnp.ones(4))
 
 
+# --- int8 tile configs of the sweep and the Mosaic GPU flavour ---------------
+
+from benchmarks import matmul as bench  # noqa: E402  pylint: disable=g-import-not-at-top
+from qtrain.kernels import int8_mosaic  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def _int8_case(seed, m, n, k):
+  rng = np.random.default_rng(seed)
+  return _codes(rng, (m, k)), _codes(rng, (k, n)), _scales(rng, m), _scales(rng, n)
+
+
+@pytest.mark.parametrize("spec", bench.SWEEP_CONFIGS)
+def test_int8_sweep_configs_exact(spec):
+  """Every config the GPU sweep times (``benchmarks/matmul.py --sweep``),
+  in its weight layout, on an odd shape that pads every dim and takes two
+  or more K steps: the raw int32 sums equal float64 NumPy's bit for bit
+  (integer arithmetic is exact), and the bf16 output equals the XLA path's
+  bit for bit (same sums, same float32 (acc * s_x) * s_w, one rounding).
+  Triton configs write into a NaN-poisoned aliased buffer; Mosaic GPU's
+  interpret mode NaN-fills its output itself, so a skipped tile fails the
+  equality either way."""
+  backend, wt, b = bench.parse_sweep_config(spec)
+  m, n, k = 70, 130, 300
+  x, w, s_x, s_w = _int8_case(len(spec), m, n, k)
+  w_in = w.T if wt else w
+  run = functools.partial(k8.int8_matmul, backend=backend, blocks=b, w_transposed=wt,
+                          interpret=True)
+  poison = {}
+  if backend == "gpu":
+    assert k8.effective_blocks(m, n, k, backend, b).k * 2 <= k8._up(k, b.k)  # >= 2 K steps.
+    poison = {"out": jnp.full(k8.padded_out_shape(m, n, k, backend, b), jnp.nan, jnp.bfloat16)}
+  acc = run(x, w_in, out_dtype=jnp.int32)
+  np.testing.assert_array_equal(np.asarray(acc, np.int64),
+                                np.asarray(x, np.int64) @ np.asarray(w, np.int64))
+  y = run(x, w_in, s_x, s_w, **poison)
+  np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                np.asarray(k8.int8_matmul_xla(x, w, s_x, s_w), np.float32))
+
+
+@pytest.mark.parametrize("xt,wt", [(True, False), (False, False)])
+def test_int8_mosaic_layouts_and_small_tiles(xt, wt):
+  """Mosaic GPU with x given [K, M] and w [K, N] (XLA transposes them to the
+  K-major layouts s8 wgmma reads), 64 x 64 x 128 tiles over a 2 x 3 grid
+  and 2 K steps: int32 sums exact against float64 NumPy."""
+  m, n, k = 100, 150, 200
+  x, w, _, _ = _int8_case(3, m, n, k)
+  acc = k8.int8_matmul(x.T if xt else x, w.T if wt else w, out_dtype=jnp.int32,
+                       backend="mosaic_gpu", blocks=k8.Blocks(64, 64, 128, 4, 2),
+                       x_transposed=xt, w_transposed=wt, interpret=True)
+  assert acc.shape == (m, n)
+  np.testing.assert_array_equal(np.asarray(acc, np.int64),
+                                np.asarray(x, np.int64) @ np.asarray(w, np.int64))
+
+
+def test_mosaic_interpret_mode_poisons_unwritten_output():
+  """The Mosaic GPU interpret mode's NaN fill can fail a test: a kernel that
+  writes every tile but one leaves NaN exactly there."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+
+  def body(x_gmem, o_gmem, tile_smem):
+    i = jax.lax.axis_index("i")
+
+    @pl.when(i != 1)
+    def _():
+      tile_smem[...] = jnp.ones((64, 64), jnp.float32)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(tile_smem, o_gmem.at[pl.ds(i * 64, 64)])
+      plgpu.wait_smem_to_gmem(0)
+
+  y = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((192, 64), jnp.float32),
+                   scratch_types=[plgpu.SMEM((64, 64), jnp.float32)], grid=(3,),
+                   grid_names=("i",), interpret=int8_mosaic.interpret_params())(
+                       jnp.zeros((8,), jnp.float32))
+  nan_rows = np.isnan(np.asarray(y)).all(axis=1)
+  np.testing.assert_array_equal(nan_rows, np.arange(192) // 64 == 1)
+
+
+def test_int8_mosaic_rejects_bad_configs():
+  x, w = jnp.zeros((64, 128), jnp.int8), jnp.zeros((128, 64), jnp.int8)
+  with pytest.raises(ValueError, match="multiple of 64"):  # n = 320 > wgmma's 256.
+    k8.int8_matmul(x, jnp.zeros((128, 512), jnp.int8), out_dtype=jnp.int32,
+                   backend="mosaic_gpu", blocks=k8.Blocks(64, 320, 128, 4, 2))
+  with pytest.raises(ValueError, match="split_k"):
+    k8.int8_matmul(x, w, out_dtype=jnp.int32, backend="mosaic_gpu",
+                   blocks=k8.Blocks(64, 64, 128, 4, 2, split_k=2))
+  with pytest.raises(ValueError, match="no out= poison"):
+    k8.int8_matmul(x, w, out_dtype=jnp.int32, backend="mosaic_gpu", out=jnp.zeros((64, 64)))
+  with pytest.raises(ValueError, match="--sweep_configs"):
+    bench.parse_sweep_config("mosaic:mk:128,128,128,4,4")
+
+
+def test_sweep_configs_lower_for_cuda():
+  """Each sweep config lowers on this CPU machine at a benchmark shape:
+  Triton ones to XLA:GPU's Triton call, Mosaic GPU ones through Mosaic's own
+  compiler to its custom call (that step checks the shared-memory budget,
+  the swizzled tiling and the s8 wgmma operand layouts, which interpret
+  mode does not). PTX and the run are the GPU sweep's."""
+  s = jax.ShapeDtypeStruct
+  m, k, n = 1024, 2048, 1024
+  for spec in bench.SWEEP_CONFIGS:
+    backend, wt, b = bench.parse_sweep_config(spec)
+    fn = functools.partial(k8.int8_matmul, backend=backend, blocks=b, w_transposed=wt)
+    args = (s((m, k), jnp.int8), s((n, k) if wt else (k, n), jnp.int8), s((m,), jnp.float32),
+            s((n,), jnp.float32))
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert ("xla.gpu.triton" if backend == "gpu" else "mosaic_gpu") in text, spec
+
+
 # --- Walsh-Hadamard kernel --------------------------------------------------
 
 from qtrain.kernels import fwht as kh  # noqa: E402  pylint: disable=g-import-not-at-top

@@ -19,6 +19,10 @@ Flavours:
 * ``tpu``: Pallas Mosaic TPU. A (M/bm, N/bn, K/bk) grid with K innermost
   ("arbitrary"), an int32 VMEM accumulator zeroed at k = 0 and scaled out at
   the last k.
+* ``mosaic_gpu``: Pallas Mosaic GPU (Hopper): TMA-fed shared-memory
+  pipeline and async s8 ``wgmma`` into an int32 register accumulator; needs
+  x [M, K] and w [N, K] (K contiguous, what s8 wgmma reads) and transposes
+  other layouts in XLA first. See ``int8_mosaic.py``.
 * ``xla``: ``lax.dot_general`` on int8 with ``preferred_element_type=int32``
   and the same epilogue: the reference with identical numerics.
 
@@ -45,6 +49,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from qtrain.kernels import int8_mosaic
+
 _MIN_BLOCK = 16  # tl.dot's smallest tile side.
 
 
@@ -70,6 +76,10 @@ class Blocks:
 
 GPU_BLOCKS = Blocks(128, 128, 128, 8, 3)
 TPU_BLOCKS = Blocks(256, 256, 512, 0, 0)
+# Mosaic GPU: one warpgroup per tile (num_warps unused), num_stages TMA slots.
+MOSAIC_BLOCKS = Blocks(128, 128, 128, 4, 4)
+DEFAULT_BLOCKS = {"gpu": GPU_BLOCKS, "tpu": TPU_BLOCKS, "mosaic_gpu": MOSAIC_BLOCKS}
+BACKENDS = tuple(DEFAULT_BLOCKS)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -77,8 +87,8 @@ def _pow2_at_least(n: int) -> int:
 
 
 # Smallest tile sides (m, n, k): tl.dot's 16 on GPU; on TPU int8 packs 32
-# rows per vreg and lanes are 128 wide.
-MIN_BLOCKS = {"gpu": (16, 16, 16), "tpu": (32, 128, 128)}
+# rows per vreg and lanes are 128 wide; Mosaic GPU: int8_mosaic.MIN_BLOCKS.
+MIN_BLOCKS = {"gpu": (16, 16, 16), "tpu": (32, 128, 128), "mosaic_gpu": int8_mosaic.MIN_BLOCKS}
 
 
 def fit_blocks(b: Blocks, m: int, n: int, k: int, backend: str = "gpu") -> Blocks:
@@ -285,9 +295,14 @@ def int8_matmul(x, w, s_x=None, s_w=None, *, out_dtype=jnp.bfloat16, backend: st
   aliased to the result, to check that every element is written.
   """
   m, n, k, raw = _check(x, w, s_x, s_w, out_dtype, x_transposed, w_transposed)
-  if backend not in ("gpu", "tpu"):
-    raise ValueError(f"int8_matmul backend={backend!r}: 'gpu' or 'tpu' (XLA: int8_matmul_xla)")
+  if backend not in BACKENDS:
+    raise ValueError(f"int8_matmul backend={backend!r}: one of {BACKENDS} (XLA: int8_matmul_xla)")
   b = effective_blocks(m, n, k, backend, blocks)
+  if backend == "mosaic_gpu":
+    if out is not None:
+      raise ValueError("int8_matmul backend='mosaic_gpu' takes no out= poison buffer "
+                       "(plgpu.kernel has no aliasing); its interpret mode NaN-fills the output")
+    return _mosaic(x, w, s_x, s_w, out_dtype, b, x_transposed, w_transposed, interpret)[:m, :n]
   kb = b.k * b.split_k
   xp = _pad_to(_pad_to(x, int(x_transposed), b.m), int(not x_transposed), kb)
   wp = _pad_to(_pad_to(w, int(w_transposed), kb), int(not w_transposed), b.n)
@@ -300,6 +315,21 @@ def int8_matmul(x, w, s_x=None, s_w=None, *, out_dtype=jnp.bfloat16, backend: st
                      f"split_k), got {out.dtype}{out.shape}")
   y = call(xp, wp, s_x, s_w, jnp.dtype(out_dtype), b, x_transposed, w_transposed, interpret, out)
   return y[:m, :n]
+
+
+def _mosaic(x, w, s_x, s_w, out_dtype, b: Blocks, xt: bool, wt: bool, interpret: bool):
+  """x to [M, K], w to [N, K] (K-major: s8 wgmma's only layout; XLA
+  transposes the others), padded to the tiles, through ``int8_mosaic.call``.
+  Interpret mode feeds w as [K, N]: its wgmma cannot read a transposed ref."""
+  x_mk = x.T if xt else x
+  w_nk = w if wt else w.T
+  xp = _pad_to(_pad_to(x_mk, 0, b.m), 1, b.k)
+  wp = _pad_to(_pad_to(w_nk, 0, b.n), 1, b.k)
+  if interpret:
+    wp = wp.T
+  if s_x is not None:
+    s_x, s_w = _pad_to(s_x.astype(jnp.float32), 0, b.m), _pad_to(s_w.astype(jnp.float32), 0, b.n)
+  return int8_mosaic.call(xp, wp, s_x, s_w, jnp.dtype(out_dtype), b, interpret)
 
 
 def split_divisor(steps: int, split_k: int) -> int:
@@ -316,11 +346,14 @@ def effective_blocks(m: int, n: int, k: int, backend: str = "gpu",
                      blocks: Blocks | None = None) -> Blocks:
   """The blocks a call runs: fitted to the dims, split_k cut to a divisor
   of the K steps."""
-  b = fit_blocks(blocks or (GPU_BLOCKS if backend == "gpu" else TPU_BLOCKS), m, n, k, backend)
+  b = fit_blocks(blocks or DEFAULT_BLOCKS[backend], m, n, k, backend)
+  if backend == "mosaic_gpu":
+    int8_mosaic.check_blocks(b.m, b.n, b.k)
   if backend == "gpu" and any(v & (v - 1) for v in (b.m, b.n, b.k)):
     raise ValueError(f"GPU blocks must be powers of two (Triton loads), got {b}")
   if backend != "gpu" and b.split_k != 1:
-    raise ValueError("split_k is a GPU-flavour option (the TPU grid already walks K)")
+    raise ValueError(f"split_k is a Triton GPU-flavour option, not {backend!r}'s (the TPU grid "
+                     "already walks K; Mosaic GPU has none yet)")
   return dataclasses.replace(b, split_k=split_divisor(-(-k // b.k), b.split_k))
 
 
