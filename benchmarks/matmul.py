@@ -82,10 +82,12 @@ INT8_CONFIGS = ("16,64,256,4,4", "16,64,128,4,4,4", "16,128,128,4,4,8", "32,128,
 
 # The sweep's configs: today's Triton default in both weight layouts (is
 # the row-major B what costs 2x?), a 128 x 256 tile 4 stages deep, and
-# Mosaic GPU (TMA + wgmma) tiles; 128 x 256 on one warpgroup may spill.
+# Mosaic GPU (TMA + wgmma) tiles; 128 x 256 on one warpgroup may spill; the
+# 7-field entry is the Mosaic default with row-major tile order (group_m 1:
+# what the L2-grouped order buys).
 SWEEP_CONFIGS = ("triton:kn:128,128,128,8,3", "triton:nk:128,128,128,8,3",
-                 "triton:nk:128,256,128,8,4", "triton:kn:128,256,128,8,4",
-                 "mosaic:nk:128,128,128,4,4", "mosaic:nk:64,256,128,4,4",
+                 "triton:nk:128,256,128,8,4", "mosaic:nk:128,128,128,4,4",
+                 "mosaic:nk:128,128,128,4,4,1,1", "mosaic:nk:64,256,128,4,4",
                  "mosaic:nk:128,256,128,4,3", "mosaic:nk:128,128,256,4,3")
 SWEEP_MS = (16384, 4096)
 FLAVOURS = {"triton": "gpu", "mosaic": "mosaic_gpu"}
@@ -332,7 +334,8 @@ def bench_w4a16(sets, m, n, k, configs, interpret, reps, row, group=128):
 
 
 def parse_sweep_config(spec: str):
-  """"flavour:layout:bm,bn,bk,warps,stages" -> (backend, w_transposed, Blocks)."""
+  """"flavour:layout:bm,bn,bk,warps,stages[,split_k,group_m]" -> (backend,
+  w_transposed, Blocks)."""
   try:
     flavour, layout, blocks = spec.split(":")
     backend, wt = FLAVOURS[flavour], {"kn": False, "nk": True}[layout]

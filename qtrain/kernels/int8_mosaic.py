@@ -18,7 +18,13 @@ path, so this kernel states the layout it needs:
   the call (one extra pass over that operand: K * N bytes for the weight,
   cheap next to 2 M K N operations at large M, but not free at small M).
 
-One CTA per (block_m, block_n) output tile (a warpgroup, 128 threads). The K
+One CTA per (block_m, block_n) output tile (a warpgroup, 128 threads),
+visited in ``int8.grouped_tile``'s order (runs of ``group_m`` tile rows
+column by column): with row-major order a wave of 132 CTAs at N = 14336
+spans about one tile row and so every column of w, 58 MB for llama_8b's
+gate_up, more than the 50 MB L2, re-read from memory for every tile row
+(~2 ms of traffic at M = 16384 against a ~1 ms int8 FLOP floor); runs of 8
+rows cut a wave's distinct bytes ~5x. The K
 loop is ``plgpu.emit_pipeline``: TMA copies of the (bm, bk) x tile and the
 (bn, bk) w tile into swizzled shared memory, ``num_stages`` slots deep, and
 one async ``wgmma`` per step into an int32 register accumulator (the wait
@@ -85,9 +91,9 @@ def check_blocks(bm: int, bn: int, bk: int) -> None:
 
 
 def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem, o_smem, *, bm, bn, bk, nk, stages,
-            interpret_layout):
+            tile_of, interpret_layout):
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
-  i, j = lax.axis_index("m"), lax.axis_index("n")
+  i, j = tile_of(lax.axis_index("tile"))
   rows, cols = pl.ds(i * bm, bm), pl.ds(j * bn, bn)
   int8_t = _transforms(jnp.int8, bk)
 
@@ -134,10 +140,13 @@ def call(xp, wp, s_x, s_w, out_dtype, b, interpret: bool):
   """The padded call: xp [Mp, Kp]; wp [Np, Kp] ([Kp, Np] in interpret mode);
   scales float32 [Mp], [Np] or both None (int32 out)."""
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  from qtrain.kernels.int8 import grouped_tile  # pylint: disable=g-import-not-at-top
   mp, kp = xp.shape
   np_ = wp.shape[1] if interpret else wp.shape[0]
+  nm, nn = mp // b.m, np_ // b.n
   kernel = functools.partial(_kernel, bm=b.m, bn=b.n, bk=b.k, nk=kp // b.k,
-                             stages=max(1, b.num_stages), interpret_layout=interpret)
+                             stages=max(1, b.num_stages), interpret_layout=interpret,
+                             tile_of=lambda p: grouped_tile(p, nm, nn, max(1, b.group_m)))
   if s_x is None:
     body = lambda x, w, o, o_smem: kernel(x, w, None, None, o, o_smem)
     args = (xp, wp)
@@ -146,7 +155,7 @@ def call(xp, wp, s_x, s_w, out_dtype, b, interpret: bool):
   return plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct((mp, np_), out_dtype),
       scratch_types=[plgpu.SMEM((b.m, b.n), out_dtype, transforms=_transforms(out_dtype, b.n))],
-      grid=(mp // b.m, np_ // b.n), grid_names=("m", "n"),
+      grid=(nm * nn,), grid_names=("tile",),
       # Warpgroup semantics: Mosaic infers the scale vectors' register layouts
       # from the accumulator they broadcast against.
       compiler_params=plgpu.CompilerParams(
