@@ -83,11 +83,100 @@ def test_matmul_transform_in_bfloat16_rounds_once():
   xb = jnp.asarray(np.random.default_rng(0).standard_normal((4, n)), jnp.bfloat16)
   s = rotation.random_signs(n, 1)
   ref = np.asarray(xb, np.float64) @ rotation.rotation_matrix(n, s)
-  for impl in rotation.IMPLS:
+  for impl in ("fwht", "matmul"):  # matmul_bf16 rounds twice: the next test.
     got = np.asarray(rotation.hadamard_transform(xb, s, impl=impl), np.float64)
     np.testing.assert_allclose(got, ref, rtol=2 ** -8, atol=1e-6)
 
 
+U_BF16 = 2.0 ** -8  # bf16's unit roundoff (8-bit significand): |fl(v) - v| <= u |v|.
+
+
+@pytest.mark.parametrize("n", [64, 352, 5632])  # R3 head_dim (dense), smoke d_ff, llama_1b d_ff.
+def test_bf16_transform_vs_float64(n):
+  """bf16 x (llama_1b's R3 and R4 sizes) vs the float64 product of the same
+  bf16 values, bounded per element. x is X [a, b] per row, U = X H_b (a = 1,
+  dense: U = x), y = H_a^T U / sqrt(n). "matmul": the products x_i * (+-1) are
+  exact and the sums float32, so |y - ref| <= u |ref| (one rounding to bf16)
+  plus the float32 sums' worst case, (g_b sum|X| + g_a sum_a |U[a, c]|) /
+  sqrt(n) with g_k = k 2^-24 (recursive summation of k terms). "matmul_bf16"
+  (two gemms, n > 256) also rounds U to bf16: each U entry moves by <= u |U|,
+  which reaches output [d, c] as <= u sum_a |U[a, c]| / sqrt(n). Dense n is
+  one matmul, one rounding in both."""
+  # Channel scales spread over e^(+-2): outlier channels, as R3/R4 get.
+  x = np.random.default_rng(n).standard_normal((8, n))
+  xb = jnp.asarray(x * np.exp(np.random.default_rng(1).standard_normal(n)), jnp.bfloat16)
+  x64 = np.asarray(xb, np.float64)
+  s = rotation.random_signs(n, 2)
+  ref = x64 @ rotation.rotation_matrix(n, s)
+  a, b = rotation._split(n)  # pylint: disable=protected-access
+  u_abs = np.abs((x64 * s).reshape(-1, a, b) @ rotation.hadamard_matrix(b))  # |U| [rows, a, b].
+  col = lambda v: np.repeat(v.sum(1, keepdims=True), a, 1).reshape(ref.shape) / np.sqrt(n)
+  g = lambda k: 1.01 * k * 2.0 ** -24
+  sums = g(b) * np.abs(x64).sum(-1, keepdims=True) / np.sqrt(n) + (0 if a == 1 else
+                                                                   g(a) * col(u_abs))
+  inter = 0 if a == 1 else U_BF16 * (1 + U_BF16) * col(u_abs)
+  for impl, bound in (("matmul", U_BF16 * np.abs(ref) + sums),
+                      ("matmul_bf16", U_BF16 * np.abs(ref) + sums + inter)):
+    yb = rotation.hadamard_transform(xb, s, impl=impl)
+    assert yb.dtype == jnp.bfloat16
+    got = np.asarray(yb, np.float64)
+    assert np.all(np.abs(got - ref) <= bound), (impl, np.max(np.abs(got - ref) / bound))
+
+
+@pytest.mark.parametrize("impl", ["matmul", "matmul_bf16"])
+def test_gradient_is_the_transposed_rotation(impl):
+  """d/dx sum(w * (x R)) = w R^T: the matmul impls' custom VJP runs the inverse
+  transform on the cotangent; vs float64 w R^T within 2e-6 of its max
+  (float32 sums), for the dense (64) and the two-gemm (5632) path, with and
+  without the inverse flag."""
+  for n in (64, 5632):
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, n)), jnp.float32)
+    w = np.random.default_rng(1).standard_normal((2, 3, n))
+    s = rotation.random_signs(n, 3)
+    r = rotation.rotation_matrix(n, s)
+    for inverse, want in ((False, w @ r.T), (True, w @ r)):
+      g = jax.grad(lambda z: jnp.sum(jnp.asarray(w, jnp.float32) * rotation.hadamard_transform(
+          z, s, inverse=inverse, impl=impl)))(x)
+      np.testing.assert_allclose(np.asarray(g, np.float64), want, rtol=0,
+                                 atol=2e-6 * np.abs(want).max(), err_msg=f"{n} {inverse}")
+
+
+def _primitives(fn, *args) -> list:
+  """(name, input dtypes) of every primitive in fn's jaxpr, nested calls included."""
+  out = []
+
+  def walk(j):
+    for e in j.eqns:
+      out.append((e.primitive.name, tuple(str(v.aval.dtype) for v in e.invars)))
+      for p in e.params.values():
+        for q in (p if isinstance(p, (tuple, list)) else (p,)):
+          if hasattr(q, "jaxpr") and hasattr(q.jaxpr, "eqns"):
+            walk(q.jaxpr)
+          elif hasattr(q, "eqns"):
+            walk(q)
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return out
+
+
+def test_matmul_transform_program_is_bf16_gemms_without_transposes():
+  """The program the matmul impls run on bf16 activations (llama_1b's R4,
+  d_ff 5632 = 44 x 128, and R3, head_dim 64), forward and backward: no
+  transpose anywhere; the gemms take bf16 operands where the impl says
+  (matmul: the 128 one, the 44 one on the float32 intermediate; matmul_bf16:
+  both) and accumulate in float32; R3 is a single dense gemm each way."""
+  s = rotation.random_signs(5632, 0)
+  expect = {"matmul": [("bfloat16", "bfloat16"), ("float32", "float32")],
+            "matmul_bf16": [("bfloat16", "bfloat16"), ("bfloat16", "bfloat16")]}
+  for impl, dots in expect.items():
+    for n, want in ((5632, dots), (64, [("bfloat16", "bfloat16")])):
+      x = jnp.zeros((2, 8, n), jnp.bfloat16)
+      sn = s[:n] if n == 5632 else rotation.random_signs(n, 0)
+      fwd = lambda z: rotation.hadamard_transform(z, sn, impl=impl)
+      bwd = lambda z: jax.vjp(fwd, z)[1](z)[0]
+      for fn, times in ((fwd, 1), (bwd, 2)):  # The VJP's jaxpr holds the forward too.
+        prims = _primitives(fn, x)
+        assert not [p for p in prims if p[0] == "transpose"], (impl, n, prims)
+        assert [d for name, d in prims if name == "dot_general"] == want * times, (impl, n)
 def test_randomized_hadamard_inverse_exact_in_float64():
   """R = diag(s) H / sqrt(n) is orthogonal: R R^T = I to float64 rounding."""
   for n in (12, 28, 44, 64):

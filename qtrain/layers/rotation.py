@@ -168,48 +168,110 @@ def random_signs(n: int, seed: int) -> np.ndarray:
   return np.random.default_rng(seed).choice(np.array([-1.0, 1.0]), size=n)
 
 
-IMPLS = ("fwht", "matmul")
-_BLOCK = 128  # Largest Sylvester factor one matmul applies (impl="matmul").
+IMPLS = ("fwht", "matmul", "matmul_bf16")
+# Up to this order one dense +-1 matmul (2n multiply-adds per element, on
+# tensor cores) is cheaper than a factorisation's extra pass over memory:
+# head_dim 64 and 128 are one [.., n] x [n, n] gemm.
+_DENSE_MAX = 256
+_BLOCK = 128  # Largest Sylvester factor the minor-axis matmul applies.
+# Float32 operands exactly (no TF32 pass on a GPU); no effect on bf16 ones.
+_EXACT = jax.lax.Precision.HIGHEST
 
 
-def _factors(n: int) -> list[int]:
-  """Orders of the Kronecker factors H_m (x) H_{b1} (x) H_{b2} ... of H_n,
-  each Sylvester block at most _BLOCK (H_{2^(a+b)} = H_{2^a} (x) H_{2^b})."""
-  m, p = factor(n)
-  out = [m] if m > 1 else []
-  while p > 1:
-    out.append(min(p, _BLOCK))
-    p //= out[-1]
-  return out
+def _split(n: int) -> tuple[int, int]:
+  """(a, b) with H_n = H_a (x) H_b (our Hadamard matrix exactly): (1, n), one
+  dense matmul, up to _DENSE_MAX or without a power-of-two part; else b the
+  trailing Sylvester block (<= _BLOCK) on the minor axis and H_a =
+  ``hadamard_matrix(n // b)`` (H_{2^k} = H_{2^(k-j)} (x) H_{2^j}, so
+  H_m (x) H_{2^k} = (H_m (x) H_{2^(k-j)}) (x) H_{2^j})."""
+  p = factor(n)[1]
+  if n <= _DENSE_MAX or p == 1:
+    return 1, n
+  b = min(p, _BLOCK)
+  return n // b, b
 
 
-def _by_matmuls(y, n: int, inverse: bool, in_dtype):
-  """y H over the last axis as one small matmul per Kronecker factor, with
-  the unnormalised +-1 factors (exact in any dtype): the first in y's dtype
-  accumulating in float32, the rest float32 at HIGHEST precision."""
-  lead, fs = y.shape[:-1], _factors(n)
-  y = y.reshape(*lead, *fs)
-  paley_first = factor(n)[0] > 1
-  for i in reversed(range(len(fs))):  # Minor axis first: a plain [.., f] x [f, f] gemm.
-    f = fs[i]
-    h = _paley(f) if i == 0 and paley_first else _sylvester(f)
-    h = h.T if inverse else h
-    dtype = in_dtype if y.dtype == in_dtype else jnp.float32
-    y = jnp.moveaxis(jnp.tensordot(y, jnp.asarray(h, dtype), axes=[[len(lead) + i], [0]],
-                                   precision=jax.lax.Precision.HIGHEST,
-                                   preferred_element_type=jnp.float32), -1, len(lead) + i)
-  return y.reshape(*lead, n)
+def _pm1(h: np.ndarray, dtype):
+  """A +-1 matrix as a constant of ``dtype`` (exact in every float dtype)."""
+  return jnp.asarray(h, dtype)
+
+
+def _by_matmuls(x, s, inverse: bool, low: bool):
+  """x diag(s) H / sqrt(n) (inverse: x H^T diag(s) / sqrt(n)) over the last
+  axis by matmuls with +-1 matrices in x's dtype, accumulating in float32.
+
+  n <= _DENSE_MAX: one dense matmul with diag(s) H (H^T diag(s)) folded into
+  one +-1 matrix, then one rounding to x's dtype. Larger n = a * b: x viewed
+  as X [T, a, b] per row, X -> H_a^T X H_b (H_a X H_b inverse: Sylvester is
+  symmetric, H^T = H_a^T (x) H_b) in two contractions that leave every axis
+  where it is: X H_b a plain gemm over the minor axis, then H_a^T U a gemm
+  batched over T whose left operand H_a^T is broadcast over T (XLA folds such
+  a broadcast into a zero batch stride on GPU instead of transposing U).
+  ``low`` False keeps U in float32 (one rounding at the end: the result is the
+  exact product rounded once); True rounds U to x's dtype so the second gemm
+  also runs on bf16 tensor cores (two roundings). 1/sqrt(n) scales the float32
+  accumulator of the last matmul (fused into its epilogue): folded into a
+  bf16 matrix it would round, and the transform would stop being orthogonal.
+  """
+  n, dtype = x.shape[-1], x.dtype
+  scale = np.float32(1 / math.sqrt(n))
+  a, b = _split(n)
+  signs = np.ones(n) if s is None else s
+  if a == 1:
+    h = _matrix(n)
+    r = h.T * signs[None, :] if inverse else signs[:, None] * h
+    y = jnp.einsum("...i,ij->...j", x, _pm1(r, dtype), precision=_EXACT,
+                   preferred_element_type=jnp.float32)
+    return (y * scale).astype(dtype)
+  lead = x.shape[:-1]
+  rows = math.prod(lead)
+  if s is not None and not inverse:
+    x = x * s.astype(dtype)  # +-1: exact; XLA fuses it into x's producer.
+  u = jnp.einsum("tab,bc->tac", x.reshape(rows, a, b), _pm1(_sylvester(b), dtype),
+                 precision=_EXACT, preferred_element_type=jnp.float32)
+  h_a = _matrix(a) if inverse else _matrix(a).T  # The left factor: [d, a].
+  u, h_a = (u.astype(dtype), _pm1(h_a, dtype)) if low else (u, _pm1(h_a, jnp.float32))
+  y = jax.lax.dot_general(jnp.broadcast_to(h_a, (rows, a, a)), u, (((2,), (1,)), ((0,), (0,))),
+                          precision=_EXACT, preferred_element_type=jnp.float32) * scale
+  if s is not None and inverse:
+    y = y * s.reshape(a, b)
+  return y.reshape(*lead, n).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul_transform(x, s, inverse: bool, low: bool):
+  return _by_matmuls(x, s, inverse, low)
+
+
+def _matmul_fwd(x, s, inverse, low):
+  return _by_matmuls(x, s, inverse, low), s
+
+
+def _matmul_bwd(inverse, low, s, g):
+  """The transform is x R with R orthogonal: its VJP is g R^T, the inverse
+  transform of g, run the same way in g's dtype (autodiff of the forward
+  would run the backward matmuls on the float32 cotangent of its accumulator)."""
+  return _by_matmuls(g, s, not inverse, low), None if s is None else jnp.zeros_like(s)
+
+
+_matmul_transform.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 @functools.partial(jax.jit, static_argnames=("inverse", "impl"))
 def hadamard_transform(x, signs=None, inverse: bool = False, impl: str = "fwht"):
   """x diag(s) H / sqrt(n) over the last axis (``inverse``: x H^T diag(s) / sqrt(n),
-  which undoes it); ``signs`` None means s = 1. Float32 inside, x's dtype out.
+  which undoes it); ``signs`` None means s = 1. x's dtype out.
 
   ``impl``: "fwht", the butterfly over the 2^k factor (log2 of it passes of
-  adds) and an m x m matmul; "matmul", one small matmul per Kronecker factor
-  (head_dim 64: one; d_ff 5632 = 44 * 128: two), which runs on tensor cores
-  in fewer passes over memory. Same numbers up to float32 rounding.
+  adds) and an m x m matmul, float32 inside; "matmul", +-1 matmuls in x's dtype
+  accumulating in float32 (head_dim 64: one 64 x 64 gemm; d_ff 5632 = 44 * 128:
+  a 128 gemm over the minor axis and a 44 one batched over rows, the
+  intermediate in float32), which run on tensor cores without transposes; the
+  result is the exact product rounded once to x's dtype (float32 x: float32
+  rounding). "matmul_bf16" rounds that intermediate to x's dtype too (bf16 on
+  a GPU: both gemms on bf16 tensor cores, half the bytes; one more rounding
+  where n > 256). Their gradient is the inverse transform of the cotangent
+  (``_matmul_bwd``).
 
   A jitted function of its own, so the compiled program of a model shows each
   online rotation as one ``call @hadamard_transform``.
@@ -221,10 +283,8 @@ def hadamard_transform(x, signs=None, inverse: bool = False, impl: str = "fwht")
   m, p = factor(n)
   lead = x.shape[:-1]
   s = None if signs is None else jnp.asarray(signs, jnp.float32)
-  if impl == "matmul":
-    y = x if s is None or inverse else x * s.astype(x.dtype)  # +-1: exact in x's dtype.
-    y = _by_matmuls(y, n, inverse, x.dtype) * np.float32(1 / math.sqrt(n))
-    return (y if s is None or not inverse else y * s).astype(x.dtype)
+  if impl != "fwht":
+    return _matmul_transform(x, s, inverse, impl == "matmul_bf16")
   y = x.astype(jnp.float32)
   if s is not None and not inverse:
     y = y * s
