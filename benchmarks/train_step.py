@@ -12,6 +12,12 @@ device's dense bf16 peak (989 TFLOP/s on an H100).
 
 Batches are synthetic; ``--packed=K`` splits every row into K documents
 (segment ids), which exercises the packed cuDNN path the trainer uses.
+
+``--loss_chunks=4,8`` also times the chunked LM head + cross-entropy
+(``config.model.loss_chunks``, qtrain/train/loss.py) at each N, after the
+config's own value (the baseline), in the same process; each row carries
+``ratio_vs_baseline`` and ``temp_gib``, the compiled step's temporary memory
+(per variant; ``peak_mem_gib`` is the process's peak so far).
 """
 
 from __future__ import annotations
@@ -92,21 +98,26 @@ def bench_qtrain(cfg, batch: int, seq: int, packed: int, steps: int) -> dict:
   model_cfg = model.cfg
   with layout:
     t0 = time.perf_counter()
+    compiled = train_step.lower(state, data).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
     box = [state]
+    del state  # Donated by the first step.
 
     def step():
-      box[0], m = train_step(box[0], data)
+      box[0], m = compiled(box[0], data)
       jax.block_until_ready(m["loss"])
     step()
     compile_s = time.perf_counter() - t0
     dt = time_steps(step, steps)
+    del box
   stats = jax.devices()[0].memory_stats() or {}
   tok_s = batch * seq / dt
   flops = metrics_lib.flops_per_token(model_cfg, seq)
   peak = metrics_lib.device_peak_flops() or float("nan")
   return {"impl": "qtrain", "step_s": dt, "tokens_per_s": tok_s,
           "mfu": tok_s * flops / peak, "peak_mem_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
-          "compile_s": compile_s, "params": metrics_lib.matmul_params(model_cfg)}
+          "temp_gib": temp / 2**30, "compile_s": compile_s,
+          "params": metrics_lib.matmul_params(model_cfg)}
 
 
 def bench_hf(cfg, batch: int, seq: int, steps: int, grad_ckpt: bool) -> dict:
@@ -176,6 +187,8 @@ def main() -> None:
   p.add_argument("--mu_dtype", default=None, help="override config.optim.adamw.mu_dtype")
   p.add_argument("--peer", action="store_true", help="also time HF transformers")
   p.add_argument("--peer_grad_ckpt", action="store_true")
+  p.add_argument("--loss_chunks", default="",
+                 help="comma-separated config.model.loss_chunks values timed after the baseline")
   p.add_argument("--out", default=None, help="append JSON lines here")
   args = p.parse_args()
   cfg = load_config(args.model)
@@ -191,11 +204,17 @@ def main() -> None:
             "device": jax.devices()[0].device_kind, "jax": jax.__version__}
   if peer:
     print(json.dumps({**common, **peer}), flush=True)
-  rows = [{**common, "packed": args.packed, "remat": cfg.model.remat_policy,
-           "max_segments": args.max_segments, "mu_dtype": cfg.optim.adamw.mu_dtype,
-           **bench_qtrain(cfg, args.batch, args.seq, args.packed, args.steps)}]
+  rows = []
+  variants = [int(n) for n in args.loss_chunks.split(",") if n]
+  for chunks in [cfg.model.get("loss_chunks", 0)] + variants:
+    cfg.model.loss_chunks = chunks
+    rows.append({**common, "packed": args.packed, "remat": cfg.model.remat_policy,
+                 "max_segments": args.max_segments, "mu_dtype": cfg.optim.adamw.mu_dtype,
+                 "loss_chunks": chunks,
+                 **bench_qtrain(cfg, args.batch, args.seq, args.packed, args.steps)})
+    rows[-1]["ratio_vs_baseline"] = rows[-1]["tokens_per_s"] / rows[0]["tokens_per_s"]
   if peer:
-    rows.append({**common, **peer})
+    rows.insert(1, {**common, **peer})
     rows[0]["ratio_vs_peer"] = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
   for r in rows:
     if r["impl"] != "hf":
@@ -208,6 +227,11 @@ def main() -> None:
         f"MFU {q['mfu']:.1%}, peak {q['peak_mem_gib']:.1f} GiB"
         + (f"; HF peer {rows[1]['tokens_per_s']:,.0f} tok/s (MFU {rows[1]['mfu']:.1%}); "
            f"ratio {q['ratio_vs_peer']:.2f}x" if args.peer else ""))
+  for r in rows[1:]:
+    if r["impl"] == "qtrain":
+      print(f"  loss_chunks={r['loss_chunks']}: {r['tokens_per_s']:,.0f} tok/s "
+            f"({r['ratio_vs_baseline']:.3f}x), MFU {r['mfu']:.1%}, temp {r['temp_gib']:.2f} GiB "
+            f"(baseline {q['temp_gib']:.2f} GiB)")
 
 
 if __name__ == "__main__":
