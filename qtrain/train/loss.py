@@ -58,8 +58,9 @@ def cross_entropy(logits_BTV, targets_BT, mask_BT, z_loss: float = 0.0):
   """Returns (objective, nll_sum, token_count, z_term), all float32."""
   log_z_BT, target_logit_BT = _log_z_and_target(logits_BTV, targets_BT)
   mask = mask_BT.astype(jnp.float32)
+  n_tokens = jnp.sum(mask)
   nll_sum = jnp.sum((log_z_BT - target_logit_BT) * mask)
-  return _finish(nll_sum, jnp.sum(jnp.square(log_z_BT) * mask), jnp.sum(mask), z_loss)
+  return _finish(nll_sum, jnp.sum(jnp.square(log_z_BT) * mask), n_tokens, z_loss)
 
 
 def _strided_chunks(a_BT, n: int):
