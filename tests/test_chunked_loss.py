@@ -184,9 +184,10 @@ def _train_temp_bytes(chunks: int) -> int:
 
 
 def test_chunks_lower_the_train_steps_temp_memory():
-  """With V x B x T dominant (8192 x 8 x 48: 12 MiB of float32 logits), the
+  """With V x B x T dominant (8192 x 8 x 32: 8 MiB of float32 logits), the
   compiled train step's temp memory with loss_chunks=8 is lower than with 0
-  by at least one full logits tensor: measured on CPU 33.1 MiB -> 12.4 MiB."""
+  by at least one whole logits tensor. Measured on CPU (jax 0.10.2):
+  29,214,800 -> 10,454,224 bytes (27.9 -> 10.0 MiB)."""
   logits_bytes = MEM_VOCAB * BATCH * MEM_SEQ * 4
   full, chunked = _train_temp_bytes(0), _train_temp_bytes(8)
   print(f"temp bytes: loss_chunks=0 {full}, loss_chunks=8 {chunked}", file=sys.stderr)
