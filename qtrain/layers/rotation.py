@@ -26,12 +26,26 @@ q = 5503, but its dense part is 5504 x 5504.
 Among the factorisations of n the one with the smallest m is used, so the
 dense part of the fast transform is as small as it can be.
 
-**The fast transform** ``hadamard_transform(x, signs)`` = x diag(s) H / sqrt(n)
-over the last axis: with x viewed as [..., m, 2^k], H_{2^k} acts on the last
-axis by the O(n log n) butterfly and H_m on the other by a dense m x m matmul,
-both in float32 at HIGHEST precision (no TF32 pass on GPU: the rotation must
-stay exact for weights folded on the other side). Paley matrices are not
-symmetric, so the inverse transform uses H^T: ``inverse=True``.
+**The fast transform** ``hadamard_transform(x, signs, impl=...)`` = x diag(s)
+H / sqrt(n) over the last axis. Paley matrices are not symmetric, so the
+inverse transform uses H^T: ``inverse=True``. Two ways:
+
+* "fwht" (weight folding's default): x viewed as [..., m, 2^k], H_{2^k} by the
+  O(n log n) butterfly and H_m by an m x m matmul, float32 at HIGHEST
+  precision (no TF32 pass on GPU: folded weights need the exact rotation).
+* "matmul" / "matmul_bf16" (the online R3/R4 during training): +-1 matmuls in
+  x's dtype, bf16 on a GPU, accumulating in float32. The entries +-1 and the
+  signs are exact in bf16, so every product is exact and only the float32
+  sums round before the one rounding to x's dtype. One dense n x n gemm up to
+  n = 256 (head_dim 64: cheaper than any factorisation, since the cost is
+  passes over memory, not FLOPs); above, H = H_a (x) H_b with x as [T, a, b]:
+  a gemm over the minor axis (H_b, Sylvester, <= 128) and a gemm batched over
+  rows with H_a^T broadcast as its left operand, so no axis moves and XLA
+  copies nothing (llama_1b's d_ff 5632 = 44 x 128). "matmul" keeps the
+  [T, a, b] intermediate in float32 (the result is the exact product rounded
+  once); "matmul_bf16" rounds it to x's dtype (half the bytes, both gemms on
+  bf16 tensor cores, one more rounding: tests/test_rotation.py bounds both).
+  Their VJP is the inverse transform of the cotangent, run the same way.
 
 **Randomized Hadamard** (QuaRot): diag(s) H / sqrt(n) with seeded random signs
 s (``random_signs``); orthogonal, its inverse is H^T diag(s) / sqrt(n).
