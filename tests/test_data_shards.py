@@ -96,6 +96,28 @@ def test_shards_0_is_one_shard_per_process(tiny):
   _assert_same([_global(its) for _ in range(3)], [_global(one) for _ in range(3)])
 
 
+@pytest.mark.parametrize("num_batches", [0, 2])
+def test_held_out_batches_are_the_same_on_1_2_and_4_processes(tiny, num_batches):
+  def global_batches(n):
+    per_process = [loader.make_eval_batches(tiny, "validation", seq_len=SEQ, global_batch_size=8,
+                                            num_batches=num_batches, process_index=p,
+                                            process_count=n, shards=4) for p in range(n)]
+    return [{k: np.concatenate([b[k] for b in step]) for k in packing.BATCH_KEYS}
+            for step in zip(*per_process)]
+  want = global_batches(1)
+  for n in (2, 4):
+    _assert_same(global_batches(n), want)
+  tf = token_file.TokenFile(tiny / "train.tokens")
+  scored = sum(int(b["loss_mask"].sum()) for b in want)
+  if num_batches == 0:  # The whole split: every target once (lengths - 1 per document).
+    assert scored == int((tf.doc_lengths() - 1).sum())
+  else:
+    assert len(want) == 2 and 0 < scored
+  for batch in want:  # Rows 2s, 2s + 1: shard s's documents, as in training.
+    for s in range(4):
+      assert all(i % 4 == s for i in _documents(batch, slice(2 * s, 2 * s + 2)))
+
+
 def _save(directory, its) -> None:
   """What each process's checkpoint save writes into the step's data item."""
   from qtrain.train.data_state import ProcessDataHandler, ProcessDataSave  # pylint: disable=g-import-not-at-top

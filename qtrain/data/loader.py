@@ -127,8 +127,9 @@ def owned_shards(process_index: int, process_count: int, shards: int,
   n = shards or process_count
   if n % process_count:
     raise ValueError(f"config.data.shards={shards} is not a multiple of the {process_count}"
-                     " processes loading distinct batch rows: each owns whole shards; use a"
-                     f" multiple of {process_count} (or 0, one shard per process).")
+                     " processes loading distinct batch rows (each owns whole shards): run on"
+                     f" a number of processes dividing {shards}, or in a new run set a"
+                     f" multiple of {process_count} (0 = one shard per process).")
   if global_batch_size % n:
     what = (f"shards={n} (config.data.shards)" if shards and shards != process_count
             else f"process_count={process_count}")
