@@ -11,9 +11,11 @@ atomic. orbax's ``JsonSave`` would write from the primary process only.
 
 A restore reads the shards this process owns now, so a checkpoint resumes on
 any number of processes dividing S with the same global batches, and onto
-another ``config.mesh`` or device count. S itself must stay: a checkpoint of
-other shards is refused with ``ShardCountError`` (start again from its params
-with ``config.train.init_from``).
+another ``config.mesh`` or device count. S itself must stay: on another
+process count, set ``config.data.shards`` = S (its default 0 means one shard
+per process now). A checkpoint of other shards is refused with
+``ShardCountError`` (or start again from its params with
+``config.train.init_from``).
 """
 
 from __future__ import annotations
