@@ -128,11 +128,13 @@ def test_int8_sweep_configs_exact(spec):
   or more K steps: the raw int32 sums equal float64 NumPy's bit for bit
   (integer arithmetic is exact), and the bf16 output equals the XLA path's
   bit for bit (same sums, same float32 (acc * s_x) * s_w, one rounding).
+  The warp-specialized Mosaic configs (warps 12) run two consumer
+  warpgroups and a producer thread in the interpreter.
   Triton configs write into a NaN-poisoned aliased buffer; Mosaic GPU's
   interpret mode NaN-fills its output itself, so a skipped tile fails the
   equality either way."""
   backend, wt, b = bench.parse_sweep_config(spec)
-  m, n, k = 70, 130, 300
+  m, n, k = 70, 130, 200
   x, w, s_x, s_w = _int8_case(len(spec), m, n, k)
   w_in = w.T if wt else w
   run = functools.partial(k8.int8_matmul, backend=backend, blocks=b, w_transposed=wt,
@@ -192,6 +194,9 @@ def test_int8_mosaic_rejects_bad_configs():
   with pytest.raises(ValueError, match="multiple of 64"):  # n = 320 > wgmma's 256.
     k8.int8_matmul(x, jnp.zeros((128, 512), jnp.int8), out_dtype=jnp.int32,
                    backend="mosaic_gpu", blocks=k8.Blocks(64, 320, 128, 4, 2))
+  with pytest.raises(ValueError, match="num_warps=8"):  # 4: one warpgroup, 12: specialized.
+    k8.int8_matmul(x, w, out_dtype=jnp.int32, backend="mosaic_gpu",
+                   blocks=k8.Blocks(64, 64, 128, 8, 2))
   with pytest.raises(ValueError, match="split_k"):
     k8.int8_matmul(x, w, out_dtype=jnp.int32, backend="mosaic_gpu",
                    blocks=k8.Blocks(64, 64, 128, 4, 2, split_k=2))

@@ -348,7 +348,7 @@ def effective_blocks(m: int, n: int, k: int, backend: str = "gpu",
   of the K steps."""
   b = fit_blocks(blocks or DEFAULT_BLOCKS[backend], m, n, k, backend)
   if backend == "mosaic_gpu":
-    int8_mosaic.check_blocks(b.m, b.n, b.k)
+    int8_mosaic.check_blocks(b.m, b.n, b.k, b.num_warps)
   if backend == "gpu" and any(v & (v - 1) for v in (b.m, b.n, b.k)):
     raise ValueError(f"GPU blocks must be powers of two (Triton loads), got {b}")
   if backend != "gpu" and b.split_k != 1:

@@ -33,6 +33,15 @@ k). Epilogue: the tile's scales are copied to shared memory, loaded into the
 accumulator's row / column layouts, and the scaled tile goes out through
 shared memory and a TMA store.
 
+``Blocks.num_warps = 12`` selects the warp-specialized kernel instead: three
+warpgroups per CTA, the last a TMA producer
+(``plgpu.emit_pipeline_warp_specialized``, 40 registers), the other two
+each owning a bm/2-row half of the CTA tile with its own bm/2 x bn
+accumulator. Both read the same w tile from shared memory, so a 256 x 128
+CTA tile moves the bytes of one 256 x 128 tile with the registers of two
+128 x 128 ones, and the producer keeps copying while both consume (the
+layout of the fast bf16 Hopper kernels).
+
 Tiles: bm a multiple of 64 (wgmma's M), bn a multiple of 64 (the 128-byte
 swizzle of a bf16 output row) and <= 256 (wgmma's N), bk a multiple of the
 swizzle width (128 int8 elements; 32 or 64 take the 32- / 64-byte swizzle).
@@ -61,6 +70,9 @@ from jax.experimental import pallas as pl
 # (m, n, k) smallest tile sides: wgmma M = 64; a bf16 output row of 64
 # elements fills the 128-byte swizzle; K: one 128-byte swizzle of int8.
 MIN_BLOCKS = (64, 64, 128)
+# Blocks.num_warps = 12: the warp-specialized kernel (two consumer
+# warpgroups on bm/2-row halves, one TMA producer); 4: one warpgroup.
+WS_WARPS = 12
 
 
 def interpret_params():
@@ -83,11 +95,14 @@ def _transforms(dtype, minor: int):
           plgpu.SwizzleTransform(swizzle))
 
 
-def check_blocks(bm: int, bn: int, bk: int) -> None:
+def check_blocks(bm: int, bn: int, bk: int, num_warps: int = 4) -> None:
   """Raises with the rule a Mosaic GPU tile breaks (before tracing)."""
   if bm % 64 or bn % 64 or bn > 256 or bk % 32 or (bk > 128 and bk % 128):
     raise ValueError(f"Mosaic GPU int8 blocks (m={bm}, n={bn}, k={bk}): m a multiple of 64, "
                      "n a multiple of 64 up to 256, k 32, 64 or a multiple of 128")
+  if num_warps not in (4, WS_WARPS) or (num_warps == WS_WARPS and bm % 128):
+    raise ValueError(f"Mosaic GPU int8 num_warps={num_warps}: 4 (one warpgroup) or {WS_WARPS} "
+                     "(two consumer warpgroups, m a multiple of 128, and a producer)")
 
 
 def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem, o_smem, *, bm, bn, bk, nk, stages,
@@ -136,6 +151,79 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem, o_smem, *, bm, bn, bk, nk,
   plgpu.wait_smem_to_gmem(0)
 
 
+def _ws_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem, o_smem, sx_smem, sw_smem, bar, *, bm,
+               bn, bk, nk, stages, tile_of, interpret_layout):
+  """Warp-specialized: a CTA tile of bm rows is two bm/2-row halves, one per
+  compute warpgroup, both reading the one w tile the third (producer)
+  warpgroup copies in; each compute warpgroup scales and stores its half."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  wg = lax.axis_index("wg")
+  i, j = tile_of(lax.axis_index("tile"))
+  hm = bm // 2
+  cols = pl.ds(j * bn, bn)
+
+  def compute(run_pipeline):
+    def with_acc(acc_ref):
+      run_pipeline(acc_ref)
+      acc = acc_ref[...]
+      rows = pl.ds(i * bm + wg * hm, hm)
+      if sx_gmem is None:
+        y = acc
+      else:
+        plgpu.copy_gmem_to_smem(sx_gmem.at[rows], sx_smem.at[wg], bar.at[2 * wg])
+        plgpu.copy_gmem_to_smem(sw_gmem.at[cols], sw_smem.at[wg], bar.at[2 * wg + 1])
+        plgpu.barrier_wait(bar.at[2 * wg])
+        plgpu.barrier_wait(bar.at[2 * wg + 1])
+        # (acc * s_x) * s_w in float32, as in _kernel.
+        y = (acc.astype(jnp.float32) * lax.broadcast_in_dim(sx_smem[wg], (hm, bn), (0,))
+             * lax.broadcast_in_dim(sw_smem[wg], (hm, bn), (1,)))
+      o_smem[wg] = y.astype(o_smem.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[rows, cols])
+      plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(with_acc, plgpu.ACC((hm, bn), jnp.int32))
+
+  def step(_, x_smem, w_smem, acc_ref):
+    w_kn = w_smem if interpret_layout else plgpu.transpose_ref(w_smem, (1, 0))
+    plgpu.wgmma(acc_ref, x_smem.at[pl.ds(wg * hm, hm)], w_kn)
+    plgpu.wgmma_wait(1)
+    return acc_ref
+
+  int8_t = _transforms(jnp.int8, bk)
+  w_spec = (plgpu.BlockSpec((bk, bn), lambda k: (k, 0), transforms=_transforms(jnp.int8, bn),
+                            delay_release=1) if interpret_layout else
+            plgpu.BlockSpec((bn, bk), lambda k: (0, k), transforms=int8_t, delay_release=1))
+  plgpu.emit_pipeline_warp_specialized(
+      step, grid=(nk,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
+      max_concurrent_steps=stages, compute_context=compute,
+      in_specs=[plgpu.BlockSpec((bm, bk), lambda k: (0, k), transforms=int8_t, delay_release=1),
+                w_spec],
+  )(x_gmem.at[pl.ds(i * bm, bm), :], w_gmem.at[:, cols] if interpret_layout else w_gmem.at[cols, :])
+
+
+def _ws_call(xp, wp, s_x, s_w, out_dtype, b, interpret, tile_of, nk, grid):
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  kernel = functools.partial(_ws_kernel, bm=b.m, bn=b.n, bk=b.k, nk=nk,
+                             stages=max(2, b.num_stages), interpret_layout=interpret,
+                             tile_of=tile_of)
+  if s_x is None:
+    body = lambda x, w, o, *scratch: kernel(x, w, None, None, o, *scratch)
+    args = (xp, wp)
+  else:
+    body, args = kernel, (xp, wp, s_x, s_w)
+  hm = b.m // 2
+  return plgpu.kernel(
+      body, out_type=jax.ShapeDtypeStruct((xp.shape[0], grid[1]), out_dtype),
+      scratch_types=[plgpu.SMEM((2, hm, b.n), out_dtype, transforms=_transforms(out_dtype, b.n)),
+                     plgpu.SMEM((2, hm), jnp.float32), plgpu.SMEM((2, b.n), jnp.float32),
+                     plgpu.Barrier(num_barriers=4)],
+      grid=(grid[0],), grid_names=("tile",), num_threads=3, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=interpret_params() if interpret else None)(*args)
+
+
 def call(xp, wp, s_x, s_w, out_dtype, b, interpret: bool):
   """The padded call: xp [Mp, Kp]; wp [Np, Kp] ([Kp, Np] in interpret mode);
   scales float32 [Mp], [Np] or both None (int32 out)."""
@@ -147,6 +235,10 @@ def call(xp, wp, s_x, s_w, out_dtype, b, interpret: bool):
   kernel = functools.partial(_kernel, bm=b.m, bn=b.n, bk=b.k, nk=kp // b.k,
                              stages=max(1, b.num_stages), interpret_layout=interpret,
                              tile_of=lambda p: grouped_tile(p, nm, nn, max(1, b.group_m)))
+  if b.num_warps == WS_WARPS:
+    return _ws_call(xp, wp, s_x, s_w, out_dtype, b, interpret,
+                    lambda p: grouped_tile(p, nm, nn, max(1, b.group_m)), kp // b.k,
+                    (nm * nn, np_))
   if s_x is None:
     body = lambda x, w, o, o_smem: kernel(x, w, None, None, o, o_smem)
     args = (xp, wp)
