@@ -86,8 +86,8 @@ INT8_CONFIGS = ("16,64,256,4,4", "16,64,128,4,4,4", "16,128,128,4,4,8", "32,128,
 # CTA per SM), with row-major tile order (the 7-field entry, group_m 1: what
 # the L2-grouped order buys), bk = 64 (96 KB: two CTAs per SM, one's
 # epilogue under the other's MMAs), and warps = 12: warp-specialized, two
-# consumer warpgroups on the halves of a 256 x 128 or 128 x 256 CTA tile
-# sharing one w (x) tile, fed by a TMA producer warpgroup.
+# consumer warpgroups on the row halves of a 256 x 128 or 128 x 256 CTA
+# tile, sharing its w tile, fed by a TMA producer warpgroup.
 SWEEP_CONFIGS = ("triton:kn:128,128,128,8,3", "triton:nk:128,128,128,8,3",
                  "triton:nk:128,256,128,8,4", "mosaic:nk:128,128,128,4,4",
                  "mosaic:nk:128,128,128,4,4,1,1", "mosaic:nk:128,128,64,4,4",
