@@ -354,3 +354,14 @@ def test_kv_bits_override_goes_first_for_named_and_sequence_rules():
     with_kv_bits(q, 4)
     rules = validate_quant(q)
     assert rules[0].kv.bits == 4 and rules[1].weight.bits == 4 and len(rules) == 2
+
+
+def test_pallas_switch_sets_kernels_auto_and_needs_int8_mode():
+  """``w8a8+pallas`` (what benchmarks/quant_step.py times) routes int8 dots
+  through the kernels; on a fake-quant preset the switch is refused by name."""
+  from qtrain.quant.config import validate_quant  # pylint: disable=g-import-not-at-top
+  assert w8a8.get_quant("pallas").kernels == "auto"
+  assert w8a8.get_quant().kernels == "xla"
+  validate_quant(w8a8.get_quant("pallas"))
+  with pytest.raises(ValueError, match="needs config.quant.mode='int8'"):
+    validate_quant(w4a4.get_quant("pallas"))

@@ -14,6 +14,10 @@ A preset is ``get_quant(arg="") -> ConfigDict`` for ``config.quant``:
             presets only; N must divide every matched contraction dim).
   sr        stochastic rounding of dY in the int8 backward.
   hp_bwd    int8/fp8 modes: float32 backward dots instead of int8/fp8 ones.
+  pallas    int8 mode: the int8 dots through qtrain/kernels' Pallas kernel
+            where the device has one (``config.quant.kernels='auto'``; one
+            device only), so benchmarks/quant_step.py times it as
+            ``w8a8+pallas`` beside ``w8a8``.
 """
 
 import ml_collections
@@ -25,11 +29,11 @@ from qtrain.quant.config import quant_config_defaults
 LINEARS = r"decoder/layers/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)(/a|/b)?"
 ATTENTION = r"decoder/layers/attn"  # Where the KV quantizer applies.
 LM_HEAD = "lm_head"
-SWITCHES = ("lm_head", "sr", "hp_bwd")
+SWITCHES = ("lm_head", "sr", "hp_bwd", "pallas")
 
 
 def parse(arg: str, preset: str) -> dict:
-  opts = {"lm_head": False, "sr": False, "hp_bwd": False, "group": None}
+  opts = {"lm_head": False, "sr": False, "hp_bwd": False, "pallas": False, "group": None}
   for tok in filter(None, (t.strip() for t in arg.split(","))):
     if tok in SWITCHES:
       opts[tok] = True
@@ -66,4 +70,6 @@ def make(mode: str, opts: dict, weight: dict, act: dict | None, kv: dict | None 
   c.order = tuple(rules)
   c.grad_stochastic_rounding = opts["sr"]
   c.int8_backward = not opts["hp_bwd"]
+  if opts["pallas"]:
+    c.kernels = "auto"
   return c
