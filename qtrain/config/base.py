@@ -62,6 +62,11 @@ def base_config() -> ml_collections.ConfigDict:
       # impl: fwht | matmul (how R3/R4 run).
       rotation=dict(r1="none", r2="none", r2_layers="all", r3="none", r3_layers="all",
                     r4="none", r4_layers="all", seed=0, impl="matmul"),
+      # LM head + cross-entropy over this many chunks of each row's tokens
+      # (strided: chunk j holds positions j, j+n, ...), each recomputed in the
+      # backward, so the step never holds [B, T, V] float32 logits
+      # (qtrain/train/loss.py). Must divide data.seq_len; 0 = off.
+      loss_chunks=0,
   ))
 
   # Device mesh, outermost axis first; sizes multiply to the device count and
@@ -86,6 +91,13 @@ def base_config() -> ml_collections.ConfigDict:
       # batches of rows spread evenly from the split's first document to its
       # last (qtrain/data/held_out.py).
       eval_batches=0,
+      # The train and held-out streams are cut into this many fixed shards
+      # (every shards-th document each); a process owns shards / processes of
+      # them, so the global batches are the same on any process count dividing
+      # it and a checkpoint resumes on one (qtrain/data/loader.py). 0 = one
+      # per process loading distinct rows; must divide global_batch_size and
+      # eval_batch_size.
+      shards=0,
   ))
 
   c.optim = ml_collections.ConfigDict(dict(

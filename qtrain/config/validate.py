@@ -6,6 +6,7 @@ Each error names the field (``config.model.n_kv_heads``) and says how to fix it.
 from __future__ import annotations
 
 import difflib
+import math
 
 import jax
 import ml_collections
@@ -97,6 +98,10 @@ def _check_model(m) -> None:
     check_rotation(m)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  chunks = m.get("loss_chunks", 0)
+  _require(isinstance(chunks, int) and not isinstance(chunks, bool) and chunks >= 0,
+           f"config.model.loss_chunks={chunks!r} must be an int >= 0 (0 = the LM head and "
+           "loss over the whole [B, T, V] at once)")
   _require(m.rope_scaling.factor >= 1.0,
            f"config.model.rope_scaling.factor={m.rope_scaling.factor} must be >= 1 (1 = off)")
   if m.rope_scaling.factor > 1.0:
@@ -111,6 +116,7 @@ def _check_data_train(c, n_devices: int) -> None:
            f"{c.model.max_seq_len}, the longest sequence RoPE positions are set up for; "
            "raise max_seq_len (and rope_theta/rope_scaling) or shorten seq_len")
   _check_mesh(c, n_devices)
+  _check_shards(d)
   _check_pipeline(c, n_devices)
   _check_accum(c, n_devices)
   kernels = c.quant.get("kernels", "xla")
@@ -124,6 +130,20 @@ def _check_data_train(c, n_devices: int) -> None:
   for field in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
     _require(t[field] > 0, f"config.train.{field}={t[field]} must be > 0")
   _check_optim_and_step(c)
+
+
+def _check_shards(d) -> None:
+  """``config.data.shards``: each shard's batch is a whole number of rows.
+  Against the process count: ``qtrain/train/loop.py`` (and the checkpoint)."""
+  n = d.get("shards", 0)
+  _require(isinstance(n, int) and not isinstance(n, bool) and n >= 0,
+           f"config.data.shards={n!r} must be an int >= 0 (0 = one per process)")
+  both = math.gcd(d.global_batch_size, d.eval_batch_size)
+  for field in ("global_batch_size", "eval_batch_size"):
+    _require(not n or d[field] % n == 0,
+             f"config.data.shards={n} does not divide config.data.{field}={d[field]} (each "
+             f"shard gives {field} / shards rows); use shards among "
+             f"{[k for k in range(1, both + 1) if both % k == 0]}")
 
 
 def _check_mesh(c, n_devices: int) -> None:
@@ -215,6 +235,37 @@ def _check_pipeline(c, n_devices: int) -> None:
            f"config.mesh.pipeline={p}: the stages do not sow telemetry; set every=0")
 
 
+def _check_loss_chunks(c) -> None:
+  """``config.model.loss_chunks`` against the sequence and the LM head's
+  quantizer (qtrain/train/loss.py): a chunk is a strided subset of each row's
+  tokens, so a scale the head computes over tokens would be per chunk."""
+  n = c.model.get("loss_chunks", 0)
+  if not n:
+    return
+  _require(c.data.seq_len % n == 0,
+           f"config.model.loss_chunks={n} does not divide config.data.seq_len={c.data.seq_len} "
+           f"(each chunk takes every {n}-th token of a row); choose loss_chunks among "
+           f"{[k for k in range(1, min(c.data.seq_len, 64) + 1) if c.data.seq_len % k == 0]}")
+  if c.quant.mode == "none" or c.quant.get("stage", "qat") == "ptq":
+    return
+  from qtrain.quant.config import named_rules, rules_from_config  # pylint: disable=g-import-not-at-top
+  from qtrain.quant.rules import first_match  # pylint: disable=g-import-not-at-top
+  rules = rules_from_config(c.quant)
+  i = first_match(rules, "lm_head")
+  if i is None or (rules[i].act is None and rules[i].weight is None):
+    return
+  where = named_rules(c.quant)[i][0]
+  act = rules[i].act
+  _require(act is None or act.granularity != "tensor" or act.learned,
+           f"{where}.act.granularity='tensor' quantizes the LM head's input with one scale "
+           f"over all tokens, which config.model.loss_chunks={n} would compute per chunk; use "
+           "act granularity 'token', a learned step, or loss_chunks=0")
+  _require(c.quant.mode == "fake" or not c.quant.get("int8_backward", True),
+           f"config.quant.mode={c.quant.mode!r} quantizes the LM head's dY for dW with scales "
+           f"over tokens, which config.model.loss_chunks={n} would compute per chunk; set "
+           "config.quant.int8_backward=False, leave lm_head out of the rules, or loss_chunks=0")
+
+
 def _check_optim_and_step(c) -> None:
   """The optimizer and step-family packages check their own groups (imported
   here, not at the top: they import this module's ConfigError)."""
@@ -233,5 +284,6 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int = 1) -> None:
     validate_quant(cfg.quant, cfg.model)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  _check_loss_chunks(cfg)
   from qtrain.analysis.telemetry import validate_telemetry  # pylint: disable=g-import-not-at-top
   validate_telemetry(cfg)
