@@ -113,9 +113,10 @@ def forward(model, params, batch, rng, collect: tuple[str, ...] = (), output: st
   LM head's input x_BTD instead of the logits."""
   args = (batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
   variables, rngs = {"params": params}, {"quant": rng}
+  kw = {} if output == "logits" else {"output": output}  # Any model returning logits works.
   if not collect:
-    return model.apply(variables, *args, rngs=rngs, output=output), {}
-  return model.apply(variables, *args, rngs=rngs, mutable=list(collect), output=output)
+    return model.apply(variables, *args, rngs=rngs, **kw), {}
+  return model.apply(variables, *args, rngs=rngs, mutable=list(collect), **kw)
 
 
 def _head_fn(model, rng):
@@ -132,7 +133,7 @@ def _head_fn(model, rng):
 def nll(model, params, batch, rng, z_loss: float = 0.0, collect: tuple[str, ...] = ()):
   """(objective, nll_sum, token_count, z_term, collected) of one batch, by the
   full head or in ``model.cfg.loss_chunks`` chunks."""
-  n = getattr(model.cfg, "loss_chunks", 0)
+  n = getattr(getattr(model, "cfg", None), "loss_chunks", 0)
   if not n:
     logits_BTV, collected = forward(model, params, batch, rng, collect)
     return (*cross_entropy(logits_BTV, batch["targets"], loss_mask(batch), z_loss), collected)
