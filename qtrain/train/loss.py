@@ -10,8 +10,9 @@ over the scored tokens plus an optional z-loss
 Scored tokens: ``loss_mask`` (0 on SFT prompts and padding) when the batch has
 it, else ``segment_ids > 0`` (padding excluded), else every token.
 
-Chunked head (``config.model.loss_chunks`` = n > 0; the fused linear +
-cross-entropy of Wijmans et al. 2024, "Cut your losses", here in plain XLA).
+Chunked head (``config.model.loss_chunks`` = n > 0): the linear +
+cross-entropy that Liger Kernel (Hsu et al. 2024) and Cut Cross-Entropy
+(Wijmans et al. 2024) fuse into GPU kernels, here as XLA ops per chunk.
 The model returns the LM head's input x_BTD; each row's tokens are split into
 n strided chunks (chunk j: positions j, j+n, ...), and per chunk the head
 (the model's own ``lm_head``, through its matmul hook: quantizers, tied
@@ -22,9 +23,10 @@ chunk's logits at a time: the step holds [B, T/n, V] logits, never [B, T, V].
 Strided chunks keep the batch and sequence shardings of x_BTD on their
 own dims (a sequence shard's tokens spread over every chunk), and the
 vocabulary stays split over ``tensor`` as in the full call. Same sums in
-another order: equal to the unchunked loss within float32 rounding. A
-quantizer of the head whose scale reduces over tokens would see a chunk,
-which config validation refuses. Logits themselves (generation, calibration,
+another order: equal to the unchunked loss within float32 rounding (a
+stochastic-rounding head draws chunk j's bits from fold_in(rng, j): other
+draws than the full call's). A quantizer of the head whose scale reduces over
+tokens would see a chunk, which config validation refuses. Logits themselves (generation, calibration,
 analysis) come from the full call.
 """
 
