@@ -15,6 +15,8 @@ Two parts, one JSON line per measurement (``--parts``):
   transform of that tensor cannot beat). ``err_u``: rms error vs the float64
   product of the same inputs over 8 rows, in units of the dtype's unit
   roundoff u and of rms(x R) (one rounding: ~0.3; each extra rounding adds).
+  ``fwd_ops`` / ``vjp_ops``: the kernels of the optimised program by op name
+  (a ``copy`` or ``transpose`` there is a pass over memory XLA added).
 * ``step``: the trainer's step (forward, backward, optimizer) on a synthetic
   batch in one process, without and with R3 + R4 (``--kind``: random_hadamard
   as QuaRot, or hadamard) for each impl: both times, the ratio, tokens/s.
@@ -31,8 +33,10 @@ the intermediate in the activations' dtype.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import pathlib
+import re
 import sys
 import time
 
@@ -72,6 +76,26 @@ def timed_call(fn, args, steps: int) -> float:
   return (time.perf_counter() - t0) / steps
 
 
+def entry_ops(fn, *args) -> dict:
+  """Op name -> count in the ENTRY computation of ``fn``'s optimised program
+  (one line per kernel or library call: fusions, gemm custom-calls, copies,
+  transposes), custom-call targets by name: what XLA made of a transform."""
+  text = fn.lower(*args).compile().as_text()
+  entry = text[text.index("\nENTRY"):]
+  entry = entry[:entry.index("\n}")]
+  ops = collections.Counter()
+  for line in entry.splitlines()[1:]:
+    found = re.search(r"= \S+ ([\w-]+)\(", line)
+    if found and found[1] not in ("parameter", "constant", "get-tuple-element", "tuple",
+                                  "bitcast"):
+      # A gemm library call names its target; a fusion its kind (kLoop, kInput
+      # for reductions, kCustom with its backend kind, e.g. __triton_gemm).
+      detail = (re.findall(r'custom_call_target="([^"]+)"', line) + re.findall(r"kind=(\w+)", line)
+                + re.findall(r'"kind":"(\w+)"', line))
+      ops[":".join([found[1]] + detail)] += 1
+  return dict(ops)
+
+
 def rms_error_u(x, y, signs) -> float:
   """rms(y - x R) / rms(x R) / u over x's first 8 rows, x R in float64."""
   n = x.shape[-1]
@@ -105,12 +129,14 @@ def micro(args, m) -> list[dict]:
              "copy_ms": t_copy * 1e3, "fwd_ms": t_fwd * 1e3, "vjp_ms": t_bwd * 1e3,
              "copy_gb_s": gb / t_copy, "fwd_gb_s": gb / t_fwd, "vjp_gb_s": gb / t_bwd,
              "fwd_over_copy": t_fwd / t_copy, "vjp_over_copy": t_bwd / t_copy,
-             "err_u": rms_error_u(x, fwd(x), signs)}
+             "err_u": rms_error_u(x, fwd(x), signs), "fwd_ops": entry_ops(fwd, x),
+             "vjp_ops": entry_ops(bwd, x, x)}
       rows.append(row)
       print(f"  {name} {list(shape)} {dtype} {impl}: forward {t_fwd * 1e3:.3f} ms "
             f"({row['fwd_over_copy']:.2f}x a copy's {t_copy * 1e3:.3f} ms), VJP "
             f"{t_bwd * 1e3:.3f} ms ({row['vjp_over_copy']:.2f}x); rms error "
-            f"{row['err_u']:.2f} u", flush=True)
+            f"{row['err_u']:.2f} u\n    forward program {row['fwd_ops']}\n    VJP program "
+            f"{row['vjp_ops']}", flush=True)
   return rows
 
 

@@ -205,6 +205,11 @@ def _split(n: int) -> tuple[int, int]:
   return n // b, b
 
 
+def _pow4(n: int) -> bool:
+  """1/sqrt(n) is a power of two (n = 4^j), exact in every float dtype."""
+  return n & (n - 1) == 0 and (n.bit_length() - 1) % 2 == 0
+
+
 def _pm1(h: np.ndarray, dtype):
   """A +-1 matrix as a constant of ``dtype`` (exact in every float dtype)."""
   return jnp.asarray(h, dtype)
@@ -234,6 +239,9 @@ def _by_matmuls(x, s, inverse: bool, low: bool):
   if a == 1:
     h = _matrix(n)
     r = h.T * signs[None, :] if inverse else signs[:, None] * h
+    if _pow4(n):  # Scale folded exactly; the gemm's float32 accumulator rounds once, to x's dtype.
+      return jnp.einsum("...i,ij->...j", x, jnp.asarray(r * scale, dtype), precision=_EXACT,
+                        preferred_element_type=dtype)
     y = jnp.einsum("...i,ij->...j", x, _pm1(r, dtype), precision=_EXACT,
                    preferred_element_type=jnp.float32)
     return (y * scale).astype(dtype)
@@ -241,10 +249,11 @@ def _by_matmuls(x, s, inverse: bool, low: bool):
   rows = math.prod(lead)
   if s is not None and not inverse:
     x = x * s.astype(dtype)  # +-1: exact; XLA fuses it into x's producer.
+  # low: U leaves the gemm rounded to x's dtype (its accumulator is float32).
   u = jnp.einsum("tab,bc->tac", x.reshape(rows, a, b), _pm1(_sylvester(b), dtype),
-                 precision=_EXACT, preferred_element_type=jnp.float32)
+                 precision=_EXACT, preferred_element_type=dtype if low else jnp.float32)
   h_a = _matrix(a) if inverse else _matrix(a).T  # The left factor: [d, a].
-  u, h_a = (u.astype(dtype), _pm1(h_a, dtype)) if low else (u, _pm1(h_a, jnp.float32))
+  h_a = _pm1(h_a, dtype if low else jnp.float32)
   y = jax.lax.dot_general(jnp.broadcast_to(h_a, (rows, a, a)), u, (((2,), (1,)), ((0,), (0,))),
                           precision=_EXACT, preferred_element_type=jnp.float32) * scale
   if s is not None and inverse:
