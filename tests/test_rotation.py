@@ -127,9 +127,9 @@ def test_bf16_transform_vs_float64(n):
 def test_gradient_is_the_transposed_rotation(impl):
   """d/dx sum(w * (x R)) = w R^T: the matmul impls' custom VJP runs the inverse
   transform on the cotangent; vs float64 w R^T within 2e-6 of its max
-  (float32 sums), for the dense (64) and the two-gemm (5632) path, with and
-  without the inverse flag."""
-  for n in (64, 5632):
+  (float32 sums), for the dense (64) and the two-gemm (352 = 44 x 8, the
+  path of 5632 = 44 x 128) path, with and without the inverse flag."""
+  for n in (64, 352):
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, n)), jnp.float32)
     w = np.random.default_rng(1).standard_normal((2, 3, n))
     s = rotation.random_signs(n, 3)
@@ -177,6 +177,18 @@ def test_matmul_transform_program_is_bf16_gemms_without_transposes():
         prims = _primitives(fn, x)
         assert not [p for p in prims if p[0] == "transpose"], (impl, n, prims)
         assert [d for name, d in prims if name == "dot_general"] == want * times, (impl, n)
+def test_fwht_is_the_unsigned_transform():
+  """The FFN Hadamard's butterfly (``hadamard.fwht``, ``ffn_hadamard``) and
+  ``hadamard_transform`` without signs are the same map for n = 2^k (both
+  Sylvester's ordering), so either can serve the other: float32, 1e-6 of max."""
+  from qtrain.layers.hadamard import fwht  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 256)), jnp.float32)
+  want = np.asarray(x, np.float64) @ rotation.rotation_matrix(256)
+  for got in (fwht(x), rotation.hadamard_transform(x, impl="matmul")):
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0,
+                               atol=1e-6 * np.abs(want).max())
+
+
 def test_randomized_hadamard_inverse_exact_in_float64():
   """R = diag(s) H / sqrt(n) is orthogonal: R R^T = I to float64 rounding."""
   for n in (12, 28, 44, 64):
