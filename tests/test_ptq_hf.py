@@ -52,12 +52,12 @@ QWEN2 = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=
 TOKENS = np.random.default_rng(1).integers(0, V, (B, T), dtype=np.int32)
 
 
-@functools.cache  # One init compile per config for the file.
+@functools.cache
 def _random_params(cfg: ModelConfig, seed: int = 0):
   """Weights N(0, 0.15), norm gains 1 + 0.3 N(0, 1), biases N(0, 0.5) (as
   hf_util.randomize): a wrong mapping or a missed quantizer moves logits O(1)."""
-  params = nn.unbox(jax.jit(Transformer(cfg).init)(jax.random.key(seed),
-                                                   jnp.zeros((1, 8), jnp.int32))["params"])
+  params = nn.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.key(seed),  # No compile.
+                                   jnp.zeros((1, 8), jnp.int32))["params"])
   rng = np.random.default_rng(seed)
 
   def draw(path, x):
