@@ -128,8 +128,9 @@ def test_int8_sweep_configs_exact(spec):
   or more K steps: the raw int32 sums equal float64 NumPy's bit for bit
   (integer arithmetic is exact), and the bf16 output equals the XLA path's
   bit for bit (same sums, same float32 (acc * s_x) * s_w, one rounding).
-  The warp-specialized Mosaic configs (warps 12) run two consumer
-  warpgroups and a producer thread in the interpreter.
+  The warp-specialized Mosaic configs (warps 12: two consumer warpgroups
+  and a producer thread in the interpreter, slow) take the bf16 check only:
+  an integer error would show there too (scales in [1e-3, 1], sums ~1e5).
   Triton configs write into a NaN-poisoned aliased buffer; Mosaic GPU's
   interpret mode NaN-fills its output itself, so a skipped tile fails the
   equality either way."""
@@ -143,9 +144,10 @@ def test_int8_sweep_configs_exact(spec):
   if backend == "gpu":
     assert k8.effective_blocks(m, n, k, backend, b).k * 2 <= k8._up(k, b.k)  # >= 2 K steps.
     poison = {"out": jnp.full(k8.padded_out_shape(m, n, k, backend, b), jnp.nan, jnp.bfloat16)}
-  acc = run(x, w_in, out_dtype=jnp.int32)
-  np.testing.assert_array_equal(np.asarray(acc, np.int64),
-                                np.asarray(x, np.int64) @ np.asarray(w, np.int64))
+  if b.num_warps != int8_mosaic.WS_WARPS:  # Its interpreter runs 3 threads: ~15 s a call.
+    acc = run(x, w_in, out_dtype=jnp.int32)
+    np.testing.assert_array_equal(np.asarray(acc, np.int64),
+                                  np.asarray(x, np.int64) @ np.asarray(w, np.int64))
   y = run(x, w_in, s_x, s_w, **poison)
   np.testing.assert_array_equal(np.asarray(y, np.float32),
                                 np.asarray(k8.int8_matmul_xla(x, w, s_x, s_w), np.float32))
@@ -204,6 +206,23 @@ def test_int8_mosaic_rejects_bad_configs():
     k8.int8_matmul(x, w, out_dtype=jnp.int32, backend="mosaic_gpu", out=jnp.zeros((64, 64)))
   with pytest.raises(ValueError, match="--sweep_configs"):
     bench.parse_sweep_config("mosaic:mk:128,128,128,4,4")
+  # The sweep records a config that fails and goes on (no compile reached here).
+  q = (x, w, jnp.ones(64), jnp.ones(64))
+  entry = bench.sweep_config("mosaic:nk:64,64,128,8,2", 0, [q], q[0], 1, True)
+  assert "num_warps=8" in entry["error"] and "s" not in entry
+
+
+def test_ptx_s8_report_counts_each_mma_kind(tmp_path):
+  """The sweep's PTX check tells Hopper's s8 wgmma from the warp-level
+  mma.sync, and ignores bf16 MMAs and files without int8 MMAs."""
+  (tmp_path / "sub").mkdir()
+  (tmp_path / "sub" / "a.ptx").write_text(
+      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {...};\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {...};\n"
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {...};\n" * 2)
+  (tmp_path / "b.ptx").write_text("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32;\n")
+  lines = bench.ptx_s8_report(str(tmp_path))
+  assert lines[1:] == ["  a.ptx: wgmma s8 2, mma.sync s8 2"]
 
 
 def test_sweep_configs_lower_for_cuda():
