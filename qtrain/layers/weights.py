@@ -14,9 +14,32 @@ rotation, calibration, PTQ and export see every form alike.
 
 * ``sparse_low_rank`` (SLTrain, Han et al. 2024, arXiv 2406.02214): W = A B + S,
   the low-rank pair as above plus ``s`` [nnz], the values of a sparse S on a
-  fixed random support of ``density`` * in * out entries. Three products, each
-  a ``MatmulSite``: ``<path>/a``, ``<path>/b`` and ``<path>/s`` = x @ S with S
-  scattered into a dense [in, out] (quantizers see S as a dense weight).
+  fixed random support of ``density`` * in * out entries. Two ways to issue
+  the product, the same function y = x A B + x S:
+
+  - ``merged=True``: one product y = x @ W at ``<path>`` (the dense form's
+    site and module name), W = A B + S built per layer from the params inside
+    the (scanned, rematerialised) block: SLTrain's own implementation, whose
+    saving is in params and optimizer state, not activations. Quantizers see
+    W, the weight the layer applies (as L4Q quantizes the merged W + B A), and
+    a rule for ``.*_proj`` matches it as it matches a dense layer.
+  - ``merged=False`` (default, so sites and quantizers stay as they were):
+    three products, each a ``MatmulSite``: ``<path>/a``, ``<path>/b`` and
+    ``<path>/s`` = x @ S with S scattered into a dense [in, out]; quantizers
+    see A, B and S apart (factor-wise QAT).
+
+  Why merged for training: under the model's remat policies a saved
+  activation is a matmul output, so the three products keep x A [T, r],
+  x A B and x S [T, out] per layer (2.25x the dense layer's one [T, out] for
+  a square layer at r = d / 4; a nested remat cannot drop them, the outer
+  policy decides inside it) and cost the dense layer's FLOPs plus the pair's,
+  while x @ W keeps one [T, out] (plus A B, weight-sized, per layer) at the
+  dense layer's FLOPs. Compiled train step of llama_125m, 64 x 1024 tokens,
+  ``dots_no_batch``, XLA's temp bytes on CPU (compile only): dense AdamW
+  44.24 GiB, three products 69.28 GiB, merged 44.37 GiB; a gather-based
+  x[..., rows] * s summed into columns (no dense S, no hook) 120.07 GiB: its
+  [T, nnz] products outweigh any dense S.
+
   Only the values are stored: the train state holds trainable params only
   (an int index array cannot be a param: it has no gradient, and a dense mask
   would cost the dense layer's memory, the thing SLTrain saves). The support
@@ -26,6 +49,9 @@ rotation, calibration, PTQ and export see every form alike.
   permutation of in * out), a duplicate adding two values at one entry, so the
   distinct support is density * (1 - density / 2) on average. Values init
   N(0, init_std) (SLTrain's sparse part starts at the dense init's scale).
+  The merged site's ``param`` names ``s``: W is no param, so PTQ refuses the
+  site by shape (as it refuses the three-product ``s``) and zeroth-order
+  perturbation moves a, b and s as plain leaves.
 
 * ``int4_packed`` (inference: PTQ exports, generation): ``codes`` int8
   [in/2, out], two symmetric 4-bit codes a byte in the W4A16 kernel's
@@ -112,14 +138,20 @@ class LowRank(WeightForm):
   rank: int = 0
   init_std: float = 0.02
 
-  def __call__(self, linear, hooks, x):
-    fan_in, fan_out, r = x.shape[-1], linear.features, self.rank
+  def factors(self, linear, fan_in: int, fan_out: int):
+    """The params (A [in, r], B [r, out]) of ``linear``."""
+    r = self.rank
     in_axis, out_axis = linear.kernel_axes
     init = nn.initializers.normal(self.init_std ** 0.5 / r ** 0.25)  # Var(AB) = sigma^2.
     a = linear.param("a", nn.with_logical_partitioning(init, (in_axis, "rank")),
                      (fan_in, r), linear.param_dtype)
     b = linear.param("b", nn.with_logical_partitioning(init, ("rank", out_axis)),
                      (r, fan_out), linear.param_dtype)
+    return a, b
+
+  def __call__(self, linear, hooks, x):
+    fan_in, fan_out, r = x.shape[-1], linear.features, self.rank
+    a, b = self.factors(linear, fan_in, fan_out)
     h = self.matmul(linear, hooks, self.site(linear, "a", "a", fan_in, r), "dot_a", x, a)
     return self.matmul(linear, hooks, self.site(linear, "b", "b", r, fan_out), "dot_b", h, b)
 
@@ -135,19 +167,32 @@ def sparse_support(seed: int, path: str, layer, fan_in: int, fan_out: int, nnz: 
 
 @dataclasses.dataclass(frozen=True)
 class SparseLowRank(LowRank):
-  """y = (x @ A) @ B + x @ S, S sparse on a fixed support (see the module)."""
+  """y = x @ (A B + S), S sparse on a fixed support: one product (``merged``)
+  or three (see the module)."""
   density: float = 0.03  # SLTrain's delta: stored values / (in * out).
   seed: int = 0  # Picks the supports (with each layer's path and index).
+  merged: bool = False  # One product x @ (A B + S) at <path>; else /a, /b, /s.
 
-  def __call__(self, linear, hooks, x):
-    y = super().__call__(linear, hooks, x)
-    fan_in, fan_out = x.shape[-1], linear.features
+  def sparse(self, linear, hooks, fan_in: int, fan_out: int, onto):
+    """``onto`` [in, out] plus S: the param ``s`` added at the layer's support."""
     nnz = max(1, round(self.density * fan_in * fan_out))
     values = linear.param("s", nn.with_logical_partitioning(
         nn.initializers.normal(self.init_std), ("sparse",)), (nnz,), linear.param_dtype)
     rows, cols = sparse_support(self.seed, canonical_path(linear)[0], hooks.layer,
                                 fan_in, fan_out, nnz)
-    s = jnp.zeros((fan_in, fan_out), values.dtype).at[rows, cols].add(values)
+    return onto.at[rows, cols].add(values.astype(onto.dtype))
+
+  def __call__(self, linear, hooks, x):
+    fan_in, fan_out = x.shape[-1], linear.features
+    if self.merged:
+      a, b = self.factors(linear, fan_in, fan_out)
+      # In the params' dtype: W is rounded once, to the compute dtype, by matmul().
+      w = self.sparse(linear, hooks, fan_in, fan_out, a @ b)
+      site = self.site(linear, None, "s", fan_in, fan_out)
+      return self.matmul(linear, hooks, site, "dot_general", x, w)
+    y = super().__call__(linear, hooks, x)
+    s = self.sparse(linear, hooks, fan_in, fan_out,
+                    jnp.zeros((fan_in, fan_out), linear.param_dtype))
     site = self.site(linear, "s", "s", fan_in, fan_out)
     return y + self.matmul(linear, hooks, site, "dot_s", x, s)
 
@@ -235,6 +280,9 @@ def form_rules(dicts, where: str = "config.model.weight_forms") -> tuple[FormRul
     if form == "sparse_low_rank" and not 0 < d.get("density", 0.03) <= 1:
       raise ValueError(f"{at}.density={d['density']!r}: sparse_low_rank needs a density "
                        "in (0, 1] (SLTrain: 0.03)")
+    if form == "sparse_low_rank" and not isinstance(d.get("merged", False), bool):
+      raise ValueError(f"{at}.merged={d['merged']!r}: use True (one product x @ (A B + S)) or "
+                       "False (three products, x A B + x S)")
     if form == "int4_packed":
       if not (isinstance(d.get("group_size", 0), int) and d.get("group_size", 0) >= 0):
         raise ValueError(f"{at}.group_size={d['group_size']!r}: int4_packed needs an int >= 0 "
