@@ -221,11 +221,12 @@ def _by_matmuls(x, s, inverse: bool, low: bool):
 
   n <= _DENSE_MAX: one dense matmul with diag(s) H (H^T diag(s)) folded into
   one +-1 matrix, then one rounding to x's dtype. Larger n = a * b: x viewed
-  as X [T, a, b] per row, X -> H_a^T X H_b (H_a X H_b inverse: Sylvester is
+  as X [a, b] per row, X -> H_a^T X H_b (H_a X H_b inverse: Sylvester is
   symmetric, H^T = H_a^T (x) H_b) in two contractions that leave every axis
   where it is: X H_b a plain gemm over the minor axis, then H_a^T U a gemm
-  batched over T whose left operand H_a^T is broadcast over T (XLA folds such
-  a broadcast into a zero batch stride on GPU instead of transposing U).
+  batched over the rows whose left operand H_a^T is broadcast over them (XLA
+  folds such a broadcast into a zero batch stride on GPU instead of
+  transposing U).
   ``low`` False keeps U in float32 (one rounding at the end: the result is the
   exact product rounded once); True rounds U to x's dtype so the second gemm
   also runs on bf16 tensor cores (two roundings). 1/sqrt(n) scales the float32
@@ -246,15 +247,15 @@ def _by_matmuls(x, s, inverse: bool, low: bool):
                    preferred_element_type=jnp.float32)
     return (y * scale).astype(dtype)
   lead = x.shape[:-1]
-  rows = math.prod(lead)
   if s is not None and not inverse:
     x = x * s.astype(dtype)  # +-1: exact; XLA fuses it into x's producer.
   # low: U leaves the gemm rounded to x's dtype (its accumulator is float32).
-  u = jnp.einsum("tab,bc->tac", x.reshape(rows, a, b), _pm1(_sylvester(b), dtype),
+  u = jnp.einsum("...ab,bc->...ac", x.reshape(*lead, a, b), _pm1(_sylvester(b), dtype),
                  precision=_EXACT, preferred_element_type=dtype if low else jnp.float32)
   h_a = _matrix(a) if inverse else _matrix(a).T  # The left factor: [d, a].
-  h_a = _pm1(h_a, dtype if low else jnp.float32)
-  y = jax.lax.dot_general(jnp.broadcast_to(h_a, (rows, a, a)), u, (((2,), (1,)), ((0,), (0,))),
+  h_a = jnp.broadcast_to(_pm1(h_a, dtype if low else jnp.float32), (*lead, a, a))
+  k = len(lead)  # Lead axes are the batch: rows stay where (and as sharded as) they are.
+  y = jax.lax.dot_general(h_a, u, (((k + 1,), (k,)), (tuple(range(k)), tuple(range(k)))),
                           precision=_EXACT, preferred_element_type=jnp.float32) * scale
   if s is not None and inverse:
     y = y * s.reshape(a, b)
