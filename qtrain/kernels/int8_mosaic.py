@@ -202,11 +202,9 @@ def _ws_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem, o_smem, sx_smem, sw_sme
   )(x_gmem.at[pl.ds(i * bm, bm), :], w_gmem.at[:, cols] if interpret_layout else w_gmem.at[cols, :])
 
 
-def _ws_call(xp, wp, s_x, s_w, out_dtype, b, interpret, tile_of, nk, grid):
+def _ws_call(xp, wp, s_x, s_w, out_dtype, b, interpret, kw, n_tiles: int, np_: int):
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
-  kernel = functools.partial(_ws_kernel, bm=b.m, bn=b.n, bk=b.k, nk=nk,
-                             stages=max(2, b.num_stages), interpret_layout=interpret,
-                             tile_of=tile_of)
+  kernel = functools.partial(_ws_kernel, **kw)
   if s_x is None:
     body = lambda x, w, o, *scratch: kernel(x, w, None, None, o, *scratch)
     args = (xp, wp)
@@ -214,11 +212,11 @@ def _ws_call(xp, wp, s_x, s_w, out_dtype, b, interpret, tile_of, nk, grid):
     body, args = kernel, (xp, wp, s_x, s_w)
   hm = b.m // 2
   return plgpu.kernel(
-      body, out_type=jax.ShapeDtypeStruct((xp.shape[0], grid[1]), out_dtype),
+      body, out_type=jax.ShapeDtypeStruct((xp.shape[0], np_), out_dtype),
       scratch_types=[plgpu.SMEM((2, hm, b.n), out_dtype, transforms=_transforms(out_dtype, b.n)),
                      plgpu.SMEM((2, hm), jnp.float32), plgpu.SMEM((2, b.n), jnp.float32),
                      plgpu.Barrier(num_barriers=4)],
-      grid=(grid[0],), grid_names=("tile",), num_threads=3, thread_name="wg",
+      grid=(n_tiles,), grid_names=("tile",), num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret_params() if interpret else None)(*args)
@@ -232,13 +230,13 @@ def call(xp, wp, s_x, s_w, out_dtype, b, interpret: bool):
   mp, kp = xp.shape
   np_ = wp.shape[1] if interpret else wp.shape[0]
   nm, nn = mp // b.m, np_ // b.n
-  kernel = functools.partial(_kernel, bm=b.m, bn=b.n, bk=b.k, nk=kp // b.k,
-                             stages=max(1, b.num_stages), interpret_layout=interpret,
-                             tile_of=lambda p: grouped_tile(p, nm, nn, max(1, b.group_m)))
+  tile_of = lambda p: grouped_tile(p, nm, nn, max(1, b.group_m))
+  # stages >= 2: a slot stays held one step after its wgmma (delay_release).
+  kw = dict(bm=b.m, bn=b.n, bk=b.k, nk=kp // b.k, stages=max(2, b.num_stages), tile_of=tile_of,
+            interpret_layout=interpret)
   if b.num_warps == WS_WARPS:
-    return _ws_call(xp, wp, s_x, s_w, out_dtype, b, interpret,
-                    lambda p: grouped_tile(p, nm, nn, max(1, b.group_m)), kp // b.k,
-                    (nm * nn, np_))
+    return _ws_call(xp, wp, s_x, s_w, out_dtype, b, interpret, kw, nm * nn, np_)
+  kernel = functools.partial(_kernel, **kw)
   if s_x is None:
     body = lambda x, w, o, o_smem: kernel(x, w, None, None, o, o_smem)
     args = (xp, wp)
