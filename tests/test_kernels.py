@@ -230,7 +230,8 @@ def test_sweep_configs_lower_for_cuda():
   Triton ones to XLA:GPU's Triton call, Mosaic GPU ones through Mosaic's own
   compiler to its custom call (that step checks the shared-memory budget,
   the swizzled tiling and the s8 wgmma operand layouts, which interpret
-  mode does not). PTX and the run are the GPU sweep's."""
+  mode does not) and emit s8 wgmma fed by TMA. Triton's PTX and the run are
+  the GPU sweep's (``--dump_dir``)."""
   s = jax.ShapeDtypeStruct
   m, k, n = 1024, 2048, 1024
   for spec in bench.SWEEP_CONFIGS:
@@ -240,6 +241,12 @@ def test_sweep_configs_lower_for_cuda():
             s((n,), jnp.float32))
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert ("xla.gpu.triton" if backend == "gpu" else "mosaic_gpu") in text, spec
+    if backend == "mosaic_gpu":
+      # Mosaic's module carries its instructions as inline PTX: Hopper's s8
+      # wgmma at the warpgroup's tile width (64 rows x bn, k 32 a step) and
+      # TMA bulk-tensor copies, not a fallback.
+      wgmma = f"wgmma.mma_async.sync.aligned.m64n{b.n}k32.s32.s8.s8"
+      assert wgmma in text and "cp.async.bulk.tensor" in text, spec
 
 
 # --- Walsh-Hadamard kernel --------------------------------------------------
