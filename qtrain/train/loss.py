@@ -32,6 +32,8 @@ analysis) come from the full call.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -83,7 +85,9 @@ def chunked_cross_entropy(head, params, hidden_BTD, targets_BT, mask_BT, n: int,
                      "choose a divisor of config.data.seq_len")
   mask_BT = mask_BT.astype(jnp.float32)
 
-  @jax.checkpoint
+  # No CSE barrier: inside a scan the recomputation cannot merge with the
+  # forward's (JAX's advice for checkpoint under scan).
+  @functools.partial(jax.checkpoint, prevent_cse=False)
   def sums(params, x_BCD, targets_BC, mask_BC, seg_BC, j):
     log_z_BC, target_BC = _log_z_and_target(head(params, x_BCD, seg_BC, j), targets_BC)
     return jnp.sum((log_z_BC - target_BC) * mask_BC), jnp.sum(jnp.square(log_z_BC) * mask_BC)
