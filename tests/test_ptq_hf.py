@@ -30,6 +30,7 @@ import transformers
 from transformers.integrations import gemma_quant
 
 from hf_util import hf_logits
+from qtrain.convert import params_to_hf_state_dict
 from qtrain.convert.__main__ import _model_block, main
 from qtrain.convert.ptq_hf import pack_codes
 from qtrain.layers import ModelConfig, Transformer
@@ -146,13 +147,16 @@ def test_rtn_weight_only_exports_as_packed_ints_with_the_ptq_logits(cfg, recipe,
   assert isinstance(q_proj, gemma_quant.QuantizedLinear) and q_proj.num_bits == (bits or 4)
   assert q_proj.weight.dtype == (torch.int8 if bits == 8 else torch.uint8)
   assert isinstance(model.lm_head, gemma_quant.QuantizedLinear) == ("lm_head" in recipe)
-  # transformers' own unpacking gives qtrain's dequantized kernels, bit for bit.
-  deq = load_quantized(str(out))
-  layer1 = (deq["decoder"]["layers"]["attn"]["q_proj"]["kernel"][1] if cfg.scan_layers
-            else deq["decoder"]["layers_1"]["attn"]["q_proj"]["kernel"])
+  # transformers' own unpacking gives qtrain's dequantized kernels, bit for
+  # bit, in every quantized Linear (7 per block, + the LM head if quantized).
+  want_OI = params_to_hf_state_dict(load_quantized(str(out)), cfg)
+  quantized = {n: m for n, m in model.named_modules()
+               if isinstance(m, gemma_quant.QuantizedLinear)}
+  assert len(quantized) == 7 * cfg.n_layers + ("lm_head" in recipe)
   with torch.no_grad():
-    np.testing.assert_array_equal(q_proj._dequantize_weights().numpy(),  # pylint: disable=protected-access
-                                  np.asarray(layer1).T)
+    for name, module in quantized.items():
+      np.testing.assert_array_equal(module._dequantize_weights().numpy(),  # pylint: disable=protected-access
+                                    want_OI[f"{name}.weight"], err_msg=name)
   got, want = hf_logits(model, TOKENS), _ptq_logits(out, rq, cfg)
   np.testing.assert_allclose(got, want, rtol=0, atol=LOGIT_ATOL)
   fp = np.asarray(jax.jit(Transformer(cfg).apply)({"params": params}, TOKENS))
