@@ -23,15 +23,16 @@ import pytest
 from configs import default
 from qtrain.config import ConfigError, validate
 from qtrain.data.global_batch import to_global
+from qtrain.optim import build_optimizer
 from qtrain.parallel import AXES, Layout, replicated
 from qtrain.train import abstract_params, make_loss, make_measured_step, make_steps
 from qtrain.train import zeroth_order as zo
 from qtrain.train.build import build_model
 from qtrain.train.state import abstract_state, state_shardings
-from qtrain.optim import build_optimizer
 
 VOCAB, SEQ, BATCH = 512, 24, 8  # SEQ divisible by 3 and 4.
 REORDER = BATCH * SEQ * 2.0 ** -24  # The bound of the module docstring.
+Z_LOSS = 1e-2  # Large enough that log Z's gradient shows in every comparison.
 
 
 def _cfg(chunks: int, variant: str = "", **model):
@@ -51,9 +52,6 @@ def _batch(seed: int = 0) -> dict:
   mask = ((rng.random((BATCH, SEQ)) > 0.3) & (seg > 0)).astype(np.int32)
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": seg,
           "positions": pos, "loss_mask": mask}
-
-
-Z_LOSS = 1e-2  # Large enough that log Z's gradient shows in every comparison.
 
 
 class _Run:
