@@ -350,6 +350,9 @@ def parse_sweep_config(spec: str):
   return backend, wt, _blocks(blocks)
 
 
+_XLA_INT8 = jax.jit(k8.int8_matmul_xla)  # One executable per shape for the whole sweep.
+
+
 def _fresh_codes(key, m, n, k):
   kx, kw, ks = jax.random.split(key, 3)
   return (jax.random.randint(kx, (m, k), -127, 128, jnp.int32).astype(jnp.int8),
@@ -375,7 +378,7 @@ def sweep_config(spec, idx, qsets, ref, reps, interpret):
     (m, k), n = qsets[0][0].shape, qsets[0][1].shape[1]
     k8.effective_blocks(m, n, k, backend, b)  # A bad tile fails here, before any work.
     fresh = _fresh_codes(jax.random.key(1000 + idx), m, n, k)
-    fresh_ref = jax.jit(k8.int8_matmul_xla)(*fresh)
+    fresh_ref = _XLA_INT8(*fresh)
     sets = [layout(*s_) for s_ in qsets]
     many = jax.jit(lambda ss: [fn(*s_) for s_ in ss])
     y_fresh = many([layout(*fresh)] + sets[1:])[0]  # Same shapes: the same executable.
@@ -403,9 +406,8 @@ def sweep_shape(model, name, m, k, n, args, interpret):
   row["xla_bf16_s"], row["xla_bf16_s_again"] = timing.spread(bf16, [(s["x"], s["w"]) for s in sets],
                                                              args.reps)
   qsets = [(s["qx"], s["qw"], s["sx"], s["sw"]) for s in sets]
-  xla8 = jax.jit(k8.int8_matmul_xla)
-  row["xla_int8_s"] = timing.time_per_call(xla8, qsets, args.reps)
-  ref = xla8(*qsets[0])
+  row["xla_int8_s"] = timing.time_per_call(_XLA_INT8, qsets, args.reps)
+  ref = _XLA_INT8(*qsets[0])
   row["configs"] = [sweep_config(spec, i, qsets, ref, args.reps, interpret)
                     for i, spec in enumerate(args.sweep_configs.split(";"))]
   del sets, qsets
