@@ -60,6 +60,7 @@ import functools
 import json
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -380,7 +381,12 @@ def sweep_config(spec, idx, qsets, ref, reps, interpret):
     fresh = _fresh_codes(jax.random.key(1000 + idx), m, n, k)
     fresh_ref = _XLA_INT8(*fresh)
     sets = [layout(*s_) for s_ in qsets]
-    many = jax.jit(lambda ss: [fn(*s_) for s_ in ss])
+    def run_sets(ss):
+      return [fn(*s_) for s_ in ss]
+
+    # The config in the jit's name: XLA's dumped modules (--dump_dir) say which is which.
+    run_sets.__name__ = "sweep_" + re.sub(r"\W", "_", spec)
+    many = jax.jit(run_sets)
     y_fresh = many([layout(*fresh)] + sets[1:])[0]  # Same shapes: the same executable.
     y = many(sets)[0]
     entry["fresh_rel_err"] = err_fresh = timing.relative_error(y_fresh, fresh_ref)
