@@ -1,8 +1,9 @@
 """SLTrain's merged product (``sparse_low_rank`` with ``merged=True``): y =
 x @ (A B + S) in one matmul through the hook, the same function and gradients
 as the three products x A B + x S (the form's ``merged=False``) and as float64
-NumPy, with the train step's compiled temp memory near the dense model's
-instead of the three products' (qtrain/layers/weights.py says why).
+NumPy; the hook (a weight quantizer) sees W = A B + S at the layer's path; the
+train step's compiled temp memory is near the dense model's instead of the
+three products' (qtrain/layers/weights.py says why).
 
 Tolerances: float32 against float64 over contractions of at most 12 terms of
 O(1) values: 1e-5 relative, 1e-6 absolute (float32's eps is 6e-8; the two
@@ -28,6 +29,8 @@ from qtrain.layers.registry import trace_sites
 from qtrain.layers.weights import form_rules, sparse_support
 from qtrain.optim import build_optimizer
 from qtrain.parallel import Layout
+from qtrain.quant import QuantProvider, QuantRule, QuantSpec
+from qtrain.quant.estimators import fake_quant_ste
 from qtrain.train.build import build_model
 from qtrain.train.state import abstract_params, abstract_state, state_shardings
 from qtrain.train.step import make_steps
@@ -126,6 +129,25 @@ def test_merged_hook_sees_w_at_the_layer_path_and_the_model_has_one_site_a_layer
   sites = trace_sites(build_model(c)).paths()
   up = "decoder/layers/mlp/up_proj"
   assert up in sites and not any(p.startswith(up + "/") for p in sites), sites
+
+
+def test_weight_quantizer_quantizes_the_merged_w():
+  """A 4-bit per-channel weight rule on the layer's own path: y = x @ q(A B + S)
+  (q: the quantizer's own fake quant on the [in, out] weight, contraction axis
+  0, as for a dense kernel), not the factors quantized apart."""
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(4, FAN_IN)), jnp.float32)
+  quant = QuantProvider(rules=(QuantRule(pattern=".*", weight=QuantSpec(bits=4)),),
+                        mode="fake")
+  layer = _layer(True, quant)
+  params = nn.unbox(layer.init(jax.random.key(0), x)["params"])
+  a, b, s = (np.asarray(params[k], np.float64) for k in ("a", "b", "s"))
+  w = a @ b
+  np.add.at(w, _support(), s)
+  w_hat = np.asarray(fake_quant_ste(jnp.asarray(w, jnp.float32), QuantSpec(bits=4),
+                                    contract_axis=0), np.float64)
+  assert np.abs(w_hat - w).max() > 1e-3  # 4 bits move W: the check can see the quantizer.
+  y = np.asarray(layer.apply({"params": params}, x), np.float64)
+  np.testing.assert_allclose(y, np.asarray(x, np.float64) @ w_hat, **TOL)
 
 
 def test_merged_refuses_a_non_bool():
