@@ -123,6 +123,25 @@ def test_chunks_match_the_full_head(full):
     assert f"[{BATCH},{SEQ},{VOCAB}]" not in hlo
 
 
+def test_eval_step_with_chunks_gives_the_full_heads_sums(full):
+  """Evaluation (qtrain.train.eval_step) runs the chunked head too: its NLL sum
+  and token count equal the full head's within REORDER, and the compiled eval
+  holds no whole [B, T, V] logits."""
+  from qtrain.train import eval_step  # pylint: disable=g-import-not-at-top
+  params, host, _, _ = full
+  sums = {}
+  for n in (0, 4):
+    run = _Run(_cfg(n))
+    with run.layout:
+      f = jax.jit(lambda p, b, m=run.model: eval_step(p, b, model=m))
+      compiled = f.lower(params, to_global(host, run.mesh)).compile()
+      sums[n] = jax.tree.map(float, compiled(params, to_global(host, run.mesh)))
+    if n:
+      assert f"[{BATCH},{SEQ},{VOCAB}]" not in compiled.as_text()
+  assert sums[4]["tokens"] == sums[0]["tokens"]
+  assert abs(sums[4]["nll_sum"] - sums[0]["nll_sum"]) <= REORDER * abs(sums[0]["nll_sum"])
+
+
 def test_quantized_tied_head_chunks_match():
   """A quantized head (int4 per-channel weights, int4 per-token activations,
   STE) on the tied embedding: its scales are per token and per vocabulary

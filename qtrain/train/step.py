@@ -19,7 +19,7 @@ from qtrain.train import zeroth_order  # noqa: F401  (registers zeroth_order)
 from qtrain.train import compressed as _compressed  # noqa: F401  (registers compressed)
 from qtrain.train import pipeline as _pipeline  # noqa: F401  (registers pipeline)
 from qtrain.train.families import StepContext, get_family
-from qtrain.train.loss import cross_entropy, forward, loss_mask, make_loss
+from qtrain.train.loss import make_loss, nll
 
 train_step = first_order.train_step  # The default family's pure step.
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -28,9 +28,9 @@ EVAL_SEED = 0
 
 
 def eval_step(params, batch, *, model):
-  """Sum of token NLL and the token count of one held-out batch."""
-  logits_BTV, _ = forward(model, params, batch, jax.random.key(EVAL_SEED))
-  _, nll_sum, n_tokens, _ = cross_entropy(logits_BTV, batch["targets"], loss_mask(batch))
+  """Sum of token NLL and the token count of one held-out batch (by the
+  chunked head when ``config.model.loss_chunks`` says so, as in training)."""
+  _, nll_sum, n_tokens, _, _ = nll(model, params, batch, jax.random.key(EVAL_SEED))
   return {"nll_sum": nll_sum, "tokens": n_tokens}
 
 
