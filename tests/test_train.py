@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
@@ -93,66 +94,89 @@ def test_entry_point_trains_and_reports(tmp_path):
   assert _finalized_steps(tmp_path)[-1] == 3
 
 
-def test_sigkill_between_checkpoints_resumes_bit_identically(tmp_path):
-  ref, run = tmp_path / "ref", tmp_path / "run"
-  common = ("--config.train.steps=16", "--config.train.checkpoint_every=5",
-            "--config.train.eval_every=100")
-  _run(ref, *common)
-  proc = _start(run, *common)
-  # Kill once checkpoint 5 is complete and a later step has run, before the end.
-  _wait_for(lambda: 5 in _finalized_steps(run) and max(_losses(run), default=0) >= 6, proc)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  killed_at = max(_losses(run))
-  resumed_from = max(_finalized_steps(run))
-  assert resumed_from < killed_at < 16, (resumed_from, killed_at)
-  out = _run(run, *common).stdout + ""
-  del out
-  ref_losses, run_losses = _losses(ref), _losses(run)
-  assert sorted(run_losses) == list(range(1, 17))
-  # Bit-identical on CPU: the same params, optimizer state and batches.
-  assert run_losses == ref_losses
+# --- one run stopped twice: SIGTERM, then SIGKILL during a save -------------
+
+# The schedule of the session's smoke run (conftest.smoke_config: cosine over
+# 8 updates, then lr * min_lr_ratio): every run below, that one and the
+# reference compile the same program, so only the first to start compiles it
+# (tests/conftest.py's cache). train.steps may then change between legs.
+SAME_PROGRAM = ("--config.optim.decay_steps=8", "--config.train.eval_every=1000",
+                "--config.train.sample_tokens=0")
 
 
-def test_torn_async_checkpoint_is_skipped(tmp_path):
-  # A fixed cosine horizon: the re-run raises train.steps (qtrain.optim.check_resume).
-  common = ("--config.train.steps=60", "--config.train.checkpoint_every=1",
-            "--config.train.eval_every=100", "--config.optim.decay_steps=60")
-  proc = _start(tmp_path, *common)
-  ckpt = tmp_path / "checkpoints"
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+  """One run interrupted twice and finished, and the same run uninterrupted.
 
-  def save_in_flight():
-    if not ckpt.exists() or not _finalized_steps(tmp_path):
-      return False
-    return any("tmp" in p.name for p in ckpt.iterdir())
-
-  _wait_for(save_in_flight, proc, poll=0.001)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  torn = [p.name for p in ckpt.iterdir() if "tmp" in p.name]
-  complete = _finalized_steps(tmp_path)
-  assert torn, "the kill did not land during a save"
-  torn_step = int(torn[0].split(".")[0])
-  assert torn_step not in complete and torn_step > max(complete)
-  rerun = _run(tmp_path, *common, "--config.train.steps=62")
-  assert f"resumed from checkpoint step {max(complete)}" in rerun.stderr + rerun.stdout
-  assert max(_losses(tmp_path)) == 62
-
-
-def test_sigterm_saves_exits_zero_and_resumes(tmp_path):
-  common = ("--config.train.steps=400", "--config.train.eval_every=1000",
-            "--config.train.checkpoint_every=1000", "--config.optim.decay_steps=400")
-  proc = _start(tmp_path, *common)
-  _wait_for(lambda: max(_losses(tmp_path), default=0) >= 3, proc)
+  1. SIGTERM once step 3 is logged, with no periodic checkpoints: it must
+     save, say so and exit 0.
+  2. Resumed with a checkpoint every 2 steps and SIGKILLed while a save is in
+     flight, after a step past the last complete checkpoint was logged: a torn
+     checkpoint, and logged steps that the resumed run must train again.
+  3. Resumed to two steps past the kill; the reference (in-process, one go)
+     trains the same config to the same step.
+  """
+  run = tmp_path_factory.mktemp("interrupted") / "run"
+  proc = _start(run, "--config.train.steps=400", "--config.train.checkpoint_every=1000",
+                *SAME_PROGRAM)
+  _wait_for(lambda: max(_losses(run), default=0) >= 3, proc)
   proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=120)
-  assert proc.returncode == 0, err[-3000:]
-  assert "preempted at step" in out
-  saved = _finalized_steps(tmp_path)
-  assert len(saved) == 1 and saved[0] >= 3
-  rerun = _run(tmp_path, *common[1:], f"--config.train.steps={saved[0] + 2}")
-  assert f"resumed from checkpoint step {saved[0]}" in rerun.stderr + rerun.stdout
-  assert max(_losses(tmp_path)) == saved[0] + 2
+  term_out, term_err = proc.communicate(timeout=120)
+  term = types.SimpleNamespace(rc=proc.returncode, out=term_out, err=term_err,
+                               saved=_finalized_steps(run))
+
+  proc = _start(run, "--config.train.steps=400", "--config.train.checkpoint_every=2",
+                *SAME_PROGRAM)
+  ckpt = run / "checkpoints"
+
+  def save_in_flight_past_a_logged_step():
+    if not any("tmp" in p.name for p in ckpt.iterdir()):
+      return False
+    return max(_losses(run), default=0) > max(_finalized_steps(run))
+
+  _wait_for(save_in_flight_past_a_logged_step, proc, poll=0.001)
+  proc.send_signal(signal.SIGKILL)
+  kill_out, kill_err = proc.communicate()
+  kill = types.SimpleNamespace(out=kill_out + kill_err, killed_at=max(_losses(run)),
+                               torn=[p.name for p in ckpt.iterdir() if "tmp" in p.name],
+                               complete=_finalized_steps(run))
+
+  steps = kill.killed_at + 2
+  final = _run(run, f"--config.train.steps={steps}", "--config.train.checkpoint_every=2",
+               *SAME_PROGRAM)
+  from conftest import smoke_config  # pylint: disable=g-import-not-at-top
+  from qtrain.train.loop import run as train  # pylint: disable=g-import-not-at-top
+  ref = run.parent / "ref"
+  train(smoke_config(steps=steps, checkpoint_every=1000, eval_every=1000), str(ref))
+  return types.SimpleNamespace(run=run, ref=ref, steps=steps, term=term, kill=kill,
+                               final=final.stdout + final.stderr)
+
+
+def test_sigterm_saves_exits_zero_and_resumes(interrupted):
+  term = interrupted.term
+  assert term.rc == 0, term.err[-3000:]
+  assert "preempted at step" in term.out
+  assert len(term.saved) == 1 and term.saved[0] >= 3  # Only the save SIGTERM asked for.
+  assert f"resumed from checkpoint step {term.saved[0]}" in interrupted.kill.out
+
+
+def test_torn_async_checkpoint_is_skipped(interrupted):
+  kill = interrupted.kill
+  assert kill.torn, "the kill did not land during a save"
+  torn_step = int(kill.torn[0].split(".")[0])
+  assert torn_step not in kill.complete and torn_step > max(kill.complete)
+  assert f"resumed from checkpoint step {max(kill.complete)}" in interrupted.final
+  assert max(_losses(interrupted.run)) == interrupted.steps
+
+
+def test_sigkill_between_checkpoints_resumes_bit_identically(interrupted):
+  kill = interrupted.kill
+  resumed_from = max(kill.complete)
+  assert resumed_from < kill.killed_at, (resumed_from, kill.killed_at)
+  run_losses = _losses(interrupted.run)  # Steps logged twice keep the resumed run's value.
+  assert sorted(run_losses) == list(range(1, interrupted.steps + 1))
+  # Bit-identical on CPU: the same params, optimizer state and batches.
+  assert run_losses == _losses(interrupted.ref)
 
 
 def test_nan_policy_skip_drops_every_poisoned_update(tmp_path):
@@ -200,8 +224,7 @@ def test_training_path_imports_no_tensorflow_and_starts_no_backend():
 
 def test_init_from_starts_with_another_runs_params(smoke_run_dir, tmp_path):
   src, dst = smoke_run_dir, tmp_path / "dst"  # The session's smoke run (conftest.py), read only.
-  proc = _run(dst, "--config.train.steps=2", "--config.optim.warmup_steps=1",
-              f"--config.train.init_from={src}", "--config.train.eval_every=100")
+  proc = _run(dst, "--config.train.steps=2", f"--config.train.init_from={src}", *SAME_PROGRAM)
   assert "initialised params from" in proc.stdout
   src_final = [r["eval_ppl"] for r in _rows(src) if "eval_ppl" in r][-1]
   dst_initial = [r["eval_ppl"] for r in _rows(dst) if "eval_ppl" in r][0]
