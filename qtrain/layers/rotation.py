@@ -231,7 +231,9 @@ def _by_matmuls(x, s, inverse: bool, low: bool):
   exact product rounded once); True rounds U to x's dtype so the second gemm
   also runs on bf16 tensor cores (two roundings). 1/sqrt(n) scales the float32
   accumulator of the last matmul (fused into its epilogue): folded into a
-  bf16 matrix it would round, and the transform would stop being orthogonal.
+  bf16 matrix it would round, and the transform would stop being orthogonal,
+  unless n = 4^j (head_dim 64: 1/8), where it is folded and the gemm writes
+  x's dtype itself.
   """
   n, dtype = x.shape[-1], x.dtype
   scale = np.float32(1 / math.sqrt(n))
@@ -240,7 +242,7 @@ def _by_matmuls(x, s, inverse: bool, low: bool):
   if a == 1:
     h = _matrix(n)
     r = h.T * signs[None, :] if inverse else signs[:, None] * h
-    if _pow4(n):  # Scale folded exactly; the gemm's float32 accumulator rounds once, to x's dtype.
+    if _pow4(n):  # The gemm's float32 accumulator rounds once, to x's dtype.
       return jnp.einsum("...i,ij->...j", x, jnp.asarray(r * scale, dtype), precision=_EXACT,
                         preferred_element_type=dtype)
     y = jnp.einsum("...i,ij->...j", x, _pm1(r, dtype), precision=_EXACT,
