@@ -205,3 +205,20 @@ def test_merged_train_step_temp_memory_is_the_dense_models():
   mib = lambda n: f"{n / 2**20:.1f} MiB"
   assert merged <= 1.25 * dense, (mib(dense), mib(three), mib(merged))
   assert merged <= 0.8 * three, (mib(dense), mib(three), mib(merged))
+
+
+def test_sltrain_recipe_merges_and_ptq_of_a_merged_model_is_refused_by_name():
+  """configs/optim/sltrain_restarts.py uses the merged product; PTQ of such a
+  model has no [in, out] kernel to quantize and says so, naming the field."""
+  from configs.quant import w4a16  # pylint: disable=g-import-not-at-top
+  from qtrain.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from qtrain.quant.config import rules_from_config  # pylint: disable=g-import-not-at-top
+  from qtrain.quantize import weight_sites  # pylint: disable=g-import-not-at-top
+  cfg = config_module("optim.sltrain_restarts").get_config("smoke")
+  model_cfg = ModelConfig.of(cfg.model)
+  assert [dict(r.options).get("merged") for r in model_cfg.weight_forms] == [True]
+  rules = rules_from_config(w4a16.get_quant())
+  with pytest.raises(ValueError, match=r"config.model.weight_forms\[0\]: PTQ of sparse_low_rank"):
+    weight_sites(model_cfg, rules)
+  cfg.model.weight_forms[0]["merged"] = False
+  assert weight_sites(ModelConfig.of(cfg.model), rules)[0]  # The factors' sites, as before.

@@ -43,6 +43,12 @@ def weight_sites(model_cfg, rules) -> tuple[list[WeightSite], list[str]]:
   reads: quantizing it would quantize the embeddings, so it is left out with a
   note.
   """
+  for i, rule in enumerate(model_cfg.weight_forms):
+    if rule.form == "sparse_low_rank" and dict(rule.options).get("merged"):
+      raise ValueError(f"config.model.weight_forms[{i}]: PTQ of sparse_low_rank with merged=True "
+                       "is not supported (its kernel is built from A, B and the sparse values "
+                       "each step, so there is no [in, out] kernel to quantize); merge the "
+                       "weights into a dense run first or quantize during training (QAT)")
   sites, notes = [], []
   for m in config_sites(model_cfg).matmuls:
     choice = choice_per_layer(rules, m.path, m.layered, m.layer, model_cfg.n_layers)
