@@ -128,9 +128,8 @@ def test_int8_sweep_configs_exact(spec):
   or more K steps: the raw int32 sums equal float64 NumPy's bit for bit
   (integer arithmetic is exact), and the bf16 output equals the XLA path's
   bit for bit (same sums, same float32 (acc * s_x) * s_w, one rounding).
-  The warp-specialized Mosaic configs (warps 12: two consumer warpgroups
-  and a producer thread in the interpreter, slow) take the bf16 check only:
-  an integer error would show there too (scales in [1e-3, 1], sums ~1e5).
+  The warp-specialized Mosaic configs (warps 12) run two consumer
+  warpgroups and a producer thread in the interpreter (~5 s a call).
   Triton configs write into a NaN-poisoned aliased buffer; Mosaic GPU's
   interpret mode NaN-fills its output itself, so a skipped tile fails the
   equality either way."""
@@ -144,10 +143,9 @@ def test_int8_sweep_configs_exact(spec):
   if backend == "gpu":
     assert k8.effective_blocks(m, n, k, backend, b).k * 2 <= k8._up(k, b.k)  # >= 2 K steps.
     poison = {"out": jnp.full(k8.padded_out_shape(m, n, k, backend, b), jnp.nan, jnp.bfloat16)}
-  if b.num_warps != int8_mosaic.WS_WARPS:  # Its interpreter runs 3 threads: ~15 s a call.
-    acc = run(x, w_in, out_dtype=jnp.int32)
-    np.testing.assert_array_equal(np.asarray(acc, np.int64),
-                                  np.asarray(x, np.int64) @ np.asarray(w, np.int64))
+  acc = run(x, w_in, out_dtype=jnp.int32)
+  np.testing.assert_array_equal(np.asarray(acc, np.int64),
+                                np.asarray(x, np.int64) @ np.asarray(w, np.int64))
   y = run(x, w_in, s_x, s_w, **poison)
   np.testing.assert_array_equal(np.asarray(y, np.float32),
                                 np.asarray(k8.int8_matmul_xla(x, w, s_x, s_w), np.float32))
