@@ -91,11 +91,14 @@ def _awq_stats(cfg, sites):
           for s in sites for n in [s.path.rsplit("/", 1)[1]]}
 
 
-def _export(tmp_path, cfg, params, recipe_name: str, method: str = "rtn", bits: int | None = None):
+def _export(tmp_path, cfg, params, recipe_name: str, method: str = "rtn", bits: int | None = None,
+            granularity: str | None = None):
   """A PTQ export as qtrain.quantize writes it; returns (its dir, its recipe)."""
   recipe = ev.load_recipe(recipe_name)
   if bits is not None:
     recipe.rules.linears.weight.bits = bits
+  if granularity is not None:
+    recipe.rules.linears.weight.granularity = granularity
   block = _model_block(cfg)
   sites, _ = weight_sites(cfg, validate_quant(recipe, ml_collections.ConfigDict(block)))
   stats = None
@@ -128,15 +131,17 @@ def _load(path):
       path, attn_implementation="eager").eval()
 
 
-@pytest.mark.parametrize("cfg,recipe,bits", [(LLAMA, "w4a16+lm_head", None), (QWEN2, "w4a16", None),
-                                             (LLAMA, "w4a16", 8)],
-                         ids=["llama-w4-lm_head", "qwen2-tied-unscanned-w4", "llama-w8"])
-def test_rtn_weight_only_exports_as_packed_ints_with_the_ptq_logits(cfg, recipe, bits, tmp_path,
-                                                                    capsys):
-  """RTN W4A16 (W8A16) -> export --ptq -> transformers loads its packed-int
-  Linears (quant_method "gemma", no extra package) -> the PTQ model's logits."""
+@pytest.mark.parametrize("cfg,recipe,bits,granularity", [
+    (LLAMA, "w4a16+lm_head", None, None), (QWEN2, "w4a16", None, None), (LLAMA, "w4a16", 8, None),
+    (LLAMA, "w4a16", 3, "tensor")],
+    ids=["llama-w4-lm_head", "qwen2-tied-unscanned-w4", "llama-w8", "llama-w3-per-tensor"])
+def test_rtn_weight_only_exports_as_packed_ints_with_the_ptq_logits(cfg, recipe, bits, granularity,
+                                                                    tmp_path, capsys):
+  """RTN W4A16 (W8A16; W3 per tensor: in nibbles, the scale repeated per
+  channel) -> export --ptq -> transformers loads its packed-int Linears
+  (quant_method "gemma", no extra package) -> the PTQ model's logits."""
   params = _random_params(cfg)
-  out, rq = _export(tmp_path, cfg, params, recipe, bits=bits)
+  out, rq = _export(tmp_path, cfg, params, recipe, bits=bits, granularity=granularity)
   said = _convert(capsys, f"--ptq={out}", f"--out={tmp_path / 'hf'}")
   assert "packed-int Linears" in said and "note:" not in said
   doc = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -144,8 +149,9 @@ def test_rtn_weight_only_exports_as_packed_ints_with_the_ptq_logits(cfg, recipe,
   model = _load(tmp_path / "hf")
   assert type(model).__name__ == ("Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM")
   q_proj = model.model.layers[1].self_attn.q_proj
-  assert isinstance(q_proj, gemma_quant.QuantizedLinear) and q_proj.num_bits == (bits or 4)
-  assert q_proj.weight.dtype == (torch.int8 if bits == 8 else torch.uint8)
+  storage = 8 if bits == 8 else 4  # 3-bit codes take a nibble too.
+  assert isinstance(q_proj, gemma_quant.QuantizedLinear) and q_proj.num_bits == storage
+  assert q_proj.weight.dtype == (torch.int8 if storage == 8 else torch.uint8)
   assert isinstance(model.lm_head, gemma_quant.QuantizedLinear) == ("lm_head" in recipe)
   # transformers' own unpacking gives qtrain's dequantized kernels, bit for
   # bit, in every quantized Linear (7 per block, + the LM head if quantized).

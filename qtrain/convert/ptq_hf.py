@@ -15,8 +15,8 @@ Two weight forms (``weights``):
          very grid values ``qtrain.quant.dequantize`` gives qtrain's PTQ
          model. Despite its name the quantizer replaces the ``nn.Linear``s of
          any architecture (Llama and Qwen2 included). It holds symmetric
-         int grids with one scale per output channel: 2 and 4 bits packed,
-         3 and 5..8 bits one code a byte.
+         int grids with one scale per output channel (or per tensor,
+         repeated): 2-bit codes four a byte, 3- and 4-bit two, 5..8-bit one.
   float  the dequantized kernels (codes times scales) in the params' dtype (or
          ``dtype``) as a plain Llama / Qwen2 checkpoint, for everything the
          int form cannot hold: group scales, asymmetric grids, fp8, AWQ's
@@ -89,7 +89,7 @@ def int_reason(entry: dict) -> str | None:
   spec = entry["spec"]
   if spec["format"] != "int" or not spec["symmetric"]:
     return f"{spec['format']} {'symmetric' if spec['symmetric'] else 'asymmetric'} codes"
-  if spec["granularity"] != "channel":
+  if spec["granularity"] not in ("channel", "tensor"):  # One scale repeats per channel.
     return f"scales per {spec['granularity']} (the int form has one per output channel)"
   if entry.get("awq") == "explicit":
     return "AWQ's explicit input scale 1/s"
@@ -144,7 +144,9 @@ def _int_state(state: dict, doc: dict, qweights: dict, n_layers: int) -> tuple[d
       q, scale = q[None], scale[None]
     for i, module in enumerate(_hf_modules(tuple(e["param"]), n_layers)):
       state[f"{module}.weight"] = pack_codes(q[i].T, bits)  # [in, out] -> [out, in].
-      state[f"{module}.weight_scale"] = np.ascontiguousarray(scale[i].reshape(-1, 1))
+      n_out = q.shape[-1]  # A per-tensor scale [1, 1] repeats over the output channels.
+      state[f"{module}.weight_scale"] = np.ascontiguousarray(
+          np.broadcast_to(scale[i], (1, n_out)).reshape(n_out, 1))
       # 0: no static activation rounding (gemma_quant.apply_srq is then the identity).
       state[f"{module}.input_activation_scale"] = np.zeros((), np.float32)
       state[f"{module}.output_activation_scale"] = np.zeros((), np.float32)
