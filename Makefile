@@ -52,10 +52,13 @@ train: data
 # its own 8 fake devices (XLA_FLAGS); tests/conftest.py gives them one shared
 # compilation cache. --dist loadfile keeps a module on one worker, so its
 # module-scoped fixtures (a compiled model, a trained run) are built once.
+# --no-loadscope-reorder hands modules out in collection order, which
+# tests/conftest.py sorts longest first (xdist's own order, most tests first,
+# left long few-test modules for last while one worker idled).
 TEST_WORKERS ?= 2
 
 test: data $(TEST_STAMP)
-	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 clean:
 	rm -rf $(VENV) data  # runs/ holds trained models: never cleaned
