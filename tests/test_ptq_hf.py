@@ -30,7 +30,7 @@ import transformers
 from transformers.integrations import gemma_quant
 
 from hf_util import hf_logits
-from qtrain.convert import params_to_hf_state_dict
+from qtrain.convert import fuse_rotations, params_to_hf_state_dict, rotated_config
 from qtrain.convert.__main__ import _model_block, main
 from qtrain.convert.ptq_hf import pack_codes
 from qtrain.layers import ModelConfig, Transformer
@@ -185,11 +185,14 @@ def test_float_form_holds_the_grid_values(tmp_path, capsys):
                              atol=LOGIT_ATOL)
 
 
-def test_group_scales_and_awq_export_as_float_with_the_ptq_logits(tmp_path, capsys):
-  """What the packed-int form cannot hold goes float under --weights=auto, with
-  a note per weight saying why; --weights=int refuses it naming the reason.
-  AWQ's explicit 1/s (o_proj, down_proj) is multiplied into the kernels: the
-  same function up to float32 rounding, so the same bound."""
+def test_what_the_int_form_cannot_hold_goes_float_with_the_ptq_logits(tmp_path, capsys):
+  """Under --weights=auto each weight the packed-int form cannot hold is
+  dequantized (a plain nn.Linear of the same checkpoint), with a note saying
+  why; --weights=int refuses the export naming the reason. Group scales: all
+  seven float. AWQ: its explicit 1/s (o_proj, down_proj) multiplied into those
+  kernels, q/k/v/gate/up (1/s folded into the norms) int. QuaRot: R4 folded
+  back into down_proj (float), R1/R2-fused weights int, R3 cancels. Each the
+  same function as qtrain's PTQ model up to float32 rounding: the same bound."""
   params = _random_params(LLAMA)
   group, rq = _export(tmp_path, LLAMA, params, "w4a16+g8")
   with pytest.raises(SystemExit) as e:
@@ -199,15 +202,29 @@ def test_group_scales_and_awq_export_as_float_with_the_ptq_logits(tmp_path, caps
   assert "dequantized float weights" in said and said.count("note: float, not int") == 7
   np.testing.assert_allclose(hf_logits(_load(tmp_path / "g"), TOKENS), _ptq_logits(group, rq, LLAMA),
                              rtol=0, atol=LOGIT_ATOL)
+
   awq, rq = _export(tmp_path, LLAMA, params, "w4a16", method="awq")
   said = _convert(capsys, f"--ptq={awq}", f"--out={tmp_path / 'a'}")
+  assert "and 2 dequantized" in said
   assert "decoder/layers/mlp/down_proj: AWQ's explicit input scale" in said
-  want = _ptq_logits(awq, rq, LLAMA)
-  np.testing.assert_allclose(hf_logits(_load(tmp_path / "a"), TOKENS), want, rtol=0,
-                             atol=LOGIT_ATOL)
+  model, want = _load(tmp_path / "a"), _ptq_logits(awq, rq, LLAMA)
+  layer = model.model.layers[1]
+  assert isinstance(layer.self_attn.q_proj, gemma_quant.QuantizedLinear)
+  assert type(layer.self_attn.o_proj) is torch.nn.Linear
+  np.testing.assert_allclose(hf_logits(model, TOKENS), want, rtol=0, atol=LOGIT_ATOL)
   # Without the explicit 1/s the function differs: the fold is what matches.
   plain = Transformer(LLAMA).apply({"params": load_quantized(str(awq))}, TOKENS)
   assert np.abs(want - np.asarray(plain)).max() > QUANT_MOVES
+
+  rotated = rotated_config(LLAMA, "quarot")
+  quarot, rq = _export(tmp_path, rotated, fuse_rotations(params, LLAMA, "quarot")[0], "w4a16")
+  said = _convert(capsys, f"--ptq={quarot}", f"--out={tmp_path / 'r'}")
+  assert "and 1 dequantized" in said and "down_proj: online R4" in said
+  model = _load(tmp_path / "r")
+  assert isinstance(model.model.layers[0].mlp.up_proj, gemma_quant.QuantizedLinear)
+  assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+  np.testing.assert_allclose(hf_logits(model, TOKENS), _ptq_logits(quarot, rq, rotated), rtol=0,
+                             atol=LOGIT_ATOL)
 
 
 def test_activation_quantized_recipe_is_refused_unless_weights_only(tmp_path, capsys):

@@ -30,7 +30,7 @@ online rotations removed first (``plain_params``); a QAT run exports its float
 ``export --ptq`` writes a PTQ export (``python -m qtrain.quantize --out``, or
 a run holding one) instead: its quantized weights as transformers' own
 packed-integer Linears (``--weights=int``) or dequantized to float
-(``--weights=float``); ``auto`` takes int where the export fits it. A
+(``--weights=float``); ``auto`` takes int for each weight that fits it. A
 weight-only recipe's model then gives qtrain's PTQ logits; a recipe that
 quantizes activations or KV is refused unless ``--weights_only``
 (``qtrain.convert.ptq_hf`` says what each form holds and why).
@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="Largest safetensors file; more weights go to further shards.")
   exp.add_argument("--weights", default="auto", choices=("auto", "int", "float"),
                    help="--ptq: quantized weights as transformers' packed-int Linears (int), "
-                   "dequantized (float), or int where the export fits it (auto).")
+                   "dequantized (float), or int for each weight that fits it (auto).")
   exp.add_argument("--weights_only", action="store_true",
                    help="--ptq of a recipe that quantizes activations or KV: export its weights "
                    "with float activations (a different model: its logits differ).")
@@ -250,8 +250,10 @@ def main(argv=None) -> None:
       done = export_ptq(args.ptq, args.out, step=args.step, weights=args.weights,
                         dtype=args.dtype, weights_only=args.weights_only,
                         max_shard_mb=args.max_shard_mb)
-      form = ("transformers' packed-int Linears (quant_method 'gemma')" if done["form"] == "int"
-              else "dequantized float weights")
+      form = {"int": "transformers' packed-int Linears (quant_method 'gemma')",
+              "int+float": "transformers' packed-int Linears (quant_method 'gemma') and "
+                           f"{len(done['not_int'])} dequantized",
+              "float": "dequantized float weights"}[done["form"]]
       print(f"exported {done['recipe']} {done['method']} of {done['ptq']} as {done['model_type']}"
             f" with {form} to {args.out}")
       for path, why in done["not_int"].items():

@@ -21,11 +21,13 @@ Two weight forms (``weights``):
          ``dtype``) as a plain Llama / Qwen2 checkpoint, for everything the
          int form cannot hold: group scales, asymmetric grids, fp8, AWQ's
          explicit 1/s (multiplied into the kernel's input rows: the function
-         of qtrain's ``InputScale`` up to float rounding), and rotated or
-         OSP models (online rotations and OSP pieces are folded into the
-         weights, ``plain_params``, which moves the kernels off the grid but
-         keeps the function).
-  auto   int when every quantized weight and the model fit it, else float.
+         of qtrain's ``InputScale`` up to float rounding), a down_proj behind
+         an online R4 and OSP models (folded into the weights by
+         ``plain_params``, which moves those kernels off the grid but keeps
+         the function; R3 cancels in Q K^T and moves no weight).
+  auto   int for every quantized weight that fits it, float for the others
+         (their Linears stay plain ``nn.Linear``s of the same checkpoint);
+         all float for an OSP model.
 
 Activation and KV quantizers (w4a4, w8a8, kv4 recipes) have no built-in
 counterpart: transformers' packed-int form has one static per-tensor
@@ -83,10 +85,14 @@ def activation_quantizers(doc: dict) -> list[str]:
           for what in ("act", "kv") if rule.get(what) is not None]
 
 
-def int_reason(entry: dict) -> str | None:
+def int_reason(path: str, entry: dict, cfg) -> str | None:
   """Why a quantized weight (a ptq.json ``weights`` entry) cannot be stored in
   the int form, or None when it can."""
   spec = entry["spec"]
+  if cfg.rotation.r4 != "none" and path.endswith("mlp/down_proj"):
+    # drop_online folds R4 back (W' = R4 W^): off the grid. R3 cancels in Q K^T
+    # and moves no weight, fused R1/R2 are the quantized weights themselves.
+    return "online R4 on its input, folded into it for transformers"
   if spec["format"] != "int" or not spec["symmetric"]:
     return f"{spec['format']} {'symmetric' if spec['symmetric'] else 'asymmetric'} codes"
   if spec["granularity"] not in ("channel", "tensor"):  # One scale repeats per channel.
@@ -99,8 +105,6 @@ def int_reason(entry: dict) -> str | None:
 
 
 def _model_reason(cfg) -> str | None:
-  if cfg.rotation.r3 != "none" or cfg.rotation.r4 != "none":
-    return "online rotations (R3/R4), folded into the weights for transformers"
   if not is_plain(cfg):
     return "OSP pieces (ssnorm, embproj, ffn_hadamard), merged into the weights"
   return None
@@ -134,10 +138,12 @@ def pack_codes(codes_OI: np.ndarray, bits: int) -> np.ndarray:
   return byte.astype(np.uint8)
 
 
-def _int_state(state: dict, doc: dict, qweights: dict, n_layers: int) -> tuple[dict, dict]:
-  """(state with each quantized kernel as codes + scales, quantization_config)."""
+def _int_state(state: dict, doc: dict, qweights: dict, n_layers: int,
+               paths) -> tuple[dict, dict]:
+  """(state with the kernels of ``paths`` as codes + scales, quantization_config)."""
   bits_of = {}
-  for path, e in doc["weights"].items():
+  for path in paths:
+    e = doc["weights"][path]
     bits = min(b for b in _STORAGE_BITS if b >= e["spec"]["bits"])
     q, scale = np.asarray(qweights[path].qt.q), np.asarray(qweights[path].qt.scale, np.float32)
     if not e["layered"]:
@@ -195,28 +201,30 @@ def export_ptq_hf(ptq: str, out: str, *, weights: str = "auto", dtype: str | Non
         "weight-only model: its logits differ from qtrain's PTQ model), or run it in qtrain: "
         f"python -m qtrain.generate --ptq={ptq}")
   cfg = ModelConfig.from_dict(doc["model"])
-  reasons = {p: r for p, e in doc["weights"].items() if (r := int_reason(e))}
+  reasons = {p: r for p, e in doc["weights"].items() if (r := int_reason(p, e, cfg))}
   if _model_reason(cfg):
-    reasons["model"] = _model_reason(cfg)
+    reasons = {"model": _model_reason(cfg)}
   if weights == "int" and reasons:
     raise ValueError(f"--weights=int: transformers' packed-int form cannot hold "
-                     f"{'; '.join(f'{p}: {r}' for p, r in reasons.items())}; use --weights=float "
-                     "(the dequantized weights)")
-  form = "float" if weights == "float" or reasons else "int"
+                     f"{'; '.join(f'{p}: {r}' for p, r in reasons.items())}; use --weights=auto "
+                     "(those weights dequantized) or float (all dequantized)")
+  as_int = [] if weights == "float" or "model" in reasons else [
+      p for p in doc["weights"] if p not in reasons]
   _, qweights, _ = export.load_export(ptq)
-  params = export.load_quantized(ptq)
-  if form == "float":
-    plain_cfg = save_hf_checkpoint(out, _float_params(params, doc, qweights), cfg, dtype=dtype,
-                                   max_shard_bytes=max_shard_bytes)
-  else:
+  params = _float_params(export.load_quantized(ptq), doc, qweights)
+  if not as_int:
+    plain_cfg = save_hf_checkpoint(out, params, cfg, dtype=dtype, max_shard_bytes=max_shard_bytes)
+  else:  # Plain already (no OSP); drop_online's R4 moves only down_proj, float here.
     plain, plain_cfg = plain_params(params, cfg)
     state = params_to_hf_state_dict(plain, plain_cfg)
     if plain_cfg.tie_embeddings:
       del state["lm_head.weight"]
     state, dtype = cast_state(state, dtype)
-    state, quant_config = _int_state(state, doc, qweights, plain_cfg.n_layers)
+    state, quant_config = _int_state(state, doc, qweights, plain_cfg.n_layers, as_int)
     write_hf_dir(out, state, dict(config_to_hf(plain_cfg, dtype),
                                   quantization_config=quant_config), max_shard_bytes)
+  form = "float" if not as_int else "int" if len(as_int) == len(doc["weights"]) else "int+float"
   return {"model_type": hf_model_type(plain_cfg), "form": form, "ptq": ptq,
-          "not_int": reasons, "recipe": doc.get("recipe"), "method": doc.get("method"),
-          "weights_only": bool(acts), "source": doc.get("source", {}).get("workdir")}
+          "not_int": {} if weights == "float" else reasons, "recipe": doc.get("recipe"),
+          "method": doc.get("method"), "weights_only": bool(acts),
+          "source": doc.get("source", {}).get("workdir")}
