@@ -161,8 +161,8 @@ def test_rtn_weight_only_exports_as_packed_ints_with_the_ptq_logits(cfg, recipe,
   assert len(quantized) == 7 * cfg.n_layers + ("lm_head" in recipe)
   with torch.no_grad():
     for name, module in quantized.items():
-      np.testing.assert_array_equal(module._dequantize_weights().numpy(),  # pylint: disable=protected-access
-                                    want_OI[f"{name}.weight"], err_msg=name)
+      got_OI = module._dequantize_weights().numpy()  # pylint: disable=protected-access
+      np.testing.assert_array_equal(got_OI, want_OI[f"{name}.weight"], err_msg=name)
   got, want = hf_logits(model, TOKENS), _ptq_logits(out, rq, cfg)
   np.testing.assert_allclose(got, want, rtol=0, atol=LOGIT_ATOL)
   fp = np.asarray(jax.jit(Transformer(cfg).apply)({"params": params}, TOKENS))
@@ -200,8 +200,8 @@ def test_what_the_int_form_cannot_hold_goes_float_with_the_ptq_logits(tmp_path, 
   assert e.value.code == 2 and "scales per group" in capsys.readouterr().err
   said = _convert(capsys, f"--ptq={group}", f"--out={tmp_path / 'g'}")
   assert "dequantized float weights" in said and said.count("note: float, not int") == 7
-  np.testing.assert_allclose(hf_logits(_load(tmp_path / "g"), TOKENS), _ptq_logits(group, rq, LLAMA),
-                             rtol=0, atol=LOGIT_ATOL)
+  np.testing.assert_allclose(hf_logits(_load(tmp_path / "g"), TOKENS),
+                             _ptq_logits(group, rq, LLAMA), rtol=0, atol=LOGIT_ATOL)
 
   awq, rq = _export(tmp_path, LLAMA, params, "w4a16", method="awq")
   said = _convert(capsys, f"--ptq={awq}", f"--out={tmp_path / 'a'}")
@@ -271,8 +271,8 @@ def test_pack_codes_is_what_transformers_unpacks(bits):
   lo, hi = -2 ** (bits - 1), 2 ** (bits - 1) - 1
   codes = np.random.default_rng(bits).integers(lo, hi + 1, (5, 13)).astype(np.int8)
   stored = torch.from_numpy(pack_codes(codes, bits))
-  unpack = {2: gemma_quant._unpack_int2, 4: gemma_quant._unpack_int4,  # pylint: disable=protected-access
-            8: lambda s, _: s}[bits]
+  # pylint: disable-next=protected-access
+  unpack = {2: gemma_quant._unpack_int2, 4: gemma_quant._unpack_int4, 8: lambda s, _: s}[bits]
   np.testing.assert_array_equal(unpack(stored, 13).numpy(), codes)
   with pytest.raises(ValueError, match="outside"):
     pack_codes(np.full((1, 2), hi + 1, np.int16), bits)

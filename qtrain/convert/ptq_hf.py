@@ -96,7 +96,7 @@ def int_reason(path: str, entry: dict, cfg) -> str | None:
   if spec["format"] != "int" or not spec["symmetric"]:
     return f"{spec['format']} {'symmetric' if spec['symmetric'] else 'asymmetric'} codes"
   if spec["granularity"] not in ("channel", "tensor"):  # One scale repeats per channel.
-    return f"scales per {spec['granularity']} (the int form has one per output channel)"
+    return f"scales per {spec['granularity']} (the int form has one per output channel or tensor)"
   if entry.get("awq") == "explicit":
     return "AWQ's explicit input scale 1/s"
   if spec["bits"] > 8:
@@ -195,7 +195,8 @@ def export_ptq_hf(ptq: str, out: str, *, weights: str = "auto", dtype: str | Non
   acts = activation_quantizers(doc)
   if acts and not weights_only:
     raise ValueError(
-        f"--ptq={ptq}: recipe {doc.get('recipe')!r} quantizes activations or KV ({'; '.join(acts)}), "
+        f"--ptq={ptq}: recipe {doc.get('recipe')!r} quantizes activations or KV "
+        f"({'; '.join(acts)}), "
         "which transformers cannot do without extra packages, so no HF checkpoint computes this "
         "PTQ model; pass --weights_only to export its weights with float activations (a "
         "weight-only model: its logits differ from qtrain's PTQ model), or run it in qtrain: "
