@@ -11,9 +11,10 @@ Two weight forms (``weights``):
          ``[out, in]`` (4-bit: two a byte as unsigned nibbles c + 8, the
          even input index in the low nibble; 2-bit: four a byte, c + 2; 8-bit:
          int8 as is) and one float32 ``weight_scale`` per output channel, and
-         computes ``x @ (codes * weight_scale)^T`` at every forward: the
-         very grid values ``qtrain.quant.dequantize`` gives qtrain's PTQ
-         model. Despite its name the quantizer replaces the ``nn.Linear``s of
+         computes ``x @ (codes * weight_scale)^T`` at every forward: in
+         float32 the very grid values ``qtrain.quant.dequantize`` gives
+         qtrain's PTQ model (in bf16 it rounds the scale to bf16 first, so a
+         weight may sit one bf16 ulp from qtrain's bf16(code * scale)). Despite its name the quantizer replaces the ``nn.Linear``s of
          any architecture (Llama and Qwen2 included). It holds symmetric
          int grids with one scale per output channel (or per tensor,
          repeated): 2-bit codes four a byte, 3- and 4-bit two, 5..8-bit one.
