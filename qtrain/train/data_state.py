@@ -55,7 +55,7 @@ class ProcessDataHandler(ocp.CheckpointHandler):
   def save(self, directory: epath.Path, args: "ProcessDataSave") -> None:
     directory = epath.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for state in shard_states(args.state):
+    for state in shard_states(args.state) if args.state else ():  # None: an imported checkpoint.
       p = state["pipeline"]
       _write(directory / _name(p["process_index"], p["process_count"]), json.dumps(state))
 
