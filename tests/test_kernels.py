@@ -513,3 +513,28 @@ def test_config_quant_kernels_routes_the_w8a8_model_through_the_dispatcher(monke
   c.quant.kernels = "auto"
   with pytest.raises((ConfigError, ValueError), match="needs config.quant.mode='int8'"):
     validate(c, n_devices=1)
+
+
+def test_auto_on_a_gpu_routes_int8_to_the_mosaic_kernel_with_the_swept_tile(monkeypatch):
+  """kernels='auto' on a GPU backend calls the Mosaic GPU flavour: the
+  warp-specialized 128 x 256 x 128 tile where M >= 128 and N >= 256 (the
+  sweep's fastest), the one-warpgroup default below; each choice is a tile
+  that Mosaic's own rules accept for that shape (effective_blocks checks them)."""
+  calls = []
+  monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(dispatch.int8, "int8_matmul",
+                      lambda x, w, s_x, s_w, **kw: calls.append(kw) or "kernel")
+  for m, k, n in ((4096, 2048, 5632), (128, 256, 256), (64, 256, 512), (4096, 256, 128)):
+    x, w = jnp.zeros((m, k), jnp.int8), jnp.zeros((k, n), jnp.int8)
+    assert dispatch.int8_dot(x, w, jnp.ones(m), jnp.ones(n), out_dtype=jnp.bfloat16,
+                             kernels="auto") == "kernel"
+    kw = calls.pop()
+    assert kw["backend"] == "mosaic_gpu" and not kw.get("interpret", False)
+    want = dispatch.GPU_INT8_LARGE if m >= 128 and n >= 256 else None
+    assert kw["blocks"] == want, (m, k, n, kw["blocks"])
+    k8.effective_blocks(m, n, k, "mosaic_gpu", kw["blocks"])  # Raises on a tile Mosaic refuses.
+  # Interpret mode (the CPU tests) keeps the Triton flavour.
+  monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "cpu")
+  dispatch.int8_dot(jnp.zeros((64, 64), jnp.int8), jnp.zeros((64, 64), jnp.int8), jnp.ones(64),
+                    jnp.ones(64), out_dtype=jnp.bfloat16, kernels="interpret")
+  assert calls.pop()["backend"] == "gpu"

@@ -5,8 +5,9 @@
 * ``"xla"`` (the default): always the XLA path (``lax.dot_general`` int8,
   the grouped int4 einsum, ``fwht``'s butterflies).
 * ``"auto"``: the Pallas flavour of ``jax.default_backend()`` where one is
-  built (int8, int4 and Hadamard: "gpu" Triton and "tpu" Mosaic),
-  else XLA; on CPU that is XLA, so nothing changes there.
+  built (int8: Mosaic GPU on "gpu", see ``GPU_INT8_LARGE``, Mosaic TPU on
+  "tpu"; int4 and Hadamard: Triton on "gpu", Mosaic on "tpu"), else XLA;
+  on CPU that is XLA, so nothing changes there.
 * ``"interpret"``: the GPU flavour in Pallas interpret mode on any backend
   (tests; slow).
 
@@ -50,9 +51,25 @@ def flavour(kernels: str, op: str) -> tuple[str, bool] | None:
   return (backend, False) if backend in _BUILT[op] else None
 
 
+# int8 under "auto" on a GPU runs the Mosaic GPU flavour (TMA + s8 wgmma,
+# qtrain/kernels/int8_mosaic.py), not Triton: in the H100 sweep of 2026-11-23
+# (benchmarks/KERNEL_NOTES.md) Triton on our [K, N] weights ran 0.28-0.37x
+# XLA's bf16 dot at M = 16384, Mosaic's warp-specialized 128 x 256 x 128 tile
+# 1.60-2.20x. That tile needs M >= 128 and N >= 256 (two consumer warpgroups
+# on 64-row halves); smaller dims take the one-warpgroup default.
+GPU_INT8_LARGE = int8.Blocks(128, 256, 128, int8.int8_mosaic.WS_WARPS, 3)
+
+
+def gpu_int8_blocks(m: int, n: int, k: int) -> "int8.Blocks | None":
+  """The Mosaic GPU tile for an [M, K] x [K, N] int8 dot (None: the default)."""
+  return GPU_INT8_LARGE if m >= 128 and n >= 256 and k >= 128 else None
+
+
 def int8_dot(x, w, s_x=None, s_w=None, *, out_dtype, kernels: str = "xla",
              x_transposed: bool = False, w_transposed: bool = False):
-  """``int8.int8_matmul`` or ``int8.int8_matmul_xla`` (same arguments)."""
+  """``int8.int8_matmul`` or ``int8.int8_matmul_xla`` (same arguments);
+  on GPU the Mosaic flavour (see ``GPU_INT8_LARGE``), in interpret mode the
+  Triton one (what the CPU tests can run)."""
   m = x.shape[1] if x_transposed else x.shape[0]
   k = x.shape[0] if x_transposed else x.shape[1]
   n = w.shape[0] if w_transposed else w.shape[1]
@@ -61,6 +78,9 @@ def int8_dot(x, w, s_x=None, s_w=None, *, out_dtype, kernels: str = "xla",
   if pick is None or min(m, n, k) < 16:
     return int8.int8_matmul_xla(x, w, s_x, s_w, **kw)
   backend, interpret = pick
+  if backend == "gpu" and not interpret:
+    return int8.int8_matmul(x, w, s_x, s_w, backend="mosaic_gpu", blocks=gpu_int8_blocks(m, n, k),
+                            **kw)
   return int8.int8_matmul(x, w, s_x, s_w, backend=backend, interpret=interpret, **kw)
 
 
