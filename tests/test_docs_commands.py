@@ -79,13 +79,28 @@ def commands_in(body: str, where: str = "") -> list[tuple[str, str, list[str]]]:
   return out
 
 
+def _source(target: str) -> pathlib.Path:
+  """The file ``python -m target`` / ``python target`` runs."""
+  if not target.startswith("qtrain"):
+    return ROOT / target
+  path = ROOT / target.replace(".", "/")
+  return path / "__main__.py" if path.is_dir() else path.with_suffix(".py")
+
+
 def _help_text(target: str, sub: str | None) -> str:
-  """The flag listing of a module (absl: --helpfull; argparse: --help)."""
+  """The flag listing of a module (absl: --helpfull; argparse: --help).
+
+  An absl app's --help only says to try --helpfull, so one whose source
+  imports absl's app is asked for --helpfull at once (each call imports the
+  module: jax and all). Where that guess is wrong the listing lacks the
+  flags and the check below fails naming them; it cannot pass wrongly.
+  """
   base = [sys.executable] + (["-m", target] if target.startswith("qtrain") else [target])
   base += [sub] if sub else []
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   text = ""
-  for flag in ("--help", "--helpfull"):
+  absl_app = "from absl import app" in _source(target).read_text()
+  for flag in ("--helpfull",) if absl_app else ("--help", "--helpfull"):
     r = subprocess.run(base + [flag], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=120)
     text = r.stdout + r.stderr
