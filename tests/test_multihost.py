@@ -258,7 +258,10 @@ def runs(tmp_path_factory):
       steps=sorted(int(p.name) for p in (two / "checkpoints").iterdir() if p.name.isdigit()),
       rows=_rows(two))
   second = _two_processes(two, "second")
-  (reference,) = _finish([_worker(*_config(ref), "--concat_shards=2", env=_env(8))])
+  # No end-of-run sample for the reference: nothing reads it, and decoding
+  # compiles programs of its own.
+  (reference,) = _finish([_worker(*_config(ref), "--concat_shards=2",
+                                  "--config.train.sample_tokens=0", env=_env(8))])
   return types.SimpleNamespace(two=two, ref=ref, first=first, after_first=after_first,
                                second=second, reference=reference)
 
