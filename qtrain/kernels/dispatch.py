@@ -32,6 +32,7 @@ device, or inside ``shard_map``, until the call is wrapped per shard.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from qtrain.kernels import fwht, int4, int8
 
@@ -60,8 +61,12 @@ def flavour(kernels: str, op: str) -> tuple[str, bool] | None:
 GPU_INT8_LARGE = int8.Blocks(128, 256, 128, int8.int8_mosaic.WS_WARPS, 3)
 
 
-def gpu_int8_blocks(m: int, n: int, k: int) -> "int8.Blocks | None":
-  """The Mosaic GPU tile for an [M, K] x [K, N] int8 dot (None: the default)."""
+def gpu_int8_blocks(m: int, n: int, k: int, out_dtype=jnp.bfloat16) -> "int8.Blocks | None":
+  """The Mosaic GPU tile for an [M, K] x [K, N] int8 dot (None: the default).
+  A 4-byte output tile of 128 x 256 (128 KiB) beside three 48 KiB stages
+  exceeds the H100's 227 KiB of shared memory: those take the default."""
+  if jnp.dtype(out_dtype).itemsize > 2:
+    return None
   return GPU_INT8_LARGE if m >= 128 and n >= 256 and k >= 128 else None
 
 
@@ -79,7 +84,7 @@ def int8_dot(x, w, s_x=None, s_w=None, *, out_dtype, kernels: str = "xla",
     return int8.int8_matmul_xla(x, w, s_x, s_w, **kw)
   backend, interpret = pick
   if backend == "gpu" and not interpret:
-    return int8.int8_matmul(x, w, s_x, s_w, backend="mosaic_gpu", blocks=gpu_int8_blocks(m, n, k),
+    return int8.int8_matmul(x, w, s_x, s_w, backend="mosaic_gpu", blocks=gpu_int8_blocks(m, n, k, out_dtype),
                             **kw)
   return int8.int8_matmul(x, w, s_x, s_w, backend=backend, interpret=interpret, **kw)
 
