@@ -59,9 +59,11 @@ def base_config() -> ml_collections.ConfigDict:
       # qtrain.convert.rotate.fuse_rotations and only recorded here; R3 (Q, K
       # after RoPE) and R4 (down_proj input) run online. Kinds: none | hadamard |
       # random_hadamard (| learned: r1, r2). *_layers: "all" or blocks "0-3,7".
-      # impl: fwht | matmul (how R3/R4 run).
+      # impl: fwht | matmul | matmul_bf16 (how R3/R4 run; matmul_bf16 rounds the
+      # two-gemm intermediate to bf16: 0.60 ulp rms against 0.43, 10% of the llama_1b
+      # step on an H100 against 24% for matmul, docs/benchmarks.md).
       rotation=dict(r1="none", r2="none", r2_layers="all", r3="none", r3_layers="all",
-                    r4="none", r4_layers="all", seed=0, impl="matmul"),
+                    r4="none", r4_layers="all", seed=0, impl="matmul_bf16"),
       # LM head + cross-entropy over this many chunks of each row's tokens
       # (strided: chunk j holds positions j, j+n, ...), each recomputed in the
       # backward, so the step never holds [B, T, V] float32 logits

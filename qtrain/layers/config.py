@@ -63,7 +63,7 @@ class RotationConfig:
   seed: int = 0  # Signs of the random_hadamard kinds.
   # How R3/R4 run (rotation.hadamard_transform): fwht (butterfly + m x m
   # matmul) | matmul (one small matmul per Kronecker factor).
-  impl: str = "matmul"  # Measured faster on an H100 (docs/benchmarks.md, rotations).
+  impl: str = "matmul_bf16"  # Fastest on an H100 (docs/benchmarks.md, rotations); fwht | matmul | matmul_bf16.
 
   @classmethod
   def of(cls, d) -> "RotationConfig":
