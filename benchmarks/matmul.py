@@ -431,6 +431,25 @@ def sweep_shape(model, name, m, k, n, args, interpret):
   return row
 
 
+def run_shapes(shapes, bench, args, interpret) -> list[dict]:
+  """``bench(model, name, m, k, n, args, interpret)`` per shape until
+  ``args.budget_s`` is spent; each row printed as JSON and appended to
+  ``args.out``, with the seconds elapsed since the first shape."""
+  rows, t0 = [], time.perf_counter()
+  for model, name, m, k, n in shapes:
+    if time.perf_counter() - t0 > args.budget_s:
+      print(f"budget: {args.budget_s:.0f} s spent, shapes left out from here on", flush=True)
+      break
+    row = bench(model, name, m, k, n, args, interpret)
+    row["elapsed_s"] = time.perf_counter() - t0
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    if args.out:
+      with open(args.out, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+  return rows
+
+
 def main_sweep(args, interpret) -> None:
   if args.dump_dir:
     print(f"dumps: XLA's modules and PTX under {args.dump_dir}", flush=True)
@@ -443,18 +462,7 @@ def main_sweep(args, interpret) -> None:
     ms = SWEEP_MS if args.ms == ",".join(map(str, M_FULL)) else tuple(map(int, args.ms.split(",")))
     shapes = [(model, name, m, k, n) for m in ms for model in reversed(args.models.split(","))
               for name, (k, n) in layer_shapes(model).items() if name in args.layers.split(",")]
-  rows, t0 = [], time.perf_counter()
-  for model, name, m, k, n in shapes:
-    if time.perf_counter() - t0 > args.budget_s:
-      print(f"budget: {args.budget_s:.0f} s spent, shapes left out from here on", flush=True)
-      break
-    row = sweep_shape(model, name, m, k, n, args, interpret)
-    row["elapsed_s"] = time.perf_counter() - t0
-    rows.append(row)
-    print(json.dumps(row), flush=True)
-    if args.out:
-      with open(args.out, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+  rows = run_shapes(shapes, sweep_shape, args, interpret)
   if args.dump_dir:
     for line in ptx_s8_report(args.dump_dir):
       print(line)
@@ -548,17 +556,7 @@ def main() -> None:
     if not args.smoke and args.ms == ",".join(map(str, M_FULL)):
       args.ms = "2048,8192,16384"  # Tokens per microbatch of a training step.
     return main_train(args, interpret)
-  rows, t0 = [], time.perf_counter()
-  for model, name, m, k, n in shapes:
-    if time.perf_counter() - t0 > args.budget_s:
-      print(f"budget: {args.budget_s:.0f} s spent, shapes left out from here on", flush=True)
-      break
-    row = bench_shape(model, name, m, k, n, args, interpret)
-    rows.append(row)
-    print(json.dumps(row), flush=True)
-    if args.out:
-      with open(args.out, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+  rows = run_shapes(shapes, bench_shape, args, interpret)
   print("\nspeedup over XLA bf16 (same run); floors in us (bf16 flop / int8 flop / int8 bytes)")
   print(f"{'model':9s} {'layer':8s} {'M':>6s} {'bf16 us':>8s} {'xla_i8':>7s} {'pallas8':>7s} "
         f"{'w4a16':>7s} {'torch8':>7s} {'t8 rowB':>7s}  floors")
@@ -577,17 +575,7 @@ def main_train(args, interpret) -> None:
     shapes = [(model, name, m, k, n) for model in args.models.split(",")
               for name, (k, n) in layer_shapes(model).items() if name in args.layers.split(",")
               for m in map(int, args.ms.split(","))]
-  rows, t0 = [], time.perf_counter()
-  for model, name, m, k, n in shapes:
-    if time.perf_counter() - t0 > args.budget_s:
-      print(f"budget: {args.budget_s:.0f} s spent, shapes left out from here on", flush=True)
-      break
-    row = bench_train(model, name, m, k, n, args, interpret)
-    rows.append(row)
-    print(json.dumps(row), flush=True)
-    if args.out:
-      with open(args.out, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+  rows = run_shapes(shapes, bench_train, args, interpret)
   print("\ntraining matmul (y, dX, dW), speedup over the bf16 dot's forward + backward")
   print(f"{'model':9s} {'layer':8s} {'M':>6s} {'bf16 us':>8s} {'int8 xla':>9s} {'int8 pallas':>12s}")
   for r in rows:
