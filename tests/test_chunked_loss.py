@@ -23,12 +23,11 @@ import pytest
 from configs import default
 from qtrain.config import ConfigError, validate
 from qtrain.data.global_batch import to_global
-from qtrain.optim import build_optimizer
 from qtrain.parallel import AXES, Layout, replicated
-from qtrain.train import abstract_params, make_loss, make_measured_step, make_steps
+from qtrain.train import make_loss
 from qtrain.train import zeroth_order as zo
 from qtrain.train.build import build_model
-from qtrain.train.state import abstract_state, state_shardings
+from step_util import train_temp_bytes  # pytest puts tests/ on sys.path
 
 VOCAB, SEQ, BATCH = 512, 24, 8  # SEQ divisible by 3 and 4.
 REORDER = BATCH * SEQ * 2.0 ** -24  # The bound of the module docstring.
@@ -189,19 +188,7 @@ def _train_temp_bytes(chunks: int, measured: bool = False) -> int:
   cfg.model.vocab_size = MEM_VOCAB
   cfg.data.seq_len = MEM_SEQ
   cfg.telemetry.every = int(measured)
-  validate(cfg, n_devices=1)
-  model = build_model(cfg)
-  layout = Layout.from_config(cfg, jax.devices()[:1])
-  with layout:
-    tx = build_optimizer(cfg, abstract_params(model, MEM_SEQ))
-    sh = state_shardings(model, tx, layout.mesh, MEM_SEQ)
-    keys = ("inputs", "targets")
-    train = (make_measured_step(cfg, model, tx, layout.mesh, sh, batch_keys=keys) if measured
-             else make_steps(cfg, model, tx, layout.mesh, sh, batch_keys=keys)[0])
-    state = abstract_state(model, tx, layout.mesh, MEM_SEQ)
-    tokens = jax.ShapeDtypeStruct((BATCH, MEM_SEQ), jnp.int32)
-    compiled = train.lower(state, {"inputs": tokens, "targets": tokens}).compile()
-  return compiled.memory_analysis().temp_size_in_bytes
+  return train_temp_bytes(cfg, measured)
 
 
 def test_chunks_lower_the_train_steps_temp_memory():

@@ -21,19 +21,15 @@ import numpy as np
 import pytest
 
 from configs import default
-from qtrain.config import validate
 from qtrain.config.variants import config_module
 from qtrain.layers.hooks import Hooks, Provider
 from qtrain.layers.linear import Linear
 from qtrain.layers.registry import trace_sites
 from qtrain.layers.weights import form_rules, sparse_support
-from qtrain.optim import build_optimizer
-from qtrain.parallel import Layout
 from qtrain.quant import QuantProvider, QuantRule, QuantSpec
 from qtrain.quant.estimators import fake_quant_ste
 from qtrain.train.build import build_model
-from qtrain.train.state import abstract_params, abstract_state, state_shardings
-from qtrain.train.step import make_steps
+from step_util import train_temp_bytes  # pytest puts tests/ on sys.path
 
 FAN_IN, FAN_OUT, RANK, DENSITY, SEED, LAYER = 12, 10, 3, 0.25, 5, 1
 NNZ = round(DENSITY * FAN_IN * FAN_OUT)
@@ -175,17 +171,7 @@ def _train_temp_bytes(form: str, merged: bool = False) -> int:
     if merged:
       rule["merged"] = True
     c.model.weight_forms = (rule,)
-  validate(c, n_devices=1)
-  model = build_model(c)
-  layout = Layout.from_config(c, jax.devices()[:1])
-  with layout:
-    tx = build_optimizer(c, abstract_params(model, SEQ))
-    sh = state_shardings(model, tx, layout.mesh, SEQ)
-    train, _ = make_steps(c, model, tx, layout.mesh, sh, batch_keys=("inputs", "targets"))
-    tokens = jax.ShapeDtypeStruct((ROWS, SEQ), jnp.int32)
-    compiled = train.lower(abstract_state(model, tx, layout.mesh, SEQ),
-                           {"inputs": tokens, "targets": tokens}).compile()
-  return compiled.memory_analysis().temp_size_in_bytes
+  return train_temp_bytes(c)
 
 
 def test_merged_train_step_temp_memory_is_the_dense_models():
