@@ -132,7 +132,7 @@ def test_embproj_params_sites_and_default_quant_rules():
   from qtrain.quantize.evaluate import load_recipe  # pylint: disable=g-import-not-at-top
   from qtrain.quantize.rtn import weight_sites  # pylint: disable=g-import-not-at-top
   model = Transformer(OSP)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
   for name in ("embed_proj", "head_proj"):
     box = variables[name]["kernel"]
     assert box.names == ("embed", "embed_proj")
