@@ -380,10 +380,8 @@ def test_awq_export_folds_norms_and_equals_explicit_scaling(tiny_params, tmp_pat
   tokens = jax.random.randint(jax.random.key(2), (2, 8), 0, TINY.vocab_size)
   act = QuantProvider(rules=(QuantRule(pattern=".*", act=A4_TOKEN),))
   for quant in (None, act):  # Weight-only, then W4A4.
-    want = Transformer(TINY, (every,) if quant is None else (every, quant)).apply(
-        {"params": ref}, tokens)
-    got = Transformer(TINY, ptq_providers(str(tmp_path), quant)).apply({"params": loaded},
-                                                                       tokens)
+    want = _apply(Transformer(TINY, (every,) if quant is None else (every, quant)), ref, tokens)
+    got = _apply(Transformer(TINY, ptq_providers(str(tmp_path), quant)), loaded, tokens)
     # gamma / s then x * gamma vs x * gamma then / s: float32 rounding only
     # (|logits| ~0.3; 1e-6 is ~30 ulp). Measured: bitwise equal with and without
     # A4 on CPU; one flipped activation code would move logits by ~1e-3.
@@ -395,8 +393,14 @@ def test_awq_export_folds_norms_and_equals_explicit_scaling(tiny_params, tmp_pat
     for k in s.param[:-1]:
       node = node[k]
     node["kernel"] = dequantize(qw[s.path].qt) / qw[s.path].awq_scale
-  before = Transformer(TINY, act).apply({"params": old}, tokens)
+  before = _apply(Transformer(TINY, act), old, tokens)
   assert np.abs(np.asarray(before) - np.asarray(got)).max() > 100 * 1e-6
+
+
+def _apply(model, params, tokens):
+  """``model``'s logits, compiled as one program (run eagerly, every op of
+  the quantized model would compile on its own)."""
+  return jax.jit(lambda p, t: model.apply({"params": p}, t))(params, tokens)
 
 
 def _copy_tree(tree):
