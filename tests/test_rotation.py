@@ -422,6 +422,91 @@ def test_online_rotations_in_the_program():
   assert _hadamard_calls(dataclasses.replace(CFG, scan_layers=False, rotation=some)) == 3
 
 
+# R3 over head_dim 12 (one dense gemm) and R4 over d_ff 352 = 44 x 8 (two
+# gemms, the second batched over rows): both ways ``_by_matmuls`` builds them.
+SAVE_CFG = dataclasses.replace(CFG, d_ff=352, rotation=RotationConfig(
+    r3="random_hadamard", r4="random_hadamard", seed=5))
+_GEMMS = 2 + 2  # Rotation gemms of one block's forward: Q and K, then R4's two.
+
+
+def _grad_fn(cfg):
+  loss = lambda p: jnp.mean(Transformer(cfg).apply({"params": p}, TOKENS) ** 2)
+  return loss, jax.jit(jax.value_and_grad(loss))
+
+
+def _rotation_gemms(cfg, params) -> int:
+  """Dots of the compiled gradient program that belong to a rotation (XLA's
+  op_name metadata keeps the jitted ``hadamard_transform`` they came from,
+  forward, remat recomputation and custom VJP alike). Scanned: one block body
+  forward, one backward."""
+  text = _grad_fn(cfg)[1].lower(params).compile().as_text()
+  return sum("hadamard_transform" in line for line in text.splitlines()
+             if re.search(r" dot\(", line))
+
+
+@pytest.mark.parametrize("policy,default", [("dots_no_batch", 2 * _GEMMS + 1), ("full", 3 * _GEMMS)])
+def test_saved_rotations_run_forward_and_backward_only(policy, default):
+  """rotation.save: the compiled backward reads the rotated tensors instead
+  of recomputing them, so every rotation gemm runs twice (forward, VJP).
+  Without it, dots_no_batch keeps the dense gemm (a dot output) and R4's
+  first gemm but reruns R4's row-batched one; full reruns all 4. Same loss and
+  grads as no remat at all: remat only chooses what is kept, the ops are the
+  same float32 ops (fusion may reorder sums: rtol 1e-6 on the loss, 1e-5 of
+  the largest entry on each grad; measured bit-identical on this CPU)."""
+  params = random_params(SAVE_CFG)
+  ref_loss, ref_grads = _grad_fn(SAVE_CFG)[1](params)
+  off = dataclasses.replace(SAVE_CFG, remat_policy=policy)
+  on = dataclasses.replace(off, rotation=dataclasses.replace(off.rotation, save=True))
+  assert (_rotation_gemms(off, params), _rotation_gemms(on, params)) == (default, 2 * _GEMMS)
+  for cfg in (off, on):
+    loss, grads = _grad_fn(cfg)[1](params)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=0,
+                                                         atol=1e-5 * np.abs(r).max()),
+                 grads, ref_grads)
+
+
+def test_save_is_a_bool():
+  """ConfigDict refuses save="yes" itself; a ModelConfig built in code is checked here."""
+  cfg = dataclasses.replace(SAVE_CFG, remat_policy="full",
+                            rotation=RotationConfig(r4="hadamard", save="yes"))
+  with pytest.raises(ValueError, match=r"config.model.rotation.save='yes'; use True or False"):
+    rotation.check_rotation(cfg)
+
+
+def test_saved_rotations_are_the_named_residuals(capsys):
+  """Unscanned (named residuals are listed per block): with rotation.save the
+  residuals are the named rotated tensors, Q and K per block (R3) and the
+  down_proj input (R4), in place of R4's intermediate (the first gemm's
+  output), which no longer needs keeping; dots_no_batch holds the same
+  bytes (in float32 the rotated tensor and the intermediate are the same
+  size). Per-block rotations (a lax.cond) are named outside the cond and
+  give the no-remat loss and grads (tolerances as above)."""
+  cfg = dataclasses.replace(SAVE_CFG, scan_layers=False, remat_policy="dots_no_batch")
+  params = random_params(cfg)
+  saved = dataclasses.replace(cfg, rotation=dataclasses.replace(cfg.rotation, save=True))
+
+  def residuals(c):
+    jax.ad_checkpoint.print_saved_residuals(_grad_fn(c)[0], params)
+    text = capsys.readouterr().out
+    vjp = jax.eval_shape(lambda p: jax.vjp(_grad_fn(c)[0], p)[1], params)
+    return text, sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(vjp))
+  (text_off, bytes_off), (text_on, bytes_on) = residuals(cfg), residuals(saved)
+  assert "rotated" not in text_off
+  assert text_on.count("named 'r3_rotated'") == 2 * cfg.n_layers
+  assert text_on.count("named 'r4_rotated'") == cfg.n_layers
+  assert "f32[2,16,44,8]" in text_off and "f32[2,16,44,8]" not in text_on
+  assert bytes_on == bytes_off
+  mixed = dataclasses.replace(SAVE_CFG, remat_policy="full", rotation=RotationConfig.of(
+      dict(r3="hadamard", r3_layers=(1,), r4="random_hadamard", r4_layers=(0,), save=True)))
+  params = random_params(mixed)
+  ref_loss, ref_grads = _grad_fn(dataclasses.replace(mixed, remat_policy="none"))[1](params)
+  loss, grads = _grad_fn(mixed)[1](params)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=0, atol=1e-5 * np.abs(r).max()),
+               grads, ref_grads)
+
+
 class _Record(Provider):
   """Sows what the ``key`` site sees."""
 
@@ -455,6 +540,10 @@ def test_r3_rotates_keys_before_their_site():
      r"r4_layers names block 4, but config.model.n_layers=4"),
     (dict(d_ff=64, ffn_hadamard=True, rotation=dict(r4="hadamard")), "keep one"),
     (dict(rotation=dict(r5="hadamard")), r"config.model.rotation.r5 is not a rotation field"),
+    (dict(remat_policy="full", rotation=dict(save=True)),
+     r"rotation.save=True saves .* r3 and r4 are 'none'"),
+    (dict(rotation=dict(r4="hadamard", save=True)),
+     r"rotation.save=True .* config.model.remat_policy='none' keeps every activation"),
 ])
 def test_validation_names_the_field(change, match):
   from qtrain.config.base import base_config  # pylint: disable=g-import-not-at-top

@@ -62,8 +62,10 @@ def base_config() -> ml_collections.ConfigDict:
       # impl: fwht | matmul | matmul_bf16 (how R3/R4 run; matmul_bf16 rounds the
       # two-gemm intermediate to bf16: 0.60 ulp rms against 0.43, 10% of the llama_1b
       # step on an H100 against 24% for matmul, docs/benchmarks.md).
+      # save: the remat policy also keeps R3/R4's outputs, so the backward
+      # does not run them again (qtrain/layers/rotation.py: remat_policy).
       rotation=dict(r1="none", r2="none", r2_layers="all", r3="none", r3_layers="all",
-                    r4="none", r4_layers="all", seed=0, impl="matmul_bf16"),
+                    r4="none", r4_layers="all", seed=0, impl="matmul_bf16", save=False),
       # LM head + cross-entropy over this many chunks of each row's tokens
       # (strided: chunk j holds positions j, j+n, ...), each recomputed in the
       # backward, so the step never holds [B, T, V] float32 logits

@@ -64,6 +64,8 @@ class RotationConfig:
   # How R3/R4 run (rotation.hadamard_transform): fwht (butterfly + m x m
   # matmul) | matmul (one small matmul per Kronecker factor).
   impl: str = "matmul_bf16"  # Fastest on an H100 (docs/benchmarks.md, rotations); fwht | matmul | matmul_bf16.
+  # Remat also saves the rotated tensors (rotation.remat_policy): no transform reruns in the backward.
+  save: bool = False
 
   @classmethod
   def of(cls, d) -> "RotationConfig":

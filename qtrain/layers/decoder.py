@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qtrain.layers import rotation
 from qtrain.layers.attention import Attention
 from qtrain.layers.config import ModelConfig
 from qtrain.layers.hooks import Hooks
@@ -72,8 +73,8 @@ class Decoder(nn.Module):
       raise ValueError(f"remat_policy={cfg.remat_policy!r}; use one of {sorted(REMAT_POLICIES)}")
     block = Block
     if cfg.remat_policy != "none" and not self.decode:  # Remat serves a backward pass only.
-      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy],
-                       prevent_cse=not cfg.scan_layers)
+      policy = rotation.remat_policy(cfg.rotation, REMAT_POLICIES[cfg.remat_policy])
+      block = nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
     if layers_K is not None and not cfg.scan_layers:
       raise ValueError("a slice of the stack (layers_K) needs config.model.scan_layers=True")
     if cfg.scan_layers:

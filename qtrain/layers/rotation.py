@@ -58,7 +58,16 @@ map parameterises it without constraints): R = (I - A)(I + A)^{-1}, A skew
 ``online(...)`` applies an online rotation (R3 on Q/K after RoPE, R4 on the
 down_proj input) as the layers call it: identity when off, and per block a
 ``lax.cond`` on a static table indexed by the (traced) block index, so a
-scanned stack stays one compiled block.
+scanned stack stays one compiled block. Its output is named (``ROTATED``:
+``checkpoint_name``) so a remat policy can keep it: ``remat_policy`` adds the
+names to the block's policy when ``config.model.rotation.save`` is on.
+Without it, what the backward pass recomputes depends on how the transform
+was built: under ``dots_no_batch`` a dense gemm (head_dim 64) is itself a
+saved dot, but of llama_1b's d_ff = 44 x 128 only the 128 gemm's output is
+kept and the row-batched 44 gemm runs again, and under ``full`` every gemm of
+every rotation runs a second time. Saved, none runs again, and the rotated
+tensor (x's dtype) replaces the dot output that was kept (x's size, float32
+for ``matmul``), so under ``dots_no_batch`` the memory does not grow.
 """
 
 from __future__ import annotations
@@ -70,6 +79,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from qtrain.layers.hadamard import fwht
 
@@ -392,13 +402,31 @@ def online(cfg, which: str, layer, x):
   signs = signs_for(rot, which, x.shape[-1])
   rotate = lambda y: hadamard_transform(y, signs, impl=rot.impl)
   if all(on):
-    return rotate(x)
-  if layer is None:
+    y = rotate(x)
+  elif layer is None:
     raise ValueError(f"config.model.rotation.{which}_layers names blocks, but this "
                      f"{which} site sits outside the decoder stack")
-  if isinstance(layer, int):
-    return rotate(x) if on[layer] else x
-  return jax.lax.cond(jnp.asarray(on)[layer], rotate, lambda y: y, x)
+  elif isinstance(layer, int):
+    y = rotate(x) if on[layer] else x
+  else:
+    y = jax.lax.cond(jnp.asarray(on)[layer], rotate, lambda y: y, x)
+  # Named outside the cond: the policy sees one tensor whichever branch ran.
+  return checkpoint_name(y, ROTATED[which])
+
+
+# The names ``online`` gives the rotated tensors (R3: Q and K; R4: the
+# down_proj input), for ``jax.checkpoint_policies.save_only_these_names``.
+ROTATED = {"r3": "r3_rotated", "r4": "r4_rotated"}
+
+
+def remat_policy(rot, policy):
+  """The block's remat ``policy``, also saving the rotated tensors when
+  ``rot.save`` (a RotationConfig): the backward then reads them instead of
+  running their transforms again (see the module docstring)."""
+  if not rot.save:
+    return policy
+  saved = jax.checkpoint_policies.save_only_these_names(*ROTATED.values())
+  return jax.checkpoint_policies.save_from_both_policies(policy, saved)
 
 
 def check_rotation(m) -> None:
@@ -428,6 +456,15 @@ def check_rotation(m) -> None:
                        f"{m.n_layers}: use indices 0..{m.n_layers - 1}")
   if rot.impl not in IMPLS:
     raise ValueError(f"config.model.rotation.impl={rot.impl!r}; use one of {IMPLS}")
+  if not isinstance(rot.save, bool):
+    raise ValueError(f"config.model.rotation.save={rot.save!r}; use True or False")
+  if rot.save and rot.r3 == rot.r4 == "none":
+    raise ValueError("config.model.rotation.save=True saves the online rotations' outputs, but "
+                     "r3 and r4 are 'none': turn one on or set save=False")
+  if rot.save and m.remat_policy == "none":
+    raise ValueError("config.model.rotation.save=True adds the rotated tensors to the remat "
+                     "policy, but config.model.remat_policy='none' keeps every activation "
+                     "already: choose a policy (e.g. 'dots_no_batch') or set save=False")
   if rot.r4 != "none" and m.ffn_hadamard:
     raise ValueError("config.model.rotation.r4 and config.model.ffn_hadamard both rotate the "
                      "down_proj input: ffn_hadamard=True is r4='hadamard' on every block; "
