@@ -4,6 +4,7 @@ and the cost of each transform alone against a copy of the same tensor.
 
   python benchmarks/rotation.py --model=llama_1b --batch=8 --seq=2048
   python benchmarks/rotation.py --model=llama_1b:smoke --batch=2 --seq=64 --steps=1   # CPU
+  python benchmarks/rotation.py --parts=step --impls=matmul_bf16 --save=false,true --steps=5
 
 Two parts, one JSON line per measurement (``--parts``):
 
@@ -19,8 +20,13 @@ Two parts, one JSON line per measurement (``--parts``):
   (a ``copy`` or ``transpose`` there is a pass over memory XLA added).
 * ``step``: the trainer's step (forward, backward, optimizer) on a synthetic
   batch in one process, without and with R3 + R4 (``--kind``: random_hadamard
-  as QuaRot, or hadamard) for each impl: both times, the ratio, tokens/s.
-  Target: R3 + R4 cost <= 5% of the llama_1b step on one H100.
+  as QuaRot, or hadamard) for each impl and each ``--save`` (whether remat
+  also keeps the rotated tensors, ``config.model.rotation.save``, so the
+  backward does not run the transforms again): both times, the ratio,
+  tokens/s, and XLA's temp bytes of each compiled step (``memory_analysis``:
+  activations kept for the backward live there), so a saving variant's
+  memory cost sits beside its time. Target: R3 + R4 cost <= 5% of the
+  llama_1b step on one H100.
 
 Each rotation is x diag(s) H / sqrt(n), H = H_a (x) H_b (llama_1b: head_dim
 64, one dense 64 x 64 gemm; d_ff 5632 = 44 x 128): ``fwht`` runs butterflies
@@ -52,16 +58,19 @@ from qtrain.layers.rotation import (IMPLS, check_rotation, factor, hadamard_tran
                                     random_signs, rotation_matrix)
 
 
-def timed_step(cfg, host: dict, steps: int) -> float:
-  """Seconds per step of the trainer's step for ``cfg`` on ``host`` rows."""
+def timed_step(cfg, host: dict, steps: int) -> tuple[float, int]:
+  """(seconds per step, XLA's temp bytes) of the trainer's compiled step for
+  ``cfg`` on ``host`` rows."""
   layout, _, state, batch, step = trainer_step(cfg, host)
-  box = [state]
-
-  def one():
-    box[0], m = step(box[0], batch)
-    jax.block_until_ready(m["loss"])
   with layout:
-    return time_steps(one, steps, warmup=2)
+    compiled = step.lower(state, batch).compile()
+    box = [state]
+    del state  # Donated by the first step.
+
+    def one():
+      box[0], m = compiled(box[0], batch)
+      jax.block_until_ready(m["loss"])
+    return time_steps(one, steps, warmup=2), compiled.memory_analysis().temp_size_in_bytes
 
 
 def timed_call(fn, args, steps: int) -> float:
@@ -140,31 +149,49 @@ def micro(args, m) -> list[dict]:
   return rows
 
 
+def _config(args, rotation=None):
+  cfg = load_config(args.model)
+  if args.remat:
+    cfg.model.remat_policy = args.remat
+  if rotation:
+    cfg.model.rotation = rotation
+    check_rotation(cfg.model)
+  return cfg
+
+
 def step(args, host: dict) -> list[dict]:
-  """The trainer's step without and with R3 + R4, per impl."""
-  off = load_config(args.model)
-  t_off = timed_step(off, host, args.steps)
+  """The trainer's step without and with R3 + R4, per impl and ``--save``."""
+  t_off, temp_off = timed_step(_config(args), host, args.steps)
   tokens = args.batch * args.seq
   rows = []
   for impl in args.impls.split(","):
-    on = load_config(args.model)
-    on.model.rotation = dict(r3=args.kind, r4=args.kind, impl=impl)
-    check_rotation(on.model)
-    t_on = timed_step(on, host, args.steps)
-    m = on.model
-    row = {"part": "step", "model": args.model, "batch": args.batch, "seq": args.seq,
-           "kind": args.kind, "impl": impl, "device": jax.devices()[0].device_kind,
-           "n_devices": jax.device_count(), "jax": jax.__version__, "dtype": m.dtype,
-           "head_dim_split": factor(m.head_dim), "d_ff_split": factor(m.d_ff),
-           "step_off_ms": t_off * 1e3, "step_r3r4_ms": t_on * 1e3,
-           "ratio": t_on / t_off, "cost_fraction": t_on / t_off - 1,
-           "tokens_per_s_off": tokens / t_off, "tokens_per_s_r3r4": tokens / t_on}
-    rows.append(row)
-    print(f"{args.model} b{args.batch}x{args.seq}: online R3 + R4 ({args.kind}, {impl}) cost "
-          f"{row['cost_fraction']:+.2%} of the step ({t_off * 1e3:.1f} ms -> "
-          f"{t_on * 1e3:.1f} ms; {row['tokens_per_s_off']:,.0f} -> "
-          f"{row['tokens_per_s_r3r4']:,.0f} tokens/s)", flush=True)
+    for save in args.save:
+      on = _config(args, dict(r3=args.kind, r4=args.kind, impl=impl, save=save))
+      t_on, temp_on = timed_step(on, host, args.steps)
+      m = on.model
+      row = {"part": "step", "model": args.model, "batch": args.batch, "seq": args.seq,
+             "kind": args.kind, "impl": impl, "save": save, "remat": m.remat_policy,
+             "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
+             "jax": jax.__version__, "dtype": m.dtype, "head_dim_split": factor(m.head_dim),
+             "d_ff_split": factor(m.d_ff), "step_off_ms": t_off * 1e3,
+             "step_r3r4_ms": t_on * 1e3, "ratio": t_on / t_off,
+             "cost_fraction": t_on / t_off - 1, "tokens_per_s_off": tokens / t_off,
+             "tokens_per_s_r3r4": tokens / t_on, "temp_off_gib": temp_off / 2**30,
+             "temp_r3r4_gib": temp_on / 2**30, "temp_delta_gib": (temp_on - temp_off) / 2**30}
+      rows.append(row)
+      print(f"{args.model} b{args.batch}x{args.seq} ({m.remat_policy}): online R3 + R4 "
+            f"({args.kind}, {impl}, save={save}) cost {row['cost_fraction']:+.2%} of the step "
+            f"({t_off * 1e3:.1f} ms -> {t_on * 1e3:.1f} ms; {row['tokens_per_s_off']:,.0f} -> "
+            f"{row['tokens_per_s_r3r4']:,.0f} tokens/s); temp {row['temp_off_gib']:.2f} -> "
+            f"{row['temp_r3r4_gib']:.2f} GiB ({row['temp_delta_gib']:+.2f})", flush=True)
   return rows
+
+
+def _bools(text: str) -> list[bool]:
+  words = {"false": False, "true": True}
+  if not text or set(text.lower().split(",")) - set(words):
+    raise argparse.ArgumentTypeError(f"{text!r}: use false, true or false,true")
+  return [words[w] for w in text.lower().split(",")]
 
 
 def main() -> None:
@@ -178,6 +205,9 @@ def main() -> None:
   p.add_argument("--impls", default=",".join(IMPLS),
                  help="comma-separated config.model.rotation.impl values to time")
   p.add_argument("--parts", default="micro,step", help="micro and/or step")
+  p.add_argument("--save", type=_bools, default=[False, True],
+                 help="config.model.rotation.save values to time the step with (false,true)")
+  p.add_argument("--remat", default="", help="override the model's remat_policy (step part)")
   p.add_argument("--out", default=None, help="append the JSON lines here")
   args = p.parse_args()
   unknown = set(args.impls.split(",")) - set(IMPLS)

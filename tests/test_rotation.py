@@ -435,19 +435,29 @@ def _grad_fn(cfg):
 
 
 def _rotation_gemms(cfg, params) -> int:
-  """Dots of the compiled gradient program that belong to a rotation (XLA's
-  op_name metadata keeps the jitted ``hadamard_transform`` they came from,
-  forward, remat recomputation and custom VJP alike). Scanned: one block body
-  forward, one backward."""
-  text = _grad_fn(cfg)[1].lower(params).compile().as_text()
-  return sum("hadamard_transform" in line for line in text.splitlines()
-             if re.search(r" dot\(", line))
+  """dot_generals of the gradient's jaxpr inside a ``hadamard_transform``
+  call (forward, remat recomputation and custom VJP: JAX's remat decides what
+  runs again before XLA sees it), scan bodies once. Not the compiled HLO:
+  XLA on CPU turns a small batched bf16 dot into a fusion and a GPU calls
+  cuBLAS, so its ops differ by backend; on this CPU, float32, the compiled
+  program's dots named after ``hadamard_transform`` are the same counts."""
+  def count(jaxpr, inside: bool) -> int:
+    n = 0
+    for eqn in jaxpr.eqns:
+      n += inside and eqn.primitive.name == "dot_general"
+      here = inside or "hadamard_transform" in str(eqn.params.get("name", ""))
+      for v in eqn.params.values():  # Sub-jaxprs: pjit, scan, checkpoint, cond branches.
+        for sub in v if isinstance(v, (tuple, list)) else (v,):
+          sub = getattr(sub, "jaxpr", sub)
+          n += count(sub, here) if hasattr(sub, "eqns") else 0
+    return n
+  return count(jax.make_jaxpr(jax.grad(_grad_fn(cfg)[0]))(params).jaxpr, False)
 
 
 @pytest.mark.parametrize("policy,default", [("dots_no_batch", 2 * _GEMMS + 1), ("full", 3 * _GEMMS)])
 def test_saved_rotations_run_forward_and_backward_only(policy, default):
-  """rotation.save: the compiled backward reads the rotated tensors instead
-  of recomputing them, so every rotation gemm runs twice (forward, VJP).
+  """rotation.save: the backward reads the rotated tensors instead of
+  recomputing them, so every rotation gemm runs twice (forward, VJP).
   Without it, dots_no_batch keeps the dense gemm (a dot output) and R4's
   first gemm but reruns R4's row-batched one; full reruns all 4. Same loss and
   grads as no remat at all: remat only chooses what is kept, the ops are the

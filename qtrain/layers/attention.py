@@ -18,7 +18,8 @@ the mask from positions and segment ids, so any token order is right);
 
 Named hook sites (``qtrain.layers.hooks``): ``query`` and ``key`` (after
 RoPE, and after the online R3 rotation when ``cfg.rotation.r3`` is on:
-``qtrain.layers.rotation``) and ``value``; the KV quantizer attaches there.
+``qtrain.layers.rotation``, which names its outputs ``r3_rotated`` for remat)
+and ``value``; the KV quantizer attaches there.
 """
 
 from __future__ import annotations

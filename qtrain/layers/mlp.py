@@ -14,7 +14,8 @@ trained without it.
 (``qtrain.layers.rotation``), randomized signs, per block; its R^T is fused
 into down_proj by ``qtrain.convert.rotate.fuse_rotations``. r4="hadamard" on
 every block of a power-of-two d_ff is ``ffn_hadamard`` (validation refuses
-both at once).
+both at once). Its output is named ``r4_rotated`` for remat
+(``config.model.rotation.save`` keeps it, so the backward does not rerun it).
 """
 
 from __future__ import annotations
