@@ -1,13 +1,16 @@
 """Pipeline parallelism (``qtrain/parallel/pipeline.py``, step family
 ``pipeline``) on 8 fake CPU devices, against one device.
 
-* GPipe, circular (2 repeats) and 1F1B on pipeline=2 and pipeline=4: the
-  training loss and every gradient equal one device's within float32
-  reordering; the compiled programs pass activations by collective-permutes
-  between neighbouring pipeline devices only.
+* GPipe, circular (2 repeats), 1F1B and interleaved 1F1B (2 repeats) on
+  pipeline=2 and pipeline=4: the training loss and every gradient equal one
+  device's within float32 reordering; the compiled programs pass activations
+  by collective-permutes between neighbouring pipeline devices only.
 * One AdamW train step of the family on data=2 x pipeline=2 x tensor=2
   (1F1B) moves the params as one device does.
-* 1F1B's compiled temp memory is below GPipe's at m = 2p = 4 microbatches.
+* 1F1B's compiled temp memory is below GPipe's at m = 2p = 4 microbatches;
+  interleaved 1F1B's falls with m where circular's does not.
+* The 1F1B tick tables against Megatron-LM's per-device order, their
+  hand-overs, stash bound and tick count.
 * The tick accounting: every schedule's busy ticks per device match the
   bubble formula (p - 1) / (v m + p - 1) (timing: benchmarks/pipeline_bubble.py).
 * Wrong configs fail in validation, naming the field.
@@ -40,16 +43,25 @@ REORDER = BATCH * SEQ * U
 N_LAYERS = 4
 # (schedule, pipeline size, microbatches). m = 2p on pipeline=2 so the
 # memory comparison sees 1F1B's bound; circular with 2 repeats needs m % p == 0.
-# 1F1B on pipeline=4 runs under ``w4a4kv4`` fake-quant: the stages resolve the
-# quantizers' path rules and per-layer state as the whole model does.
+# 1F1B and interleaved 1F1B on pipeline=4 run under ``w4a4kv4`` fake-quant
+# with blocks 1 and 2 kept in float by a per-layer rule: the stages resolve
+# the quantizers' path rules and per-layer choices as the whole model does,
+# so each stage must run its blocks under their own indices (interleaved:
+# device s runs blocks s and 4 + s).
+# Interleaved on pipeline=4 takes m = 2p so that it reaches its steady state.
 CASES = [("gpipe", 2, 4, ""), ("gpipe", 4, 4, ""), ("circular", 2, 4, ""),
-         ("circular", 4, 4, ""), ("1f1b", 2, 4, ""), ("1f1b", 4, 4, "w4a4kv4")]
+         ("circular", 4, 4, ""), ("1f1b", 2, 4, ""), ("1f1b", 4, 4, "w4a4kv4"),
+         ("interleaved_1f1b", 2, 4, ""), ("interleaved_1f1b", 4, 8, "w4a4kv4")]
+INTERLEAVED = ("circular", "interleaved_1f1b")  # Two repeats: 2p layers.
 
 
 def pipeline_config(schedule="gpipe", m=0, n_layers=N_LAYERS, quant="", dtype="float32",
                     **mesh):
   cfg = smoke_config(quant, **mesh)
   cfg.model.update(n_layers=n_layers, dtype=dtype)
+  if quant:
+    cfg.quant.rules.float_1_2 = dict(pattern=cfg.quant.rules.linears.pattern, layers="1,2")
+    cfg.quant.order = ("float_1_2", *cfg.quant.order)
   if mesh.get("pipeline", 1) > 1:
     cfg.train.update(step="pipeline", pipeline_schedule=schedule, pipeline_microbatches=m)
   return cfg
@@ -66,26 +78,37 @@ class Runs:
     return self.single.loss_and_grads(self.state.params, self.batch)
 
   @functools.cache
-  def variant_reference(self, quant: str = "", dtype: str = "float32"):
-    run = Run(pipeline_config(quant=quant, dtype=dtype))
-    return run.loss_and_grads(self.state.params, self.batch)
+  def variant_reference(self, quant: str = "", dtype: str = "float32", n_layers=N_LAYERS):
+    run = Run(pipeline_config(n_layers=n_layers, quant=quant, dtype=dtype))
+    params = self.state.params if n_layers == N_LAYERS else self.deep_params(n_layers)
+    return run.loss_and_grads(params, self.batch)
 
+  @functools.cache
   @functools.cache
   def pipelined(self, schedule: str, p: int, m: int, quant: str = "", dtype: str = "float32"):
     """(loss, grads, compiled, run) of the family's gradients on pipeline=p."""
-    n_layers = 2 * N_LAYERS if (schedule, p) == ("circular", 4) else N_LAYERS
-    run = Run(pipeline_config(schedule, m, n_layers, quant, dtype, pipeline=p))
+    compiled, args, run = self.compiled(schedule, p, m, quant, dtype)
+    with run.layout:
+      loss, grads = compiled(*args)
+    return float(loss), jax.tree.map(np.asarray, grads), compiled, run
+
+  def compiled(self, schedule, p, m, quant="", dtype="float32", rows=BATCH):
+    """(compiled gradients, their args, run) on a batch of ``rows`` rows."""
+    n_layers = 2 * N_LAYERS if schedule in INTERLEAVED and p == 4 else N_LAYERS
+    cfg = pipeline_config(schedule, m, n_layers, quant, dtype, pipeline=p)
+    cfg.data.update(global_batch_size=rows, eval_batch_size=rows)
+    run = Run(cfg)
     sched = pp.schedule_of(run.cfg, p)
     accum = family.gradients(sched, run.mesh, batch_sharding(run.mesh))
     loss_fn = make_loss(run.model)
     f = lambda prm, b: accum(loss_fn, prm, b, jax.random.key(0))[::2]
     params = self.state.params if n_layers == N_LAYERS else self.deep_params(n_layers)
+    host_batch = self.batch if rows == BATCH else jax.tree.map(
+        lambda a: np.resize(a, (rows, *a.shape[1:])), self.batch)
     with run.layout:
       jitted = jax.jit(f, out_shardings=(replicated(run.mesh), run.state_sh.params))
-      args = jax.device_put(params, run.state_sh.params), to_global(self.batch, run.mesh)
-      compiled = jitted.lower(*args).compile()
-      loss, grads = compiled(*args)
-    return float(loss), jax.tree.map(np.asarray, grads), compiled, run
+      args = jax.device_put(params, run.state_sh.params), to_global(host_batch, run.mesh)
+      return jitted.lower(*args).compile(), args, run
 
   @functools.cache
   def deep_params(self, n_layers):
@@ -135,10 +158,11 @@ def test_schedule_equals_single_device(runs, schedule, p, m, quant):
   float32 reordering only and no rounding flips on this batch (as on every
   layout of tests/test_parallel.py), so the same bound holds."""
   loss, grads, compiled, run = runs.pipelined(schedule, p, m, quant)
+  n_layers = 2 * N_LAYERS if schedule in INTERLEAVED and p == 4 else N_LAYERS
   if quant:
-    ref_loss, ref_grads, _ = runs.variant_reference(quant)
-  elif (schedule, p) == ("circular", 4):
-    ref_loss, ref_grads, _ = runs.deep_reference(2 * N_LAYERS)
+    ref_loss, ref_grads, _ = runs.variant_reference(quant, n_layers=n_layers)
+  elif n_layers != N_LAYERS:
+    ref_loss, ref_grads, _ = runs.deep_reference(n_layers)
   else:
     ref_loss, ref_grads, _ = runs.reference
   assert abs(loss - ref_loss) <= REORDER * abs(ref_loss), (loss, ref_loss)
@@ -147,7 +171,7 @@ def test_schedule_equals_single_device(runs, schedule, p, m, quant):
   # collective-permute (1F1B's cotangents back by another).
   found = permutes(compiled.as_text())
   assert ring(run.mesh, 1) in found, found
-  if schedule == "1f1b":
+  if schedule in pp.ONE_F_ONE_B:
     assert ring(run.mesh, -1) in found, found
 
 
@@ -171,6 +195,24 @@ def test_1f1b_memory_below_gpipe(runs):
   temp = {s: runs.pipelined(s, 2, 4, "")[2].memory_analysis().temp_size_in_bytes
           for s in ("gpipe", "1f1b")}
   assert temp["1f1b"] < 0.8 * temp["gpipe"], temp
+
+
+def test_interleaved_memory_bounded_in_m(runs):
+  """With BATCH / 4 = 2 rows per microbatch, m = 4 -> 8 (p = 2, v = 2):
+  circular keeps every tick's residuals for its backward, so its compiled
+  temp memory grows by ~100 stage inputs (one stage input: 2 x SEQ x 64
+  float32, 16 KB) per microbatch (measured 7.29 -> 13.61 MB). Interleaved
+  1F1B stashes at most (v + 1) p - 1 = 5 stage inputs whatever m; only the
+  stage-0 inputs and their cotangents are [m, ...] (measured 1.54 -> 1.59
+  MB: 0.7 stage inputs per microbatch; a stash of every (microbatch, repeat)
+  adds v = 2 per microbatch: measured 2.7)."""
+  stage_input = 2 * SEQ * runs.single.cfg.model.d_model * 4
+  grow = {}
+  for s in INTERLEAVED:
+    small = runs.pipelined(s, 2, 4)[2].memory_analysis().temp_size_in_bytes
+    big = runs.compiled(s, 2, 8, rows=16)[0].memory_analysis().temp_size_in_bytes
+    grow[s] = (big - small) / 4 / stage_input  # Stage inputs per added microbatch.
+  assert grow["interleaved_1f1b"] <= 1 and grow["circular"] >= 20, grow
 
 
 def test_train_step_3d_layout(runs):
@@ -205,23 +247,99 @@ def test_checkpoint_restores_without_pipeline(runs, tmp_path):
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
+def megatron_order(p: int, v: int, m: int, s: int) -> list[tuple[str, int, int]]:
+  """Device s's operations ("F" | "B", microbatch, stage) in Megatron-LM's
+  interleaved 1F1B (megatron/core/pipeline_parallel/schedules.py,
+  forward_backward_pipelining_with_interleaving), written from its rules:
+  W = min(2(p - s - 1) + (v - 1) p, v m) warm-up forwards, then forward W + k
+  followed by backward k, then the remaining backwards. The k-th forward runs
+  model chunk r = (k mod p v) // p (a backward: v - 1 - r) on microbatch
+  (k // (p v)) p + k mod p; chunk r of device s is stage r p + s. (Megatron
+  runs every forward first when m = p; not compared there.)"""
+  n = v * m
+  warm = min(2 * (p - s - 1) + (v - 1) * p, n)
+  order = [("F", k) for k in range(warm)]
+  for k in range(n - warm):
+    order += [("F", warm + k), ("B", k)]
+  order += [("B", k) for k in range(n - warm, n)]
+
+  def op(kind, k):
+    r = (k % (p * v)) // p
+    r = r if kind == "F" else v - 1 - r
+    return kind, (k // (p * v)) * p + k % p, r * p + s
+  return [op(*o) for o in order]
+
+
+@pytest.mark.parametrize("p,v,m", [(2, 1, 3), (4, 1, 8), (2, 2, 2), (2, 2, 4), (4, 2, 8),
+                                   (3, 2, 9), (4, 3, 12), (2, 4, 6)])
+def test_one_f_one_b_tick_tables(p, v, m):
+  """The static plan of ``one_f_one_b`` (v = 1: 1F1B; v > 1: interleaved):
+  every (microbatch, stage) forward and backward happens exactly once; the
+  program keeps no receive buffer, so a forward runs exactly one tick after
+  its predecessor stage's (one ppermute hop), a backward one tick after its
+  successor stage's, and the last stage's backward in its forward's tick
+  (its loss); a backward reads the input its forward stashed, and device s
+  never holds more than min((v + 1) p - 1 - 2s, v m) (1F1B: 2(p - s) - 1);
+  the program takes v m + (v + 1) p - 2 ticks; each device's operations are
+  in Megatron-LM's order."""
+  sched = pp.Schedule("1f1b" if v == 1 else "interleaved_1f1b", p, m, v)
+  tb = pp.tick_tables(sched)
+  n_stages, ticks = p * v, v * m + (v + 1) * p - 2
+  assert sched.ticks == ticks and tb.f_ok.shape == (ticks, p)
+  fwd, bwd = {}, {}  # (microbatch, stage) -> tick.
+  for done, ok, mb, rep in ((fwd, tb.f_ok, tb.f_mb, tb.f_rep), (bwd, tb.b_ok, tb.b_mb, tb.b_rep)):
+    for t, s in zip(*np.nonzero(ok)):
+      key = (int(mb[t, s]), int(rep[t, s]) * p + int(s))
+      assert key not in done, key
+      done[key] = t
+    assert set(done) == {(i, j) for i in range(m) for j in range(n_stages)}
+  for (i, j), t in fwd.items():
+    assert j == 0 or fwd[(i, j - 1)] == t - 1, (i, j)
+  for (i, j), t in bwd.items():
+    assert bwd[(i, j + 1)] == t - 1 if j < n_stages - 1 else t == fwd[(i, j)], (i, j)
+  for s in range(p):
+    held, peak = {}, 0  # slot -> (microbatch, repeat).
+    for t in range(ticks):
+      if tb.f_ok[t, s]:
+        assert tb.f_slot[t, s] not in held, (t, s)
+        held[tb.f_slot[t, s]] = (tb.f_mb[t, s], tb.f_rep[t, s])
+      peak = max(peak, len(held))
+      if tb.b_ok[t, s]:
+        assert held.pop(tb.b_slot[t, s]) == (tb.b_mb[t, s], tb.b_rep[t, s]), (t, s)
+    assert peak == min((v + 1) * p - 1 - 2 * s, v * m), (s, peak)
+  assert tb.slots == min((v + 1) * p - 1, v * m)
+  if v > 1 and m == p:
+    return
+  for s in range(p):
+    ours = []
+    for t in range(ticks):  # A tick's forward slot runs before its backward slot.
+      if tb.f_ok[t, s]:
+        ours.append(("F", tb.f_mb[t, s], tb.f_rep[t, s] * p + s))
+      if tb.b_ok[t, s]:
+        ours.append(("B", tb.b_mb[t, s], tb.b_rep[t, s] * p + s))
+    assert ours == megatron_order(p, v, m, s), s
+
+
 @pytest.mark.parametrize("name,p,m,v", [("gpipe", 2, 4, 1), ("gpipe", 4, 8, 1),
                                         ("circular", 4, 8, 2), ("circular", 2, 2, 4),
-                                        ("1f1b", 4, 8, 1), ("1f1b", 2, 1, 1)])
+                                        ("1f1b", 4, 8, 1), ("1f1b", 2, 1, 1),
+                                        ("interleaved_1f1b", 4, 8, 2),
+                                        ("interleaved_1f1b", 2, 6, 3)])
 def test_tick_accounting(name, p, m, v):
   """Each device works v m forward (and as many backward) stage slots; with
   every tick as long as its busiest device, the idle fraction is the bubble
-  formula (p - 1) / (v m + p - 1), for 1F1B too (priced F = 1, B = 2)."""
+  formula (p - 1) / (v m + p - 1), for (interleaved) 1F1B too (priced F = 1,
+  B = 2 per stage)."""
   sched = pp.Schedule(name, p, m, v)
   fwd, bwd = (np.asarray(a) for a in pp.busy_ticks(sched))
   np.testing.assert_array_equal(fwd.sum(0), v * m)
-  if name == "1f1b":
-    np.testing.assert_array_equal(bwd.sum(0), m)
+  if name in pp.ONE_F_ONE_B:
+    np.testing.assert_array_equal(bwd.sum(0), v * m)
   f, b = 1.0, 2.0
   idle = 1 - v * m * (f + b) / pp.step_time(sched, f, b)
   np.testing.assert_allclose(idle, (p - 1) / (v * m + p - 1), rtol=1e-6)
   np.testing.assert_allclose(sched.bubble, (p - 1) / (v * m + p - 1))
-  if name == "1f1b":
+  if name in pp.ONE_F_ONE_B:
     return
   # Each (microbatch, stage) pair is visited exactly once, in stage order.
   t = np.arange(sched.ticks)[:, None]
@@ -244,6 +362,15 @@ def test_tick_accounting(name, p, m, v):
     (dict(model=dict(n_layers=3)), r"config.mesh.pipeline=2 does not divide config.model."
      "n_layers=3"),
     (dict(train=dict(pipeline_schedule="circular", pipeline_repeats=4)),
+     r"config.model.n_layers=4 does not split into config.mesh.pipeline x config.train."
+     "pipeline_repeats"),
+    (dict(train=dict(pipeline_schedule="interleaved_1f1b", pipeline_repeats=1)),
+     r"config.train.pipeline_repeats=1 must be an int >= 2 for pipeline_schedule="
+     r"'interleaved_1f1b' \(1 is '1f1b'"),
+    (dict(train=dict(pipeline_schedule="interleaved_1f1b", pipeline_microbatches=1)),
+     r"config.train.pipeline_microbatches=1 must be a multiple of config.mesh.pipeline=2 for "
+     r"'interleaved_1f1b'.*use one of \[2, 4\]"),
+    (dict(train=dict(pipeline_schedule="interleaved_1f1b", pipeline_repeats=4)),
      r"config.model.n_layers=4 does not split into config.mesh.pipeline x config.train."
      "pipeline_repeats"),
     (dict(train=dict(grad_accum_steps=2)), r"config.train.grad_accum_steps=2 with config.mesh"),

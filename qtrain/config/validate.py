@@ -215,15 +215,20 @@ def _check_pipeline(c, n_devices: int) -> None:
            f"data x fsdp shard (config.data.global_batch_size={c.data.global_batch_size} over "
            f"{rows}); use global_batch_size={rows * m * max(1, per_shard // m)} or fewer "
            "microbatches")
-  if name == "circular":
-    _require(isinstance(v, int) and v >= 2, f"config.train.pipeline_repeats={v!r} must be an "
-             "int >= 2 for pipeline_schedule='circular' (1 is 'gpipe')")
+  if name in ("circular", "interleaved_1f1b"):
+    one = {"circular": "gpipe", "interleaved_1f1b": "1f1b"}[name]
+    _require(isinstance(v, int) and not isinstance(v, bool) and v >= 2,
+             f"config.train.pipeline_repeats={v!r} must be an int >= 2 for pipeline_schedule="
+             f"{name!r} (1 is {one!r}: set config.train.pipeline_schedule={one!r})")
     _require(c.model.n_layers % (p * v) == 0,
              f"config.model.n_layers={c.model.n_layers} does not split into config.mesh."
              f"pipeline x config.train.pipeline_repeats = {p} x {v} stages; choose repeats "
              f"dividing {c.model.n_layers // p}")
+    fits = [k for k in range(p, per_shard + 1, p) if per_shard % k == 0]
     _require(m % p == 0, f"config.train.pipeline_microbatches={m} must be a multiple of "
-             f"config.mesh.pipeline={p} for 'circular' (microbatches circulate in groups of p)")
+             f"config.mesh.pipeline={p} for {name!r} (microbatches circulate in groups of p); "
+             + (f"use one of {fits}" if fits else
+                f"raise config.data.global_batch_size to a multiple of {rows * p}"))
   cp = c.model.get("context_parallel", "none")
   _require(cp == "none" or s["sequence"] == 1,
            f"config.model.context_parallel={cp!r} with config.mesh.pipeline={p}: context-"

@@ -1,4 +1,5 @@
-"""Pipeline schedules over the ``pipeline`` mesh axis: GPipe, circular, 1F1B.
+"""Pipeline schedules over the ``pipeline`` mesh axis: GPipe, circular, 1F1B,
+interleaved 1F1B.
 
 The scanned stack's params [L, ...] are cut into p * v stages of K = L/(p v)
 consecutive layers; stage j = r p + s runs on device s (its r-th *repeat*),
@@ -29,19 +30,43 @@ at most 2(p - s) - 1 stage inputs, independent of m. With the idle slots
 skipped (``lax.cond``) a tick costs the largest work on any device, and the
 m + 2(p - 1) ticks cost (m + p - 1)(F + B): GPipe's bubble, with bounded
 memory.
+
+Interleaved 1F1B (``interleaved_1f1b``, Megatron-LM's virtual-stage
+schedule, Narayanan et al. 2021 sec. 2.2): 1F1B's tick program over the
+circular layout, v >= 2 repeats. Device s takes its forwards in circular's
+order (k-th forward: group g = k // (v p), repeat r = (k mod v p) // p,
+microbatch g p + k mod p) at tick k + s, and its backwards in the same order
+with the repeats reversed (r -> v - 1 - r) at tick k + (v + 1) p - 2 - s.
+Then stage j = r p + s hands its output to stage j + 1 (on device s + 1,
+or device 0 for the next repeat) exactly one tick later and its cotangent to
+stage j - 1 one tick later, and the last stage's loss feeds its own backward
+in the same tick, as in 1F1B. Per device this is Megatron's order exactly:
+(v + 1) p - 2 - 2s warm-up forwards (Megatron: 2(p - s - 1) + (v - 1) p),
+then one forward and one backward per tick, then the cool-down backwards.
+``tick_tables`` writes the plan out as static [ticks, p] tables (1F1B is its
+v = 1 case); the stage inputs live in stash slots the tables assign, at most
+(v + 1) p - 1 - 2s on device s, independent of m. The v m + (v + 1) p - 2
+ticks cost (v m + p - 1)(f + b) with f, b a virtual stage's forward and
+backward (= F/v, B/v): the bubble is (p - 1) / (v m + p - 1), circular's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 AXIS = "pipeline"
-SCHEDULES = ("gpipe", "circular", "1f1b")
+SCHEDULES = ("gpipe", "circular", "1f1b", "interleaved_1f1b")
+# Schedules with a backward slot per tick (``one_f_one_b``); the others are
+# differentiated through the forward's tick scan.
+ONE_F_ONE_B = ("1f1b", "interleaved_1f1b")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +79,8 @@ class Schedule:
 
   @property
   def ticks(self) -> int:
-    if self.name == "1f1b":
-      return self.m + 2 * (self.p - 1)
+    if self.name in ONE_F_ONE_B:  # The last backward: device 0's (v m - 1)-th, see tick_tables.
+      return self.v * self.m + (self.v + 1) * self.p - 2
     return self.v * self.m + self.p - 1
 
   @property
@@ -69,7 +94,7 @@ def schedule_of(cfg, p: int) -> Schedule:
   t = cfg.train
   name = t.pipeline_schedule
   m = t.pipeline_microbatches or p
-  v = t.pipeline_repeats if name == "circular" else 1
+  v = t.pipeline_repeats if name in ("circular", "interleaved_1f1b") else 1
   return Schedule(name, p, m, v)
 
 
@@ -83,16 +108,82 @@ def forward_slot(t, s, sched: Schedule):
   return g * p + rem % p, rem // p, valid
 
 
+class TickTables(NamedTuple):
+  """The static plan of a 1F1B / interleaved 1F1B program: [ticks, p] int32
+  tables, entry [t, s] for device s at tick t. An idle slot has ok 0 and
+  microbatch, repeat and stash slot 0. The stage input of the forward slot
+  is stashed in ``f_slot`` and read back by the backward of the same
+  (microbatch, repeat) from ``b_slot``; ``slots`` is the stash's size."""
+  f_mb: np.ndarray
+  f_rep: np.ndarray
+  f_ok: np.ndarray
+  f_slot: np.ndarray
+  b_mb: np.ndarray
+  b_rep: np.ndarray
+  b_ok: np.ndarray
+  b_slot: np.ndarray
+  slots: int
+
+  def stacked(self) -> np.ndarray:
+    """[ticks, p, 8]: the tables in field order, the scan's per-tick input."""
+    return np.stack(self[:8], axis=-1)
+
+
+def _megatron_order(k: int, p: int, v: int) -> tuple[int, int]:
+  """(microbatch, repeat) of a device's k-th forward: groups of p
+  microbatches, each group through repeat 0, ..., v - 1 (circular's order)."""
+  g, rem = divmod(k, v * p)
+  return g * p + rem % p, rem // p
+
+
+@functools.cache
+def tick_tables(sched: Schedule) -> TickTables:
+  """The plan of ``one_f_one_b`` (the module docstring states its rules):
+  device s runs its k-th forward at tick k + s and its k-th backward (the
+  repeats reversed) at tick k + (v + 1) p - 2 - s; stash slots are the
+  lowest free ones, a slot freed by its backward after the tick's forward
+  has written (the last stage reads the input it stashed in the same tick)."""
+  p, v, m = sched.p, sched.v, sched.m
+  if v > 1 and m % p:
+    raise ValueError(f"interleaved 1F1B takes microbatches in groups of p: m={m} is not a "
+                     f"multiple of p={p}")
+  tables = {f: np.zeros((sched.ticks, p), np.int32) for f in TickTables._fields[:8]}
+  for s in range(p):
+    for k in range(v * m):
+      i, r = _megatron_order(k, p, v)
+      t = k + s
+      tables["f_mb"][t, s], tables["f_rep"][t, s], tables["f_ok"][t, s] = i, r, 1
+      t = k + (v + 1) * p - 2 - s
+      tables["b_mb"][t, s], tables["b_rep"][t, s], tables["b_ok"][t, s] = i, v - 1 - r, 1
+  slots = 0
+  for s in range(p):
+    free, held = [], {}
+    for t in range(sched.ticks):
+      if tables["f_ok"][t, s]:
+        slot = min(free) if free else len(held)
+        free = [f for f in free if f != slot]
+        held[(tables["f_mb"][t, s], tables["f_rep"][t, s])] = slot
+        tables["f_slot"][t, s] = slot
+        slots = max(slots, slot + 1)
+      if tables["b_ok"][t, s]:
+        slot = held.pop((tables["b_mb"][t, s], tables["b_rep"][t, s]))
+        tables["b_slot"][t, s] = slot
+        free.append(slot)
+  for a in tables.values():
+    a.flags.writeable = False  # Cached: shared by every caller.
+  return TickTables(**tables, slots=slots)
+
+
 def busy_ticks(sched: Schedule):
   """([ticks, p], [ticks, p]) bool: which device runs a forward and which a
   backward slot at each tick, from the slot rules the programs use (GPipe /
   circular: the backward is the forward scan transposed, so no backward slots
   here)."""
+  if sched.name in ONE_F_ONE_B:
+    tables = tick_tables(sched)
+    return jnp.asarray(tables.f_ok, bool), jnp.asarray(tables.b_ok, bool)
   t = jnp.arange(sched.ticks)[:, None]
   s = jnp.arange(sched.p)[None, :]
-  if sched.name == "1f1b":
-    fwd, bwd = t - s, t - 2 * (sched.p - 1) + s
-    return (fwd >= 0) & (fwd < sched.m), (bwd >= 0) & (bwd < sched.m)
   fwd = forward_slot(t, s, sched)[2]
   return fwd, jnp.zeros_like(fwd)
 
@@ -102,7 +193,7 @@ def step_time(sched: Schedule, f: float, b: float) -> float:
   tick waits for the busiest device (the ppermute synchronises them). GPipe /
   circular run the forward ticks, then the same ticks transposed."""
   fwd, bwd = (jnp.asarray(a, jnp.float32) for a in busy_ticks(sched))
-  if sched.name == "1f1b":
+  if sched.name in ONE_F_ONE_B:
     return float(jnp.sum(jnp.max(f * fwd + b * bwd, axis=1)))
   return float(jnp.sum(jnp.max(fwd, axis=1)) * (f + b))
 
@@ -197,28 +288,35 @@ def _add_f32(acc, tree):
 def one_f_one_b(stage_fn, head_fn, layers_L, head_params, x_MBTD, pos_MBT, seg_MBT, micro_M,
                 scale, sched: Schedule, mesh):
   """Gradients of sum_i head_fn(head_params, stages(x_i), micro_i) * scale by the
-  1F1B schedule (see the module docstring).
+  1F1B schedule, interleaved when sched.v > 1 (see the module docstring).
 
   ``head_fn(head_params, y_BTD, micro, i) -> (value, aux)`` is the last stage's
   loss of microbatch i (aux: a dict of float32 scalars, summed over
   microbatches); ``micro_M`` its per-microbatch arrays, [m, B/m, ...].
   Returns (layer grads [L, ...] float32, head grads float32, d x_MBTD, aux sums).
   """
-  p, m = sched.p, sched.m
-  K = jax.tree.leaves(layers_L)[0].shape[0] // p
-  S = 2 * p - 1  # Stashed stage inputs: stage 0 keeps microbatch i from tick i to i + 2(p-1).
+  p, v = sched.p, sched.v
+  K = jax.tree.leaves(layers_L)[0].shape[0] // (p * v)
+  tables = tick_tables(sched)
   has_seg = seg_MBT is not None
   if not has_seg:
     seg_MBT = jnp.zeros(pos_MBT.shape, jnp.int32)
 
   @_manual_rules
-  def body(params_K, head_p, x, pos, seg, micro, scale):
+  def body(params_V1K, head_p, x, pos, seg, micro, scale):
+    params_VK = jax.tree.map(lambda a: a[:, 0], params_V1K)
     s = jax.lax.axis_index(AXIS)
-    ids_K = s * K + jnp.arange(K, dtype=jnp.int32)
-    run = lambda prm, x_in, i: stage_fn(prm, x_in, pos[i], seg[i] if has_seg else None, ids_K)
+
+    def run(params_K, x_in, i, r):  # Stage r p + s: layers (r p + s) K, ..., + K - 1.
+      ids_K = (r * p + s) * K + jnp.arange(K, dtype=jnp.int32)
+      return stage_fn(params_K, x_in, pos[i], seg[i] if has_seg else None, ids_K)
+
+    chunk = lambda r: jax.tree.map(lambda a: a[r], params_VK)
+
     zero_x = jnp.zeros_like(x[0])
     aux_shape = jax.eval_shape(lambda: head_fn(head_p, zero_x, _at(micro, 0), 0)[1])
     zero_aux = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), aux_shape)
+    zero_grads = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape[1:], jnp.float32), params_VK)
 
     def head(y, i):  # The loss of microbatch i and its cotangent, at the last stage.
       _, vjp, aux = jax.vjp(lambda hp, yy: head_fn(hp, yy, _at(micro, i), i), head_p, y,
@@ -226,42 +324,45 @@ def one_f_one_b(stage_fn, head_fn, layers_L, head_params, x_MBTD, pos_MBT, seg_M
       d_head, dy = vjp(scale)
       return dy, _f32(d_head), _f32(aux)
 
-    def backward(g_out, i, stash):  # Recomputes the stage from its stashed input.
-      _, vjp = jax.vjp(lambda prm, xx: run(prm, xx, i), params_K, stash[i % S])
+    def backward(g_out, i, r, x_in):  # Recomputes the stage from its stashed input.
+      _, vjp = jax.vjp(lambda prm, xx: run(prm, xx, i, r), chunk(r), x_in)
       d_params, dx = vjp(g_out)
       return _f32(d_params), dx
 
-    def tick(carry, t):
+    def tick(carry, row):
       fwd_in, bwd_in, stash, g_layers, g_head, dx_out, sums = carry
-      i_f, i_b = t - s, t - 2 * (p - 1) + s
-      f_ok, b_ok = (i_f >= 0) & (i_f < m), (i_b >= 0) & (i_b < m)
-      i_f, i_b = jnp.clip(i_f, 0, m - 1), jnp.clip(i_b, 0, m - 1)
-      x_in = jnp.where(s == 0, x[i_f], fwd_in)
-      y = jax.lax.cond(f_ok, lambda: run(params_K, x_in, i_f), lambda: zero_x)
-      stash = stash.at[i_f % S].set(jnp.where(f_ok, x_in, stash[i_f % S]))
-      dy, d_head, aux = jax.lax.cond(f_ok & (s == p - 1), lambda: head(y, i_f),
+      i_f, r_f, f_ok, f_slot, i_b, r_b, b_ok, b_slot = (row[s, k] for k in range(8))
+      f_ok, b_ok = f_ok > 0, b_ok > 0
+      x_in = jnp.where((s == 0) & (r_f == 0), x[i_f], fwd_in)
+      y = jax.lax.cond(f_ok, lambda: run(chunk(r_f), x_in, i_f, r_f), lambda: zero_x)
+      stash = stash.at[f_slot].set(jnp.where(f_ok, x_in, stash[f_slot]))
+      last = (s == p - 1) & (r_f == v - 1)  # The last stage: its loss and cotangent.
+      dy, d_head, aux = jax.lax.cond(f_ok & last, lambda: head(y, i_f),
                                      lambda: (zero_x, _zeros_f32(head_p), zero_aux))
-      g_out = jnp.where(s == p - 1, dy, bwd_in)
-      d_params, dx = jax.lax.cond(b_ok, lambda: backward(g_out, i_b, stash),
-                                  lambda: (_zeros_f32(params_K), zero_x))
-      dx_out = dx_out.at[i_b].set(jnp.where(b_ok & (s == 0), dx, dx_out[i_b]))
+      # The tables put the last stage's backward in its forward's tick.
+      g_out = jnp.where((s == p - 1) & (r_b == v - 1), dy, bwd_in)
+      d_params, dx = jax.lax.cond(b_ok, lambda: backward(g_out, i_b, r_b, stash[b_slot]),
+                                  lambda: (zero_grads(), zero_x))
+      g_layers = jax.tree.map(lambda acc, g: acc.at[r_b].add(g), g_layers, d_params)
+      first = b_ok & (s == 0) & (r_b == 0)
+      dx_out = dx_out.at[i_b].set(jnp.where(first, dx, dx_out[i_b]))
       carry = (jax.lax.ppermute(y, AXIS, _ring(p, 1)), jax.lax.ppermute(dx, AXIS, _ring(p, -1)),
-               stash, _add_f32(g_layers, d_params), _add_f32(g_head, d_head), dx_out,
-               _add_f32(sums, aux))
+               stash, g_layers, _add_f32(g_head, d_head), dx_out, _add_f32(sums, aux))
       return carry, None
 
-    init = (zero_x, zero_x, jnp.zeros((S, *zero_x.shape), zero_x.dtype), _zeros_f32(params_K),
-            _zeros_f32(head_p), jnp.zeros_like(x), zero_aux)
-    (_, _, _, g_layers, g_head, dx_out, sums), _ = jax.lax.scan(tick, init,
-                                                                 jnp.arange(sched.ticks))
+    init = (zero_x, zero_x, jnp.zeros((tables.slots, *zero_x.shape), zero_x.dtype),
+            _zeros_f32(params_VK), _zeros_f32(head_p), jnp.zeros_like(x), zero_aux)
+    (_, _, _, g_layers, g_head, dx_out, sums), _ = jax.lax.scan(
+        tick, init, jnp.asarray(tables.stacked()))
     # Only the last stage holds head grads and loss sums, only stage 0 dx.
     g_head, sums = jax.lax.psum((g_head, sums), AXIS)
-    return g_layers, g_head, dx_out[None], sums
+    return jax.tree.map(lambda a: a[:, None], g_layers), g_head, dx_out[None], sums
 
   g_layers, g_head, dx, sums = jax.shard_map(
-      body, mesh=mesh, in_specs=(P(AXIS), P(), P(), P(), P(), P(), P()),
-      out_specs=(P(AXIS), P(), P(AXIS), P()), axis_names={AXIS}, check_vma=False)(
-          layers_L, head_params, x_MBTD, pos_MBT, seg_MBT, micro_M, scale)
+      body, mesh=mesh, in_specs=(P(None, AXIS), P(), P(), P(), P(), P(), P()),
+      out_specs=(P(None, AXIS), P(), P(AXIS), P()), axis_names={AXIS}, check_vma=False)(
+          to_stages(layers_L, sched), head_params, x_MBTD, pos_MBT, seg_MBT, micro_M, scale)
+  g_layers = jax.tree.map(lambda a: a.reshape(-1, *a.shape[3:]), g_layers)  # [v, p, K] -> [L].
   return g_layers, g_head, dx[0], sums
 
 

@@ -16,9 +16,10 @@ a checkpoint restores on a mesh without pipelining.
   nothing moves between devices), runs ``pipeline.forward`` and reassembles
   the rows; ``jax.value_and_grad`` of the loss differentiates through the
   tick scan.
-* ``1f1b``: the gradients come from ``one_f_one_b`` (explicit per-stage
-  ``jax.vjp``) through first_order's ``accum`` hook, so the update and the
-  metrics are first_order's.
+* ``1f1b`` / ``interleaved_1f1b``: the gradients come from ``one_f_one_b``
+  (explicit per-stage ``jax.vjp``; interleaved: v stages per device) through
+  first_order's ``accum`` hook, so the update and the metrics are
+  first_order's.
 """
 
 from __future__ import annotations
@@ -128,11 +129,12 @@ def _with_layers(layers, rest):
 
 
 def one_f_one_b_grads(loss_fn, params, batch, rng, *, sched: pp.Schedule, mesh, row_spec):
-  """(objective, aux, grads) of ``loss_fn`` by the 1F1B schedule: first_order's
-  ``accum`` contract. As in gradient accumulation, microbatch i contributes
-  its token-mean objective times its scored tokens n_i, and the sum is divided
-  by the whole batch's N (known before the pipeline runs: the loss mask), so
-  the result is the whole batch's loss and gradient."""
+  """(objective, aux, grads) of ``loss_fn`` by the (interleaved) 1F1B
+  schedule: first_order's ``accum`` contract. As in gradient accumulation,
+  microbatch i contributes its token-mean objective times its scored tokens
+  n_i, and the sum is divided by the whole batch's N (known before the
+  pipeline runs: the loss mask), so the result is the whole batch's loss and
+  gradient."""
 
   seen = {}
 
@@ -175,7 +177,7 @@ def gradients(sched: pp.Schedule, mesh, batch_sh):
   """``accum(loss_fn, params, batch, rng) -> (objective, aux, grads)`` under
   ``sched``: first_order's ``accum`` hook, batch rows sharded as ``batch_sh``."""
   row_spec = NamedSharding(mesh, PartitionSpec(None, batch_sh.spec[0]))
-  if sched.name == "1f1b":
+  if sched.name in pp.ONE_F_ONE_B:
     return functools.partial(one_f_one_b_grads, sched=sched, mesh=mesh, row_spec=row_spec)
 
   def accum(loss_fn, params, batch, rng):
