@@ -144,6 +144,8 @@ def tick_tables(sched: Schedule) -> TickTables:
   lowest free ones, a slot freed by its backward after the tick's forward
   has written (the last stage reads the input it stashed in the same tick)."""
   p, v, m = sched.p, sched.v, sched.m
+  if sched.name not in ONE_F_ONE_B:
+    raise ValueError(f"{sched.name!r} has no backward slots (its backward is autodiff)")
   if v > 1 and m % p:
     raise ValueError(f"interleaved 1F1B takes microbatches in groups of p: m={m} is not a "
                      f"multiple of p={p}")
@@ -160,8 +162,9 @@ def tick_tables(sched: Schedule) -> TickTables:
     free, held = [], {}
     for t in range(sched.ticks):
       if tables["f_ok"][t, s]:
-        slot = min(free) if free else len(held)
-        free = [f for f in free if f != slot]
+        slot = min(free) if free else len(held)  # Slots 0..len(held)-1 are all held.
+        if free:
+          free.remove(slot)
         held[(tables["f_mb"][t, s], tables["f_rep"][t, s])] = slot
         tables["f_slot"][t, s] = slot
         slots = max(slots, slot + 1)
