@@ -25,7 +25,9 @@ Two parts, one JSON line per measurement (``--parts``):
   backward does not run the transforms again): both times, the ratio,
   tokens/s, and XLA's temp bytes of each compiled step (``memory_analysis``:
   activations kept for the backward live there), so a saving variant's
-  memory cost sits beside its time. Target: R3 + R4 cost <= 5% of the
+  memory cost sits beside its time, and the rotation gemms per block the
+  step's jaxpr holds (llama_1b under dots_no_batch: 9 without save, R4's
+  row-batched gemm recomputed; 8 with it). Target: R3 + R4 cost <= 5% of the
   llama_1b step on one H100.
 
 Each rotation is x diag(s) H / sqrt(n), H = H_a (x) H_b (llama_1b: head_dim
@@ -55,14 +57,18 @@ import numpy as np
 
 from benchmarks.train_step import load_config, synthetic_batch, time_steps, trainer_step
 from qtrain.layers.rotation import (IMPLS, check_rotation, factor, hadamard_transform,
-                                    random_signs, rotation_matrix)
+                                    random_signs, rotation_matrix, transform_gemms)
 
 
-def timed_step(cfg, host: dict, steps: int) -> tuple[float, int]:
-  """(seconds per step, XLA's temp bytes) of the trainer's compiled step for
-  ``cfg`` on ``host`` rows."""
+def timed_step(cfg, host: dict, steps: int) -> tuple[float, int, int]:
+  """(seconds per step, XLA's temp bytes, rotation gemms per block in its
+  jaxpr: forward, remat recomputation and VJP) of the trainer's compiled step
+  for ``cfg`` on ``host`` rows."""
   layout, _, state, batch, step = trainer_step(cfg, host)
   with layout:
+    gemms = transform_gemms(jax.make_jaxpr(step)(state, batch))
+    if not cfg.model.scan_layers:
+      gemms //= cfg.model.n_layers
     compiled = step.lower(state, batch).compile()
     box = [state]
     del state  # Donated by the first step.
@@ -70,7 +76,7 @@ def timed_step(cfg, host: dict, steps: int) -> tuple[float, int]:
     def one():
       box[0], m = compiled(box[0], batch)
       jax.block_until_ready(m["loss"])
-    return time_steps(one, steps, warmup=2), compiled.memory_analysis().temp_size_in_bytes
+    return time_steps(one, steps, warmup=2), compiled.memory_analysis().temp_size_in_bytes, gemms
 
 
 def timed_call(fn, args, steps: int) -> float:
@@ -161,13 +167,13 @@ def _config(args, rotation=None):
 
 def step(args, host: dict) -> list[dict]:
   """The trainer's step without and with R3 + R4, per impl and ``--save``."""
-  t_off, temp_off = timed_step(_config(args), host, args.steps)
+  t_off, temp_off, _ = timed_step(_config(args), host, args.steps)
   tokens = args.batch * args.seq
   rows = []
   for impl in args.impls.split(","):
     for save in args.save:
       on = _config(args, dict(r3=args.kind, r4=args.kind, impl=impl, save=save))
-      t_on, temp_on = timed_step(on, host, args.steps)
+      t_on, temp_on, gemms = timed_step(on, host, args.steps)
       m = on.model
       row = {"part": "step", "model": args.model, "batch": args.batch, "seq": args.seq,
              "kind": args.kind, "impl": impl, "save": save, "remat": m.remat_policy,
@@ -177,13 +183,15 @@ def step(args, host: dict) -> list[dict]:
              "step_r3r4_ms": t_on * 1e3, "ratio": t_on / t_off,
              "cost_fraction": t_on / t_off - 1, "tokens_per_s_off": tokens / t_off,
              "tokens_per_s_r3r4": tokens / t_on, "temp_off_gib": temp_off / 2**30,
-             "temp_r3r4_gib": temp_on / 2**30, "temp_delta_gib": (temp_on - temp_off) / 2**30}
+             "temp_r3r4_gib": temp_on / 2**30, "temp_delta_gib": (temp_on - temp_off) / 2**30,
+             "rotation_gemms_per_block": gemms}
       rows.append(row)
       print(f"{args.model} b{args.batch}x{args.seq} ({m.remat_policy}): online R3 + R4 "
             f"({args.kind}, {impl}, save={save}) cost {row['cost_fraction']:+.2%} of the step "
             f"({t_off * 1e3:.1f} ms -> {t_on * 1e3:.1f} ms; {row['tokens_per_s_off']:,.0f} -> "
             f"{row['tokens_per_s_r3r4']:,.0f} tokens/s); temp {row['temp_off_gib']:.2f} -> "
-            f"{row['temp_r3r4_gib']:.2f} GiB ({row['temp_delta_gib']:+.2f})", flush=True)
+            f"{row['temp_r3r4_gib']:.2f} GiB ({row['temp_delta_gib']:+.2f}); {gemms} rotation "
+            f"gemms per block", flush=True)
   return rows
 
 

@@ -435,23 +435,12 @@ def _grad_fn(cfg):
 
 
 def _rotation_gemms(cfg, params) -> int:
-  """dot_generals of the gradient's jaxpr inside a ``hadamard_transform``
-  call (forward, remat recomputation and custom VJP: JAX's remat decides what
-  runs again before XLA sees it), scan bodies once. Not the compiled HLO:
-  XLA on CPU turns a small batched bf16 dot into a fusion and a GPU calls
-  cuBLAS, so its ops differ by backend; on this CPU, float32, the compiled
-  program's dots named after ``hadamard_transform`` are the same counts."""
-  def count(jaxpr, inside: bool) -> int:
-    n = 0
-    for eqn in jaxpr.eqns:
-      n += inside and eqn.primitive.name == "dot_general"
-      here = inside or "hadamard_transform" in str(eqn.params.get("name", ""))
-      for v in eqn.params.values():  # Sub-jaxprs: pjit, scan, checkpoint, cond branches.
-        for sub in v if isinstance(v, (tuple, list)) else (v,):
-          sub = getattr(sub, "jaxpr", sub)
-          n += count(sub, here) if hasattr(sub, "eqns") else 0
-    return n
-  return count(jax.make_jaxpr(jax.grad(_grad_fn(cfg)[0]))(params).jaxpr, False)
+  """Rotation gemms of the gradient program (``rotation.transform_gemms`` on
+  its jaxpr). On this CPU, float32, the compiled program's dots named after
+  ``hadamard_transform`` give the same counts; bf16 ones XLA's CPU backend
+  turns into fusions, and a GPU into cuBLAS calls, so the jaxpr is the
+  backend-independent count."""
+  return rotation.transform_gemms(jax.make_jaxpr(jax.grad(_grad_fn(cfg)[0]))(params))
 
 
 @pytest.mark.parametrize("policy,default", [("dots_no_batch", 2 * _GEMMS + 1), ("full", 3 * _GEMMS)])
