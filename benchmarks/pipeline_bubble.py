@@ -16,15 +16,19 @@ outside the pipeline dilutes the fraction), forward and backward, on a
   Measured bubble = 1 - T(v m ticks) / T(all ticks). A masked slot computes
   on zeros, so an idle tick costs a busy one's time, as on a GPU where the
   device would wait instead.
-* 1f1b: idle slots are skipped (``lax.cond``), so a tick lasts as long as
-  its busiest device. On CPU the fake devices share the cores, so an idle
-  device lends its core to the others and the program's time does not show
-  the bubble; the script times one stage's forward f and backward b alone
-  and prices the tick plan (``pipeline.step_time``: idle ticks x measured
-  tick time): bubble = 1 - m (f + b) / step_time, which checks the tick plan
-  (it equals the formula whenever the plan keeps every device busy outside
-  the fill and drain) but measures nothing else. On GPUs the number to read
-  is the program's own time against m (f + b), printed beside it.
+* 1f1b / interleaved_1f1b: idle slots are skipped (``lax.cond``), so a tick
+  lasts as long as its busiest device. On CPU the fake devices share the
+  cores, so an idle device lends its core to the others and the program's
+  time does not show the bubble; the script times one stage's forward f and
+  backward b alone (K layers: interleaved runs v such stages per device) and
+  prices the tick plan (``pipeline.step_time`` over ``pipeline.tick_tables``:
+  each tick as long as its busiest device's measured slots): bubble =
+  1 - v m (f + b) / step_time, which checks the tick plan (it equals the
+  formula whenever the plan keeps every device busy outside the fill and
+  drain) but measures nothing else. The ``stash`` column is the plan's stage
+  inputs held per device (the tables' slots, (v + 1) p - 1 at most). On
+  GPUs the number to read is the program's own time against v m (f + b),
+  printed beside it.
 """
 
 from __future__ import annotations
@@ -130,13 +134,13 @@ def measure(name: str, p: int, m: int, v: int, args) -> dict:
   mesh = make_mesh({"pipeline": p}, jax.devices()[:p])
   row = {"schedule": name, "p": p, "m": m, "v": v, "ticks": sched.ticks,
          "formula": sched.bubble}
-  if name == "1f1b":
+  if name in pp.ONE_F_ONE_B:
     row["full_s"], = _timed(_one_f_one_b(stage, sched, mesh), args_=(params, x, pos),
                             reps=args.reps)
     f, b = _stage_times(stage, params, x, pos, K, args.reps)
-    plan = pp.step_time(sched, f, b)
-    row.update(f_s=f, b_s=b, busy_s=m * (f + b), plan_s=plan, measured=1 - m * (f + b) / plan,
-               program=1 - m * (f + b) / row["full_s"])
+    plan, busy = pp.step_time(sched, f, b), v * m * (f + b)
+    row.update(f_s=f, b_s=b, busy_s=busy, plan_s=plan, measured=1 - busy / plan,
+               program=1 - busy / row["full_s"], stash=pp.tick_tables(sched).slots)
   else:
     full, busy = _timed(_forward_grad(stage, sched, mesh),
                         _forward_grad(stage, _Busy(name, p, m, v), mesh),
@@ -150,8 +154,9 @@ def main() -> None:
   ap.add_argument("--model", default="default:smoke", help="configs/<name>[:variant]")
   ap.add_argument("--p", default="2,4", help="pipeline sizes")
   ap.add_argument("--m", default="1x,2x,4x", help="microbatches: numbers, or Nx = N times p")
-  ap.add_argument("--schedules", default="gpipe,circular,1f1b")
-  ap.add_argument("--repeats", type=int, default=2, help="v of the circular schedule")
+  ap.add_argument("--schedules", default="gpipe,circular,1f1b,interleaved_1f1b")
+  ap.add_argument("--repeats", type=int, default=2,
+                  help="v of the circular and interleaved_1f1b schedules")
   ap.add_argument("--layers_per_stage", type=int, default=1)
   ap.add_argument("--rows", type=int, default=8, help="rows per microbatch")
   ap.add_argument("--seq", type=int, default=128)
@@ -163,21 +168,22 @@ def main() -> None:
   print(f"{jax.devices()[0].device_kind} x {len(jax.devices())}; {args.model} blocks, "
         f"{args.layers_per_stage} layer(s) per stage, {args.rows} x {args.seq} tokens per "
         "microbatch")
-  print(f"{'schedule':<9} {'p':>2} {'m':>3} {'v':>2} {'ticks':>5} {'step ms':>9} "
-        f"{'busy ms':>9} {'measured':>9} {'formula':>8}")
+  print(f"{'schedule':<16} {'p':>2} {'m':>3} {'v':>2} {'ticks':>5} {'stash':>5} "
+        f"{'step ms':>9} {'busy ms':>9} {'measured':>9} {'formula':>8}")
   for name in args.schedules.split(","):
     for p in ps:
       for m in ms(p):
-        v = args.repeats if name == "circular" else 1
-        if p > len(jax.devices()) or (name == "circular" and m % p):
+        v = args.repeats if name in ("circular", "interleaved_1f1b") else 1
+        if p > len(jax.devices()) or (v > 1 and m % p):
           continue
         r = measure(name, p, m, v, args)
         step = r.get("plan_s", r["full_s"])
-        print(f"{name:<9} {p:>2} {m:>3} {v:>2} {r['ticks']:>5} {1e3 * step:>9.2f} "
-              f"{1e3 * r['busy_s']:>9.2f} {r['measured']:>9.3f} {r['formula']:>8.3f}"
+        print(f"{name:<16} {p:>2} {m:>3} {v:>2} {r['ticks']:>5} {r.get('stash', '-'):>5} "
+              f"{1e3 * step:>9.2f} {1e3 * r['busy_s']:>9.2f} {r['measured']:>9.3f} "
+              f"{r['formula']:>8.3f}"
               + (f"   (f {1e3 * r['f_s']:.2f}, b {1e3 * r['b_s']:.2f} ms; the program "
-                 f"{1e3 * r['full_s']:.2f} ms: 1 - m(f+b)/it = {r['program']:.3f})"
-                 if name == "1f1b" else ""), flush=True)
+                 f"{1e3 * r['full_s']:.2f} ms: 1 - vm(f+b)/it = {r['program']:.3f})"
+                 if name in pp.ONE_F_ONE_B else ""), flush=True)
 
 
 if __name__ == "__main__":
