@@ -349,8 +349,10 @@ def test_drop_online_keeps_the_function():
   R3 dropped; same logits (1e-5 of max |logit|), R1/R2 still fused."""
   cfg, params, ref = plain(True, False)
   fused, cfg2 = fuse_rotations(params, cfg, MIXED)
-  back, cfg3 = drop_online(fused, cfg2)
+  saving = dataclasses.replace(cfg2, rotation=dataclasses.replace(cfg2.rotation, save=True))
+  back, cfg3 = drop_online(fused, saving)
   assert (cfg3.rotation.r1, cfg3.rotation.r3, cfg3.rotation.r4) == ("hadamard", "none", "none")
+  assert not cfg3.rotation.save  # Nothing online left to save (save=True would not validate).
   np.testing.assert_allclose(logits(cfg3, back), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 

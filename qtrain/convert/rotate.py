@@ -239,5 +239,5 @@ def drop_online(params, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
     _per_block(params, cfg, rot.blocks("r4", cfg.n_layers), ("mlp", "down_proj"),
                lambda w, i: r4.left(w))
   return params, dataclasses.replace(cfg, rotation=dataclasses.replace(
-      rot, r3="none", r3_layers=None, r4="none", r4_layers=None))
+      rot, r3="none", r3_layers=None, r4="none", r4_layers=None, save=False))
 
