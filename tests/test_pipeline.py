@@ -6,7 +6,7 @@
   device's within float32 reordering; the compiled programs pass activations
   by collective-permutes between neighbouring pipeline devices only.
 * One AdamW train step of the family on data=2 x pipeline=2 x tensor=2
-  (1F1B) moves the params as one device does.
+  (1F1B and interleaved 1F1B) moves the params as one device does.
 * 1F1B's compiled temp memory is below GPipe's at m = 2p = 4 microbatches;
   interleaved 1F1B's falls with m where circular's does not.
 * The 1F1B tick tables against Megatron-LM's per-device order, their
@@ -215,12 +215,15 @@ def test_interleaved_memory_bounded_in_m(runs):
   assert grow["interleaved_1f1b"] <= 1 and grow["circular"] >= 20, grow
 
 
-def test_train_step_3d_layout(runs):
-  """data=2 x pipeline=2 x tensor=2 under 1F1B, through ``make_steps``: one
-  AdamW step (lr 3e-3, no warm-up). Adam's first update is g/(|g| + eps), so
-  a gradient within reordering noise d of zero may move by up to 2 lr;
-  elsewhere the update moves by at most d eps/(|g| - d)^2."""
-  run = Run(pipeline_config("1f1b", 2, data=2, pipeline=2, tensor=2))
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b"])
+def test_train_step_3d_layout(runs, schedule):
+  """data=2 x pipeline=2 x tensor=2 under (interleaved) 1F1B, through
+  ``make_steps``: one AdamW step (lr 3e-3, no warm-up). Adam's first update
+  is g/(|g| + eps), so a gradient within reordering noise d of zero may move
+  by up to 2 lr; elsewhere the update moves by at most d eps/(|g| - d)^2.
+  Interleaved: each device's two stages are blocks s and 2 + s, so the
+  tensor-sharded [L, ...] params are regrouped into [v, p, K, ...] and back."""
+  run = Run(pipeline_config(schedule, 2, data=2, pipeline=2, tensor=2))
   params, metrics = run.train_step(runs.state, runs.batch)
   ref_params, ref_metrics = runs.single.train_step(runs.state, runs.batch)
   assert metrics["finite"] == 1
