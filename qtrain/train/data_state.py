@@ -55,7 +55,10 @@ class ProcessDataHandler(ocp.CheckpointHandler):
   def save(self, directory: epath.Path, args: "ProcessDataSave") -> None:
     directory = epath.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for state in shard_states(args.state) if args.state else ():  # None: an imported checkpoint.
+    if not args.state:  # No iterator (an imported checkpoint, a test's state): this process's {}.
+      _write(directory / _name(jax.process_index(), jax.process_count()), json.dumps({}))
+      return
+    for state in shard_states(args.state):
       p = state["pipeline"]
       _write(directory / _name(p["process_index"], p["process_count"]), json.dumps(state))
 
