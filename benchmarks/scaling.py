@@ -19,8 +19,9 @@ batch x GPUs; ``--batch`` rows of ``--seq`` tokens per GPU):
   8b_fsdpN  llama_8b with fsdp=N (``--batch8b`` rows of ``--seq8b`` tokens per
             GPU): its MFU against the 40% target. Rerun with remat ``full``
             if the configured policy runs out of memory.
-  ppN_S     llama_1b with pipeline=N under schedule S (gpipe, circular with
-            --repeats virtual stages per GPU, 1f1b; --microbatches per step):
+  ppN_S     llama_1b with pipeline=N under schedule S (gpipe, circular and
+            interleaved_1f1b with --repeats virtual stages per GPU, 1f1b;
+            --microbatches per step):
             every GPU holds all rows and 1/N of the layers, the same model
             FLOPs per GPU as fsdpN, against which it is compared. The bubble
             beside it is the formula's; benchmarks/pipeline_bubble.py measures it.
@@ -64,7 +65,7 @@ from benchmarks.train_step import load_config, synthetic_batch, time_steps, trai
 from qtrain.config import validate
 from qtrain.optim import build_optimizer
 from qtrain.parallel import Layout, batch_sharding
-from qtrain.parallel.pipeline import SCHEDULES, Schedule
+from qtrain.parallel.pipeline import SCHEDULES, schedule_of
 from qtrain.train import metrics as metrics_lib
 from qtrain.train import pipeline as _pipeline  # noqa: F401  (registers the pipeline family)
 from qtrain.train.build import build_model
@@ -256,9 +257,7 @@ def child(args) -> None:
          "global_batch": cfg.data.global_batch_size, "seq": cfg.data.seq_len,
          "remat": cfg.model.remat_policy, **_device_facts(devices)}
   if spec.get("pipeline"):
-    t = cfg.train
-    sched = Schedule(t.pipeline_schedule, spec["gpus"], t.pipeline_microbatches,
-                     t.pipeline_repeats if t.pipeline_schedule == "circular" else 1)
+    sched = schedule_of(cfg, spec["gpus"])
     row["pipeline"] = {"schedule": sched.name, "microbatches": sched.m, "repeats": sched.v,
                        "bubble_formula": sched.bubble}
   if spec.get("compile_only"):
@@ -375,7 +374,7 @@ def main() -> None:
                  help="override llama_1b's n_layers (0 = the config's; circular needs "
                  "pipeline x repeats to divide it)")
   p.add_argument("--microbatches", type=int, default=8, help="pipeline microbatches per step")
-  p.add_argument("--repeats", type=int, default=2, help="virtual stages per GPU (circular)")
+  p.add_argument("--repeats", type=int, default=2, help="virtual stages per GPU (circular, interleaved_1f1b)")
   p.add_argument("--model8b", default="llama_8b")
   p.add_argument("--batch8b", type=int, default=1, help="rows per GPU (llama_8b)")
   p.add_argument("--seq8b", type=int, default=0, help="tokens per row; 0 = the config's (8192)")

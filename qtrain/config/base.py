@@ -201,11 +201,13 @@ def base_config() -> ml_collections.ConfigDict:
       grad_accum_steps=1,
       # Pipeline parallelism, with config.mesh.pipeline > 1 and step="pipeline"
       # (qtrain/train/pipeline.py): schedule gpipe | circular (interleaved,
-      # pipeline_repeats virtual stages per device) | 1f1b (PipeDream-flush);
-      # microbatches per step, 0 = config.mesh.pipeline.
+      # pipeline_repeats virtual stages per device) | 1f1b (PipeDream-flush) |
+      # interleaved_1f1b (Megatron's interleaved 1F1B: pipeline_repeats stages
+      # per device, one forward and one backward slot per tick); microbatches
+      # per step, 0 = config.mesh.pipeline.
       pipeline_schedule="gpipe",
       pipeline_microbatches=0,
-      pipeline_repeats=2,  # circular only: each microbatch visits every device this often.
+      pipeline_repeats=2,  # circular, interleaved_1f1b: each microbatch visits every device this often.
       # Flax collections the train step applies as mutable and returns as
       # metrics, e.g. ("intermediates",) for values sown with self.sow.
       collect=(),
