@@ -68,6 +68,13 @@ clean:
 # process starting from its checkpoint. Installs Debian's slurm-wlm and munge
 # with apt-get when missing (root only; otherwise it names them and exits 3).
 # Needs `make data` (and the venv) first; ~2-3 min on two cores.
+# Every smoke-sized command of the docs (those writing under $TMP), run as
+# written after the quickstart's smoke run (tests/test_docs_commands.py);
+# minutes, so apart from `make test`, whose time budget it would take.
+.PHONY: test-docs
+test-docs: data $(TEST_STAMP)
+	QTRAIN_DOCS_SMOKE=1 $(BIN)/python -m pytest -q -p no:xdist tests/test_docs_commands.py -k every_smoke_sized -s
+
 .PHONY: test-slurm
 test-slurm: data $(TRAIN_STAMP)
 	PY=$(BIN)/python DATA=$(DATA) scripts/slurm/local_cluster.sh

@@ -6,6 +6,11 @@ Two checks over the fenced code blocks of README.md and docs/*.md:
   order, from the repository root with ``$TMP`` a fresh temporary directory
   and ``XLA_FLAGS`` empty (one CPU device) unless the command sets it; each
   must exit 0. Smoke commands are smoke-config sized (a minute in all).
+* with ``QTRAIN_DOCS_SMOKE=1`` (``make test-docs``, which ``.ci/run`` runs
+  after ``make test``): every command of any block that writes under
+  ``$TMP`` (the docs' mark of a smoke-sized command), the quickstart's first
+  (the others start from its ``$TMP/smoke``), then README and docs/*.md in
+  order; each must exit 0.
 * every ``python -m qtrain.X`` / ``python scripts/....py`` command in any
   fenced block names a module or script that exists, passes only flags its
   parser lists in ``--help`` (``--helpfull`` for absl), and — where it gives
@@ -54,6 +59,15 @@ def logical_lines(body: str) -> list[str]:
 def smoke_commands() -> list[tuple[str, str]]:
   return [(f"{doc.name}", line) for doc, info, body in blocks() if info.split() == ["sh", "smoke"]
           for line in logical_lines(body) if not line.startswith("#")]
+
+
+def tmp_commands() -> list[tuple[str, str]]:
+  """(doc, line) of every command writing under ``$TMP``, the quickstart's first."""
+  quickstart = ROOT / "docs" / "quickstart.md"
+  order = [quickstart, *(d for d in DOCS if d != quickstart)]
+  return [(doc.name, line) for doc in order for info, body in fenced(doc.read_text())
+          if info.split()[:1] == ["sh"] for line in logical_lines(body)
+          if "$TMP" in line and not line.startswith("#")]
 
 
 def documented_commands() -> list[tuple[str, str, str, list[str]]]:
@@ -176,6 +190,23 @@ def test_smoke_commands_run(tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 0, (f"{doc}: `{command}` exited {r.returncode}:\n"
                                f"{(r.stdout + r.stderr)[-3000:]}")
+
+
+@pytest.mark.skipif(os.environ.get("QTRAIN_DOCS_SMOKE") != "1",
+                    reason="every $TMP command of the docs (minutes): make test-docs, run by .ci/run")
+def test_every_smoke_sized_command_of_the_docs_runs(tmp_path):
+  commands = tmp_commands()
+  assert len(commands) > MAX_SMOKE, commands
+  env = dict(os.environ, TMP=str(tmp_path), XLA_FLAGS="", PYTHONPATH=str(ROOT))
+  env["PATH"] = f"{pathlib.Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+  failed = []
+  for doc, command in commands:
+    r = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    print(f"{doc}: exit {r.returncode}: {command}", flush=True)
+    if r.returncode:
+      failed.append(f"{doc}: `{command}` exited {r.returncode}:\n{(r.stdout + r.stderr)[-2000:]}")
+  assert not failed, "\n\n".join(failed)
 
 
 def test_documented_commands_name_real_modules_flags_and_fields():
