@@ -488,9 +488,9 @@ def test_config_quant_kernels_routes_the_w8a8_model_through_the_dispatcher(monke
     validate(c, n_devices=1)
     model = build_model(c)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 100, (2, 16)), jnp.int32)
-    params = model.init(jax.random.key(0), tokens)["params"]
+    params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]  # Jitted: eager is ~10 s.
     f = lambda p: jnp.mean(model.apply({"params": p}, tokens).astype(jnp.float32) ** 2)
-    return jax.value_and_grad(f)(params)
+    return jax.jit(jax.value_and_grad(f))(params)
 
   l_x, g_x = loss_and_grads("xla")
   assert not calls  # The xla switch never reaches the dispatcher.
