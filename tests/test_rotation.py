@@ -195,8 +195,7 @@ def test_transform_sharded_equals_one_device(impl):
   MLP_HIDDEN is under tensor parallelism), on 4 x 2 host devices: the same
   numbers as one device (float32; the split sums of a sharded contraction
   round differently: 1e-6 of max), forward and gradient."""
-  if jax.device_count() < 8:
-    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+  assert jax.device_count() >= 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (make test does)"
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), ("data", "tensor"))
   sh = NamedSharding(mesh, P("data", None, "tensor"))
