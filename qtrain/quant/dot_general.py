@@ -19,7 +19,11 @@ Modes (one per provider):
   ``DotSpec.kernels`` (``qtrain.kernels.dispatch``: "xla" default, "auto",
   "interpret") routes the three int8 dots with their scale epilogues through
   the Pallas int8 kernel, which rounds exactly as the XLA path does; the
-  custom VJP is unchanged.
+  custom VJP is unchanged. On that path the backward's epilogue writes dX
+  (and dW) in the operand's dtype and dY's dW codes are quantized straight
+  into the [N, M] layout the kernel reads, and the output carries the
+  checkpoint name ``SAVED_OUT`` for remat policies (issue 16: fewer memory
+  passes around the int8 dots; ``benchmarks/quant_passes.py`` counts them).
 * ``fp8``: the same structure with e4m3 forward codes, e5m2 for the
   gradients and float8 dots accumulating in float32.
 * ``none``: the high-precision dot.
@@ -47,12 +51,21 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from qtrain.kernels import dispatch
 from qtrain.quant import calibration, estimators, quantizer
 from qtrain.quant.spec import QuantSpec
 
 MODES = ("none", "fake", "int8", "fp8")
+# The checkpoint name of an int8/fp8 matmul's output. A remat policy that
+# saves dot outputs (dots_with_no_batch_dims_saveable) sees XLA's int8 dot and
+# keeps its int32 accumulator, but not a Pallas kernel's output: it would run
+# every forward kernel whose output the backward needs again (6 of a Llama
+# block's 7 under dots_no_batch). Saving this name keeps the bf16 output
+# instead, for either path: no forward dot in the backward, half the bytes of
+# the int32 accumulator.
+SAVED_OUT = "quant_dot_out"
 
 
 def mode_problem(spec: QuantSpec, mode: str) -> tuple[str, str] | None:
@@ -137,10 +150,22 @@ def _lowp_bwd(cfg: _Lowp, res, g_MN):
     # Move s_w onto dY's columns, quantize per row: dX = s_gx * (Q_gx Q_w^T).
     gx = quantizer.quantize(g_MN * qw.scale, cfg.grad, contract_axis=1, rng=r_x)
     # Move s_x onto dY's rows, quantize per column: dW = (Q_x^T Q_gw) * s_gw.
-    gw = quantizer.quantize(g_MN * qx.scale, cfg.grad, contract_axis=0, rng=r_w)
-    if cfg.acc_dtype == jnp.int32 and cfg.kernels != "xla":  # Codes read in place, untransposed.
-      dx = _scaled_int8(cfg, gx.q, qw.q, gx.scale, None, jnp.float32, w_t=True)
-      dw = _scaled_int8(cfg, qx.q, gw.q, None, gw.scale, jnp.float32, x_t=True)
+    # The kernel reads dW's operands contraction-major (s8 wgmma's only
+    # layout): quantizing the transpose per row writes Q_gw as [N, M] in the
+    # quantizing pass, not in an extra transpose of the codes. Same codes
+    # and scales (a max and elementwise rounding); with stochastic rounding
+    # the noise would be drawn in the other layout, so that keeps [M, N].
+    gw_t = cfg.kernels != "xla" and cfg.acc_dtype == jnp.int32 and not cfg.grad.stochastic_rounding
+    gw = quantizer.quantize((g_MN * qx.scale).T if gw_t else g_MN * qx.scale, cfg.grad,
+                            contract_axis=1 if gw_t else 0, rng=r_w)
+    if cfg.acc_dtype == jnp.int32 and cfg.kernels != "xla":
+      # Without a clipped-STE mask the epilogue writes dX / dW in the
+      # operand's dtype: its one rounding of the float32 product is the cast
+      # below, so the float32 [M, K] write and re-read go (bit-identical).
+      dx = _scaled_int8(cfg, gx.q, qw.q, gx.scale, None,
+                        cfg.x_dtype if mask_x is None else jnp.float32, w_t=True)
+      dw = _scaled_int8(cfg, qx.q, gw.q, None, gw.scale,
+                        cfg.w_dtype if mask_w is None else jnp.float32, x_t=True, w_t=gw_t)
     else:
       dx = jax.lax.dot_general(gx.q, qw.q, _NT, preferred_element_type=cfg.acc_dtype)
       dx = dx.astype(jnp.float32) * gx.scale
@@ -270,7 +295,7 @@ def _lowp(spec: DotSpec, lhs, rhs, lhs_axis, rhs_axis, preferred_element_type, r
               x_dtype=lhs.dtype, w_dtype=rhs.dtype,
               out_dtype=preferred_element_type or lhs.dtype, kernels=spec.kernels)
   y = lowp_matmul(x.reshape(-1, x.shape[-1]), w.reshape(w.shape[0], -1), rng, cfg)
-  return y.reshape(out_shape)
+  return checkpoint_name(y, SAVED_OUT).reshape(out_shape)
 
 
 def _xla(module, lhs, rhs, dimension_numbers, precision, preferred_element_type):
