@@ -20,6 +20,25 @@ Named hook sites (``qtrain.layers.hooks``): ``query`` and ``key`` (after
 RoPE, and after the online R3 rotation when ``cfg.rotation.r3`` is on:
 ``qtrain.layers.rotation``, which names its outputs ``r3_rotated`` for remat)
 and ``value``; the KV quantizer attaches there.
+
+Remat (``save_attention_residuals``, the extra of the ``dots_no_batch_attn``
+policy in ``qtrain.layers.decoder``): cuDNN's backward kernel reads the
+forward's output and its softmax statistics (the per-row logsumexp,
+FlashAttention-2 sec. 3.1.1; [B*M, N, T] float32, M the packed segments per
+row). Name policies cannot keep them: the statistics never leave JAX's
+``custom_vjp`` around the kernel, so under ``dots_no_batch`` (or with the
+output saved by name) the backward runs the cuDNN forward again (8.6 ms of a
+252 ms llama_1b step on an H100). The policy instead keeps every output of
+the cuDNN forward primitive (a policy sees each primitive; JAX's fwd rule binds
+``dot_product_attention_fwd_wrapper`` once with ``is_training=True``, returning
+exactly (output, statistics), the residuals its bwd rule reads). This needs no
+wrapper of our own around cuDNN's backward, only the primitive's identity,
+looked up once and checked with a clear error (the same primitive and fwd
+rule in jax 0.10.2, 0.11.0 and main of 2026-08). On the XLA path, whose backward needs the probabilities (T^2 per head)
+rather than a logsumexp, the analogous saving is the output alone (named
+``attention_xla_out``; the backward then skips the probabilities-times-V
+product): the name is deliberately not ``attention_out``, which the cuDNN
+path also carries and would then be kept twice.
 """
 
 from __future__ import annotations
@@ -40,6 +59,30 @@ from qtrain.layers.sharding import HEADS
 from qtrain.parallel import context_parallel as cp
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+XLA_OUT = "attention_xla_out"  # The XLA path's output, for save_attention_residuals.
+_save_xla_out = jax.checkpoint_policies.save_only_these_names(XLA_OUT)
+_CUDNN_FWD = "dot_product_attention_fwd_wrapper"
+
+
+@functools.cache
+def _cudnn_forward_primitive():
+  """JAX's cuDNN attention forward primitive (private: checked here, once)."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # pylint: disable=g-import-not-at-top
+  prim = getattr(cudnn_fa, "_dot_product_attention_fwd_p_wrapper", None)
+  if getattr(prim, "name", None) != _CUDNN_FWD:
+    raise RuntimeError(
+        f"jax {jax.__version__} has no cuDNN attention primitive {_CUDNN_FWD!r} in "
+        "jax._src.cudnn.fused_attention_stablehlo, so config.model.remat_policy="
+        "'dots_no_batch_attn' cannot keep its outputs: use 'dots_no_batch', or update "
+        "_cudnn_forward_primitive in qtrain/layers/attention.py to this jax")
+  return prim
+
+
+def save_attention_residuals(prim, *avals, **params) -> bool:
+  """Remat policy: keep the attention kernel's forward results for the
+  backward (cuDNN: output and softmax statistics; XLA: the output), so the
+  backward does not run attention's forward again (module docstring)."""
+  return prim is _cudnn_forward_primitive() or _save_xla_out(prim, *avals, **params)
 
 
 def resolve_impl(impl: str, dtype) -> str:
@@ -69,7 +112,7 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, scale=None, mask_
       mask_BTS = mask_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
   logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
   probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
-  out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
+  out_BTKGH = checkpoint_name(jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH), XLA_OUT)
   return out_BTKGH.reshape(B, T, N, H)
 
 
