@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from qtrain.layers import rotation
-from qtrain.layers.attention import Attention
+from qtrain.layers.attention import Attention, save_attention_residuals
 from qtrain.layers.config import ModelConfig
 from qtrain.layers.hooks import Hooks
 from qtrain.layers.mlp import MLP
@@ -37,6 +37,11 @@ REMAT_POLICIES = {
     "dots_attn": _cp.save_from_both_policies(
         _cp.dots_with_no_batch_dims_saveable,
         _cp.save_only_these_names("query_proj", "key_proj", "value_proj", "attention_out")),
+    # Weight matmuls plus the attention kernel's forward results (cuDNN: output
+    # and softmax statistics), so the backward does not re-run attention's
+    # forward (qtrain.layers.attention's docstring).
+    "dots_no_batch_attn": _cp.save_from_both_policies(
+        _cp.dots_with_no_batch_dims_saveable, save_attention_residuals),
 }
 
 
