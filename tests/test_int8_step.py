@@ -44,7 +44,7 @@ def _value_and_grads(spec, x, w, ct, rng):
                                                    ("ste", False, jnp.bfloat16)])
 def test_kernel_path_equals_the_xla_int8_path_bit_for_bit(estimator, sr, w_dtype):
   """Loss, dX and dW of the kernel path (interpret mode; dX / dW written in
-  the operands' dtype by the epilogue, Q_gw quantized as [N, M]) equal the
+  the operands' dtype by the epilogue) equal the
   XLA int8 path's exactly: the same integer sums, scales and one rounding.
   Odd shapes (48 tokens, K = 40, N = 80) pad every tile."""
   rng = np.random.default_rng(0)
@@ -62,11 +62,10 @@ def test_kernel_path_equals_the_xla_int8_path_bit_for_bit(estimator, sr, w_dtype
 
 
 @pytest.mark.parametrize("estimator", ["ste", "clipped_ste"])
-def test_backward_dots_ask_for_their_output_dtype_and_transposed_gradient_codes(
-    monkeypatch, estimator):
+def test_backward_dots_ask_for_their_output_dtype(monkeypatch, estimator):
   """What the kernel path asks the dispatcher for: dX in bf16 (float32 only
-  where a clipped-STE mask follows), dW in w's dtype, and dW's dY codes as
-  an [N, M] operand (w_transposed) read K-major without a transpose."""
+  where a clipped-STE mask follows), dW in w's dtype, the forward codes read
+  in place (x_transposed for dW, w_transposed for dX)."""
   calls = []
 
   def recorded(x, w, s_x=None, s_w=None, *, out_dtype, kernels, **kw):
@@ -82,7 +81,7 @@ def test_backward_dots_ask_for_their_output_dtype_and_transposed_gradient_codes(
   assert fwd[2] == jnp.bfloat16 and fwd[:2] == ((48, 40), (40, 80))
   assert dx[:2] == ((48, 80), (40, 80)) and dx[3]["w_transposed"]
   assert dx[2] == (jnp.bfloat16 if estimator == "ste" else jnp.float32)
-  assert dw[:2] == ((48, 40), (80, 48)) and dw[3] == dict(x_transposed=True, w_transposed=True)
+  assert dw[:2] == ((48, 40), (48, 80)) and dw[3] == dict(x_transposed=True, w_transposed=False)
   assert dw[2] == jnp.float32
 
 

@@ -20,10 +20,9 @@ Modes (one per provider):
   "interpret") routes the three int8 dots with their scale epilogues through
   the Pallas int8 kernel, which rounds exactly as the XLA path does; the
   custom VJP is unchanged. On that path the backward's epilogue writes dX
-  (and dW) in the operand's dtype and dY's dW codes are quantized straight
-  into the [N, M] layout the kernel reads, and the output carries the
-  checkpoint name ``SAVED_OUT`` for remat policies (issue 16: fewer memory
-  passes around the int8 dots; ``benchmarks/quant_passes.py`` counts them).
+  (and dW) in the operand's dtype, and the output carries the checkpoint
+  name ``SAVED_OUT`` for remat policies (issue 16: fewer memory passes
+  around the int8 dots; ``benchmarks/quant_passes.py`` counts them).
 * ``fp8``: the same structure with e4m3 forward codes, e5m2 for the
   gradients and float8 dots accumulating in float32.
 * ``none``: the high-precision dot.
@@ -150,14 +149,10 @@ def _lowp_bwd(cfg: _Lowp, res, g_MN):
     # Move s_w onto dY's columns, quantize per row: dX = s_gx * (Q_gx Q_w^T).
     gx = quantizer.quantize(g_MN * qw.scale, cfg.grad, contract_axis=1, rng=r_x)
     # Move s_x onto dY's rows, quantize per column: dW = (Q_x^T Q_gw) * s_gw.
-    # The kernel reads dW's operands contraction-major (s8 wgmma's only
-    # layout): quantizing the transpose per row writes Q_gw as [N, M] in the
-    # quantizing pass, not in an extra transpose of the codes. Same codes
-    # and scales (a max and elementwise rounding); with stochastic rounding
-    # the noise would be drawn in the other layout, so that keeps [M, N].
-    gw_t = cfg.kernels != "xla" and cfg.acc_dtype == jnp.int32 and not cfg.grad.stochastic_rounding
-    gw = quantizer.quantize((g_MN * qx.scale).T if gw_t else g_MN * qx.scale, cfg.grad,
-                            contract_axis=1 if gw_t else 0, rng=r_w)
+    # The kernel reads Q_gw as [N, M] (s8 wgmma is contraction-major only);
+    # XLA writes it so in the pass that quantizes (the transpose fuses into
+    # the cast: benchmarks/quant_passes.py), so no [N, M] layout here.
+    gw = quantizer.quantize(g_MN * qx.scale, cfg.grad, contract_axis=0, rng=r_w)
     if cfg.acc_dtype == jnp.int32 and cfg.kernels != "xla":
       # Without a clipped-STE mask the epilogue writes dX / dW in the
       # operand's dtype: its one rounding of the float32 product is the cast
@@ -165,7 +160,7 @@ def _lowp_bwd(cfg: _Lowp, res, g_MN):
       dx = _scaled_int8(cfg, gx.q, qw.q, gx.scale, None,
                         cfg.x_dtype if mask_x is None else jnp.float32, w_t=True)
       dw = _scaled_int8(cfg, qx.q, gw.q, None, gw.scale,
-                        cfg.w_dtype if mask_w is None else jnp.float32, x_t=True, w_t=gw_t)
+                        cfg.w_dtype if mask_w is None else jnp.float32, x_t=True)
     else:
       dx = jax.lax.dot_general(gx.q, qw.q, _NT, preferred_element_type=cfg.acc_dtype)
       dx = dx.astype(jnp.float32) * gx.scale
