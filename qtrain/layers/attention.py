@@ -34,11 +34,12 @@ the cuDNN forward primitive (a policy sees each primitive; JAX's fwd rule binds
 exactly (output, statistics), the residuals its bwd rule reads). This needs no
 wrapper of our own around cuDNN's backward, only the primitive's identity,
 looked up once and checked with a clear error (the same primitive and fwd
-rule in jax 0.10.2, 0.11.0 and main of 2026-08). On the XLA path, whose backward needs the probabilities (T^2 per head)
-rather than a logsumexp, the analogous saving is the output alone (named
-``attention_xla_out``; the backward then skips the probabilities-times-V
-product): the name is deliberately not ``attention_out``, which the cuDNN
-path also carries and would then be kept twice.
+rule in jax 0.10.2, 0.11.0 and main of 2026-08). On the XLA path, whose
+backward needs the probabilities (T^2 per head) rather than a logsumexp, the
+analogous saving is the output alone (named ``attention_xla_out``; the
+backward then skips the probabilities-times-V product). The name is
+deliberately not ``attention_out``, which the cuDNN path also carries: the
+policy would then keep the same tensor twice.
 """
 
 from __future__ import annotations
