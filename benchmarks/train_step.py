@@ -18,6 +18,11 @@ Batches are synthetic; ``--packed=K`` splits every row into K documents
 config's own value (the baseline), in the same process; each row carries
 ``ratio_vs_baseline`` and ``temp_gib``, the compiled step's temporary memory
 (per variant; ``peak_mem_gib`` is the process's peak so far).
+
+``--remat=dots_no_batch,dots_no_batch_attn`` times each remat policy in turn,
+in the same process, the first one being the baseline of the ratios (issue 17:
+``dots_no_batch_attn`` keeps cuDNN attention's residuals, so its forward does
+not run twice; ``temp_gib`` shows what that costs in memory).
 """
 
 from __future__ import annotations
@@ -181,7 +186,8 @@ def main() -> None:
   p.add_argument("--seq", type=int, default=2048)
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--packed", type=int, default=0, help="documents per row; 0 = unpacked")
-  p.add_argument("--remat", default=None, help="override config.model.remat_policy")
+  p.add_argument("--remat", default=None,
+                 help="override config.model.remat_policy; comma-separated: each timed in turn")
   p.add_argument("--max_segments", type=int, default=16,
                  help="config.model.attention_max_segments (0 = seq)")
   p.add_argument("--mu_dtype", default=None, help="override config.optim.adamw.mu_dtype")
@@ -192,8 +198,7 @@ def main() -> None:
   p.add_argument("--out", default=None, help="append JSON lines here")
   args = p.parse_args()
   cfg = load_config(args.model)
-  if args.remat:
-    cfg.model.remat_policy = args.remat
+  policies = [r for r in (args.remat or "").split(",") if r] or [cfg.model.remat_policy]
   cfg.model.attention_max_segments = args.max_segments
   if args.mu_dtype:
     cfg.optim.adamw.mu_dtype = args.mu_dtype
@@ -206,13 +211,14 @@ def main() -> None:
     print(json.dumps({**common, **peer}), flush=True)
   rows = []
   variants = [int(n) for n in args.loss_chunks.split(",") if n]
-  for chunks in [cfg.model.get("loss_chunks", 0)] + variants:
-    cfg.model.loss_chunks = chunks
-    rows.append({**common, "packed": args.packed, "remat": cfg.model.remat_policy,
-                 "max_segments": args.max_segments, "mu_dtype": cfg.optim.adamw.mu_dtype,
-                 "loss_chunks": chunks,
-                 **bench_qtrain(cfg, args.batch, args.seq, args.packed, args.steps)})
-    rows[-1]["ratio_vs_baseline"] = rows[-1]["tokens_per_s"] / rows[0]["tokens_per_s"]
+  for policy in policies:
+    for chunks in [cfg.model.get("loss_chunks", 0)] + variants:
+      cfg.model.remat_policy, cfg.model.loss_chunks = policy, chunks
+      rows.append({**common, "packed": args.packed, "remat": policy,
+                   "max_segments": args.max_segments, "mu_dtype": cfg.optim.adamw.mu_dtype,
+                   "loss_chunks": chunks,
+                   **bench_qtrain(cfg, args.batch, args.seq, args.packed, args.steps)})
+      rows[-1]["ratio_vs_baseline"] = rows[-1]["tokens_per_s"] / rows[0]["tokens_per_s"]
   if peer:
     rows.insert(1, {**common, **peer})
     rows[0]["ratio_vs_peer"] = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
@@ -223,13 +229,14 @@ def main() -> None:
       with open(args.out, "a", encoding="utf-8") as f:
         f.write(json.dumps(r) + "\n")
   q = rows[0]
-  print(f"{args.model} b{args.batch}x{args.seq} qtrain: {q['tokens_per_s']:,.0f} tok/s, "
+  print(f"{args.model} b{args.batch}x{args.seq} qtrain ({q['remat']}): "
+        f"{q['tokens_per_s']:,.0f} tok/s, "
         f"MFU {q['mfu']:.1%}, peak {q['peak_mem_gib']:.1f} GiB"
         + (f"; HF peer {rows[1]['tokens_per_s']:,.0f} tok/s (MFU {rows[1]['mfu']:.1%}); "
            f"ratio {q['ratio_vs_peer']:.2f}x" if args.peer else ""))
   for r in rows[1:]:
     if r["impl"] == "qtrain":
-      print(f"  loss_chunks={r['loss_chunks']}: {r['tokens_per_s']:,.0f} tok/s "
+      print(f"  remat={r['remat']} loss_chunks={r['loss_chunks']}: {r['tokens_per_s']:,.0f} tok/s "
             f"({r['ratio_vs_baseline']:.3f}x), MFU {r['mfu']:.1%}, temp {r['temp_gib']:.2f} GiB "
             f"(baseline {q['temp_gib']:.2f} GiB)")
 
