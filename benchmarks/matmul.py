@@ -111,11 +111,13 @@ FLAVOURS = {"triton": "gpu", "mosaic": "mosaic_gpu"}
 
 W4A16_CONFIGS = ("16,64,0,4,4", "16,64,0,4,4,4", "16,128,0,4,4,8", "64,128,0,4,3",
                  "128,128,0,8,3", "128,256,0,8,3")
-# --decode: int4_gemv configs "bn,split_k,warps,stages,swap,unpack" (split_k 0:
-# the kernel's rule, >= 4 programs per SM): its default, the swapped dot,
-# a wider and a narrower column tile, v1's shift unpacking, and no split-K.
-GEMV_CONFIGS = ("128,0,4,3,0,magic", "128,0,4,3,1,magic", "256,0,8,3,0,magic",
-                "64,0,4,4,0,magic", "128,0,4,3,0,shift", "128,1,4,4,0,magic")
+# --decode: int4_gemv configs "bn,split_k,warps,stages,swap,unpack[,per_sm]"
+# (split_k 0: the kernel's rule, >= per_sm programs per SM, 4 by default):
+# its default, the swapped dot (4 and 8 warps), a narrow tile with half the
+# split-K partials, a wide tile, and Triton's own int8 -> bf16 conversion.
+# Each compiles for sm_90 without spilling (Triton 3.9 on CPU, KERNEL_NOTES).
+GEMV_CONFIGS = ("128,0,4,3,0,magic", "128,0,4,3,1,magic", "128,0,8,3,1,magic",
+                "64,0,4,4,0,magic,2", "256,0,8,3,0,magic", "128,0,4,3,0,shift")
 DECODE_MS = (16, 1)
 DECODE_CALLS = 16  # Launches per timed dispatch at least: the host's share per call / 16.
 
@@ -357,14 +359,15 @@ def bench_w4a16(sets, m, n, k, configs, interpret, reps, row, group=128):
 
 
 def gemv_config(spec: str) -> k4g.GemvConfig:
-  """"bn,split_k,warps,stages,swap,unpack" -> ``int4_gemv.GemvConfig``."""
+  """"bn,split_k,warps,stages,swap,unpack[,per_sm]" -> ``int4_gemv.GemvConfig``."""
   try:
-    bn, split, warps, stages, swap, unpack = spec.split(",")
-    cfg = k4g.GemvConfig(int(bn), int(split), int(warps), int(stages), bool(int(swap)), unpack)
+    bn, split, warps, stages, swap, unpack, *per_sm = spec.split(",")
+    cfg = k4g.GemvConfig(int(bn), int(split), int(warps), int(stages), bool(int(swap)), unpack,
+                         *map(int, per_sm))
     k4g.check_config(cfg)
-  except ValueError as e:
+  except (ValueError, TypeError) as e:
     raise ValueError(f"--gemv_configs entry {spec!r}: bn,split_k,warps,stages,swap(0/1),"
-                     f"unpack({'/'.join(k4g.UNPACKS)}): {e}") from e
+                     f"unpack({'/'.join(k4g.UNPACKS)})[,per_sm]: {e}") from e
   return cfg
 
 
@@ -653,7 +656,7 @@ def main() -> None:
   p.add_argument("--decode", action="store_true",
                  help="W4A16 at decode M (1, 16): int4_gemv configs, v1, XLA, byte floors instead")
   p.add_argument("--gemv_configs", default=";".join(GEMV_CONFIGS),
-                 help="--decode: ';'-separated bn,split_k,warps,stages,swap(0/1),unpack")
+                 help="--decode: ';'-separated bn,split_k,warps,stages,swap(0/1),unpack[,per_sm]")
   p.add_argument("--out", default=None)
   args = p.parse_args()
   if args.decode:

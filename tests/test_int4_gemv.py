@@ -92,10 +92,14 @@ def test_unpack_every_byte(unpack):
 
 
 def test_split_rule():
-  assert g.split_for(112, 16) == 8  # 8b gate_up, bn 128: 112 x 8 = 896 >= 528 programs.
-  assert g.split_for(16, 8) == 8  # 1b attn: never enough, every group pair its own program.
-  assert g.split_for(600, 16) == 1
-  assert g.split_for(10, 12, split_k=5) == 4  # A divisor of the group pairs, at most 5.
+  """Programs per SM first, under the partials' byte cap K / (128 M)."""
+  assert g.split_for(1, 4096, 112, 16) == 8  # 8b gate_up, bn 128: 112 x 8 = 896 >= 528 programs.
+  assert g.split_for(16, 4096, 112, 16) == 2  # M = 16: the partials cap it at 2.
+  assert g.split_for(16, 14336, 32, 56) == 7  # 8b down: 7 <= 14336 / 2048, a divisor of 56.
+  assert g.split_for(1, 2048, 16, 8) == 8  # 1b attn: never enough, every group pair its own program.
+  assert g.split_for(1, 4096, 600, 16) == 1
+  assert g.split_for(1, 6144, 10, 12, split_k=5) == 4  # A divisor of the group pairs, at most 5.
+  assert g.split_for(1, 4096, 224, 16, per_sm=2) == 2  # bn 64: 448 >= 264 programs.
 
 
 def test_one_kernel_and_no_glue_at_decode_shapes():

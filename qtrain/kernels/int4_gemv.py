@@ -26,7 +26,7 @@ the weight: at M <= 16 the K N / 2 packed bytes are all the work (8b gate_up:
   keeps ``int4_matmul``'s shifts + conversion, to measure the difference.
 * Wide tiles over N: ``bn`` >= 128 columns make each packed row a 128-byte
   run (16-byte loads, whole sectors); split-K spreads the group pairs so
-  that >= ``TARGET_PROGRAMS`` (4 per SM of an H100) are in flight.
+  that >= ``per_sm`` programs per SM of an H100 are in flight.
 * ``swap``: the dot runs as y^T = W^T x^T, the dequantized weight tile as
   the left operand (the wide M side of the tensor-core tile, 16 x columns of
   x on the narrow side) instead of padding x's 16 rows up to the MMA's M.
@@ -56,7 +56,7 @@ from qtrain.kernels.int4 import _check
 from qtrain.kernels.int8 import with_poison
 
 MAX_M = 16  # One tensor-core tile of rows; tl.dot's smallest side.
-TARGET_PROGRAMS = 4 * 132  # Four per SM of an H100: enough loads in flight per SM.
+SMS = 132  # An H100's; split-K aims at ``GemvConfig.per_sm`` programs on each.
 UNPACKS = ("magic", "shift")
 
 
@@ -66,10 +66,11 @@ class GemvConfig:
 
   bn: output columns per program (packed bytes per row run), a power of two
   >= 16. split_k: programs per column tile, each summing hg / split_k group
-  pairs into its own float32 partial (0: the smallest divisor of hg that
-  puts >= TARGET_PROGRAMS programs in flight). swap: the weight tile is the
-  dot's left operand (see the module doc). unpack: "magic" (bf16 exponent
-  trick) or "shift" (shifts + int -> bf16 conversion).
+  pairs into its own float32 partial (0: ``split_for``'s rule: >= per_sm
+  programs per SM, the partials' bytes under an eighth of the packed
+  weight's). swap: the weight tile is the dot's left operand (see the module doc).
+  unpack: "magic" (bf16 exponent trick) or "shift" (shifts + int -> bf16
+  conversion).
   """
   bn: int = 128
   split_k: int = 0
@@ -77,19 +78,26 @@ class GemvConfig:
   num_stages: int = 3
   swap: bool = False
   unpack: str = "magic"
+  per_sm: int = 4
 
 
 DEFAULT = GemvConfig()
 
 
-def split_for(n_tiles: int, half_groups: int, split_k: int = 0) -> int:
-  """The split a call runs: a divisor of the group pairs (a split never
-  pads K), ``split_k`` cut down to one, or for 0 the smallest reaching
-  ``TARGET_PROGRAMS`` (all of them if none does)."""
+def split_for(m: int, k: int, n_tiles: int, half_groups: int, split_k: int = 0,
+              per_sm: int = 4) -> int:
+  """The split a call runs, always a divisor of the group pairs (a split
+  never pads K): ``split_k`` cut down to one; for 0 the smallest reaching
+  ``per_sm`` programs per SM, but at most K / (128 M): the float32 partials,
+  written and read back (8 bytes per split per output element), stay under
+  an eighth of the packed bytes (K / 2 per column). At M = 16 that allows
+  2 splits at K = 4096, 7 at K = 14336; at M = 1, 32."""
   divisors = [d for d in range(1, half_groups + 1) if half_groups % d == 0]
   if split_k:
     return max(d for d in divisors if d <= split_k)
-  return next((d for d in divisors if n_tiles * d >= TARGET_PROGRAMS), divisors[-1])
+  cap = max(1, k // (128 * m))
+  fits = [d for d in divisors if d <= cap]
+  return next((d for d in fits if n_tiles * d >= per_sm * SMS), fits[-1])
 
 
 def unpack_bf16(p, unpack: str = "magic"):
@@ -156,11 +164,14 @@ def check_config(cfg: GemvConfig):
     raise ValueError(f"GemvConfig.bn={cfg.bn}: a power of two >= 16 (Triton tiles)")
   if cfg.unpack not in UNPACKS:
     raise ValueError(f"GemvConfig.unpack={cfg.unpack!r}: one of {UNPACKS}")
+  if cfg.split_k < 0 or cfg.per_sm < 1:
+    raise ValueError(f"GemvConfig split_k={cfg.split_k} (>= 0, 0: by per_sm), "
+                     f"per_sm={cfg.per_sm} (>= 1)")
 
 
 def out_shape(m: int, n: int, k: int, group: int, cfg: GemvConfig = DEFAULT) -> tuple[int, ...]:
   """The kernel's output: [M, N], or [split, M, N] float32 partials."""
-  sk = split_for(-(-n // cfg.bn), k // (2 * group), cfg.split_k)
+  sk = split_for(m, k, -(-n // cfg.bn), k // (2 * group), cfg.split_k, cfg.per_sm)
   return (m, n) if sk == 1 else (sk, m, n)
 
 
@@ -178,7 +189,7 @@ def int4_gemv(x, packed, scales, *, group: int = 128, out_dtype=jnp.bfloat16,
                      "int4.int4_matmul tiles larger M")
   hg = k // (2 * group)
   n_tiles = -(-n // cfg.bn)
-  sk = split_for(n_tiles, hg, cfg.split_k)
+  sk = split_for(m, k, n_tiles, hg, cfg.split_k, cfg.per_sm)
   specs = [pl.BlockSpec((MAX_M, k), lambda j, s: (0, 0)),
            pl.BlockSpec((k // 2, cfg.bn), lambda j, s: (0, j)),
            pl.BlockSpec((k // group, cfg.bn), lambda j, s: (0, j))]
