@@ -72,16 +72,18 @@ def _shapes(text: str):
 def passes(hlo: str, classes: dict) -> list[Pass]:
   """The passes of an optimized HLO module's text (``compiled.as_text()``).
 
-  ``classes`` maps a name to a shape, e.g. {"MK": (M, K)}; an array whose
-  sorted dims equal a class's sorted dims is of that class (so choose M, K,
-  N distinct), any other array is ignored. Fused computations are skipped:
+  ``classes`` maps a name to a shape, e.g. {"MK": (M, K)}, or to a list of
+  shapes (the same tensor as [B, T, K] and [B*T, K]); an array whose sorted
+  dims equal a class's sorted dims is of that class (so choose M, K, N
+  distinct), any other array is ignored. Fused computations are skipped:
   their work is counted once, at the fusion op that calls them."""
-  by_dims = {tuple(sorted(s)): c for c, s in classes.items()}
+  by_dims = {tuple(sorted(s)): c for c, ss in classes.items()
+             for s in (ss if isinstance(ss, list) else [ss])}
   fused = set(re.findall(r"\bfusion\(.*?calls=%([\w.\-]+)", hlo))
   out, shapes, skip = [], {}, False
   for line in hlo.splitlines():
-    head = re.match(r"\s*(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$", line)
-    if head and "=" not in line.split("{")[0]:
+    head = re.match(r"(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$", line)  # Unindented: a computation.
+    if head:
       skip, shapes = head.group(2) in fused, {}
       continue
     m = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s([\w\-]+)\((.*)", line)
@@ -150,6 +152,44 @@ def count(m: int, k: int, n: int, kernels: str, stub: bool, hp_bwd: bool = False
   return {"fwd": passes(hlos[0], classes), "bwd": passes(hlos[1], classes)}
 
 
+# The custom calls an int8 kernel becomes: the CPU stand-in; Mosaic GPU's call.
+_KERNEL_CALL = re.compile(r'custom_call_target="(xla_ffi_python_cpu_callback|mosaic_gpu[\w]*)"')
+
+
+def step_kernel_calls(kernels: str, policy: str, stub: bool, extra_policies: dict | None = None,
+                      dtype: str = "float32") -> int:
+  """Int8 kernel calls in the compiled gradient of a one-block w8a8 smoke
+  model under remat ``policy`` (a scanned block's forward and backward are
+  each one loop body, so this is per block: 21 = 7 forward + 14 backward,
+  more where remat runs forward kernels again). ``extra_policies`` are
+  registered into ``decoder.REMAT_POLICIES`` for the call."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from qtrain.layers import decoder  # pylint: disable=g-import-not-at-top
+  from qtrain.train.build import build_model  # pylint: disable=g-import-not-at-top
+  restore = [(decoder.REMAT_POLICIES, name, decoder.REMAT_POLICIES.get(name))
+             for name in (extra_policies or {})]
+  decoder.REMAT_POLICIES.update(extra_policies or {})
+  if stub:
+    _stub_kernel(restore)
+  try:
+    c = default.get_config("smoke,w8a8")
+    c.model.update(n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, head_dim=16, d_ff=64,
+                   remat_policy=policy, dtype=dtype)
+    c.quant.kernels = kernels
+    model = build_model(c)
+    tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+    f = lambda p, t: jnp.mean(model.apply({"params": p}, t).astype(jnp.float32) ** 2)
+    hlo = jax.jit(jax.grad(f)).lower(params, tokens).compile().as_text()
+  finally:
+    for target, attr, val in restore:
+      if isinstance(target, dict):
+        target.pop(attr) if val is None else target.__setitem__(attr, val)
+      else:
+        setattr(target, attr, val)
+  return len(_KERNEL_CALL.findall(hlo))
+
+
 def summary(counted: dict) -> str:
   lines = []
   for part, ps in counted.items():
@@ -166,7 +206,17 @@ def main() -> None:
   p.add_argument("--kernels", default="xla,auto")
   p.add_argument("--stub", type=int, default=int(jax.default_backend() != "gpu"))
   p.add_argument("--hp_bwd", action="store_true")
+  p.add_argument("--step", action="store_true",
+                 help="also count the int8 kernels of a one-block model's step per remat policy")
   args = p.parse_args()
+  if args.step:
+    from qtrain.quant.dot_general import SAVED_OUT  # pylint: disable=g-import-not-at-top
+    cp = jax.checkpoint_policies
+    saved = {"dots_no_batch_quant_out": cp.save_from_both_policies(
+        cp.dots_with_no_batch_dims_saveable, cp.save_only_these_names(SAVED_OUT))}
+    for policy in ("none", "dots_no_batch", "dots_no_batch_quant_out"):
+      n = step_kernel_calls("auto", policy, bool(args.stub), saved)
+      print(f"int8 kernels per block, remat_policy={policy}: {n}")
   for kernels in args.kernels.split(","):
     stub = bool(args.stub) and kernels != "xla"
     c = count(args.m, args.k, args.n, kernels, stub, args.hp_bwd)
