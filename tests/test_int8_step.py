@@ -147,3 +147,34 @@ def test_saved_output_name_keeps_remat_from_rerunning_forward_kernels():
     out.append(jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(x, w1, w2))
   assert float(out[0][0]) == float(out[1][0])
   jax.tree.map(np.testing.assert_array_equal, out[0][1], out[1][1])
+
+
+def test_quant_step_save_out_variant_registers_the_saving_policy(monkeypatch):
+  """benchmarks/quant_step.py's '+save_out' suffix: the config's policy
+  becomes '<policy>_quant_out', which saves what the base policy saves
+  (dots) and the quantized matmul outputs; 'none' and 'full' stay."""
+  from benchmarks import quant_step
+  from jax.ad_checkpoint import checkpoint_name
+
+  from configs import default
+  from qtrain.layers import decoder
+
+  monkeypatch.setattr(decoder, "REMAT_POLICIES", dict(decoder.REMAT_POLICIES))
+  c = default.get_config("smoke,w8a8")
+  c.model.remat_policy = "dots_no_batch"
+  quant_step.save_quant_out(c)
+  assert c.model.remat_policy == "dots_no_batch_quant_out"
+  policy = decoder.REMAT_POLICIES[c.model.remat_policy]
+  f = lambda x, w: jnp.sum(jnp.cos(checkpoint_name(jnp.sin(x @ w), dg.SAVED_OUT)))
+  # Ops the gradient runs (forward and what remat runs again): sin is
+  # recomputed unless its named output is saved, the dot unless dots are.
+  ops = lambda pol: str(jax.make_jaxpr(jax.grad(jax.checkpoint(f, policy=pol)))(
+      jnp.ones((4, 4)), jnp.ones((4, 4))))
+  count = lambda pol: (ops(pol).count(" sin "), ops(pol).count("dot_general"))
+  base = decoder.REMAT_POLICIES["dots_no_batch"]
+  assert count(base)[0] == count(policy)[0] + 1  # The named output is kept...
+  assert count(policy)[1] == count(base)[1]  # ...and the dots as before.
+  for fixed in ("none", "full"):
+    c.model.remat_policy = fixed
+    quant_step.save_quant_out(c)
+    assert c.model.remat_policy == fixed
