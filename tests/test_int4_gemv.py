@@ -134,3 +134,20 @@ def test_errors_name_the_fix():
   with pytest.raises(ValueError, match="GemvConfig.bn"):
     g.int4_gemv(x[:1], p, s, group=32, config=g.GemvConfig(bn=48))
   assert g.takes(16, 256, 128) and not g.takes(17, 256, 128) and not g.takes(1, 384, 128)
+
+
+def test_decode_benchmark_configs_lower_for_cuda():
+  """Every config ``matmul.py --decode`` times parses and lowers to one
+  Triton call at a multi-step shape (8b down, M = 16: split 7, 8 group
+  pairs per program) and a one-step one (1b attn_out, M = 1), so a GPU
+  run does not spend its time on a config that cannot build."""
+  from benchmarks import matmul as bench  # pylint: disable=g-import-not-at-top
+  s = jax.ShapeDtypeStruct
+  for spec in bench.GEMV_CONFIGS:
+    for m, k, n in ((16, 14336, 4096), (1, 2048, 2048)):
+      fn = functools.partial(g.int4_gemv, group=128, config=bench.gemv_config(spec))
+      text = jax.jit(fn).trace(s((m, k), jnp.bfloat16), s((k // 2, n), jnp.int8),
+                               s((k // 128, n), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
+      assert text.count("xla.gpu.triton") == 1, (spec, m)
+  with pytest.raises(ValueError, match="--gemv_configs"):
+    bench.gemv_config("128,0,4,3,0,fast")

@@ -24,6 +24,9 @@ partial sum is scaled once per output element instead of dequantizing every
 weight element. ``int4_matmul_xla`` computes the same grouped sums in XLA
 (the reference; only float32 summation order differs).
 
+Decode sizes (M <= 16) have their own kernel, ``int4_gemv.py`` (same
+packing and numerics; one launch, no padding, cheaper unpacking).
+
 Shapes: K must be a multiple of 2 * group (else ValueError: the dispatcher
 takes the XLA path); M and N are zero-padded to their blocks. ``split_k``
 (``Blocks``) splits the group pairs over more programs for small M, each
