@@ -156,13 +156,20 @@ def count(m: int, k: int, n: int, kernels: str, stub: bool, hp_bwd: bool = False
 _KERNEL_CALL = re.compile(r'custom_call_target="(xla_ffi_python_cpu_callback|mosaic_gpu[\w]*)"')
 
 
-def step_kernel_calls(kernels: str, policy: str, stub: bool, extra_policies: dict | None = None,
-                      dtype: str = "float32") -> int:
-  """Int8 kernel calls in the compiled gradient of a one-block w8a8 smoke
-  model under remat ``policy`` (a scanned block's forward and backward are
-  each one loop body, so this is per block: 21 = 7 forward + 14 backward,
-  more where remat runs forward kernels again). ``extra_policies`` are
-  registered into ``decoder.REMAT_POLICIES`` for the call."""
+# The model of the step counts: tokens 2 x 320 (M = 640), d_model 128, 4
+# heads of 64 (q, k, v: 256 wide), d_ff 384. Every dim is a whole Mosaic
+# tile (no padding passes) and the widths differ, so an activation's class
+# names it. Two scanned blocks: the forward and the backward are each one
+# loop body (one block's work), which XLA would inline for one block.
+STEP_MODEL = dict(n_layers=2, d_model=128, n_heads=4, n_kv_heads=4, head_dim=64, d_ff=384)
+STEP_TOKENS = (2, 320)
+
+
+def step_hlo(kernels: str, policy: str, stub: bool, extra_policies: dict | None = None,
+             dtype: str = "float32") -> str:
+  """The compiled gradient (HLO text) of a one-block w8a8 smoke model under
+  remat ``policy``; ``extra_policies`` are registered into
+  ``decoder.REMAT_POLICIES`` for the call."""
   from configs import default  # pylint: disable=g-import-not-at-top
   from qtrain.layers import decoder  # pylint: disable=g-import-not-at-top
   from qtrain.train.build import build_model  # pylint: disable=g-import-not-at-top
@@ -173,21 +180,48 @@ def step_kernel_calls(kernels: str, policy: str, stub: bool, extra_policies: dic
     _stub_kernel(restore)
   try:
     c = default.get_config("smoke,w8a8")
-    c.model.update(n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, head_dim=16, d_ff=64,
-                   remat_policy=policy, dtype=dtype)
+    c.model.update(remat_policy=policy, dtype=dtype, **STEP_MODEL)
     c.quant.kernels = kernels
     model = build_model(c)
-    tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+    tokens = jax.ShapeDtypeStruct(STEP_TOKENS, jnp.int32)
     params = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
     f = lambda p, t: jnp.mean(model.apply({"params": p}, t).astype(jnp.float32) ** 2)
-    hlo = jax.jit(jax.grad(f)).lower(params, tokens).compile().as_text()
+    return jax.jit(jax.grad(f)).lower(params, tokens).compile().as_text()
   finally:
     for target, attr, val in restore:
       if isinstance(target, dict):
         target.pop(attr) if val is None else target.__setitem__(attr, val)
       else:
         setattr(target, attr, val)
-  return len(_KERNEL_CALL.findall(hlo))
+
+
+def step_kernel_calls(kernels: str, policy: str, stub: bool, extra_policies: dict | None = None,
+                      dtype: str = "float32") -> int:
+  """Int8 kernel calls in ``step_hlo`` (a scanned block's forward and
+  backward are each one loop body, so this is per block: 21 = 7 forward +
+  14 backward, more where remat runs forward kernels again)."""
+  return len(_KERNEL_CALL.findall(step_hlo(kernels, policy, stub, extra_policies, dtype)))
+
+
+def step_code_passes(hlo: str) -> list[tuple[str, int, int]]:
+  """(computation, int8 kernels, passes writing [M, *] int8 codes) for each
+  computation of ``step_hlo`` that calls a kernel. Ideal per block: forward
+  4 code passes for 7 kernels (q, k, v share the attention input's codes,
+  gate and up the MLP input's); backward 18 for 14 (the 4 inputs' codes for
+  dW, dY's two codes per matmul)."""
+  m = STEP_TOKENS[0] * STEP_TOKENS[1]
+  widths = {STEP_MODEL["d_model"], STEP_MODEL["n_heads"] * STEP_MODEL["head_dim"],
+            STEP_MODEL["n_kv_heads"] * STEP_MODEL["head_dim"], STEP_MODEL["d_ff"]}
+  classes = {f"M{w}": [(m, w), (*STEP_TOKENS, w)] for w in widths}
+  out = []
+  for comp in re.split(r"\n(?=(?:ENTRY )?%[\w.\-]+ \()", hlo):
+    calls = len(_KERNEL_CALL.findall(comp))
+    if calls:
+      name = re.match(r"\s*(?:ENTRY )?%([\w.\-]+)", comp)
+      codes = [p for p in passes("HloModule step\n" + comp, classes) if p.op != "custom-call"
+               and any(d == "s8" for _, d, _ in p.writes)]
+      out.append((name.group(1) if name else "?", calls, len(codes)))
+  return out
 
 
 def summary(counted: dict) -> str:
@@ -215,8 +249,10 @@ def main() -> None:
     saved = {"dots_no_batch_quant_out": cp.save_from_both_policies(
         cp.dots_with_no_batch_dims_saveable, cp.save_only_these_names(SAVED_OUT))}
     for policy in ("none", "dots_no_batch", "dots_no_batch_quant_out"):
-      n = step_kernel_calls("auto", policy, bool(args.stub), saved)
-      print(f"int8 kernels per block, remat_policy={policy}: {n}")
+      hlo = step_hlo("auto", policy, bool(args.stub), saved)
+      print(f"int8 kernels per block, remat_policy={policy}: {len(_KERNEL_CALL.findall(hlo))}; "
+            "(computation, kernels, int8 code passes): "
+            + ", ".join(map(str, step_code_passes(hlo))))
   for kernels in args.kernels.split(","):
     stub = bool(args.stub) and kernels != "xla"
     c = count(args.m, args.k, args.n, kernels, stub, args.hp_bwd)

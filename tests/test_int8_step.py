@@ -121,7 +121,8 @@ def test_saved_output_name_keeps_remat_from_rerunning_forward_kernels():
   """Under dots_no_batch a Pallas kernel's output is not a dot, so remat ran
   6 of a block's 7 forward int8 kernels again in the backward (27 kernels a
   block, not 21 = 7 forward + 14 backward). A policy that also saves
-  ``dg.SAVED_OUT`` runs 21. Values do not depend on what remat keeps: two
+  ``dg.SAVED_OUT`` runs 21, and its backward writes the fewest int8 codes.
+  Values do not depend on what remat keeps: two
   checkpointed int8 matmuls give the same loss and grads bit for bit under
   both policies (XLA path)."""
   from qtrain.layers import decoder
@@ -130,9 +131,14 @@ def test_saved_output_name_keeps_remat_from_rerunning_forward_kernels():
   policy = cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable,
                                       cp.save_only_these_names(dg.SAVED_OUT))
   saved = {"dots_no_batch_quant": policy}
-  kernels = {name: quant_passes.step_kernel_calls("auto", name, stub=True, extra_policies=saved)
-             for name in ("dots_no_batch", "dots_no_batch_quant")}
+  hlos = {name: quant_passes.step_hlo("auto", name, stub=True, extra_policies=saved)
+          for name in ("dots_no_batch", "dots_no_batch_quant")}
+  kernels = {name: len(quant_passes._KERNEL_CALL.findall(h)) for name, h in hlos.items()}  # pylint: disable=protected-access
   assert kernels == {"dots_no_batch": 27, "dots_no_batch_quant": 21}, kernels
+  # The backward body then quantizes each block input once for dW and dY
+  # twice per matmul: 4 + 2 * 7 code passes, the fewest (was 21).
+  backward = max(quant_passes.step_code_passes(hlos["dots_no_batch_quant"]), key=lambda c: c[1])
+  assert backward[1:] == (14, 18), backward
   assert "dots_no_batch_quant" not in decoder.REMAT_POLICIES  # Registered for the call only.
 
   spec = _spec("xla")
