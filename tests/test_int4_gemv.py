@@ -151,3 +151,30 @@ def test_decode_benchmark_configs_lower_for_cuda():
       assert text.count("xla.gpu.triton") == 1, (spec, m)
   with pytest.raises(ValueError, match="--gemv_configs"):
     bench.gemv_config("128,0,4,3,0,fast")
+
+
+def test_gemv_dot_on_a_packed_weight():
+  """The dispatcher's entry on what ``packed.dot`` hands it (per-channel
+  scales as groups of ``kernel_group(K)`` rows, x flattened to [M, K]),
+  against float64 x (q s): each element within one bf16 rounding of the
+  exact value plus float32 summation error (2^-20 of the sum of |terms|).
+  The XLA path of ``packed.dot`` rounds q s to bf16 first (the dense
+  layer's cast), so it is checked against the same float64 value with that
+  rounding added (2^-8 of the sum of |terms|): the kernel is the closer."""
+  from qtrain.kernels import packed as kp  # pylint: disable=g-import-not-at-top
+  k, n = 256, 48
+  rng = np.random.default_rng(9)
+  q = jnp.asarray(rng.integers(-7, 8, (k, n)), jnp.int8)
+  w = kp.pack(q, jnp.asarray(rng.uniform(0.01, 0.02, (1, n)), jnp.float32), jnp.bfloat16)
+  x = jnp.asarray(rng.standard_normal((2, 3, k)), jnp.bfloat16)  # M = 6 tokens.
+  x64, w64 = np.asarray(x, np.float64).reshape(-1, k), np.asarray(q, np.float64) * np.asarray(w.scales)
+  ref, terms = x64 @ w64, np.abs(x64) @ np.abs(w64)
+  g_ = kp.kernel_group(k, 1)
+  scales = jnp.broadcast_to(w.scales, (k // g_, n))
+  y = g.gemv_dot(x.reshape(-1, k), w.codes, scales, group=g_, out_dtype=jnp.bfloat16, interpret=True)
+  err = np.abs(np.asarray(y, np.float64) - ref)
+  np.testing.assert_array_less(err, 2.0 ** -8 * np.abs(ref) + 2.0 ** -20 * terms)
+  y_xla = np.asarray(kp.dot(x, w, (((2,), (0,)), ((), ())), kernels="xla"), np.float64).reshape(-1, n)
+  err_xla = np.abs(y_xla - ref)
+  np.testing.assert_array_less(err_xla, 2.0 ** -8 * (np.abs(ref) + terms))
+  assert np.linalg.norm(err) < np.linalg.norm(err_xla)
