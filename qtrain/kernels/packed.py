@@ -22,9 +22,13 @@ axis contracted with the weight's first):
   for bf16 activations under ``kernels="auto"`` on GPU/TPU (or
   ``"interpret"``). The kernel sums each group in float32 and scales it
   once; per-channel scales enter as groups of ``kernel_group(K)`` rows
-  that repeat the column's scale, so the result differs from the dense dot
-  by float32 summation order only. Shapes the kernel does not tile (K not a
-  multiple of 2 g for a group g >= 16) take the XLA path.
+  that repeat the column's scale. It multiplies the exact codes and
+  scales, where the dense dot first rounds q s to bf16 (the layer's cast
+  of its kernel, 2^-9 relative per weight): the two differ by that
+  rounding and float32 summation order, and the kernel is the closer to
+  float64 (tests/test_int4_gemv.py). M <= 16 may run ``int4_gemv`` (the
+  dispatcher's choice), the same numerics. Shapes the kernel does not tile
+  (K not a multiple of 2 g for a group g >= 16) take the XLA path.
 
 The dequantized weight of the XLA path is a temporary of one matmul: under
 ``jit`` only the packed codes are resident between steps.
