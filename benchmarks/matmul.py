@@ -39,7 +39,7 @@ and 1 on every layer shape, ``int4_gemv`` (each of ``--gemv_configs``) beside
 v1 (``int4_matmul`` with the dispatcher's decode blocks), XLA's W4A16 path
 and XLA bf16, and the floors timed alike in the same run: an empty Pallas
 launch, one XLA read of the packed bytes (a max over K) and a copy of them
-(see ``decode_shape``). Starts no shape after 90 s by default.
+(``benchmarks/matmul_decode.py``). Starts no shape after 90 s by default.
 
 ``--sweep`` (issue 16's int8 target, >= 1.6x XLA bf16 at large M): every
 layer shape of both models at M = 16384 and 4096, each config of
@@ -76,12 +76,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 
 from qtrain.kernels import int4 as k4  # noqa: E402
-from qtrain.kernels import int4_gemv as k4g  # noqa: E402
 from qtrain.kernels import int8 as k8  # noqa: E402
 from qtrain.kernels import timing  # noqa: E402
+from benchmarks import matmul_decode  # noqa: E402
 
 BF16_FLOPS, INT8_OPS, COPY_BPS = 798e12, 1979e12, 3.0e12
 MODELS = {"llama_1b": (2048, 5632), "llama_8b": (4096, 14336)}
@@ -111,16 +110,6 @@ FLAVOURS = {"triton": "gpu", "mosaic": "mosaic_gpu"}
 
 W4A16_CONFIGS = ("16,64,0,4,4", "16,64,0,4,4,4", "16,128,0,4,4,8", "64,128,0,4,3",
                  "128,128,0,8,3", "128,256,0,8,3")
-# --decode: int4_gemv configs "bn,split_k,warps,stages,swap,unpack[,per_sm]"
-# (split_k 0: the kernel's rule, >= per_sm programs per SM, 4 by default):
-# its default, the swapped dot, a narrow tile with fewer programs (fewer
-# split-K partials), a wide tile (half the x re-reads), and Triton's own
-# int8 -> bf16 conversion. Each compiles for sm_90 without spilling
-# (benchmarks/triton_sass.py, KERNEL_NOTES).
-GEMV_CONFIGS = ("128,0,4,3,0,magic", "128,0,4,3,1,magic", "64,0,4,4,0,magic,2",
-                "256,0,8,3,0,magic", "128,0,4,3,0,shift")
-DECODE_MS = (16, 1)
-DECODE_CALLS = 16  # Launches per timed dispatch at least: the host's share per call / 16.
 
 
 def layer_shapes(model: str):
@@ -359,135 +348,18 @@ def bench_w4a16(sets, m, n, k, configs, interpret, reps, row, group=128):
     row["pallas_w4a16_s"], row["pallas_w4a16_config"] = best["s"], best["config"]
 
 
-def gemv_config(spec: str) -> k4g.GemvConfig:
-  """"bn,split_k,warps,stages,swap,unpack[,per_sm]" -> ``int4_gemv.GemvConfig``."""
-  try:
-    bn, split, warps, stages, swap, unpack, *per_sm = spec.split(",")
-    cfg = k4g.GemvConfig(int(bn), int(split), int(warps), int(stages), bool(int(swap)), unpack,
-                         *map(int, per_sm))
-    k4g.check_config(cfg)
-  except (ValueError, TypeError) as e:
-    raise ValueError(f"--gemv_configs entry {spec!r}: bn,split_k,warps,stages,swap(0/1),"
-                     f"unpack({'/'.join(k4g.UNPACKS)})[,per_sm]: {e}") from e
-  return cfg
-
-
-def _empty_launch(x, interpret):
-  """The smallest Pallas launch: one program copying a [M, 128] slice of x."""
-  m = x.shape[0]
-  def kernel(x_ref, o_ref):
-    o_ref[...] = x_ref[...]
-  spec = pl.BlockSpec((m, 128), lambda i: (0, 0))
-  return pl.pallas_call(kernel, grid=(1,), in_specs=[spec], out_specs=spec, interpret=interpret,
-                        out_shape=jax.ShapeDtypeStruct((m, 128), x.dtype))(x)
-
-
-_BYTE_FLOORS = {}  # (K, N) -> the read and copy times of its packed bytes.
-
-
-def decode_shape(model, name, m, k, n, args, interpret):
-  """W4A16 at decode M, one shape: XLA bf16, the floors of the packed bytes
-  (an empty Pallas launch; XLA reading them once, a max over K; copying
-  them, a xor), XLA's W4A16 path, ``int4_matmul`` v1 (the dispatcher's
-  decode blocks) and each ``int4_gemv`` config, all timed alike.
-
-  Every timed dispatch runs >= DECODE_CALLS launches on distinct x (no two
-  identical calls for XLA to merge) cycling over weight sets that outgrow
-  the L2 twice; each output is checked against XLA's W4A16 path first, the
-  best gemv config again on a NaN-poisoned output buffer."""
-  row = dict(model=model, layer=name, M=m, K=k, N=n, kind="decode")
-  n_w = 2 if args.smoke else timing.n_sets(k * n // 2, lo=2, hi=48)  # Packed bytes > 2 L2.
-  calls = max(n_w, 2 if args.smoke else DECODE_CALLS)
-  key = jax.random.key(m * 7 + n * 3 + k)
-  ws = [jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.bfloat16) * k ** -0.5
-        for i in range(n_w)]
-  quant = jax.jit(functools.partial(k4.quantize_int4, group=args.group))
-  qs = [quant(w) for w in ws]
-  xs = [jax.random.normal(jax.random.fold_in(key, 1000 + i), (m, k), jnp.bfloat16)
-        for i in range(calls)]
-  salt = [jnp.int8(i % 100 + 1) for i in range(calls)]  # Distinct per call: no merged floors.
-  w4 = [(xs[i], *qs[i % n_w]) for i in range(calls)]
-  ref = k4.int4_matmul_xla(*w4[0], group=args.group)
-  packed_bytes = k * n // 2 + 4 * n * k // args.group
-  row["packed_bytes"] = packed_bytes
-  bf16 = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
-  row["xla_bf16_s"], row["xla_bf16_s_again"] = timing.spread(
-      bf16, [(xs[i], ws[i % n_w]) for i in range(calls)], args.reps)
-  floors_ = {"empty": (lambda x: _empty_launch(x, interpret), [(x,) for x in xs])}
-  if (k, n) not in _BYTE_FLOORS:  # Independent of M: timed once per weight shape.
-    sets = [(w4[i][1], salt[i]) for i in range(calls)]
-    floors_.update(read=(lambda p, c: jnp.max(p ^ c, axis=0), sets), copy=(lambda p, c: p ^ c, sets))
-  for key_, (fn, sets) in floors_.items():
-    try:
-      row[f"{key_}_s"] = timing.time_per_call(fn, sets, args.reps)
-    except Exception as e:  # pylint: disable=broad-except
-      row[f"{key_}_s"], row[key_] = float("nan"), f"{type(e).__name__}: {str(e)[:200]}"
-  if (k, n) not in _BYTE_FLOORS:
-    _BYTE_FLOORS[k, n] = {key_: row[key_] for key_ in ("read_s", "copy_s")}
-  row.update(_BYTE_FLOORS[k, n])
-  row["read_bps"] = k * n / 2 / row["read_s"]
-  row["copy_bps"] = k * n / row["copy_s"]  # Read + write.
-  variants = {"xla_w4a16": functools.partial(k4.int4_matmul_xla, group=args.group),
-              "v1_w4a16": functools.partial(k4.int4_matmul, group=args.group, interpret=interpret,
-                                            blocks=k4.GPU_DECODE_BLOCKS)}
-  variants.update({f"gemv:{c}": functools.partial(k4g.int4_gemv, group=args.group, config=gemv_config(c),
-                                                  interpret=interpret)
-                   for c in args.gemv_configs.split(";")})
-  best = None
-  for name_, fn in variants.items():
-    entry = row.setdefault("variants", {}).setdefault(name_, {})
-    try:
-      many = jax.jit(lambda ss, fn=fn: [fn(*s_) for s_ in ss])
-      entry["rel_err"] = err = timing.relative_error(many(w4)[0], ref)
-      if not err < 1e-2:  # Same bf16 products, float32 sums reordered: ~1e-3 at most.
-        entry["error"] = "wrong result: not timed"
-        continue
-      entry["s"] = timing.time_per_call(fn, w4, args.reps, many=many)
-      entry["speedup"] = row["xla_bf16_s"] / entry["s"]
-      entry["read_fraction"] = row["read_s"] / entry["s"]
-    except Exception as e:  # pylint: disable=broad-except
-      entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    if name_.startswith("gemv:") and "s" in entry and (best is None or entry["s"] < row["variants"][best]["s"]):
-      best = name_
-  if best:
-    cfg = gemv_config(best[5:])
-    shape = k4g.out_shape(m, n, k, args.group, cfg)  # 3-D: split-K's float32 partials.
-    poison = jnp.full(shape, jnp.nan, jnp.bfloat16 if len(shape) == 2 else jnp.float32)
-    row["gemv_best"] = best
-    try:
-      y = jax.jit(functools.partial(variants[best], out=poison))(*w4[0])
-      row["gemv_best_poisoned_rel_err"] = timing.relative_error(y, ref)
-    except Exception as e:  # pylint: disable=broad-except
-      row["gemv_best_poisoned"] = f"{type(e).__name__}: {str(e)[:200]}"
-  return row
-
-
 def main_decode(args, interpret) -> None:
   if args.smoke:
     args.reps, args.group, args.gemv_configs = 1, 32, "32,0,4,2,0,magic;32,1,4,2,1,shift"
     shapes = [("smoke", "tiny", m, 128, 96) for m in (16, 1)]
   else:
-    ms = DECODE_MS if args.ms == ",".join(map(str, M_FULL)) else tuple(map(int, args.ms.split(",")))
+    ms = (matmul_decode.DECODE_MS if args.ms == ",".join(map(str, M_FULL))
+          else tuple(map(int, args.ms.split(","))))
     shapes = [(model, name, m, k, n) for model in reversed(args.models.split(","))
               for name, (k, n) in layer_shapes(model).items() if name in args.layers.split(",")
               for m in ms]
-  rows = run_shapes(shapes, decode_shape, args, interpret)
-  print("\nW4A16 at decode M: us per call; x = XLA bf16 time / variant time (same run); "
-        "read: XLA reading the packed bytes once (us/TB/s), max = bf16 / read (the ratio a "
-        "kernel at that rate reaches); copy: TB/s")
-  print(f"{'model':9s} {'layer':8s} {'M':>3s} {'bf16':>6s} {'empty':>6s} {'read':>9s} {'max':>6s} "
-        f"{'copy':>5s} {'xla_w4':>7s} {'v1':>7s} {'gemv':>7s} {'gemv us':>7s} {'%read':>5s}  "
-        "best gemv config")
-  for r in rows:
-    v = r["variants"]
-    cell = lambda key: f"{v[key]['speedup']:6.2f}x" if "speedup" in v.get(key, {}) else "    ERR"
-    b = v.get(r.get("gemv_best"), {})
-    print(f"{r['model']:9s} {r['layer']:8s} {r['M']:3d} {r['xla_bf16_s'] * 1e6:6.1f} "
-          f"{r['empty_s'] * 1e6:6.1f} {r['read_s'] * 1e6:4.1f}/{r['read_bps'] / 1e12:4.2f} "
-          f"{r['xla_bf16_s'] / r['read_s']:5.2f}x {r['copy_bps'] / 1e12:5.2f} {cell('xla_w4a16')} {cell('v1_w4a16')} "
-          f"{cell(r['gemv_best']) if b else '    ERR'} {b.get('s', float('nan')) * 1e6:7.1f} "
-          f"{100 * b.get('read_fraction', float('nan')):5.0f}  {r.get('gemv_best', '-')[5:]}"
-          f" (poisoned rel err {r.get('gemv_best_poisoned_rel_err', float('nan')):.1e})")
+  rows = run_shapes(shapes, matmul_decode.decode_shape, args, interpret)
+  matmul_decode.print_table(rows)
 
 
 def parse_sweep_config(spec: str):
@@ -672,13 +544,13 @@ def main() -> None:
                  help="--sweep: dump XLA's PTX (and Mosaic GPU's) here and count s8 MMAs")
   p.add_argument("--decode", action="store_true",
                  help="W4A16 at decode M (1, 16): int4_gemv configs, v1, XLA, byte floors instead")
-  p.add_argument("--gemv_configs", default=";".join(GEMV_CONFIGS),
+  p.add_argument("--gemv_configs", default=";".join(matmul_decode.GEMV_CONFIGS),
                  help="--decode: ';'-separated bn,split_k,warps,stages,swap(0/1),unpack[,per_sm]")
   p.add_argument("--out", default=None)
   args = p.parse_args()
   if args.decode:
     for spec in args.gemv_configs.split(";"):
-      gemv_config(spec)  # A typo fails here, before any compile.
+      matmul_decode.gemv_config(spec)  # A typo fails here, before any compile.
     if args.budget_s == p.get_default("budget_s"):
       args.budget_s = 90.0  # Starts no shape after 90 s: the run stays near 2 minutes.
   if args.sweep:

@@ -6,7 +6,7 @@ Two steps, two Pythons (the project's venv has jax, not ``triton``):
   /path/to/python-with-triton benchmarks/triton_sass.py --compile=/tmp/ttir
 
 ``--dump`` lowers the W4A16 decode kernels (``int4_gemv`` at each of
-``matmul.GEMV_CONFIGS``, and v1 ``int4_matmul`` with the dispatcher's
+``matmul_decode.GEMV_CONFIGS``, and v1 ``int4_matmul`` with the dispatcher's
 decode blocks) for CUDA at ``--shapes`` and M = 16, 1, and writes the Triton
 IR Pallas hands to XLA (captured from ``lower_jaxpr_to_triton_module``) as
 ``<name>.ttir`` with its launch options and the packed bytes each thread
@@ -45,7 +45,7 @@ def dump(out_dir: str, shapes: str, configs: str | None) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax._src.pallas.triton import lowering  # pylint: disable=g-import-not-at-top
-  from benchmarks import matmul  # pylint: disable=g-import-not-at-top
+  from benchmarks import matmul_decode as decode  # pylint: disable=g-import-not-at-top
   from qtrain.kernels import int4, int4_gemv  # pylint: disable=g-import-not-at-top
 
   captured = []
@@ -65,8 +65,8 @@ def dump(out_dir: str, shapes: str, configs: str | None) -> None:
     for m in (16, 1):
       args = (s((m, k), jnp.bfloat16), s((k // 2, n), jnp.int8), s((k // group, n), jnp.float32))
       kernels = {}
-      for spec in (configs or ";".join(matmul.GEMV_CONFIGS)).split(";"):
-        cfg = matmul.gemv_config(spec)
+      for spec in (configs or ";".join(decode.GEMV_CONFIGS)).split(";"):
+        cfg = decode.gemv_config(spec)
         split = int4_gemv.split_for(m, k, -(-n // cfg.bn), k // (2 * group), cfg.split_k, cfg.per_sm)
         kernels[f"gemv_{spec.replace(',', '_')}"] = (
             functools.partial(int4_gemv.int4_gemv, group=group, config=cfg), cfg.num_warps,
@@ -138,7 +138,8 @@ def main() -> None:
   p.add_argument("--compile", help="build each .ttir here for sm_90 (a venv with triton)")
   p.add_argument("--shapes", default="4096x14336,14336x4096,4096x4096,2048x5632,5632x2048,2048x2048",
                  help="KxN weight shapes (llama_8b, llama_1b layers by default)")
-  p.add_argument("--configs", default=None, help="';'-separated --gemv_configs (matmul.py's default)")
+  p.add_argument("--configs", default=None,
+                 help="';'-separated --gemv_configs (matmul_decode.GEMV_CONFIGS by default)")
   args = p.parse_args()
   if bool(args.dump) == bool(args.compile):
     p.error("one of --dump or --compile")

@@ -141,7 +141,7 @@ def test_decode_benchmark_configs_lower_for_cuda():
   Triton call at a multi-step shape (8b down, M = 16: split 7, 8 group
   pairs per program) and a one-step one (1b attn_out, M = 1), so a GPU
   run does not spend its time on a config that cannot build."""
-  from benchmarks import matmul as bench  # pylint: disable=g-import-not-at-top
+  from benchmarks import matmul_decode as bench  # pylint: disable=g-import-not-at-top
   s = jax.ShapeDtypeStruct
   for spec in bench.GEMV_CONFIGS:
     for m, k, n in ((16, 14336, 4096), (1, 2048, 2048)):
