@@ -22,11 +22,11 @@ from qtrain.kernels import timing
 
 # int4_gemv configs "bn,split_k,warps,stages,swap,unpack[,per_sm]"
 # (split_k 0: the kernel's rule, >= per_sm programs per SM, 4 by default):
-# its default, the swapped dot, a narrow tile with fewer programs (fewer
-# split-K partials), a wide tile (half the x re-reads), and Triton's own
+# its default, the swapped dot, a narrow tile aiming at one program per SM
+# (the fewest split-K partials), a wide tile (half the x re-reads), Triton's own
 # int8 -> bf16 conversion. Each compiles for sm_90 without spilling
 # (benchmarks/triton_sass.py, KERNEL_NOTES).
-GEMV_CONFIGS = ("128,0,4,3,0,magic", "128,0,4,3,1,magic", "64,0,4,4,0,magic,2",
+GEMV_CONFIGS = ("128,0,4,3,0,magic", "128,0,4,3,1,magic", "64,0,4,4,0,magic,1",
                 "256,0,8,3,0,magic", "128,0,4,3,0,shift")
 DECODE_MS = (16, 1)
 DECODE_CALLS = 16  # Launches per timed dispatch at least: the host's share per call / 16.
