@@ -8,13 +8,9 @@ compute, the baseline) and under the presets ``w4a4`` (fake quant, QAT),
 gradients), and prints each as a ratio to the baseline with the absolute
 figures.
 
-A variant ending in ``+save_out`` (``w8a8+pallas+save_out``) also keeps each
-quantized matmul's output through remat (the model's policy plus
-``qtrain.quant.dot_general.SAVED_OUT``): under ``dots_no_batch`` the backward
-otherwise runs again every forward Pallas kernel whose output it needs (6 of
-a block's 7), and XLA's int8 path keeps the int32 accumulator instead of the
-bf16 output. The policy is registered here, in this process, until
-``qtrain/layers/decoder.py`` has it.
+The model's remat policy keeps each quantized matmul's bf16 output
+(``qtrain.quant.dot_general.SAVED_OUT``, saved by qtrain's dot policies), so
+the backward does not run the forward int8 kernels again.
 """
 
 from __future__ import annotations
@@ -33,24 +29,6 @@ from benchmarks.train_step import bench_qtrain, load_config  # noqa: E402
 from qtrain.config.variants import apply_variants  # noqa: E402
 
 
-SAVE_OUT = "+save_out"
-
-
-def save_quant_out(cfg) -> None:
-  """Sets cfg.model.remat_policy to its policy that also saves SAVED_OUT,
-  registering that policy by name (``<policy>_quant_out``)."""
-  from qtrain.layers import decoder  # pylint: disable=g-import-not-at-top
-  from qtrain.quant.dot_general import SAVED_OUT  # pylint: disable=g-import-not-at-top
-  policy = cfg.model.remat_policy
-  if policy in ("none", "full") or policy.endswith("_quant_out"):
-    return  # none keeps everything; full keeps nothing by design.
-  cp = jax.checkpoint_policies
-  name = f"{policy}_quant_out"
-  decoder.REMAT_POLICIES[name] = cp.save_from_both_policies(
-      decoder.REMAT_POLICIES[policy], cp.save_only_these_names(SAVED_OUT))
-  cfg.model.remat_policy = name
-
-
 def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--model", default="llama_1b")
@@ -63,11 +41,8 @@ def main() -> None:
   rows = []
   for variant in args.variants.split(","):
     cfg = load_config(args.model)
-    preset = variant.removesuffix(SAVE_OUT)
-    if preset != "none":
-      apply_variants(cfg, [preset], args.model)
-    if preset != variant:
-      save_quant_out(cfg)
+    if variant != "none":
+      apply_variants(cfg, [variant], args.model)
     try:
       r = bench_qtrain(cfg, args.batch, args.seq, 0, args.steps)
     except Exception as e:  # pylint: disable=broad-except

@@ -16,7 +16,7 @@ def get_config(arg: str = ""):
   c = base_config()
   c.model.update(vocab_size=32000, d_model=1024, n_layers=24, n_heads=16, n_kv_heads=16,
                  head_dim=64, d_ff=2816, max_seq_len=2048, param_dtype="float32",
-                 dtype="bfloat16", remat_policy="dots_no_batch")
+                 dtype="bfloat16", remat_policy="dots_no_batch_attn")
   c.data.update(seq_len=2048, global_batch_size=16, eval_batch_size=16)
   c.optim.update(lr=3e-4, warmup_steps=2000, weight_decay=0.1)
   c.train.update(steps=100_000, log_every=50, eval_every=2000, checkpoint_every=2000)

@@ -120,26 +120,26 @@ def test_kernel_path_passes_around_one_matmul():
 def test_saved_output_name_keeps_remat_from_rerunning_forward_kernels():
   """Under dots_no_batch a Pallas kernel's output is not a dot, so remat ran
   6 of a block's 7 forward int8 kernels again in the backward (27 kernels a
-  block, not 21 = 7 forward + 14 backward). A policy that also saves
-  ``dg.SAVED_OUT`` runs 21, and its backward writes the fewest int8 codes.
+  block, not 21 = 7 forward + 14 backward). qtrain's ``dots_no_batch`` also
+  saves ``dg.SAVED_OUT``: it runs 21, and its backward writes the fewest int8
+  codes; JAX's plain policy (registered for the call) shows the 27.
   Values do not depend on what remat keeps: two
   checkpointed int8 matmuls give the same loss and grads bit for bit under
   both policies (XLA path)."""
   from qtrain.layers import decoder
 
   cp = jax.checkpoint_policies
-  policy = cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable,
-                                      cp.save_only_these_names(dg.SAVED_OUT))
-  saved = {"dots_no_batch_quant": policy}
+  policy = decoder.REMAT_POLICIES["dots_no_batch"]
+  saved = {"jax_dots_no_batch": cp.dots_with_no_batch_dims_saveable}
   hlos = {name: quant_passes.step_hlo("auto", name, stub=True, extra_policies=saved)
-          for name in ("dots_no_batch", "dots_no_batch_quant")}
+          for name in ("jax_dots_no_batch", "dots_no_batch")}
   kernels = {name: len(quant_passes._KERNEL_CALL.findall(h)) for name, h in hlos.items()}  # pylint: disable=protected-access
-  assert kernels == {"dots_no_batch": 27, "dots_no_batch_quant": 21}, kernels
+  assert kernels == {"jax_dots_no_batch": 27, "dots_no_batch": 21}, kernels
   # The backward body then quantizes each block input once for dW and dY
   # twice per matmul: 4 + 2 * 7 code passes, the fewest (was 21).
-  backward = max(quant_passes.step_code_passes(hlos["dots_no_batch_quant"]), key=lambda c: c[1])
+  backward = max(quant_passes.step_code_passes(hlos["dots_no_batch"]), key=lambda c: c[1])
   assert backward[1:] == (14, 18), backward
-  assert "dots_no_batch_quant" not in decoder.REMAT_POLICIES  # Registered for the call only.
+  assert "jax_dots_no_batch" not in decoder.REMAT_POLICIES  # Registered for the call only.
 
   spec = _spec("xla")
   mm = lambda x, w: dg.quant_dot(spec, None, None, x, w, _DIMS)
@@ -153,34 +153,3 @@ def test_saved_output_name_keeps_remat_from_rerunning_forward_kernels():
     out.append(jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(x, w1, w2))
   assert float(out[0][0]) == float(out[1][0])
   jax.tree.map(np.testing.assert_array_equal, out[0][1], out[1][1])
-
-
-def test_quant_step_save_out_variant_registers_the_saving_policy(monkeypatch):
-  """benchmarks/quant_step.py's '+save_out' suffix: the config's policy
-  becomes '<policy>_quant_out', which saves what the base policy saves
-  (dots) and the quantized matmul outputs; 'none' and 'full' stay."""
-  from benchmarks import quant_step
-  from jax.ad_checkpoint import checkpoint_name
-
-  from configs import default
-  from qtrain.layers import decoder
-
-  monkeypatch.setattr(decoder, "REMAT_POLICIES", dict(decoder.REMAT_POLICIES))
-  c = default.get_config("smoke,w8a8")
-  c.model.remat_policy = "dots_no_batch"
-  quant_step.save_quant_out(c)
-  assert c.model.remat_policy == "dots_no_batch_quant_out"
-  policy = decoder.REMAT_POLICIES[c.model.remat_policy]
-  f = lambda x, w: jnp.sum(jnp.cos(checkpoint_name(jnp.sin(x @ w), dg.SAVED_OUT)))
-  # Ops the gradient runs (forward and what remat runs again): sin is
-  # recomputed unless its named output is saved, the dot unless dots are.
-  ops = lambda pol: str(jax.make_jaxpr(jax.grad(jax.checkpoint(f, policy=pol)))(
-      jnp.ones((4, 4)), jnp.ones((4, 4))))
-  count = lambda pol: (ops(pol).count(" sin "), ops(pol).count("dot_general"))
-  base = decoder.REMAT_POLICIES["dots_no_batch"]
-  assert count(base)[0] == count(policy)[0] + 1  # The named output is kept...
-  assert count(policy)[1] == count(base)[1]  # ...and the dots as before.
-  for fixed in ("none", "full"):
-    c.model.remat_policy = fixed
-    quant_step.save_quant_out(c)
-    assert c.model.remat_policy == fixed

@@ -182,7 +182,7 @@ def test_remat_policies_same_loss_and_grads(scan):
   tokens_BT = random_tokens((2, 17))
   grad_fn = jax.jit(jax.value_and_grad(next_token_loss), static_argnums=1)
   loss0, grads0 = grad_fn(params, cfg, tokens_BT)
-  residual_sizes = {}
+  residual_sizes, residual_shapes = {}, {}
   for policy in REMAT_POLICIES:
     policy_cfg = dataclasses.replace(cfg, remat_policy=policy)
     loss, grads = grad_fn(params, policy_cfg, tokens_BT)
@@ -195,8 +195,11 @@ def test_remat_policies_same_loss_and_grads(scan):
     vjp_fn = jax.eval_shape(
         lambda p: jax.vjp(lambda p: next_token_loss(p, policy_cfg, tokens_BT), p)[1], params)
     residual_sizes[policy] = sum(x.size for x in jax.tree.leaves(vjp_fn))
+    residual_shapes[policy] = sorted((x.shape, str(x.dtype)) for x in jax.tree.leaves(vjp_fn))
   # Each policy must really change what is saved, or the test above is vacuous.
-  assert len(set(residual_sizes.values())) == len(REMAT_POLICIES), residual_sizes
+  # Compared by the saved shapes: totals can tie (on the XLA path
+  # dots_no_batch_attn and dots_attn both add one [B, T, N, H] per layer).
+  assert len({str(s) for s in residual_shapes.values()}) == len(REMAT_POLICIES), residual_shapes
   assert min(residual_sizes, key=residual_sizes.get) == "full"
   assert max(residual_sizes, key=residual_sizes.get) == "none"
 
