@@ -160,9 +160,13 @@ def _train_temp_bytes(form: str, merged: bool = False) -> int:
   """Temp bytes of the compiled first-order train step (one device, compile
   only) of the smoke model with ``form`` on every attention and MLP projection,
   under the 125M configs' remat policy. Vocabulary 256: the [B, T, V] logits
-  (2 MiB) stay below the blocks' saved activations, the thing compared."""
+  (2 MiB) stay below the blocks' saved activations, the thing compared.
+  Plain SGD, not AdamW: the update runs in place after the backward pass, so
+  the temp bytes are the same with either (measured: 23.64, 38.42 and 27.26
+  MiB both ways), and the step compiles in ~2/3 of the time."""
   c = default.get_config("smoke")
   c.model.update(vocab_size=256, remat_policy="dots_no_batch", dtype="bfloat16")
+  c.optim.name = "sgd"
   c.data.update(seq_len=SEQ, global_batch_size=ROWS, eval_batch_size=ROWS)
   c.mesh.update(data=1, fsdp=1, pipeline=1, sequence=1, tensor=1)
   if form != "dense":
