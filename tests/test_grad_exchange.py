@@ -29,7 +29,7 @@ import parallel_util as pu
 from qtrain.config import ConfigError, base_config, validate
 from qtrain.data.global_batch import to_global
 from qtrain.parallel import exchange as ex_lib
-from qtrain.train import abstract_state, init_state, make_steps, state_shardings
+from qtrain.train import abstract_state, make_steps, state_shardings
 
 D = 8  # Replicas on the data axis.
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -182,9 +182,23 @@ def abstract_params_values(run):
     return abstract_state(run.model, run.tx, run.mesh, pu.SEQ).params
 
 
-def _init(run, tx, sh):
-  with run.layout:
-    return jax.device_put(init_state(run.model, tx, run.mesh, 0, pu.SEQ), sh)
+@pytest.fixture(scope="module")
+def one_device():
+  """The ``first_order`` Run on one device (AdamW eps _EPS) and its initial
+  TrainState (numpy): every mesh starts from the same numbers."""
+  cfg = pu.smoke_config()
+  cfg.optim.adamw.eps = _EPS
+  run = pu.Run(cfg)
+  return run, run.init_state()
+
+
+def _init(run, tx, sh, state0):
+  """``state0`` on ``run``'s mesh with the compressor state of a fresh run
+  (built eagerly on the host), so no init is compiled per mesh."""
+  opt = tx.init(state0.params)
+  assert isinstance(opt, ex_lib.ExchangeState)
+  opt = ex_lib.ExchangeState(state0.opt_state, opt.exchange)  # The same AdamW init.
+  return jax.device_put(state0.replace(opt_state=opt), sh)
 
 
 def _masked_batch():
@@ -201,15 +215,13 @@ def _masked_batch():
 _EPS = 1e-3
 
 
-def test_dense_exchange_equals_the_first_order_step():
-  cfg = pu.smoke_config(data=D)
-  cfg.optim.adamw.eps = _EPS
-  ref = pu.Run(cfg)
-  state0 = pu.Run(pu.smoke_config()).init_state()
+def test_dense_exchange_equals_the_first_order_step(one_device):
+  """Against the ``first_order`` step on one device (which equals it on
+  data=8: tests/test_parallel.py::test_adamw_step_equals_single_device)."""
+  ref, state0 = one_device
   ref_params, ref_metrics = ref.train_step(state0, _masked_batch())
   run, tx, sh = _family("dense", adamw_eps=_EPS)
-  state = _init(run, tx, sh)
-  state = state.replace(params=jax.device_put(state0.params, sh.params))
+  state = _init(run, tx, sh, state0)
   with run.layout:
     train, _ = make_steps(run.cfg, run.model, tx, run.mesh, sh)
     state, m = train(state, to_global(_masked_batch(), run.mesh))
@@ -217,7 +229,7 @@ def test_dense_exchange_equals_the_first_order_step():
   # Per-replica token-weighted gradients, then pmean: the global gradient up to
   # float32 reordering of the sum; one AdamW step of lr 3e-3 moves params by
   # <= 3e-3, 1e-6 is 0.03% of it.
-  for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(state.params)):
+  for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(state.params), strict=True):
     np.testing.assert_allclose(np.asarray(b), a, rtol=0, atol=1e-6)
   m = metrics[0]
   for k in ("loss", "objective", "tokens"):
@@ -230,18 +242,21 @@ DGC_WARMUP = dict(sparsity=0.99, warmup_steps=4, warmup_sparsity=(0.75, 0.9), mo
 
 
 @pytest.fixture(scope="module")
-def dgc_step():
-  """(run, tx, shardings, the compiled DGC step with a 3-stage warm-up): one
-  executable, which a stage change cannot recompile."""
+def dgc_step(one_device):
+  """(run, tx, shardings, the compiled DGC step with a 3-stage warm-up, its
+  initial state as a function): one executable, which a stage change cannot
+  recompile."""
   run, tx, sh = _family("dgc", dgc=DGC_WARMUP)
+  host = jax.tree.map(np.asarray, _init(run, tx, sh, one_device[1]))
+  fresh = lambda: jax.device_put(host, sh)  # The step donates its state: a new copy each.
   with run.layout:
     train, _ = make_steps(run.cfg, run.model, tx, run.mesh, sh)
-    compiled = train.lower(_init(run, tx, sh), to_global(pu.batch(0), run.mesh)).compile()
-  return run, tx, sh, compiled
+    compiled = train.lower(fresh(), to_global(pu.batch(0), run.mesh)).compile()
+  return run, tx, sh, compiled, fresh
 
 
 def test_dgc_sends_k_values_and_indices_in_the_compiled_step(dgc_step):
-  run, _, _, compiled = dgc_step
+  run, _, _, compiled, _ = dgc_step
   module = pu.parse_hlo(compiled.as_text())
   gathered = {s for ins in pu.instructions(module, "all-gather") for s in ins.shapes}
   # Every compressed matrix (per scanned layer: batch 2) sends k = round(n m (1 - s))
@@ -266,12 +281,12 @@ def test_dgc_sends_k_values_and_indices_in_the_compiled_step(dgc_step):
 
 
 def test_kill_and_resume_is_bit_identical_with_dgc(dgc_step, tmp_path):
-  run, tx, sh, compiled = dgc_step
-  straight, metrics = pu.run_steps(run, compiled, _init(run, tx, sh), range(6))
+  run, tx, sh, compiled, fresh = dgc_step
+  straight, metrics = pu.run_steps(run, compiled, fresh(), range(6))
   # Stages by the step counter: 0.75 for steps 0-1, 0.9 for 2-3, then 0.99.
   assert [m["exchange/sparsity"] for m in metrics] == pytest.approx(
       [0.75, 0.75, 0.9, 0.9, 0.99, 0.99])
-  first, _ = pu.run_steps(run, compiled, _init(run, tx, sh), range(3))
+  first, _ = pu.run_steps(run, compiled, fresh(), range(3))
   restored = pu.save_restore(run, tx, sh, first, tmp_path / "ckpt", 3)
   resumed, _ = pu.run_steps(run, compiled, restored, range(3, 6))
   exchange = straight.opt_state.exchange
@@ -336,13 +351,14 @@ def _worker_result(method: str, devices=None) -> dict:
   return {"est": out}
 
 
+_METHODS = ("dgc", "powersgd")
 _WORKER = """
 import json, sys
 sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})
 from qtrain.parallel import distributed
 distributed.initialize({addr!r}, 2, {pid})
 import jax, test_grad_exchange as t
-print("result: " + json.dumps(t._worker_result({method!r}, jax.devices())))
+print("result: " + json.dumps({{m: t._worker_result(m, jax.devices()) for m in t._METHODS}}))
 """
 
 
@@ -352,23 +368,34 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("method", ["dgc", "powersgd"])
-def test_two_processes_exchange_like_one(method):
-  """Two processes of 4 CPU devices each (gloo) against one process's 8."""
+def test_two_processes_exchange_like_one(tmp_path):
+  """Two processes of 4 CPU devices each (gloo) against one process's 8, for
+  each method (one pair of processes runs both: a start costs more than a
+  method)."""
   addr = f"127.0.0.1:{_free_port()}"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
-  procs = [subprocess.Popen(
-      [sys.executable, "-c", _WORKER.format(tests=str(ROOT / "tests"), root=str(ROOT),
-                                            addr=addr, pid=i, method=method)],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=240)[0] for p in procs]
+  # Output to files, not pipes: a worker blocked on a full pipe that is not
+  # being read would hold the other at the shutdown barrier.
+  logs = [tmp_path / f"worker_{i}.log" for i in range(2)]
+  procs = []
+  for i, log in enumerate(logs):
+    with open(log, "w", encoding="utf-8") as out:
+      procs.append(subprocess.Popen(
+          [sys.executable, "-c", _WORKER.format(tests=str(ROOT / "tests"), root=str(ROOT),
+                                                addr=addr, pid=i)],
+          env=env, stdout=out, stderr=subprocess.STDOUT, text=True))
+  for p in procs:
+    p.wait(timeout=240)
+  outs = [log.read_text() for log in logs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
   results = [json.loads(next(l for l in o.splitlines() if l.startswith("result: "))[8:])
              for o in outs]
-  ref = _worker_result(method)
-  for r in results:
-    # The same program over gloo instead of in-process collectives: the sums
-    # may be ordered differently, so float32 rounding (1e-6 of O(1) values).
-    np.testing.assert_allclose(np.array(r["est"]), np.array(ref["est"]), rtol=0, atol=1e-5)
+  for method in _METHODS:
+    ref = _worker_result(method)
+    for r in results:
+      # The same program over gloo instead of in-process collectives: the sums
+      # may be ordered differently, so float32 rounding (1e-6 of O(1) values).
+      np.testing.assert_allclose(np.array(r[method]["est"]), np.array(ref["est"]), rtol=0,
+                                 atol=1e-5, err_msg=method)
