@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import json
 import os
 
@@ -108,7 +109,9 @@ def test_the_table_rotates_exactly_the_blocks_it_names_under_scan():
   table = (("decoder/layers/mlp/down_proj", (False, True)),)
   model = Transformer(TINY, Hooks(providers=(RotationProvider(
       pattern=r"decoder/layers/mlp/down_proj", table=table, seed=5), _Operands())))
-  _, state = model.apply({"params": params}, tokens, mutable=["intermediates"])
+  # Compiled: op by op, every small op of the model compiles on its own.
+  _, state = jax.jit(functools.partial(model.apply, mutable=["intermediates"]))(
+      {"params": params}, tokens)
   rhs = np.asarray(state["intermediates"]["decoder"]["layers"]["mlp"]["down_proj"]
                    ["dot_general"]["rhs"][0], np.float64)  # [L, 96, 32] after the rotation.
   w = np.asarray(params["decoder"]["layers"]["mlp"]["down_proj"]["kernel"], np.float64)
@@ -138,9 +141,11 @@ def test_rotated_ste_gradient_is_r_times_the_ste_gradient_at_the_rotated_weight(
     return jnp.sum(fn(None, x, w, dims) * g)
 
   rot = RotationProvider(pattern="lin", seed=11)
-  y = Hooks(providers=(QuantProvider(rules=(rule,), rotation=rot),)).dot_fn(site)(
-      None, x, w, dims)
-  dx, dw = jax.grad(loss, argnums=(0, 1))(x, w, rot)
+  # Compiled (the provider is static): op by op, each quantizer op compiles alone.
+  y = jax.jit(Hooks(providers=(QuantProvider(rules=(rule,), rotation=rot),)).dot_fn(site),
+              static_argnums=(0, 3))(None, x, w, dims)
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+  dx, dw = grad(x, w, rot)
 
   r = rotation_np(n, site_signs(11, "lin", n, 1)[0])
   xr, wr = x.astype(np.float64) @ r, r.T @ w.astype(np.float64)
@@ -152,8 +157,7 @@ def test_rotated_ste_gradient_is_r_times_the_ste_gradient_at_the_rotated_weight(
   np.testing.assert_allclose(dw, r @ (qx.T @ g), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dx, (g @ qw.T) @ r.T, rtol=1e-5, atol=1e-5)
   # The formula itself: R times the plain STE gradient taken at the rotated weight.
-  dwr = jax.grad(loss, argnums=1)(jnp.asarray(xr, jnp.float32), jnp.asarray(wr, jnp.float32),
-                                  None)
+  _, dwr = grad(jnp.asarray(xr, jnp.float32), jnp.asarray(wr, jnp.float32), None)
   np.testing.assert_allclose(dw, r @ np.asarray(dwr, np.float64), rtol=1e-5, atol=1e-5)
 
 
@@ -188,9 +192,9 @@ def test_lower_level_reproduces_hand_computed_e_and_its_choice():
   quant = _quant_cfg()
   errors = roste.rotation_errors(TINY, quant, params, [batch, batch])
 
-  _, state = Transformer(TINY, _Inputs()).apply(
-      {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
-      mutable=["intermediates"])
+  _, state = jax.jit(functools.partial(Transformer(TINY, _Inputs()).apply,
+                                       mutable=["intermediates"]))(
+      {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
   mask = segments.astype(bool)
   hand = {}
   for path in ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate_proj",
