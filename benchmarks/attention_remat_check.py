@@ -45,7 +45,6 @@ sys.path.insert(0, str(ROOT))
 import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks.train_step import load_config, synthetic_batch
 from qtrain.layers import ModelConfig, Transformer

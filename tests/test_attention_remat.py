@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
 
+from benchmarks import attention_remat_check
 from qtrain.layers import ModelConfig, Transformer
 from qtrain.layers import attention
 
@@ -34,17 +35,9 @@ def traceable_cudnn(monkeypatch):
   monkeypatch.setattr(cudnn_fa, "check_is_flash_attention", lambda *a, **k: None)
 
 
-def count_eqns(jaxpr, name: str) -> int:
-  """Equations of primitive ``name`` in ``jaxpr`` and its sub-jaxprs (a scan
-  body once, remat and custom-VJP bodies alike)."""
-  n = 0
-  for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
-    n += eqn.primitive.name == name
-    for v in eqn.params.values():
-      for sub in v if isinstance(v, (tuple, list)) else (v,):
-        if hasattr(getattr(sub, "jaxpr", sub), "eqns"):
-          n += count_eqns(sub, name)
-  return n
+# Equations of a primitive in a jaxpr and its sub-jaxprs (a scan body once,
+# remat and custom-VJP bodies alike): the GPU check script's counter.
+count_eqns = attention_remat_check.jaxpr_count
 
 
 def loss_fn(cfg, packed: bool = False):
