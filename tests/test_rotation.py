@@ -184,7 +184,8 @@ def test_fwht_is_the_unsigned_transform():
   from qtrain.layers.hadamard import fwht  # pylint: disable=g-import-not-at-top
   x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 256)), jnp.float32)
   want = np.asarray(x, np.float64) @ rotation.rotation_matrix(256)
-  for got in (fwht(x), rotation.hadamard_transform(x, impl="matmul")):
+  # fwht compiled (as in the model): op by op, each of its 8 stages' ops compiles alone.
+  for got in (jax.jit(fwht)(x), rotation.hadamard_transform(x, impl="matmul")):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0,
                                atol=1e-6 * np.abs(want).max())
 
