@@ -7,6 +7,7 @@ per-layer vectors on measured steps; config errors name the field."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -82,15 +83,18 @@ def test_raw_fourth_moment_padding_and_bf16_against_float64_formula():
   xb = jnp.asarray(x, jnp.bfloat16)
   x64 = np.asarray(xb.astype(jnp.float32), np.float64)  # The bf16 values, exactly.
   k_ref, m_ref = np_kurtosis(x64, mask)
-  np.testing.assert_allclose(float(kurt.excess_kurtosis(xb, mask)), k_ref, rtol=1e-4)
-  np.testing.assert_allclose(float(kurt.max_abs(xb, mask)), m_ref, rtol=1e-6)
+  # Compiled, as the telemetry step runs them (op by op, each op compiles alone).
+  excess_kurtosis, max_abs, channel_mean_abs, abs_histogram = (jax.jit(f) for f in (
+      kurt.excess_kurtosis, kurt.max_abs, kurt.channel_mean_abs, kurt.abs_histogram))
+  np.testing.assert_allclose(float(excess_kurtosis(xb, mask)), k_ref, rtol=1e-4)
+  np.testing.assert_allclose(float(max_abs(xb, mask)), m_ref, rtol=1e-6)
   centred = np.mean(np.maximum(scipy.stats.kurtosis(x64[mask], axis=-1), 0))
   assert abs(centred - k_ref) > 1.0  # The two definitions really differ here.
   real = x64[mask]
-  np.testing.assert_allclose(np.asarray(kurt.channel_mean_abs(xb, mask)),
+  np.testing.assert_allclose(np.asarray(channel_mean_abs(xb, mask)),
                              np.mean(np.abs(real), 0), rtol=1e-5)
   hist = np.histogram(np.abs(real), bins=np.append(kurt.HIST_EDGES, np.inf))[0]
-  np.testing.assert_array_equal(np.asarray(kurt.abs_histogram(xb, mask)), hist)
+  np.testing.assert_array_equal(np.asarray(abs_histogram(xb, mask)), hist)
 
 
 # --- the telemetry step ----------------------------------------------------------
@@ -181,9 +185,10 @@ def test_logged_kurtosis_equals_kurtosis_of_captured_activations(built):
   with layout:
     _, m = measured(_fresh(state), batch)
   m = jax.device_get(m)
-  _, inter = plain.apply({"params": params}, batch["inputs"], batch["positions"],
-                         batch["segment_ids"], capture_intermediates=True,
-                         mutable=["intermediates"])
+  # Compiled: op by op, every op of the smoke model would compile on its own.
+  _, inter = jax.jit(functools.partial(plain.apply, capture_intermediates=True,
+                                       mutable=["intermediates"]))(
+      {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
   inter = jax.device_get(inter["intermediates"])
   layers = inter["decoder"]["layers"]
   mask = batch["segment_ids"] > 0
