@@ -105,7 +105,9 @@ def _export(tmp_path, cfg, params, recipe_name: str, method: str = "rtn", bits: 
   stats = None
   if method == "awq":
     stats = _awq_stats(cfg, sites)
-  qw = quantize_params(method, params, sites, stats)
+  # One compiled program instead of op by op (each op compiles alone on first
+  # use); the codes are saved, so both sides of every comparison read the same.
+  qw = jax.jit(lambda p, st: quantize_params(method, p, sites, st))(params, stats)
   out = tmp_path / f"ptq_{recipe_name}_{method}{bits or ''}"
   save_quantized(str(out), params, qw, sites, {
       "recipe": recipe_name, "method": method, "method_kwargs": {}, "calib_batches": 1,
@@ -216,11 +218,12 @@ def test_what_the_int_form_cannot_hold_goes_float_with_the_ptq_logits(tmp_path, 
   assert type(layer.self_attn.o_proj) is torch.nn.Linear
   np.testing.assert_allclose(hf_logits(model, TOKENS), want, rtol=0, atol=LOGIT_ATOL)
   # Without the explicit 1/s the function differs: the fold is what matches.
-  plain = Transformer(LLAMA).apply({"params": load_quantized(str(awq))}, TOKENS)
+  plain = jax.jit(Transformer(LLAMA).apply)({"params": load_quantized(str(awq))}, TOKENS)
   assert np.abs(want - np.asarray(plain)).max() > QUANT_MOVES
 
   rotated = rotated_config(LLAMA, "quarot")
-  quarot, rq = _export(tmp_path, rotated, fuse_rotations(params, LLAMA, "quarot")[0], "w4a16")
+  fused = jax.jit(lambda p: fuse_rotations(p, LLAMA, "quarot")[0])(params)  # Not op by op.
+  quarot, rq = _export(tmp_path, rotated, fused, "w4a16")
   said = _convert(capsys, f"--ptq={quarot}", f"--out={tmp_path / 'r'}")
   assert "and 1 dequantized" in said and "down_proj: online R4" in said
   model = _load(tmp_path / "r")
@@ -246,7 +249,8 @@ def test_activation_quantized_recipe_is_refused_unless_weights_only(tmp_path, ca
   said = _convert(capsys, f"--ptq={out}", f"--out={tmp_path / 'hf'}", "--weights_only")
   assert "note: --weights_only" in said
   got = hf_logits(_load(tmp_path / "hf"), TOKENS)
-  weight_only = np.asarray(Transformer(LLAMA).apply({"params": load_quantized(str(out))}, TOKENS))
+  weight_only = np.asarray(jax.jit(Transformer(LLAMA).apply)({"params": load_quantized(str(out))},
+                                                             TOKENS))
   np.testing.assert_allclose(got, weight_only, rtol=0, atol=LOGIT_ATOL)
   assert np.abs(got - _ptq_logits(out, rq, LLAMA)).max() > QUANT_MOVES
 
