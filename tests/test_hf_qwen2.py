@@ -257,7 +257,13 @@ def test_quarot_rotation_of_a_qwen2_keeps_the_function():
   model = qwen2(tied=False)
   cfg = config_from_hf(model.config)
   params = params_from_hf_model(model, cfg)
-  fused, rcfg = fuse_rotations(params, cfg, "quarot")
+  traced = {}
+
+  def fuse(p):
+    fused, traced["cfg"] = fuse_rotations(p, cfg, "quarot")
+    return fused
+  fused = jax.jit(fuse)(params)  # One program, not op by op.
+  rcfg = traced["cfg"]
   assert rcfg.qkv_bias and rcfg.rotation.r2 != "none"
   assert not np.allclose(fused["decoder"]["layers"]["attn"]["v_proj"]["bias"],
                          params["decoder"]["layers"]["attn"]["v_proj"]["bias"])
