@@ -75,8 +75,10 @@ def test_backward_dots_ask_for_their_output_dtype(monkeypatch, estimator):
   monkeypatch.setattr(dispatch, "int8_dot", recorded)
   x = jnp.ones((2, 24, 40), jnp.bfloat16)
   w = jnp.full((40, 80), 0.5, jnp.float32)
-  jax.grad(lambda x, w: jnp.sum(dg.quant_dot(_spec("auto", estimator), None, None, x, w, _DIMS)
-                                .astype(jnp.float32)), argnums=(0, 1))(x, w)
+  # Traced, not run: the dispatcher is called while the gradient is traced.
+  jax.eval_shape(jax.grad(lambda x, w: jnp.sum(dg.quant_dot(_spec("auto", estimator), None, None,
+                                                            x, w, _DIMS).astype(jnp.float32)),
+                          argnums=(0, 1)), x, w)
   fwd, dx, dw = calls
   assert fwd[2] == jnp.bfloat16 and fwd[:2] == ((48, 40), (40, 80))
   assert dx[:2] == ((48, 80), (40, 80)) and dx[3]["w_transposed"]
