@@ -46,31 +46,20 @@ import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax
 import jax.numpy as jnp
 
-from benchmarks.train_step import load_config, synthetic_batch
+from benchmarks.train_step import load_config, synthetic_batch, time_steps
+from qtrain.analysis import jaxprs
 from qtrain.layers import ModelConfig, Transformer
+from qtrain.train.loss import cross_entropy
 
 _CUDNN_CALL = re.compile(r'custom_call_target="(__cudnn\$fmha\w*)"')
 POLICIES = ("dots_no_batch", "dots_no_batch_attn")
-
-
-def jaxpr_count(jaxpr, name: str) -> int:
-  """Equations of primitive ``name`` in ``jaxpr``, sub-jaxprs included."""
-  n = 0
-  for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
-    n += eqn.primitive.name == name
-    for v in eqn.params.values():
-      for sub in v if isinstance(v, (tuple, list)) else (v,):
-        if hasattr(getattr(sub, "jaxpr", sub), "eqns"):
-          n += jaxpr_count(sub, name)
-  return n
 
 
 def loss_fn(cfg: ModelConfig, batch: dict):
   def loss(params):
     logits_BTV = Transformer(cfg).apply({"params": params}, batch["inputs"],
                                         batch.get("positions"), batch.get("segment_ids"))
-    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32))
-    return -jnp.mean(jnp.take_along_axis(logp_BTV, batch["targets"][..., None], -1))
+    return cross_entropy(logits_BTV, batch["targets"], jnp.ones_like(batch["targets"]))[0]
   return loss
 
 
@@ -84,18 +73,14 @@ def run_policy(cfg, params, batch, steps: int) -> dict:
   calls = collections.Counter(_CUDNN_CALL.findall(compiled.as_text()))
   first = compiled(params)
   second = compiled(params)  # Same program again: the noise floor.
-  jax.block_until_ready(second)
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    out = compiled(params)
-  jax.block_until_ready(out)
+  ms = time_steps(lambda: jax.block_until_ready(compiled(params)), steps, warmup=0) * 1e3
   return {
       "hlo_cudnn_calls": dict(calls),
       "hlo_fwd": sum(v for k, v in calls.items() if "Backward" not in k),
       "hlo_bwd": sum(v for k, v in calls.items() if "Backward" in k),
-      "jaxpr_fwd": jaxpr_count(jaxpr, "dot_product_attention_fwd_wrapper"),
-      "jaxpr_bwd": jaxpr_count(jaxpr, "dot_product_attention_bwd_wrapper"),
-      "ms_per_step": (time.perf_counter() - t0) / steps * 1e3,
+      "jaxpr_fwd": jaxprs.count(jaxpr, "dot_product_attention_fwd_wrapper"),
+      "jaxpr_bwd": jaxprs.count(jaxpr, "dot_product_attention_bwd_wrapper"),
+      "ms_per_step": ms,
       "temp_gib": compiled.memory_analysis().temp_size_in_bytes / 2**30,
       "compile_s": compile_s,
       "_results": (first, second),

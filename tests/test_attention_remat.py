@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
 
-from benchmarks import attention_remat_check
+from qtrain.analysis import jaxprs
 from qtrain.layers import ModelConfig, Transformer
 from qtrain.layers import attention
 
@@ -33,11 +33,6 @@ def traceable_cudnn(monkeypatch):
   # Both ask the GPU; the version only gates features, 9.10 allows them all.
   monkeypatch.setattr(cudnn_fa, "check_cudnn_version", lambda: 91000)
   monkeypatch.setattr(cudnn_fa, "check_is_flash_attention", lambda *a, **k: None)
-
-
-# Equations of a primitive in a jaxpr and its sub-jaxprs (a scan body once,
-# remat and custom-VJP bodies alike): the GPU check script's counter.
-count_eqns = attention_remat_check.jaxpr_count
 
 
 def loss_fn(cfg, packed: bool = False):
@@ -73,8 +68,8 @@ def test_cudnn_forward_runs_once_per_layer(traceable_cudnn, scan, packed):
   for policy in ("dots_no_batch", "dots_no_batch_attn"):
     cfg = dataclasses.replace(CUDNN_CFG, scan_layers=scan, remat_policy=policy)
     grad = jax.make_jaxpr(jax.grad(loss_fn(cfg, packed)))(abstract_params(cfg))
-    counts[policy] = (count_eqns(grad, "dot_product_attention_fwd_wrapper"),
-                      count_eqns(grad, "dot_product_attention_bwd_wrapper"))
+    counts[policy] = (jaxprs.count(grad, "dot_product_attention_fwd_wrapper"),
+                      jaxprs.count(grad, "dot_product_attention_bwd_wrapper"))
     sizes[policy] = residual_size(cfg, packed)
   # Old: the forward, then its remat recomputation in the backward. New: the
   # forward only; one backward kernel either way.
@@ -102,14 +97,8 @@ def test_missing_cudnn_primitive_names_the_field(monkeypatch):
 
 def batched_dots(jaxpr) -> int:
   """dot_generals with batch dimensions (attention's einsums) in ``jaxpr``."""
-  n = 0
-  for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
-    n += eqn.primitive.name == "dot_general" and bool(eqn.params["dimension_numbers"][1][0])
-    for v in eqn.params.values():
-      for sub in v if isinstance(v, (tuple, list)) else (v,):
-        if hasattr(getattr(sub, "jaxpr", sub), "eqns"):
-          n += batched_dots(sub)
-  return n
+  return sum(eqn.primitive.name == "dot_general" and bool(eqn.params["dimension_numbers"][1][0])
+             for eqn, _ in jaxprs.eqns(jaxpr))
 
 
 @pytest.mark.parametrize("scan", [True, False], ids=["scan", "unscanned"])

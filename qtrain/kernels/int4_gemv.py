@@ -40,7 +40,9 @@ float32, so the result differs from ``int4_matmul_xla`` by float32
 summation order only.
 
 Shapes: M <= 16 (larger M: ``int4_matmul``), K a multiple of 2 * group, any
-N (masked). ``gemv_dot`` is the entry the dispatcher calls.
+N (masked). Not routed by ``qtrain.kernels.dispatch``: on the H100 no config
+beat v1 (``int4_matmul``) on every decode shape (benchmarks/KERNEL_NOTES.md,
+"v2 measured"); ``benchmarks/matmul.py --decode`` times it.
 """
 
 from __future__ import annotations
@@ -211,13 +213,3 @@ def int4_gemv(x, packed, scales, *, group: int = 128, out_dtype=jnp.bfloat16,
       compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
       interpret=interpret, name="int4_gemv", **kw)(*args)
   return y if sk == 1 else jnp.sum(y, axis=0).astype(out_dtype)
-
-
-def takes(m: int, k: int, group: int) -> bool:
-  """Whether ``gemv_dot`` runs the kernel for x [M, K] at this group."""
-  return m <= MAX_M and k % (2 * group) == 0
-
-
-def gemv_dot(x, packed, scales, *, group: int, out_dtype, interpret: bool = False):
-  """The dispatcher's entry for M <= 16 (``takes``): the default config."""
-  return int4_gemv(x, packed, scales, group=group, out_dtype=out_dtype, interpret=interpret)

@@ -26,8 +26,7 @@ axis contracted with the weight's first):
   scales, where the dense dot first rounds q s to bf16 (the layer's cast
   of its kernel, 2^-9 relative per weight): the two differ by that
   rounding and float32 summation order, and the kernel is the closer to
-  float64 (tests/test_int4_gemv.py). M <= 16 may run ``int4_gemv`` (the
-  dispatcher's choice), the same numerics. Shapes the kernel does not tile
+  float64 (tests/test_int4_gemv.py). Shapes the kernel does not tile
   (K not a multiple of 2 g for a group g >= 16) take the XLA path.
 
 The dequantized weight of the XLA path is a temporary of one matmul: under

@@ -429,21 +429,16 @@ def remat_policy(rot, policy):
   return jax.checkpoint_policies.save_from_both_policies(policy, saved)
 
 
-def transform_gemms(jaxpr, inside: bool = False) -> int:
+def transform_gemms(jaxpr) -> int:
   """How many dot_generals of ``jaxpr`` (a Jaxpr or ClosedJaxpr, e.g. of a
   train step) run inside ``hadamard_transform`` calls: forward, remat
   recomputation and custom VJP alike, sub-jaxprs included (a scan body once,
   each cond branch). Read from the jaxpr, where JAX's remat has decided what
   runs again, not from compiled HLO, whose ops differ by backend."""
-  n = 0
-  for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
-    n += inside and eqn.primitive.name == "dot_general"
-    here = inside or "hadamard_transform" in str(eqn.params.get("name", ""))
-    for v in eqn.params.values():  # pjit, scan, checkpoint, cond branches, custom_vjp.
-      for sub in v if isinstance(v, (tuple, list)) else (v,):
-        if hasattr(getattr(sub, "jaxpr", sub), "eqns"):
-          n += transform_gemms(sub, here)
-  return n
+  from qtrain.analysis import jaxprs  # pylint: disable=g-import-not-at-top
+  in_transform = lambda e: "hadamard_transform" in str(e.params.get("name", ""))
+  return sum(eqn.primitive.name == "dot_general" and any(map(in_transform, outer))
+             for eqn, outer in jaxprs.eqns(jaxpr))
 
 
 def check_rotation(m) -> None:
