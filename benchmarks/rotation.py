@@ -55,28 +55,18 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.train_step import load_config, synthetic_batch, time_steps, trainer_step
+from benchmarks.train_step import bench_qtrain, load_config
 from qtrain.layers.rotation import (IMPLS, check_rotation, factor, hadamard_transform,
                                     random_signs, rotation_matrix, transform_gemms)
 
 
-def timed_step(cfg, host: dict, steps: int) -> tuple[float, int, int]:
+def timed_step(cfg, args) -> tuple[float, int, int]:
   """(seconds per step, XLA's temp bytes, rotation gemms per block in its
   jaxpr: forward, remat recomputation and VJP) of the trainer's compiled step
-  for ``cfg`` on ``host`` rows."""
-  layout, _, state, batch, step = trainer_step(cfg, host)
-  with layout:
-    gemms = transform_gemms(jax.make_jaxpr(step)(state, batch))
-    if not cfg.model.scan_layers:
-      gemms //= cfg.model.n_layers
-    compiled = step.lower(state, batch).compile()
-    box = [state]
-    del state  # Donated by the first step.
-
-    def one():
-      box[0], m = compiled(box[0], batch)
-      jax.block_until_ready(m["loss"])
-    return time_steps(one, steps, warmup=2), compiled.memory_analysis().temp_size_in_bytes, gemms
+  for ``cfg`` (``train_step.bench_qtrain`` on its synthetic rows)."""
+  r = bench_qtrain(cfg, args.batch, args.seq, 0, args.steps, probe=transform_gemms)
+  gemms = r["probe"] if cfg.model.scan_layers else r["probe"] // cfg.model.n_layers
+  return r["step_s"], round(r["temp_gib"] * 2**30), gemms
 
 
 def timed_call(fn, args, steps: int) -> float:
@@ -165,15 +155,15 @@ def _config(args, rotation=None):
   return cfg
 
 
-def step(args, host: dict) -> list[dict]:
+def step(args) -> list[dict]:
   """The trainer's step without and with R3 + R4, per impl and ``--save``."""
-  t_off, temp_off, _ = timed_step(_config(args), host, args.steps)
+  t_off, temp_off, _ = timed_step(_config(args), args)
   tokens = args.batch * args.seq
   rows = []
   for impl in args.impls.split(","):
     for save in args.save:
       on = _config(args, dict(r3=args.kind, r4=args.kind, impl=impl, save=save))
-      t_on, temp_on, gemms = timed_step(on, host, args.steps)
+      t_on, temp_on, gemms = timed_step(on, args)
       m = on.model
       row = {"part": "step", "model": args.model, "batch": args.batch, "seq": args.seq,
              "kind": args.kind, "impl": impl, "save": save, "remat": m.remat_policy,
@@ -228,7 +218,7 @@ def main() -> None:
     print(f"{args.model} b{args.batch}x{args.seq}: the transforms alone", flush=True)
     rows += micro(args, cfg.model)
   if "step" in parts:
-    rows += step(args, synthetic_batch(args.batch, args.seq, cfg.model.vocab_size, 0))
+    rows += step(args)
   for row in rows:
     print(json.dumps(row))
   if args.out:

@@ -97,11 +97,15 @@ def trainer_step(cfg, host: dict, devices=None):
   return layout, model, state, batch, train_step
 
 
-def bench_qtrain(cfg, batch: int, seq: int, packed: int, steps: int) -> dict:
+def bench_qtrain(cfg, batch: int, seq: int, packed: int, steps: int, probe=None) -> dict:
+  """The trainer's compiled step on synthetic rows: time, MFU, memory.
+  ``probe(jaxpr)``, if given, reads the step's jaxpr before it runs (its
+  result is the row's ``probe``; e.g. ``rotation.transform_gemms``)."""
   host = synthetic_batch(batch, seq, cfg.model.vocab_size, packed)
   layout, model, state, data, train_step = trainer_step(cfg, host)
   model_cfg = model.cfg
   with layout:
+    probed = probe(jax.make_jaxpr(train_step)(state, data)) if probe else None
     t0 = time.perf_counter()
     compiled = train_step.lower(state, data).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
@@ -122,7 +126,8 @@ def bench_qtrain(cfg, batch: int, seq: int, packed: int, steps: int) -> dict:
   return {"impl": "qtrain", "step_s": dt, "tokens_per_s": tok_s,
           "mfu": tok_s * flops / peak, "peak_mem_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
           "temp_gib": temp / 2**30, "compile_s": compile_s,
-          "params": metrics_lib.matmul_params(model_cfg)}
+          "params": metrics_lib.matmul_params(model_cfg),
+          **({"probe": probed} if probe else {})}
 
 
 def bench_hf(cfg, batch: int, seq: int, steps: int, grad_ckpt: bool) -> dict:
