@@ -28,6 +28,7 @@ import pytest
 from parallel_util import BATCH, SEQ, Run, batch, save_restore, smoke_config
 from qtrain.config import ConfigError, validate
 from qtrain.data.global_batch import to_global
+from qtrain.layers import attention
 from qtrain.parallel import pipeline as pp
 from qtrain.parallel.rules import batch_sharding, replicated
 from qtrain.train import make_loss
@@ -186,6 +187,43 @@ def test_bfloat16_compute(runs):
   assert abs(loss - ref_loss) <= 2 ** -8 * abs(ref_loss), (loss, ref_loss)
   for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
     assert np.abs(g - w).max() <= 8 * 2 ** -8 * np.abs(w).max()
+
+
+@pytest.mark.parametrize("data,tensor", [(2, 2), (1, 4)])
+def test_cudnn_kernel_runs_with_every_axis_manual(runs, monkeypatch, data, tensor):
+  """JAX's cuDNN attention is a custom_partitioning op whose partitioner
+  cannot read shardings manual over some axes (on 2 GPUs the pipeline failed
+  to compile). Inside a stage (manual over ``pipeline`` only, data=2 left to
+  XLA; tensor=4 splits the q heads but not the 2 kv heads) the kernel must see
+  every axis manual, this device's rows and heads: here a
+  stand-in for cuDNN (the XLA kernel, which would run anywhere) records that,
+  and the result still equals one device's."""
+  seen = []
+
+  def kernel(q, k, v, segment_ids=None, scale=None, max_segments=16):
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.manual_axes:  # Not the model's init (no mesh / no stage).
+      seen.append((mesh.are_all_axes_manual, q.shape[0], q.shape[2], k.shape[2]))
+    return attention.xla_attention(q, k, v, segment_ids, scale)
+
+  monkeypatch.setattr(attention, "cudnn_attention", kernel)
+  cfg = pipeline_config("gpipe", 2, data=data, pipeline=2, tensor=tensor)
+  cfg.model.attention_impl = "cudnn"
+  N, K = cfg.model.n_heads, cfg.model.n_kv_heads
+  run = Run(cfg)
+  accum = family.gradients(pp.schedule_of(run.cfg, 2), run.mesh, batch_sharding(run.mesh))
+  loss_fn = make_loss(run.model)
+  with run.layout:
+    loss, grads = jax.jit(lambda prm, b: accum(loss_fn, prm, b, jax.random.key(0))[::2])(
+        jax.device_put(runs.state.params, run.state_sh.params), to_global(runs.batch, run.mesh))
+  # GPipe m = 2 of BATCH rows: BATCH / 2 rows per microbatch, split over
+  # data; the q heads over tensor, the kv heads too where they divide, else
+  # the one kv head of this device's q heads.
+  want = (True, BATCH // 2 // data, N // tensor, K // tensor if K % tensor == 0 else 1)
+  assert seen and all(s == want for s in seen), (seen, want)
+  ref_loss, ref_grads, _ = runs.reference
+  assert abs(float(loss) - ref_loss) <= REORDER * abs(ref_loss), (loss, ref_loss)
+  assert_reordered(jax.tree.map(np.asarray, grads), ref_grads, "cudnn stand-in: ")
 
 
 def test_1f1b_memory_below_gpipe(runs):

@@ -50,13 +50,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from qtrain.layers import kv_cache, rotation
 from qtrain.layers.config import ModelConfig
 from qtrain.layers.hooks import Hooks
 from qtrain.layers.linear import Linear
 from qtrain.layers.rope import apply_rope, inverse_frequencies
-from qtrain.layers.sharding import HEADS
+from qtrain.layers.sharding import HEADS, local_kv_heads, splits_evenly
 from qtrain.parallel import context_parallel as cp
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
@@ -155,6 +156,55 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, scale=None,
       mask_type=cudnn_fa.MaskType.CAUSAL, qkv_layout="BTNH")
 
 
+def _partly_manual() -> bool:
+  """Inside a ``shard_map`` manual over some mesh axes but not all (a
+  pipeline stage: manual over ``pipeline``, data/fsdp/tensor left to XLA)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and bool(mesh.manual_axes) and not mesh.are_all_axes_manual
+
+
+def _all_axes_manual(kernel, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
+  """``kernel`` on this device's shard, in a ``shard_map`` over the mesh axes
+  still left to XLA.
+
+  JAX's cuDNN attention is a ``custom_partitioning`` op: XLA's partitioner
+  calls back into Python with the operands' shardings, and the callback
+  cannot read a sharding that is manual over some axes (XLA compile error
+  ``custom_partitioner: AssertionError``, seen on 2 H200s with pipeline=2).
+  Under every axis manual, JAX lowers the op straight to the kernel at the
+  local shapes, which is what the partitioner would have produced: rows split
+  as the rules split the batch, heads as they split the heads, the length
+  whole (sequence splits go through ``context_parallel``, or are gathered
+  here as XLA would gather K/V).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+
+  def spec(name):  # The rules' axes less the manual ones; the length whole.
+    axes = [tuple(a for a in ((x,) if isinstance(x, str) else x or ())
+                  if a not in mesh.manual_axes) for x in nn.logical_to_mesh_axes(HEADS[name])]
+    axes[1] = ()
+    return P(*(None if not a else a[0] if len(a) == 1 else a for a in axes))
+
+  q_spec, kv_spec = spec("q"), spec("kv")
+  if not (splits_evenly(q_BTNH.shape, q_spec, mesh)
+          and splits_evenly(k_BSKH.shape, kv_spec, mesh)):
+    q_spec = kv_spec = P(None, None, None, None)  # Rows or heads that do not divide.
+  N, K = q_BTNH.shape[2], k_BSKH.shape[2]
+  q_heads_axis = q_spec[2] if q_spec[2] != kv_spec[2] else None
+  n_q_local = N // (mesh.shape[q_heads_axis] if q_heads_axis else 1)
+
+  def local(q, k, v, *segment_ids):
+    if q_heads_axis is not None:  # Fewer kv heads than the heads' split: take ours.
+      k, v = local_kv_heads(k, v, q_heads_axis, n_q_local, N // K)
+    return kernel(q, k, v, *segment_ids)
+
+  args, specs = (q_BTNH, k_BSKH, v_BSKH), (q_spec, kv_spec, kv_spec)
+  if segment_ids_BT is not None:
+    args, specs = args + (segment_ids_BT,), specs + (P(q_spec[0], None),)
+  # check_vma off as in the pipeline's own shard_map.
+  return jax.shard_map(local, in_specs=specs, out_specs=q_spec, check_vma=False)(*args)
+
+
 def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *,
                           impl: str = "auto", scale=None, max_segments: int = 16,
                           positions_BT=None, context_parallel: str = "none"):
@@ -171,7 +221,10 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *,
     return cp.context_parallel_attention(q_BTNH, k_BSKH, v_BSKH, positions_BT, segment_ids_BT,
                                          mode=context_parallel, scale=scale)
   if resolve_impl(impl, q_BTNH.dtype) == "cudnn":
-    return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, scale, max_segments)
+    kernel = functools.partial(cudnn_attention, scale=scale, max_segments=max_segments)
+    if _partly_manual():
+      return _all_axes_manual(kernel, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+    return kernel(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
   return xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, scale)
 
 
