@@ -19,7 +19,10 @@ OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory")
 def failure(name: str, proc: subprocess.CompletedProcess) -> dict:
   """A failed child's row: the out-of-memory line of its stderr if there is
   one, else its last line (the exception)."""
-  lines = [l for l in (proc.stderr or "").splitlines() if l.strip()]
+  # JAX ends a filtered traceback with a note and a rule after the exception.
+  boiler = ("For simplicity, JAX has removed", "-" * 20)
+  lines = [l for l in (proc.stderr or "").splitlines()
+           if l.strip() and not l.startswith(boiler)]
   oom = next((l for l in reversed(lines) if any(m in l for m in OOM_MARKERS)), None)
   cause = oom or (lines[-1] if lines else f"exit status {proc.returncode}")
   return {"variant": name, "rc": proc.returncode, "oom": oom is not None, "error": cause[:500]}

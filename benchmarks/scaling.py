@@ -25,6 +25,15 @@ batch x GPUs; ``--batch`` rows of ``--seq`` tokens per GPU):
             every GPU holds all rows and 1/N of the layers, the same model
             FLOPs per GPU as fsdpN, against which it is compared. The bubble
             beside it is the formula's; benchmarks/pipeline_bubble.py measures it.
+  longest   llama_1b on one GPU, compiled but not run, at each of
+            --long_candidates tokens per row (--long_batch rows) until XLA's
+            plan no longer fits: the longest sequence one GPU trains with the
+            configured remat policy.
+  seq1      llama_1b on one GPU at that length (--long_seq, or what
+            ``longest`` found in the same run).
+  cpN_2x, cpN_4x  sequence=N (context parallelism, --cp_mode: ring or
+            all_gather) at 2x and 4x that length: tokens/s per GPU against
+            seq1's, and the memory.
   8b_1gpu   llama_8b on one GPU, compiled but not run: the bytes XLA would
             need (arguments + temps) against the GPU's, the state's bytes per
             param from its dtypes, then (while --budget_s allows) the same for
@@ -91,6 +100,10 @@ def variants(n: int) -> dict[str, dict]:
       f"tp{n}": dict(model="model", gpus=n, mesh=dict(data=1, tensor=n)),
       **{f"pp{n}_{s}": dict(model="model", gpus=n, mesh=dict(data=1, pipeline=n), pipeline=s)
          for s in SCHEDULES},
+      "longest": dict(model="model", gpus=1, mesh=dict(data=1), longest=True),
+      "seq1": dict(model="model", gpus=1, mesh=dict(data=1), long=1),
+      **{f"cp{n}_{k}x": dict(model="model", gpus=n, mesh=dict(data=1, sequence=n), long=k)
+         for k in (2, 4)},
       f"8b_fsdp{n}": dict(model="model8b", gpus=n, mesh=dict(data=1, fsdp=n)),
       "8b_1gpu": dict(model="model8b", gpus=1, mesh=dict(data=1), compile_only=True),
   }
@@ -104,6 +117,13 @@ def variant_config(args, spec: dict):
   cfg.mesh.update(**spec["mesh"])
   seq = (args.seq8b if is_8b else args.seq) or cfg.data.seq_len
   rows = (args.batch8b if is_8b else args.batch) * spec["gpus"]
+  cfg.data.update(seq_len=seq, global_batch_size=rows, eval_batch_size=rows)
+  if spec.get("long"):  # Rows are not split over `sequence`: the same rows, k x longer.
+    if not args.long_seq:
+      raise SystemExit("--long_seq=0: run the `longest` variant first (the driver passes "
+                       "its result on) or give --long_seq")
+    seq, rows = spec["long"] * args.long_seq, args.long_batch
+    cfg.model.context_parallel = args.cp_mode if cfg.mesh.sequence > 1 else "none"
   cfg.data.update(seq_len=seq, global_batch_size=rows, eval_batch_size=rows)
   remat = args.remat8b if is_8b else args.remat
   if remat:
@@ -243,6 +263,29 @@ def plan_with_alternatives(cfg, devices, deadline: float) -> dict:
   return row
 
 
+def longest(args, cfg, devices) -> dict:
+  """XLA's plan at each candidate length, shortest first, until one does not
+  fit (or --budget_s is spent): the longest that fits is the answer."""
+  rows, best = {}, None
+  last = 0.0
+  for seq in sorted(int(x) for x in args.long_candidates.split(",")):
+    if args.deadline and time.time() + 1.5 * last + 15 > args.deadline:
+      rows[seq] = {"skipped": "--budget_s reached"}
+      break
+    c = copy.deepcopy(cfg)
+    c.data.update(seq_len=seq, global_batch_size=args.long_batch, eval_batch_size=args.long_batch)
+    validate(c, n_devices=len(devices))
+    plan = plan_only(c, devices)
+    rows[seq] = {"needed_gib": plan["plan"].get("needed_gib"), "fits": plan["fits"],
+                 "compile_s": round(plan["compile_s"], 1), **(
+                     {"error": plan["plan"]["error"][:200]} if "error" in plan["plan"] else {})}
+    last = plan["compile_s"]
+    if not plan["fits"]:
+      break
+    best = seq
+  return {"longest_seq": best, "rows_per_step": args.long_batch, "candidates": rows}
+
+
 def child(args) -> None:
   """One variant in this process; prints its JSON row."""
   spec = variants(args.gpus)[args.variant]
@@ -260,7 +303,9 @@ def child(args) -> None:
     sched = schedule_of(cfg, spec["gpus"])
     row["pipeline"] = {"schedule": sched.name, "microbatches": sched.m, "repeats": sched.v,
                        "bubble_formula": sched.bubble}
-  if spec.get("compile_only"):
+  if spec.get("longest"):
+    row.update(longest(args, cfg, devices))
+  elif spec.get("compile_only"):
     row.update(plan_with_alternatives(cfg, devices, args.deadline or float("inf")))
   else:
     row.update(measure(cfg, devices, args.steps, args.warmup))
@@ -280,6 +325,14 @@ def summarize(rows: list[dict], n: int) -> dict:
       out["efficiency"][v] = ok[v]["tokens_per_s"] / (n * base["tokens_per_s"])
   out["pipeline"] = {v: {**r["pipeline"], "vs_fsdp": (r["tokens_per_s"] / ok[f"fsdp{n}"][
       "tokens_per_s"]) if f"fsdp{n}" in ok else None} for v, r in ok.items() if "pipeline" in r}
+  found = next((r for r in rows if r["variant"] == "longest" and "longest_seq" in r), None)
+  if found:
+    out["longest_seq_1gpu"] = found["longest_seq"]
+  base_long = ok.get("seq1")
+  out["context_parallel"] = {v: {"seq": r["seq"], "tokens_per_s_per_gpu": r[
+      "tokens_per_s_per_gpu"], "vs_seq1_per_gpu": r["tokens_per_s_per_gpu"] / base_long[
+          "tokens_per_s_per_gpu"] if base_long else None} for v, r in ok.items()
+                             if v.startswith("cp")}
   if f"8b_fsdp{n}" in ok:
     out["mfu_8b"], out["mfu_8b_target"] = ok[f"8b_fsdp{n}"]["mfu"], MFU_TARGET_8B
   one = next((r for r in rows if r["variant"] == "8b_1gpu" and "plan" in r), None)
@@ -321,6 +374,12 @@ def report(rows: list[dict], summary: dict) -> str:
     lines.append(f"{v}: m={r['microbatches']} v={r['repeats']}, bubble (p-1)/(vm+p-1) = "
                  f"{r['bubble_formula']:.1%}; tokens/s vs fsdp{summary['gpus']}: "
                  f"{_fmt(r['vs_fsdp'], '.2f')}x")
+  if "longest_seq_1gpu" in summary:
+    lines.append(f"longest llama_1b row one GPU trains (XLA's plan): "
+                 f"{summary['longest_seq_1gpu']} tokens")
+  for v, r in summary.get("context_parallel", {}).items():
+    lines.append(f"{v}: {r['seq']} tokens per row, tokens/s per GPU vs seq1: "
+                 f"{_fmt(r['vs_seq1_per_gpu'], '.2f')}x")
   if "mfu_8b" in summary:
     lines.append(f"llama_8b fsdp MFU: {_fmt(summary['mfu_8b'], '.1%')} "
                  f"(target {MFU_TARGET_8B:.0%})")
@@ -341,7 +400,11 @@ def driver(args) -> None:
   for name, spec in variants(n).items():
     if args.only and name not in args.only.split(","):
       continue
-    extra = [f"--deadline={start + args.budget_s}"] if spec.get("compile_only") else []
+    extra = ([f"--deadline={start + args.budget_s}"]
+             if spec.get("compile_only") or spec.get("longest") else [])
+    found = next((r.get("longest_seq") for r in rows if r["variant"] == "longest"), None)
+    if spec.get("long") and not args.long_seq and found:
+      extra.append(f"--long_seq={found}")
     tries = [extra]
     if spec["model"] == "model8b" and not spec.get("compile_only") and args.remat8b != "full":
       tries.append(["--remat8b=full"])  # Keeps only the residual stream per layer.
@@ -375,6 +438,12 @@ def main() -> None:
                  "pipeline x repeats to divide it)")
   p.add_argument("--microbatches", type=int, default=8, help="pipeline microbatches per step")
   p.add_argument("--repeats", type=int, default=2, help="virtual stages per GPU (circular, interleaved_1f1b)")
+  p.add_argument("--long_seq", type=int, default=0,
+                 help="seq1/cpN_kx: one GPU's longest row (0 = what `longest` finds)")
+  p.add_argument("--long_batch", type=int, default=1, help="rows per step, long variants")
+  p.add_argument("--long_candidates", default="8192,16384,32768,65536,131072",
+                 help="lengths `longest` compiles, shortest first")
+  p.add_argument("--cp_mode", default="ring", help="config.model.context_parallel of cpN_kx")
   p.add_argument("--model8b", default="llama_8b")
   p.add_argument("--batch8b", type=int, default=1, help="rows per GPU (llama_8b)")
   p.add_argument("--seq8b", type=int, default=0, help="tokens per row; 0 = the config's (8192)")
