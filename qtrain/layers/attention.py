@@ -7,6 +7,10 @@ token s iff s <= t and both belong to the same packed segment.
   ``jax.nn.dot_product_attention(implementation="cudnn")``; packed rows go to
   cuDNN's packed ("THD") layout with per-segment offsets and lengths derived
   from the segment ids, so packed training never falls back to the unfused path.
+  Inside a pipeline stage (a ``shard_map`` manual over ``pipeline`` only) the
+  kernel runs in a nested ``shard_map`` over the other axes
+  (``_all_axes_manual``): JAX's partitioning callback for it cannot read
+  partly manual shardings.
 * ``xla``: the unfused reference (CPU, tests, float32). On an H100 it ran at a
   third of cuDNN's speed, so ``auto`` only picks it off-GPU.
 
