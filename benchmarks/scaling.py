@@ -34,6 +34,7 @@ batch x GPUs; ``--batch`` rows of ``--seq`` tokens per GPU):
   cpN_2x, cpN_4x  sequence=N (context parallelism, --cp_mode: ring or
             all_gather) at 2x and 4x that length: tokens/s per GPU against
             seq1's, and the memory.
+  8b_ppN_S  llama_8b with pipeline=N under schedule S, against 8b_fsdpN.
   8b_1gpu   llama_8b on one GPU, compiled but not run: the bytes XLA would
             need (arguments + temps) against the GPU's, the state's bytes per
             param from its dtypes, then (while --budget_s allows) the same for
@@ -105,6 +106,8 @@ def variants(n: int) -> dict[str, dict]:
       **{f"cp{n}_{k}x": dict(model="model", gpus=n, mesh=dict(data=1, sequence=n), long=k)
          for k in (2, 4)},
       f"8b_fsdp{n}": dict(model="model8b", gpus=n, mesh=dict(data=1, fsdp=n)),
+      **{f"8b_pp{n}_{s}": dict(model="model8b", gpus=n, mesh=dict(data=1, pipeline=n),
+                               pipeline=s) for s in SCHEDULES},
       "8b_1gpu": dict(model="model8b", gpus=1, mesh=dict(data=1), compile_only=True),
   }
 
@@ -323,8 +326,9 @@ def summarize(rows: list[dict], n: int) -> dict:
   for v in (f"dp{n}", f"fsdp{n}", f"tp{n}"):
     if base and v in ok:
       out["efficiency"][v] = ok[v]["tokens_per_s"] / (n * base["tokens_per_s"])
-  out["pipeline"] = {v: {**r["pipeline"], "vs_fsdp": (r["tokens_per_s"] / ok[f"fsdp{n}"][
-      "tokens_per_s"]) if f"fsdp{n}" in ok else None} for v, r in ok.items() if "pipeline" in r}
+  fsdp_of = lambda v: f"8b_fsdp{n}" if v.startswith("8b_") else f"fsdp{n}"
+  out["pipeline"] = {v: {**r["pipeline"], "vs_fsdp": (r["tokens_per_s"] / ok[fsdp_of(v)][
+      "tokens_per_s"]) if fsdp_of(v) in ok else None} for v, r in ok.items() if "pipeline" in r}
   found = next((r for r in rows if r["variant"] == "longest" and "longest_seq" in r), None)
   if found:
     out["longest_seq_1gpu"] = found["longest_seq"]
@@ -372,7 +376,8 @@ def report(rows: list[dict], summary: dict) -> str:
                  f" (target {EFFICIENCY_TARGET:.0%} for dp, fsdp)")
   for v, r in summary.get("pipeline", {}).items():
     lines.append(f"{v}: m={r['microbatches']} v={r['repeats']}, bubble (p-1)/(vm+p-1) = "
-                 f"{r['bubble_formula']:.1%}; tokens/s vs fsdp{summary['gpus']}: "
+                 f"{r['bubble_formula']:.1%}; tokens/s vs {'8b_' if v.startswith('8b_') else ''}"
+                 f"fsdp{summary['gpus']}: "
                  f"{_fmt(r['vs_fsdp'], '.2f')}x")
   if "longest_seq_1gpu" in summary:
     lines.append(f"longest llama_1b row one GPU trains (XLA's plan): "
