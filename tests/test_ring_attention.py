@@ -190,3 +190,121 @@ def test_backward_keeps_only_local_chunks(mode):
   kept_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(kept))
   lse_bytes = B * T * N * 4
   assert kept_bytes == 2 * q.nbytes + k.nbytes + v.nbytes + lse_bytes + pos.nbytes + seg.nbytes
+
+
+# ------------------------------------------------- the cuDNN block kernel --
+
+
+def _kernel_blocks(pos, seg, n):
+  """(i, j, plan, mask the block kernel gets) for device i's queries against
+  device j's chunk, with ``chunk_attention``'s cut of the block."""
+  S = pos.shape[1] // n
+  blocks = []
+  for i in range(n):
+    for j in range(n):
+      sl_q, sl_k = slice(i * S, (i + 1) * S), slice(j * S, (j + 1) * S)
+      m = np.asarray(bw.visible(pos[:, sl_q], seg[:, sl_q], pos[:, sl_k], seg[:, sl_k]))
+      p = int(bw.plan(jnp.asarray(m)))
+      sub = {0: None, 1: m[:, S // 2:], 2: m[:, :, :S // 2], 3: m}[p]
+      blocks.append((i, j, p, sub))
+  return blocks
+
+
+@pytest.mark.parametrize("order_name", ["zigzag", "contiguous"])
+def test_mask_kind_of_unpacked_ring_blocks(order_name):
+  """Unpacked rows: every block the kernel sees is all-visible, except the
+  diagonal one, which is causal by index (cuDNN's two unbiased masks)."""
+  n = 4
+  order = zigzag_order(T, n) if order_name == "zigzag" else np.arange(T)
+  pos = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))[:, order]
+  seg = np.ones((B, T), np.int32)
+  for i, j, p, m in _kernel_blocks(pos, seg, n):
+    if m is None:
+      assert order_name == "contiguous" and j > i  # Later keys: nothing visible.
+      continue
+    want = bw.CAUSAL if i == j else bw.ALL_VISIBLE
+    # Independent check of the expectation on the mask itself.
+    assert (np.array_equal(m, np.broadcast_to(np.tril(np.ones(m.shape[1:], bool)), m.shape))
+            if i == j else m.all())
+    assert int(bw.mask_kind(jnp.asarray(m))) == want, (i, j, p)
+    if order_name == "zigzag":
+      assert p == (3 if i == j else 1 if j > i else 2)  # Half a block off the diagonal.
+
+
+def test_mask_kind_of_packed_and_odd_masks():
+  """Packed rows: a block crossing a document boundary is OTHER (the biased
+  call); so is a lower-triangular mask that is not square, and a causal
+  square one with one entry flipped."""
+  q, k, v, pos, seg = packed_inputs()
+  blocks = _kernel_blocks(pos, seg, 2)
+  kinds = {(i, j): int(bw.mask_kind(jnp.asarray(m))) for i, j, _, m in blocks if m is not None}
+  assert kinds[(0, 0)] == kinds[(1, 1)] == bw.OTHER  # Documents end at 10 and 20.
+  tril = np.tril(np.ones((8, 8), bool))[None]
+  assert int(bw.mask_kind(jnp.asarray(tril))) == bw.CAUSAL
+  assert int(bw.mask_kind(jnp.ones((2, 8, 4), bool))) == bw.ALL_VISIBLE
+  assert int(bw.mask_kind(jnp.asarray(np.tril(np.ones((8, 4), bool))[None]))) == bw.OTHER
+  flipped = tril.copy()
+  flipped[0, 5, 2] = False
+  assert int(bw.mask_kind(jnp.asarray(flipped))) == bw.OTHER
+
+
+def test_unsplit_custom_vjp_equals_autodiff():
+  """Mode ``none`` (the unsplit fallback) runs the block kernels' backward
+  (chunk_attention_bwd with the final lse, D and O) in its own VJP: equal to
+  autodiff of ``xla_attention`` (same float32 bound as the sharded modes)."""
+  from qtrain.parallel.context_parallel import context_parallel_attention
+  q, k, v, pos, seg = packed_inputs()
+  w, ref_grads = reference_grads()
+  attention = lambda q, k, v: context_parallel_attention(
+      q, k, v, jnp.asarray(pos), jnp.asarray(seg), mode="none")
+  out, grads = vjp_fn(attention)(q, k, v, w)
+  want = reference(q, k, v, seg)
+  assert np.abs(np.asarray(out) - want).max() <= TOL * np.abs(v).max()
+  for name, g, r in zip("qkv", grads, ref_grads):
+    err = np.abs(np.asarray(g) - r).max()
+    assert err <= TOL * np.abs(r).max(), f"d{name}: max |diff| {err:.3g} of {np.abs(r).max():.3g}"
+
+
+_CUDNN_PRIMS = ("dot_product_attention_fwd", "dot_product_attention_bwd")
+
+
+@pytest.mark.parametrize("kernel", ["cudnn", "xla"])
+def test_cudnn_kernel_has_no_float32_logits(kernel):
+  """Traced on CPU (no cuDNN needed): forward and backward of a ring step
+  with the ``cudnn`` kernel are fused calls only. Each mask-kind switch has
+  three branches of exactly one cuDNN call each, and no float32 array as
+  large as [B, T, S] exists anywhere (``lax.cond`` reserves the largest
+  branch's memory). The ``xla`` kernel, run through the same check, must
+  fail it: that is what the check is for."""
+  from qtrain.analysis import jaxprs
+  Tb, Nb, Hb = 128, 4, 16  # N * H < S: a float32 output row is smaller than a logits row.
+  r = np.random.default_rng(0)
+  q = jnp.asarray(r.normal(size=(B, Tb, Nb, Hb)), jnp.bfloat16)
+  kv = jnp.asarray(r.normal(size=(B, Tb, 2, Hb)), jnp.bfloat16)
+  pos = jnp.broadcast_to(jnp.arange(Tb, dtype=jnp.int32), (B, Tb))
+  seg = jnp.ones((B, Tb), jnp.int32)
+
+  def step(q, k, v):
+    out, lse = bw.chunk_attention(q, pos, seg, k, v, pos, seg, scale=0.25, kernel=kernel)
+    delta = jnp.sum(out * out, -1)
+    return bw.chunk_attention_bwd(q, pos, seg, k, v, pos, seg, lse_BTN=lse, delta_BTN=delta,
+                                  out_BTNH=out, do_BTNH=out, scale=0.25, kernel=kernel)
+
+  jaxpr = jax.make_jaxpr(step)(q, kv, kv)
+  big_f32 = [v.aval.shape for e, _ in jaxprs.eqns(jaxpr) for v in e.outvars
+             if v.aval.dtype == jnp.float32 and v.aval.size >= B * Tb * Tb]
+  switches = [[jaxprs.count(b, p) for b in e.params["branches"] for p in _CUDNN_PRIMS]
+              for e, _ in jaxprs.eqns(jaxpr) if e.primitive.name == "cond"
+              and len(e.params["branches"]) == 3]
+  if kernel == "xla":
+    assert big_f32 and not switches
+    return
+  assert not big_f32, big_f32
+  # Forward and backward: the late-queries, early-keys and whole-block cuts.
+  assert sorted(switches) == sorted([[1, 0] * 3] * 3 + [[0, 1] * 3] * 3), switches
+
+
+def test_cudnn_kernel_rejects_float32():
+  q, k, v, pos, seg = (jnp.asarray(x) for x in packed_inputs())
+  with pytest.raises(ValueError, match=r"config\.model\.dtype"):
+    bw.chunk_attention(q, pos, seg, k, v, pos, seg, scale=0.25, kernel="cudnn")

@@ -12,8 +12,18 @@ P = exp(S - lse), dV = P^T dO, dS = P * (dO V^T - D), dQ = scale dS K,
 dK = scale dS^T Q, so a block's gradient needs nothing of the other blocks.
 
 ``BLOCK_KERNELS`` is the one point where a fused kernel plugs in: name ->
-(forward, backward); ``xla`` is plain einsums with float32 accumulation (CPU,
-tests; see ``context_parallel``'s docstring for what exists on GPU).
+(forward, backward). ``xla`` is plain einsums with float32 accumulation (CPU,
+tests, float32), which materialise [B, K, G, T, S] float32 logits per block.
+``cudnn`` is cuDNN's fused flash attention (GPU, bf16/fp16) through JAX's
+primitives: the forward returns the softmax statistics, which are the
+natural-log log-sum-exp of the scaled logits per (row, head) (FlashAttention-2,
+Dao 2023, sec. 3.1.1), and the backward takes them with the output O and
+computes D = rowsum(dO * O) itself; given the *final* lse and O it returns the
+block's exact share of the gradient. cuDNN masks by index only (none, causal,
+or an additive bias), so the block's mask picks one of three fused calls
+(``mask_kind``): all visible (no mask), causal (square, lower-triangular by
+index: the diagonal block of unpacked rows in contiguous or zig-zag order),
+or anything else (packed rows) through a [B, 1, T, S] bias in the compute dtype.
 
 The mask comes from positions and segment ids (``visible``), and decides what
 each (queries, chunk) pair computes (``plan``), so the caller may hold the
@@ -64,9 +74,11 @@ def xla_block(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale):
   return out_BTKGH.reshape(B, T, N, H), jnp.moveaxis(lse_BKGT, -1, 1).reshape(B, T, N)
 
 
-def xla_block_bwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS, lse_BTN, delta_BTN, do_BTNH, scale):
+def xla_block_bwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS, lse_BTN, delta_BTN, out_BTNH, do_BTNH,
+                  scale):
   """(dq, dk, dv) in float32 of one block, given the whole attention's lse
-  and D = rowsum(dO * O) (module docstring)."""
+  and D = rowsum(dO * O) (module docstring); the output O is not needed."""
+  del out_BTNH
   B, T, N, H = q_BTNH.shape
   K = k_BSKH.shape[2]
   G = N // K
@@ -86,9 +98,121 @@ def xla_block_bwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS, lse_BTN, delta_BTN, do_BTNH,
   return dq_BTKGH.reshape(B, T, N, H), dk_BSKH, dv_BSKH
 
 
+# ---------------------------------------------------------------- cuDNN --
+
+ALL_VISIBLE, CAUSAL, OTHER = 0, 1, 2  # mask_kind's answers.
+
+
+def mask_kind(mask_BTS):
+  """Which cuDNN mask a [B, T, S] block mask is, for the whole batch:
+  ALL_VISIBLE, CAUSAL (T == S and lower-triangular by index) or OTHER."""
+  T, S = mask_BTS.shape[1:]
+  causal = jnp.all(mask_BTS == jnp.tril(jnp.ones((T, S), bool))) if T == S else False
+  return jnp.where(jnp.all(mask_BTS), ALL_VISIBLE, jnp.where(causal, CAUSAL, OTHER))
+
+
+# A masked logit's bias: JAX's own values for cuDNN masks
+# (fused_attention_stablehlo.get_large_negative_number: not the dtype's min,
+# which trips a cuDNN bug subtracting two large negatives). exp(bias + s - l)
+# is 0 in float32 for any real row's l.
+_MASKED_BIAS = {jnp.dtype(jnp.bfloat16): -2.0 ** 41, jnp.dtype(jnp.float16): -2.0 ** 15}
+# Whether the backward asks cuDNN for the bias gradient (unused: the bias is
+# a constant of the mask). jax >= 0.11.x skips it for boolean masks too.
+_BIAS_GRAD = False
+
+
+def _cudnn(q_BTNH, k_BSKH, v_BSKH):
+  """JAX's cuDNN attention module, after checking what cuDNN takes."""
+  dtypes = {jnp.dtype(x.dtype) for x in (q_BTNH, k_BSKH, v_BSKH)}
+  if len(dtypes) > 1 or not dtypes <= set(_MASKED_BIAS):
+    raise ValueError(
+        f"the cudnn attention block kernel takes bfloat16 or float16 q/k/v, got "
+        f"{q_BTNH.dtype}/{k_BSKH.dtype}/{v_BSKH.dtype}: set config.model.dtype='bfloat16' "
+        "or config.model.attention_impl='xla'")
+  H = q_BTNH.shape[-1]
+  if H % 8 or H > 256:
+    raise ValueError(f"cuDNN flash attention needs head_dim a multiple of 8 and <= 256, got "
+                     f"{H} (config.model.head_dim); use config.model.attention_impl='xla'")
+  from jax._src.cudnn import fused_attention_stablehlo as fa  # pylint: disable=g-import-not-at-top
+  return fa
+
+
+def _cudnn_params(fa, mask_type, has_bias, scale):
+  # The primitives without JAX's custom_partitioning wrapper: a plain custom
+  # call on the shapes it is given, so it runs inside shard_map (the wrapper's
+  # partitioner rejects manual axes) and needs no cuDNN at trace time.
+  return dict(scale=float(scale), seed=0, dropout_rate=0.0,
+              variadic_args=(has_bias, has_bias and _BIAS_GRAD), mask_type=mask_type,
+              layout=fa.AttentionLayout.BTNH.value, sliding_window_length=None)
+
+
+def _cudnn_calls(q_BTNH, k_BSKH, v_BSKH, mask_BTS, call):
+  """``call(mask_type, bias_B1TS, q, k, v, mask)`` for the block's mask kind,
+  in one ``lax.switch`` whose three branches are all fused kernels."""
+  fa = _cudnn(q_BTNH, k_BSKH, v_BSKH)
+  dtype = q_BTNH.dtype
+
+  def biased(q, k, v, m):
+    bias_B1TS = jnp.where(m, jnp.zeros((), dtype),
+                          jnp.asarray(_MASKED_BIAS[jnp.dtype(dtype)], dtype))[:, None]
+    return call(fa, fa.MaskType.NO_MASK, bias_B1TS, q, k, v, m)
+
+  return jax.lax.switch(mask_kind(mask_BTS),
+                        (lambda *a: call(fa, fa.MaskType.NO_MASK, None, *a),
+                         lambda *a: call(fa, fa.MaskType.CAUSAL, None, *a), biased),
+                        q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+
+
+def cudnn_block(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale):
+  """``xla_block`` by cuDNN: (out_BTNH, lse_BTN) in float32, out rounded to
+  the input dtype. Rows with nothing visible (biased branch only) get out 0
+  and lse _EMPTY as in ``xla_block`` (cuDNN would give the mean of V at an
+  lse near the bias)."""
+
+  def call(fa, mask_type, bias_B1TS, q, k, v, m):
+    none = jnp.zeros(0, q.dtype)
+    bias = none if bias_B1TS is None else bias_B1TS
+    out_BTNH, stat_BNT = fa._dot_product_attention_fwd_p.bind(  # pylint: disable=protected-access
+        q, k, v, bias, none, none, none, none, none, none, is_training=True,
+        **_cudnn_params(fa, mask_type, bias_B1TS is not None, scale))
+    out_BTNH, lse_BTN = out_BTNH.astype(jnp.float32), jnp.swapaxes(stat_BNT, 1, 2)
+    if bias_B1TS is None:
+      return out_BTNH, lse_BTN
+    any_BT1 = jnp.any(m, axis=-1)[..., None]
+    return jnp.where(any_BT1[..., None], out_BTNH, 0.0), jnp.where(any_BT1, lse_BTN, _EMPTY)
+
+  return _cudnn_calls(q_BTNH, k_BSKH, v_BSKH, mask_BTS, call)
+
+
+def cudnn_block_bwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS, lse_BTN, delta_BTN, out_BTNH, do_BTNH,
+                    scale):
+  """``xla_block_bwd`` by cuDNN: (dq, dk, dv), computed in the input dtype
+  and returned in float32. cuDNN forms D = rowsum(dO * O) from the final
+  output itself, so ``delta_BTN`` is unused."""
+  del delta_BTN
+  dtype = q_BTNH.dtype
+  out_BTNH, do_BTNH = out_BTNH.astype(dtype), do_BTNH.astype(dtype)
+
+  def call(fa, mask_type, bias_B1TS, q, k, v, m):
+    none = jnp.zeros(0, q.dtype)
+    lse = lse_BTN
+    if bias_B1TS is not None:
+      # A row that sees nothing in this block gets P = exp(bias + s - lse) = 0
+      # unless lse is _EMPTY itself (a row that sees nothing anywhere): then 0.
+      lse = jnp.where(jnp.any(m, axis=-1)[..., None], lse, 0.0)
+    grads = fa._dot_product_attention_bwd_p.bind(  # pylint: disable=protected-access
+        q, k, v, none if bias_B1TS is None else bias_B1TS, none, none, none, none, none, none,
+        jnp.swapaxes(lse, 1, 2), out_BTNH, do_BTNH,
+        **_cudnn_params(fa, mask_type, bias_B1TS is not None, scale))
+    return tuple(g.astype(jnp.float32) for g in grads[:3])
+
+  return _cudnn_calls(q_BTNH, k_BSKH, v_BSKH, mask_BTS, call)
+
+
 # The fused-kernel point: name -> (forward(q, k, v, mask_BTS, scale) -> (out,
-# lse), backward(q, k, v, mask_BTS, lse, delta, do, scale) -> (dq, dk, dv)).
-BLOCK_KERNELS = {"xla": (xla_block, xla_block_bwd)}
+# lse), backward(q, k, v, mask_BTS, lse, delta, out, do, scale) -> (dq, dk, dv)):
+# lse and D = rowsum(dO * O) of the whole attention, O its output.
+BLOCK_KERNELS = {"xla": (xla_block, xla_block_bwd), "cudnn": (cudnn_block, cudnn_block_bwd)}
 
 
 def merge(out_a, lse_a, out_b, lse_b):
@@ -147,13 +271,14 @@ def plan(mask_BTS):
 
 
 def chunk_attention_bwd(q_BTNH, pos_q_BT, seg_q_BT, k_BSKH, v_BSKH, pos_k_BS, seg_k_BS, *,
-                        lse_BTN, delta_BTN, do_BTNH, scale, kernel="xla"):
+                        lse_BTN, delta_BTN, out_BTNH, do_BTNH, scale, kernel="xla"):
   """(dq, dk, dv) in float32 of ``chunk_attention``'s block, the same
-  computation picked from the mask."""
+  computation picked from the mask; lse, D = rowsum(dO * O) and O of the
+  whole attention."""
   bwd = functools.partial(BLOCK_KERNELS[kernel][1], scale=scale)
   T, S = q_BTNH.shape[1], k_BSKH.shape[1]
   mask_BTS = visible(pos_q_BT, seg_q_BT, pos_k_BS, seg_k_BS)
-  args = (q_BTNH, k_BSKH, v_BSKH, mask_BTS, lse_BTN, delta_BTN, do_BTNH)
+  args = (q_BTNH, k_BSKH, v_BSKH, mask_BTS, lse_BTN, delta_BTN, out_BTNH, do_BTNH)
   if T % 2 or S % 2:
     return bwd(*args)
   tq, sk = T // 2, S // 2
@@ -163,12 +288,13 @@ def chunk_attention_bwd(q_BTNH, pos_q_BT, seg_q_BT, k_BSKH, v_BSKH, pos_k_BS, se
     return jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(
         v.shape, jnp.float32)
 
-  def late_queries(q, k, v, m, lse, delta, do):
-    dq, dk, dv = bwd(q[:, tq:], k, v, m[:, tq:], lse[:, tq:], delta[:, tq:], do[:, tq:])
+  def late_queries(q, k, v, m, lse, delta, out, do):
+    dq, dk, dv = bwd(q[:, tq:], k, v, m[:, tq:], lse[:, tq:], delta[:, tq:], out[:, tq:],
+                     do[:, tq:])
     return jnp.concatenate([jnp.zeros_like(f32(q[:, :tq])), dq], 1), dk, dv
 
-  def early_keys(q, k, v, m, lse, delta, do):
-    dq, dk, dv = bwd(q, k[:, :sk], v[:, :sk], m[:, :, :sk], lse, delta, do)
+  def early_keys(q, k, v, m, lse, delta, out, do):
+    dq, dk, dv = bwd(q, k[:, :sk], v[:, :sk], m[:, :, :sk], lse, delta, out, do)
     pad = lambda d, x: jnp.concatenate([d, jnp.zeros_like(f32(x[:, sk:]))], 1)
     return dq, pad(dk, k), pad(dv, v)
 

@@ -36,21 +36,26 @@ whole block. In zig-zag order every device then does the same work on every
 ring step (the whole block on the first, one half on the others); in
 contiguous order device 0 would idle while the last one works.
 
-The block kernels (``qtrain.parallel.blockwise.BLOCK_KERNELS``: a forward
-returning (out, lse) and a backward taking the final lse and rowsum(dO * O))
-are the one point where a fused kernel plugs in; ``xla`` is plain einsums
-with float32 accumulation, used on every backend today. What exists on GPU
-(surveyed for jax 0.10-0.11): cuDNN through ``jax.nn.dot_product_attention``
-returns no log-sum-exp, so its blocks cannot be merged.
-``jax.experimental.pallas.ops.gpu.attention`` has both halves:
-``mha(..., return_residuals=True)`` returns (out, lse), lse in base 2 of the
-log2(e)-scaled logits (multiply by ln 2), and ``mha_backward_kernel`` takes
-lse and delta; but its mask is by index inside the call with one segment-id
-array shared by q and k, while a ring block needs separate q/k positions and
-segment ids, so it needs that change before it can serve here (for
-unpacked rows in zig-zag order each half-block is either fully visible or
-causal by index, which its ``causal`` flag can express). tokamax was not
-surveyed (it is not in the CPU environment).
+The block kernels (``qtrain.parallel.blockwise.BLOCK_KERNELS``, chosen by
+``kernel``: a forward returning (out, lse) and a backward taking the final
+lse, D = rowsum(dO * O) and O) are the one point where a fused kernel plugs
+in. ``xla`` is plain einsums with float32 accumulation (CPU, float32, tests);
+it materialises [B, K, G, T, S] float32 logits per block, tens of GiB at the
+long sequences context parallelism is for. ``cudnn`` (GPU, bf16/fp16) calls
+the cuDNN flash-attention primitives that ``jax.nn.dot_product_attention``
+is built on (``jax._src.cudnn.fused_attention_stablehlo``, the same in jax
+0.10.2 and 0.11): the forward does return the log-sum-exp (its softmax
+statistics, natural log of the scaled logits), and the backward takes it
+with O; each block is one fused call, its mask being all visible, causal by
+index, or (packed rows) an additive bias (``blockwise`` docstring). Not
+used: ``jax.experimental.pallas.ops.gpu.attention`` (``mha(...,
+return_residuals=True)`` gives a base-2 lse; its mask is by index with one
+segment-id array shared by q and k, while a block needs separate q/k
+positions and segment ids), and tokamax (not surveyed).
+
+Mode ``none`` (no split length, or shapes that do not split) runs the same
+blocks on the global arrays with the same custom VJP (the cuDNN primitives
+have no autodiff rule of their own).
 """
 
 from __future__ import annotations
@@ -104,7 +109,7 @@ def _ring_backward(res, do, *, axis, n, scale, kernel):
   q, pos, seg, k, v, out, lse = res
   delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   grad = functools.partial(chunk_attention_bwd, q, pos, seg, lse_BTN=lse, delta_BTN=delta,
-                           do_BTNH=do, scale=scale, kernel=kernel)
+                           out_BTNH=out, do_BTNH=do, scale=scale, kernel=kernel)
   perm = [(i, (i + 1) % n) for i in range(n)]
   hop = lambda x: jax.lax.ppermute(x, axis, perm)
 
@@ -155,12 +160,28 @@ def _all_gather_backward(res, do, *, axis, n, scale, kernel):
   dq, dks, dvs = jnp.zeros(q.shape, jnp.float32), [], []
   for kv in zip(*(_gathered_chunks(x, axis, n) for x in (k, v, pos, seg))):
     dq_j, dk_j, dv_j = chunk_attention_bwd(q, pos, seg, *kv, lse_BTN=lse, delta_BTN=delta,
-                                           do_BTNH=do, scale=scale, kernel=kernel)
+                                           out_BTNH=out, do_BTNH=do, scale=scale,
+                                           kernel=kernel)
     dq, dks, dvs = dq + dq_j, dks + [dk_j], dvs + [dv_j]
   scatter = lambda ds: jax.lax.psum_scatter(jnp.concatenate(ds, 1), axis, scatter_dimension=1,
                                             tiled=True)
   return dq.astype(q.dtype), None, None, scatter(dks).astype(k.dtype), scatter(dvs).astype(
       v.dtype)
+
+
+def _local_forward(q, pos, seg, k, v, *, axis, n, scale, kernel):
+  """(out, lse) in float32 of unsplit attention (mode ``none``)."""
+  del axis, n
+  return chunk_attention(q, pos, seg, k, v, pos, seg, scale=scale, kernel=kernel)
+
+
+def _local_backward(res, do, *, axis, n, scale, kernel):
+  del axis, n
+  q, pos, seg, k, v, out, lse = res
+  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  dq, dk, dv = chunk_attention_bwd(q, pos, seg, k, v, pos, seg, lse_BTN=lse, delta_BTN=delta,
+                                   out_BTNH=out, do_BTNH=do, scale=scale, kernel=kernel)
+  return dq.astype(q.dtype), None, None, dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -169,7 +190,8 @@ def _with_vjp(mode, axis, n, scale, kernel):
   only the local q, K/V, output and lse (autodiff would keep every K/V chunk
   and each skipped-or-not branch's intermediates), the backward exchanges
   K/V again: a second ring, or a second gather and a reduce-scatter."""
-  forward, backward = {"ring": (_ring_forward, _ring_backward),
+  forward, backward = {"none": (_local_forward, _local_backward),
+                       "ring": (_ring_forward, _ring_backward),
                        "all_gather": (_all_gather_forward, _all_gather_backward)}[mode]
   opts = dict(axis=axis, n=n, scale=scale, kernel=kernel)
 
@@ -244,10 +266,10 @@ def context_parallel_attention(q_BTNH, k_BSKH, v_BSKH, positions_BT=None, segmen
   if mode == "none" or n == 1 or not (_splits_evenly(q_BTNH.shape, q_spec, mesh)
                                       and _splits_evenly(k_BSKH.shape, kv_spec, mesh)):
     # Same mask on global arrays, XLA partitions it: no mesh, or shapes that
-    # do not split (model.init traces one row).
-    out, _ = chunk_attention(q_BTNH, positions_BT, segment_ids_BT, k_BSKH, v_BSKH,
-                             positions_BT, segment_ids_BT, scale=scale, kernel=kernel)
-    return out.astype(q_BTNH.dtype)
+    # do not split (model.init traces one row). The block kernels' own
+    # backward, as on the ring (cuDNN's primitives have no autodiff rule).
+    return _with_vjp("none", None, 1, float(scale), kernel)(
+        q_BTNH, positions_BT.astype(jnp.int32), segment_ids_BT.astype(jnp.int32), k_BSKH, v_BSKH)
   tok_spec = P(q_spec[0], q_spec[1])
   q_heads_axis = q_spec[2] if q_spec[2] != kv_spec[2] else None
   n_q_local = N // (mesh.shape[q_heads_axis] if q_heads_axis else 1)
