@@ -7,6 +7,11 @@ v): causal, packed rows with several documents whose positions restart, GQA
 (4 query heads on 2 kv heads, also with the kv heads fewer than ``tensor``),
 in contiguous and zig-zag token order. The compiled ring program exchanges
 K/V with collective-permutes and gathers nothing; the all-gather one gathers.
+
+The cuDNN block kernel runs only on GPU (``tests/test_attention_gpu.py``);
+here, its dispatch: which mask kind ring blocks are (all visible, causal,
+other), its traced program (fused calls only, no float32 logits), and the
+unsplit fallback's VJP through the block backward's interface.
 """
 
 from __future__ import annotations
@@ -304,7 +309,13 @@ def test_cudnn_kernel_has_no_float32_logits(kernel):
   assert sorted(switches) == sorted([[1, 0] * 3] * 3 + [[0, 1] * 3] * 3), switches
 
 
-def test_cudnn_kernel_rejects_float32():
+def test_cudnn_kernel_rejects_what_cudnn_cannot_run():
+  """Before any compilation: float32 inputs, and odd block lengths (cuDNN's
+  biased backward needs even ones; a chunk of 6 is cut into halves of 3)."""
   q, k, v, pos, seg = (jnp.asarray(x) for x in packed_inputs())
   with pytest.raises(ValueError, match=r"config\.model\.dtype"):
     bw.chunk_attention(q, pos, seg, k, v, pos, seg, scale=0.25, kernel="cudnn")
+  q, k, v = (x[:, :6].astype(jnp.bfloat16) for x in (q, k, v))
+  with pytest.raises(ValueError, match=r"config\.data\.seq_len"):
+    bw.chunk_attention(q, pos[:, :6], seg[:, :6], k, v, pos[:, :6], seg[:, :6], scale=0.25,
+                       kernel="cudnn")

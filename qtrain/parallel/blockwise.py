@@ -129,10 +129,14 @@ def _cudnn(q_BTNH, k_BSKH, v_BSKH):
         f"the cudnn attention block kernel takes bfloat16 or float16 q/k/v, got "
         f"{q_BTNH.dtype}/{k_BSKH.dtype}/{v_BSKH.dtype}: set config.model.dtype='bfloat16' "
         "or config.model.attention_impl='xla'")
-  H = q_BTNH.shape[-1]
+  T, S, H = q_BTNH.shape[1], k_BSKH.shape[1], q_BTNH.shape[-1]
   if H % 8 or H > 256:
     raise ValueError(f"cuDNN flash attention needs head_dim a multiple of 8 and <= 256, got "
                      f"{H} (config.model.head_dim); use config.model.attention_impl='xla'")
+  if T % 2 or S % 2:  # cuDNN's biased backward (JAX checks the same).
+    raise ValueError(f"the cudnn attention block kernel needs even block lengths, got T={T}, "
+                     f"S={S}: make config.data.seq_len a multiple of 4 x config.mesh.sequence, "
+                     "or use config.model.attention_impl='xla'")
   from jax._src.cudnn import fused_attention_stablehlo as fa  # pylint: disable=g-import-not-at-top
   return fa
 
@@ -147,8 +151,9 @@ def _cudnn_params(fa, mask_type, has_bias, scale):
 
 
 def _cudnn_calls(q_BTNH, k_BSKH, v_BSKH, mask_BTS, call):
-  """``call(mask_type, bias_B1TS, q, k, v, mask)`` for the block's mask kind,
-  in one ``lax.switch`` whose three branches are all fused kernels."""
+  """``call(fa, mask_type, bias_B1TS, q, k, v, mask)`` for the block's mask
+  kind, in one ``lax.switch`` whose three branches are all fused kernels
+  (``lax.switch`` reserves the largest branch's memory: here the bf16 bias)."""
   fa = _cudnn(q_BTNH, k_BSKH, v_BSKH)
   dtype = q_BTNH.dtype
 
