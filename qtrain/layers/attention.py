@@ -222,8 +222,10 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *,
     raise ValueError(f"{N} query heads are not a multiple of {K} kv heads")
   cp.check_mode(context_parallel)
   if context_parallel != "none" and cp.sequence_axis()[1] > 1:
+    # Each ring block through cuDNN where the full attention would be.
+    kernel = "cudnn" if resolve_impl(impl, q_BTNH.dtype) == "cudnn" else "xla"
     return cp.context_parallel_attention(q_BTNH, k_BSKH, v_BSKH, positions_BT, segment_ids_BT,
-                                         mode=context_parallel, scale=scale)
+                                         mode=context_parallel, scale=scale, kernel=kernel)
   if resolve_impl(impl, q_BTNH.dtype) == "cudnn":
     kernel = functools.partial(cudnn_attention, scale=scale, max_segments=max_segments)
     if _partly_manual():

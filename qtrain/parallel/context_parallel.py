@@ -65,10 +65,9 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from qtrain.layers.sharding import HEADS
+from qtrain.layers.sharding import HEADS, local_kv_heads, splits_evenly
 from qtrain.parallel.blockwise import chunk_attention, chunk_attention_bwd, empty, merge
 
 MODES = ("none", "ring", "all_gather")
@@ -226,23 +225,6 @@ def sequence_axis():
   return axis, mesh.shape[axis]
 
 
-def _splits_evenly(shape, spec, mesh) -> bool:
-  for dim, axes in zip(shape, spec):
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-    if dim % max(1, int(np.prod([mesh.shape[a] for a in axes]))):
-      return False
-  return True
-
-
-def _local_kv_heads(k, v, q_heads_axis, n_q_local, group):
-  """When the q heads are split over ``q_heads_axis`` but the kv heads are not
-  (fewer kv heads than ``tensor``), the kv head(s) of this shard's q heads."""
-  count = max(1, n_q_local // group)
-  start = jax.lax.axis_index(q_heads_axis) * n_q_local // group
-  take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, count, axis=2)
-  return take(k), take(v)
-
-
 def context_parallel_attention(q_BTNH, k_BSKH, v_BSKH, positions_BT=None, segment_ids_BT=None,
                                *, mode="ring", scale=None, kernel="xla"):
   """Causal GQA attention with the length split over the ``sequence`` axis.
@@ -263,8 +245,8 @@ def context_parallel_attention(q_BTNH, k_BSKH, v_BSKH, positions_BT=None, segmen
   axis, n = sequence_axis()
   mesh = jax.sharding.get_abstract_mesh()
   q_spec, kv_spec = nn.logical_to_mesh_axes(HEADS["q"]), nn.logical_to_mesh_axes(HEADS["kv"])
-  if mode == "none" or n == 1 or not (_splits_evenly(q_BTNH.shape, q_spec, mesh)
-                                      and _splits_evenly(k_BSKH.shape, kv_spec, mesh)):
+  if mode == "none" or n == 1 or not (splits_evenly(q_BTNH.shape, q_spec, mesh)
+                                      and splits_evenly(k_BSKH.shape, kv_spec, mesh)):
     # Same mask on global arrays, XLA partitions it: no mesh, or shapes that
     # do not split (model.init traces one row). The block kernels' own
     # backward, as on the ring (cuDNN's primitives have no autodiff rule).
@@ -277,7 +259,7 @@ def context_parallel_attention(q_BTNH, k_BSKH, v_BSKH, positions_BT=None, segmen
 
   def local(q, pos, seg, k, v):
     if q_heads_axis is not None:
-      k, v = _local_kv_heads(k, v, q_heads_axis, n_q_local, N // K)
+      k, v = local_kv_heads(k, v, q_heads_axis, n_q_local, N // K)
     return body(q, pos, seg, k, v)
 
   # check_vma off: the skipped-block branch of chunk_attention makes fresh
