@@ -126,6 +126,7 @@ def variant_config(args, spec: dict):
       raise SystemExit("--long_seq=0: run the `longest` variant first (the driver passes "
                        "its result on) or give --long_seq")
     seq, rows = spec["long"] * args.long_seq, args.long_batch
+    cfg.model.max_seq_len = max(cfg.model.max_seq_len, seq)  # RoPE's table; the same theta.
     cfg.model.context_parallel = args.cp_mode if cfg.mesh.sequence > 1 else "none"
   cfg.data.update(seq_len=seq, global_batch_size=rows, eval_batch_size=rows)
   remat = args.remat8b if is_8b else args.remat
@@ -277,6 +278,7 @@ def longest(args, cfg, devices) -> dict:
       break
     c = copy.deepcopy(cfg)
     c.data.update(seq_len=seq, global_batch_size=args.long_batch, eval_batch_size=args.long_batch)
+    c.model.max_seq_len = max(c.model.max_seq_len, seq)
     validate(c, n_devices=len(devices))
     plan = plan_only(c, devices)
     rows[seq] = {"needed_gib": plan["plan"].get("needed_gib"), "fits": plan["fits"],
