@@ -33,7 +33,8 @@ batch x GPUs; ``--batch`` rows of ``--seq`` tokens per GPU):
             ``longest`` found in the same run).
   cpN_2x, cpN_4x  sequence=N (context parallelism, --cp_mode: ring or
             all_gather) at 2x and 4x that length: tokens/s per GPU against
-            seq1's, and the memory.
+            seq1's, and the memory; rerun with remat ``full`` on running out
+            of memory.
   8b_ppN_S  llama_8b with pipeline=N under schedule S, against 8b_fsdpN.
   8b_1gpu   llama_8b on one GPU, compiled but not run: the bytes XLA would
             need (arguments + temps) against the GPU's, the state's bytes per
@@ -415,6 +416,10 @@ def driver(args) -> None:
     tries = [extra]
     if spec["model"] == "model8b" and not spec.get("compile_only") and args.remat8b != "full":
       tries.append(["--remat8b=full"])  # Keeps only the residual stream per layer.
+    if spec.get("long", 1) > 1 and args.remat != "full":
+      # 4x one GPU's longest row on 2 GPUs is 2x its tokens per GPU: by the
+      # definition of the longest, the configured policy's activations do not fit.
+      tries.append([*extra, "--remat=full"])
     for attempt in tries:
       rows.append(children.spawn(__file__, name, mem_fraction=args.mem_fraction,
                                    timeout_s=args.child_timeout_s, extra=attempt))
