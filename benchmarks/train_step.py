@@ -216,8 +216,9 @@ def main() -> None:
     print(json.dumps({**common, **peer}), flush=True)
   rows = []
   variants = [int(n) for n in args.loss_chunks.split(",") if n]
+  configured_chunks = cfg.model.get("loss_chunks", 0)  # Read once: the loop sets it.
   for policy in policies:
-    for chunks in [cfg.model.get("loss_chunks", 0)] + variants:
+    for chunks in [configured_chunks] + variants:
       cfg.model.remat_policy, cfg.model.loss_chunks = policy, chunks
       rows.append({**common, "packed": args.packed, "remat": policy,
                    "max_segments": args.max_segments, "mu_dtype": cfg.optim.adamw.mu_dtype,
