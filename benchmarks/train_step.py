@@ -220,10 +220,17 @@ def main() -> None:
   for policy in policies:
     for chunks in [configured_chunks] + variants:
       cfg.model.remat_policy, cfg.model.loss_chunks = policy, chunks
-      rows.append({**common, "packed": args.packed, "remat": policy,
-                   "max_segments": args.max_segments, "mu_dtype": cfg.optim.adamw.mu_dtype,
-                   "loss_chunks": chunks,
-                   **bench_qtrain(cfg, args.batch, args.seq, args.packed, args.steps)})
+      row = {**common, "packed": args.packed, "remat": policy,
+             "max_segments": args.max_segments, "mu_dtype": cfg.optim.adamw.mu_dtype,
+             "loss_chunks": chunks}
+      try:
+        row.update(bench_qtrain(cfg, args.batch, args.seq, args.packed, args.steps))
+      except jax.errors.JaxRuntimeError as e:  # A variant out of memory: say so, go on.
+        if "RESOURCE_EXHAUSTED" not in str(e) or not rows:
+          raise
+        print(json.dumps({**row, "error": str(e).splitlines()[0][:300]}), flush=True)
+        continue
+      rows.append(row)
       rows[-1]["ratio_vs_baseline"] = rows[-1]["tokens_per_s"] / rows[0]["tokens_per_s"]
   if peer:
     rows.insert(1, {**common, **peer})
