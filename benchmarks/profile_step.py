@@ -22,7 +22,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # pylint: disable=g-import-not-at-top
 
-from benchmarks.train_step import load_config, synthetic_batch, trainer_step  # noqa: E402
+from benchmarks.train_step import (apply_overrides, load_config, synthetic_batch,  # noqa: E402
+                                   trainer_step)
 
 
 def _category(name: str) -> str:
@@ -65,9 +66,12 @@ def main() -> None:
   p.add_argument("--seq", type=int, default=2048)
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--remat", default=None)
+  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                 help="override a config field (as benchmarks/train_step.py)")
   p.add_argument("--out", default="/tmp/qtrain_profile")
   args = p.parse_args()
   cfg = load_config(args.model)
+  apply_overrides(cfg, args.set)
   if args.remat:
     cfg.model.remat_policy = args.remat
   host = synthetic_batch(args.batch, args.seq, cfg.model.vocab_size, 0)

@@ -28,6 +28,7 @@ not run twice; ``temp_gib`` shows what that costs in memory).
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import pathlib
@@ -56,6 +57,26 @@ def load_config(name: str):
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod.get_config(variant)
+
+
+def apply_overrides(cfg, assignments) -> None:
+  """``FIELD=VALUE`` strings (``model.scan_layers=False``) set on ``cfg``; the
+  value is a Python literal, else the string itself."""
+  for item in assignments:
+    field, sep, text = item.partition("=")
+    if not sep:
+      raise SystemExit(f"--set={item}: expected FIELD=VALUE, e.g. model.scan_layers=False")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    *parents, leaf = field.split(".")
+    node = cfg
+    for name in parents:
+      node = node[name]
+    if leaf not in node:
+      raise SystemExit(f"--set={item}: config.{field} does not exist")
+    node[leaf] = value
 
 
 def synthetic_batch(batch: int, seq: int, vocab: int, packed: int, seed: int = 0) -> dict:
@@ -200,9 +221,12 @@ def main() -> None:
   p.add_argument("--peer_grad_ckpt", action="store_true")
   p.add_argument("--loss_chunks", default="",
                  help="comma-separated config.model.loss_chunks values timed after the baseline")
+  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                 help="override a config field, e.g. --set=model.scan_layers=False (repeatable)")
   p.add_argument("--out", default=None, help="append JSON lines here")
   args = p.parse_args()
   cfg = load_config(args.model)
+  apply_overrides(cfg, args.set)
   policies = [r for r in (args.remat or "").split(",") if r] or [cfg.model.remat_policy]
   cfg.model.attention_max_segments = args.max_segments
   if args.mu_dtype:
