@@ -168,6 +168,28 @@ def test_scan_equals_unscanned():
   np.testing.assert_allclose(scanned, unscanned, rtol=0, atol=1e-5)
 
 
+def test_scan_unroll_equals_loop():
+  """``scan_unroll`` >= n_layers: the same [L, ...] params, no loop in the
+  program (each block's saved activations are their own buffers, not slices
+  XLA copies into a stack: +3.9% tokens/s unrolled on llama_1b, H100), and
+  the loss and gradients of the loop: same float32 ops, only fused and
+  ordered differently (measured bit-identical on CPU; a few ulps allowed)."""
+  tokens_BT = random_tokens((2, 17))
+  params = init_params(CFG)
+  grad_fn = jax.jit(jax.value_and_grad(next_token_loss), static_argnums=1)
+  loop_cfg = dataclasses.replace(CFG, remat_policy="dots_no_batch")
+  unrolled_cfg = dataclasses.replace(loop_cfg, scan_unroll=CFG.n_layers)
+  abstract = jax.eval_shape(Transformer(unrolled_cfg).init, jax.random.key(0), tokens_BT)
+  assert jax.tree.structure(nn.meta.unbox(abstract)["params"]) == jax.tree.structure(params)
+  loops = lambda cfg: grad_fn.lower(params, cfg, tokens_BT).as_text().count("stablehlo.while")
+  assert loops(loop_cfg) >= 1 and loops(unrolled_cfg) == 0
+  (loss0, grads0), (loss, grads) = grad_fn(params, loop_cfg, tokens_BT), grad_fn(
+      params, unrolled_cfg, tokens_BT)
+  np.testing.assert_allclose(loss, loss0, rtol=1e-6)
+  jax.tree.map(lambda g, g0: np.testing.assert_allclose(g, g0, rtol=1e-5, atol=1e-6),
+               grads, grads0)
+
+
 def next_token_loss(params, cfg, tokens_BT):
   logits_BTV = Transformer(cfg).apply({"params": params}, tokens_BT[:, :-1])
   logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32))

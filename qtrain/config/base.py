@@ -34,6 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
       param_dtype="float32",  # float32 | bfloat16
       dtype="float32",  # Compute dtype: float32 | bfloat16 | float16
       scan_layers=True,
+      scan_unroll=1,
       remat_policy="none",  # none | full | dots | dots_no_batch | dots_no_batch_attn | qkv_attn | dots_attn
       attention_impl="auto",  # auto (cuDNN on GPU for bf16/fp16) | xla | cudnn
       # Packed documents per row the cuDNN path describes (0 = seq_len, which
