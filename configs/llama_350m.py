@@ -14,9 +14,11 @@ llama_125m = config_module("llama_125m")
 
 def get_config(arg: str = ""):
   c = base_config()
+  # scan_unroll=0: the blocks unrolled (params still [L, ...]): the loop copied every
+  # saved activation into an [L, ...] stack (llama_1b, H100: +7.3% tok/s, +4.9 GiB).
   c.model.update(vocab_size=32000, d_model=1024, n_layers=24, n_heads=16, n_kv_heads=16,
                  head_dim=64, d_ff=2816, max_seq_len=2048, param_dtype="float32",
-                 dtype="bfloat16", remat_policy="dots_no_batch_attn")
+                 dtype="bfloat16", remat_policy="dots_no_batch_attn", scan_unroll=0)
   c.data.update(seq_len=2048, global_batch_size=16, eval_batch_size=16)
   c.optim.update(lr=3e-4, warmup_steps=2000, weight_decay=0.1)
   c.train.update(steps=100_000, log_every=50, eval_every=2000, checkpoint_every=2000)
