@@ -16,6 +16,7 @@ import gzip
 import json
 import os
 import pathlib
+import re
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -56,7 +57,23 @@ def summarize(trace_dir: str, steps: int, top: int = 25) -> dict:
     print(f"  {cat:12s} {us / 1e3:8.2f} ms  {us / total:6.1%}")
   for name, us in by_name.most_common(top):
     print(f"  {us / 1e3:8.2f} ms  {name[:110]}")
-  return {"total_us": total, "by_category_us": dict(by_cat)}
+  return {"total_us": total, "by_category_us": dict(by_cat),
+          "top_us": dict(by_name.most_common(top))}
+
+
+def hlo_sources(hlo_text: str, names) -> dict:
+  """For each kernel name that is an instruction of the optimized HLO (XLA's
+  fusions keep their instruction's name), the JAX op that produced it (its
+  ``op_name`` metadata): what a profile's fusion is, in the model's terms."""
+  out = {}
+  for name in names:
+    # The trace writes the instruction's dots as underscores.
+    pattern = re.escape(name).replace("_", "[._]")
+    m = re.search(r"^\s*(?:ROOT )?%?" + pattern + r" = .*?op_name=\"([^\"]+)\"", hlo_text,
+                  re.M)
+    if m:
+      out[name] = m.group(1)
+  return out
 
 
 def main() -> None:
@@ -69,6 +86,8 @@ def main() -> None:
   p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                  help="override a config field (as benchmarks/train_step.py)")
   p.add_argument("--out", default="/tmp/qtrain_profile")
+  p.add_argument("--hlo", action="store_true",
+                 help="also write the optimized HLO and the JAX op behind each top kernel")
   args = p.parse_args()
   cfg = load_config(args.model)
   apply_overrides(cfg, args.set)
@@ -86,6 +105,14 @@ def main() -> None:
       jax.block_until_ready(m)
   summary = summarize(args.out, args.steps)
   os.makedirs(args.out, exist_ok=True)
+  if args.hlo:
+    with layout:
+      text = step.lower(state, batch).compile().as_text()
+    with open(os.path.join(args.out, "hlo.txt"), "w", encoding="utf-8") as f:
+      f.write(text)
+    summary["sources"] = hlo_sources(text, summary["top_us"])
+    for name, src in summary["sources"].items():
+      print(f"  {summary['top_us'][name] / 1e3:8.2f} ms  {name[:40]:40s} <- {src[:90]}")
   with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f)
 
