@@ -137,14 +137,21 @@ def test_context_parallel_cudnn_kernel_matches_xla(packed):
     out, back = jax.vjp(f, q, k, v)
     return out, back(w)
 
+  _assert_kernels_agree(run, q, k, v, w)
+
+
+def _assert_kernels_agree(run, q, k, v, w):
+  """``run(kernel, q, k, v, w)`` -> (out, (dq, dk, dv)) with kernel cudnn
+  against xla: out within 2e-2 (bf16 outputs of values ~1), each gradient
+  within 2e-2 relative L2 (bf16 per-block gradients summed in float32)."""
   (o_x, g_x), (o_c, g_c) = (jax.jit(run, static_argnums=0)(kernel, q, k, v, w)
                             for kernel in ("xla", "cudnn"))
   np.testing.assert_allclose(np.asarray(o_c, np.float32), np.asarray(o_x, np.float32),
                              atol=2e-2, rtol=0)
-  for n, a, b in zip("qkv", g_c, g_x):
+  for name, a, b in zip("qkv", g_c, g_x):
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     err = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
-    assert err <= 2e-2, f"d{n}: relative L2 error {err:.3g}"
+    assert err <= 2e-2, f"d{name}: relative L2 error {err:.3g}"
 
 
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 GPUs")
@@ -177,11 +184,4 @@ def test_context_parallel_cudnn_kernel_on_a_sequence_mesh(mode):
     return out, back(w)
 
   with Layout.of(dict(sequence=n), model, jax.devices()):
-    (o_x, g_x), (o_c, g_c) = (jax.jit(run, static_argnums=0)(kernel, q, k, v, w)
-                              for kernel in ("xla", "cudnn"))
-  np.testing.assert_allclose(np.asarray(o_c, np.float32), np.asarray(o_x, np.float32),
-                             atol=2e-2, rtol=0)
-  for name, a, b in zip("qkv", g_c, g_x):
-    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-    err = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
-    assert err <= 2e-2, f"d{name}: relative L2 error {err:.3g}"
+    _assert_kernels_agree(run, q, k, v, w)
