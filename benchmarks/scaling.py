@@ -311,6 +311,7 @@ def child(args) -> None:
                        "bubble_formula": sched.bubble}
   if spec.get("longest"):
     row.update(longest(args, cfg, devices))
+    row.update(seq=row["longest_seq"], global_batch=args.long_batch, batch_per_gpu=args.long_batch)
   elif spec.get("compile_only"):
     row.update(plan_with_alternatives(cfg, devices, args.deadline or float("inf")))
   else:
