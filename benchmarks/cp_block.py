@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.train_step import time_steps
-from qtrain.parallel.blockwise import chunk_attention, chunk_attention_bwd
+from qtrain.parallel.blockwise import chunk_attention, chunk_attention_bwd, row_delta
 from qtrain.parallel.zigzag import zigzag_order
 
 
@@ -67,7 +67,7 @@ def block_step(kernel: str, scale: float):
   def step(q, k, v, do, pos_q, seg_q, pos_k, seg_k):
     out, lse = chunk_attention(q, pos_q, seg_q, k, v, pos_k, seg_k, scale=scale, kernel=kernel)
     out = out.astype(q.dtype)
-    delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), -1)
+    delta = row_delta(out, do)
     grads = chunk_attention_bwd(q, pos_q, seg_q, k, v, pos_k, seg_k, lse_BTN=lse,
                                 delta_BTN=delta, out_BTNH=out, do_BTNH=do, scale=scale,
                                 kernel=kernel)

@@ -121,7 +121,6 @@ def variant_config(args, spec: dict):
   cfg.mesh.update(**spec["mesh"])
   seq = (args.seq8b if is_8b else args.seq) or cfg.data.seq_len
   rows = (args.batch8b if is_8b else args.batch) * spec["gpus"]
-  cfg.data.update(seq_len=seq, global_batch_size=rows, eval_batch_size=rows)
   if spec.get("long"):  # Rows are not split over `sequence`: the same rows, k x longer.
     if not args.long_seq:
       raise SystemExit("--long_seq=0: run the `longest` variant first (the driver passes "
@@ -248,6 +247,11 @@ def plan_only(cfg, devices) -> dict:
   return out
 
 
+def _room_for_another(last_compile_s: float, deadline: float) -> bool:
+  """Whether one more compile (about as long as the last) ends before ``deadline``."""
+  return time.time() + 1.5 * last_compile_s + 15 <= deadline
+
+
 def plan_with_alternatives(cfg, devices, deadline: float) -> dict:
   """The configured step's plan, then each alternative's while the next
   compile (about as long as the last) ends before ``deadline``."""
@@ -257,7 +261,7 @@ def plan_with_alternatives(cfg, devices, deadline: float) -> dict:
     print(f"compile failed: {row['plan']['error']}", file=sys.stderr)
   last = row["compile_s"]
   for name, edit in ALTERNATIVES.items():
-    if time.time() + 1.5 * last + 15 > deadline:
+    if not _room_for_another(last, deadline):
       row["alternatives"][name] = {"skipped": "--budget_s reached"}
       continue
     alt = copy.deepcopy(cfg)
@@ -271,10 +275,9 @@ def plan_with_alternatives(cfg, devices, deadline: float) -> dict:
 def longest(args, cfg, devices) -> dict:
   """XLA's plan at each candidate length, shortest first, until one does not
   fit (or --budget_s is spent): the longest that fits is the answer."""
-  rows, best = {}, None
-  last = 0.0
+  rows, best, last = {}, None, 0.0
   for seq in sorted(int(x) for x in args.long_candidates.split(",")):
-    if args.deadline and time.time() + 1.5 * last + 15 > args.deadline:
+    if not _room_for_another(last, args.deadline or float("inf")):
       rows[seq] = {"skipped": "--budget_s reached"}
       break
     c = copy.deepcopy(cfg)

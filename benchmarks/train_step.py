@@ -28,7 +28,6 @@ not run twice; ``temp_gib`` shows what that costs in memory).
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib.util
 import json
 import pathlib
@@ -50,33 +49,21 @@ from qtrain.train.state import abstract_params, init_state, state_shardings
 from qtrain.train.step import make_steps
 
 
-def load_config(name: str):
-  """``configs/<name>.py``'s config; ``name`` may carry variants (``llama_1b:smoke``)."""
+def load_config(name: str, overrides=()):
+  """``configs/<name>.py``'s config; ``name`` may carry variants (``llama_1b:smoke``).
+  ``overrides`` (``model.scan_unroll=0``, the benchmarks' ``--set``) are parsed as
+  the trainer parses ``--config.model.scan_unroll=0`` (``qtrain.sweep.runs``):
+  typed by the field, an unknown field a ConfigError naming it."""
   name, _, variant = name.partition(":")
-  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  path = ROOT / "configs" / f"{name}.py"
+  if overrides:
+    from qtrain.sweep.runs import load_config as with_overrides  # pylint: disable=g-import-not-at-top
+    return with_overrides(f"{path}:{variant}" if variant else str(path),
+                          tuple(f"--config.{o}" for o in overrides))
+  spec = importlib.util.spec_from_file_location(name, path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod.get_config(variant)
-
-
-def apply_overrides(cfg, assignments) -> None:
-  """``FIELD=VALUE`` strings (``model.scan_layers=False``) set on ``cfg``; the
-  value is a Python literal, else the string itself."""
-  for item in assignments:
-    field, sep, text = item.partition("=")
-    if not sep:
-      raise SystemExit(f"--set={item}: expected FIELD=VALUE, e.g. model.scan_layers=False")
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    *parents, leaf = field.split(".")
-    node = cfg
-    for name in parents:
-      node = node[name]
-    if leaf not in node:
-      raise SystemExit(f"--set={item}: config.{field} does not exist")
-    node[leaf] = value
 
 
 def synthetic_batch(batch: int, seq: int, vocab: int, packed: int, seed: int = 0) -> dict:
@@ -225,8 +212,7 @@ def main() -> None:
                  help="override a config field, e.g. --set=model.scan_layers=False (repeatable)")
   p.add_argument("--out", default=None, help="append JSON lines here")
   args = p.parse_args()
-  cfg = load_config(args.model)
-  apply_overrides(cfg, args.set)
+  cfg = load_config(args.model, args.set)
   policies = [r for r in (args.remat or "").split(",") if r] or [cfg.model.remat_policy]
   cfg.model.attention_max_segments = args.max_segments
   if args.mu_dtype:

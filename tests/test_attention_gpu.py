@@ -124,12 +124,7 @@ def test_context_parallel_cudnn_kernel_matches_xla(packed):
   from qtrain.parallel.context_parallel import context_parallel_attention
   q, k, v = _inputs(T=512)
   seg = _packed_segments(2, 512) if packed else None
-  pos = None
-  if packed:  # Positions restart at each segment's first token.
-    seg_np = np.asarray(seg)
-    starts = np.concatenate([np.ones((2, 1), bool), seg_np[:, 1:] != seg_np[:, :-1]], 1)
-    idx = np.broadcast_to(np.arange(512), (2, 512))
-    pos = jnp.asarray(idx - np.maximum.accumulate(np.where(starts, idx, 0), axis=1), jnp.int32)
+  pos = jnp.asarray(_positions(np.asarray(seg))) if packed else None
   w = jax.random.normal(jax.random.key(3), q.shape, jnp.bfloat16)
 
   def run(kernel, q, k, v, w):
@@ -138,6 +133,14 @@ def test_context_parallel_cudnn_kernel_matches_xla(packed):
     return out, back(w)
 
   _assert_kernels_agree(run, q, k, v, w)
+
+
+def _positions(seg_BT):
+  """Positions restarting at each segment's first token, int32."""
+  B, T = seg_BT.shape
+  starts = np.concatenate([np.ones((B, 1), bool), seg_BT[:, 1:] != seg_BT[:, :-1]], 1)
+  idx = np.broadcast_to(np.arange(T), (B, T))
+  return (idx - np.maximum.accumulate(np.where(starts, idx, 0), axis=1)).astype(np.int32)
 
 
 def _assert_kernels_agree(run, q, k, v, w):
@@ -168,9 +171,7 @@ def test_context_parallel_cudnn_kernel_on_a_sequence_mesh(mode):
   n, T = jax.device_count(), 1024
   q, k, v = _inputs(T=T)
   seg_np = np.asarray(_packed_segments(2, T))
-  starts = np.concatenate([np.ones((2, 1), bool), seg_np[:, 1:] != seg_np[:, :-1]], 1)
-  idx = np.broadcast_to(np.arange(T), (2, T))
-  pos_np = idx - np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
+  pos_np = _positions(seg_np)
   order = zigzag_order(T, n)
   q, k, v = (x[:, order] for x in (q, k, v))
   pos, seg = jnp.asarray(pos_np[:, order], jnp.int32), jnp.asarray(seg_np[:, order])

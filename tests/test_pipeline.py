@@ -68,6 +68,20 @@ def pipeline_config(schedule="gpipe", m=0, n_layers=N_LAYERS, quant="", dtype="f
   return cfg
 
 
+def compile_gradients(cfg, params, host_batch):
+  """(compiled loss-and-gradients of the ``pipeline`` step family, their args,
+  run) for ``cfg`` on ``params`` and ``host_batch``."""
+  run = Run(cfg)
+  accum = family.gradients(pp.schedule_of(run.cfg, cfg.mesh.pipeline), run.mesh,
+                           batch_sharding(run.mesh))
+  loss_fn = make_loss(run.model)
+  f = lambda prm, b: accum(loss_fn, prm, b, jax.random.key(0))[::2]
+  with run.layout:
+    jitted = jax.jit(f, out_shardings=(replicated(run.mesh), run.state_sh.params))
+    args = jax.device_put(params, run.state_sh.params), to_global(host_batch, run.mesh)
+    return jitted.lower(*args).compile(), args, run
+
+
 class Runs:
   def __init__(self):
     self.single = Run(pipeline_config())
@@ -98,18 +112,10 @@ class Runs:
     n_layers = 2 * N_LAYERS if schedule in INTERLEAVED and p == 4 else N_LAYERS
     cfg = pipeline_config(schedule, m, n_layers, quant, dtype, pipeline=p)
     cfg.data.update(global_batch_size=rows, eval_batch_size=rows)
-    run = Run(cfg)
-    sched = pp.schedule_of(run.cfg, p)
-    accum = family.gradients(sched, run.mesh, batch_sharding(run.mesh))
-    loss_fn = make_loss(run.model)
-    f = lambda prm, b: accum(loss_fn, prm, b, jax.random.key(0))[::2]
     params = self.state.params if n_layers == N_LAYERS else self.deep_params(n_layers)
     host_batch = self.batch if rows == BATCH else jax.tree.map(
         lambda a: np.resize(a, (rows, *a.shape[1:])), self.batch)
-    with run.layout:
-      jitted = jax.jit(f, out_shardings=(replicated(run.mesh), run.state_sh.params))
-      args = jax.device_put(params, run.state_sh.params), to_global(host_batch, run.mesh)
-      return jitted.lower(*args).compile(), args, run
+    return compile_gradients(cfg, params, host_batch)
 
   @functools.cache
   def deep_params(self, n_layers):
@@ -210,12 +216,9 @@ def test_cudnn_kernel_runs_with_every_axis_manual(runs, monkeypatch, data, tenso
   cfg = pipeline_config("gpipe", 2, data=data, pipeline=2, tensor=tensor)
   cfg.model.attention_impl = "cudnn"
   N, K = cfg.model.n_heads, cfg.model.n_kv_heads
-  run = Run(cfg)
-  accum = family.gradients(pp.schedule_of(run.cfg, 2), run.mesh, batch_sharding(run.mesh))
-  loss_fn = make_loss(run.model)
+  compiled, args, run = compile_gradients(cfg, runs.state.params, runs.batch)
   with run.layout:
-    loss, grads = jax.jit(lambda prm, b: accum(loss_fn, prm, b, jax.random.key(0))[::2])(
-        jax.device_put(runs.state.params, run.state_sh.params), to_global(runs.batch, run.mesh))
+    loss, grads = compiled(*args)
   # GPipe m = 2 of BATCH rows: BATCH / 2 rows per microbatch, split over
   # data; the q heads over tensor, the kv heads too where they divide, else
   # the one kv head of this device's q heads.

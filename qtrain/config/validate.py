@@ -74,8 +74,9 @@ def _check_model(m) -> None:
              f"config.model.{field}={m[field]!r}; use one of {sorted(_DTYPES)}")
   _require(m.remat_policy in REMAT_POLICIES,
            f"config.model.remat_policy={m.remat_policy!r}; use one of {sorted(REMAT_POLICIES)}")
-  _require(isinstance(m.get("scan_unroll", 1), int) and m.get("scan_unroll", 1) >= 0,
-           f"config.model.scan_unroll={m.get('scan_unroll')!r}: blocks per loop iteration, an "
+  unroll = m.get("scan_unroll", 1)  # Absent from configs saved before it existed.
+  _require(isinstance(unroll, int) and unroll >= 0,
+           f"config.model.scan_unroll={unroll!r}: blocks per loop iteration, an "
            f"int >= 0 (1: a loop over the layers; 0 or n_layers={m.n_layers}: no loop)")
   _require(m.attention_impl in IMPLEMENTATIONS,
            f"config.model.attention_impl={m.attention_impl!r}; use one of {IMPLEMENTATIONS}")

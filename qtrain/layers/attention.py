@@ -61,7 +61,7 @@ from qtrain.layers.config import ModelConfig
 from qtrain.layers.hooks import Hooks
 from qtrain.layers.linear import Linear
 from qtrain.layers.rope import apply_rope, inverse_frequencies
-from qtrain.layers.sharding import HEADS, local_kv_heads, splits_evenly
+from qtrain.layers.sharding import HEADS, per_device_attention, splits_evenly
 from qtrain.parallel import context_parallel as cp
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
@@ -193,20 +193,8 @@ def _all_axes_manual(kernel, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
   if not (splits_evenly(q_BTNH.shape, q_spec, mesh)
           and splits_evenly(k_BSKH.shape, kv_spec, mesh)):
     q_spec = kv_spec = P(None, None, None, None)  # Rows or heads that do not divide.
-  N, K = q_BTNH.shape[2], k_BSKH.shape[2]
-  q_heads_axis = q_spec[2] if q_spec[2] != kv_spec[2] else None
-  n_q_local = N // (mesh.shape[q_heads_axis] if q_heads_axis else 1)
-
-  def local(q, k, v, *segment_ids):
-    if q_heads_axis is not None:  # Fewer kv heads than the heads' split: take ours.
-      k, v = local_kv_heads(k, v, q_heads_axis, n_q_local, N // K)
-    return kernel(q, k, v, *segment_ids)
-
-  args, specs = (q_BTNH, k_BSKH, v_BSKH), (q_spec, kv_spec, kv_spec)
-  if segment_ids_BT is not None:
-    args, specs = args + (segment_ids_BT,), specs + (P(q_spec[0], None),)
-  # check_vma off as in the pipeline's own shard_map.
-  return jax.shard_map(local, in_specs=specs, out_specs=q_spec, check_vma=False)(*args)
+  segment_ids = () if segment_ids_BT is None else (segment_ids_BT,)
+  return per_device_attention(kernel, q_spec, kv_spec, q_BTNH, k_BSKH, v_BSKH, *segment_ids)
 
 
 def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *,

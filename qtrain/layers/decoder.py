@@ -97,7 +97,7 @@ class Decoder(nn.Module):
       n = layers_K.shape[0]
       stack = nn.scan(block, variable_axes={True: 0}, split_rngs={True: True},
                       in_axes=(nn.broadcast, nn.broadcast, 0), length=n,
-                      unroll=True if cfg.scan_unroll in (0, n) or cfg.scan_unroll > n else cfg.scan_unroll,
+                      unroll=cfg.scan_unroll if 0 < cfg.scan_unroll < n else True,
                       metadata_params={nn.PARTITION_NAME: "layers"})
       x_BTD, _ = stack(cfg, self.hooks, self.decode, name="layers")(
           x_BTD, positions_BT, segment_ids_BT, layers_K)

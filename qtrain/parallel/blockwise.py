@@ -220,6 +220,12 @@ def cudnn_block_bwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS, lse_BTN, delta_BTN, out_BT
 BLOCK_KERNELS = {"xla": (xla_block, xla_block_bwd), "cudnn": (cudnn_block, cudnn_block_bwd)}
 
 
+def row_delta(out_BTNH, do_BTNH):
+  """D = rowsum(dO * O) [B, T, N] in float32: the whole attention's, once per
+  backward, for every block's ``backward`` (module docstring)."""
+  return jnp.sum(do_BTNH.astype(jnp.float32) * out_BTNH.astype(jnp.float32), axis=-1)
+
+
 def merge(out_a, lse_a, out_b, lse_b):
   """Two partial attentions over disjoint key sets -> the attention over both."""
   lse = jnp.logaddexp(lse_a, lse_b)

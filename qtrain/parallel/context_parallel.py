@@ -65,10 +65,10 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
-from qtrain.layers.sharding import HEADS, local_kv_heads, splits_evenly
-from qtrain.parallel.blockwise import chunk_attention, chunk_attention_bwd, empty, merge
+from qtrain.layers.sharding import HEADS, per_device_attention, splits_evenly
+from qtrain.parallel.blockwise import (chunk_attention, chunk_attention_bwd, empty, merge,
+                                       row_delta)
 
 MODES = ("none", "ring", "all_gather")
 
@@ -106,7 +106,7 @@ def _ring_backward(res, do, *, axis, n, scale, kernel):
   next chunk is sent while the current one is differentiated; the
   accumulator's hop overlaps that compute too (it is added after)."""
   q, pos, seg, k, v, out, lse = res
-  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  delta = row_delta(out, do)
   grad = functools.partial(chunk_attention_bwd, q, pos, seg, lse_BTN=lse, delta_BTN=delta,
                            out_BTNH=out, do_BTNH=do, scale=scale, kernel=kernel)
   perm = [(i, (i + 1) % n) for i in range(n)]
@@ -155,7 +155,7 @@ def _all_gather_backward(res, do, *, axis, n, scale, kernel):
   """K/V gathered again (not kept from the forward); each chunk's dK/dV
   reduce-scattered back to the device that holds it."""
   q, pos, seg, k, v, out, lse = res
-  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  delta = row_delta(out, do)
   dq, dks, dvs = jnp.zeros(q.shape, jnp.float32), [], []
   for kv in zip(*(_gathered_chunks(x, axis, n) for x in (k, v, pos, seg))):
     dq_j, dk_j, dv_j = chunk_attention_bwd(q, pos, seg, *kv, lse_BTN=lse, delta_BTN=delta,
@@ -177,7 +177,7 @@ def _local_forward(q, pos, seg, k, v, *, axis, n, scale, kernel):
 def _local_backward(res, do, *, axis, n, scale, kernel):
   del axis, n
   q, pos, seg, k, v, out, lse = res
-  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  delta = row_delta(out, do)
   dq, dk, dv = chunk_attention_bwd(q, pos, seg, k, v, pos, seg, lse_BTN=lse, delta_BTN=delta,
                                    out_BTNH=out, do_BTNH=do, scale=scale, kernel=kernel)
   return dq.astype(q.dtype), None, None, dk.astype(k.dtype), dv.astype(v.dtype)
@@ -235,8 +235,7 @@ def context_parallel_attention(q_BTNH, k_BSKH, v_BSKH, positions_BT=None, segmen
   split, this is single-device attention with the same mask.
   """
   check_mode(mode)
-  B, T, N, H = q_BTNH.shape
-  K = k_BSKH.shape[2]
+  B, T, _, H = q_BTNH.shape
   scale = H ** -0.5 if scale is None else scale
   if positions_BT is None:
     positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -252,19 +251,7 @@ def context_parallel_attention(q_BTNH, k_BSKH, v_BSKH, positions_BT=None, segmen
     # backward, as on the ring (cuDNN's primitives have no autodiff rule).
     return _with_vjp("none", None, 1, float(scale), kernel)(
         q_BTNH, positions_BT.astype(jnp.int32), segment_ids_BT.astype(jnp.int32), k_BSKH, v_BSKH)
-  tok_spec = P(q_spec[0], q_spec[1])
-  q_heads_axis = q_spec[2] if q_spec[2] != kv_spec[2] else None
-  n_q_local = N // (mesh.shape[q_heads_axis] if q_heads_axis else 1)
   body = _with_vjp(mode, axis, n, float(scale), kernel)
-
-  def local(q, pos, seg, k, v):
-    if q_heads_axis is not None:
-      k, v = local_kv_heads(k, v, q_heads_axis, n_q_local, N // K)
-    return body(q, pos, seg, k, v)
-
-  # check_vma off: the skipped-block branch of chunk_attention makes fresh
-  # zeros, which the varying-axes check would ask to cast to each input's axes.
-  sharded = jax.shard_map(local, in_specs=(q_spec, tok_spec, tok_spec, kv_spec, kv_spec),
-                          out_specs=q_spec, check_vma=False)
-  return sharded(q_BTNH, positions_BT.astype(jnp.int32), segment_ids_BT.astype(jnp.int32),
-                 k_BSKH, v_BSKH)
+  return per_device_attention(lambda q, k, v, pos, seg: body(q, pos, seg, k, v), q_spec,
+                              kv_spec, q_BTNH, k_BSKH, v_BSKH, positions_BT.astype(jnp.int32),
+                              segment_ids_BT.astype(jnp.int32))
