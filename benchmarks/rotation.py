@@ -27,7 +27,8 @@ Two parts, one JSON line per measurement (``--parts``):
   activations kept for the backward live there), so a saving variant's
   memory cost sits beside its time, and the rotation gemms per block the
   step's jaxpr holds (llama_1b under dots_no_batch: 9 without save, R4's
-  row-batched gemm recomputed; 8 with it). Target: R3 + R4 cost <= 5% of the
+  row-batched gemm recomputed; 8 with it; `--fold`, config.model.rotation.fold_grad:
+  R4's backward on down_proj's weight, 6). Target: R3 + R4 cost <= 5% of the
   llama_1b step on one H100.
 
 Each rotation is x diag(s) H / sqrt(n), H = H_a (x) H_b (llama_1b: head_dim
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import pathlib
 import re
@@ -160,28 +162,28 @@ def step(args) -> list[dict]:
   t_off, temp_off, _ = timed_step(_config(args), args)
   tokens = args.batch * args.seq
   rows = []
-  for impl in args.impls.split(","):
-    for save in args.save:
-      on = _config(args, dict(r3=args.kind, r4=args.kind, impl=impl, save=save))
-      t_on, temp_on, gemms = timed_step(on, args)
-      m = on.model
-      row = {"part": "step", "model": args.model, "batch": args.batch, "seq": args.seq,
-             "kind": args.kind, "impl": impl, "save": save, "remat": m.remat_policy,
-             "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
-             "jax": jax.__version__, "dtype": m.dtype, "head_dim_split": factor(m.head_dim),
-             "d_ff_split": factor(m.d_ff), "step_off_ms": t_off * 1e3,
-             "step_r3r4_ms": t_on * 1e3, "ratio": t_on / t_off,
-             "cost_fraction": t_on / t_off - 1, "tokens_per_s_off": tokens / t_off,
-             "tokens_per_s_r3r4": tokens / t_on, "temp_off_gib": temp_off / 2**30,
-             "temp_r3r4_gib": temp_on / 2**30, "temp_delta_gib": (temp_on - temp_off) / 2**30,
-             "rotation_gemms_per_block": gemms}
-      rows.append(row)
-      print(f"{args.model} b{args.batch}x{args.seq} ({m.remat_policy}): online R3 + R4 "
-            f"({args.kind}, {impl}, save={save}) cost {row['cost_fraction']:+.2%} of the step "
-            f"({t_off * 1e3:.1f} ms -> {t_on * 1e3:.1f} ms; {row['tokens_per_s_off']:,.0f} -> "
-            f"{row['tokens_per_s_r3r4']:,.0f} tokens/s); temp {row['temp_off_gib']:.2f} -> "
-            f"{row['temp_r3r4_gib']:.2f} GiB ({row['temp_delta_gib']:+.2f}); {gemms} rotation "
-            f"gemms per block", flush=True)
+  for impl, save, fold in itertools.product(args.impls.split(","), args.save, args.fold):
+    on = _config(args, dict(r3=args.kind, r4=args.kind, impl=impl, save=save, fold_grad=fold))
+    t_on, temp_on, gemms = timed_step(on, args)
+    m = on.model
+    row = {"part": "step", "model": args.model, "batch": args.batch, "seq": args.seq,
+           "kind": args.kind, "impl": impl, "save": save, "fold_grad": fold,
+           "remat": m.remat_policy,
+           "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
+           "jax": jax.__version__, "dtype": m.dtype, "head_dim_split": factor(m.head_dim),
+           "d_ff_split": factor(m.d_ff), "step_off_ms": t_off * 1e3,
+           "step_r3r4_ms": t_on * 1e3, "ratio": t_on / t_off,
+           "cost_fraction": t_on / t_off - 1, "tokens_per_s_off": tokens / t_off,
+           "tokens_per_s_r3r4": tokens / t_on, "temp_off_gib": temp_off / 2**30,
+           "temp_r3r4_gib": temp_on / 2**30, "temp_delta_gib": (temp_on - temp_off) / 2**30,
+           "rotation_gemms_per_block": gemms}
+    rows.append(row)
+    print(f"{args.model} b{args.batch}x{args.seq} ({m.remat_policy}): online R3 + R4 "
+          f"({args.kind}, {impl}, save={save}, fold_grad={fold}) cost "
+          f"{row['cost_fraction']:+.2%} of the step ({t_off * 1e3:.1f} ms -> {t_on * 1e3:.1f} ms; {row['tokens_per_s_off']:,.0f} -> "
+          f"{row['tokens_per_s_r3r4']:,.0f} tokens/s); temp {row['temp_off_gib']:.2f} -> "
+          f"{row['temp_r3r4_gib']:.2f} GiB ({row['temp_delta_gib']:+.2f}); {gemms} rotation "
+          f"gemms per block", flush=True)
   return rows
 
 
@@ -205,6 +207,8 @@ def main() -> None:
   p.add_argument("--parts", default="micro,step", help="micro and/or step")
   p.add_argument("--save", type=_bools, default=[False, True],
                  help="config.model.rotation.save values to time the step with (false,true)")
+  p.add_argument("--fold", type=_bools, default=[True],
+                 help="config.model.rotation.fold_grad values (R4's backward through the weight)")
   p.add_argument("--remat", default="", help="override the model's remat_policy (step part)")
   p.add_argument("--out", default=None, help="append the JSON lines here")
   args = p.parse_args()

@@ -20,6 +20,9 @@ import pytest
 from qtrain.convert.rotate import drop_online, fuse_rotations
 from qtrain.layers import FormRule, ModelConfig, Provider, Transformer, rotation
 from qtrain.layers.config import RotationConfig
+from qtrain.quant.provider import QuantProvider
+from qtrain.quant.rules import QuantRule
+from qtrain.quant.spec import QuantSpec
 
 SUPPORTED = [n for n in range(1, 1025) if rotation.supported(n)]
 
@@ -436,35 +439,90 @@ def _grad_fn(cfg):
   return loss, jax.jit(jax.value_and_grad(loss))
 
 
-def _rotation_gemms(cfg, params) -> int:
+def _rotation_gemms(cfg, params, weights: bool = False) -> int:
   """Rotation gemms of the gradient program (``rotation.transform_gemms`` on
   its jaxpr). On this CPU, float32, the compiled program's dots named after
   ``hadamard_transform`` give the same counts; bf16 ones XLA's CPU backend
   turns into fusions, and a GPU into cuBLAS calls, so the jaxpr is the
   backend-independent count."""
-  return rotation.transform_gemms(jax.make_jaxpr(jax.grad(_grad_fn(cfg)[0]))(params))
+  return rotation.transform_gemms(jax.make_jaxpr(jax.grad(_grad_fn(cfg)[0]))(params), weights)
 
 
-@pytest.mark.parametrize("policy,default", [("dots_no_batch", 2 * _GEMMS + 1), ("full", 3 * _GEMMS)])
-def test_saved_rotations_run_forward_and_backward_only(policy, default):
+@pytest.mark.parametrize("fold,policy,counts", [
+    (False, "dots_no_batch", (2 * _GEMMS + 1, 2 * _GEMMS)),
+    (False, "full", (3 * _GEMMS, 2 * _GEMMS)),
+    (True, "dots_no_batch", (2 * _GEMMS, 2 * _GEMMS - 2)),
+    (True, "full", (3 * _GEMMS - 2, 2 * _GEMMS - 2))])
+def test_saved_rotations_run_forward_and_backward_only(fold, policy, counts):
   """rotation.save: the backward reads the rotated tensors instead of
   recomputing them, so every rotation gemm runs twice (forward, VJP).
   Without it, dots_no_batch keeps the dense gemm (a dot output) and R4's
-  first gemm but reruns R4's row-batched one; full reruns all 4. Same loss and
-  grads as no remat at all: remat only chooses what is kept, the ops are the
-  same float32 ops (fusion may reorder sums: rtol 1e-6 on the loss, 1e-5 of
-  the largest entry on each grad; measured bit-identical on this CPU)."""
-  params = random_params(SAVE_CFG)
-  ref_loss, ref_grads = _grad_fn(SAVE_CFG)[1](params)
-  off = dataclasses.replace(SAVE_CFG, remat_policy=policy)
+  first gemm but reruns R4's row-batched one; full reruns all 4. With
+  fold_grad R4's VJP runs on down_proj's weight instead (2 gemms over
+  [d_model, d_ff], counted apart), and its forward, inside a custom VJP,
+  reruns whole unless saved. Same loss and grads as no remat at all: remat
+  only chooses what is kept, the ops are the same float32 ops (fusion may
+  reorder sums: rtol 1e-6 on the loss, 1e-5 of the largest entry on each
+  grad; measured bit-identical on this CPU)."""
+  base = dataclasses.replace(SAVE_CFG, rotation=dataclasses.replace(SAVE_CFG.rotation,
+                                                                    fold_grad=fold))
+  params = random_params(base)
+  ref_loss, ref_grads = _grad_fn(base)[1](params)
+  off = dataclasses.replace(base, remat_policy=policy)
   on = dataclasses.replace(off, rotation=dataclasses.replace(off.rotation, save=True))
-  assert (_rotation_gemms(off, params), _rotation_gemms(on, params)) == (default, 2 * _GEMMS)
+  assert (_rotation_gemms(off, params), _rotation_gemms(on, params)) == counts
+  assert _rotation_gemms(on, params, weights=True) == (2 if fold else 0)
   for cfg in (off, on):
     loss, grads = _grad_fn(cfg)[1](params)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=0,
                                                          atol=1e-5 * np.abs(r).max()),
                  grads, ref_grads)
+
+
+def _fold_grads(cfg, fold: bool, provider=None):
+  """(loss, grads, R4 gemms on activations, on down_proj's weight) of the
+  gradient program with fold_grad=``fold``."""
+  cfg = dataclasses.replace(cfg, rotation=dataclasses.replace(cfg.rotation, fold_grad=fold))
+  params = random_params(cfg)
+  loss = lambda p: jnp.mean(Transformer(cfg, provider).apply({"params": p}, TOKENS) ** 2)
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
+  value, grads = jax.jit(jax.value_and_grad(loss))(params)
+  return (value, grads, rotation.transform_gemms(jaxpr),
+          rotation.transform_gemms(jaxpr, weights=True))
+
+
+A4_STE = QuantSpec(bits=4, granularity="token", symmetric=False, calibration="minmax")
+W4 = QuantSpec(bits=4, granularity="channel")
+
+
+@pytest.mark.parametrize("scan,r4_layers,act,folds", [
+    (True, None, None, True),  # bf16-style training: no quantizer.
+    (False, (1,), None, True),  # Unscanned, R4 on block 1 only (static).
+    (True, (1,), A4_STE, True),  # Scanned table (lax.cond), W4A4 with a plain STE.
+    (True, None, dataclasses.replace(A4_STE, estimator="clipped_ste"), False),
+])
+def test_r4_gradient_through_the_weight(scan, r4_layers, act, folds):
+  """fold_grad: R4's backward is dy (R W^)^T on down_proj's weight operand
+  instead of R^T on the [tokens, d_ff] cotangent, the same gradients (float32:
+  the loss to 1e-6, each grad to 1e-5 of its largest entry, as above: only
+  the order of the sums differs) where every provider passes the activations'
+  cotangent on (none, a plain STE quantizer); a clipped STE masks the
+  cotangent, so there the transform's VJP still runs (no weight gemms)."""
+  cfg = dataclasses.replace(SAVE_CFG, scan_layers=scan, rotation=dataclasses.replace(
+      SAVE_CFG.rotation, r4_layers=r4_layers))
+  provider = None if act is None else QuantProvider(
+      rules=(QuantRule(pattern=r"decoder/layers/.*", weight=W4, act=act),))
+  ref_loss, ref_grads, ref_act, ref_w = _fold_grads(cfg, False, provider)
+  loss, grads, n_act, n_w = _fold_grads(cfg, True, provider)
+  blocks = 1 if scan else sum(cfg.rotation.blocks("r4", cfg.n_layers))
+  assert ref_w == 0
+  # R4 over 44 x 8: two gemms per rotation, the VJP's moved onto the weight.
+  assert (n_act, n_w) == ((ref_act - 2 * blocks, 2 * blocks) if folds else (ref_act, 0))
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=0,
+                                                       atol=1e-5 * np.abs(r).max()),
+               grads, ref_grads)
 
 
 def test_save_is_a_bool():
@@ -482,8 +540,11 @@ def test_saved_rotations_are_the_named_residuals(capsys):
   output), which no longer needs keeping; dots_no_batch holds the same
   bytes (in float32 the rotated tensor and the intermediate are the same
   size). Per-block rotations (a lax.cond) are named outside the cond and
-  give the no-remat loss and grads (tolerances as above)."""
-  cfg = dataclasses.replace(SAVE_CFG, scan_layers=False, remat_policy="dots_no_batch")
+  give the no-remat loss and grads (tolerances as above). R4's gradient as
+  the transform's VJP (fold_grad=False): folded, its forward runs inside a
+  custom VJP, whose intermediate no policy keeps."""
+  cfg = dataclasses.replace(SAVE_CFG, scan_layers=False, remat_policy="dots_no_batch",
+                            rotation=dataclasses.replace(SAVE_CFG.rotation, fold_grad=False))
   params = random_params(cfg)
   saved = dataclasses.replace(cfg, rotation=dataclasses.replace(cfg.rotation, save=True))
 

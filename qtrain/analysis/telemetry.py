@@ -84,6 +84,9 @@ class TelemetryProvider(Provider):
         module.sow(COLLECTION, f"{name}_{stat}", v)
     return x
 
+  def lhs_grad_passes(self, site, hooks) -> bool:
+    return True  # Observes the activations; the dot below gets them unchanged.
+
   def dot(self, site, hooks, inner):
     if not (self.matmuls and re.fullmatch(self.matmuls, site.path)):
       return inner

@@ -66,6 +66,9 @@ class RotationConfig:
   impl: str = "matmul_bf16"  # Fastest on an H100 (docs/benchmarks.md, rotations); fwht | matmul | matmul_bf16.
   # Remat also saves the rotated tensors (rotation.remat_policy): no transform reruns in the backward.
   save: bool = False
+  # R4's backward through down_proj's weight (rotation.Online): dy (R W)^T
+  # instead of R^T on the [tokens, d_ff] cotangent, where exact (see there).
+  fold_grad: bool = True
 
   @classmethod
   def of(cls, d) -> "RotationConfig":

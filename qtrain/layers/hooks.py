@@ -103,6 +103,15 @@ class Provider:
     del path, name, hooks, module
     return x
 
+  def lhs_grad_passes(self, site: MatmulSite, hooks: "Hooks") -> bool:
+    """Whether this provider's ``dot`` at ``site`` hands the inner dot's lhs
+    cotangent back unchanged as its own (it may transform the weight, observe
+    the activations, or quantize them with a plain STE). A rotation of the
+    activations before it may then apply R^T through the weight
+    (``Hooks.lhs_rotation``). The base: True unless ``dot`` is overridden."""
+    del site, hooks
+    return type(self).dot is Provider.dot
+
   def kv_spec(self, path: str, hooks: "Hooks") -> Any:
     del path, hooks
     return None
@@ -124,15 +133,30 @@ class Hooks:
   layer: Any = None  # Block index (int, traced int32 under scan, None outside the stack).
   n_layers: int = 0
   token_mask: Any = None  # [B, T] bool, True on real tokens; None when unknown.
+  # An online rotation of the activation operand (qtrain.layers.rotation.Online:
+  # R4 on down_proj), applied before every provider (they see x R).
+  lhs_rotation: Any = None
 
   def with_context(self, **kw) -> "Hooks":
     return dataclasses.replace(self, **kw)
 
   def dot_fn(self, site: MatmulSite) -> DotFn:
-    fn = xla_dot
-    for p in reversed(_SCOPED.get() + self.providers):
+    providers = _SCOPED.get() + self.providers
+    rot = self.lhs_rotation
+    # R^T through the weight where every provider passes the cotangent on.
+    fold = rot is not None and rot.fold and all(p.lhs_grad_passes(site, self) for p in providers)
+    fn = rot.grad_through_weight(xla_dot) if fold else xla_dot
+    for p in reversed(providers):
       fn = p.dot(site, self, fn)
-    return fn
+    if rot is None:
+      return fn
+    if site.in_features != rot.n:
+      raise ValueError(f"{site.path}: the online rotation {rot.which} is over {rot.n} "
+                       f"features, the matmul contracts {site.in_features}")
+
+    def rotated(module, lhs, rhs, *args):
+      return fn(module, rot.apply(lhs, grad=not fold), rhs, *args)
+    return rotated
 
   def activation(self, module: nn.Module, name: str, x):
     path, _ = canonical_path(module)

@@ -27,6 +27,9 @@ class _Recorder(Provider):
   matmuls: dict = dataclasses.field(default_factory=dict)
   activations: dict = dataclasses.field(default_factory=dict)
 
+  def lhs_grad_passes(self, site, hooks) -> bool:
+    return True  # Records the site; the dot is the one below.
+
   def dot(self, site, hooks, inner):
     self.matmuls.setdefault(site.param, site)  # One per layer when unscanned.
     return inner

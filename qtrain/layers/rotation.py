@@ -72,8 +72,10 @@ for ``matmul``), so under ``dots_no_batch`` the memory does not grow.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -395,23 +397,149 @@ def online(cfg, which: str, layer, x):
 
   Blocks that differ under scan take ``lax.cond`` on a static per-block
   table: one compiled block, only the taken branch runs."""
-  rot = cfg.rotation
-  on = rot.blocks(which, cfg.n_layers)
-  if not any(on):
-    return x
-  signs = signs_for(rot, which, x.shape[-1])
-  rotate = lambda y: hadamard_transform(y, signs, impl=rot.impl)
-  if all(on):
-    y = rotate(x)
-  elif layer is None:
-    raise ValueError(f"config.model.rotation.{which}_layers names blocks, but this "
-                     f"{which} site sits outside the decoder stack")
-  elif isinstance(layer, int):
-    y = rotate(x) if on[layer] else x
-  else:
-    y = jax.lax.cond(jnp.asarray(on)[layer], rotate, lambda y: y, x)
-  # Named outside the cond: the policy sees one tensor whichever branch ran.
-  return checkpoint_name(y, ROTATED[which])
+  rot = Online.at(cfg, which, layer)
+  return x if rot is None else rot.apply(x)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Online:
+  """One online rotation ``which`` at one block, as ``online`` applies it and
+  as a matmul hook takes it for its activation operand
+  (``Hooks.lhs_rotation``, R4 on down_proj: ``qtrain.layers.mlp``).
+
+  **The gradient through the weight.** With y = (x R) W^, the backward of the
+  rotation is dx = (dy W^^T) R^T: a second pass over the [tokens, d_ff]
+  cotangent per block. The same product is dy (R W^)^T, where R W^ rotates the
+  weight operand the innermost dot received (W^: the weight after any weight
+  quantizer) over its contraction axis, d_ff x d_model values instead of
+  tokens x d_ff (llama_1b at 8 x 2048: 8x fewer). ``Hooks.dot_fn`` runs it so
+  (``grad_through_weight``, the rotation's own backward then the identity)
+  when ``fold`` is on and every provider between the rotation and the dot
+  passes the activations' cotangent through unchanged
+  (``Provider.lhs_grad_passes``: no quantizer of the activations, or a plain
+  STE one); anywhere else (clipped STE, learned steps, the int8/fp8 custom
+  VJPs, whose backward dots are their own) it rotates the cotangent as
+  ``online`` does. Same gradients up to rounding: the folded one rounds R W^
+  to the compute dtype once (its 1/sqrt(n)-scaled float32 sums), the other
+  rounds dy W^^T and the transform's intermediate.
+  """
+  which: str
+  n: int  # The rotated axis' size.
+  signs: tuple | None  # Random signs (random_hadamard), else None.
+  impl: str
+  on: tuple[bool, ...]  # Per block.
+  layer: Any  # Block index: int, traced int32 under nn.scan, or None.
+  fold: bool = True
+
+  @classmethod
+  def at(cls, cfg, which: str, layer, n: int | None = None) -> "Online | None":
+    """The rotation ``which`` of ``cfg.rotation`` at block ``layer``; None
+    where it is off in every block."""
+    rot = cfg.rotation
+    on = rot.blocks(which, cfg.n_layers)
+    if not any(on):
+      return None
+    if not all(on) and layer is None:
+      raise ValueError(f"config.model.rotation.{which}_layers names blocks, but this "
+                       f"{which} site sits outside the decoder stack")
+    n = n or {"r3": cfg.head_dim, "r4": cfg.d_ff}[which]
+    signs = signs_for(rot, which, n)
+    return cls(which, n, None if signs is None else tuple(signs.tolist()), rot.impl, on, layer,
+               fold=rot.fold_grad)
+
+  def _select(self, rotate, x):
+    """rotate(x) on the blocks where the rotation is on, x elsewhere."""
+    if all(self.on):
+      return rotate(x)
+    if isinstance(self.layer, int):
+      return rotate(x) if self.on[self.layer] else x
+    return jax.lax.cond(jnp.asarray(self.on)[self.layer], rotate, lambda y: y, x)
+
+  def _signs(self):
+    return None if self.signs is None else np.asarray(self.signs, np.float32)
+
+  def apply(self, x, grad: bool = True):
+    """x R over the last axis, named ``ROTATED[which]`` (outside the cond:
+    the remat policy sees one tensor whichever branch ran). ``grad`` False:
+    the backward passes the cotangent through unchanged, for a dot whose
+    gradient applies R^T itself (``grad_through_weight``)."""
+    signs = self._signs()
+    rotate = lambda y: hadamard_transform(y, signs, impl=self.impl)
+    return checkpoint_name(self._select(rotate if grad else _no_grad(rotate), x),
+                           ROTATED[self.which])
+
+  def grad_through_weight(self, inner):
+    """The innermost dot ``inner`` (module, lhs, rhs, dims, ...) whose lhs
+    cotangent is dy (R rhs)^T: R^T applied through the weight (see the class)."""
+    static = all(self.on) or isinstance(self.layer, int)
+    weight = _WeightRotation(self.signs, "fwht" if self.impl == "fwht" else "matmul",
+                             per_block=not static)
+
+    def fn(module, lhs, rhs, dims, precision=None, preferred_element_type=None):
+      if static and not (all(self.on) or self.on[self.layer]):
+        return inner(module, lhs, rhs, dims, precision, preferred_element_type)
+      flag = jnp.asarray(True) if static else jnp.asarray(self.on)[self.layer]
+      return _dot_grad_through_weight(lhs, rhs, flag, weight, dims, precision,
+                                      preferred_element_type)
+
+    return fn
+
+
+def _no_grad(rotate):
+  """``rotate`` whose VJP is the identity (the dot after it applies R^T)."""
+  f = jax.custom_vjp(rotate)
+  f.defvjp(lambda x: (rotate(x), None), lambda _, g: (g,))
+  return f
+
+
+@dataclasses.dataclass(frozen=True)
+class _WeightRotation:
+  """R applied to a weight operand over its contraction axis (hashable: a
+  nondiff arg of ``_dot_grad_through_weight``)."""
+  signs: tuple | None
+  impl: str
+  per_block: bool  # The dot's flag says whether this block rotates (a traced bool).
+
+  def __call__(self, w, axis: int):
+    """R w over ``axis``: (w^T R^T)^T, the inverse transform of the rows of
+    w with ``axis`` last. ``impl`` "matmul" keeps the float32 intermediate
+    (one rounding), "fwht" as the forward."""
+    signs = None if self.signs is None else np.asarray(self.signs, np.float32)
+    return jnp.moveaxis(rotate_weight(jnp.moveaxis(w, axis, -1), signs, self.impl), -1, axis)
+
+
+@functools.partial(jax.jit, static_argnames=("impl",))
+def rotate_weight(w, signs, impl: str):
+  """w R^T over the last axis; a jitted function of its own, so the step's
+  program names it apart from the activations' transforms (``transform_gemms``)."""
+  return hadamard_transform(w, signs, inverse=True, impl=impl)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _dot_grad_through_weight(lhs, rhs, flag, weight, dims, precision, preferred_element_type):
+  del flag, weight  # The backward's.
+  return jax.lax.dot_general(lhs, rhs, dims, precision=precision,
+                             preferred_element_type=preferred_element_type)
+
+
+def _dgtw_fwd(lhs, rhs, flag, weight, dims, precision, preferred_element_type):
+  out = _dot_grad_through_weight(lhs, rhs, flag, weight, dims, precision, preferred_element_type)
+  return out, (lhs, rhs, flag)
+
+
+def _dgtw_bwd(weight, dims, precision, preferred_element_type, res, g):
+  lhs, rhs, flag = res
+  axis = dims[0][1][0] % rhs.ndim
+  rotate = lambda w: weight(w, axis)
+  rhs_r = jax.lax.cond(flag, rotate, lambda w: w, rhs) if weight.per_block else rotate(rhs)
+  dot = lambda l, r: jax.lax.dot_general(l, r, dims, precision=precision,
+                                         preferred_element_type=preferred_element_type)
+  d_lhs = jax.vjp(lambda l: dot(l, rhs_r), lhs)[1](g)[0]
+  d_rhs = jax.vjp(lambda r: dot(lhs, r), rhs)[1](g)[0]
+  return d_lhs, d_rhs, None
+
+
+_dot_grad_through_weight.defvjp(_dgtw_fwd, _dgtw_bwd)
 
 
 # The names ``online`` gives the rotated tensors (R3: Q and K; R4: the
@@ -429,15 +557,19 @@ def remat_policy(rot, policy):
   return jax.checkpoint_policies.save_from_both_policies(policy, saved)
 
 
-def transform_gemms(jaxpr) -> int:
+def transform_gemms(jaxpr, weights: bool = False) -> int:
   """How many dot_generals of ``jaxpr`` (a Jaxpr or ClosedJaxpr, e.g. of a
-  train step) run inside ``hadamard_transform`` calls: forward, remat
-  recomputation and custom VJP alike, sub-jaxprs included (a scan body once,
-  each cond branch). Read from the jaxpr, where JAX's remat has decided what
-  runs again, not from compiled HLO, whose ops differ by backend."""
+  train step) run inside ``hadamard_transform`` calls on activations (or
+  cotangents): forward, remat recomputation and custom VJP alike,
+  sub-jaxprs included (a scan body once, each cond branch). ``weights``: those
+  inside ``rotate_weight`` instead (R4's backward through the weight). Read
+  from the jaxpr, where JAX's remat has decided what runs again, not from
+  compiled HLO, whose ops differ by backend."""
   from qtrain.analysis import jaxprs  # pylint: disable=g-import-not-at-top
-  in_transform = lambda e: "hadamard_transform" in str(e.params.get("name", ""))
+  named = lambda name: lambda e: name in str(e.params.get("name", ""))
+  in_transform, on_weight = named("hadamard_transform"), named("rotate_weight")
   return sum(eqn.primitive.name == "dot_general" and any(map(in_transform, outer))
+             and any(map(on_weight, outer)) == weights
              for eqn, outer in jaxprs.eqns(jaxpr))
 
 
@@ -468,8 +600,10 @@ def check_rotation(m) -> None:
                        f"{m.n_layers}: use indices 0..{m.n_layers - 1}")
   if rot.impl not in IMPLS:
     raise ValueError(f"config.model.rotation.impl={rot.impl!r}; use one of {IMPLS}")
-  if not isinstance(rot.save, bool):
-    raise ValueError(f"config.model.rotation.save={rot.save!r}; use True or False")
+  for field in ("save", "fold_grad"):
+    if not isinstance(getattr(rot, field), bool):
+      raise ValueError(f"config.model.rotation.{field}={getattr(rot, field)!r}; "
+                       "use True or False")
   if rot.save and rot.r3 == rot.r4 == "none":
     raise ValueError("config.model.rotation.save=True saves the online rotations' outputs, but "
                      "r3 and r4 are 'none': turn one on or set save=False")

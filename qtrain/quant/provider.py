@@ -79,6 +79,25 @@ class QuantProvider(Provider):
     return DotSpec(rule.weight, rule.act, self.mode, self.int8_backward,
                    self.grad_stochastic_rounding, kernels=self.kernels)
 
+  def lhs_grad_passes(self, site, hooks) -> bool:
+    """Fake quantization with a plain STE on the activations (or none) hands
+    the dot's lhs cotangent back unchanged; clipped STE masks it, learned
+    steps take their gradient from it, the int8/fp8 custom VJPs and a
+    RotationProvider run their own backward dots."""
+    if self.rotation is not None and not self.rotation.lhs_grad_passes(site, hooks):
+      return False
+    choice = choice_per_layer(self.rules, site.path, site.layered,
+                              site.layer if site.layer is not None else hooks.layer,
+                              hooks.n_layers)
+    for i in dict.fromkeys(choice if isinstance(choice, tuple) else (choice,)):
+      spec = self.dot_spec(i)
+      if not spec.quantizes:
+        continue
+      act = spec.act
+      if spec.mode != "fake" or (act is not None and (act.learned or act.estimator != "ste")):
+        return False
+    return True
+
   def dot(self, site, hooks, inner):
     quantized = self._quant_dot(site, hooks, inner)
     return quantized if self.rotation is None else self.rotation.dot(site, hooks, quantized)

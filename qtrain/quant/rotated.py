@@ -81,6 +81,9 @@ class RotationProvider(Provider):
                        f"the model has {blocks} there")
     return tuple(on)
 
+  def lhs_grad_passes(self, site, hooks) -> bool:
+    return not any(self.blocks_on(site, hooks.n_layers))  # Rotated: R^T on the cotangent.
+
   def dot(self, site, hooks, inner):
     on = self.blocks_on(site, hooks.n_layers)
     if not any(on):

@@ -131,6 +131,9 @@ class Perturbation(Provider):
   leaves: Mapping[str, Leaf]  # Path -> leaf, the weight operands this hook perturbs.
   block: Any = None  # Block-wise: the perturbed block (traced int), else None.
 
+  def lhs_grad_passes(self, site, hooks) -> bool:
+    return True  # Moves the weight operand only.
+
   def dot(self, site, hooks, inner):
     leaf = self.leaves.get("/".join(site.param))
     if leaf is None:
