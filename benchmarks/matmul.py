@@ -360,6 +360,8 @@ def main_decode(args, interpret) -> None:
               for m in ms]
   rows = run_shapes(shapes, matmul_decode.decode_shape, args, interpret)
   matmul_decode.print_table(rows)
+  if args.device_time:
+    matmul_decode.print_device_table(rows)
 
 
 def parse_sweep_config(spec: str):
@@ -544,6 +546,9 @@ def main() -> None:
                  help="--sweep: dump XLA's PTX (and Mosaic GPU's) here and count s8 MMAs")
   p.add_argument("--decode", action="store_true",
                  help="W4A16 at decode M (1, 16): int4_gemv configs, v1, XLA, byte floors instead")
+  p.add_argument("--device_time", action="store_true",
+                 help="--decode: also time each variant by its kernels' GPU time (jax.profiler)")
+  p.add_argument("--dev_reps", type=int, default=5, help="--device_time: traced dispatches")
   p.add_argument("--gemv_configs", default=";".join(matmul_decode.GEMV_CONFIGS),
                  help="--decode: ';'-separated bn,split_k,warps,stages,swap(0/1),unpack[,per_sm]")
   p.add_argument("--out", default=None)

@@ -78,8 +78,11 @@ def decode_shape(model, name, m, k, n, args, interpret):
   xs = [jax.random.normal(jax.random.fold_in(key, 1000 + i), (m, k), jnp.bfloat16)
         for i in range(calls)]
   bf16 = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
-  row["xla_bf16_s"], row["xla_bf16_s_again"] = timing.spread(
-      bf16, [(xs[i], ws[i % n_w]) for i in range(calls)], args.reps)
+  bf16_sets = [(xs[i], ws[i % n_w]) for i in range(calls)]
+  row["xla_bf16_s"], row["xla_bf16_s_again"] = timing.spread(bf16, bf16_sets, args.reps)
+  if args.device_time:  # The kernels' own time, twice: the noise floor of that measure.
+    row["xla_bf16_dev_s"] = timing.device_time_per_call(bf16, bf16_sets, args.dev_reps)
+    row["xla_bf16_dev_s_again"] = timing.device_time_per_call(bf16, bf16_sets, args.dev_reps)
   w4 = [(xs[i], *qs[i % n_w]) for i in range(calls)]
   _floors(row, xs, [q[0] for q in qs], args, interpret)
   _variants(row, w4, args, interpret)
@@ -99,10 +102,13 @@ def _floors(row, xs, codes, args, interpret):
   for key, (fn, sets) in floors.items():
     try:
       row[f"{key}_s"] = timing.time_per_call(fn, sets, args.reps)
+      if args.device_time:
+        row[f"{key}_dev_s"] = timing.device_time_per_call(fn, sets, args.dev_reps)
     except Exception as e:  # pylint: disable=broad-except
       row[f"{key}_s"], row[key] = float("nan"), f"{type(e).__name__}: {str(e)[:200]}"
   if (k, n) not in _BYTE_FLOORS:
-    _BYTE_FLOORS[k, n] = {key: row[key] for key in ("read_s", "copy_s")}
+    _BYTE_FLOORS[k, n] = {key: row[key] for key in ("read_s", "copy_s", "read_dev_s", "copy_dev_s")
+                          if key in row}
   row.update(_BYTE_FLOORS[k, n])
   row["read_bps"] = k * n / 2 / row["read_s"]
   row["copy_bps"] = k * n / row["copy_s"]  # Read + write.
@@ -131,6 +137,10 @@ def _variants(row, w4, args, interpret):
       entry["s"] = timing.time_per_call(fn, w4, args.reps, many=many)
       entry["speedup"] = row["xla_bf16_s"] / entry["s"]
       entry["read_fraction"] = row["read_s"] / entry["s"]
+      if args.device_time:
+        entry["dev_s"] = timing.device_time_per_call(fn, w4, args.dev_reps, many=many)
+        entry["dev_speedup"] = row["xla_bf16_dev_s"] / entry["dev_s"]
+        entry["dev_read_fraction"] = row.get("read_dev_s", float("nan")) / entry["dev_s"]
       timed += [(entry["s"], name)] if name.startswith("gemv:") else []
     except Exception as e:  # pylint: disable=broad-except
       entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -145,6 +155,28 @@ def _variants(row, w4, args, interpret):
     row["gemv_best_poisoned_rel_err"] = timing.relative_error(y, ref)
   except Exception as e:  # pylint: disable=broad-except
     row["gemv_best_poisoned"] = f"{type(e).__name__}: {str(e)[:200]}"
+
+
+def print_device_table(rows) -> None:
+  """``--device_time``: the same variants by the kernels' own GPU time."""
+  print("\nW4A16 at decode M by kernel time (jax.profiler, CUPTI): us per call; x = XLA bf16's "
+        "kernel time / the variant's; read: XLA's kernel reading the packed bytes once")
+  print(f"{'model':9s} {'layer':8s} {'M':>3s} {'bf16':>6s} {'again':>6s} {'read':>6s} "
+        f"{'xla_w4':>7s} {'v1':>7s} {'best gemv':>9s} {'us':>6s} {'%read':>5s}  config")
+  for r in rows:
+    if "xla_bf16_dev_s" not in r:
+      continue
+    v = r["variants"]
+    cell = lambda key: (f"{v[key]['dev_speedup']:6.2f}x" if "dev_speedup" in v.get(key, {})
+                        else "    ERR")
+    gemvs = [(e["dev_s"], k) for k, e in v.items() if k.startswith("gemv:") and "dev_s" in e]
+    best = min(gemvs)[1] if gemvs else None
+    b = v.get(best, {})
+    print(f"{r['model']:9s} {r['layer']:8s} {r['M']:3d} {r['xla_bf16_dev_s'] * 1e6:6.1f} "
+          f"{r['xla_bf16_dev_s_again'] * 1e6:6.1f} {r.get('read_dev_s', float('nan')) * 1e6:6.1f} "
+          f"{cell('xla_w4a16')} {cell('v1_w4a16')} {cell(best) if best else '      ERR'}   "
+          f"{b.get('dev_s', float('nan')) * 1e6:6.1f} "
+          f"{100 * b.get('dev_read_fraction', float('nan')):5.0f}  {(best or '-----')[5:]}")
 
 
 def print_table(rows) -> None:

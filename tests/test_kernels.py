@@ -538,3 +538,19 @@ def test_auto_on_a_gpu_routes_int8_to_the_mosaic_kernel_with_the_swept_tile(monk
   dispatch.int8_dot(jnp.zeros((64, 64), jnp.int8), jnp.zeros((64, 64), jnp.int8), jnp.ones(64),
                     jnp.ones(64), out_dtype=jnp.bfloat16, kernels="interpret")
   assert calls.pop()["backend"] == "gpu"
+
+
+def test_kernel_time_sums_the_gpu_streams_only():
+  """timing.kernel_us: the GPU's stream lines, not the XLA op/module lines
+  that repeat the same time per op, nor the host; NaN without a GPU."""
+  from qtrain.kernels import timing  # pylint: disable=g-import-not-at-top
+  meta = lambda ph_name, pid, tid, name: dict(ph="M", name=ph_name, pid=pid, tid=tid,
+                                              args=dict(name=name))
+  events = [meta("process_name", 1, 0, "/device:GPU:0"), meta("process_name", 2, 0, "/host:CPU"),
+            meta("thread_name", 1, 7, "Stream #7(Compute)"), meta("thread_name", 1, 9, "XLA Ops"),
+            dict(ph="X", pid=1, tid=7, name="gemm", dur=30.0),
+            dict(ph="X", pid=1, tid=7, name="fusion", dur=12.5),
+            dict(ph="X", pid=1, tid=9, name="dot.1", dur=42.5),
+            dict(ph="X", pid=2, tid=1, name="dispatch", dur=100.0)]
+  assert timing.kernel_us(events) == 42.5
+  assert np.isnan(timing.kernel_us(events[1:2]))

@@ -7,12 +7,23 @@
   matmul) is paid once per ``len(sets)`` launches.
 * Warm-up calls (compilation, autotuning) first, then the median of ``reps``
   timed calls, each ending in ``block_until_ready``.
+* ``device_time_per_call``: the same dispatch under ``jax.profiler``, summing
+  the GPU kernels' own durations (CUPTI): what a launch costs the device,
+  without the host's launch gaps between kernels, which dominate decode-sized
+  matmuls here (an empty Pallas launch costs ~11 us of wall time per call in
+  one dispatch on an H100). METHOD.md's graph replay shrinks those gaps; the
+  kernels' durations remove them.
 * ``relative_error``: ||y - ref|| / ||ref|| in float64; NaN counts as failing.
 """
 
 from __future__ import annotations
 
+import glob
+import gzip
+import json
+import os
 import statistics
+import tempfile
 import time
 
 import jax
@@ -45,6 +56,41 @@ def spread(fn, sets, reps: int = 20) -> tuple[float, float]:
   many = jax.jit(lambda ss: [fn(*s) for s in ss])
   return (time_per_call(fn, sets, reps, many=many),
           time_per_call(fn, sets, reps, warmup=0, many=many))
+
+
+def device_time_per_call(fn, sets: list, reps: int = 5, *, many=None) -> float:
+  """Seconds of GPU kernel time per ``fn(*s)``: ``reps`` dispatches of
+  ``fn`` over ``sets`` (after one warm-up) traced by ``jax.profiler``, the
+  durations of the kernels on the GPU's stream lines summed, divided by the
+  calls. NaN where the trace holds no GPU kernel (a CPU run)."""
+  many = many or jax.jit(lambda ss: [fn(*s) for s in ss])
+  jax.block_until_ready(many(sets))
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      for _ in range(reps):
+        jax.block_until_ready(many(sets))
+    files = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
+    if not files:
+      return float("nan")
+    with gzip.open(sorted(files)[-1], "rt") as f:
+      events = json.load(f)["traceEvents"]
+  return kernel_us(events) * 1e-6 / (reps * len(sets))
+
+
+def kernel_us(events) -> float:
+  """Summed duration (us) of the complete events on GPU stream lines of a
+  Chrome trace (``jax.profiler``'s), leaving out the lines that repeat them
+  per XLA op or module."""
+  meta = lambda kind: {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+                       if e.get("ph") == "M" and e.get("name") == kind}
+  gpu = {pid for (pid, _), name in meta("process_name").items() if "/device:GPU" in name}
+  if not gpu:
+    return float("nan")
+  threads = {key: name for key, name in meta("thread_name").items() if key[0] in gpu}
+  streams = {key for key, name in threads.items() if "stream" in name.lower()}
+  keep = streams or {key for key in threads if "xla" not in threads[key].lower()}
+  line = lambda e: (e["pid"], e.get("tid")) in keep if keep else e["pid"] in gpu
+  return sum(e["dur"] for e in events if e.get("ph") == "X" and "dur" in e and line(e))
 
 
 def relative_error(y, ref) -> float:
