@@ -65,8 +65,11 @@ def base_config() -> ml_collections.ConfigDict:
       # step on an H100 against 24% for matmul, docs/benchmarks.md).
       # save: the remat policy also keeps R3/R4's outputs, so the backward
       # does not run them again (qtrain/layers/rotation.py: remat_policy).
+      # fold_grad: R4's backward through down_proj's weight, where the
+      # quantizers pass the activations' gradient on (rotation.Online).
       rotation=dict(r1="none", r2="none", r2_layers="all", r3="none", r3_layers="all",
-                    r4="none", r4_layers="all", seed=0, impl="matmul_bf16", save=False),
+                    r4="none", r4_layers="all", seed=0, impl="matmul_bf16", save=False,
+                    fold_grad=True),
       # LM head + cross-entropy over this many chunks of each row's tokens
       # (strided: chunk j holds positions j, j+n, ...), each recomputed in the
       # backward, so the step never holds [B, T, V] float32 logits
