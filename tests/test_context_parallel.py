@@ -26,7 +26,9 @@ from qtrain.layers.config import ModelConfig
 from qtrain.parallel import MeshError, blockwise as bw, check_mesh, make_mesh
 from qtrain.data.global_batch import to_global
 from qtrain.parallel.zigzag import for_model, inverse_order, zigzag_batch, zigzag_order
+from qtrain.analysis import jaxprs
 from qtrain.train.build import build_model
+from qtrain.train.loss import make_loss
 
 U = 2.0 ** -24  # float32 unit roundoff.
 # As tests/test_parallel.py: the layout adds the loss over B*T tokens and each
@@ -53,12 +55,15 @@ def packed_batch(seed=0) -> dict:
           "positions": pos, "loss_mask": (seg > 0).astype(np.int32)}
 
 
-def context_run(mode: str, mesh: dict, quant: str = "") -> Run:
-  """The smoke Run on ``mesh`` with ``config.model.context_parallel=mode``.
+def context_run(mode: str, mesh: dict, quant: str = "", remat_policy: str = "") -> Run:
+  """The smoke Run on ``mesh`` with ``config.model.context_parallel=mode``
+  (and ``remat_policy`` when given).
   The field is set after ``Run`` validates the config: ``qtrain/config/base.py``
   does not list it yet."""
   run = Run(smoke_config(quant, **mesh))
   run.cfg.model.context_parallel = mode
+  if remat_policy:
+    run.cfg.model.remat_policy = remat_policy
   run.model = build_model(run.cfg)
   assert run.model.cfg.context_parallel == mode
   return run
@@ -108,6 +113,35 @@ def test_ring_loss_and_grads_equal_single_device(runs):
   kv_shape = (BATCH // 2, SEQ, cfg.n_kv_heads, cfg.head_dim)
   gathers = instructions(module, "all-gather") + instructions(module, "all-gather-start")
   assert not [g for g in gathers if any(same_dims(s, kv_shape) for _, s in g.shapes)], gathers
+
+
+def ring_gradient_jaxpr(run, host_batch, params):
+  """The jaxpr of the training loss' gradient on ``run``'s mesh."""
+  loss_fn = make_loss(run.model)
+  with run.layout:
+    return jax.make_jaxpr(jax.grad(lambda p, b: loss_fn(p, b, jax.random.key(0))[0]))(
+        jax.device_put(params, run.state_sh.params), to_global(host_batch, run.mesh))
+
+
+def test_ring_forward_runs_once_under_the_attention_remat_policy(runs):
+  """dots_no_batch_attn keeps the ring's output and lse (named inside its
+  custom VJP's forward), so the backward runs the backward ring only: as
+  many K/V hops (ppermutes) and block matmuls in the gradient as without
+  remat; dots_no_batch, which keeps neither, runs the forward ring again
+  (more of both). Loss and grads still one device's (float32 reordering)."""
+  batch = zigzag_batch(runs.batch, 2)
+  counts = {}
+  for policy in ("none", "dots_no_batch_attn", "dots_no_batch"):
+    run = context_run("ring", dict(sequence=2), remat_policy=policy)
+    jaxpr = ring_gradient_jaxpr(run, batch, runs.state.params)
+    counts[policy] = (jaxprs.count(jaxpr, "ppermute"), jaxprs.count(jaxpr, "dot_general"))
+  assert counts["dots_no_batch_attn"] == counts["none"], counts
+  assert all(a > b for a, b in zip(counts["dots_no_batch"], counts["none"])), counts
+  loss, grads, _ = context_run("ring", dict(sequence=2), remat_policy=(
+      "dots_no_batch_attn")).loss_and_grads(runs.state.params, batch)
+  ref_loss, ref_grads, _ = runs.reference()
+  assert abs(loss - ref_loss) <= REORDER * abs(ref_loss), (loss, ref_loss)
+  assert_reordered(grads, ref_grads, "ring, dots_no_batch_attn: ")
 
 
 def test_all_gather_train_step_equals_single_device(runs):

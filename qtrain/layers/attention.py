@@ -66,7 +66,9 @@ from qtrain.parallel import context_parallel as cp
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 XLA_OUT = "attention_xla_out"  # The XLA path's output, for save_attention_residuals.
-_save_xla_out = jax.checkpoint_policies.save_only_these_names(XLA_OUT)
+# The XLA path's output, and the context-parallel attention's output and lse
+# (named inside its custom VJP's forward), which the backward needs.
+_save_named = jax.checkpoint_policies.save_only_these_names(XLA_OUT, cp.OUT, cp.LSE)
 _CUDNN_FWD = "dot_product_attention_fwd_wrapper"
 
 
@@ -86,9 +88,10 @@ def _cudnn_forward_primitive():
 
 def save_attention_residuals(prim, *avals, **params) -> bool:
   """Remat policy: keep the attention kernel's forward results for the
-  backward (cuDNN: output and softmax statistics; XLA: the output), so the
-  backward does not run attention's forward again (module docstring)."""
-  return prim is _cudnn_forward_primitive() or _save_xla_out(prim, *avals, **params)
+  backward (cuDNN: output and softmax statistics; XLA: the output;
+  context-parallel ring / all-gather: output and lse), so the backward does
+  not run attention's forward again (module docstring)."""
+  return prim is _cudnn_forward_primitive() or _save_named(prim, *avals, **params)
 
 
 def resolve_impl(impl: str, dtype) -> str:

@@ -65,12 +65,16 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from qtrain.layers.sharding import HEADS, per_device_attention, splits_evenly
 from qtrain.parallel.blockwise import (chunk_attention, chunk_attention_bwd, empty, merge,
                                        row_delta)
 
 MODES = ("none", "ring", "all_gather")
+# Checkpoint names of the forward's residuals (``_with_vjp``): the output and
+# its log-sum-exp, what the backward's blocks take besides q, K/V.
+OUT, LSE = "context_parallel_out", "context_parallel_lse"
 
 
 def check_mode(mode: str) -> None:
@@ -200,7 +204,9 @@ def _with_vjp(mode, axis, n, scale, kernel):
 
   def fwd(q, pos, seg, k, v):
     out, lse = forward(q, pos, seg, k, v, **opts)
-    out = out.astype(q.dtype)
+    # Named for remat policies (attention.save_attention_residuals): kept,
+    # the backward does not run the forward ring again for them.
+    out, lse = checkpoint_name(out.astype(q.dtype), OUT), checkpoint_name(lse, LSE)
     return out, (q, pos, seg, k, v, out, lse)
 
   attention.defvjp(fwd, functools.partial(backward, **opts))
