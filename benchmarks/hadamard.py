@@ -14,7 +14,8 @@ process:
   XLA fuses what it can);
 * ``xla_dense``: x @ H_n as one XLA bf16 matmul (an n^2 FLOP alternative);
 * ``pallas``: ``qtrain.kernels.hadamard``, each of ``--configs``
-  (block_rows,num_warps); the fastest is reported.
+  (block_rows,num_warps[,num_stages]); the fastest is reported (by kernel
+  time with ``--device_time``, each config's GPU kernels' own durations).
 
 Each variant's output is checked before timing: relative error against the
 XLA butterflies (bf16: both round the same float32 transform, so ~1e-3 at
@@ -46,7 +47,15 @@ CASES = [(128, r) for r in (16 * 32, 1024 * 32, 16384 * 32)] + [
 CONFIGS = ("0,4", "1,4", "4,4", "16,4", "4,8")  # block_rows (0: the default), num_warps
 
 
-def bench_case(n, rows, dtype, configs, interpret, reps):
+def kernel(spec: str, interpret: bool, **kw):
+  """``kh.hadamard`` at config "block_rows,num_warps[,num_stages]" (block_rows 0:
+  the kernel's default; num_stages 1 unless given)."""
+  br, warps, *stages = (int(v) for v in spec.split(","))
+  return functools.partial(kh.hadamard, backend="gpu", block_rows=br or None, num_warps=warps,
+                           num_stages=stages[0] if stages else 1, interpret=interpret, **kw)
+
+
+def bench_case(n, rows, dtype, configs, interpret, reps, device_time=False):
   row = dict(n=n, rows=rows, dtype=jnp.dtype(dtype).name)
   nbytes = 2 * rows * n * jnp.dtype(dtype).itemsize  # One read, one write.
   key = jax.random.key(n * 31 + rows)
@@ -62,9 +71,7 @@ def bench_case(n, rows, dtype, configs, interpret, reps):
   row["xla_dense_s"] = timing.time_per_call(dense, sets, reps)
   best = None
   for spec in configs:  # One compile each: the timed function's outputs are checked.
-    br, warps = (int(v) for v in spec.split(","))
-    fn = functools.partial(kh.hadamard, backend="gpu", block_rows=br or None, num_warps=warps,
-                           interpret=interpret)
+    fn = kernel(spec, interpret)
     entry = {"config": spec}
     try:
       many = jax.jit(lambda ss, fn=fn: [fn(x_, signs) for (x_,) in ss])
@@ -73,25 +80,35 @@ def bench_case(n, rows, dtype, configs, interpret, reps):
         entry["error"] = "wrong result: not timed"
       else:
         entry["s"] = timing.time_per_call(None, sets, reps, many=many)
+        if device_time:
+          entry["dev_s"] = timing.device_time_per_call(None, sets, 5, many=many)
     except Exception as e:  # pylint: disable=broad-except
       entry["error"] = f"{type(e).__name__}: {str(e)[:200]}"
     row.setdefault("pallas_configs", []).append(entry)
-    if "s" in entry and (best is None or entry["s"] < best["s"]):
+    key = "dev_s" if device_time else "s"  # The fastest by the measure asked for.
+    if key in entry and (best is None or entry[key] < best[key]):
       best = entry
   if best:  # The winner again on a NaN-poisoned output buffer.
-    br, warps = (int(v) for v in best["config"].split(","))
+    br = int(best["config"].split(",")[0])
     poison = jnp.full((kh.padded_rows(rows, n, br or None), n), jnp.nan, dtype)
-    fn = functools.partial(kh.hadamard, backend="gpu", block_rows=br or None, num_warps=warps,
-                           interpret=interpret, out=poison)
+    fn = kernel(best["config"], interpret, out=poison)
     best["poisoned_rel_err"] = err = timing.relative_error(jax.jit(fn)(sets[0][0], signs), ref)
     if err < 1e-2:
       row["pallas_s"], row["pallas_config"] = best["s"], best["config"]
+      if device_time:
+        row["pallas_dev_s"] = best["dev_s"]
     else:
       row["pallas"] = f"config {best['config']}: an output element was not written"
+  if device_time:  # The same variants by their kernels' own GPU time.
+    fns = {"copy": jnp.negative, "xla_fwht": lambda x: kh.hadamard_xla(x, signs),
+           "xla_dense": dense}
+    for k, fn in fns.items():
+      row[f"{k}_dev_s"] = timing.device_time_per_call(fn, sets, 5)
   for k in ("copy", "xla_fwht", "xla_dense", "pallas"):
-    if f"{k}_s" in row:
-      row[f"{k}_TBps"] = nbytes / row[f"{k}_s"] / 1e12
-      row[f"{k}_of_copy"] = row["copy_s"] / row[f"{k}_s"]
+    for t in ("", "_dev"):
+      if f"{k}{t}_s" in row:
+        row[f"{k}{t}_TBps"] = nbytes / row[f"{k}{t}_s"] / 1e12
+        row[f"{k}{t}_of_copy"] = row[f"copy{t}_s"] / row[f"{k}{t}_s"]
   return row
 
 
@@ -104,6 +121,8 @@ def main() -> None:
   p.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
   p.add_argument("--budget_s", type=float, default=540.0,
                  help="start no new shape after this many seconds (the table still prints)")
+  p.add_argument("--device_time", action="store_true",
+                 help="also time each variant by its kernels' GPU time (jax.profiler)")
   p.add_argument("--out", default=None)
   args = p.parse_args()
   backend = jax.default_backend()
@@ -123,19 +142,25 @@ def main() -> None:
     if time.perf_counter() - t0 > args.budget_s:
       print(f"budget: {args.budget_s:.0f} s spent, shapes left out from here on", flush=True)
       break
-    row = bench_case(n, r, jnp.dtype(args.dtype), args.configs.split(";"), interpret, args.reps)
+    row = bench_case(n, r, jnp.dtype(args.dtype), args.configs.split(";"), interpret, args.reps,
+                     args.device_time)
     rows.append(row)
     print(json.dumps(row), flush=True)
     if args.out:
       with open(args.out, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
-  print("\nbandwidth in TB/s (bytes read + written / time), and as a fraction of the copy's")
-  print(f"{'n':>6s} {'rows':>7s} {'copy':>6s} {'fwht':>12s} {'dense':>12s} {'pallas':>12s}  config")
-  for r in rows:
-    cell = lambda k: (f"{r[k + '_TBps']:5.2f} ({r[k + '_of_copy']:4.0%})" if f"{k}_s" in r
-                      else f"{'--':>12s}")
-    print(f"{r['n']:6d} {r['rows']:7d} {r['copy_TBps']:6.2f} {cell('xla_fwht')} "
-          f"{cell('xla_dense')} {cell('pallas')}  {r.get('pallas_config', '-')}")
+  for t, what in (("", "wall time per call"), ("_dev", "the kernels' GPU time")):
+    if t and not args.device_time:
+      continue
+    print(f"\nbandwidth in TB/s (bytes read + written / time), and as a fraction of the "
+          f"copy's, by {what}")
+    print(f"{'n':>6s} {'rows':>7s} {'copy':>6s} {'fwht':>12s} {'dense':>12s} {'pallas':>12s}  "
+          "config")
+    for r in rows:
+      cell = lambda k: (f"{r[k + t + '_TBps']:5.2f} ({r[k + t + '_of_copy']:4.0%})"
+                        if f"{k}{t}_s" in r else f"{'--':>12s}")
+      print(f"{r['n']:6d} {r['rows']:7d} {r['copy' + t + '_TBps']:6.2f} {cell('xla_fwht')} "
+            f"{cell('xla_dense')} {cell('pallas')}  {r.get('pallas_config', '-')}")
 
 
 if __name__ == "__main__":

@@ -130,12 +130,12 @@ def _dense_kernel(x_ref, h_ref, *rest, terms: int, scale: float):
   o_ref[...] = (y * scale).astype(o_ref.dtype)
 
 
-def _call_params(backend, num_warps, interpret):
+def _call_params(backend, num_warps, interpret, num_stages=1):
   """(compiler_params, interpret) of the backend's flavour: the kernel bodies
   are plain ref loads/stores and dots, shared by Triton and Mosaic TPU."""
   if backend == "gpu":
     from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
-    return plgpu.CompilerParams(num_warps=num_warps, num_stages=1), interpret
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages), interpret
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
   params = pltpu.CompilerParams(dimension_semantics=("parallel",))
   return params, (pltpu.InterpretParams() if interpret else False)
@@ -147,12 +147,17 @@ def _split(n: int) -> tuple[int, int]:
 
 
 def hadamard(x, signs=None, *, backend: str = "gpu", block_rows: int | None = None,
-             terms: int | None = None, num_warps: int = 4, interpret: bool = False, out=None):
+             terms: int | None = None, num_warps: int = 4, interpret: bool = False, out=None,
+             num_stages: int | None = None):
   """(x * signs) H_n / sqrt(n) over the last axis through the Pallas kernel.
 
   x: [..., n] float32 or bf16; signs: [n] of +-1 or None. ``terms``: bf16
   pieces per float32 operand (default 3 for a float32 output, 2 for bf16).
   ``out``: optional poisoned [rows_padded, n] buffer aliased to the result.
+  ``num_stages`` (GPU): Triton's software pipelining of the row loop's loads;
+  default 2 where a program loops over >= 4 rows (n <= 4096), else 1 (on an
+  H100 by kernel time, 16384 rows: n = 4096 66% -> 79% of copy bandwidth;
+  n = 8192, 2 rows per program, 60% -> 40%: benchmarks/KERNEL_NOTES.md).
   Falls back to ``hadamard_xla`` when ``kernel_supports(n)`` is False.
   """
   n = x.shape[-1]
@@ -168,6 +173,8 @@ def hadamard(x, signs=None, *, backend: str = "gpu", block_rows: int | None = No
   br = block_rows or (max(16, 2048 // n) if dense else max(1, 16384 // n))
   br = min(br, max(16 if dense else 1, 1 << max(0, (rows - 1).bit_length())))
   rp = -(-rows // br) * br
+  if num_stages is None:
+    num_stages = 2 if br >= 4 and not dense else 1
   x2 = jnp.pad(x2, ((0, rp - rows), (0, 0))) if rp != rows else x2
   scale = 1.0 / n ** 0.5
   kw = {}
@@ -196,7 +203,7 @@ def hadamard(x, signs=None, *, backend: str = "gpu", block_rows: int | None = No
   if out is not None:
     from qtrain.kernels.int8 import with_poison  # pylint: disable=g-import-not-at-top
     kernel = with_poison(kernel, kw, specs, args, out.reshape(out_shape), out_spec)
-  params, interpret = _call_params(backend, num_warps, interpret)
+  params, interpret = _call_params(backend, num_warps, interpret, num_stages)
   y = pl.pallas_call(
       kernel, grid=(rp // br,), in_specs=specs, out_specs=out_spec,
       out_shape=jax.ShapeDtypeStruct(out_shape, x.dtype),
