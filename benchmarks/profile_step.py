@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
 import json
 import os
 import pathlib
@@ -24,6 +22,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # pylint: disable=g-import-not-at-top
 
 from benchmarks.train_step import load_config, synthetic_batch, trainer_step  # noqa: E402
+from qtrain.kernels import timing  # noqa: E402
 
 
 def _category(name: str) -> str:
@@ -39,17 +38,10 @@ def _category(name: str) -> str:
 
 
 def summarize(trace_dir: str, steps: int, top: int = 25) -> dict:
-  files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
-  with gzip.open(sorted(files)[-1], "rt") as f:
-    events = json.load(f)["traceEvents"]
-  pids = {e["pid"]: e["args"]["name"] for e in events
-          if e.get("ph") == "M" and e.get("name") == "process_name"}
-  gpu = {p for p, n in pids.items() if "/device:GPU" in n}
   by_name, by_cat = collections.Counter(), collections.Counter()
-  for e in events:
-    if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e:
-      by_name[e["name"]] += e["dur"] / steps
-      by_cat[_category(e["name"])] += e["dur"] / steps
+  for e in timing.gpu_kernel_events(timing.load_trace(trace_dir)) or ():
+    by_name[e["name"]] += e["dur"] / steps
+    by_cat[_category(e["name"])] += e["dur"] / steps
   total = sum(by_cat.values())
   print(f"device time per step: {total / 1e3:.1f} ms")
   for cat, us in by_cat.most_common():

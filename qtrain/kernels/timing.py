@@ -69,28 +69,43 @@ def device_time_per_call(fn, sets: list, reps: int = 5, *, many=None) -> float:
     with jax.profiler.trace(d):
       for _ in range(reps):
         jax.block_until_ready(many(sets))
-    files = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
-    if not files:
-      return float("nan")
-    with gzip.open(sorted(files)[-1], "rt") as f:
-      events = json.load(f)["traceEvents"]
+    events = load_trace(d)
+  if events is None:
+    return float("nan")
   return kernel_us(events) * 1e-6 / (reps * len(sets))
 
 
-def kernel_us(events) -> float:
-  """Summed duration (us) of the complete events on GPU stream lines of a
-  Chrome trace (``jax.profiler``'s), leaving out the lines that repeat them
-  per XLA op or module."""
+def load_trace(trace_dir: str) -> list | None:
+  """The events of the newest Chrome trace ``jax.profiler.trace`` wrote under
+  ``trace_dir``; None if it wrote none."""
+  files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+  if not files:
+    return None
+  with gzip.open(sorted(files)[-1], "rt") as f:
+    return json.load(f)["traceEvents"]
+
+
+def gpu_kernel_events(events) -> list | None:
+  """The complete events on the GPU's stream lines of a trace's ``events``,
+  leaving out lines that repeat them per XLA op or module; None without a
+  GPU in the trace."""
   meta = lambda kind: {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
                        if e.get("ph") == "M" and e.get("name") == kind}
   gpu = {pid for (pid, _), name in meta("process_name").items() if "/device:GPU" in name}
   if not gpu:
-    return float("nan")
+    return None
   threads = {key: name for key, name in meta("thread_name").items() if key[0] in gpu}
   streams = {key for key, name in threads.items() if "stream" in name.lower()}
   keep = streams or {key for key in threads if "xla" not in threads[key].lower()}
   line = lambda e: (e["pid"], e.get("tid")) in keep if keep else e["pid"] in gpu
-  return sum(e["dur"] for e in events if e.get("ph") == "X" and "dur" in e and line(e))
+  return [e for e in events if e.get("ph") == "X" and "dur" in e and line(e)]
+
+
+def kernel_us(events) -> float:
+  """Summed duration (us) of the GPU kernels of a trace's ``events``
+  (``gpu_kernel_events``); NaN without a GPU."""
+  kernels = gpu_kernel_events(events)
+  return float("nan") if kernels is None else sum(e["dur"] for e in kernels)
 
 
 def relative_error(y, ref) -> float:

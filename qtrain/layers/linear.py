@@ -38,7 +38,12 @@ class Linear(nn.Module):
   @nn.compact
   def __call__(self, x):
     hooks = as_hooks(self.hooks)
-    y = form_for(hooks.forms, module_path(self), self.init_std)(self, hooks, x)
+    form = form_for(hooks.forms, module_path(self), self.init_std)
+    if hooks.lhs_rotation is not None and not form.one_product:
+      # Several products of x: rotate it once here, for all of them.
+      x = hooks.lhs_rotation.apply(x)
+      hooks = hooks.with_context(lhs_rotation=None)
+    y = form(self, hooks, x)
     if not self.use_bias:
       return y
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),

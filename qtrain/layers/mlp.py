@@ -14,10 +14,11 @@ trained without it.
 (``qtrain.layers.rotation``), randomized signs, per block; its R^T is fused
 into down_proj by ``qtrain.convert.rotate.fuse_rotations``. r4="hadamard" on
 every block of a power-of-two d_ff is ``ffn_hadamard`` (validation refuses
-both at once). A dense down_proj gets it as its matmul's activation rotation
+both at once). down_proj gets it as its matmul's activation rotation
 (``Hooks.lhs_rotation``: applied before the providers, which see h R; where
 they allow, the backward applies R^T through the weight,
-``rotation.Online``); other weight forms get h R. Its output is named
+``rotation.Online``); a weight form of several products gets h R from
+``Linear``. Its output is named
 ``r4_rotated`` for remat (``config.model.rotation.save`` keeps it, so the
 backward does not rerun it).
 """
@@ -33,9 +34,8 @@ from qtrain.layers import rotation
 from qtrain.layers.config import ModelConfig
 from qtrain.layers.hadamard import fwht
 from qtrain.layers.hooks import Hooks
-from qtrain.layers.linear import Linear, module_path
+from qtrain.layers.linear import Linear
 from qtrain.layers.sharding import MLP_HIDDEN
-from qtrain.layers.weights import Dense, form_for
 
 
 class MLP(nn.Module):
@@ -55,13 +55,8 @@ class MLP(nn.Module):
     h_BTF = self.hooks.activation(self, "mlp_hidden", h_BTF)
     if cfg.ffn_hadamard:  # down_proj's input is h H (H orthonormal, self-inverse).
       h_BTF = nn.with_logical_constraint(fwht(h_BTF), MLP_HIDDEN)
-    # R4: h R, with R^T fused into down_proj. A dense down_proj takes it as its
-    # matmul's lhs rotation (the backward then runs R^T through the weight).
+    # R4: h R, with R^T fused into down_proj: down_proj's matmul takes it as its
+    # activation rotation (Hooks.lhs_rotation; its backward may run through the weight).
     r4 = rotation.Online.at(cfg, "r4", self.hooks.layer)
-    down = functools.partial(dense, cfg.d_model, ("mlp", "embed"), name="down_proj")
-    if r4 is None:
-      return down()(h_BTF)
-    if isinstance(form_for(self.hooks.forms, f"{module_path(self)}/down_proj", cfg.init_std),
-                  Dense):
-      return down(hooks=self.hooks.with_context(lhs_rotation=r4))(h_BTF)
-    return down()(nn.with_logical_constraint(r4.apply(h_BTF), MLP_HIDDEN))
+    hooks = self.hooks if r4 is None else self.hooks.with_context(lhs_rotation=r4)
+    return dense(cfg.d_model, ("mlp", "embed"), hooks=hooks, name="down_proj")(h_BTF)

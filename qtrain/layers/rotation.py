@@ -432,7 +432,7 @@ class Online:
   fold: bool = True
 
   @classmethod
-  def at(cls, cfg, which: str, layer, n: int | None = None) -> "Online | None":
+  def at(cls, cfg, which: str, layer) -> "Online | None":
     """The rotation ``which`` of ``cfg.rotation`` at block ``layer``; None
     where it is off in every block."""
     rot = cfg.rotation
@@ -442,47 +442,55 @@ class Online:
     if not all(on) and layer is None:
       raise ValueError(f"config.model.rotation.{which}_layers names blocks, but this "
                        f"{which} site sits outside the decoder stack")
-    n = n or {"r3": cfg.head_dim, "r4": cfg.d_ff}[which]
+    n = {"r3": cfg.head_dim, "r4": cfg.d_ff}[which]
     signs = signs_for(rot, which, n)
     return cls(which, n, None if signs is None else tuple(signs.tolist()), rot.impl, on, layer,
                fold=rot.fold_grad)
 
-  def _select(self, rotate, x):
-    """rotate(x) on the blocks where the rotation is on, x elsewhere."""
+  def on_here(self):
+    """Whether this block rotates: a Python bool, or a traced bool under
+    ``nn.scan`` where the blocks differ."""
     if all(self.on):
-      return rotate(x)
+      return True
     if isinstance(self.layer, int):
-      return rotate(x) if self.on[self.layer] else x
-    return jax.lax.cond(jnp.asarray(self.on)[self.layer], rotate, lambda y: y, x)
-
-  def _signs(self):
-    return None if self.signs is None else np.asarray(self.signs, np.float32)
+      return self.on[self.layer]
+    return jnp.asarray(self.on)[self.layer]
 
   def apply(self, x, grad: bool = True):
     """x R over the last axis, named ``ROTATED[which]`` (outside the cond:
     the remat policy sees one tensor whichever branch ran). ``grad`` False:
     the backward passes the cotangent through unchanged, for a dot whose
     gradient applies R^T itself (``grad_through_weight``)."""
-    signs = self._signs()
+    signs = _signs_array(self.signs)
     rotate = lambda y: hadamard_transform(y, signs, impl=self.impl)
-    return checkpoint_name(self._select(rotate if grad else _no_grad(rotate), x),
+    return checkpoint_name(_where(self.on_here(), rotate if grad else _no_grad(rotate), x),
                            ROTATED[self.which])
 
   def grad_through_weight(self, inner):
     """The innermost dot ``inner`` (module, lhs, rhs, dims, ...) whose lhs
     cotangent is dy (R rhs)^T: R^T applied through the weight (see the class)."""
-    static = all(self.on) or isinstance(self.layer, int)
-    weight = _WeightRotation(self.signs, "fwht" if self.impl == "fwht" else "matmul",
-                             per_block=not static)
+    on = self.on_here()
+    weight = _WeightRotation(self.signs, "fwht" if self.impl == "fwht" else "matmul")
 
     def fn(module, lhs, rhs, dims, precision=None, preferred_element_type=None):
-      if static and not (all(self.on) or self.on[self.layer]):
+      if on is False:  # This block does not rotate: the plain dot.
         return inner(module, lhs, rhs, dims, precision, preferred_element_type)
-      flag = jnp.asarray(True) if static else jnp.asarray(self.on)[self.layer]
-      return _dot_grad_through_weight(lhs, rhs, flag, weight, dims, precision,
-                                      preferred_element_type)
+      # A static True needs no flag (None: no leaves); a traced one picks per block.
+      return _dot_grad_through_weight(lhs, rhs, None if on is True else on, weight, dims,
+                                      precision, preferred_element_type)
 
     return fn
+
+
+def _where(on, f, x):
+  """f(x) where ``on`` (a Python bool, or a traced bool: ``lax.cond``), else x."""
+  if isinstance(on, bool):
+    return f(x) if on else x
+  return jax.lax.cond(on, f, lambda y: y, x)
+
+
+def _signs_array(signs):
+  return None if signs is None else np.asarray(signs, np.float32)
 
 
 def _no_grad(rotate):
@@ -498,14 +506,13 @@ class _WeightRotation:
   nondiff arg of ``_dot_grad_through_weight``)."""
   signs: tuple | None
   impl: str
-  per_block: bool  # The dot's flag says whether this block rotates (a traced bool).
 
   def __call__(self, w, axis: int):
     """R w over ``axis``: (w^T R^T)^T, the inverse transform of the rows of
     w with ``axis`` last. ``impl`` "matmul" keeps the float32 intermediate
     (one rounding), "fwht" as the forward."""
-    signs = None if self.signs is None else np.asarray(self.signs, np.float32)
-    return jnp.moveaxis(rotate_weight(jnp.moveaxis(w, axis, -1), signs, self.impl), -1, axis)
+    w_t = rotate_weight(jnp.moveaxis(w, axis, -1), _signs_array(self.signs), self.impl)
+    return jnp.moveaxis(w_t, -1, axis)
 
 
 @functools.partial(jax.jit, static_argnames=("impl",))
@@ -528,10 +535,9 @@ def _dgtw_fwd(lhs, rhs, flag, weight, dims, precision, preferred_element_type):
 
 
 def _dgtw_bwd(weight, dims, precision, preferred_element_type, res, g):
-  lhs, rhs, flag = res
+  lhs, rhs, flag = res  # flag None: every block rotates.
   axis = dims[0][1][0] % rhs.ndim
-  rotate = lambda w: weight(w, axis)
-  rhs_r = jax.lax.cond(flag, rotate, lambda w: w, rhs) if weight.per_block else rotate(rhs)
+  rhs_r = _where(True if flag is None else flag, lambda w: weight(w, axis), rhs)
   dot = lambda l, r: jax.lax.dot_general(l, r, dims, precision=precision,
                                          preferred_element_type=preferred_element_type)
   d_lhs = jax.vjp(lambda l: dot(l, rhs_r), lhs)[1](g)[0]

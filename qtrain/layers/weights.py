@@ -79,7 +79,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 import zlib
 
@@ -99,6 +99,10 @@ def _contract_last(x, w):
 @dataclasses.dataclass(frozen=True)
 class WeightForm(abc.ABC):
   """Creates the params of ``linear`` and returns y for input x."""
+  # x enters exactly one matmul hook, so an online rotation of x
+  # (``Hooks.lhs_rotation``) can run in it; other forms get x rotated by
+  # ``Linear`` first.
+  one_product: ClassVar[bool] = False
 
   @abc.abstractmethod
   def __call__(self, linear: nn.Module, hooks, x) -> Any:
@@ -122,6 +126,7 @@ class WeightForm(abc.ABC):
 @dataclasses.dataclass(frozen=True)
 class Dense(WeightForm):
   """y = x @ W, W = ``kernel`` [in, out]."""
+  one_product: ClassVar[bool] = True
 
   def __call__(self, linear, hooks, x):
     fan_in, fan_out = x.shape[-1], linear.features
@@ -215,6 +220,7 @@ class _PackedDot(Provider):
 @dataclasses.dataclass(frozen=True)
 class Int4Packed(WeightForm):
   """y = x @ W^, W^ = unpack(``codes``) * ``scales`` (see the module doc)."""
+  one_product: ClassVar[bool] = True
   group_size: int = 0  # 0: one scale per output channel; else rows of `in` per scale.
   kernels: str = "auto"  # qtrain.kernels.dispatch: "auto" | "xla" | "interpret".
 

@@ -86,9 +86,7 @@ class QuantProvider(Provider):
     RotationProvider run their own backward dots."""
     if self.rotation is not None and not self.rotation.lhs_grad_passes(site, hooks):
       return False
-    choice = choice_per_layer(self.rules, site.path, site.layered,
-                              site.layer if site.layer is not None else hooks.layer,
-                              hooks.n_layers)
+    choice = self._choice(site, hooks)
     for i in dict.fromkeys(choice if isinstance(choice, tuple) else (choice,)):
       spec = self.dot_spec(i)
       if not spec.quantizes:
@@ -102,10 +100,14 @@ class QuantProvider(Provider):
     quantized = self._quant_dot(site, hooks, inner)
     return quantized if self.rotation is None else self.rotation.dot(site, hooks, quantized)
 
+  def _choice(self, site, hooks):
+    """The rule index at ``site`` (a tuple per block where the blocks differ)."""
+    return choice_per_layer(self.rules, site.path, site.layered,
+                            site.layer if site.layer is not None else hooks.layer,
+                            hooks.n_layers)
+
   def _quant_dot(self, site, hooks, inner):
-    choice = choice_per_layer(self.rules, site.path, site.layered,
-                              site.layer if site.layer is not None else hooks.layer,
-                              hooks.n_layers)
+    choice = self._choice(site, hooks)
     self.log.paths[site.path] = choice
     if not isinstance(choice, tuple):
       spec = self.dot_spec(choice)
