@@ -19,6 +19,9 @@ config's own value (the baseline), in the same process; each row carries
 ``ratio_vs_baseline`` and ``temp_gib``, the compiled step's temporary memory
 (per variant; ``peak_mem_gib`` is the process's peak so far).
 
+``--variant=model.fused_qkv=True,model.fused_mlp=True`` (repeatable) also times
+the config with those overrides, a row after the baseline's.
+
 ``--remat=dots_no_batch,dots_no_batch_attn`` times each remat policy in turn,
 in the same process, the first one being the baseline of the ratios (issue 17:
 ``dots_no_batch_attn`` keeps cuDNN attention's residuals, so its forward does
@@ -210,13 +213,19 @@ def main() -> None:
                  help="comma-separated config.model.loss_chunks values timed after the baseline")
   p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                  help="override a config field, e.g. --set=model.scan_layers=False (repeatable)")
+  p.add_argument("--variant", action="append", default=[], metavar="FIELD=VALUE[,...]",
+                 help="also time the config with these overrides on top of --set "
+                      "(repeatable; each a row after the baseline)")
   p.add_argument("--out", default=None, help="append JSON lines here")
   args = p.parse_args()
   cfg = load_config(args.model, args.set)
   policies = [r for r in (args.remat or "").split(",") if r] or [cfg.model.remat_policy]
-  cfg.model.attention_max_segments = args.max_segments
-  if args.mu_dtype:
-    cfg.optim.adamw.mu_dtype = args.mu_dtype
+  configs = [("", cfg)] + [(v, load_config(args.model, [*args.set, *v.split(",")]))
+                           for v in args.variant]
+  for _, c in configs:
+    c.model.attention_max_segments = args.max_segments
+    if args.mu_dtype:
+      c.optim.adamw.mu_dtype = args.mu_dtype
   # The peer runs first and frees its memory, before anything initialises JAX's
   # backend (which pre-allocates 75% of the GPU).
   peer = bench_hf(cfg, args.batch, args.seq, args.steps, args.peer_grad_ckpt) if args.peer else None
@@ -227,21 +236,22 @@ def main() -> None:
   rows = []
   variants = [int(n) for n in args.loss_chunks.split(",") if n]
   configured_chunks = cfg.model.get("loss_chunks", 0)  # Read once: the loop sets it.
-  for policy in policies:
-    for chunks in [configured_chunks] + variants:
-      cfg.model.remat_policy, cfg.model.loss_chunks = policy, chunks
-      row = {**common, "packed": args.packed, "remat": policy,
-             "max_segments": args.max_segments, "mu_dtype": cfg.optim.adamw.mu_dtype,
-             "loss_chunks": chunks}
-      try:
-        row.update(bench_qtrain(cfg, args.batch, args.seq, args.packed, args.steps))
-      except jax.errors.JaxRuntimeError as e:  # A variant out of memory: say so, go on.
-        if "RESOURCE_EXHAUSTED" not in str(e) or not rows:
-          raise
-        print(json.dumps({**row, "error": str(e).splitlines()[0][:300]}), flush=True)
-        continue
-      rows.append(row)
-      rows[-1]["ratio_vs_baseline"] = rows[-1]["tokens_per_s"] / rows[0]["tokens_per_s"]
+  runs = [(name, c, policy, chunks) for name, c in configs for policy in policies
+          for chunks in [configured_chunks] + variants]
+  for name, cfg, policy, chunks in runs:
+    cfg.model.remat_policy, cfg.model.loss_chunks = policy, chunks
+    row = {**common, "packed": args.packed, "remat": policy,
+           "max_segments": args.max_segments, "mu_dtype": cfg.optim.adamw.mu_dtype,
+           "loss_chunks": chunks, "variant": name}
+    try:
+      row.update(bench_qtrain(cfg, args.batch, args.seq, args.packed, args.steps))
+    except jax.errors.JaxRuntimeError as e:  # A variant out of memory: say so, go on.
+      if "RESOURCE_EXHAUSTED" not in str(e) or not rows:
+        raise
+      print(json.dumps({**row, "error": str(e).splitlines()[0][:300]}), flush=True)
+      continue
+    rows.append(row)
+    rows[-1]["ratio_vs_baseline"] = rows[-1]["tokens_per_s"] / rows[0]["tokens_per_s"]
   if peer:
     rows.insert(1, {**common, **peer})
     rows[0]["ratio_vs_peer"] = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
@@ -259,7 +269,8 @@ def main() -> None:
            f"ratio {q['ratio_vs_peer']:.2f}x" if args.peer else ""))
   for r in rows[1:]:
     if r["impl"] == "qtrain":
-      print(f"  remat={r['remat']} loss_chunks={r['loss_chunks']}: {r['tokens_per_s']:,.0f} tok/s "
+      print(f"  {r['variant'] or 'baseline'} remat={r['remat']} loss_chunks={r['loss_chunks']}: "
+            f"{r['tokens_per_s']:,.0f} tok/s "
             f"({r['ratio_vs_baseline']:.3f}x), MFU {r['mfu']:.1%}, temp {r['temp_gib']:.2f} GiB "
             f"(baseline {q['temp_gib']:.2f} GiB)")
 

@@ -36,6 +36,10 @@ def base_config() -> ml_collections.ConfigDict:
       scan_layers=True,
       scan_unroll=1,
       remat_policy="none",  # none | full | dots | dots_no_batch | dots_no_batch_attn | qkv_attn | dots_attn
+      # q/k/v and gate/up each as one wider matmul where no quantizer,
+      # telemetry, rotation or non-dense form sees them apart (same params).
+      fused_qkv=False,
+      fused_mlp=False,
       attention_impl="auto",  # auto (cuDNN on GPU for bf16/fp16) | xla | cudnn
       # Packed documents per row the cuDNN path describes (0 = seq_len, which
       # is exact but slow); the loop stops with a clear error if a batch has more.

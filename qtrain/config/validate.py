@@ -74,6 +74,9 @@ def _check_model(m) -> None:
              f"config.model.{field}={m[field]!r}; use one of {sorted(_DTYPES)}")
   _require(m.remat_policy in REMAT_POLICIES,
            f"config.model.remat_policy={m.remat_policy!r}; use one of {sorted(REMAT_POLICIES)}")
+  for field in ("fused_qkv", "fused_mlp"):  # Absent from configs saved before they existed.
+    _require(isinstance(m.get(field, False), bool),
+             f"config.model.{field}={m.get(field)!r}: use True or False")
   unroll = m.get("scan_unroll", 1)  # Absent from configs saved before it existed.
   _require(isinstance(unroll, int) and unroll >= 0,
            f"config.model.scan_unroll={unroll!r}: blocks per loop iteration, an "

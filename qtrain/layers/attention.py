@@ -59,7 +59,7 @@ from jax.sharding import PartitionSpec as P
 from qtrain.layers import kv_cache, rotation
 from qtrain.layers.config import ModelConfig
 from qtrain.layers.hooks import Hooks
-from qtrain.layers.linear import Linear
+from qtrain.layers.linear import Linear, fusable, fused_dense
 from qtrain.layers.rope import apply_rope, inverse_frequencies
 from qtrain.layers.sharding import HEADS, per_device_attention, splits_evenly
 from qtrain.parallel import context_parallel as cp
@@ -225,9 +225,20 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *,
   return xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, scale)
 
 
+def _heads_split_alike() -> bool:
+  """The sharding rules in force split q heads and kv heads over the same mesh
+  axes (both over ``tensor``, or neither: kv heads are replicated where there
+  are fewer than ``tensor``), so q/k/v joined kv head by kv head keep their
+  layout (``fused_dense``'s ``groups``)."""
+  rules = dict(nn.get_logical_axis_rules())
+  return rules.get("q_heads") == rules.get("kv_heads")
+
+
 class Attention(nn.Module):
   """Llama attention block: q/k/v projections, RoPE, GQA, output projection.
   ``cfg.qkv_bias`` gives q/k/v a bias each (Qwen2), added before RoPE.
+  ``cfg.fused_qkv`` runs q/k/v as one matmul where nothing tells them apart
+  (``qtrain.layers.linear.fusable``): the same function and params.
 
   ``decode=True``: autoregressive inference. K/V of the new tokens go into the
   ``cache`` collection (in the format ``hooks.kv_spec`` gives, see
@@ -247,10 +258,18 @@ class Attention(nn.Module):
                               kernel_init=nn.initializers.normal(cfg.init_std), hooks=self.hooks,
                               init_std=cfg.init_std)
     heads = lambda y, n, axis: nn.with_logical_constraint(y.reshape(B, T, n, H), HEADS[axis])
-    qkv = functools.partial(dense, use_bias=cfg.qkv_bias)  # Qwen2: q/k/v biases, o none.
-    q_BTNH = heads(qkv(N * H, ("embed", "q_heads"), name="q_proj")(x_BTD), N, "q")
-    k_BTKH = heads(qkv(K * H, ("embed", "kv_heads"), name="k_proj")(x_BTD), K, "kv")
-    v_BTKH = heads(qkv(K * H, ("embed", "kv_heads"), name="v_proj")(x_BTD), K, "kv")
+    projections = (("q_proj", N * H, ("embed", "q_heads")), ("k_proj", K * H, ("embed", "kv_heads")),
+                   ("v_proj", K * H, ("embed", "kv_heads")))
+    if (cfg.fused_qkv and _heads_split_alike()
+        and fusable(self.hooks, self, [name for name, _, _ in projections])):
+      # One GEMM, the weight joined kv head by kv head (linear.fused_dense).
+      q, k, v = fused_dense(self, x_BTD, projections, dtype=cfg.compute_dtype,
+                            param_dtype=cfg.weight_dtype, use_bias=cfg.qkv_bias, groups=K,
+                            kernel_init=nn.initializers.normal(cfg.init_std))
+    else:
+      q, k, v = (dense(features, axes, use_bias=cfg.qkv_bias, name=name)(x_BTD)
+                 for name, features, axes in projections)
+    q_BTNH, k_BTKH, v_BTKH = heads(q, N, "q"), heads(k, K, "kv"), heads(v, K, "kv")
     inv_freq = inverse_frequencies(H, cfg.rope_theta, cfg.rope_scaling)
     hooks = self.hooks
     # R3 (online, both or neither; Q K^T unchanged) rotates Q and K before

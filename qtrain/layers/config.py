@@ -123,6 +123,12 @@ class ModelConfig:
   # (llama_1b on an H100: +7.3% tokens/s, +4.9 GiB; docs/benchmarks.md).
   scan_unroll: int = 1
   remat_policy: str = "none"  # See qtrain.layers.decoder.REMAT_POLICIES.
+  # q/k/v (fused_qkv) and gate/up (fused_mlp) each as one matmul where every
+  # matmul is a plain dot (no quantizer, telemetry, rotation or non-dense form;
+  # else the separate ones, the same function): same params, one wider GEMM
+  # (qtrain.layers.linear.fused_dense).
+  fused_qkv: bool = False
+  fused_mlp: bool = False
   attention_impl: str = "auto"  # auto | xla | cudnn
   # Most packed segments per row the cuDNN path describes (0 = T, exact but
   # cuDNN's workspace grows with it: T=2048 asked for 536 GiB on an H100).

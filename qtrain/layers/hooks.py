@@ -140,8 +140,20 @@ class Hooks:
   def with_context(self, **kw) -> "Hooks":
     return dataclasses.replace(self, **kw)
 
+  def active_providers(self) -> tuple[Provider, ...]:
+    """The providers wrapping a matmul traced now, outermost first: those of
+    enclosing ``scoped_providers`` blocks, then the model's."""
+    return _SCOPED.get() + self.providers
+
+  def plain_dots(self) -> bool:
+    """No provider acts on a matmul traced now (each one's ``dot`` is the
+    pass-through) and no activation rotation is set: every product is the
+    plain dot, so layers may issue several as one (``qtrain.layers.linear.fused_dense``)."""
+    return self.lhs_rotation is None and all(type(p).dot is Provider.dot
+                                             for p in self.active_providers())
+
   def dot_fn(self, site: MatmulSite) -> DotFn:
-    providers = _SCOPED.get() + self.providers
+    providers = self.active_providers()
     rot = self.lhs_rotation
     # R^T through the weight where every provider passes the cotangent on.
     fold = rot is not None and rot.fold and all(p.lhs_grad_passes(site, self) for p in providers)

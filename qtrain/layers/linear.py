@@ -12,9 +12,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
-from qtrain.layers.hooks import as_hooks, canonical_path
-from qtrain.layers.weights import form_for
+from qtrain.layers.hooks import as_hooks, canonical_path, xla_dot
+from qtrain.layers.weights import Dense, form_for
 
 
 def module_path(module: nn.Module) -> str:
@@ -44,9 +45,73 @@ class Linear(nn.Module):
       x = hooks.lhs_rotation.apply(x)
       hooks = hooks.with_context(lhs_rotation=None)
     y = form(self, hooks, x)
-    if not self.use_bias:
-      return y
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                           (self.kernel_axes[1],)),
-                      (self.features,), self.param_dtype)
-    return y + bias.astype(y.dtype)
+    return y + _bias(self).astype(y.dtype) if self.use_bias else y
+
+
+def _bias(module):
+  """The ``bias`` [out] param of a Linear-like ``module`` (axis: its kernel's output axis)."""
+  return module.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                           (module.kernel_axes[1],)),
+                      (module.features,), module.param_dtype)
+
+
+class DenseParams(nn.Module):
+  """A dense ``Linear``'s params (``kernel`` [in, out]; ``bias`` [out] with
+  ``use_bias``) at the Linear's own path, without its product:
+  ``fused_dense`` reads several and multiplies once."""
+  features: int
+  kernel_axes: tuple[str, str]
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.normal(0.02)
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, fan_in: int):
+    return Dense.kernel(self, fan_in), (_bias(self) if self.use_bias else None)
+
+
+def fusable(hooks, module: nn.Module, names) -> bool:
+  """Whether the Linears ``names`` (children of ``module``) may run as one
+  product: every matmul a plain dot (``Hooks.plain_dots``: no quantizer,
+  telemetry, perturbation or rotation to tell them apart) and each the dense
+  form (no low-rank or packed rule matches it)."""
+  hooks = as_hooks(hooks)
+  base = canonical_path(module)[0]
+  return hooks.plain_dots() and all(
+      type(form_for(hooks.forms, f"{base}/{name}", 1.0)) is Dense for name in names)
+
+
+def fused_dense(module: nn.Module, x, parts, *, dtype, param_dtype, kernel_init,
+                use_bias: bool = False, groups: int | None = None) -> list:
+  """[x W_1 (+ b_1), ..., x W_P (+ b_P)] for ``parts`` = ((name, features,
+  kernel_axes), ...), as one matmul of x by the joined weight. Call it only
+  where ``fusable``: the function is the separate Linears' (each output the
+  same dot product), the params are theirs (``DenseParams`` under their
+  names: one params tree, checkpoint and sharding for both ways), and the
+  product is one GEMM whose width is the sum (GQA's k/v projections are 256
+  wide in llama_1b; cuBLAS runs one wide GEMM nearer its peak than several
+  narrow ones, and the backward's dX is one GEMM instead of a sum of P).
+
+  The joined weight keeps each part's split output axis whole, so no
+  collective moves it under tensor parallelism: ``groups=None`` stacks
+  equal-width parts, [in, P, f] (gate/up: f splits over ``tensor`` as each
+  part's does); ``groups=G`` cuts each part's outputs into G contiguous
+  groups and joins them group by group, [in, G, sum_i f_i / G] (q/k/v with
+  G = kv heads: the G axis splits as both heads axes do, where they do alike).
+  """
+  fan_in = x.shape[-1]
+  made = [DenseParams(features, axes, param_dtype, kernel_init, use_bias, name=name)(fan_in)
+          for name, features, axes in parts]
+  ws = [jnp.asarray(kernel, dtype) for kernel, _ in made]
+  if groups is None:
+    w = jnp.stack(ws, axis=1)
+  else:
+    w = jnp.concatenate([k.reshape(fan_in, groups, -1) for k in ws], axis=2)
+  # The pass-through providers (all that fusable allows) reduce to this dot.
+  y = xla_dot(None, x.astype(dtype), w, (((x.ndim - 1,), (0,)), ((), ())))
+  if groups is None:
+    ys = [y[..., i, :] for i in range(len(parts))]
+  else:
+    cuts = np.cumsum([features // groups for _, features, _ in parts])[:-1]
+    ys = [part.reshape(*x.shape[:-1], -1) for part in jnp.split(y, cuts, axis=-1)]
+  return [y_i if b is None else y_i + b.astype(y_i.dtype) for y_i, (_, b) in zip(ys, made)]

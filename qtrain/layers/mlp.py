@@ -1,6 +1,8 @@
 """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x)).
 
-The SwiGLU hidden is the named hook site ``mlp_hidden``. With
+The SwiGLU hidden is the named hook site ``mlp_hidden``. ``cfg.fused_mlp``
+runs gate/up as one matmul where nothing tells them apart
+(``qtrain.layers.linear.fusable``): the same function and params. With
 ``cfg.ffn_hadamard`` the down_proj input is that hidden rotated by the
 normalised Walsh-Hadamard transform (``qtrain.layers.hadamard``; OSP's "FFN
 Hadamard"), applied after the site and before down_proj: the site (telemetry,
@@ -34,7 +36,7 @@ from qtrain.layers import rotation
 from qtrain.layers.config import ModelConfig
 from qtrain.layers.hadamard import fwht
 from qtrain.layers.hooks import Hooks
-from qtrain.layers.linear import Linear
+from qtrain.layers.linear import Linear, fusable, fused_dense
 from qtrain.layers.sharding import MLP_HIDDEN
 
 
@@ -48,8 +50,15 @@ class MLP(nn.Module):
     dense = functools.partial(Linear, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
                               kernel_init=nn.initializers.normal(cfg.init_std), hooks=self.hooks,
                               init_std=cfg.init_std)
-    gate_BTF = dense(cfg.d_ff, ("embed", "mlp"), name="gate_proj")(x_BTD)
-    up_BTF = dense(cfg.d_ff, ("embed", "mlp"), name="up_proj")(x_BTD)
+    projections = (("gate_proj", cfg.d_ff, ("embed", "mlp")), ("up_proj", cfg.d_ff, ("embed", "mlp")))
+    if cfg.fused_mlp and fusable(self.hooks, self, [name for name, _, _ in projections]):
+      # One GEMM, the weight [D, 2, F] (linear.fused_dense).
+      gate_BTF, up_BTF = fused_dense(self, x_BTD, projections, dtype=cfg.compute_dtype,
+                                     param_dtype=cfg.weight_dtype,
+                                     kernel_init=nn.initializers.normal(cfg.init_std))
+    else:
+      gate_BTF, up_BTF = (dense(features, axes, name=name)(x_BTD)
+                          for name, features, axes in projections)
     h_BTF = nn.with_logical_constraint(nn.silu(gate_BTF) * up_BTF, MLP_HIDDEN)
     h_BTF = checkpoint_name(h_BTF, "mlp_hidden")
     h_BTF = self.hooks.activation(self, "mlp_hidden", h_BTF)

@@ -128,11 +128,17 @@ class Dense(WeightForm):
   """y = x @ W, W = ``kernel`` [in, out]."""
   one_product: ClassVar[bool] = True
 
+  @staticmethod
+  def kernel(linear, fan_in: int):
+    """The ``kernel`` [in, out] param of ``linear`` (a module with ``features``,
+    ``kernel_axes``, ``kernel_init`` and ``param_dtype``)."""
+    return linear.param("kernel", nn.with_logical_partitioning(linear.kernel_init,
+                                                               linear.kernel_axes),
+                        (fan_in, linear.features), linear.param_dtype)
+
   def __call__(self, linear, hooks, x):
     fan_in, fan_out = x.shape[-1], linear.features
-    kernel = linear.param("kernel", nn.with_logical_partitioning(linear.kernel_init,
-                                                                 linear.kernel_axes),
-                          (fan_in, fan_out), linear.param_dtype)
+    kernel = self.kernel(linear, fan_in)
     site = self.site(linear, None, "kernel", fan_in, fan_out)
     return self.matmul(linear, hooks, site, "dot_general", x, kernel)
 
