@@ -33,7 +33,7 @@ def get_config(arg: str = ""):
                  # with FSDP's 64 GB of state per H200 on 2 GPUs (16 GB on 8) it
                  # fits; `full` keeps only the residual stream (2 GB) at ~1/3
                  # more compute, for longer rows or smaller GPUs.
-                 remat_policy="dots_no_batch")
+                 remat_policy="dots_no_batch", fused_qkv=True, fused_mlp=True)
   # FSDP over every device (-1): params, grads and AdamW state are split, so
   # the 16 B/param state costs 128 GB / devices, and each scanned layer's
   # weights are gathered only while it runs (the all-gather overlaps the
