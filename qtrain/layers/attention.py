@@ -260,8 +260,7 @@ class Attention(nn.Module):
     heads = lambda y, n, axis: nn.with_logical_constraint(y.reshape(B, T, n, H), HEADS[axis])
     projections = (("q_proj", N * H, ("embed", "q_heads")), ("k_proj", K * H, ("embed", "kv_heads")),
                    ("v_proj", K * H, ("embed", "kv_heads")))
-    if (cfg.fused_qkv and _heads_split_alike()
-        and fusable(self.hooks, self, [name for name, _, _ in projections])):
+    if cfg.fused_qkv and _heads_split_alike() and fusable(self.hooks, self, projections):
       # One GEMM, the weight joined kv head by kv head (linear.fused_dense).
       q, k, v = fused_dense(self, x_BTD, projections, dtype=cfg.compute_dtype,
                             param_dtype=cfg.weight_dtype, use_bias=cfg.qkv_bias, groups=K,

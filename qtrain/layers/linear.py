@@ -70,15 +70,16 @@ class DenseParams(nn.Module):
     return Dense.kernel(self, fan_in), (_bias(self) if self.use_bias else None)
 
 
-def fusable(hooks, module: nn.Module, names) -> bool:
-  """Whether the Linears ``names`` (children of ``module``) may run as one
-  product: every matmul a plain dot (``Hooks.plain_dots``: no quantizer,
-  telemetry, perturbation or rotation to tell them apart) and each the dense
-  form (no low-rank or packed rule matches it)."""
+def fusable(hooks, module: nn.Module, parts) -> bool:
+  """Whether the Linears of ``parts`` ((name, ...) each, children of
+  ``module``) may run as one product (``fused_dense``): every matmul a plain
+  dot (``Hooks.plain_dots``: no quantizer, telemetry, perturbation or
+  rotation to tell them apart) and each the dense form (no low-rank or packed
+  rule matches it)."""
   hooks = as_hooks(hooks)
   base = canonical_path(module)[0]
   return hooks.plain_dots() and all(
-      type(form_for(hooks.forms, f"{base}/{name}", 1.0)) is Dense for name in names)
+      type(form_for(hooks.forms, f"{base}/{part[0]}", 1.0)) is Dense for part in parts)
 
 
 def fused_dense(module: nn.Module, x, parts, *, dtype, param_dtype, kernel_init,

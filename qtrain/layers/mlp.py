@@ -51,7 +51,7 @@ class MLP(nn.Module):
                               kernel_init=nn.initializers.normal(cfg.init_std), hooks=self.hooks,
                               init_std=cfg.init_std)
     projections = (("gate_proj", cfg.d_ff, ("embed", "mlp")), ("up_proj", cfg.d_ff, ("embed", "mlp")))
-    if cfg.fused_mlp and fusable(self.hooks, self, [name for name, _, _ in projections]):
+    if cfg.fused_mlp and fusable(self.hooks, self, projections):
       # One GEMM, the weight [D, F, 2] (linear.fused_dense).
       gate_BTF, up_BTF = fused_dense(self, x_BTD, projections, dtype=cfg.compute_dtype,
                                      param_dtype=cfg.weight_dtype,
