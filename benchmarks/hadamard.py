@@ -69,7 +69,7 @@ def bench_case(n, rows, dtype, configs, interpret, reps, device_time=False):
   dense = lambda x: jnp.dot(x * signs.astype(dtype), h, preferred_element_type=jnp.float32).astype(dtype)
   row["xla_dense_rel_err"] = timing.relative_error(jax.jit(dense)(sets[0][0]), ref)
   row["xla_dense_s"] = timing.time_per_call(dense, sets, reps)
-  best = None
+  best, measure = None, "dev_s" if device_time else "s"  # The fastest by the measure asked for.
   for spec in configs:  # One compile each: the timed function's outputs are checked.
     fn = kernel(spec, interpret)
     entry = {"config": spec}
@@ -85,8 +85,7 @@ def bench_case(n, rows, dtype, configs, interpret, reps, device_time=False):
     except Exception as e:  # pylint: disable=broad-except
       entry["error"] = f"{type(e).__name__}: {str(e)[:200]}"
     row.setdefault("pallas_configs", []).append(entry)
-    key = "dev_s" if device_time else "s"  # The fastest by the measure asked for.
-    if key in entry and (best is None or entry[key] < best[key]):
+    if measure in entry and (best is None or entry[measure] < best[measure]):
       best = entry
   if best:  # The winner again on a NaN-poisoned output buffer.
     br = int(best["config"].split(",")[0])

@@ -180,7 +180,8 @@ def step(args) -> list[dict]:
     rows.append(row)
     print(f"{args.model} b{args.batch}x{args.seq} ({m.remat_policy}): online R3 + R4 "
           f"({args.kind}, {impl}, save={save}, fold_grad={fold}) cost "
-          f"{row['cost_fraction']:+.2%} of the step ({t_off * 1e3:.1f} ms -> {t_on * 1e3:.1f} ms; {row['tokens_per_s_off']:,.0f} -> "
+          f"{row['cost_fraction']:+.2%} of the step ({t_off * 1e3:.1f} ms -> {t_on * 1e3:.1f} ms; "
+          f"{row['tokens_per_s_off']:,.0f} -> "
           f"{row['tokens_per_s_r3r4']:,.0f} tokens/s); temp {row['temp_off_gib']:.2f} -> "
           f"{row['temp_r3r4_gib']:.2f} GiB ({row['temp_delta_gib']:+.2f}); {gemms} rotation "
           f"gemms per block", flush=True)

@@ -238,13 +238,13 @@ def main() -> None:
   configured_chunks = cfg.model.get("loss_chunks", 0)  # Read once: the loop sets it.
   runs = [(name, c, policy, chunks) for name, c in configs for policy in policies
           for chunks in [configured_chunks] + variants]
-  for name, cfg, policy, chunks in runs:
-    cfg.model.remat_policy, cfg.model.loss_chunks = policy, chunks
+  for name, c, policy, chunks in runs:
+    c.model.remat_policy, c.model.loss_chunks = policy, chunks
     row = {**common, "packed": args.packed, "remat": policy,
-           "max_segments": args.max_segments, "mu_dtype": cfg.optim.adamw.mu_dtype,
+           "max_segments": args.max_segments, "mu_dtype": c.optim.adamw.mu_dtype,
            "loss_chunks": chunks, "variant": name}
     try:
-      row.update(bench_qtrain(cfg, args.batch, args.seq, args.packed, args.steps))
+      row.update(bench_qtrain(c, args.batch, args.seq, args.packed, args.steps))
     except jax.errors.JaxRuntimeError as e:  # A variant out of memory: say so, go on.
       if "RESOURCE_EXHAUSTED" not in str(e) or not rows:
         raise

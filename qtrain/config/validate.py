@@ -74,9 +74,6 @@ def _check_model(m) -> None:
              f"config.model.{field}={m[field]!r}; use one of {sorted(_DTYPES)}")
   _require(m.remat_policy in REMAT_POLICIES,
            f"config.model.remat_policy={m.remat_policy!r}; use one of {sorted(REMAT_POLICIES)}")
-  for field in ("fused_qkv", "fused_mlp"):  # Absent from configs saved before they existed.
-    _require(isinstance(m.get(field, False), bool),
-             f"config.model.{field}={m.get(field)!r}: use True or False")
   unroll = m.get("scan_unroll", 1)  # Absent from configs saved before it existed.
   _require(isinstance(unroll, int) and unroll >= 0,
            f"config.model.scan_unroll={unroll!r}: blocks per loop iteration, an "
@@ -92,8 +89,10 @@ def _check_model(m) -> None:
   from qtrain.layers.hadamard import is_power_of_two  # pylint: disable=g-import-not-at-top
   from qtrain.layers.norms import NORMS  # pylint: disable=g-import-not-at-top
   _require(m.norm in NORMS, f"config.model.norm={m.norm!r}; use one of {NORMS}")
-  for field in ("embproj", "ffn_hadamard"):
-    _require(isinstance(m[field], bool), f"config.model.{field}={m[field]!r}: use True or False")
+  # fused_*: absent from configs saved before they existed.
+  for field in ("embproj", "ffn_hadamard", "fused_qkv", "fused_mlp"):
+    _require(isinstance(m.get(field, False), bool),
+             f"config.model.{field}={m.get(field)!r}: use True or False")
   lo = 1 << max(m.d_ff.bit_length() - 1, 0)
   _require(not m.ffn_hadamard or is_power_of_two(m.d_ff),
            f"config.model.ffn_hadamard=True needs config.model.d_ff a power of two (the fast "

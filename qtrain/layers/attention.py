@@ -59,7 +59,7 @@ from jax.sharding import PartitionSpec as P
 from qtrain.layers import kv_cache, rotation
 from qtrain.layers.config import ModelConfig
 from qtrain.layers.hooks import Hooks
-from qtrain.layers.linear import Linear, fusable, fused_dense
+from qtrain.layers.linear import Linear, projections
 from qtrain.layers.rope import apply_rope, inverse_frequencies
 from qtrain.layers.sharding import HEADS, per_device_attention, splits_evenly
 from qtrain.parallel import context_parallel as cp
@@ -238,7 +238,7 @@ class Attention(nn.Module):
   """Llama attention block: q/k/v projections, RoPE, GQA, output projection.
   ``cfg.qkv_bias`` gives q/k/v a bias each (Qwen2), added before RoPE.
   ``cfg.fused_qkv`` runs q/k/v as one matmul where nothing tells them apart
-  (``qtrain.layers.linear.fusable``): the same function and params.
+  (``qtrain.layers.linear.projections``): the same function and params.
 
   ``decode=True``: autoregressive inference. K/V of the new tokens go into the
   ``cache`` collection (in the format ``hooks.kv_spec`` gives, see
@@ -254,20 +254,16 @@ class Attention(nn.Module):
     cfg = self.cfg
     B, T, _ = x_BTD.shape
     N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    dense = functools.partial(Linear, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                              kernel_init=nn.initializers.normal(cfg.init_std), hooks=self.hooks,
-                              init_std=cfg.init_std)
+    linear = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                  kernel_init=nn.initializers.normal(cfg.init_std), hooks=self.hooks,
+                  init_std=cfg.init_std)
     heads = lambda y, n, axis: nn.with_logical_constraint(y.reshape(B, T, n, H), HEADS[axis])
-    projections = (("q_proj", N * H, ("embed", "q_heads")), ("k_proj", K * H, ("embed", "kv_heads")),
-                   ("v_proj", K * H, ("embed", "kv_heads")))
-    if cfg.fused_qkv and _heads_split_alike() and fusable(self.hooks, self, projections):
-      # One GEMM, the weight joined kv head by kv head (linear.fused_dense).
-      q, k, v = fused_dense(self, x_BTD, projections, dtype=cfg.compute_dtype,
-                            param_dtype=cfg.weight_dtype, use_bias=cfg.qkv_bias, groups=K,
-                            kernel_init=nn.initializers.normal(cfg.init_std))
-    else:
-      q, k, v = (dense(features, axes, use_bias=cfg.qkv_bias, name=name)(x_BTD)
-                 for name, features, axes in projections)
+    # Fused: one GEMM, the weight joined kv head by kv head (linear.fused_dense).
+    q, k, v = projections(self, x_BTD, (("q_proj", N * H, ("embed", "q_heads")),
+                                        ("k_proj", K * H, ("embed", "kv_heads")),
+                                        ("v_proj", K * H, ("embed", "kv_heads"))),
+                          fuse=cfg.fused_qkv and _heads_split_alike(), groups=K,
+                          use_bias=cfg.qkv_bias, **linear)
     q_BTNH, k_BTKH, v_BTKH = heads(q, N, "q"), heads(k, K, "kv"), heads(v, K, "kv")
     inv_freq = inverse_frequencies(H, cfg.rope_theta, cfg.rope_scaling)
     hooks = self.hooks
@@ -293,4 +289,5 @@ class Attention(nn.Module):
                                        positions_BT=positions_BT,
                                        context_parallel=cfg.context_parallel)
     out_BTNH = checkpoint_name(nn.with_logical_constraint(out_BTNH, HEADS["q"]), "attention_out")
-    return dense(cfg.d_model, ("q_heads", "embed"), name="o_proj")(out_BTNH.reshape(B, T, N * H))
+    return Linear(cfg.d_model, ("q_heads", "embed"), name="o_proj", **linear)(
+        out_BTNH.reshape(B, T, N * H))

@@ -103,6 +103,10 @@ class Provider:
     del path, name, hooks, module
     return x
 
+  def wraps_dots(self) -> bool:
+    """Whether ``dot`` is overridden (else every matmul passes through as is)."""
+    return type(self).dot is not Provider.dot
+
   def lhs_grad_passes(self, site: MatmulSite, hooks: "Hooks") -> bool:
     """Whether this provider's ``dot`` at ``site`` hands the inner dot's lhs
     cotangent back unchanged as its own (it may transform the weight, observe
@@ -110,7 +114,7 @@ class Provider:
     activations before it may then apply R^T through the weight
     (``Hooks.lhs_rotation``). The base: True unless ``dot`` is overridden."""
     del site, hooks
-    return type(self).dot is Provider.dot
+    return not self.wraps_dots()
 
   def kv_spec(self, path: str, hooks: "Hooks") -> Any:
     del path, hooks
@@ -149,8 +153,7 @@ class Hooks:
     """No provider acts on a matmul traced now (each one's ``dot`` is the
     pass-through) and no activation rotation is set: every product is the
     plain dot, so layers may issue several as one (``qtrain.layers.linear.fused_dense``)."""
-    return self.lhs_rotation is None and all(type(p).dot is Provider.dot
-                                             for p in self.active_providers())
+    return self.lhs_rotation is None and not any(p.wraps_dots() for p in self.active_providers())
 
   def dot_fn(self, site: MatmulSite) -> DotFn:
     providers = self.active_providers()

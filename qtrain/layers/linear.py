@@ -70,10 +70,24 @@ class DenseParams(nn.Module):
     return Dense.kernel(self, fan_in), (_bias(self) if self.use_bias else None)
 
 
-def fusable(hooks, module: nn.Module, parts) -> bool:
-  """Whether the Linears of ``parts`` ((name, ...) each, children of
-  ``module``) may run as one product (``fused_dense``): every matmul a plain
-  dot (``Hooks.plain_dots``: no quantizer, telemetry, perturbation or
+def projections(module: nn.Module, x, parts, *, fuse: bool, groups: int | None = None,
+                use_bias: bool = False, **linear) -> list:
+  """[x W_i (+ b_i)] for ``parts`` = ((name, features, kernel_axes), ...), the
+  Linears ``module`` holds under those names (``linear``: the other fields of
+  ``Linear``, ``hooks`` among them): one product (``fused_dense``) where
+  ``fuse`` asks for it and nothing tells the parts apart (``_fusable``), else
+  each Linear. The same params and function either way."""
+  if fuse and _fusable(linear.get("hooks"), module, parts):
+    return fused_dense(module, x, parts, dtype=linear["dtype"],
+                       param_dtype=linear["param_dtype"], kernel_init=linear["kernel_init"],
+                       use_bias=use_bias, groups=groups)
+  return [Linear(features, axes, use_bias=use_bias, name=name, **linear)(x)
+          for name, features, axes in parts]
+
+
+def _fusable(hooks, module: nn.Module, parts) -> bool:
+  """Whether the Linears of ``parts`` may run as one product: every matmul a
+  plain dot (``Hooks.plain_dots``: no quantizer, telemetry, perturbation or
   rotation to tell them apart) and each the dense form (no low-rank or packed
   rule matches it)."""
   hooks = as_hooks(hooks)
@@ -86,7 +100,7 @@ def fused_dense(module: nn.Module, x, parts, *, dtype, param_dtype, kernel_init,
                 use_bias: bool = False, groups: int | None = None) -> list:
   """[x W_1 (+ b_1), ..., x W_P (+ b_P)] for ``parts`` = ((name, features,
   kernel_axes), ...), as one matmul of x by the joined weight. Call it only
-  where ``fusable``: the function is the separate Linears' (each output the
+  where ``_fusable``: the function is the separate Linears' (each output the
   same dot product), the params are theirs (``DenseParams`` under their
   names: one params tree, checkpoint and sharding for both ways), and the
   product is one GEMM whose width is the sum (GQA's k/v projections are 256
@@ -111,7 +125,7 @@ def fused_dense(module: nn.Module, x, parts, *, dtype, param_dtype, kernel_init,
     w = jnp.stack(ws, axis=-1)
   else:
     w = jnp.concatenate([k.reshape(fan_in, groups, -1) for k in ws], axis=2)
-  # The pass-through providers (all that fusable allows) reduce to this dot.
+  # The pass-through providers (all that _fusable allows) reduce to this dot.
   y = xla_dot(None, x.astype(dtype), w, (((x.ndim - 1,), (0,)), ((), ())))
   if groups is None:
     ys = [y[..., i] for i in range(len(parts))]

@@ -2,7 +2,7 @@
 
 The SwiGLU hidden is the named hook site ``mlp_hidden``. ``cfg.fused_mlp``
 runs gate/up as one matmul where nothing tells them apart
-(``qtrain.layers.linear.fusable``): the same function and params. With
+(``qtrain.layers.linear.projections``): the same function and params. With
 ``cfg.ffn_hadamard`` the down_proj input is that hidden rotated by the
 normalised Walsh-Hadamard transform (``qtrain.layers.hadamard``; OSP's "FFN
 Hadamard"), applied after the site and before down_proj: the site (telemetry,
@@ -27,7 +27,6 @@ backward does not rerun it).
 
 from __future__ import annotations
 
-import functools
 
 import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
@@ -36,7 +35,7 @@ from qtrain.layers import rotation
 from qtrain.layers.config import ModelConfig
 from qtrain.layers.hadamard import fwht
 from qtrain.layers.hooks import Hooks
-from qtrain.layers.linear import Linear, fusable, fused_dense
+from qtrain.layers.linear import Linear, projections
 from qtrain.layers.sharding import MLP_HIDDEN
 
 
@@ -47,18 +46,12 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BTD):
     cfg = self.cfg
-    dense = functools.partial(Linear, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                              kernel_init=nn.initializers.normal(cfg.init_std), hooks=self.hooks,
-                              init_std=cfg.init_std)
-    projections = (("gate_proj", cfg.d_ff, ("embed", "mlp")), ("up_proj", cfg.d_ff, ("embed", "mlp")))
-    if cfg.fused_mlp and fusable(self.hooks, self, projections):
-      # One GEMM, the weight [D, F, 2] (linear.fused_dense).
-      gate_BTF, up_BTF = fused_dense(self, x_BTD, projections, dtype=cfg.compute_dtype,
-                                     param_dtype=cfg.weight_dtype,
-                                     kernel_init=nn.initializers.normal(cfg.init_std))
-    else:
-      gate_BTF, up_BTF = (dense(features, axes, name=name)(x_BTD)
-                          for name, features, axes in projections)
+    linear = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                  kernel_init=nn.initializers.normal(cfg.init_std), init_std=cfg.init_std)
+    # Fused: one GEMM, the weight [D, F, 2] (linear.fused_dense).
+    gate_BTF, up_BTF = projections(self, x_BTD, (("gate_proj", cfg.d_ff, ("embed", "mlp")),
+                                                 ("up_proj", cfg.d_ff, ("embed", "mlp"))),
+                                   fuse=cfg.fused_mlp, hooks=self.hooks, **linear)
     h_BTF = nn.with_logical_constraint(nn.silu(gate_BTF) * up_BTF, MLP_HIDDEN)
     h_BTF = checkpoint_name(h_BTF, "mlp_hidden")
     h_BTF = self.hooks.activation(self, "mlp_hidden", h_BTF)
@@ -68,4 +61,4 @@ class MLP(nn.Module):
     # activation rotation (Hooks.lhs_rotation; its backward may run through the weight).
     r4 = rotation.Online.at(cfg, "r4", self.hooks.layer)
     hooks = self.hooks if r4 is None else self.hooks.with_context(lhs_rotation=r4)
-    return dense(cfg.d_model, ("mlp", "embed"), hooks=hooks, name="down_proj")(h_BTF)
+    return Linear(cfg.d_model, ("mlp", "embed"), hooks=hooks, name="down_proj", **linear)(h_BTF)
