@@ -145,6 +145,43 @@ def test_fp8_mode_matches_fake_fp8():
   assert counts == {(e4, e4, "float32"): 1, (e5, e4, "float32"): 1, (e4, e5, "float32"): 1}
 
 
+def test_fp8_tensorwise_matches_float64_and_runs_scaled_fp8_dots():
+  """fp8 with per-tensor power-of-two scales: y, dX and dW against float64
+  NumPy on the same codes, and the program a GPU folds into cuBLASLt's fp8
+  GEMM: float8 dots straight to the output dtype, no float32 product."""
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  x, w = operands(seed=11)
+  c = jnp.asarray(np.random.default_rng(12).normal(size=(2, 8, 16)), jnp.float32)
+  e4 = QuantSpec(format="fp8_e4m3", granularity="tensor", scale_pow2=True)
+  real = QuantDotGeneral(weight=e4, act=e4, mode="fp8")
+  y, (dx, dw) = value_and_grads(real, x, w, c)
+
+  def codes(a, dt):  # Per-tensor absmax scale rounded up to a power of two.
+    a = np.asarray(a, np.float64)
+    top = float(ml_dtypes.finfo(dt).max)
+    s = 2.0 ** np.ceil(np.log2(np.abs(a).max() / top))
+    return (a / s).astype(np.float32).astype(dt).astype(np.float64) * s
+
+  x_hat, w_hat = codes(x, ml_dtypes.float8_e4m3fn), codes(w, ml_dtypes.float8_e4m3fn)
+  g_hat = codes(c, ml_dtypes.float8_e5m2).reshape(16, 16)  # One scale for dY.
+  x2 = x_hat.reshape(16, 32)
+  # float32 accumulation of K exact products of codes, then one exact
+  # power-of-two product: |err| <= K u sum|a b| (K = 32, 16, 16).
+  for got, want, mag, k in ((y, x_hat @ w_hat, np.abs(x_hat) @ np.abs(w_hat), 32),
+                            (dx, g_hat @ w_hat.T, np.abs(g_hat) @ np.abs(w_hat).T, 16),
+                            (dw, x2.T @ g_hat, np.abs(x2).T @ np.abs(g_hat), 16)):
+    got = np.asarray(got, np.float64).reshape(want.shape)
+    assert np.all(np.abs(got - want) <= (k + 2) * U * mag)
+  # dY went through e5m2 (2 mantissa bits): far from the exact-dY gradient.
+  assert np.abs(np.asarray(dw) - x2.T @ np.asarray(c, np.float64).reshape(16, 16)).max() > 1e-3
+  # bf16 operands: every dot is float8 x float8 -> bf16, times one scalar.
+  xb, wb, cb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), c.astype(jnp.bfloat16)
+  loss = lambda x, w: jnp.sum(cb * real.apply({}, x, w, DN))
+  counts = count_dots(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(xb, wb).jaxpr)
+  f4, f5, bf = "float8_e4m3fn", "float8_e5m2", "bfloat16"
+  assert counts == {(f4, f4, bf): 1, (f5, f4, bf): 1, (f4, f5, bf): 1}, counts
+
+
 class QwixDense(nn.Module):
   """A dense layer calling jax.lax.dot_general with its own param, which is
   what qwix's interception needs to tell the weight from the activation."""
@@ -294,3 +331,12 @@ def test_presets_build_and_leave_the_lm_head_unquantized(preset):
   assert quantizes(provider, "decoder/layers/mlp/down_proj")
   with_head = provider_from_config(preset.get_quant("lm_head"), CFG)
   assert quantizes(with_head, "lm_head")
+
+
+def test_fp8_tensor_switch_and_unknown_switches():
+  rule = fp8.get_quant("tensor").rules.linears
+  for spec in (rule.weight, rule.act):
+    assert spec.granularity == "tensor" and spec.scale_pow2
+  assert fp8.get_quant().rules.linears.act.granularity == "token"
+  with pytest.raises(ValueError, match=r"w8a8\.py: unknown switch 'tensor'"):
+    w8a8.get_quant("tensor")

@@ -208,6 +208,50 @@ def test_lsq_plus_offset_and_step_gradients():
   np.testing.assert_allclose(db, g * np.sum(c * outside), rtol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_rounding_is_the_cast_and_survives_compilation(fmt):
+  dt = FP8[fmt]
+  top = float(ml_dtypes.finfo(dt).max)
+  rng = np.random.default_rng(5)
+  v = rng.standard_normal(20000) * np.exp2(rng.uniform(-24, 12, 20000))
+  # Every finite value of the format, every midpoint of two neighbours (the
+  # ties, exact in float32: one more mantissa bit), subnormals included.
+  values = np.arange(256, dtype=np.uint8).view(dt).astype(np.float64)
+  values = np.unique(values[np.isfinite(values)])
+  v = np.clip(np.concatenate([v, values, (values[1:] + values[:-1]) / 2]), -top, top)
+  v = v.astype(np.float32)
+  got = jax.jit(lambda a: quantizer.round_fp8(a, fmt))(v)
+  # Bit-exact: ml_dtypes' cast rounds to nearest, ties to even, as ours must.
+  np.testing.assert_array_equal(np.asarray(got), v.astype(dt).astype(np.float32))
+  # The fake-quant program rounds with reduce_precision: a bare f32 -> f8 ->
+  # f32 cast round trip is folded away by XLA's GPU compiler (H100, measured).
+  spec = QuantSpec(format=fmt, bits=8, granularity="tensor")
+  program = jax.jit(lambda a: dequantize(quantize(a, spec))).lower(v).as_text()
+  assert "reduce_precision" in program
+
+
+@pytest.mark.parametrize("fields,axis", [
+    (dict(bits=8, granularity="token"), -1), (dict(format="fp8_e4m3", granularity="tensor"), 0),
+    (dict(bits=4, granularity="group", group_size=8), -1)])
+def test_scale_pow2_rounds_each_scale_up_to_a_power_of_two(fields, axis):
+  x = jnp.asarray(np.random.default_rng(6).standard_t(4, size=(4, 32)) * 3.7, jnp.float32)
+  qt = quantize(x, QuantSpec(scale_pow2=True, **fields), contract_axis=axis)
+  s0 = np.asarray(quantize(x, QuantSpec(**fields), contract_axis=axis).scale, np.float64)
+  s = np.asarray(qt.scale, np.float64)
+  mantissa, _ = np.frexp(s)
+  assert np.all(mantissa == 0.5), s  # Powers of two, exactly.
+  assert np.all(s >= s0) and np.all(s < 2 * s0)  # The nearest one above the absmax scale.
+  # Dequantizing is exact (a power-of-two product) and within half a step of x
+  # (fp8: within the format's relative rounding, 2^-4 for e4m3 normals).
+  x_hat = np.asarray(dequantize(qt), np.float64)
+  np.testing.assert_array_equal(x_hat, np.asarray(qt.q.astype(jnp.float32), np.float64)
+                                * np.broadcast_to(quantizer.expand(s, x.shape), x.shape))
+  half = np.broadcast_to(quantizer.expand(s, x.shape), x.shape) / 2
+  bound = half if fields.get("format", "int") == "int" else 2.0 ** -4 * np.abs(
+      np.asarray(x)) + 2.0 ** -9 * 2 * half
+  assert np.all(np.abs(x_hat - np.asarray(x, np.float64)) <= bound * (1 + 1e-6))
+
+
 @pytest.mark.parametrize("fields,dim,needle", [
     (dict(bits=1), None, ".bits=1: bits must be in 2..8"),
     (dict(granularity="group", group_size=48), 160,
@@ -216,6 +260,8 @@ def test_lsq_plus_offset_and_step_gradients():
     (dict(format="fp8_e4m3", bits=4), None, ".bits=4: format fp8_e4m3 is 8 bits"),
     (dict(estimator="lsq"), None, ".estimator='lsq': lsq learns a step"),
     (dict(granularity="token"), None, ".granularity='token': weights have no tokens"),
+    (dict(symmetric=False, calibration="minmax", scale_pow2=True), None,
+     ".scale_pow2=True: rounds a calibrated symmetric scale"),
 ])
 def test_bad_specs_fail_naming_the_field(fields, dim, needle):
   where = "config.quant.rules[2].weight"

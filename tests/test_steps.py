@@ -256,7 +256,8 @@ def test_step_family_registry_shares_the_loss():
     validate(cfg, n_devices=8)
 
 
-@pytest.mark.parametrize("preset", ["w8a8", "w4a16", "w4a8", "w4a4", "w4a4kv4+lm_head", "fp8"])
+@pytest.mark.parametrize("preset", ["w8a8", "w4a16", "w4a8", "w4a4", "w4a4kv4+lm_head", "fp8",
+                                    "fp8+tensor"])
 def test_every_preset_trains(preset):
   """Each shipped preset trains end to end on the smoke model: finite steps,
   and the loss on a repeated batch goes down (it learns through the quantizers)."""

@@ -18,6 +18,11 @@ A preset is ``get_quant(arg="") -> ConfigDict`` for ``config.quant``:
             where the device has one (``config.quant.kernels='auto'``; one
             device only), so benchmarks/quant_step.py times it as
             ``w8a8+pallas`` beside ``w8a8``.
+  tensor    fp8 preset: one power-of-two scale per tensor for activations,
+            weights and gradients instead of per token / channel, so each
+            dot is one cuBLASLt fp8 GEMM with the scale fused (torchtitan's
+            and Transformer Engine's "tensorwise" recipe, with the current
+            step's absmax).
 """
 
 import ml_collections
@@ -32,16 +37,18 @@ LM_HEAD = "lm_head"
 SWITCHES = ("lm_head", "sr", "hp_bwd", "pallas")
 
 
-def parse(arg: str, preset: str) -> dict:
+def parse(arg: str, preset: str, extra: tuple[str, ...] = ()) -> dict:
+  """Switches of ``arg``; ``extra``: the preset's own ones (e.g. fp8's tensor)."""
   opts = {"lm_head": False, "sr": False, "hp_bwd": False, "pallas": False, "group": None}
+  opts.update({name: False for name in extra})
   for tok in filter(None, (t.strip() for t in arg.split(","))):
-    if tok in SWITCHES:
+    if tok in SWITCHES + extra:
       opts[tok] = True
     elif tok[0] == "g" and tok[1:].isdigit():
       opts["group"] = int(tok[1:])
     else:
       raise ValueError(f"configs/quant/{preset}.py: unknown switch {tok!r}; "
-                       f"use {SWITCHES} or g<N> (e.g. g128)")
+                       f"use {SWITCHES + extra} or g<N> (e.g. g128)")
   return opts
 
 

@@ -2,6 +2,11 @@
 forward, e5m2 gradients backward, float32 accumulation. LM head in high
 precision unless ``get_quant("lm_head")``.
 
+``get_quant("tensor")`` (``fp8+tensor`` on the command line): one
+power-of-two scale per tensor for activations, weights and gradients, each
+dot one cuBLASLt fp8 GEMM with its scale fused (the faster step on an H100:
+docs/benchmarks.md).
+
   c.quant = configs.quant.fp8.get_quant()
 """
 
@@ -9,6 +14,10 @@ from configs.quant import base
 
 
 def get_quant(arg: str = ""):
-  opts = base.parse(arg, "fp8")
-  fp8 = lambda g: dict(bits=8, format="fp8_e4m3", granularity=g, calibration="absmax")
+  opts = base.parse(arg, "fp8", extra=("tensor",))
+  if opts["tensor"]:
+    fp8 = lambda g: dict(bits=8, format="fp8_e4m3", granularity="tensor",
+                         calibration="absmax", scale_pow2=True)
+  else:
+    fp8 = lambda g: dict(bits=8, format="fp8_e4m3", granularity=g, calibration="absmax")
   return base.make("fp8", opts, weight=fp8("channel"), act=fp8("token"))

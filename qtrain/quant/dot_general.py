@@ -24,7 +24,15 @@ Modes (one per provider):
   name ``SAVED_OUT`` for remat policies (issue 16: fewer memory passes
   around the int8 dots; ``benchmarks/quant_passes.py`` counts them).
 * ``fp8``: the same structure with e4m3 forward codes, e5m2 for the
-  gradients and float8 dots accumulating in float32.
+  gradients and float8 dots accumulating in float32. When activations and
+  weights both take one scale per tensor (``granularity="tensor"``), dY does
+  too, its codes serve dX and dW alike, and each dot is written as
+  ``dot(q_a, q_b) -> out dtype`` times one scalar: XLA on a GPU folds that
+  scalar into cuBLASLt's fp8 GEMM (its scale operand), so no float32 product
+  is written and no epilogue pass runs (1.46x the bf16 dot for y, dX and dW
+  of a llama_1b MLP matmul on an H100, where per-token scales reach 1.11x:
+  benchmarks/KERNEL_NOTES.md, "fp8"). With ``scale_pow2`` the scalar is a
+  power of two and the fused result equals the unfused one bit for bit.
 * ``none``: the high-precision dot.
 
 ``quant_dot`` is the function; ``QuantProvider`` (``qtrain.quant.provider``)
@@ -123,10 +131,26 @@ def _scaled_int8(cfg: _Lowp, x, w, s_x, s_w, out_dtype, x_t=False, w_t=False):
                            kernels=cfg.kernels, x_transposed=x_t, w_transposed=w_t)
 
 
+def _tensorwise(cfg: _Lowp) -> bool:
+  """fp8 with one scale per operand: each dot is one scaled cuBLASLt GEMM."""
+  return (cfg.acc_dtype != jnp.int32 and cfg.act.granularity == "tensor"
+          and cfg.weight.granularity == "tensor")
+
+
+def _scaled_fp8(a, b, s_a, s_b, dims, out_dtype):
+  """dot(a, b) * s_a * s_b for float8 codes and scalar scales, in the form
+  XLA's GPU gemm rewriter fuses: the float8 dot straight to ``out_dtype``,
+  then one scalar product, which becomes the GEMM's scale operand."""
+  y = jax.lax.dot_general(a, b, dims, preferred_element_type=out_dtype)
+  return y * (s_a * s_b).reshape(()).astype(out_dtype)
+
+
 def _lowp_fwd(x_MK, w_KN, rng, cfg: _Lowp):
   qx = quantizer.quantize(x_MK, cfg.act, contract_axis=1)  # scale [M, 1] or [1, 1]
   qw = quantizer.quantize(w_KN, cfg.weight, contract_axis=0)  # scale [1, N] or [1, 1]
   masks = (_inside(x_MK, qx, cfg.act), _inside(w_KN, qw, cfg.weight))
+  if _tensorwise(cfg):
+    return _scaled_fp8(qx.q, qw.q, qx.scale, qw.scale, _NN, cfg.out_dtype), (qx, qw, masks, rng)
   if cfg.acc_dtype == jnp.int32 and cfg.kernels != "xla":
     y_MN = _scaled_int8(cfg, qx.q, qw.q, qx.scale, qw.scale, cfg.out_dtype)
     return y_MN, (qx, qw, masks, rng)
@@ -144,6 +168,12 @@ def _lowp_bwd(cfg: _Lowp, res, g_MN):
                              preferred_element_type=jnp.float32)
     dw = jax.lax.dot_general(quantizer.dequantize(qx, cfg.x_dtype), g_lo, _TN,
                              preferred_element_type=jnp.float32)
+  elif _tensorwise(cfg):  # One scale for dY: its codes serve both dots.
+    qg = quantizer.quantize(g_MN, cfg.grad, contract_axis=1)
+    out_x = cfg.x_dtype if mask_x is None else jnp.float32
+    out_w = cfg.w_dtype if mask_w is None else jnp.float32
+    dx = _scaled_fp8(qg.q, qw.q, qg.scale, qw.scale, _NT, out_x)
+    dw = _scaled_fp8(qx.q, qg.q, qx.scale, qg.scale, _TN, out_w)
   else:
     r_x, r_w = jax.random.split(rng) if rng is not None else (None, None)
     # Move s_w onto dY's columns, quantize per row: dX = s_gx * (Q_gx Q_w^T).
@@ -182,11 +212,15 @@ def lowp_matmul(x_MK, w_KN, rng, cfg: _Lowp):
 lowp_matmul.defvjp(_lowp_fwd, _lowp_bwd)
 
 
-def _grad_spec(mode: str, stochastic: bool) -> QuantSpec:
-  # Reduced over the backward dot's contraction axis: per row for dX, per column for dW.
-  fmt = "fp8_e5m2" if mode == "fp8" else "int"
-  return QuantSpec(bits=8, format=fmt, granularity="token", calibration="absmax",
-                   stochastic_rounding=stochastic)
+def _grad_spec(spec: "DotSpec", stochastic: bool) -> QuantSpec:
+  """dY's quantizer: per row for dX, per column for dW (each reduced over its
+  backward dot's contraction axis); for fp8 with per-tensor operands, one
+  scale for dY too, a power of two where the activations' is."""
+  fmt = "fp8_e5m2" if spec.mode == "fp8" else "int"
+  tensor = spec.mode == "fp8" and spec.act.granularity == spec.weight.granularity == "tensor"
+  return QuantSpec(bits=8, format=fmt, granularity="tensor" if tensor else "token",
+                   calibration="absmax", stochastic_rounding=stochastic,
+                   scale_pow2=tensor and spec.act.scale_pow2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,7 +319,7 @@ def _lowp(spec: DotSpec, lhs, rhs, lhs_axis, rhs_axis, preferred_element_type, r
   out_shape = x.shape[:-1] + w.shape[1:]
   sr = spec.grad_stochastic_rounding and spec.int8_backward
   cfg = _Lowp(act=spec.act, weight=spec.weight,
-              grad=_grad_spec(spec.mode, sr) if spec.int8_backward else None,
+              grad=_grad_spec(spec, sr) if spec.int8_backward else None,
               acc_dtype=jnp.int32 if spec.mode == "int8" else jnp.float32,
               x_dtype=lhs.dtype, w_dtype=rhs.dtype,
               out_dtype=preferred_element_type or lhs.dtype, kernels=spec.kernels)

@@ -10,6 +10,8 @@ Grids (codes q, scale s, integer zero point z):
                    x^ = (q - z) * s.  [lo, hi] contains 0 (calibration).
 * fp8 e4m3 / e5m2: q = cast_fp8(clip(x / s, -M, M)), s = hi / M with M the
                    format's largest finite value (448 / 57344); x^ = q * s.
+                   The rounding is written out (``round_fp8``), not left to
+                   the cast: see there.
 * ternary (TWN, Li et al. 2016): threshold D = 0.7 * mean|x|,
                    q = sign(x) * [|x| > D],  s = mean(|x| over |x| > D);
                    x^ = q * s.  Both statistics are per scale block.
@@ -23,6 +25,11 @@ keep ``x.ndim`` with each dim 1, equal to x's, or x's / group_size.
 
 Rounding is round-half-to-even (``jnp.round``), or stochastic floor(v + u),
 u ~ U[0, 1), which is unbiased: E[q] = v inside the grid.
+
+``spec.scale_pow2`` rounds each symmetric scale up to a power of two (the
+MX formats' shared exponents do the same): x / s and q * s are then exact in
+any float dtype, so a dot that folds s into its epilogue (cuBLASLt's fp8
+GEMM, ``qtrain.quant.dot_general``) rounds exactly as the unfused product.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ from qtrain.quant.spec import QuantSpec
 
 FP8_DTYPES = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
 _TINY = float(np.sqrt(np.finfo(np.float32).tiny))  # An all-zero block gets scale 1.
+# (smallest normal exponent, mantissa bits) of each float8 format.
+_FP8_GRID = {"fp8_e4m3": (-6, 3), "fp8_e5m2": (-14, 2)}
 
 
 class QTensor(NamedTuple):
@@ -97,18 +106,43 @@ def scale_zero_point(lo, hi, spec: QuantSpec):
   qn, qp = grid(spec)
   if spec.symmetric:
     s = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) / qp
-    return jnp.where(s > _TINY, s, 1.0), None
+    s = jnp.where(s > _TINY, s, 1.0)
+    return (pow2_ceil(s) if spec.scale_pow2 else s), None
   s = (hi - lo) / (qp - qn)
   s = jnp.where(s > _TINY, s, 1.0)
   return s, jnp.clip(jnp.round(qn - lo / s), qn, qp)
+
+
+def pow2_ceil(s):
+  """The smallest power of two >= s (s > 0, float32): exact, by the exponent."""
+  m, e = jnp.frexp(s)  # s = m 2^e, m in [0.5, 1).
+  return jnp.where(m == 0.5, s, jnp.ldexp(jnp.ones_like(s), e))
+
+
+def round_fp8(v, fmt: str):
+  """float32 v, inside the format's range, rounded to the nearest float8
+  value (ties to even), still float32.
+
+  Written with ``lax.reduce_precision`` and the subnormal step instead of a
+  cast to float8 and back: XLA's GPU compiler, which allows excess precision
+  by default, folds a chain of float conversions (f32 -> f8 -> f32) into
+  none, so a cast round trip would silently skip the rounding of fake-quant
+  fp8 on a GPU (measured on an H100: benchmarks/KERNEL_NOTES.md, "fp8").
+  Normals: 3 (e4m3) or 2 (e5m2) mantissa bits under a wider exponent, the
+  same rounding; below the smallest normal, multiples of the subnormal step.
+  """
+  emin, mbits = _FP8_GRID[fmt]
+  normal = jax.lax.reduce_precision(v, exponent_bits=6, mantissa_bits=mbits)
+  step = 2.0 ** (emin - mbits)
+  return jnp.where(jnp.abs(v) < 2.0 ** emin, jnp.round(v / step) * step, normal)
 
 
 def codes(x, scale, zero_point, spec: QuantSpec, rng=None):
   """Codes of float32 x on the grid given scale (and zero point), as floats."""
   qn, qp = grid(spec)
   v = x / scale
-  if spec.format in FP8_DTYPES:
-    return jnp.clip(v, qn, qp).astype(FP8_DTYPES[spec.format])
+  if spec.format in FP8_DTYPES:  # On the grid already: the cast is exact.
+    return round_fp8(jnp.clip(v, qn, qp), spec.format).astype(FP8_DTYPES[spec.format])
   v = _round(v, rng)
   if zero_point is not None:
     v = v + zero_point

@@ -55,6 +55,9 @@ class QuantSpec:
   estimator: str = "ste"
   # Round v to floor(v + u), u ~ U[0, 1): unbiased, E[q] = v (int format only).
   stochastic_rounding: bool = False
+  # Round each scale up to a power of two (symmetric, calibrated scales): exact
+  # in any dtype, so fp8 dots fold it into cuBLASLt's GEMM bit-for-bit.
+  scale_pow2: bool = False
 
   @property
   def learned(self) -> bool:
@@ -116,6 +119,9 @@ def _calibration_problems(s: QuantSpec):
     yield "granularity", "a learned step is per tensor or per channel"
   if s.calibration == "percentile" and not 0 < s.percentile <= 100:
     yield "percentile", "percentile must be in (0, 100]"
+  if s.scale_pow2 and (s.learned or not s.symmetric or s.format == "ternary"):
+    yield "scale_pow2", ("rounds a calibrated symmetric scale (format int or fp8); "
+                         "learned, asymmetric and ternary scales keep their own")
   if s.calibration == "mse" and (not s.mse_grid or not all(0 < r <= 1 for r in s.mse_grid)):
     yield "mse_grid", "give one or more clipping ratios in (0, 1]"
 
