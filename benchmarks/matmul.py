@@ -319,7 +319,16 @@ def bench_train(model, name, m, k, n, args, interpret):
     row["int8_pallas_s"] = timing.time_per_call(int8(pallas), sets, args.reps)
   else:
     row["int8_pallas"] = "differs from the XLA path: not timed"
-  for key_ in ("int8_xla", "int8_pallas"):
+  # fp8 through XLA (cuBLASLt): per token / channel with a float32 product
+  # and an epilogue (the `fp8` preset), and per tensor with power-of-two
+  # scales, one scaled GEMM per dot (`fp8+tensor`).
+  e4 = lambda g, **kw: QuantSpec(format="fp8_e4m3", granularity=g, **kw)
+  for key_, spec in (("fp8_token", DotSpec(weight=e4("channel"), act=e4("token"), mode="fp8")),
+                     ("fp8_tensor", DotSpec(weight=e4("tensor", scale_pow2=True),
+                                            act=e4("tensor", scale_pow2=True), mode="fp8"))):
+    f = fwd_bwd(functools.partial(quant_dot, spec, None, None, dimension_numbers=dims))
+    row[f"{key_}_s"] = timing.time_per_call(f, sets, args.reps)
+  for key_ in ("int8_xla", "int8_pallas", "fp8_token", "fp8_tensor"):
     if f"{key_}_s" in row:
       row[f"{key_}_speedup"] = row["bf16_s"] / row[f"{key_}_s"]
   return row
@@ -616,10 +625,12 @@ def main_train(args, interpret) -> None:
               for m in map(int, args.ms.split(","))]
   rows = run_shapes(shapes, bench_train, args, interpret)
   print("\ntraining matmul (y, dX, dW), speedup over the bf16 dot's forward + backward")
-  print(f"{'model':9s} {'layer':8s} {'M':>6s} {'bf16 us':>8s} {'int8 xla':>9s} {'int8 pallas':>12s}")
+  print(f"{'model':9s} {'layer':8s} {'M':>6s} {'bf16 us':>8s} {'int8 xla':>9s} {'int8 pallas':>12s}"
+        f" {'fp8 token':>10s} {'fp8 tensor':>11s}")
   for r in rows:
     print(f"{r['model']:9s} {r['layer']:8s} {r['M']:6d} {r['bf16_s'] * 1e6:8.1f} "
-          f"{_fmt(r, 'int8_xla'):>9s} {_fmt(r, 'int8_pallas'):>12s}")
+          f"{_fmt(r, 'int8_xla'):>9s} {_fmt(r, 'int8_pallas'):>12s} "
+          f"{_fmt(r, 'fp8_token'):>10s} {_fmt(r, 'fp8_tensor'):>11s}")
 
 
 if __name__ == "__main__":
