@@ -201,3 +201,51 @@ def test_generate_from_packed_export_gives_the_dequantized_tokens(smoke_run_dir,
   prompt = [1, 17, 42, 5]
   want = generate(m_float, p_float, prompt, 6)
   assert generate(m_packed, p_packed, prompt, 6) == want and len(want) == 6
+
+
+def test_decode_runs_kernels_inside_a_checkpointed_scan_body():
+  """Decoding with a Pallas kernel in every block (W8A8's int8 kernel in
+  interpret mode) inside the scanned stack: each block is a checkpoint
+  around the kernel calls (on jax 0.11.2 / flax 0.12.10 nn.scan rejects a
+  bare Pallas call in the body at decode: KERNEL_NOTES), and the greedy
+  tokens equal the XLA path's (the int8 kernel is bit-equal to it)."""
+  from qtrain.layers.kv_cache import init_cache  # pylint: disable=g-import-not-at-top
+  from qtrain.train.sample import decode  # pylint: disable=g-import-not-at-top
+  w8, a8 = QuantSpec(bits=8, granularity="channel"), QuantSpec(bits=8, granularity="token")
+  # A 16-token prefill: the kernel takes dots whose dims are all >= 16.
+  tokens = jax.random.randint(jax.random.key(2), (1, 16), 0, TINY.vocab_size)
+  pos = jnp.arange(16, dtype=jnp.int32)[None]
+  logits = {}
+  for kernels in ("xla", "interpret"):
+    prov = QuantProvider(rules=(QuantRule(pattern=r"decoder/.*", weight=w8, act=a8),),
+                         mode="int8", kernels=kernels)
+    model = Transformer(TINY, prov)
+    params = model.init(jax.random.key(0), tokens)["params"]
+    cache = init_cache(model, 1, 32)
+    step = lambda p, c, m=model: decode(m, p, c, tokens, pos)
+    if kernels == "interpret":  # scan -> checkpoint (remat2 / checkpoint) -> pallas_call.
+      outer = jax.make_jaxpr(step)(params, cache).jaxpr
+      body = _sub_jaxprs(next(e for e in _eqns(outer) if e.primitive.name == "scan"))[0]
+      ckpt = [e for e in body.eqns if e.primitive.name in ("remat2", "checkpoint", "remat")]
+      assert len(ckpt) == 1
+      assert sum(e.primitive.name == "pallas_call" for e in _eqns(_sub_jaxprs(ckpt[0])[0])) > 0
+    logits[kernels] = np.asarray(jax.jit(step)(params, cache)[0])
+  np.testing.assert_array_equal(logits["interpret"], logits["xla"])
+
+
+def _sub_jaxprs(eqn):
+  subs = []
+  for p in eqn.params.values():
+    for sub in p if isinstance(p, (tuple, list)) else (p,):
+      sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+      if hasattr(sub, "eqns"):
+        subs.append(sub)
+  return subs
+
+
+def _eqns(jaxpr):
+  """Every equation of a jaxpr and of its sub-jaxprs."""
+  for e in jaxpr.eqns:
+    yield e
+    for sub in _sub_jaxprs(e):
+      yield from _eqns(sub)

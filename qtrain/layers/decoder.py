@@ -86,7 +86,16 @@ class Decoder(nn.Module):
     if cfg.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={cfg.remat_policy!r}; use one of {sorted(REMAT_POLICIES)}")
     block = Block
-    if cfg.remat_policy != "none" and not self.decode:  # Remat serves a backward pass only.
+    if self.decode:
+      # A checkpoint that recomputes nothing (decoding has no backward). On
+      # jax 0.11.2 / flax 0.12.10, nn.scan's check that its broadcast values do
+      # not depend on the body fails for a block holding a Pallas call (the
+      # packed int4 decode kernel: "broadcasted variable has a data dependency
+      # on the scan body"), and passes when the block is a checkpoint (H100,
+      # 2026-11-24; benchmarks/KERNEL_NOTES.md). Same ops, same numbers.
+      block = nn.remat(Block, policy=jax.checkpoint_policies.everything_saveable,
+                       prevent_cse=False)
+    elif cfg.remat_policy != "none":  # Remat serves a backward pass only.
       policy = rotation.remat_policy(cfg.rotation, REMAT_POLICIES[cfg.remat_policy])
       block = nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
     if layers_K is not None and not cfg.scan_layers:
