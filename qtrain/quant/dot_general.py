@@ -131,10 +131,13 @@ def _scaled_int8(cfg: _Lowp, x, w, s_x, s_w, out_dtype, x_t=False, w_t=False):
                            kernels=cfg.kernels, x_transposed=x_t, w_transposed=w_t)
 
 
-def _tensorwise(cfg: _Lowp) -> bool:
+def _fp8_per_tensor(fp8: bool, act: QuantSpec, weight: QuantSpec) -> bool:
   """fp8 with one scale per operand: each dot is one scaled cuBLASLt GEMM."""
-  return (cfg.acc_dtype != jnp.int32 and cfg.act.granularity == "tensor"
-          and cfg.weight.granularity == "tensor")
+  return fp8 and act.granularity == "tensor" and weight.granularity == "tensor"
+
+
+def _tensorwise(cfg: _Lowp) -> bool:
+  return _fp8_per_tensor(cfg.acc_dtype != jnp.int32, cfg.act, cfg.weight)
 
 
 def _scaled_fp8(a, b, s_a, s_b, dims, out_dtype):
@@ -217,7 +220,7 @@ def _grad_spec(spec: "DotSpec", stochastic: bool) -> QuantSpec:
   backward dot's contraction axis); for fp8 with per-tensor operands, one
   scale for dY too, a power of two where the activations' is."""
   fmt = "fp8_e5m2" if spec.mode == "fp8" else "int"
-  tensor = spec.mode == "fp8" and spec.act.granularity == spec.weight.granularity == "tensor"
+  tensor = _fp8_per_tensor(spec.mode == "fp8", spec.act, spec.weight)
   return QuantSpec(bits=8, format=fmt, granularity="tensor" if tensor else "token",
                    calibration="absmax", stochastic_rounding=stochastic,
                    scale_pow2=tensor and spec.act.scale_pow2)
