@@ -4,9 +4,10 @@
 
 In one process, times qtrain's train step for ``llama_1b`` unquantized (bf16
 compute, the baseline) and under the presets ``w4a4`` (fake quant, QAT),
-``w8a8`` (real int8 dots; backward int8 too) and ``fp8`` (e4m3 forward, e5m2
-gradients), and prints each as a ratio to the baseline with the absolute
-figures.
+``w8a8`` (real int8 dots; backward int8 too), ``fp8+tensor`` (per-tensor
+scales, cuBLASLt's scaled fp8 GEMM) and ``fp8`` (per token / channel; e4m3
+forward, e5m2 gradients; last, since its GPU compile is the slowest), and
+prints each as a ratio to the baseline with the absolute figures.
 
 The model's remat policy keeps each quantized matmul's bf16 output
 (``qtrain.quant.dot_general.SAVED_OUT``, saved by qtrain's dot policies), so
@@ -35,7 +36,7 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, default=2048)
   p.add_argument("--steps", type=int, default=8)
-  p.add_argument("--variants", default="none,w4a4,w8a8,w8a8+hp_bwd,fp8")
+  p.add_argument("--variants", default="none,w4a4,w8a8,w8a8+hp_bwd,fp8+tensor,fp8")
   p.add_argument("--out", default=None)
   args = p.parse_args()
   rows = []
