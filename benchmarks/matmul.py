@@ -302,10 +302,10 @@ def bench_train(model, name, m, k, n, args, interpret):
     return f
 
   bf16 = fwd_bwd(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
-  int8 = lambda kernels: fwd_bwd(lambda x, w: quant_dot(
-      DotSpec(weight=QuantSpec(bits=8, granularity="channel"),
-              act=QuantSpec(bits=8, granularity="token"), mode="int8", kernels=kernels),
-      None, None, x, w, dims))
+  quantized = lambda spec: fwd_bwd(lambda x, w: quant_dot(spec, None, None, x, w, dims))
+  int8 = lambda kernels: quantized(DotSpec(weight=QuantSpec(bits=8, granularity="channel"),
+                                           act=QuantSpec(bits=8, granularity="token"),
+                                           mode="int8", kernels=kernels))
   pallas = "interpret" if interpret else "auto"
   outs = [jax.jit(int8(kk))(*sets[0]) for kk in ("xla", pallas)]
   row["kernel_vs_xla_max_abs"] = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
@@ -326,8 +326,7 @@ def bench_train(model, name, m, k, n, args, interpret):
   for key_, spec in (("fp8_token", DotSpec(weight=e4("channel"), act=e4("token"), mode="fp8")),
                      ("fp8_tensor", DotSpec(weight=e4("tensor", scale_pow2=True),
                                             act=e4("tensor", scale_pow2=True), mode="fp8"))):
-    f = fwd_bwd(functools.partial(quant_dot, spec, None, None, dimension_numbers=dims))
-    row[f"{key_}_s"] = timing.time_per_call(f, sets, args.reps)
+    row[f"{key_}_s"] = timing.time_per_call(quantized(spec), sets, args.reps)
   for key_ in ("int8_xla", "int8_pallas", "fp8_token", "fp8_tensor"):
     if f"{key_}_s" in row:
       row[f"{key_}_speedup"] = row["bf16_s"] / row[f"{key_}_s"]

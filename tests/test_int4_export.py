@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from qtrain.analysis import jaxprs
 from qtrain.kernels import packed
 from qtrain.layers import Linear, ModelConfig, Transformer, form_rules
 from qtrain.quant import QuantProvider, QuantRule, QuantSpec
@@ -224,28 +225,11 @@ def test_decode_runs_kernels_inside_a_checkpointed_scan_body():
     cache = init_cache(model, 1, 32)
     step = lambda p, c, m=model: decode(m, p, c, tokens, pos)
     if kernels == "interpret":  # scan -> checkpoint (remat2 / checkpoint) -> pallas_call.
-      outer = jax.make_jaxpr(step)(params, cache).jaxpr
-      body = _sub_jaxprs(next(e for e in _eqns(outer) if e.primitive.name == "scan"))[0]
-      ckpt = [e for e in body.eqns if e.primitive.name in ("remat2", "checkpoint", "remat")]
+      program = list(jaxprs.eqns(jax.make_jaxpr(step)(params, cache)))
+      ckpt = [e for e, outer in program if e.primitive.name in ("remat2", "checkpoint", "remat")
+              and outer and outer[-1].primitive.name == "scan"]
       assert len(ckpt) == 1
-      assert sum(e.primitive.name == "pallas_call" for e in _eqns(_sub_jaxprs(ckpt[0])[0])) > 0
+      assert sum(e.primitive.name == "pallas_call" and ckpt[0] in outer
+                 for e, outer in program) > 0
     logits[kernels] = np.asarray(jax.jit(step)(params, cache)[0])
   np.testing.assert_array_equal(logits["interpret"], logits["xla"])
-
-
-def _sub_jaxprs(eqn):
-  subs = []
-  for p in eqn.params.values():
-    for sub in p if isinstance(p, (tuple, list)) else (p,):
-      sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-      if hasattr(sub, "eqns"):
-        subs.append(sub)
-  return subs
-
-
-def _eqns(jaxpr):
-  """Every equation of a jaxpr and of its sub-jaxprs."""
-  for e in jaxpr.eqns:
-    yield e
-    for sub in _sub_jaxprs(e):
-      yield from _eqns(sub)

@@ -17,9 +17,7 @@ from configs.quant import base
 
 def get_quant(arg: str = ""):
   opts = base.parse(arg, "fp8", extra=("tensor",))
-  if opts["tensor"]:
-    fp8 = lambda g: dict(bits=8, format="fp8_e4m3", granularity="tensor",
-                         calibration="absmax", scale_pow2=True)
-  else:
-    fp8 = lambda g: dict(bits=8, format="fp8_e4m3", granularity=g, calibration="absmax")
+  per_tensor = dict(granularity="tensor", scale_pow2=True) if opts["tensor"] else {}
+  fp8 = lambda g: {**dict(bits=8, format="fp8_e4m3", granularity=g, calibration="absmax"),
+                   **per_tensor}
   return base.make("fp8", opts, weight=fp8("channel"), act=fp8("token"))

@@ -104,6 +104,7 @@ class _Lowp:
   w_dtype: Any
   out_dtype: Any  # preferred_element_type, else the activations' dtype.
   kernels: str = "xla"  # int8 dots: qtrain.kernels.dispatch's switch.
+  tensorwise: bool = False  # DotSpec.fp8_per_tensor: each dot one scaled fp8 GEMM.
 
 
 _NN = (((1,), (0,)), ((), ()))  # [M, K] x [K, N]
@@ -131,15 +132,6 @@ def _scaled_int8(cfg: _Lowp, x, w, s_x, s_w, out_dtype, x_t=False, w_t=False):
                            kernels=cfg.kernels, x_transposed=x_t, w_transposed=w_t)
 
 
-def _fp8_per_tensor(fp8: bool, act: QuantSpec, weight: QuantSpec) -> bool:
-  """fp8 with one scale per operand: each dot is one scaled cuBLASLt GEMM."""
-  return fp8 and act.granularity == "tensor" and weight.granularity == "tensor"
-
-
-def _tensorwise(cfg: _Lowp) -> bool:
-  return _fp8_per_tensor(cfg.acc_dtype != jnp.int32, cfg.act, cfg.weight)
-
-
 def _scaled_fp8(a, b, s_a, s_b, dims, out_dtype):
   """dot(a, b) * s_a * s_b for float8 codes and scalar scales, in the form
   XLA's GPU gemm rewriter fuses: the float8 dot straight to ``out_dtype``,
@@ -152,7 +144,7 @@ def _lowp_fwd(x_MK, w_KN, rng, cfg: _Lowp):
   qx = quantizer.quantize(x_MK, cfg.act, contract_axis=1)  # scale [M, 1] or [1, 1]
   qw = quantizer.quantize(w_KN, cfg.weight, contract_axis=0)  # scale [1, N] or [1, 1]
   masks = (_inside(x_MK, qx, cfg.act), _inside(w_KN, qw, cfg.weight))
-  if _tensorwise(cfg):
+  if cfg.tensorwise:
     return _scaled_fp8(qx.q, qw.q, qx.scale, qw.scale, _NN, cfg.out_dtype), (qx, qw, masks, rng)
   if cfg.acc_dtype == jnp.int32 and cfg.kernels != "xla":
     y_MN = _scaled_int8(cfg, qx.q, qw.q, qx.scale, qw.scale, cfg.out_dtype)
@@ -171,7 +163,7 @@ def _lowp_bwd(cfg: _Lowp, res, g_MN):
                              preferred_element_type=jnp.float32)
     dw = jax.lax.dot_general(quantizer.dequantize(qx, cfg.x_dtype), g_lo, _TN,
                              preferred_element_type=jnp.float32)
-  elif _tensorwise(cfg):  # One scale for dY: its codes serve both dots.
+  elif cfg.tensorwise:  # One scale for dY: its codes serve both dots.
     qg = quantizer.quantize(g_MN, cfg.grad, contract_axis=1)
     out_x = cfg.x_dtype if mask_x is None else jnp.float32
     out_w = cfg.w_dtype if mask_w is None else jnp.float32
@@ -220,7 +212,7 @@ def _grad_spec(spec: "DotSpec", stochastic: bool) -> QuantSpec:
   backward dot's contraction axis); for fp8 with per-tensor operands, one
   scale for dY too, a power of two where the activations' is."""
   fmt = "fp8_e5m2" if spec.mode == "fp8" else "int"
-  tensor = _fp8_per_tensor(spec.mode == "fp8", spec.act, spec.weight)
+  tensor = spec.fp8_per_tensor
   return QuantSpec(bits=8, format=fmt, granularity="tensor" if tensor else "token",
                    calibration="absmax", stochastic_rounding=stochastic,
                    scale_pow2=tensor and spec.act.scale_pow2)
@@ -239,6 +231,12 @@ class DotSpec:
   @property
   def quantizes(self) -> bool:
     return self.mode != "none" and (self.weight is not None or self.act is not None)
+
+  @property
+  def fp8_per_tensor(self) -> bool:
+    """fp8 with one scale per operand: each dot is one scaled cuBLASLt GEMM."""
+    return (self.mode == "fp8" and self.act.granularity == "tensor"
+            and self.weight.granularity == "tensor")
 
 
 def quant_dot(spec: DotSpec, inner, module, lhs, rhs, dimension_numbers, precision=None,
@@ -325,7 +323,8 @@ def _lowp(spec: DotSpec, lhs, rhs, lhs_axis, rhs_axis, preferred_element_type, r
               grad=_grad_spec(spec, sr) if spec.int8_backward else None,
               acc_dtype=jnp.int32 if spec.mode == "int8" else jnp.float32,
               x_dtype=lhs.dtype, w_dtype=rhs.dtype,
-              out_dtype=preferred_element_type or lhs.dtype, kernels=spec.kernels)
+              out_dtype=preferred_element_type or lhs.dtype, kernels=spec.kernels,
+              tensorwise=spec.fp8_per_tensor)
   y = lowp_matmul(x.reshape(-1, x.shape[-1]), w.reshape(w.shape[0], -1), rng, cfg)
   return checkpoint_name(y, SAVED_OUT).reshape(out_shape)
 
