@@ -36,14 +36,19 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, default=2048)
   p.add_argument("--steps", type=int, default=8)
-  p.add_argument("--variants", default="none,w4a4,w8a8,w8a8+hp_bwd,fp8+tensor,fp8")
+  p.add_argument("--variants", default="none,w4a4,w8a8,w8a8+hp_bwd,fp8+tensor,fp8",
+                 help="quant presets ('none': bf16), each optionally with config "
+                      "overrides after '@', ';'-separated")
   p.add_argument("--out", default=None)
   args = p.parse_args()
   rows = []
   for variant in args.variants.split(","):
-    cfg = load_config(args.model)
-    if variant != "none":
-      apply_variants(cfg, [variant], args.model)
+    # "preset@field=value;field=value": the preset with config overrides, e.g.
+    # fp8+tensor@model.save_quant_codes=False.
+    name, _, sets = variant.partition("@")
+    cfg = load_config(args.model, tuple(o for o in sets.split(";") if o))
+    if name != "none":
+      apply_variants(cfg, [name], args.model)
     try:
       r = bench_qtrain(cfg, args.batch, args.seq, 0, args.steps)
     except Exception as e:  # pylint: disable=broad-except
@@ -63,7 +68,8 @@ def main() -> None:
   for r in rows:
     if "step_s" in r:
       print(f"{r['variant']:>14s} ({r['mode']}): {r['step_s'] * 1e3:7.1f} ms/step, "
-            f"{r['tokens_per_s']:>9,.0f} tok/s, x{r.get('speedup_vs_bf16', 1.0):.3f} vs bf16")
+            f"{r['tokens_per_s']:>9,.0f} tok/s, x{r.get('speedup_vs_bf16', 1.0):.3f} vs bf16, "
+            f"temp {r.get('temp_gib', float('nan')):.2f} GiB")
     else:
       print(f"{r['variant']:>14s}: {r['error']}")
 

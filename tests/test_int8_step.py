@@ -11,6 +11,8 @@ custom call is opaque to XLA.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,7 +135,9 @@ def test_saved_output_name_keeps_remat_from_rerunning_forward_kernels():
   cp = jax.checkpoint_policies
   policy = decoder.REMAT_POLICIES["dots_no_batch"]
   saved = {"jax_dots_no_batch": cp.dots_with_no_batch_dims_saveable}
-  hlos = {name: quant_passes.step_hlo("auto", name, stub=True, extra_policies=saved)
+  # The codes recomputed, as before QUANT_CODES (the test below keeps them).
+  hlos = {name: quant_passes.step_hlo("auto", name, stub=True, extra_policies=saved,
+                                      save_codes=False)
           for name in ("jax_dots_no_batch", "dots_no_batch")}
   kernels = {name: len(quant_passes._KERNEL_CALL.findall(h)) for name, h in hlos.items()}  # pylint: disable=protected-access
   assert kernels == {"jax_dots_no_batch": 27, "dots_no_batch": 21}, kernels
@@ -153,5 +157,49 @@ def test_saved_output_name_keeps_remat_from_rerunning_forward_kernels():
   for p in (cp.dots_with_no_batch_dims_saveable, policy):
     f = lambda *a, p=p: jnp.sum(jax.checkpoint(block, policy=p)(*a).astype(jnp.float32) ** 2)
     out.append(jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(x, w1, w2))
+  assert float(out[0][0]) == float(out[1][0])
+  jax.tree.map(np.testing.assert_array_equal, out[0][1], out[1][1])
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_saved_codes_spare_the_backward_a_second_quantization(mode):
+  """``config.model.save_quant_codes`` (on by default) keeps each low-precision
+  matmul's operand codes and scales (``dg.QUANT_CODES``) under the dots
+  policies. Two checkpointed matmuls: the forward quantizes X1, W1, X2, W2
+  (4 absmax reductions) and the backward dY once per matmul (fp8 per tensor)
+  or twice (int8: per row for dX, per column for dW). Without the codes the
+  backward quantizes X and W again (4 more); with them it reads the saved
+  codes (int8 / uint8-viewed float8 residuals named QUANT_CODES), and loss and grads are
+  the same bit for bit. Counted in the lowered program (after JAX's dead-code
+  elimination, before XLA's CSE could merge the recomputation away on CPU)."""
+  from qtrain.layers import ModelConfig, decoder
+
+  if mode == "int8":
+    spec, code_dtype, dy_maxes = _spec("xla"), "int8", 4
+  else:
+    e4 = QuantSpec(format="fp8_e4m3", granularity="tensor", scale_pow2=True)
+    # Saved as uint8 bit patterns: JAX's reduce_precision on a kept float8_e4m3fn
+    # residual made codes above 240 inf (dg._residual); then the loss was NaN.
+    spec, code_dtype, dy_maxes = dg.DotSpec(weight=e4, act=e4, mode="fp8"), "uint8", 2
+  mm = lambda x, w: dg.quant_dot(spec, None, None, x, w, _DIMS)
+  block = lambda x, w1, w2: mm(jax.nn.silu(mm(x, w1)), w2)
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 16, 32)), jnp.bfloat16)
+  w1, w2 = (jnp.asarray(rng.normal(size=s) * 0.2, jnp.float32) for s in ((32, 48), (48, 32)))
+  out, maxes = [], []
+  for save in (False, True):
+    cfg = ModelConfig(vocab_size=8, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2,
+                      head_dim=16, d_ff=48, remat_policy="dots_no_batch", save_quant_codes=save)
+    policy = decoder.remat_policy(cfg)
+    f = lambda *a, p=policy: jnp.sum(jax.checkpoint(block, policy=p)(*a).astype(jnp.float32) ** 2)
+    g = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+    lowered = g.lower(x, w1, w2).as_text()
+    maxes.append(len(re.findall(r"stablehlo\.reduce\(.*applies stablehlo\.maximum", lowered)))
+    saved = jax._src.ad_checkpoint.saved_residuals(f, x, w1, w2)  # pylint: disable=protected-access
+    codes = sorted(str(aval.dtype) for aval, why in saved if dg.QUANT_CODES in why)
+    # Q and s of X1, W1, X2, W2 with the codes; nothing so named without.
+    assert codes == (sorted([code_dtype] * 4 + ["float32"] * 4) if save else []), saved
+    out.append(g(x, w1, w2))
+  assert maxes == [4 + 4 + dy_maxes, 4 + dy_maxes], maxes
   assert float(out[0][0]) == float(out[1][0])
   jax.tree.map(np.testing.assert_array_equal, out[0][1], out[1][1])

@@ -24,7 +24,7 @@ from qtrain.layers.hooks import Hooks
 from qtrain.layers.mlp import MLP
 from qtrain.layers.norms import norm_for
 from qtrain.layers.sharding import RESIDUAL
-from qtrain.quant.dot_general import SAVED_OUT
+from qtrain.quant.dot_general import QUANT_CODES, SAVED_OUT
 
 _cp = jax.checkpoint_policies
 # A quantized matmul is a matmul: the int8/fp8 dots (XLA's or a Pallas kernel,
@@ -52,6 +52,20 @@ REMAT_POLICIES = {
     # llama_1b at 8 x 2048 on an H100, +1.4 GiB (docs/benchmarks.md).
     "dots_no_batch_attn": _cp.save_from_both_policies(_dots_no_batch, save_attention_residuals),
 }
+# Policies that keep weight-matmul outputs; ``config.model.save_quant_codes``
+# adds the int8/fp8 matmuls' operand codes (QUANT_CODES) to them.
+_KEEP_DOTS = ("dots", "dots_no_batch", "dots_attn", "dots_no_batch_attn")
+_codes = _cp.save_only_these_names(QUANT_CODES)
+
+
+def remat_policy(cfg: ModelConfig):
+  """The block's remat policy: ``cfg.remat_policy``'s, plus the quantized
+  matmuls' codes where it keeps matmul outputs and ``cfg.save_quant_codes``,
+  plus the online rotations' outputs where ``cfg.rotation.save``."""
+  policy = REMAT_POLICIES[cfg.remat_policy]
+  if cfg.save_quant_codes and cfg.remat_policy in _KEEP_DOTS:
+    policy = _cp.save_from_both_policies(policy, _codes)
+  return rotation.remat_policy(cfg.rotation, policy)
 
 
 class Block(nn.Module):
@@ -96,8 +110,7 @@ class Decoder(nn.Module):
       block = nn.remat(Block, policy=jax.checkpoint_policies.everything_saveable,
                        prevent_cse=False)
     elif cfg.remat_policy != "none":  # Remat serves a backward pass only.
-      policy = rotation.remat_policy(cfg.rotation, REMAT_POLICIES[cfg.remat_policy])
-      block = nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
+      block = nn.remat(Block, policy=remat_policy(cfg), prevent_cse=not cfg.scan_layers)
     if layers_K is not None and not cfg.scan_layers:
       raise ValueError("a slice of the stack (layers_K) needs config.model.scan_layers=True")
     if cfg.scan_layers:

@@ -73,6 +73,13 @@ MODES = ("none", "fake", "int8", "fp8")
 # instead, for either path: no forward dot in the backward, half the bytes of
 # the int32 accumulator.
 SAVED_OUT = "quant_dot_out"
+# The checkpoint name of an int8/fp8 matmul's operand codes and scales (the
+# custom VJP's residuals Q_x, s_x, Q_w, s_w). A policy that keeps them
+# (``config.model.save_quant_codes``) spares the backward a second
+# quantization of X and W: the absmax reductions, the casts and whatever
+# produced X (a norm) run once per step, not twice, for 1 byte per element
+# of each matmul input kept until the backward.
+QUANT_CODES = "quant_codes"
 
 
 def mode_problem(spec: QuantSpec, mode: str) -> tuple[str, str] | None:
@@ -140,22 +147,46 @@ def _scaled_fp8(a, b, s_a, s_b, dims, out_dtype):
   return y * (s_a * s_b).reshape(()).astype(out_dtype)
 
 
+def _residual(qt: quantizer.QTensor) -> quantizer.QTensor:
+  """``qt`` as the custom VJP saves it: codes and scale named QUANT_CODES for
+  remat policies, float8 codes as their uint8 bit patterns. A residual that
+  remat keeps gets ``reduce_precision(x, finfo(x.dtype))`` from JAX
+  (jax._src.ad_checkpoint._insert_reduce_precision), which has IEEE
+  semantics: for float8_e4m3fn (no infinities, largest 448) it turns codes
+  above 240 into inf and flushes its subnormals, so saved e4m3 codes came back
+  wrong (measured: a NaN loss, jax 0.10.2 on CPU). An integer view gets no
+  such op and is a free bitcast."""
+  q = qt.q
+  if jnp.issubdtype(q.dtype, jnp.floating):
+    q = jax.lax.bitcast_convert_type(q, jnp.uint8)
+  return qt._replace(q=checkpoint_name(q, QUANT_CODES),
+                     scale=checkpoint_name(qt.scale, QUANT_CODES))
+
+
+def _codes(qt: quantizer.QTensor, spec: QuantSpec) -> quantizer.QTensor:
+  """A residual of ``_residual`` back as ``spec``'s codes."""
+  if qt.q.dtype == jnp.uint8 and spec.format in quantizer.FP8_DTYPES:
+    return qt._replace(q=jax.lax.bitcast_convert_type(qt.q, quantizer.FP8_DTYPES[spec.format]))
+  return qt
+
+
 def _lowp_fwd(x_MK, w_KN, rng, cfg: _Lowp):
   qx = quantizer.quantize(x_MK, cfg.act, contract_axis=1)  # scale [M, 1] or [1, 1]
   qw = quantizer.quantize(w_KN, cfg.weight, contract_axis=0)  # scale [1, N] or [1, 1]
   masks = (_inside(x_MK, qx, cfg.act), _inside(w_KN, qw, cfg.weight))
+  res = (_residual(qx), _residual(qw), masks, rng)
   if cfg.tensorwise:
-    return _scaled_fp8(qx.q, qw.q, qx.scale, qw.scale, _NN, cfg.out_dtype), (qx, qw, masks, rng)
+    return _scaled_fp8(qx.q, qw.q, qx.scale, qw.scale, _NN, cfg.out_dtype), res
   if cfg.acc_dtype == jnp.int32 and cfg.kernels != "xla":
-    y_MN = _scaled_int8(cfg, qx.q, qw.q, qx.scale, qw.scale, cfg.out_dtype)
-    return y_MN, (qx, qw, masks, rng)
+    return _scaled_int8(cfg, qx.q, qw.q, qx.scale, qw.scale, cfg.out_dtype), res
   acc_MN = jax.lax.dot_general(qx.q, qw.q, _NN, preferred_element_type=cfg.acc_dtype)
   y_MN = acc_MN.astype(jnp.float32) * qx.scale * qw.scale
-  return y_MN.astype(cfg.out_dtype), (qx, qw, masks, rng)
+  return y_MN.astype(cfg.out_dtype), res
 
 
 def _lowp_bwd(cfg: _Lowp, res, g_MN):
   qx, qw, (mask_x, mask_w), rng = res
+  qx, qw = _codes(qx, cfg.act), _codes(qw, cfg.weight)
   g_MN = g_MN.astype(jnp.float32)
   if cfg.grad is None:  # High-precision backward: the compute dtype, float32 accumulation.
     g_lo = g_MN.astype(cfg.x_dtype)
