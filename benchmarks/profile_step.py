@@ -77,6 +77,7 @@ def main() -> None:
   p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                  help="override a config field (as benchmarks/train_step.py)")
   p.add_argument("--out", default="/tmp/qtrain_profile")
+  p.add_argument("--top", type=int, default=25, help="kernels listed by total time")
   p.add_argument("--hlo", action="store_true",
                  help="also write the optimized HLO and the JAX op behind each top kernel")
   args = p.parse_args()
@@ -94,7 +95,7 @@ def main() -> None:
       for _ in range(args.steps):
         state, m = compiled(state, batch)
       jax.block_until_ready(m)
-  summary = summarize(args.out, args.steps)
+  summary = summarize(args.out, args.steps, args.top)
   os.makedirs(args.out, exist_ok=True)
   if args.hlo:
     text = compiled.as_text()

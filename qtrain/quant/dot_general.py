@@ -171,8 +171,13 @@ def _codes(qt: quantizer.QTensor, spec: QuantSpec) -> quantizer.QTensor:
 
 
 def _lowp_fwd(x_MK, w_KN, rng, cfg: _Lowp):
-  qx = quantizer.quantize(x_MK, cfg.act, contract_axis=1)  # scale [M, 1] or [1, 1]
-  qw = quantizer.quantize(w_KN, cfg.weight, contract_axis=0)  # scale [1, N] or [1, 1]
+  # The codes feed low-precision dots only, unless the backward dequantizes
+  # them (high-precision backward): then the cast may not be the rounding.
+  only_dots = cfg.grad is not None
+  qx = quantizer.quantize(x_MK, cfg.act, contract_axis=1,
+                          cast_rounds=only_dots)  # scale [M, 1] or [1, 1]
+  qw = quantizer.quantize(w_KN, cfg.weight, contract_axis=0,
+                          cast_rounds=only_dots)  # scale [1, N] or [1, 1]
   masks = (_inside(x_MK, qx, cfg.act), _inside(w_KN, qw, cfg.weight))
   res = (_residual(qx), _residual(qw), masks, rng)
   if cfg.tensorwise:
@@ -195,7 +200,7 @@ def _lowp_bwd(cfg: _Lowp, res, g_MN):
     dw = jax.lax.dot_general(quantizer.dequantize(qx, cfg.x_dtype), g_lo, _TN,
                              preferred_element_type=jnp.float32)
   elif cfg.tensorwise:  # One scale for dY: its codes serve both dots.
-    qg = quantizer.quantize(g_MN, cfg.grad, contract_axis=1)
+    qg = quantizer.quantize(g_MN, cfg.grad, contract_axis=1, cast_rounds=True)
     out_x = cfg.x_dtype if mask_x is None else jnp.float32
     out_w = cfg.w_dtype if mask_w is None else jnp.float32
     dx = _scaled_fp8(qg.q, qw.q, qg.scale, qw.scale, _NT, out_x)
@@ -203,12 +208,14 @@ def _lowp_bwd(cfg: _Lowp, res, g_MN):
   else:
     r_x, r_w = jax.random.split(rng) if rng is not None else (None, None)
     # Move s_w onto dY's columns, quantize per row: dX = s_gx * (Q_gx Q_w^T).
-    gx = quantizer.quantize(g_MN * qw.scale, cfg.grad, contract_axis=1, rng=r_x)
+    gx = quantizer.quantize(g_MN * qw.scale, cfg.grad, contract_axis=1, rng=r_x,
+                            cast_rounds=True)
     # Move s_x onto dY's rows, quantize per column: dW = (Q_x^T Q_gw) * s_gw.
     # The kernel reads Q_gw as [N, M] (s8 wgmma is contraction-major only);
     # XLA writes it so in the pass that quantizes (the transpose fuses into
     # the cast: benchmarks/quant_passes.py), so no [N, M] layout here.
-    gw = quantizer.quantize(g_MN * qx.scale, cfg.grad, contract_axis=0, rng=r_w)
+    gw = quantizer.quantize(g_MN * qx.scale, cfg.grad, contract_axis=0, rng=r_w,
+                            cast_rounds=True)
     if cfg.acc_dtype == jnp.int32 and cfg.kernels != "xla":
       # Without a clipped-STE mask the epilogue writes dX / dW in the
       # operand's dtype: its one rounding of the float32 product is the cast

@@ -137,12 +137,18 @@ def round_fp8(v, fmt: str):
   return jnp.where(jnp.abs(v) < 2.0 ** emin, jnp.round(v / step) * step, normal)
 
 
-def codes(x, scale, zero_point, spec: QuantSpec, rng=None):
-  """Codes of float32 x on the grid given scale (and zero point), as floats."""
+def codes(x, scale, zero_point, spec: QuantSpec, rng=None, cast_rounds: bool = False):
+  """Codes of float32 x on the grid given scale (and zero point), as floats
+  (float8 for fp8 formats); ``cast_rounds``: see ``quantize``."""
   qn, qp = grid(spec)
-  v = x / scale
-  if spec.format in FP8_DTYPES:  # On the grid already: the cast is exact.
-    return round_fp8(jnp.clip(v, qn, qp), spec.format).astype(FP8_DTYPES[spec.format])
+  # x * (1 / s) is x / s exactly when s is a power of two, and a product is
+  # cheaper than a division on every element.
+  v = x * (1.0 / scale) if spec.scale_pow2 else x / scale
+  if spec.format in FP8_DTYPES:
+    v = jnp.clip(v, qn, qp)
+    if not cast_rounds:  # On the grid already: the cast is exact.
+      v = round_fp8(v, spec.format)
+    return v.astype(FP8_DTYPES[spec.format])
   v = _round(v, rng)
   if zero_point is not None:
     v = v + zero_point
@@ -172,8 +178,18 @@ def _fake_quant_range(spec: QuantSpec):
   return fq
 
 
-def quantize(x, spec: QuantSpec, *, contract_axis: int = -1, rng=None) -> QTensor:
-  """Calibrates x per ``spec`` and returns its codes, scale and zero point."""
+def quantize(x, spec: QuantSpec, *, contract_axis: int = -1, rng=None,
+             cast_rounds: bool = False) -> QTensor:
+  """Calibrates x per ``spec`` and returns its codes, scale and zero point.
+
+  ``cast_rounds`` (fp8 formats): the caller only feeds the codes to float8
+  dots or bit views, never converts them back to a wider float in the same
+  program, so the float32 -> float8 cast's own rounding (to nearest, ties to
+  even: the same bits as ``round_fp8``, tests/test_quant_numerics.py) is
+  the rounding, and ``round_fp8``'s emulation, a dozen ALU ops per element
+  in every quantization pass of the fp8 training step, is skipped. A codes
+  -> float32 conversion in the same program could be folded away with the
+  cast (see ``round_fp8``), so the fake-quant path keeps the emulation."""
   if spec.stochastic_rounding and rng is None:
     raise ValueError("spec.stochastic_rounding=True needs an rng key")
   x32 = x.astype(jnp.float32)
@@ -184,7 +200,7 @@ def quantize(x, spec: QuantSpec, *, contract_axis: int = -1, rng=None) -> QTenso
   else:
     lo, hi = calibration.calibrate(xb, axes, spec, _fake_quant_range(spec))
     sb, zb = scale_zero_point(lo, hi, spec)
-    qb = codes(xb, sb, zb, spec, rng if spec.stochastic_rounding else None)
+    qb = codes(xb, sb, zb, spec, rng if spec.stochastic_rounding else None, cast_rounds)
   q = _storage(qb.reshape(x.shape), spec)
   scale = _unblock_scale(sb, x.shape, spec, contract_axis)
   zero_point = None if zb is None else _unblock_scale(zb, x.shape, spec, contract_axis)
