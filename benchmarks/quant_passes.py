@@ -166,7 +166,7 @@ STEP_TOKENS = (2, 320)
 
 
 def step_hlo(kernels: str, policy: str, stub: bool, extra_policies: dict | None = None,
-             dtype: str = "float32", save_codes: bool = True) -> str:
+             dtype: str = "float32", save_codes: bool = False) -> str:
   """The compiled gradient (HLO text) of a one-block w8a8 smoke model under
   remat ``policy``; ``extra_policies`` are registered into
   ``decoder.REMAT_POLICIES`` for the call; ``save_codes``:

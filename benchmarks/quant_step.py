@@ -44,7 +44,7 @@ def main() -> None:
   rows = []
   for variant in args.variants.split(","):
     # "preset@field=value;field=value": the preset with config overrides, e.g.
-    # fp8+tensor@model.save_quant_codes=False.
+    # fp8+tensor@model.save_quant_codes=True.
     name, _, sets = variant.partition("@")
     cfg = load_config(args.model, tuple(o for o in sets.split(";") if o))
     if name != "none":

@@ -135,9 +135,8 @@ def test_saved_output_name_keeps_remat_from_rerunning_forward_kernels():
   cp = jax.checkpoint_policies
   policy = decoder.REMAT_POLICIES["dots_no_batch"]
   saved = {"jax_dots_no_batch": cp.dots_with_no_batch_dims_saveable}
-  # The codes recomputed, as before QUANT_CODES (the test below keeps them).
-  hlos = {name: quant_passes.step_hlo("auto", name, stub=True, extra_policies=saved,
-                                      save_codes=False)
+  # The codes recomputed (the default; the test below keeps them).
+  hlos = {name: quant_passes.step_hlo("auto", name, stub=True, extra_policies=saved)
           for name in ("jax_dots_no_batch", "dots_no_batch")}
   kernels = {name: len(quant_passes._KERNEL_CALL.findall(h)) for name, h in hlos.items()}  # pylint: disable=protected-access
   assert kernels == {"jax_dots_no_batch": 27, "dots_no_batch": 21}, kernels
@@ -163,7 +162,7 @@ def test_saved_output_name_keeps_remat_from_rerunning_forward_kernels():
 
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 def test_saved_codes_spare_the_backward_a_second_quantization(mode):
-  """``config.model.save_quant_codes`` (on by default) keeps each low-precision
+  """``config.model.save_quant_codes`` (off by default) keeps each low-precision
   matmul's operand codes and scales (``dg.QUANT_CODES``) under the dots
   policies. Two checkpointed matmuls: the forward quantizes X1, W1, X2, W2
   (4 absmax reductions) and the backward dY once per matmul (fp8 per tensor)

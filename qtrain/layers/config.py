@@ -126,7 +126,7 @@ class ModelConfig:
   # The dots policies also keep the int8/fp8 matmuls' operand codes and
   # scales (qtrain.quant.dot_general.QUANT_CODES): no second quantization of
   # X and W in the backward, for 1 byte per element of each matmul input.
-  save_quant_codes: bool = True
+  save_quant_codes: bool = False
   # q/k/v (fused_qkv) and gate/up (fused_mlp) each as one matmul where every
   # matmul is a plain dot (no quantizer, telemetry, rotation or non-dense form;
   # else the separate ones, the same function): same params, one wider GEMM

@@ -78,7 +78,8 @@ SAVED_OUT = "quant_dot_out"
 # (``config.model.save_quant_codes``) spares the backward a second
 # quantization of X and W: the absmax reductions, the casts and whatever
 # produced X (a norm) run once per step, not twice, for 1 byte per element
-# of each matmul input kept until the backward.
+# of each matmul input kept until the backward. Off by default: on an H100
+# the llama_1b fp8 step was no faster with it (docs/benchmarks.md).
 QUANT_CODES = "quant_codes"
 
 
