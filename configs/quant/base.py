@@ -14,10 +14,12 @@ A preset is ``get_quant(arg="") -> ConfigDict`` for ``config.quant``:
             presets only; N must divide every matched contraction dim).
   sr        stochastic rounding of dY in the int8 backward.
   hp_bwd    int8/fp8 modes: float32 backward dots instead of int8/fp8 ones.
-  pallas    int8 mode: the int8 dots through qtrain/kernels' Pallas kernel
-            where the device has one (``config.quant.kernels='auto'``; one
-            device only), so benchmarks/quant_step.py times it as
-            ``w8a8+pallas`` beside ``w8a8``.
+  pallas    ``config.quant.kernels='auto'`` (one device only): int8 mode's
+            dots through qtrain/kernels' Pallas kernel where the device has
+            one; per-tensor fp8's codes cast in both layouts by the
+            cast+transpose kernel on a GPU. benchmarks/quant_step.py times
+            ``w8a8+pallas`` beside ``w8a8``, ``fp8+tensor+pallas`` beside
+            ``fp8+tensor``.
   tensor    fp8 preset: one power-of-two scale per tensor for activations,
             weights and gradients instead of per token / channel, so each
             dot is one cuBLASLt fp8 GEMM with the scale fused (torchtitan's

@@ -22,7 +22,10 @@ M = 16). Hadamard: n <= 128
 (``hadamard_dense``): on an H100 it ran at 92% of the copy bandwidth
 against the kernel's 47% at n = 128 over 524,288 rows (KERNEL_NOTES.md), so
 the kernel takes power-of-two n in (128, 65536] and falls back by itself
-elsewhere.
+elsewhere. fp8 codes in both layouts (``cast_transpose``, the per-tensor
+fp8 matmul): the Triton kernel where both dims are multiples of its 64-wide
+tile and the scale is a power of two (the kernel multiplies by 1 / s, which
+equals x / s only then), else XLA; no TPU flavour (XLA there).
 
 The kernels see whole, unsharded operands: under a sharded jit, XLA cannot
 partition a Pallas call and gathers its operands. Use ``"auto"`` on one
@@ -34,10 +37,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qtrain.kernels import fwht, int4, int8
+from qtrain.kernels import cast_transpose, fwht, int4, int8
 
 KERNELS = ("xla", "auto", "interpret")
-_BUILT = {"int8": ("gpu", "tpu"), "int4": ("gpu", "tpu"), "hadamard": ("gpu", "tpu")}
+_BUILT = {"int8": ("gpu", "tpu"), "int4": ("gpu", "tpu"), "hadamard": ("gpu", "tpu"),
+          "cast_transpose": ("gpu",)}
 
 
 def flavour(kernels: str, op: str) -> tuple[str, bool] | None:
@@ -109,3 +113,16 @@ def hadamard(x, signs=None, *, kernels: str = "xla"):
   if x.shape[-1] <= fwht.DENSE_MAX_N and not pick[1]:  # Interpret mode: tests of the kernel.
     return fwht.hadamard_dense(x, signs)
   return fwht.hadamard(x, signs, backend=pick[0], interpret=pick[1])
+
+
+def fp8_both_layouts(x, scale, dtype, *, pow2: bool, kernels: str = "xla"):
+  """(q [M, N], q^T [N, M]): the float8 codes of x / scale (clipped to the
+  format's range, rounded by the cast) in both layouts: the kernel
+  (``cast_transpose.cast_transpose``, one pass) where it applies, else
+  ``cast_transpose.cast_transpose_xla``; the same bits either way.
+  ``pow2``: scale is a power of two (the kernel multiplies by 1 / scale)."""
+  pick = flavour(kernels, "cast_transpose")
+  if pick is None or not pow2 or not cast_transpose.supports(*x.shape):
+    return cast_transpose.cast_transpose_xla(x, scale, dtype, pow2=pow2)
+  inv = 1.0 / jnp.asarray(scale, jnp.float32).reshape(())
+  return cast_transpose.cast_transpose(x, inv, dtype=dtype, interpret=pick[1])

@@ -64,7 +64,8 @@ def quant_config_defaults() -> ml_collections.ConfigDict:
   c.order = ()  # Rule names, first tried first; with named rules, every name exactly once.
   c.int8_backward = True  # int8/fp8 modes: dX and dW as low-precision dots too.
   c.grad_stochastic_rounding = False  # int8 backward: stochastic rounding of dY.
-  # int8 mode's dots: xla (lax.dot_general) | auto (the Pallas kernel of
+  # int8 mode's dots and per-tensor fp8's codes (cast in both layouts):
+  # xla (lax.dot_general, XLA's cast) | auto (the Pallas kernels of
   # qtrain/kernels on GPU/TPU, XLA elsewhere) | interpret (the kernel in Pallas
   # interpret mode: tests). Same numbers; one device only for now.
   c.kernels = "xla"
@@ -301,9 +302,10 @@ def validate_quant(quant_cfg, model_cfg=None) -> tuple[QuantRule, ...]:
   from qtrain.kernels.dispatch import KERNELS  # pylint: disable=g-import-not-at-top
   if quant_cfg.get("kernels", "xla") not in KERNELS:
     raise ValueError(f"config.quant.kernels={quant_cfg.kernels!r}: use one of {KERNELS}")
-  if quant_cfg.get("kernels", "xla") != "xla" and quant_cfg.mode != "int8":
-    raise ValueError(f"config.quant.kernels={quant_cfg.kernels!r} runs int8 dots: it needs "
-                     f"config.quant.mode='int8' (got {quant_cfg.mode!r}); or set kernels='xla'")
+  if quant_cfg.get("kernels", "xla") != "xla" and quant_cfg.mode not in ("int8", "fp8"):
+    raise ValueError(f"config.quant.kernels={quant_cfg.kernels!r} runs the int8 dots and the "
+                     f"fp8 codes' cast: it needs config.quant.mode='int8' or 'fp8' (got "
+                     f"{quant_cfg.mode!r}); or set kernels='xla'")
   if quant_cfg.get("stage", "qat") not in STAGES:
     raise ValueError(f"config.quant.stage={quant_cfg.stage!r}: use one of {STAGES}")
   _check_rotation(quant_cfg, model_cfg)

@@ -171,10 +171,29 @@ def _codes(qt: quantizer.QTensor, spec: QuantSpec) -> quantizer.QTensor:
   return qt
 
 
+def _both_layouts(x_MN, spec: QuantSpec, kernels: str):
+  """(codes [M, N], codes [N, M]) of x under a per-tensor fp8 ``spec``, cast
+  once (``qtrain.kernels.dispatch.fp8_both_layouts``: the cast+transpose
+  kernel under ``kernels='auto'`` on a GPU), both QTensors with the one scale.
+  cuBLASLt's fp8 GEMM reads both operands contraction-major, so dW = X^T dY
+  reads X's and dY's codes [K, M] and [N, M]: through XLA a cast, then a
+  transpose of the 1-byte codes as a pass of its own."""
+  scale = quantizer.scale_of(x_MN, spec)
+  q, q_t = dispatch.fp8_both_layouts(x_MN, scale, quantizer.FP8_DTYPES[spec.format],
+                                     pow2=spec.scale_pow2, kernels=kernels)
+  return quantizer.QTensor(q, scale, None), quantizer.QTensor(q_t, scale, None)
+
+
 def _lowp_fwd(x_MK, w_KN, rng, cfg: _Lowp):
   # The codes feed low-precision dots only, unless the backward dequantizes
   # them (high-precision backward): then the cast may not be the rounding.
   only_dots = cfg.grad is not None
+  if cfg.tensorwise and only_dots:  # The backward reads X's codes as [K, M] only.
+    qx, qx_KM = _both_layouts(x_MK, cfg.act, cfg.kernels)
+    qw = quantizer.quantize(w_KN, cfg.weight, contract_axis=0, cast_rounds=True)
+    masks = (_inside(x_MK, qx, cfg.act), _inside(w_KN, qw, cfg.weight))
+    y_MN = _scaled_fp8(qx.q, qw.q, qx.scale, qw.scale, _NN, cfg.out_dtype)
+    return y_MN, (_residual(qx_KM), _residual(qw), masks, rng)
   qx = quantizer.quantize(x_MK, cfg.act, contract_axis=1,
                           cast_rounds=only_dots)  # scale [M, 1] or [1, 1]
   qw = quantizer.quantize(w_KN, cfg.weight, contract_axis=0,
@@ -193,7 +212,7 @@ def _lowp_fwd(x_MK, w_KN, rng, cfg: _Lowp):
 def _lowp_bwd(cfg: _Lowp, res, g_MN):
   qx, qw, (mask_x, mask_w), rng = res
   qx, qw = _codes(qx, cfg.act), _codes(qw, cfg.weight)
-  g_MN = g_MN.astype(jnp.float32)
+  g_in, g_MN = g_MN, g_MN.astype(jnp.float32)  # g_in: what a kernel reads (bf16).
   if cfg.grad is None:  # High-precision backward: the compute dtype, float32 accumulation.
     g_lo = g_MN.astype(cfg.x_dtype)
     dx = jax.lax.dot_general(g_lo, quantizer.dequantize(qw, cfg.x_dtype), _NT,
@@ -201,11 +220,12 @@ def _lowp_bwd(cfg: _Lowp, res, g_MN):
     dw = jax.lax.dot_general(quantizer.dequantize(qx, cfg.x_dtype), g_lo, _TN,
                              preferred_element_type=jnp.float32)
   elif cfg.tensorwise:  # One scale for dY: its codes serve both dots.
-    qg = quantizer.quantize(g_MN, cfg.grad, contract_axis=1, cast_rounds=True)
+    qg, qg_NM = _both_layouts(g_in, cfg.grad, cfg.kernels)
     out_x = cfg.x_dtype if mask_x is None else jnp.float32
     out_w = cfg.w_dtype if mask_w is None else jnp.float32
     dx = _scaled_fp8(qg.q, qw.q, qg.scale, qw.scale, _NT, out_x)
-    dw = _scaled_fp8(qx.q, qg.q, qx.scale, qg.scale, _TN, out_w)
+    # qx is X's codes as [K, M] (_lowp_fwd): dW = (Q_x^T)(Q_g^T)^T, both contraction-major.
+    dw = _scaled_fp8(qx.q, qg_NM.q, qx.scale, qg.scale, _NT, out_w)
   else:
     r_x, r_w = jax.random.split(rng) if rng is not None else (None, None)
     # Move s_w onto dY's columns, quantize per row: dX = s_gx * (Q_gx Q_w^T).

@@ -178,6 +178,19 @@ def _fake_quant_range(spec: QuantSpec):
   return fq
 
 
+def _calibrated(xb, axes, spec: QuantSpec):
+  """(scale, zero point) of blocked x: the spec's calibration, then its grid."""
+  lo, hi = calibration.calibrate(xb, axes, spec, _fake_quant_range(spec))
+  return scale_zero_point(lo, hi, spec)
+
+
+def scale_of(x, spec: QuantSpec, *, contract_axis: int = -1):
+  """``quantize(x, spec).scale`` without the codes (a caller that casts x
+  itself: ``qtrain.kernels.cast_transpose``); symmetric, non-ternary specs."""
+  xb, axes = blocked(x.astype(jnp.float32), spec, contract_axis)
+  return _unblock_scale(_calibrated(xb, axes, spec)[0], x.shape, spec, contract_axis)
+
+
 def quantize(x, spec: QuantSpec, *, contract_axis: int = -1, rng=None,
              cast_rounds: bool = False) -> QTensor:
   """Calibrates x per ``spec`` and returns its codes, scale and zero point.
@@ -198,8 +211,7 @@ def quantize(x, spec: QuantSpec, *, contract_axis: int = -1, rng=None,
     qb, sb = _ternary(xb, axes)
     zb = None
   else:
-    lo, hi = calibration.calibrate(xb, axes, spec, _fake_quant_range(spec))
-    sb, zb = scale_zero_point(lo, hi, spec)
+    sb, zb = _calibrated(xb, axes, spec)
     qb = codes(xb, sb, zb, spec, rng if spec.stochastic_rounding else None, cast_rounds)
   q = _storage(qb.reshape(x.shape), spec)
   scale = _unblock_scale(sb, x.shape, spec, contract_axis)
