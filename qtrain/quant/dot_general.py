@@ -188,11 +188,13 @@ def _lowp_fwd(x_MK, w_KN, rng, cfg: _Lowp):
   # The codes feed low-precision dots only, unless the backward dequantizes
   # them (high-precision backward): then the cast may not be the rounding.
   only_dots = cfg.grad is not None
-  if cfg.tensorwise and only_dots:  # The backward reads X's codes as [K, M] only.
+  if cfg.tensorwise and only_dots:
+    # The forward reads W's codes as [N, K], the backward X's as [K, M] and
+    # W's as [K, N]: each of X and W cast once, in both layouts.
     qx, qx_KM = _both_layouts(x_MK, cfg.act, cfg.kernels)
-    qw = quantizer.quantize(w_KN, cfg.weight, contract_axis=0, cast_rounds=True)
+    qw, qw_NK = _both_layouts(w_KN, cfg.weight, cfg.kernels)
     masks = (_inside(x_MK, qx, cfg.act), _inside(w_KN, qw, cfg.weight))
-    y_MN = _scaled_fp8(qx.q, qw.q, qx.scale, qw.scale, _NN, cfg.out_dtype)
+    y_MN = _scaled_fp8(qx.q, qw_NK.q, qx.scale, qw.scale, _NT, cfg.out_dtype)
     return y_MN, (_residual(qx_KM), _residual(qw), masks, rng)
   qx = quantizer.quantize(x_MK, cfg.act, contract_axis=1,
                           cast_rounds=only_dots)  # scale [M, 1] or [1, 1]
