@@ -136,7 +136,7 @@ line = distributed.initialize()
 ids = multihost_utils.process_allgather(jnp.array(jax.process_index()))  # Through gloo.
 print(json.dumps(dict(line=line, index=jax.process_index(), count=jax.process_count(),
                       devices=jax.device_count(), ids=ids.tolist(),
-                      visible=jax.config.read("jax_cuda_visible_devices"))))
+                      visible=jax.config.read("jax_cuda_visible_devices"))), flush=True)
 """
 
 
@@ -154,7 +154,10 @@ def test_a_slurm_step_starts_a_cluster_from_its_variables_alone():
   got = []
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
-    got.append(json.loads([l for l in out.splitlines() if l.startswith("{")][-1]))
+    # Gloo's C++ logging shares stdout and once landed on the same line right
+    # after the object: read the object and ignore what follows it.
+    line = [l for l in out.splitlines() if l.startswith("{")][-1]
+    got.append(json.JSONDecoder().raw_decode(line)[0])
   assert [(g["index"], g["count"], g["devices"], g["ids"]) for g in got] == \
       [(0, 2, 8, [0, 1]), (1, 2, 8, [0, 1])]
   assert got[1]["line"] == f"process 1 of 2 from the SLURM job step, coordinator localhost:{port}"
