@@ -166,11 +166,10 @@ STEP_TOKENS = (2, 320)
 
 
 def step_hlo(kernels: str, policy: str, stub: bool, extra_policies: dict | None = None,
-             dtype: str = "float32", save_codes: bool = False) -> str:
+             dtype: str = "float32") -> str:
   """The compiled gradient (HLO text) of a one-block w8a8 smoke model under
   remat ``policy``; ``extra_policies`` are registered into
-  ``decoder.REMAT_POLICIES`` for the call; ``save_codes``:
-  ``config.model.save_quant_codes``."""
+  ``decoder.REMAT_POLICIES`` for the call."""
   from configs import default  # pylint: disable=g-import-not-at-top
   from qtrain.layers import decoder  # pylint: disable=g-import-not-at-top
   from qtrain.train.build import build_model  # pylint: disable=g-import-not-at-top
@@ -181,7 +180,7 @@ def step_hlo(kernels: str, policy: str, stub: bool, extra_policies: dict | None 
     _stub_kernel(restore)
   try:
     c = default.get_config("smoke,w8a8")
-    c.model.update(remat_policy=policy, dtype=dtype, save_quant_codes=save_codes, **STEP_MODEL)
+    c.model.update(remat_policy=policy, dtype=dtype, **STEP_MODEL)
     c.quant.kernels = kernels
     model = build_model(c)
     tokens = jax.ShapeDtypeStruct(STEP_TOKENS, jnp.int32)

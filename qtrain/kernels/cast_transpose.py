@@ -34,6 +34,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from qtrain.quant import quantizer
+from qtrain.quant.spec import QuantSpec
+
 BLOCK = 64  # Tile side: 64 x 64 of float32 in registers, 4 warps.
 
 
@@ -43,15 +46,15 @@ def supports(m: int, n: int) -> bool:
 
 
 def cast_transpose_xla(x, scale, dtype, *, pow2: bool = True):
-  """(q [M, N], q^T [N, M]): x / scale in float32, clipped to the range of
-  ``dtype`` (float8) and cast: ``quantizer.codes(..., cast_rounds=True)``'s
-  numbers, and the reference the kernel (given 1 / scale) must equal bit for
-  bit. ``pow2``: scale is a power of two, so x * (1 / scale) is x / scale."""
-  top = float(jnp.finfo(dtype).max)
-  s = jnp.asarray(scale, jnp.float32).reshape(())
-  v = x.astype(jnp.float32)
-  v = v * (1.0 / s) if pow2 else v / s
-  q = jnp.clip(v, -top, top).astype(dtype)
+  """(q [M, N], q^T [N, M]): the quantizer's per-tensor codes of x
+  (``quantizer.codes(..., cast_rounds=True)``: x / scale in float32, clipped
+  to the range of ``dtype`` and cast) and their transpose; the reference the
+  kernel (given 1 / scale) must equal bit for bit. ``pow2``: scale is a power
+  of two, so x * (1 / scale) is x / scale."""
+  fmt = {jnp.dtype(d): f for f, d in quantizer.FP8_DTYPES.items()}[jnp.dtype(dtype)]
+  spec = QuantSpec(format=fmt, granularity="tensor", scale_pow2=pow2)
+  q = quantizer.codes(x.astype(jnp.float32), jnp.asarray(scale, jnp.float32).reshape(()),
+                      None, spec, cast_rounds=True)
   return q, q.T
 
 

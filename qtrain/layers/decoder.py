@@ -52,9 +52,8 @@ REMAT_POLICIES = {
     # llama_1b at 8 x 2048 on an H100, +1.4 GiB (docs/benchmarks.md).
     "dots_no_batch_attn": _cp.save_from_both_policies(_dots_no_batch, save_attention_residuals),
 }
-# Policies that keep weight-matmul outputs; ``config.model.save_quant_codes``
-# adds the int8/fp8 matmuls' operand codes (QUANT_CODES) to them.
-_KEEP_DOTS = ("dots", "dots_no_batch", "dots_attn", "dots_no_batch_attn")
+# ``config.model.save_quant_codes`` adds the int8/fp8 matmuls' operand codes
+# (QUANT_CODES) to the policies that keep weight-matmul outputs: dots*.
 _codes = _cp.save_only_these_names(QUANT_CODES)
 
 
@@ -63,7 +62,7 @@ def remat_policy(cfg: ModelConfig):
   matmuls' codes where it keeps matmul outputs and ``cfg.save_quant_codes``,
   plus the online rotations' outputs where ``cfg.rotation.save``."""
   policy = REMAT_POLICIES[cfg.remat_policy]
-  if cfg.save_quant_codes and cfg.remat_policy in _KEEP_DOTS:
+  if cfg.save_quant_codes and cfg.remat_policy.startswith("dots"):
     policy = _cp.save_from_both_policies(policy, _codes)
   return rotation.remat_policy(cfg.rotation, policy)
 
