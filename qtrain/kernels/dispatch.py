@@ -22,9 +22,7 @@ M = 16). Hadamard: n <= 128
 (``hadamard_dense``): on an H100 it ran at 92% of the copy bandwidth
 against the kernel's 47% at n = 128 over 524,288 rows (KERNEL_NOTES.md), so
 the kernel takes power-of-two n in (128, 65536] and falls back by itself
-elsewhere. Per-tensor absmax (``absmax``): the Triton kernel for tensors of
-at least ``ABSMAX_MIN_SIZE`` elements, a multiple of its tile, else XLA's
-reduction, which fuses into the tensor's producer. fp8 codes in both layouts (``cast_transpose``, the per-tensor
+elsewhere. fp8 codes in both layouts (``cast_transpose``, the per-tensor
 fp8 matmul): the Triton kernel where both dims are multiples of its 64-wide
 tile and the scale is a power of two (the kernel multiplies by 1 / s, which
 equals x / s only then), else XLA; no TPU flavour (XLA there).
@@ -39,11 +37,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qtrain.kernels import absmax, cast_transpose, fwht, int4, int8
+from qtrain.kernels import cast_transpose, fwht, int4, int8
 
 KERNELS = ("xla", "auto", "interpret")
 _BUILT = {"int8": ("gpu", "tpu"), "int4": ("gpu", "tpu"), "hadamard": ("gpu", "tpu"),
-          "cast_transpose": ("gpu",), "absmax": ("gpu",)}
+          "cast_transpose": ("gpu",)}
 
 
 def flavour(kernels: str, op: str) -> tuple[str, bool] | None:
@@ -128,20 +126,3 @@ def fp8_both_layouts(x, scale, dtype, *, pow2: bool, kernels: str = "xla"):
     return cast_transpose.cast_transpose_xla(x, scale, dtype, pow2=pow2)
   inv = 1.0 / jnp.asarray(scale, jnp.float32).reshape(())
   return cast_transpose.cast_transpose(x, inv, dtype=dtype, interpret=pick[1])
-
-
-# Below this many elements a tensor's absmax stays an XLA reduction fused into
-# its producer: one more launch and read would cost more than the slow
-# multi-output fusion (an [M, K] activation of llama_1b is 2^25 elements; its
-# k / v projection weights, 2^19, stay in XLA).
-ABSMAX_MIN_SIZE = 1 << 22
-
-
-def tensor_absmax(x, *, kernels: str = "xla"):
-  """max|x| as float32 through the kernel (``absmax.absmax``) where it
-  applies; None where the caller's XLA reduction should stay (it fuses into
-  the op producing x)."""
-  pick = flavour(kernels, "absmax")
-  if pick is None or x.size < ABSMAX_MIN_SIZE or not absmax.supports(x.size):
-    return None
-  return absmax.absmax(x, interpret=pick[1])

@@ -178,8 +178,7 @@ def _both_layouts(x_MN, spec: QuantSpec, kernels: str):
   cuBLASLt's fp8 GEMM reads both operands contraction-major, so dW = X^T dY
   reads X's and dY's codes [K, M] and [N, M]: through XLA a cast, then a
   transpose of the 1-byte codes as a pass of its own."""
-  amax = dispatch.tensor_absmax(x_MN, kernels=kernels) if spec.calibration == "absmax" else None
-  scale = quantizer.scale_of(x_MN, spec, absmax=amax)
+  scale = quantizer.scale_of(x_MN, spec)
   q, q_t = dispatch.fp8_both_layouts(x_MN, scale, quantizer.FP8_DTYPES[spec.format],
                                      pow2=spec.scale_pow2, kernels=kernels)
   return quantizer.QTensor(q, scale, None), quantizer.QTensor(q_t, scale, None)

@@ -184,17 +184,9 @@ def _calibrated(xb, axes, spec: QuantSpec):
   return scale_zero_point(lo, hi, spec)
 
 
-def scale_of(x, spec: QuantSpec, *, contract_axis: int = -1, absmax=None):
+def scale_of(x, spec: QuantSpec, *, contract_axis: int = -1):
   """``quantize(x, spec).scale`` without the codes (a caller that casts x
-  itself: ``qtrain.kernels.cast_transpose``); symmetric, non-ternary specs.
-  ``absmax``: max|x| already reduced (``qtrain.kernels.absmax``), for an
-  absmax-calibrated per-tensor spec: the scale from it, x only for its rank."""
-  if absmax is not None:
-    if spec.granularity != "tensor" or spec.calibration != "absmax":
-      raise ValueError(f"a precomputed absmax is one per-tensor absmax range, not "
-                       f"granularity={spec.granularity!r} calibration={spec.calibration!r}")
-    hi = jnp.asarray(absmax, jnp.float32).reshape((1,) * x.ndim)
-    return scale_zero_point(-hi, hi, spec)[0]
+  itself: ``qtrain.kernels.cast_transpose``); symmetric, non-ternary specs."""
   xb, axes = blocked(x.astype(jnp.float32), spec, contract_axis)
   return _unblock_scale(_calibrated(xb, axes, spec)[0], x.shape, spec, contract_axis)
 
