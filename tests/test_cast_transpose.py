@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from qtrain.kernels import cast_transpose as ct
 from qtrain.kernels import dispatch
@@ -99,3 +101,89 @@ def test_fp8_tensorwise_matmul_through_the_kernel_equals_xla(tokens):
   assert float(l0) == float(l1)
   for a, b in zip(g0, g1):
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize("spec", [P("a", "b"), P("b", None), P(None, ("a", "b"))])
+def test_sharded_kernel_casts_each_block_where_it_lies(spec):
+  """On a 2 x 4 mesh of CPU devices the custom-partitioned call equals the
+  reference bit for bit, keeps x's sharding on q and the transposed one on
+  q^T, and moves no data (no collective in the compiled program). Blocks:
+  [128, 128] under P('a', 'b'), [64, 512] under P('b', None), [256, 64]
+  under P(None, ('a', 'b')): each tiles, so each device runs the kernel."""
+  mesh = jax.make_mesh((2, 4), ("a", "b"), axis_types=(AxisType.Auto,) * 2)
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(256, 512)) * 30, jnp.bfloat16)
+  xs = jax.device_put(x, NamedSharding(mesh, spec))
+  f = jax.jit(lambda x, s: ct.cast_transpose_sharded(x, s, dtype=jnp.float8_e4m3fn,
+                                                     interpret=True))
+  q, q_t = f(xs, jnp.float32(0.25))
+  r, r_t = ct.cast_transpose_xla(x, 4.0, jnp.float8_e4m3fn)
+  np.testing.assert_array_equal(_bits(q), _bits(r))
+  np.testing.assert_array_equal(_bits(q_t), _bits(r_t))
+  rows, cols = (tuple(spec) + (None,))[:2]
+  assert q.sharding.is_equivalent_to(NamedSharding(mesh, P(rows, cols)), 2)
+  assert q_t.sharding.is_equivalent_to(NamedSharding(mesh, P(cols, rows)), 2)
+  hlo = f.lower(xs, jnp.float32(0.25)).compile().as_text()
+  assert not re.findall(r"all-gather|all-to-all|collective-permute|all-reduce", hlo)
+
+
+def test_sharded_blocks_that_do_not_tile_take_xla_there():
+  """[256, 512] over 8 devices by rows: [32, 512] blocks, under the 64-row
+  tile, so each device runs the XLA reference on its block: same bits."""
+  mesh = jax.make_mesh((8,), ("a",), axis_types=(AxisType.Auto,))
+  x = jnp.asarray(np.random.default_rng(6).normal(size=(256, 512)) * 30, jnp.float32)
+  xs = jax.device_put(x, NamedSharding(mesh, P("a", None)))
+  q, q_t = jax.jit(lambda x: ct.cast_transpose_sharded(
+      x, jnp.float32(2.0), dtype=jnp.float8_e5m2, interpret=True))(xs)
+  r, r_t = ct.cast_transpose_xla(x, 0.5, jnp.float8_e5m2)
+  np.testing.assert_array_equal(_bits(q), _bits(r))
+  np.testing.assert_array_equal(_bits(q_t), _bits(r_t))
+
+
+def test_dispatch_reads_the_mesh():
+  """One device: the plain kernel; a sharded mesh: the partitioned call;
+  inside a shard_map (a pipeline stage: manual over some axes): XLA."""
+  assert dispatch.mesh_kind() == "single"
+  mesh = jax.make_mesh((2, 4), ("a", "b"), axis_types=(AxisType.Auto,) * 2)
+  x = jnp.ones((128, 256), jnp.bfloat16)
+  both = lambda x: dispatch.fp8_both_layouts(x, jnp.float32(1.0), jnp.float8_e4m3fn, pow2=True,
+                                             kernels="interpret")
+  assert "call @cast_transpose" in jax.jit(both).lower(x).as_text()
+  seen = []
+
+  def body(x):
+    seen.append(dispatch.mesh_kind())
+    return both(x)[0]
+
+  with jax.set_mesh(mesh):
+    assert dispatch.mesh_kind() == "sharded"
+    assert "CustomSPMDPartitioning" in jax.jit(both).lower(x).as_text()
+    stage = jax.jit(jax.shard_map(body, in_specs=P("a"), out_specs=P("a"), axis_names={"a"}))
+    text = stage.lower(x).as_text()
+  assert seen == ["manual"]
+  assert "cast_transpose" not in text and "CustomSPMDPartitioning" not in text
+
+
+def test_fp8_tensorwise_step_on_a_mesh_through_the_kernel_equals_xla():
+  """The smoke model's loss and gradients under fp8+tensor on data x fsdp x
+  tensor = 2 x 2 x 2, the codes cast by the per-shard kernel (interpret
+  mode), equal the same mesh's XLA path bit for bit; config validation lets
+  fp8 (not int8) use kernels on several devices."""
+  from parallel_util import Run, batch, smoke_config  # pylint: disable=g-import-not-at-top
+  from qtrain.config.validate import ConfigError, validate  # pylint: disable=g-import-not-at-top
+  mesh = dict(data=2, fsdp=2, tensor=2)
+  out = {}
+  state = Run(smoke_config()).init_state()
+  for kernels in ("xla", "interpret"):
+    cfg = smoke_config("fp8+tensor", **mesh)
+    cfg.quant.kernels = kernels
+    loss, grads, hlo = Run(cfg).loss_and_grads(state.params, batch())
+    out[kernels] = (loss, grads)
+    if kernels == "interpret":
+      assert "cast_transpose" in hlo
+  assert out["xla"][0] == out["interpret"][0]
+  for a, b in zip(jax.tree.leaves(out["xla"][1]), jax.tree.leaves(out["interpret"][1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  cfg = smoke_config("w8a8", **mesh)
+  cfg.quant.kernels = "auto"
+  with pytest.raises(ConfigError, match="int8 kernels take whole operands"):
+    validate(cfg, n_devices=8)

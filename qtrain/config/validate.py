@@ -126,10 +126,11 @@ def _check_data_train(c, n_devices: int) -> None:
   _check_pipeline(c, n_devices)
   _check_accum(c, n_devices)
   kernels = c.quant.get("kernels", "xla")
-  _require(kernels == "xla" or n_devices == 1,
-           f"config.quant.kernels={kernels!r} on {n_devices} devices: the Pallas kernels "
-           "take whole operands (XLA would gather them), so they run on one device for "
-           "now; set config.quant.kernels='xla'")
+  _require(kernels == "xla" or n_devices == 1 or c.quant.mode == "fp8",
+           f"config.quant.kernels={kernels!r} on {n_devices} devices with "
+           f"mode={c.quant.mode!r}: the int8 kernels take whole operands (XLA would gather "
+           "them), so they run on one device for now (fp8's cast+transpose kernel runs per "
+           "shard); set config.quant.kernels='xla'")
   _require(t.nan_policy in ("skip", "stop"),
            f"config.train.nan_policy={t.nan_policy!r}; use 'skip' or 'stop'")
   _require(t.steps > 0, f"config.train.steps={t.steps} must be > 0")

@@ -32,7 +32,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from qtrain.quant import quantizer
 from qtrain.quant.spec import QuantSpec
@@ -64,15 +67,8 @@ def _kernel(x_ref, s_ref, q_ref, qt_ref, *, top: float):
   qt_ref[...] = v.T.astype(qt_ref.dtype)  # Transposed as float32, then cast: the same codes.
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "interpret", "num_warps", "block"))
-def cast_transpose(x, inv_scale, *, dtype, interpret: bool = False, num_warps: int = 4,
-                   block: int = BLOCK):
-  """``cast_transpose_xla`` as one Pallas (Triton) kernel; x is [M, N] with
-  both dims multiples of ``block`` (``supports``), inv_scale one float32."""
+def _call(x, s, dtype, interpret: bool, num_warps: int, block: int):
   m, n = x.shape
-  if m % block or n % block:
-    raise ValueError(f"cast_transpose tiles {block} x {block}: got {x.shape}")
-  s = jnp.asarray(inv_scale, jnp.float32).reshape(1)
   return pl.pallas_call(
       functools.partial(_kernel, top=float(jnp.finfo(dtype).max)),
       grid=(m // block, n // block),
@@ -83,3 +79,64 @@ def cast_transpose(x, inv_scale, *, dtype, interpret: bool = False, num_warps: i
       out_shape=[jax.ShapeDtypeStruct((m, n), dtype), jax.ShapeDtypeStruct((n, m), dtype)],
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret, name="cast_transpose")(x, s)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "interpret", "num_warps", "block"))
+def cast_transpose(x, inv_scale, *, dtype, interpret: bool = False, num_warps: int = 4,
+                   block: int = BLOCK):
+  """``cast_transpose_xla`` as one Pallas (Triton) kernel; x is [M, N] with
+  both dims multiples of ``block`` (``supports``), inv_scale one float32."""
+  if x.shape[0] % block or x.shape[1] % block:
+    raise ValueError(f"cast_transpose tiles {block} x {block}: got {x.shape}")
+  return _call(x, jnp.asarray(inv_scale, jnp.float32).reshape(1), dtype, interpret, num_warps,
+               block)
+
+
+def _local(x, s, dtype, interpret: bool):
+  """One device's shard: the kernel where the shard tiles, else the XLA
+  reference at 1 / s (s = 1 / scale with scale a power of two: the same
+  bits as the kernel's x * s)."""
+  if supports(*x.shape):
+    return _call(x, s, dtype, interpret, 4, BLOCK)
+  return cast_transpose_xla(x, 1.0 / s[0], dtype)
+
+
+def _partition(dtype, interpret, mesh, arg_shapes, result_shape):
+  """Each device casts its own block of x: q keeps x's sharding, q^T the
+  transposed one, the scale is replicated; no data moves."""
+  del result_shape
+  x_sh = arg_shapes[0].sharding
+  rows, cols = (tuple(x_sh.spec) + (None, None))[:2]
+  q_sh = NamedSharding(x_sh.mesh, P(rows, cols))
+  qt_sh = NamedSharding(x_sh.mesh, P(cols, rows))
+  s_sh = NamedSharding(x_sh.mesh, P(None))
+  lower = lambda x, s: tuple(_local(x, s, dtype, interpret))
+  return mesh, lower, (q_sh, qt_sh), (q_sh, s_sh)
+
+
+def _infer(dtype, interpret, mesh, arg_shapes, result_shape):
+  del dtype, interpret, mesh, result_shape
+  x_sh = arg_shapes[0].sharding
+  rows, cols = (tuple(x_sh.spec) + (None, None))[:2]
+  return NamedSharding(x_sh.mesh, P(rows, cols)), NamedSharding(x_sh.mesh, P(cols, rows))
+
+
+@functools.partial(custom_partitioning, static_argnums=(2, 3))
+def _partitioned(x, s, dtype, interpret):
+  return tuple(_call(x, s, dtype, interpret, 4, BLOCK))
+
+
+_partitioned.def_partition(
+    partition=_partition, infer_sharding_from_operands=_infer,
+    sharding_rule="m n, o -> m n, n m")
+
+
+def cast_transpose_sharded(x, inv_scale, *, dtype, interpret: bool = False):
+  """``cast_transpose`` for an x split over a mesh: a ``custom_partitioning``
+  op whose SPMD partitioning runs the kernel on each device's block (q
+  sharded as x, q^T as its transpose, no gather), and where a block does
+  not tile, the XLA reference on that block. The kernel alone would take
+  the whole operand: XLA cannot partition a Pallas call and gathers it."""
+  if not supports(*x.shape):
+    raise ValueError(f"cast_transpose tiles {BLOCK} x {BLOCK}: got {x.shape}")
+  return _partitioned(x, jnp.asarray(inv_scale, jnp.float32).reshape(1), dtype, interpret)

@@ -27,9 +27,14 @@ fp8 matmul): the Triton kernel where both dims are multiples of its 64-wide
 tile and the scale is a power of two (the kernel multiplies by 1 / s, which
 equals x / s only then), else XLA; no TPU flavour (XLA there).
 
-The kernels see whole, unsharded operands: under a sharded jit, XLA cannot
-partition a Pallas call and gathers its operands. Use ``"auto"`` on one
-device, or inside ``shard_map``, until the call is wrapped per shard.
+Meshes (``mesh_kind``). A Pallas call is opaque to XLA's partitioner, which
+gathers its operands. The cast+transpose kernel is wrapped per shard
+(``cast_transpose_sharded``, a ``custom_partitioning`` op: each device casts
+its own block, blocks that do not tile take XLA on that block), so it runs
+on any mesh under jit; inside a shard_map (a pipeline stage) it takes XLA. The int8, int4 and Hadamard kernels see whole operands:
+use them on one device or inside a shard_map over every axis (training
+config validation refuses ``kernels`` other than "xla" with int8 on several
+devices).
 """
 
 from __future__ import annotations
@@ -122,7 +127,23 @@ def fp8_both_layouts(x, scale, dtype, *, pow2: bool, kernels: str = "xla"):
   ``cast_transpose.cast_transpose_xla``; the same bits either way.
   ``pow2``: scale is a power of two (the kernel multiplies by 1 / scale)."""
   pick = flavour(kernels, "cast_transpose")
-  if pick is None or not pow2 or not cast_transpose.supports(*x.shape):
+  mesh = mesh_kind()
+  if pick is None or not pow2 or not cast_transpose.supports(*x.shape) or mesh == "manual":
     return cast_transpose.cast_transpose_xla(x, scale, dtype, pow2=pow2)
   inv = 1.0 / jnp.asarray(scale, jnp.float32).reshape(())
+  if mesh == "sharded":
+    return cast_transpose.cast_transpose_sharded(x, inv, dtype=dtype, interpret=pick[1])
   return cast_transpose.cast_transpose(x, inv, dtype=dtype, interpret=pick[1])
+
+
+def mesh_kind() -> str:
+  """What the mesh being traced under asks of a kernel call: "single" (no
+  mesh, or one device: the operand is whole), "sharded" (XLA partitions: the
+  call must say how, ``custom_partitioning``) or "manual" (inside a
+  shard_map over some or all axes, e.g. a pipeline stage: JAX's partitioning
+  callback cannot read partly manual shardings, and a Pallas call's outputs
+  carry no varying-axes type for shard_map's check)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return "single"
+  return "manual" if mesh.manual_axes else "sharded"
