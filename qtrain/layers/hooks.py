@@ -120,6 +120,15 @@ class Provider:
     del path, hooks
     return None
 
+  def joined_dot(self, sites: tuple[MatmulSite, ...], hooks: "Hooks",
+                 inner: DotFn) -> DotFn | None:
+    """One dot for the weights of ``sites`` joined along their outputs (one
+    input x, ``qtrain.layers.linear.fused_dense``), or None where this
+    provider must see each matmul on its own. The base: ``inner`` where
+    ``dot`` is the pass-through, else None."""
+    del sites, hooks
+    return None if self.wraps_dots() else inner
+
 
 def xla_dot(module, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
   """The innermost dot: ``jax.lax.dot_general`` as asked (the input dtype out
@@ -149,11 +158,18 @@ class Hooks:
     enclosing ``scoped_providers`` blocks, then the model's."""
     return _SCOPED.get() + self.providers
 
-  def plain_dots(self) -> bool:
-    """No provider acts on a matmul traced now (each one's ``dot`` is the
-    pass-through) and no activation rotation is set: every product is the
-    plain dot, so layers may issue several as one (``qtrain.layers.linear.fused_dense``)."""
-    return self.lhs_rotation is None and not any(p.wraps_dots() for p in self.active_providers())
+  def joined_dot_fn(self, sites: tuple[MatmulSite, ...]) -> DotFn | None:
+    """The dot of the joined weights of ``sites`` (see ``Provider.joined_dot``)
+    through every provider, or None where one must see them apart or an
+    activation rotation is set."""
+    if self.lhs_rotation is not None:
+      return None
+    fn = xla_dot
+    for p in reversed(self.active_providers()):
+      fn = p.joined_dot(sites, self, fn)
+      if fn is None:
+        return None
+    return fn
 
   def dot_fn(self, site: MatmulSite) -> DotFn:
     providers = self.active_providers()

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from qtrain.layers.hooks import as_hooks, canonical_path, xla_dot
+from qtrain.layers.hooks import MatmulSite, as_hooks, canonical_path, xla_dot
 from qtrain.layers.weights import Dense, form_for
 
 
@@ -75,33 +75,41 @@ def projections(module: nn.Module, x, parts, *, fuse: bool, groups: int | None =
   """[x W_i (+ b_i)] for ``parts`` = ((name, features, kernel_axes), ...), the
   Linears ``module`` holds under those names (``linear``: the other fields of
   ``Linear``, ``hooks`` among them): one product (``fused_dense``) where
-  ``fuse`` asks for it and nothing tells the parts apart (``_fusable``), else
-  each Linear. The same params and function either way."""
-  if fuse and _fusable(linear.get("hooks"), module, parts):
-    return fused_dense(module, x, parts, dtype=linear["dtype"],
+  ``fuse`` asks for it and the providers take the parts as one weight
+  (``_joined_dot``), else each Linear. The same params either way."""
+  dot = _joined_dot(linear.get("hooks"), module, parts, x.shape[-1]) if fuse else None
+  if dot is not None:
+    return fused_dense(module, x, parts, dot=dot, dtype=linear["dtype"],
                        param_dtype=linear["param_dtype"], kernel_init=linear["kernel_init"],
                        use_bias=use_bias, groups=groups)
   return [Linear(features, axes, use_bias=use_bias, name=name, **linear)(x)
           for name, features, axes in parts]
 
 
-def _fusable(hooks, module: nn.Module, parts) -> bool:
-  """Whether the Linears of ``parts`` may run as one product: every matmul a
-  plain dot (``Hooks.plain_dots``: no quantizer, telemetry, perturbation or
-  rotation to tell them apart) and each the dense form (no low-rank or packed
-  rule matches it)."""
+def _joined_dot(hooks, module: nn.Module, parts, fan_in: int):
+  """The dot of the parts' joined weight (``Hooks.joined_dot_fn``), or None
+  where they must run apart: a provider tells them apart (telemetry, a
+  perturbation, a rotation, a quantizer other than one shared per-tensor
+  fp8 one) or a part is not the dense form (a low-rank or packed rule)."""
   hooks = as_hooks(hooks)
-  base = canonical_path(module)[0]
-  return hooks.plain_dots() and all(
-      type(form_for(hooks.forms, f"{base}/{part[0]}", 1.0)) is Dense for part in parts)
+  base, layer = canonical_path(module)
+  if any(type(form_for(hooks.forms, f"{base}/{name}", 1.0)) is not Dense for name, _, _ in parts):
+    return None
+  sites = tuple(MatmulSite(path=f"{base}/{name}", param=(*module.scope.path, name, "kernel"),
+                           in_features=fan_in, out_features=features,
+                           stacked=layer is None and base.startswith("decoder/layers/"),
+                           layer=layer)
+                for name, features, _ in parts)
+  return hooks.joined_dot_fn(sites)
 
 
-def fused_dense(module: nn.Module, x, parts, *, dtype, param_dtype, kernel_init,
+def fused_dense(module: nn.Module, x, parts, *, dot=xla_dot, dtype, param_dtype, kernel_init,
                 use_bias: bool = False, groups: int | None = None) -> list:
   """[x W_1 (+ b_1), ..., x W_P (+ b_P)] for ``parts`` = ((name, features,
-  kernel_axes), ...), as one matmul of x by the joined weight. Call it only
-  where ``_fusable``: the function is the separate Linears' (each output the
-  same dot product), the params are theirs (``DenseParams`` under their
+  kernel_axes), ...), as one matmul of x by the joined weight through
+  ``dot`` (``_joined_dot``'s). With plain dots the function is the separate
+  Linears' (each output the same dot product); a shared per-tensor fp8
+  quantizer sees the joined weight as one tensor. The params are theirs (``DenseParams`` under their
   names: one params tree, checkpoint and sharding for both ways), and the
   product is one GEMM whose width is the sum (GQA's k/v projections are 256
   wide in llama_1b; cuBLAS runs one wide GEMM nearer its peak than several
@@ -125,8 +133,7 @@ def fused_dense(module: nn.Module, x, parts, *, dtype, param_dtype, kernel_init,
     w = jnp.stack(ws, axis=-1)
   else:
     w = jnp.concatenate([k.reshape(fan_in, groups, -1) for k in ws], axis=2)
-  # The pass-through providers (all that _fusable allows) reduce to this dot.
-  y = xla_dot(None, x.astype(dtype), w, (((x.ndim - 1,), (0,)), ((), ())))
+  y = dot(module, x.astype(dtype), w, (((x.ndim - 1,), (0,)), ((), ())))
   if groups is None:
     ys = [y[..., i] for i in range(len(parts))]
   else:

@@ -100,6 +100,26 @@ class QuantProvider(Provider):
     quantized = self._quant_dot(site, hooks, inner)
     return quantized if self.rotation is None else self.rotation.dot(site, hooks, quantized)
 
+  def joined_dot(self, sites, hooks, inner):
+    """Joined weights take one quantizer only where each part's would be the
+    same per-tensor fp8 one (or none): one scale then serves the joined
+    weight, its input and its output gradient, as TransformerEngine's fused
+    QKV GEMM does. Those scales are the parts' largest (powers of two, so a
+    part's codes move only where they would fall below float8's smallest
+    subnormal). Other quantizers (per channel / token / group, learned
+    steps, per-block rules) see each weight on its own."""
+    if self.rotation is not None:
+      return None
+    choices = [self._choice(site, hooks) for site in sites]
+    if isinstance(choices[0], tuple) or len(set(choices)) != 1:
+      return None
+    spec = self.dot_spec(choices[0])
+    if spec.quantizes and not spec.fp8_per_tensor:
+      return None
+    for site in sites:
+      self.log.paths[site.path] = choices[0]
+    return functools.partial(quant_dot, spec, inner) if spec.quantizes else inner
+
   def _choice(self, site, hooks):
     """The rule index at ``site`` (a tuple per block where the blocks differ)."""
     return choice_per_layer(self.rules, site.path, site.layered,
