@@ -5,7 +5,7 @@ precision unless ``get_quant("lm_head")``.
 ``get_quant("tensor")`` (``fp8+tensor`` on the command line): one
 power-of-two scale per tensor for activations, weights and gradients, each
 dot one cuBLASLt fp8 GEMM with its scale fused: the faster step on an H100
-(llama_1b 1.17x bf16; 1.22x as ``fp8+tensor+pallas``, whose cast+transpose
+(llama_1b 1.16x bf16; 1.24x as ``fp8+tensor+pallas``, whose cast+transpose
 kernel writes the codes in both layouts; the per-token step measured 0.94x
 in an earlier run) and the faster compile (70-100 s; the per-token llama_1b
 step had not compiled after 300 s on jax 0.11.2): docs/benchmarks.md.
