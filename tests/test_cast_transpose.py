@@ -187,3 +187,13 @@ def test_fp8_tensorwise_step_on_a_mesh_through_the_kernel_equals_xla():
   cfg.quant.kernels = "auto"
   with pytest.raises(ConfigError, match="int8 kernels take whole operands"):
     validate(cfg, n_devices=8)
+
+
+def test_the_kernel_needs_a_gpu_with_float8():
+  """Triton casts to float8 from compute capability 8.9 (Ada, Hopper) on;
+  an A100 (8.0) takes XLA, as does a device that reports none (CPU)."""
+  dev = lambda cc: type("Device", (), {"compute_capability": cc})()
+  assert dispatch.has_fp8(dev("9.0")) and dispatch.has_fp8(dev("8.9"))
+  assert dispatch.has_fp8(dev("10.0")) and dispatch.has_fp8(dev("12.1"))
+  assert not dispatch.has_fp8(dev("8.0")) and not dispatch.has_fp8(dev("8.6"))
+  assert not dispatch.has_fp8(dev(None)) and not dispatch.has_fp8(jax.devices()[0])

@@ -25,7 +25,8 @@ the kernel takes power-of-two n in (128, 65536] and falls back by itself
 elsewhere. fp8 codes in both layouts (``cast_transpose``, the per-tensor
 fp8 matmul): the Triton kernel where both dims are multiples of its 64-wide
 tile and the scale is a power of two (the kernel multiplies by 1 / s, which
-equals x / s only then), else XLA; no TPU flavour (XLA there).
+equals x / s only then), on a GPU of compute capability 8.9 or later
+(``has_fp8``: Triton's float8 types), else XLA; no TPU flavour (XLA there).
 
 Meshes (``mesh_kind``). A Pallas call is opaque to XLA's partitioner, which
 gathers its operands. The cast+transpose kernel is wrapped per shard
@@ -58,7 +59,23 @@ def flavour(kernels: str, op: str) -> tuple[str, bool] | None:
   if kernels == "interpret":
     return "gpu", True
   backend = jax.default_backend()
-  return (backend, False) if backend in _BUILT[op] else None
+  if backend not in _BUILT[op]:
+    return None
+  if op == "cast_transpose" and not has_fp8(jax.devices()[0]):
+    return None
+  return backend, False
+
+
+def has_fp8(device) -> bool:
+  """Whether a GPU's Triton build can cast to float8: compute capability 8.9
+  (Ada) or later. On older GPUs (an A100 is 8.0) Triton refuses the float8
+  types, while XLA still runs fp8 dots by upcasting, so the cast+transpose
+  kernel falls back to XLA there."""
+  cc = getattr(device, "compute_capability", None)
+  if not cc:
+    return False
+  major, _, minor = str(cc).partition(".")
+  return (int(major), int(minor or 0)) >= (8, 9)
 
 
 # int8 under "auto" on a GPU runs the Mosaic GPU flavour (TMA + s8 wgmma,
