@@ -101,24 +101,25 @@ def _local(x, s, dtype, interpret: bool):
   return cast_transpose_xla(x, 1.0 / s[0], dtype)
 
 
+def _out_shardings(arg_shapes):
+  """(q's, q^T's): x's sharding and its transpose."""
+  x_sh = arg_shapes[0].sharding
+  rows, cols = (tuple(x_sh.spec) + (None, None))[:2]
+  return NamedSharding(x_sh.mesh, P(rows, cols)), NamedSharding(x_sh.mesh, P(cols, rows))
+
+
 def _partition(dtype, interpret, mesh, arg_shapes, result_shape):
   """Each device casts its own block of x: q keeps x's sharding, q^T the
   transposed one, the scale is replicated; no data moves."""
   del result_shape
-  x_sh = arg_shapes[0].sharding
-  rows, cols = (tuple(x_sh.spec) + (None, None))[:2]
-  q_sh = NamedSharding(x_sh.mesh, P(rows, cols))
-  qt_sh = NamedSharding(x_sh.mesh, P(cols, rows))
-  s_sh = NamedSharding(x_sh.mesh, P(None))
+  q_sh, qt_sh = _out_shardings(arg_shapes)
   lower = lambda x, s: tuple(_local(x, s, dtype, interpret))
-  return mesh, lower, (q_sh, qt_sh), (q_sh, s_sh)
+  return mesh, lower, (q_sh, qt_sh), (q_sh, NamedSharding(q_sh.mesh, P(None)))
 
 
 def _infer(dtype, interpret, mesh, arg_shapes, result_shape):
   del dtype, interpret, mesh, result_shape
-  x_sh = arg_shapes[0].sharding
-  rows, cols = (tuple(x_sh.spec) + (None, None))[:2]
-  return NamedSharding(x_sh.mesh, P(rows, cols)), NamedSharding(x_sh.mesh, P(cols, rows))
+  return _out_shardings(arg_shapes)
 
 
 @functools.partial(custom_partitioning, static_argnums=(2, 3))

@@ -32,10 +32,10 @@ Meshes (``mesh_kind``). A Pallas call is opaque to XLA's partitioner, which
 gathers its operands. The cast+transpose kernel is wrapped per shard
 (``cast_transpose_sharded``, a ``custom_partitioning`` op: each device casts
 its own block, blocks that do not tile take XLA on that block), so it runs
-on any mesh under jit; inside a shard_map (a pipeline stage) it takes XLA. The int8, int4 and Hadamard kernels see whole operands:
-use them on one device or inside a shard_map over every axis (training
-config validation refuses ``kernels`` other than "xla" with int8 on several
-devices).
+on any mesh under jit; inside a shard_map (a pipeline stage) it takes XLA.
+The int8, int4 and Hadamard kernels see whole operands: use them on one
+device (training config validation refuses ``kernels`` other than "xla"
+with int8 on several devices).
 """
 
 from __future__ import annotations

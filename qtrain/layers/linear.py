@@ -110,8 +110,9 @@ def fused_dense(module: nn.Module, x, parts, *, dot=xla_dot, dtype, param_dtype,
   kernel_axes), ...), as one matmul of x by the joined weight through
   ``dot`` (``_joined_dot``'s). With plain dots the function is the separate
   Linears' (each output the same dot product); a shared per-tensor fp8
-  quantizer sees the joined weight as one tensor. The params are theirs (``DenseParams`` under their
-  names: one params tree, checkpoint and sharding for both ways), and the
+  quantizer sees the joined weight as one tensor. The params are theirs
+  (``DenseParams`` under their names: one params tree, checkpoint and
+  sharding for both ways), and the
   product is one GEMM whose width is the sum (GQA's k/v projections are 256
   wide in llama_1b; cuBLAS runs one wide GEMM nearer its peak than several
   narrow ones, and the backward's dX is one GEMM instead of a sum of P).
