@@ -118,7 +118,7 @@ def test_a_shared_per_tensor_fp8_quantizer_takes_the_joined_weight():
   assert moved > 1e-3  # The quantizer acts: the bound above is not vacuous.
   # The grouped q/k/v cotangent passes one optimization barrier per traced
   # block, so the quantizer's absmax and codes read one buffer
-  # (linear.MATERIALIZE_JOINED_GRAD); gate/up's stacked parts and the forward none.
+  # (linear._cotangent_materialized); gate/up's stacked parts and the forward none.
   m = model(True, quant(e4))
   f = lambda p: jnp.mean(m.apply({"params": p}, TOKENS) ** 2)
   barriers = lambda jaxpr: str(jaxpr).count("optimization_barrier")

@@ -124,7 +124,7 @@ def _infer(dtype, interpret, mesh, arg_shapes, result_shape):
 
 @functools.partial(custom_partitioning, static_argnums=(2, 3))
 def _partitioned(x, s, dtype, interpret):
-  return tuple(_call(x, s, dtype, interpret, 4, BLOCK))
+  return tuple(_local(x, s, dtype, interpret))
 
 
 _partitioned.def_partition(
@@ -138,6 +138,4 @@ def cast_transpose_sharded(x, inv_scale, *, dtype, interpret: bool = False):
   sharded as x, q^T as its transpose, no gather), and where a block does
   not tile, the XLA reference on that block. The kernel alone would take
   the whole operand: XLA cannot partition a Pallas call and gathers it."""
-  if not supports(*x.shape):
-    raise ValueError(f"cast_transpose tiles {BLOCK} x {BLOCK}: got {x.shape}")
   return _partitioned(x, jnp.asarray(inv_scale, jnp.float32).reshape(1), dtype, interpret)

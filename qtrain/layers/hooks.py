@@ -78,6 +78,14 @@ class MatmulSite:
   layer: int | None = None  # Block index of an unscanned stack's matmul.
   weight_axis: int = 0  # The weight's contraction axis (1 for the tied LM head's [V, D]).
 
+  @classmethod
+  def at(cls, path: str, layer: int | None, param: tuple[str, ...], in_features: int,
+         out_features: int) -> "MatmulSite":
+    """The site at canonical ``path`` (``layer``: the block of an unscanned
+    stack, from ``canonical_path``), stacked where it sits in a scanned one."""
+    return cls(path=path, param=param, in_features=in_features, out_features=out_features,
+               stacked=layer is None and path.startswith("decoder/layers/"), layer=layer)
+
   @property
   def module_path(self) -> str:
     """The path with the block index of an unscanned stack put back

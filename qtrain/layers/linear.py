@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qtrain.layers.hooks import MatmulSite, as_hooks, canonical_path, xla_dot
+from qtrain.layers.hooks import MatmulSite, as_hooks, canonical_path
 from qtrain.layers.weights import Dense, form_for
 
 
@@ -96,15 +96,13 @@ def _joined_dot(hooks, module: nn.Module, parts, fan_in: int):
   base, layer = canonical_path(module)
   if any(type(form_for(hooks.forms, f"{base}/{name}", 1.0)) is not Dense for name, _, _ in parts):
     return None
-  sites = tuple(MatmulSite(path=f"{base}/{name}", param=(*module.scope.path, name, "kernel"),
-                           in_features=fan_in, out_features=features,
-                           stacked=layer is None and base.startswith("decoder/layers/"),
-                           layer=layer)
+  sites = tuple(MatmulSite.at(f"{base}/{name}", layer, (*module.scope.path, name, "kernel"),
+                              fan_in, features)
                 for name, features, _ in parts)
   return hooks.joined_dot_fn(sites)
 
 
-def fused_dense(module: nn.Module, x, parts, *, dot=xla_dot, dtype, param_dtype, kernel_init,
+def fused_dense(module: nn.Module, x, parts, *, dot, dtype, param_dtype, kernel_init,
                 use_bias: bool = False, groups: int | None = None) -> list:
   """[x W_1 (+ b_1), ..., x W_P (+ b_P)] for ``parts`` = ((name, features,
   kernel_axes), ...), as one matmul of x by the joined weight through
@@ -136,7 +134,7 @@ def fused_dense(module: nn.Module, x, parts, *, dot=xla_dot, dtype, param_dtype,
   else:
     w = jnp.concatenate([k.reshape(fan_in, groups, -1) for k in ws], axis=2)
   y = dot(module, x.astype(dtype), w, (((x.ndim - 1,), (0,)), ((), ())))
-  if groups is not None and MATERIALIZE_JOINED_GRAD:
+  if groups is not None:
     y = _cotangent_materialized(y)
   if groups is None:
     ys = [y[..., i] for i in range(len(parts))]
@@ -154,7 +152,6 @@ def fused_dense(module: nn.Module, x, parts, *, dot=xla_dot, dtype, param_dtype,
 # per layer for 84 MB). An optimization barrier on the cotangent makes it one
 # buffer, written once, that both read. Plain dots read it once (a GEMM
 # cannot fuse its input), so for them nothing changes.
-MATERIALIZE_JOINED_GRAD = True
 
 
 @jax.custom_vjp

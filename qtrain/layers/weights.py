@@ -111,10 +111,8 @@ class WeightForm(abc.ABC):
   @staticmethod
   def site(linear, name: str | None, weight: str, fan_in: int, fan_out: int) -> MatmulSite:
     path, layer = canonical_path(linear)
-    stacked = layer is None and path.startswith("decoder/layers/")
-    return MatmulSite(path=path if name is None else f"{path}/{name}",
-                      param=(*linear.scope.path, weight), in_features=fan_in,
-                      out_features=fan_out, stacked=stacked, layer=layer)
+    return MatmulSite.at(path if name is None else f"{path}/{name}", layer,
+                         (*linear.scope.path, weight), fan_in, fan_out)
 
   @staticmethod
   def matmul(linear, hooks, site: MatmulSite, name: str, x, w):
