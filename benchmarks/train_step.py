@@ -49,7 +49,7 @@ from qtrain.optim import build_optimizer
 from qtrain.parallel import Layout, batch_sharding
 from qtrain.train import metrics as metrics_lib
 from qtrain.train.state import abstract_params, init_state, state_shardings
-from qtrain.train.step import make_steps
+from qtrain.train.step import make_seed_step, make_steps
 
 
 def load_config(name: str, overrides=()):
@@ -105,6 +105,10 @@ def trainer_step(cfg, host: dict, devices=None):
     state = init_state(model, tx, layout.mesh, cfg.seed, seq)
     train_step, _ = make_steps(cfg, model, tx, layout.mesh, sh, batch_keys=tuple(host))
     batch = {k: jax.device_put(v, batch_sharding(layout.mesh)) for k, v in host.items()}
+    # Delayed fp8 scaling: the histories of the timed steps, as a run's.
+    seed = make_seed_step(cfg, model, tx, layout.mesh, sh, batch_keys=tuple(host))
+    if seed is not None:
+      state = seed(state, batch)
   return layout, model, state, batch, train_step
 
 

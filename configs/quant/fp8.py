@@ -10,6 +10,11 @@ kernel writes the codes in both layouts; the per-token step measured 0.94x
 in an earlier run) and the faster compile (70-100 s; the per-token llama_1b
 step had not compiled after 300 s on jax 0.11.2): docs/benchmarks.md.
 
+``fp8+tensor+delayed``: the same with delayed scaling
+(``config.quant.amax_history``, qtrain/quant/delayed.py): each tensor is cast
+with the scale of its absmax over the last 16 steps, this step's recorded
+in the cast's own pass, so no pass reads a tensor for its scale alone.
+
   c.quant = configs.quant.fp8.get_quant()
 """
 
@@ -17,8 +22,18 @@ from configs.quant import base
 
 
 def get_quant(arg: str = ""):
-  opts = base.parse(arg, "fp8", extra=("tensor",))
+  opts = base.parse(arg, "fp8", extra=("tensor", "delayed"))
+  if opts["delayed"] and not opts["tensor"]:
+    raise ValueError("configs/quant/fp8.py: 'delayed' scales per tensor; use fp8+tensor+delayed")
   per_tensor = dict(granularity="tensor", scale_pow2=True) if opts["tensor"] else {}
   fp8 = lambda g: {**dict(bits=8, format="fp8_e4m3", granularity=g, calibration="absmax"),
                    **per_tensor}
-  return base.make("fp8", opts, weight=fp8("channel"), act=fp8("token"))
+  c = base.make("fp8", opts, weight=fp8("channel"), act=fp8("token"))
+  if opts["delayed"]:
+    c.amax_history = AMAX_HISTORY
+  return c
+
+
+# fp8+tensor+delayed's history length: TransformerEngine's recipe defaults to
+# 1024 steps; torchao's delayed recipe used 16 (a shorter memory of a spike).
+AMAX_HISTORY = 16

@@ -131,6 +131,11 @@ def _check_data_train(c, n_devices: int) -> None:
            f"mode={c.quant.mode!r}: the int8 kernels take whole operands (XLA would gather "
            "them), so they run on one device for now (fp8's cast+transpose kernel runs per "
            "shard); set config.quant.kernels='xla'")
+  h = c.quant.get("amax_history", 0)
+  _require(not h or t.step == "first_order",
+           f"config.quant.amax_history={h} (delayed fp8 scaling) with config.train.step="
+           f"{t.step!r}: its absmaxes come from the first-order step's backward; set "
+           "amax_history=0 (current scaling) or step='first_order'")
   _require(t.nan_policy in ("skip", "stop"),
            f"config.train.nan_policy={t.nan_policy!r}; use 'skip' or 'stop'")
   _require(t.steps > 0, f"config.train.steps={t.steps} must be > 0")

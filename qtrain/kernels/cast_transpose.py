@@ -61,22 +61,29 @@ def cast_transpose_xla(x, scale, dtype, *, pow2: bool = True):
   return q, q.T
 
 
-def _kernel(x_ref, s_ref, q_ref, qt_ref, *, top: float):
-  v = jnp.clip(x_ref[...].astype(jnp.float32) * s_ref[0], -top, top)
+def _kernel(x_ref, s_ref, q_ref, qt_ref, *amax_ref, top: float):
+  x = x_ref[...].astype(jnp.float32)
+  v = jnp.clip(x * s_ref[0], -top, top)
   q_ref[...] = v.astype(q_ref.dtype)
   qt_ref[...] = v.T.astype(qt_ref.dtype)  # Transposed as float32, then cast: the same codes.
+  if amax_ref:  # The tile's absmax, from the read that casts it (delayed scaling).
+    amax_ref[0][...] = jnp.max(jnp.abs(x)).reshape(1, 1)
 
 
-def _call(x, s, dtype, interpret: bool, num_warps: int, block: int):
+def _call(x, s, dtype, interpret: bool, num_warps: int, block: int, amax: bool = False):
   m, n = x.shape
+  out_specs = [pl.BlockSpec((block, block), lambda i, j: (i, j)),
+               pl.BlockSpec((block, block), lambda i, j: (j, i))]
+  out_shape = [jax.ShapeDtypeStruct((m, n), dtype), jax.ShapeDtypeStruct((n, m), dtype)]
+  if amax:  # One float32 per tile; the caller reduces the [m / block, n / block] grid.
+    out_specs.append(pl.BlockSpec((1, 1), lambda i, j: (i, j)))
+    out_shape.append(jax.ShapeDtypeStruct((m // block, n // block), jnp.float32))
   return pl.pallas_call(
       functools.partial(_kernel, top=float(jnp.finfo(dtype).max)),
       grid=(m // block, n // block),
       in_specs=[pl.BlockSpec((block, block), lambda i, j: (i, j)),
                 pl.BlockSpec((1,), lambda i, j: (0,))],
-      out_specs=[pl.BlockSpec((block, block), lambda i, j: (i, j)),
-                 pl.BlockSpec((block, block), lambda i, j: (j, i))],
-      out_shape=[jax.ShapeDtypeStruct((m, n), dtype), jax.ShapeDtypeStruct((n, m), dtype)],
+      out_specs=out_specs, out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret, name="cast_transpose")(x, s)
 
@@ -86,10 +93,26 @@ def cast_transpose(x, inv_scale, *, dtype, interpret: bool = False, num_warps: i
                    block: int = BLOCK):
   """``cast_transpose_xla`` as one Pallas (Triton) kernel; x is [M, N] with
   both dims multiples of ``block`` (``supports``), inv_scale one float32."""
+  _check_tiles(x, block)
+  return tuple(_call(x, jnp.asarray(inv_scale, jnp.float32).reshape(1), dtype, interpret,
+                     num_warps, block))
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "interpret", "num_warps", "block"))
+def cast_transpose_amax(x, inv_scale, *, dtype, interpret: bool = False, num_warps: int = 4,
+                        block: int = BLOCK):
+  """``cast_transpose`` that also returns max |x| (float32), read by the same
+  pass: delayed scaling casts with a scale from earlier steps' absmax and
+  records this one's, so no pass of its own reads x for it."""
+  _check_tiles(x, block)
+  q, q_t, tiles = _call(x, jnp.asarray(inv_scale, jnp.float32).reshape(1), dtype, interpret,
+                        num_warps, block, amax=True)
+  return q, q_t, jnp.max(tiles)
+
+
+def _check_tiles(x, block: int) -> None:
   if x.shape[0] % block or x.shape[1] % block:
     raise ValueError(f"cast_transpose tiles {block} x {block}: got {x.shape}")
-  return _call(x, jnp.asarray(inv_scale, jnp.float32).reshape(1), dtype, interpret, num_warps,
-               block)
 
 
 def _local(x, s, dtype, interpret: bool):

@@ -137,19 +137,27 @@ def hadamard(x, signs=None, *, kernels: str = "xla"):
   return fwht.hadamard(x, signs, backend=pick[0], interpret=pick[1])
 
 
-def fp8_both_layouts(x, scale, dtype, *, pow2: bool, kernels: str = "xla"):
+def fp8_both_layouts(x, scale, dtype, *, pow2: bool, kernels: str = "xla", amax: bool = False):
   """(q [M, N], q^T [N, M]): the float8 codes of x / scale (clipped to the
   format's range, rounded by the cast) in both layouts: the kernel
   (``cast_transpose.cast_transpose``, one pass) where it applies, else
   ``cast_transpose.cast_transpose_xla``; the same bits either way.
-  ``pow2``: scale is a power of two (the kernel multiplies by 1 / scale)."""
+  ``pow2``: scale is a power of two (the kernel multiplies by 1 / scale).
+  ``amax``: also max |x| as float32 (delayed scaling records it), from the
+  kernel's own read on one device; on a mesh and through XLA a reduction
+  that XLA may fuse with the cast (no data dependency between them)."""
   pick = flavour(kernels, "cast_transpose")
   mesh = mesh_kind()
+  absmax = lambda: jnp.max(jnp.abs(x)).astype(jnp.float32)
   if pick is None or not pow2 or not cast_transpose.supports(*x.shape) or mesh == "manual":
-    return cast_transpose.cast_transpose_xla(x, scale, dtype, pow2=pow2)
+    out = cast_transpose.cast_transpose_xla(x, scale, dtype, pow2=pow2)
+    return (*out, absmax()) if amax else out
   inv = 1.0 / jnp.asarray(scale, jnp.float32).reshape(())
   if mesh == "sharded":
-    return cast_transpose.cast_transpose_sharded(x, inv, dtype=dtype, interpret=pick[1])
+    out = cast_transpose.cast_transpose_sharded(x, inv, dtype=dtype, interpret=pick[1])
+    return (*out, absmax()) if amax else out
+  if amax:
+    return cast_transpose.cast_transpose_amax(x, inv, dtype=dtype, interpret=pick[1])
   return cast_transpose.cast_transpose(x, inv, dtype=dtype, interpret=pick[1])
 
 

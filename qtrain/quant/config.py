@@ -69,6 +69,13 @@ def quant_config_defaults() -> ml_collections.ConfigDict:
   # qtrain/kernels on GPU/TPU, XLA elsewhere) | interpret (the kernel in Pallas
   # interpret mode: tests). Same numbers; one device only for now.
   c.kernels = "xla"
+  # Per-tensor fp8 (mode fp8, every quantized rule's weight and act tensor-wise):
+  # 0 = current scaling (each tensor's own absmax, a pass before its cast);
+  # H > 0 = delayed scaling: each site keeps its last H absmaxes of X, W and dY
+  # as train state and casts with the scale of their largest, recording this
+  # step's absmax in the cast's own pass (TransformerEngine's default recipe;
+  # qtrain/quant/delayed.py). First-order steps; evaluation scales currently.
+  c.amax_history = 0
   # qat: the rules quantize training and evaluation | ptq: training in high
   # precision, the rules (and rotation) evaluate the final params (RTN PTQ),
   # run by python -m qtrain.finetune (qtrain/quant/roste.py).
@@ -192,10 +199,48 @@ def _check_dims(quant_cfg, rules, model_cfg) -> None:
           raise ValueError(f"{e} (at {path})") from None
     learned = [i for i in hits if i is not None and any(
         getattr(rules[i], r) is not None and getattr(rules[i], r).learned for r in roles)]
+    if (mc.scan_layers and len(hits) > 1 and quant_cfg.get("amax_history", 0)
+        and "weight" in roles):
+      raise ValueError(f"config.quant.amax_history: the rules differ between the blocks of "
+                       f"{path} in a scanned stack, whose amax histories are one stacked "
+                       "variable; give every block the same rule or set "
+                       "config.model.scan_layers=False")
     if mc.scan_layers and len(hits) > 1 and learned:
       raise ValueError(f"{wheres[learned[0]]}: a learned-step rule covers only some blocks of "
                        f"{path} in a scanned stack; name every block or set "
                        "config.model.scan_layers=False")
+
+
+def _check_amax_history(quant_cfg, rules) -> None:
+  """Delayed scaling: per-tensor fp8 with absmax calibration on every
+  quantizing rule, low-precision backward dots, no rotation."""
+  h = quant_cfg.get("amax_history", 0)
+  if not isinstance(h, int) or isinstance(h, bool) or h < 0:
+    raise ValueError(f"config.quant.amax_history={h!r}: use an int >= 0 (0 = current scaling)")
+  if not h:
+    return
+  if quant_cfg.mode != "fp8":
+    raise ValueError(f"config.quant.amax_history={h} (delayed scaling) runs per-tensor fp8; "
+                     f"config.quant.mode={quant_cfg.mode!r}: set mode='fp8' or amax_history=0")
+  if not quant_cfg.get("int8_backward", True):
+    raise ValueError(f"config.quant.amax_history={h} scales dY's fp8 codes: it needs "
+                     "config.quant.int8_backward=True (low-precision backward dots)")
+  if (quant_cfg.get("rotation") or {}).get("sites"):
+    raise ValueError(f"config.quant.amax_history={h} with config.quant.rotation.sites: "
+                     "delayed scaling of rotated operands is not built; set amax_history=0")
+  for (where, _), rule in zip(named_rules(quant_cfg), rules):
+    for role in ("weight", "act"):
+      spec = getattr(rule, role)
+      if spec is None:
+        continue
+      if spec.granularity != "tensor":
+        raise ValueError(f"{where}.{role}.granularity={spec.granularity!r}: "
+                         f"config.quant.amax_history={h} (delayed scaling) keeps one absmax "
+                         "per tensor; use granularity='tensor' or amax_history=0")
+      if spec.calibration not in ("absmax", "minmax"):
+        raise ValueError(f"{where}.{role}.calibration={spec.calibration!r}: delayed scaling "
+                         "(config.quant.amax_history) scales from recorded absmaxes; use "
+                         "calibration='absmax'")
 
 
 ROTATION_KEYS = ("sites", "choose", "table", "seed", "calib_batches")
@@ -315,6 +360,7 @@ def validate_quant(quant_cfg, model_cfg=None) -> tuple[QuantRule, ...]:
   rules = rules_from_config(quant_cfg)
   for (where, _), rule in zip(named_rules(quant_cfg), rules):
     _check_mode(rule, where, quant_cfg.mode)
+  _check_amax_history(quant_cfg, rules)
   if model_cfg is not None:
     _check_dims(quant_cfg, rules, model_cfg)
   return rules
@@ -334,7 +380,8 @@ def provider_from_config(quant_cfg, model_cfg=None, *, stage: str | None = None)
                        grad_stochastic_rounding=bool(quant_cfg.get("grad_stochastic_rounding",
                                                                    False)),
                        rotation=rotation_provider(quant_cfg),
-                       kernels=quant_cfg.get("kernels", "xla"))
+                       kernels=quant_cfg.get("kernels", "xla"),
+                       amax_history=int(quant_cfg.get("amax_history", 0)))
 
 
 def with_kv_bits(quant_cfg, bits: int) -> None:

@@ -81,6 +81,13 @@ SAVED_OUT = "quant_dot_out"
 # of each matmul input kept until the backward. Off by default: on an H100
 # the llama_1b fp8 step was no faster with it (docs/benchmarks.md).
 QUANT_CODES = "quant_codes"
+# Delayed scaling (``DotSpec.amax_history`` > 0): the linen collection and
+# variable holding one site's absmax history, float32 [3, H] (rows: the
+# activations, the weight, the output gradient; column 0 the newest step),
+# stacked [L, 3, H] under nn.scan. See ``qtrain.quant.delayed``.
+AMAX = "fp8_amax"
+AMAX_VAR = "history"
+AMAX_ROWS = ("act", "weight", "grad")
 
 
 def mode_problem(spec: QuantSpec, mode: str) -> tuple[str, str] | None:
@@ -113,6 +120,10 @@ class _Lowp:
   out_dtype: Any  # preferred_element_type, else the activations' dtype.
   kernels: str = "xla"  # int8 dots: qtrain.kernels.dispatch's switch.
   tensorwise: bool = False  # DotSpec.fp8_per_tensor: each dot one scaled fp8 GEMM.
+  # With an amax history (lowp_matmul's ``hist``): scale X, W and dY from it
+  # (True) or from their own absmax (False: the seeding pass); either way the
+  # backward hands this step's three absmaxes back as hist's cotangent.
+  delayed: bool = True
 
 
 _NN = (((1,), (0,)), ((), ()))  # [M, K] x [K, N]
@@ -171,37 +182,58 @@ def _codes(qt: quantizer.QTensor, spec: QuantSpec) -> quantizer.QTensor:
   return qt
 
 
-def _both_layouts(x_MN, spec: QuantSpec, kernels: str):
+def _both_layouts(x_MN, spec: QuantSpec, kernels: str, history=None, delayed: bool = True):
   """(codes [M, N], codes [N, M]) of x under a per-tensor fp8 ``spec``, cast
   once (``qtrain.kernels.dispatch.fp8_both_layouts``: the cast+transpose
   kernel under ``kernels='auto'`` on a GPU), both QTensors with the one scale.
   cuBLASLt's fp8 GEMM reads both operands contraction-major, so dW = X^T dY
   reads X's and dY's codes [K, M] and [N, M]: through XLA a cast, then a
-  transpose of the 1-byte codes as a pass of its own."""
-  scale = quantizer.scale_of(x_MN, spec)
-  q, q_t = dispatch.fp8_both_layouts(x_MN, scale, quantizer.FP8_DTYPES[spec.format],
-                                     pow2=spec.scale_pow2, kernels=kernels)
-  return quantizer.QTensor(q, scale, None), quantizer.QTensor(q_t, scale, None)
+  transpose of the 1-byte codes as a pass of its own.
+
+  With ``history`` (x's row of an amax history, [H]) also x's absmax, read
+  by the cast's pass, as a third value; ``delayed``: the scale is that of
+  the history's largest absmax (values beyond it saturate at the format's
+  largest code), not of x's own."""
+  dtype = quantizer.FP8_DTYPES[spec.format]
+  if history is None:
+    scale = quantizer.scale_of(x_MN, spec)
+    q, q_t = dispatch.fp8_both_layouts(x_MN, scale, dtype, pow2=spec.scale_pow2,
+                                       kernels=kernels)
+    return quantizer.QTensor(q, scale, None), quantizer.QTensor(q_t, scale, None)
+  scale = (quantizer.scale_of_amax(jnp.max(history), spec) if delayed
+           else quantizer.scale_of(x_MN, spec))
+  q, q_t, amax = dispatch.fp8_both_layouts(x_MN, scale, dtype, pow2=spec.scale_pow2,
+                                           kernels=kernels, amax=True)
+  return quantizer.QTensor(q, scale, None), quantizer.QTensor(q_t, scale, None), amax
 
 
-def _lowp_fwd(x_MK, w_KN, rng, cfg: _Lowp):
+def _lowp_fwd(x_MK, w_KN, rng, hist, cfg: _Lowp):
   # The codes feed low-precision dots only, unless the backward dequantizes
   # them (high-precision backward): then the cast may not be the rounding.
   only_dots = cfg.grad is not None
   if cfg.tensorwise and only_dots:
     # The forward reads W's codes as [N, K], the backward X's as [K, M] and
     # W's as [K, N]: each of X and W cast once, in both layouts.
-    qx, qx_KM = _both_layouts(x_MK, cfg.act, cfg.kernels)
-    qw, qw_NK = _both_layouts(w_KN, cfg.weight, cfg.kernels)
+    if hist is None:
+      qx, qx_KM = _both_layouts(x_MK, cfg.act, cfg.kernels)
+      qw, qw_NK = _both_layouts(w_KN, cfg.weight, cfg.kernels)
+      amaxes = None
+    else:  # Delayed scaling: hist's rows give the scales, the casts the new absmaxes.
+      qx, qx_KM, a_x = _both_layouts(x_MK, cfg.act, cfg.kernels, hist[0], cfg.delayed)
+      qw, qw_NK, a_w = _both_layouts(w_KN, cfg.weight, cfg.kernels, hist[1], cfg.delayed)
+      amaxes = (a_x, a_w, hist)
     masks = (_inside(x_MK, qx, cfg.act), _inside(w_KN, qw, cfg.weight))
     y_MN = _scaled_fp8(qx.q, qw_NK.q, qx.scale, qw.scale, _NT, cfg.out_dtype)
-    return y_MN, (_residual(qx_KM), _residual(qw), masks, rng)
+    return y_MN, (_residual(qx_KM), _residual(qw), masks, rng, amaxes)
+  if hist is not None:
+    raise ValueError("an amax history (delayed scaling) needs per-tensor fp8 operands with "
+                     "low-precision backward dots")
   qx = quantizer.quantize(x_MK, cfg.act, contract_axis=1,
                           cast_rounds=only_dots)  # scale [M, 1] or [1, 1]
   qw = quantizer.quantize(w_KN, cfg.weight, contract_axis=0,
                           cast_rounds=only_dots)  # scale [1, N] or [1, 1]
   masks = (_inside(x_MK, qx, cfg.act), _inside(w_KN, qw, cfg.weight))
-  res = (_residual(qx), _residual(qw), masks, rng)
+  res = (_residual(qx), _residual(qw), masks, rng, None)
   if cfg.tensorwise:
     return _scaled_fp8(qx.q, qw.q, qx.scale, qw.scale, _NN, cfg.out_dtype), res
   if cfg.acc_dtype == jnp.int32 and cfg.kernels != "xla":
@@ -212,7 +244,8 @@ def _lowp_fwd(x_MK, w_KN, rng, cfg: _Lowp):
 
 
 def _lowp_bwd(cfg: _Lowp, res, g_MN):
-  qx, qw, (mask_x, mask_w), rng = res
+  qx, qw, (mask_x, mask_w), rng, amaxes = res
+  d_hist = None
   qx, qw = _codes(qx, cfg.act), _codes(qw, cfg.weight)
   g_in, g_MN = g_MN, g_MN.astype(jnp.float32)  # g_in: what a kernel reads (bf16).
   if cfg.grad is None:  # High-precision backward: the compute dtype, float32 accumulation.
@@ -222,7 +255,13 @@ def _lowp_bwd(cfg: _Lowp, res, g_MN):
     dw = jax.lax.dot_general(quantizer.dequantize(qx, cfg.x_dtype), g_lo, _TN,
                              preferred_element_type=jnp.float32)
   elif cfg.tensorwise:  # One scale for dY: its codes serve both dots.
-    qg, qg_NM = _both_layouts(g_in, cfg.grad, cfg.kernels)
+    if amaxes is None:
+      qg, qg_NM = _both_layouts(g_in, cfg.grad, cfg.kernels)
+    else:
+      a_x, a_w, hist = amaxes
+      qg, qg_NM, a_g = _both_layouts(g_in, cfg.grad, cfg.kernels, hist[2], cfg.delayed)
+      # hist's "gradient" is this step's absmaxes in column 0 (qtrain.quant.delayed).
+      d_hist = jnp.zeros_like(hist).at[:, 0].set(jnp.stack([a_x, a_w, a_g]))
     out_x = cfg.x_dtype if mask_x is None else jnp.float32
     out_w = cfg.w_dtype if mask_w is None else jnp.float32
     dx = _scaled_fp8(qg.q, qw.q, qg.scale, qw.scale, _NT, out_x)
@@ -256,13 +295,15 @@ def _lowp_bwd(cfg: _Lowp, res, g_MN):
     dx = jnp.where(mask_x, dx, 0.0)
   if mask_w is not None:
     dw = jnp.where(mask_w, dw, 0.0)
-  return dx.astype(cfg.x_dtype), dw.astype(cfg.w_dtype), None
+  return dx.astype(cfg.x_dtype), dw.astype(cfg.w_dtype), None, d_hist
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def lowp_matmul(x_MK, w_KN, rng, cfg: _Lowp):
-  """y = X^ W^ computed on int8 (or fp8) codes; see the module doc for the VJP."""
-  return _lowp_fwd(x_MK, w_KN, rng, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def lowp_matmul(x_MK, w_KN, rng, hist, cfg: _Lowp):
+  """y = X^ W^ computed on int8 (or fp8) codes; see the module doc for the
+  VJP. ``hist``: None, or the site's amax history [3, H] (delayed scaling,
+  per-tensor fp8 only), whose cotangent is this step's absmaxes."""
+  return _lowp_fwd(x_MK, w_KN, rng, hist, cfg)[0]
 
 
 lowp_matmul.defvjp(_lowp_fwd, _lowp_bwd)
@@ -288,6 +329,11 @@ class DotSpec:
   int8_backward: bool = True  # int8/fp8: low-precision dX and dW dots.
   grad_stochastic_rounding: bool = False  # int8 backward: SR of dY (rng "quant").
   kernels: str = "xla"  # int8 mode: "xla" | "auto" | "interpret" (qtrain.kernels.dispatch).
+  # Per-tensor fp8: > 0 keeps an amax history of this many steps per site
+  # and scales from it (delayed scaling, qtrain.quant.delayed) where the
+  # model is applied with the AMAX collection; without it, current scaling.
+  amax_history: int = 0
+  amax_seed: bool = False  # Record absmaxes but scale from the current ones (the seeding pass).
 
   @property
   def quantizes(self) -> bool:
@@ -301,11 +347,13 @@ class DotSpec:
 
 
 def quant_dot(spec: DotSpec, inner, module, lhs, rhs, dimension_numbers, precision=None,
-              preferred_element_type=None, *, rng=None):
+              preferred_element_type=None, *, rng=None, amax_name: str = AMAX_VAR):
   """``inner(module, lhs, rhs, ...)`` on quantized operands (lhs the
   activations, rhs the weight); modes int8/fp8 replace ``inner`` by the
-  low-precision matmul. ``module`` owns learned steps and, unless ``rng`` is
-  given, draws the stochastic-rounding key from its "quant" stream."""
+  low-precision matmul. ``module`` owns learned steps and the amax history
+  (variable ``amax_name``; a joined projection's dot names it by its parts)
+  and, unless ``rng`` is given, draws the stochastic-rounding key from its
+  "quant" stream."""
   (lc, rc), (lb, rb) = dimension_numbers
   if lb or rb or len(lc) != 1:
     raise ValueError(f"quantized matmuls take one contraction and no batch dims, "
@@ -319,7 +367,20 @@ def quant_dot(spec: DotSpec, inner, module, lhs, rhs, dimension_numbers, precisi
     x = _fake(module, lhs, spec.act, "act", lhs_axis, rng)
     w = _fake(module, rhs, spec.weight, "weight", rhs_axis, rng)
     return inner(module, x, w, dimension_numbers, precision, preferred_element_type)
-  return _lowp(spec, lhs, rhs, lhs_axis, rhs_axis, preferred_element_type, rng)
+  return _lowp(spec, lhs, rhs, lhs_axis, rhs_axis, preferred_element_type, rng,
+               _amax_history(module, spec, amax_name))
+
+
+def _amax_history(module, spec: DotSpec, name: str):
+  """The site's amax history [3, H] where it keeps one and the model is
+  applied with the AMAX collection (or initialised: zeros); else None, and
+  the matmul scales from the current absmaxes (evaluation, PTQ, export)."""
+  if not (spec.amax_history and spec.fp8_per_tensor):
+    return None
+  if not (module.is_initializing() or module.has_variable(AMAX, name)):
+    return None
+  return module.variable(AMAX, name, jnp.zeros, (len(AMAX_ROWS), spec.amax_history),
+                         jnp.float32).value
 
 
 def needs_rng(spec: DotSpec) -> bool:
@@ -369,7 +430,7 @@ def _learned(module, x, spec, role, axis):
   return estimators.lsq_plus(x, step, offset, qn, qp, g)
 
 
-def _lowp(spec: DotSpec, lhs, rhs, lhs_axis, rhs_axis, preferred_element_type, rng):
+def _lowp(spec: DotSpec, lhs, rhs, lhs_axis, rhs_axis, preferred_element_type, rng, hist=None):
   for role, q in (("act", spec.act), ("weight", spec.weight)):
     if q is None:
       raise ValueError(f"mode={spec.mode!r} multiplies two quantized operands: set {role}")
@@ -385,8 +446,8 @@ def _lowp(spec: DotSpec, lhs, rhs, lhs_axis, rhs_axis, preferred_element_type, r
               acc_dtype=jnp.int32 if spec.mode == "int8" else jnp.float32,
               x_dtype=lhs.dtype, w_dtype=rhs.dtype,
               out_dtype=preferred_element_type or lhs.dtype, kernels=spec.kernels,
-              tensorwise=spec.fp8_per_tensor)
-  y = lowp_matmul(x.reshape(-1, x.shape[-1]), w.reshape(w.shape[0], -1), rng, cfg)
+              tensorwise=spec.fp8_per_tensor, delayed=not spec.amax_seed)
+  y = lowp_matmul(x.reshape(-1, x.shape[-1]), w.reshape(w.shape[0], -1), rng, hist, cfg)
   return checkpoint_name(y, SAVED_OUT).reshape(out_shape)
 
 

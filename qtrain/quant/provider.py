@@ -70,6 +70,8 @@ class QuantProvider(Provider):
   grad_stochastic_rounding: bool = False
   rotation: Provider | None = None  # Applied to the operands before they are quantized.
   kernels: str = "xla"  # int8 dots: qtrain.kernels.dispatch's switch (config.quant.kernels).
+  amax_history: int = 0  # Per-tensor fp8: delayed scaling (config.quant.amax_history).
+  amax_seed: bool = False  # The seeding pass of delayed scaling (qtrain.quant.delayed).
   log: MatchLog = dataclasses.field(default_factory=MatchLog, compare=False, repr=False)
 
   def dot_spec(self, i: int | None) -> DotSpec:
@@ -77,7 +79,8 @@ class QuantProvider(Provider):
     if rule is None:
       return DotSpec(mode="none")
     return DotSpec(rule.weight, rule.act, self.mode, self.int8_backward,
-                   self.grad_stochastic_rounding, kernels=self.kernels)
+                   self.grad_stochastic_rounding, kernels=self.kernels,
+                   amax_history=self.amax_history, amax_seed=self.amax_seed)
 
   def lhs_grad_passes(self, site, hooks) -> bool:
     """Fake quantization with a plain STE on the activations (or none) hands
@@ -118,7 +121,12 @@ class QuantProvider(Provider):
       return None
     for site in sites:
       self.log.paths[site.path] = choices[0]
-    return functools.partial(quant_dot, spec, inner) if spec.quantizes else inner
+    if not spec.quantizes:
+      return inner
+    # The joined dot runs in the parts' parent module: its amax history is
+    # named after them ("q_proj+k_proj+v_proj").
+    name = "+".join(site.path.rsplit("/", 1)[-1] for site in sites)
+    return functools.partial(quant_dot, spec, inner, amax_name=name)
 
   def _choice(self, site, hooks):
     """The rule index at ``site`` (a tuple per block where the blocks differ)."""

@@ -191,6 +191,14 @@ def scale_of(x, spec: QuantSpec, *, contract_axis: int = -1):
   return _unblock_scale(_calibrated(xb, axes, spec)[0], x.shape, spec, contract_axis)
 
 
+def scale_of_amax(amax, spec: QuantSpec):
+  """The scale ``scale_of`` gives a tensor whose largest |value| is ``amax``
+  (symmetric specs calibrated by absmax or minmax, which agree there), for
+  delayed scaling: the amax is an earlier step's. Shape [1, 1]."""
+  a = jnp.asarray(amax, jnp.float32).reshape(1, 1)
+  return scale_zero_point(-a, a, spec)[0]
+
+
 def quantize(x, spec: QuantSpec, *, contract_axis: int = -1, rng=None,
              cast_rounds: bool = False) -> QTensor:
   """Calibrates x per ``spec`` and returns its codes, scale and zero point.

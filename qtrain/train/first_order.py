@@ -39,24 +39,50 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qtrain.analysis import telemetry
+from qtrain.quant import delayed
 from qtrain.train.families import (StepContext, apply_if_finite, register_step_family,
                                    step_metrics)
 from qtrain.train.state import TrainState, step_key
+
+
+def gradients(loss_fn, state: TrainState, batch, accum=None):
+  """(objective, aux, grads, absmaxes) of ``batch`` at ``state``: ``accum``
+  (a ``functools.partial`` of ``accumulate``) splits it into microbatches,
+  None differentiates it whole. With delayed fp8 scaling (``state.amax``)
+  the histories are differentiated too: their cotangents are this step's
+  absmaxes (``qtrain.quant.delayed``); else absmaxes is None."""
+  amax = state.amax or None
+  if accum is not None:
+    return accum(loss_fn, state.params, batch, step_key(state), amax=amax)
+  if amax is None:
+    (objective, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, step_key(state))
+    return objective, aux, grads, None
+  (objective, aux), (grads, absmaxes) = jax.value_and_grad(loss_fn, (0, 3), has_aux=True)(
+      state.params, batch, step_key(state), amax)
+  return objective, aux, grads, absmaxes
 
 
 def train_step(state: TrainState, batch, *, loss_fn, tx, schedule, accum=None):
   """(state, batch) -> (state, metrics); pure, jitted by ``build``. ``accum``
   (a ``functools.partial`` of ``accumulate``) splits the batch into
   microbatches; None differentiates it whole."""
-  if accum is None:
-    (objective, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, step_key(state))
-  else:
-    objective, aux, grads = accum(loss_fn, state.params, batch, step_key(state))
+  objective, aux, grads, absmaxes = gradients(loss_fn, state, batch, accum)
   grad_norm = optax.tree.norm(grads).astype(jnp.float32)
   finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
   new_state = apply_if_finite(state, grads, finite, tx)
+  if absmaxes is not None:
+    new_state = new_state.replace(amax=delayed.advance(state.amax, absmaxes, finite))
   return new_state, step_metrics(state, new_state, objective, aux, grad_norm, finite, schedule)
+
+
+def seed_step(state: TrainState, batch, *, seed_loss_fn, accum=None):
+  """The state with its amax histories filled from ``batch`` by the seeding
+  pass (every tensor scaled by its own absmax, no update; see
+  ``qtrain.quant.delayed``): what the first step of a fresh delayed-scaling
+  run computes before it trains."""
+  _, _, _, absmaxes = gradients(seed_loss_fn, state, batch, accum)
+  return state.replace(amax=delayed.advance(state.amax, absmaxes))
 
 
 def microbatches(batch, k: int, spec: NamedSharding | None = None):
@@ -98,11 +124,14 @@ def _combine_sown(sown_K: dict, real_K):
   return out
 
 
-def accumulate(loss_fn, params, batch, rng, *, k: int, spec=None, grad_sharding=None):
-  """(objective, aux, grads) of ``batch`` from k microbatches, equal to
-  ``value_and_grad(loss_fn)`` on the whole batch (see the module docstring).
-  ``spec`` shards the [k, B/k, ...] microbatch stack, ``grad_sharding`` the
-  float32 gradient sum (the params' shardings)."""
+def accumulate(loss_fn, params, batch, rng, *, k: int, spec=None, grad_sharding=None,
+               amax=None):
+  """(objective, aux, grads, absmaxes) of ``batch`` from k microbatches,
+  equal to ``value_and_grad(loss_fn)`` on the whole batch (see the module
+  docstring). ``spec`` shards the [k, B/k, ...] microbatch stack,
+  ``grad_sharding`` the float32 gradient sum (the params' shardings).
+  ``amax``: delayed fp8 scaling's histories, whose cotangents (each
+  microbatch's absmaxes) combine by maximum; absmaxes is None without."""
   rows = next(iter(batch.values())).shape[0]
   shards = 1 if spec is None else _devices_of(spec)
   if rows % (k * shards):
@@ -114,39 +143,55 @@ def accumulate(loss_fn, params, batch, rng, *, k: int, spec=None, grad_sharding=
   if grad_sharding is not None:
     grad_sum = jax.lax.with_sharding_constraint(grad_sum, grad_sharding)
 
-  def token_sum(p, micro, key):  # n_j L_j = nll_j (+ z-loss sum), differentiable.
-    objective, aux = loss_fn(p, micro, key)
+  def token_sum(p, micro, key, h):  # n_j L_j = nll_j (+ z-loss sum), differentiable.
+    objective, aux = loss_fn(p, micro, key, h)
     return objective * aux["tokens"], (objective, aux)
 
-  def body(grad_sum, xs):
+  def body(carry, xs):
+    grad_sum, absmax = carry
     micro, j = xs
-    (_, (objective, aux)), g = jax.value_and_grad(token_sum, has_aux=True)(
-        params, micro, jax.random.fold_in(rng, j))
+    (_, (objective, aux)), (g, a) = jax.value_and_grad(token_sum, (0, 3), has_aux=True)(
+        params, micro, jax.random.fold_in(rng, j), amax)
     grad_sum = jax.tree.map(lambda s, x: s + x.astype(jnp.float32), grad_sum, g)
+    absmax = None if amax is None else delayed.combine(absmax, a)
     per_micro = {"objective": objective, "loss": aux["loss"], "z_loss": aux["z_loss"],
                  "tokens": aux["tokens"], "real": _real_tokens(micro), "sown": aux["sown"]}
-    return grad_sum, per_micro
+    return (grad_sum, absmax), per_micro
 
-  grad_sum, m = jax.lax.scan(body, grad_sum, (microbatches(batch, k, spec), jnp.arange(k)))
+  zeros = None if amax is None else jax.tree.map(jnp.zeros_like, amax)
+  (grad_sum, absmax), m = jax.lax.scan(body, (grad_sum, zeros),
+                                       (microbatches(batch, k, spec), jnp.arange(k)))
   n_K = m["tokens"]
   denom = jnp.maximum(jnp.sum(n_K), 1.0)  # As the whole-batch loss: no scored token, no loss.
   grads = jax.tree.map(lambda s, p: (s / denom).astype(p.dtype), grad_sum, params)
   mean = lambda v_K: jnp.sum(v_K * n_K) / denom
   aux = {"loss": mean(m["loss"]), "z_loss": mean(m["z_loss"]), "tokens": jnp.sum(n_K),
          "sown": _combine_sown(m["sown"], m["real"])}
-  return mean(m["objective"]), aux, grads
+  return mean(m["objective"]), aux, grads, absmax
+
+
+def _accum(ctx: StepContext):
+  """``accumulate`` for ``config.train.grad_accum_steps`` > 1, else None."""
+  k = int(ctx.cfg.train.get("grad_accum_steps", 1))  # Configs saved before the field: 1.
+  if k == 1:
+    return None
+  batch_axes = ctx.batch_sh.spec[0]  # The rows' mesh axes (data x fsdp).
+  return functools.partial(
+      accumulate, k=k, spec=NamedSharding(ctx.batch_sh.mesh, PartitionSpec(None, batch_axes)),
+      grad_sharding=ctx.state_sh.params)
 
 
 def build(ctx: StepContext):
-  k = int(ctx.cfg.train.get("grad_accum_steps", 1))  # Configs saved before the field: 1.
-  accum = None
-  if k > 1:
-    batch_axes = ctx.batch_sh.spec[0]  # The rows' mesh axes (data x fsdp).
-    accum = functools.partial(
-        accumulate, k=k, spec=NamedSharding(ctx.batch_sh.mesh, PartitionSpec(None, batch_axes)),
-        grad_sharding=ctx.state_sh.params)
   return ctx.jit(functools.partial(train_step, loss_fn=ctx.loss_fn, tx=ctx.tx,
-                                   schedule=ctx.schedule, accum=accum))
+                                   schedule=ctx.schedule, accum=_accum(ctx)))
+
+
+def build_seed(ctx: StepContext):
+  """``seed_step`` jitted like the train step (state donated), with
+  ``ctx.loss_fn`` the seeding model's loss (``qtrain.quant.delayed``)."""
+  return jax.jit(functools.partial(seed_step, seed_loss_fn=ctx.loss_fn, accum=_accum(ctx)),
+                 in_shardings=(ctx.state_sh, ctx.batch_sh), out_shardings=ctx.state_sh,
+                 donate_argnums=(0,))
 
 
 register_step_family("first_order", build)

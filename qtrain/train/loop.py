@@ -34,7 +34,7 @@ from qtrain.train.reporter import NonFiniteError, Reporter
 from qtrain.train.resume import check_resume
 from qtrain.train.warm_start import initial_params
 from qtrain.train.state import abstract_params, abstract_state, init_state, state_shardings
-from qtrain.train.step import make_measured_step, make_steps
+from qtrain.train.step import make_measured_step, make_seed_step, make_steps
 
 __all__ = ["NonFiniteError", "run", "save_config"]
 
@@ -213,6 +213,8 @@ def _run(cfg, workdir, meta, model, tx, mesh, sigterm):
     state_sh = state_shardings(model, tx, mesh, d.seq_len)
     train_step, eval_step = make_steps(cfg, model, tx, mesh, state_sh)
     measured_step = make_measured_step(cfg, model, tx, mesh, state_sh)
+    # Delayed fp8 scaling: a fresh run's amax histories come from its first batch.
+    seed_step = make_seed_step(cfg, model, tx, mesh, state_sh) if int(state.step) == 0 else None
     # Every config.telemetry.every steps, the step that also sows the telemetry.
     step_fn = lambda s: measured_step if telemetry.is_due(cfg, s) else train_step
     shard, shards, n, _ = _data_shards(cfg, mesh)
@@ -238,7 +240,8 @@ def _run(cfg, workdir, meta, model, tx, mesh, sigterm):
       return summary, state
     state, summary["step"], summary["preempted"] = _train(
         cfg, state, it, step_fn, (eval_step, eval_batches), mesh, model.cfg, ckpt,
-        Reporter(cfg, writer, progress, jax.device_count()), agree, sigterm, unigram)
+        Reporter(cfg, writer, progress, jax.device_count()), agree, sigterm, unigram,
+        seed_step)
     if summary["preempted"]:
       return summary, state
     final = _log_eval(writer, progress, summary["step"], evaluate_now(state), unigram)
@@ -252,14 +255,18 @@ def _run(cfg, workdir, meta, model, tx, mesh, sigterm):
 
 
 def _train(cfg, state, it, step_fn, evals, mesh, model_cfg, ckpt, reporter, agree, sigterm,
-           unigram):
+           unigram, seed_step=None):
   """Steps until ``train.steps`` or an agreed SIGTERM: (state, last step, preempted).
-  ``step_fn(step)`` is the jitted step to run at ``step``."""
+  ``step_fn(step)`` is the jitted step to run at ``step``; ``seed_step``, if
+  given, fills the amax histories from the first batch before its step."""
   t = cfg.train
   eval_step, eval_batches = evals
   pending, step = None, int(state.step)
   for step in range(step + 1, t.steps + 1):
-    state, metrics = step_fn(step)(state, to_global(next(it), mesh, model_cfg))
+    batch = to_global(next(it), mesh, model_cfg)
+    if seed_step is not None:
+      state, seed_step = seed_step(state, batch), None
+    state, metrics = step_fn(step)(state, batch)
     if pending is not None:
       reporter(*pending)
     pending = (step, metrics)

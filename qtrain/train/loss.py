@@ -37,6 +37,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from qtrain.quant import delayed
 from qtrain.train.sown import sown_metrics
 
 
@@ -113,12 +114,14 @@ def loss_mask(batch):
   return jnp.ones(batch["targets"].shape, bool)
 
 
-def forward(model, params, batch, rng, collect: tuple[str, ...] = (), output: str = "logits"):
+def forward(model, params, batch, rng, collect: tuple[str, ...] = (), output: str = "logits",
+            amax=None):
   """(logits_BTV, {collection: values}) of one batch; ``rng`` feeds the
   model's ``quant`` stream (stochastic rounding). ``output="hidden"``: the
-  LM head's input x_BTD instead of the logits."""
+  LM head's input x_BTD instead of the logits. ``amax``: delayed fp8
+  scaling's histories (``qtrain.quant.delayed``); None scales currently."""
   args = (batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
-  variables, rngs = {"params": params}, {"quant": rng}
+  variables, rngs = delayed.variables(params, amax), {"quant": rng}
   kw = {} if output == "logits" else {"output": output}  # Any model returning logits works.
   if not collect:
     return model.apply(variables, *args, rngs=rngs, **kw), {}
@@ -136,27 +139,32 @@ def _head_fn(model, rng):
   return head
 
 
-def nll(model, params, batch, rng, z_loss: float = 0.0, collect: tuple[str, ...] = ()):
+def nll(model, params, batch, rng, z_loss: float = 0.0, collect: tuple[str, ...] = (),
+        amax=None):
   """(objective, nll_sum, token_count, z_term, collected) of one batch, by the
-  full head or in ``model.cfg.loss_chunks`` chunks."""
+  full head or in ``model.cfg.loss_chunks`` chunks (whose head scales fp8
+  currently: one history would see every chunk)."""
   n = getattr(getattr(model, "cfg", None), "loss_chunks", 0)
   if not n:
-    logits_BTV, collected = forward(model, params, batch, rng, collect)
+    logits_BTV, collected = forward(model, params, batch, rng, collect, amax=amax)
     return (*cross_entropy(logits_BTV, batch["targets"], loss_mask(batch), z_loss), collected)
-  hidden_BTD, collected = forward(model, params, batch, rng, collect, output="hidden")
+  hidden_BTD, collected = forward(model, params, batch, rng, collect, output="hidden",
+                                 amax=amax)
   return (*chunked_cross_entropy(_head_fn(model, rng), params, hidden_BTD, batch["targets"],
                                  loss_mask(batch), n, z_loss, batch.get("segment_ids")),
           collected)
 
 
 def make_loss(model, z_loss: float = 0.0, collect: tuple[str, ...] = ()):
-  """``loss_fn(params, batch, rng) -> (objective, aux)``; aux holds ``loss``
-  (mean NLL), ``tokens``, ``z_loss`` and ``sown`` (metrics of the collected
-  collections). ``model.cfg.loss_chunks`` > 0 runs the chunked head."""
+  """``loss_fn(params, batch, rng, amax=None) -> (objective, aux)``; aux
+  holds ``loss`` (mean NLL), ``tokens``, ``z_loss`` and ``sown`` (metrics of
+  the collected collections). ``model.cfg.loss_chunks`` > 0 runs the chunked
+  head. ``amax``: delayed fp8 scaling's histories, differentiated by the
+  first-order step for this step's absmaxes (``qtrain.quant.delayed``)."""
 
-  def loss_fn(params, batch, rng):
+  def loss_fn(params, batch, rng, amax=None):
     objective, nll_sum, n_tokens, z_term, collected = nll(model, params, batch, rng, z_loss,
-                                                          tuple(collect))
+                                                          tuple(collect), amax)
     aux = {"loss": nll_sum / jnp.maximum(n_tokens, 1.0), "tokens": n_tokens,
            "z_loss": z_term, "sown": sown_metrics(collected)}
     return objective, aux

@@ -19,6 +19,7 @@ import optax
 from qtrain.optim.sharding import opt_state_shardings
 from qtrain.parallel import exchange
 from qtrain.parallel.rules import logical_sharding, replicated
+from qtrain.quant.dot_general import AMAX
 
 
 @flax.struct.dataclass
@@ -30,6 +31,9 @@ class TrainState:
   # Raw key data (``jax.random.key_data``, uint32) so orbax can save it; each
   # step draws ``fold_in(wrap_key_data(rng), step)`` (see ``step_key``).
   rng: jax.Array
+  # Delayed fp8 scaling's absmax histories (the linen collection
+  # ``qtrain.quant.delayed.AMAX``, replicated); {} without delayed scaling.
+  amax: Any = flax.struct.field(default_factory=dict)
 
 
 def step_key(state: TrainState) -> jax.Array:
@@ -42,10 +46,14 @@ def _tokens(seq_len: int):
   return jnp.zeros((1, seq_len), jnp.int32)
 
 
+def _abstract_variables(model: nn.Module, seq_len: int) -> dict:
+  return jax.eval_shape(lambda r: model.init(r, _tokens(seq_len)), jax.random.key(0))
+
+
 def abstract_params(model: nn.Module, seq_len: int):
   """The model's params as ShapeDtypeStructs, boxed (``nn.LogicallyPartitioned``
   carrying logical axis names), without allocating anything."""
-  return jax.eval_shape(lambda r: model.init(r, _tokens(seq_len)), jax.random.key(0))["params"]
+  return _abstract_variables(model, seq_len)["params"]
 
 
 def _values(boxed):
@@ -70,19 +78,21 @@ def params_target(model: nn.Module, mesh, seq_len: int):
 
 def _init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
   def init(rng):
-    params = nn.unbox(model.init(rng, _tokens(seq_len))["params"])
+    variables = model.init(rng, _tokens(seq_len))
+    params = nn.unbox(variables["params"])
     # The step stream is independent of the params init (which uses rng itself).
     step_rng = jax.random.key_data(jax.random.fold_in(rng, 1))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), skipped=jnp.zeros((), jnp.int32),
-                      rng=step_rng)
+                      rng=step_rng, amax=nn.unbox(dict(variables.get(AMAX, {}))))
   return init
 
 
 def state_shardings(model, tx, mesh, seq_len: int) -> TrainState:
   """Shardings of every TrainState leaf: params from their logical axes,
   optimizer state by ``qtrain.optim.opt_state_shardings`` (any state shape)."""
-  boxed = abstract_params(model, seq_len)
+  variables = _abstract_variables(model, seq_len)
+  boxed = variables["params"]
   params = _values(boxed)
   param_sh = logical_sharding(boxed, mesh)
   abstract_opt = jax.eval_shape(tx.init, params)
@@ -91,7 +101,9 @@ def state_shardings(model, tx, mesh, seq_len: int) -> TrainState:
   # `data`, which the generic rule cannot tell from the state's shapes.
   opt_sh = exchange.with_state_shardings(opt_sh, abstract_opt, param_sh, mesh)
   rep = replicated(mesh)
-  return TrainState(step=rep, params=param_sh, opt_state=opt_sh, skipped=rep, rng=rep)
+  amax = jax.tree.map(lambda _: rep, _values(dict(variables.get(AMAX, {}))))
+  return TrainState(step=rep, params=param_sh, opt_state=opt_sh, skipped=rep, rng=rep,
+                    amax=amax)
 
 
 def init_state(model, tx, mesh, seed: int, seq_len: int) -> TrainState:

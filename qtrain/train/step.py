@@ -14,6 +14,7 @@ import jax
 from qtrain.analysis import telemetry
 from qtrain.optim.schedule import learning_rate_schedule
 from qtrain.parallel.rules import batch_sharding, replicated
+from qtrain.quant import delayed
 from qtrain.train import first_order
 from qtrain.train import zeroth_order  # noqa: F401  (registers zeroth_order)
 from qtrain.train import compressed as _compressed  # noqa: F401  (registers compressed)
@@ -46,8 +47,8 @@ def _loss_fn(cfg, model, keys, measured: bool):
   collect = tuple(cfg.train.collect) + ((telemetry.COLLECTION,) if measured else ())
   loss_fn = make_loss(model, float(cfg.optim.z_loss), collect)
 
-  def fn(params, batch, rng):
-    objective, aux = loss_fn(params, _select(batch, keys), rng)
+  def fn(params, batch, rng, amax=None):
+    objective, aux = loss_fn(params, _select(batch, keys), rng, amax)
     if measured:
       aux = {**aux, "sown": telemetry.summarize(aux["sown"])}
     return objective, aux
@@ -77,6 +78,20 @@ def make_steps(cfg, model, tx, mesh, state_sh, batch_keys=BATCH_KEYS):
                      in_shardings=(state_sh.params, batch_sharding(mesh)),
                      out_shardings=replicated(mesh))
   return train, evaluate
+
+
+def make_seed_step(cfg, model, tx, mesh, state_sh, batch_keys=BATCH_KEYS):
+  """The seeding pass of delayed fp8 scaling (``config.quant.amax_history``;
+  ``qtrain.quant.delayed``), ``(state, batch) -> state`` with the amax
+  histories filled from the batch and nothing trained; None without delayed
+  scaling. The loop runs it once, before the first step of a fresh run."""
+  seeding = delayed.seeding_model(model)
+  if seeding is None:
+    return None
+  ctx = StepContext(cfg=cfg, loss_fn=_loss_fn(cfg, seeding, frozenset(batch_keys), False),
+                    tx=tx, schedule=learning_rate_schedule(cfg), state_sh=state_sh,
+                    batch_sh=batch_sharding(mesh), out_sh=replicated(mesh))
+  return first_order.build_seed(ctx)
 
 
 def make_measured_step(cfg, model, tx, mesh, state_sh, batch_keys=BATCH_KEYS):
