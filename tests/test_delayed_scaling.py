@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from parallel_util import Run, batch, save_restore, smoke_config
 
@@ -20,6 +21,7 @@ from qtrain.data.global_batch import to_global
 from qtrain.quant import delayed
 from qtrain.quant import dot_general as dg
 from qtrain.quant.spec import QuantSpec
+from qtrain.train.resume import check_resume
 from qtrain.train.step import make_seed_step, make_steps
 
 E4 = QuantSpec(format="fp8_e4m3", granularity="tensor", scale_pow2=True)
@@ -189,3 +191,20 @@ def test_config_errors_name_the_field(edit, field):
     edit(cfg)
   with pytest.raises((ConfigError, ValueError), match=field.replace("(", r"\(")):
     validate(cfg)
+
+
+def test_checkpoints_without_histories_keep_the_old_layout(tmp_path):
+  """Without delayed scaling a checkpoint holds the fields it held before
+  TrainState.amax existed (so those checkpoints restore, as a TrainState
+  with no histories); toggling amax_history on a resume is refused by name."""
+  run = Run(smoke_config("fp8+tensor"))
+  state = run.init_state()
+  assert state.amax == {}
+  restored = save_restore(run, run.tx, run.state_sh, state, tmp_path / "ckpt", 0)
+  assert isinstance(restored, type(state)) and restored.amax == {}
+  meta = ocp.PyTreeCheckpointer().metadata(str(tmp_path / "ckpt" / "0" / "state"))
+  saved = set(meta.item_metadata.tree)
+  assert saved == {"step", "params", "opt_state", "skipped", "rng"}
+  with pytest.raises(ConfigError, match=r"config\.quant\.amax_history=16, but its checkpoints "
+                     r"hold no amax histories"):
+    check_resume(run.cfg, smoke_config("fp8+tensor+delayed"), str(tmp_path))

@@ -19,6 +19,7 @@ saving mesh.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Callable
@@ -29,6 +30,7 @@ import orbax.checkpoint as ocp
 
 from qtrain.config import ConfigError
 from qtrain.train.data_state import ProcessDataRestore, ProcessDataSave, ShardCountError
+from qtrain.train.state import TrainState
 
 
 class CheckpointError(ValueError):
@@ -56,7 +58,7 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
     """Starts an async save of (state, iterator state) at ``step``."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+    args = ocp.args.Composite(state=ocp.args.StandardSave(_item(state)),
                               data=ProcessDataSave(data_state))
     return self.manager.save(step, args=args, force=force)
 
@@ -64,9 +66,11 @@ class Checkpointer:
               data: ProcessDataRestore | None = None) -> tuple[Any, dict]:
     """(state, data_state): ``data`` says which data shards to read (by
     default this process's one shard of jax.process_count())."""
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(_item(abstract_state)),
                               data=data or ProcessDataRestore())
     restored = self.manager.restore(step, args=args)
+    if isinstance(abstract_state, TrainState):
+      return abstract_state.replace(**restored.state), restored.data
     return restored.state, restored.data
 
   def restore_or_init(self, abstract_state: Any, init: Callable[[], Any],
@@ -142,6 +146,19 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _item(state: Any) -> Any:
+  """What a checkpoint holds for ``state``: a TrainState as the dict of its
+  fields, less ``amax`` where it is empty (no delayed fp8 scaling), so runs
+  without delayed scaling keep the layout of checkpoints written before the
+  field existed, and those checkpoints still restore."""
+  if not isinstance(state, TrainState):
+    return state
+  item = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+  if not item["amax"]:
+    del item["amax"]
+  return item
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

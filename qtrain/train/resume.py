@@ -77,6 +77,13 @@ def check_resume(saved, cfg, workdir: str) -> list[str]:
         f"{workdir} holds checkpoints of a different model (differing: "
         f"{', '.join(f'config.{f}' for f in fields)}); use a new --workdir, or start a new "
         f"run from this one's params with --config.train.init_from={workdir}")
+  was, now = (int(c.quant.get("amax_history", 0)) for c in (saved, cfg))
+  if was != now:
+    raise ConfigError(
+        f"{workdir}: config.quant.amax_history={now}, but its checkpoints hold "
+        + (f"amax histories of {was} steps" if was else "no amax histories (current scaling)")
+        + f"; set config.quant.amax_history={was}, or start a new run from this one's params "
+        f"with --config.train.init_from={workdir}")
   try:
     check_optim(saved, cfg)
   except ConfigError as e:
