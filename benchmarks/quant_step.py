@@ -6,7 +6,9 @@ In one process, times qtrain's train step for ``llama_1b`` unquantized (bf16
 compute, the baseline) and under the presets ``w4a4`` (fake quant, QAT),
 ``w8a8`` (real int8 dots; backward int8 too), ``fp8+tensor`` (per-tensor
 scales, cuBLASLt's scaled fp8 GEMM), ``fp8+tensor+pallas`` (the same with
-the codes cast in both layouts by qtrain's kernel; one GPU) and ``fp8`` (per
+the codes cast in both layouts by qtrain's kernel; one GPU),
+``fp8+tensor+pallas+delayed`` (the same with delayed scaling: scales from
+an absmax history, the absmax read by the cast) and ``fp8`` (per
 token / channel; e4m3 forward, e5m2 gradients; last, since its GPU compile
 is the slowest), and prints each as a ratio to the baseline with the
 absolute figures and the compiled step's temporary memory. A variant may
@@ -40,7 +42,8 @@ def main() -> None:
   p.add_argument("--seq", type=int, default=2048)
   p.add_argument("--steps", type=int, default=8)
   p.add_argument("--variants",
-                 default="none,w4a4,w8a8,w8a8+hp_bwd,fp8+tensor,fp8+tensor+pallas,fp8",
+                 default="none,w4a4,w8a8,w8a8+hp_bwd,fp8+tensor,fp8+tensor+pallas,"
+                         "fp8+tensor+pallas+delayed,fp8",
                  help="quant presets ('none': bf16), each optionally with config "
                       "overrides after '@', ';'-separated")
   p.add_argument("--out", default=None)

@@ -13,7 +13,8 @@ step had not compiled after 300 s on jax 0.11.2): docs/benchmarks.md.
 ``fp8+tensor+delayed``: the same with delayed scaling
 (``config.quant.amax_history``, qtrain/quant/delayed.py): each tensor is cast
 with the scale of its absmax over the last 16 steps, this step's recorded
-in the cast's own pass, so no pass reads a tensor for its scale alone.
+in the cast's own pass, so no pass reads a tensor for its scale alone
+(llama_1b as ``fp8+tensor+pallas+delayed``: 1.28-1.29x the bf16 step).
 
   c.quant = configs.quant.fp8.get_quant()
 """
