@@ -52,7 +52,9 @@ def gradients(loss_fn, state: TrainState, batch, accum=None):
   the histories are differentiated too: their cotangents are this step's
   absmaxes (``qtrain.quant.delayed``); else absmaxes is None."""
   amax = state.amax or None
-  if accum is not None:
+  if accum is not None:  # (objective, aux, grads), and absmaxes when asked (amax=).
+    if amax is None:
+      return (*accum(loss_fn, state.params, batch, step_key(state)), None)
     return accum(loss_fn, state.params, batch, step_key(state), amax=amax)
   if amax is None:
     (objective, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -126,12 +128,12 @@ def _combine_sown(sown_K: dict, real_K):
 
 def accumulate(loss_fn, params, batch, rng, *, k: int, spec=None, grad_sharding=None,
                amax=None):
-  """(objective, aux, grads, absmaxes) of ``batch`` from k microbatches,
-  equal to ``value_and_grad(loss_fn)`` on the whole batch (see the module
+  """(objective, aux, grads) of ``batch`` from k microbatches, equal to
+  ``value_and_grad(loss_fn)`` on the whole batch (see the module
   docstring). ``spec`` shards the [k, B/k, ...] microbatch stack,
   ``grad_sharding`` the float32 gradient sum (the params' shardings).
-  ``amax``: delayed fp8 scaling's histories, whose cotangents (each
-  microbatch's absmaxes) combine by maximum; absmaxes is None without."""
+  ``amax``: delayed fp8 scaling's histories; then also their cotangents,
+  each microbatch's absmaxes combined by maximum, as a fourth value."""
   rows = next(iter(batch.values())).shape[0]
   shards = 1 if spec is None else _devices_of(spec)
   if rows % (k * shards):
@@ -167,6 +169,8 @@ def accumulate(loss_fn, params, batch, rng, *, k: int, spec=None, grad_sharding=
   mean = lambda v_K: jnp.sum(v_K * n_K) / denom
   aux = {"loss": mean(m["loss"]), "z_loss": mean(m["z_loss"]), "tokens": jnp.sum(n_K),
          "sown": _combine_sown(m["sown"], m["real"])}
+  if amax is None:
+    return mean(m["objective"]), aux, grads
   return mean(m["objective"]), aux, grads, absmax
 
 
