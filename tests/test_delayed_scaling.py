@@ -114,7 +114,9 @@ def test_first_delayed_step_is_the_current_scaling_step_then_histories_shift(tmp
   """llama_1b's layout (fused q/k/v and gate/up, one history per joined
   dot): the seeding pass on the first batch, then the step, equals the
   current-scaling step bit for bit (loss and params); a second step shifts
-  the histories by one column; they survive a checkpoint round trip."""
+  the histories by one column; they survive a checkpoint round trip; with
+  gradient accumulation they combine by maximum; checkpoints without them
+  keep the old layout. (One test: the compiled steps are shared.)"""
   def cfg(preset):
     c = smoke_config(preset)
     c.model.update(fused_qkv=True, fused_mlp=True)
@@ -148,26 +150,33 @@ def test_first_delayed_step_is_the_current_scaling_step_then_histories_shift(tmp
     np.testing.assert_array_equal(h1[..., 0], h0[..., 0])  # Same params, same batch.
     np.testing.assert_array_equal(h2[..., 1:3], h1[..., 0:2])
     assert not np.array_equal(h2[..., 0], h1[..., 0])
-  restored = save_restore(run, run.tx, run.state_sh, s2, tmp_path, 2)
+  restored = save_restore(run, run.tx, run.state_sh, s2, tmp_path / "delayed", 2)
   for a, b in zip(jax.tree.leaves(restored.amax), jax.tree.leaves(after2)):
     np.testing.assert_array_equal(np.asarray(a), b)
 
-
-def test_microbatches_combine_by_maximum():
-  """grad_accum_steps=2: the seeded X and W absmaxes are the whole batch's
-  (the larger of the two microbatches'), equal to the unsplit seeding's."""
-  whole, _, seed_whole = _steps(smoke_config("fp8+tensor+delayed"))
-  cfg = smoke_config("fp8+tensor+delayed")
-  cfg.train.grad_accum_steps = 2
-  split, _, seed_split = _steps(cfg)
-  state = whole.init_state()
-  with whole.layout:
-    a = seed_whole(jax.device_put(state, whole.state_sh), to_global(batch(0), whole.mesh)).amax
+  # Two microbatches: the seeded X and W absmaxes are the whole batch's (the
+  # larger of the two microbatches'), equal to the unsplit seeding's.
+  split_cfg = cfg("fp8+tensor+delayed")
+  split_cfg.train.grad_accum_steps = 2
+  split, _, seed_split = _steps(split_cfg)
   with split.layout:
     b = seed_split(jax.device_put(state, split.state_sh), to_global(batch(0), split.mesh)).amax
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x)[..., :2, 0], np.asarray(y)[..., :2, 0])
+  for x, y in zip(jax.tree.leaves(first), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x[..., :2, 0], np.asarray(y)[..., :2, 0])
     assert (np.asarray(y)[..., 2, 0] > 0).all()
+
+  # Without delayed scaling a checkpoint holds the fields it held before
+  # TrainState.amax existed (so those restore, with no histories); toggling
+  # amax_history on a resume is refused by name.
+  plain = cur.init_state()
+  assert plain.amax == {}
+  restored = save_restore(cur, cur.tx, cur.state_sh, plain, tmp_path / "plain", 0)
+  assert isinstance(restored, type(plain)) and restored.amax == {}
+  meta = ocp.PyTreeCheckpointer().metadata(str(tmp_path / "plain" / "0" / "state"))
+  assert set(meta.item_metadata.tree) == {"step", "params", "opt_state", "skipped", "rng"}
+  with pytest.raises(ConfigError, match=r"config\.quant\.amax_history=16, but its checkpoints "
+                     r"hold no amax histories"):
+    check_resume(cur.cfg, run.cfg, str(tmp_path))
 
 
 def test_advance_skips_a_non_finite_step():
@@ -192,19 +201,3 @@ def test_config_errors_name_the_field(edit, field):
   with pytest.raises((ConfigError, ValueError), match=field.replace("(", r"\(")):
     validate(cfg)
 
-
-def test_checkpoints_without_histories_keep_the_old_layout(tmp_path):
-  """Without delayed scaling a checkpoint holds the fields it held before
-  TrainState.amax existed (so those checkpoints restore, as a TrainState
-  with no histories); toggling amax_history on a resume is refused by name."""
-  run = Run(smoke_config("fp8+tensor"))
-  state = run.init_state()
-  assert state.amax == {}
-  restored = save_restore(run, run.tx, run.state_sh, state, tmp_path / "ckpt", 0)
-  assert isinstance(restored, type(state)) and restored.amax == {}
-  meta = ocp.PyTreeCheckpointer().metadata(str(tmp_path / "ckpt" / "0" / "state"))
-  saved = set(meta.item_metadata.tree)
-  assert saved == {"step", "params", "opt_state", "skipped", "rng"}
-  with pytest.raises(ConfigError, match=r"config\.quant\.amax_history=16, but its checkpoints "
-                     r"hold no amax histories"):
-    check_resume(run.cfg, smoke_config("fp8+tensor+delayed"), str(tmp_path))
