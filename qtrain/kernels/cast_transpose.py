@@ -88,31 +88,20 @@ def _call(x, s, dtype, interpret: bool, num_warps: int, block: int, amax: bool =
       interpret=interpret, name="cast_transpose")(x, s)
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "interpret", "num_warps", "block"))
+@functools.partial(jax.jit,
+                   static_argnames=("dtype", "interpret", "num_warps", "block", "amax"))
 def cast_transpose(x, inv_scale, *, dtype, interpret: bool = False, num_warps: int = 4,
-                   block: int = BLOCK):
+                   block: int = BLOCK, amax: bool = False):
   """``cast_transpose_xla`` as one Pallas (Triton) kernel; x is [M, N] with
-  both dims multiples of ``block`` (``supports``), inv_scale one float32."""
-  _check_tiles(x, block)
-  return tuple(_call(x, jnp.asarray(inv_scale, jnp.float32).reshape(1), dtype, interpret,
-                     num_warps, block))
-
-
-@functools.partial(jax.jit, static_argnames=("dtype", "interpret", "num_warps", "block"))
-def cast_transpose_amax(x, inv_scale, *, dtype, interpret: bool = False, num_warps: int = 4,
-                        block: int = BLOCK):
-  """``cast_transpose`` that also returns max |x| (float32), read by the same
-  pass: delayed scaling casts with a scale from earlier steps' absmax and
-  records this one's, so no pass of its own reads x for it."""
-  _check_tiles(x, block)
-  q, q_t, tiles = _call(x, jnp.asarray(inv_scale, jnp.float32).reshape(1), dtype, interpret,
-                        num_warps, block, amax=True)
-  return q, q_t, jnp.max(tiles)
-
-
-def _check_tiles(x, block: int) -> None:
+  both dims multiples of ``block`` (``supports``), inv_scale one float32.
+  ``amax``: also max |x| (float32) from the same read, a third value:
+  delayed scaling casts with a scale from earlier steps' absmax and records
+  this one's, so no pass of its own reads x for it."""
   if x.shape[0] % block or x.shape[1] % block:
     raise ValueError(f"cast_transpose tiles {block} x {block}: got {x.shape}")
+  out = _call(x, jnp.asarray(inv_scale, jnp.float32).reshape(1), dtype, interpret, num_warps,
+              block, amax)
+  return (out[0], out[1], jnp.max(out[2])) if amax else tuple(out)
 
 
 def _local(x, s, dtype, interpret: bool):

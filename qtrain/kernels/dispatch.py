@@ -148,17 +148,14 @@ def fp8_both_layouts(x, scale, dtype, *, pow2: bool, kernels: str = "xla", amax:
   that XLA may fuse with the cast (no data dependency between them)."""
   pick = flavour(kernels, "cast_transpose")
   mesh = mesh_kind()
-  absmax = lambda: jnp.max(jnp.abs(x)).astype(jnp.float32)
   if pick is None or not pow2 or not cast_transpose.supports(*x.shape) or mesh == "manual":
     out = cast_transpose.cast_transpose_xla(x, scale, dtype, pow2=pow2)
-    return (*out, absmax()) if amax else out
-  inv = 1.0 / jnp.asarray(scale, jnp.float32).reshape(())
-  if mesh == "sharded":
+  else:
+    inv = 1.0 / jnp.asarray(scale, jnp.float32).reshape(())
+    if mesh == "single":  # The kernel's own read gives the absmax.
+      return cast_transpose.cast_transpose(x, inv, dtype=dtype, interpret=pick[1], amax=amax)
     out = cast_transpose.cast_transpose_sharded(x, inv, dtype=dtype, interpret=pick[1])
-    return (*out, absmax()) if amax else out
-  if amax:
-    return cast_transpose.cast_transpose_amax(x, inv, dtype=dtype, interpret=pick[1])
-  return cast_transpose.cast_transpose(x, inv, dtype=dtype, interpret=pick[1])
+  return (*out, jnp.max(jnp.abs(x)).astype(jnp.float32)) if amax else out
 
 
 def mesh_kind() -> str:

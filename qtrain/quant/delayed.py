@@ -7,7 +7,7 @@ H100 those absmax passes are most of what fp8 spends outside its GEMMs
 Micikevicius et al. 2022, "FP8 Formats for Deep Learning") casts each tensor
 with the scale of the largest absmax it had over the last H steps and records
 this step's absmax in the same pass that casts it (the cast+transpose
-kernel's third output, ``qtrain.kernels.cast_transpose.cast_transpose_amax``),
+kernel's third output, ``qtrain.kernels.cast_transpose.cast_transpose(..., amax=True)``),
 so nothing reads a tensor only for its scale. A value beyond the recorded
 range saturates at the format's largest code (448 for e4m3, 57344 for e5m2).
 

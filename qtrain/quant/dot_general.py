@@ -194,17 +194,12 @@ def _both_layouts(x_MN, spec: QuantSpec, kernels: str, history=None, delayed: bo
   by the cast's pass, as a third value; ``delayed``: the scale is that of
   the history's largest absmax (values beyond it saturate at the format's
   largest code), not of x's own."""
-  dtype = quantizer.FP8_DTYPES[spec.format]
-  if history is None:
-    scale = quantizer.scale_of(x_MN, spec)
-    q, q_t = dispatch.fp8_both_layouts(x_MN, scale, dtype, pow2=spec.scale_pow2,
-                                       kernels=kernels)
-    return quantizer.QTensor(q, scale, None), quantizer.QTensor(q_t, scale, None)
-  scale = (quantizer.scale_of_amax(jnp.max(history), spec) if delayed
-           else quantizer.scale_of(x_MN, spec))
-  q, q_t, amax = dispatch.fp8_both_layouts(x_MN, scale, dtype, pow2=spec.scale_pow2,
-                                           kernels=kernels, amax=True)
-  return quantizer.QTensor(q, scale, None), quantizer.QTensor(q_t, scale, None), amax
+  scale = (quantizer.scale_of_amax(jnp.max(history), spec)
+           if history is not None and delayed else quantizer.scale_of(x_MN, spec))
+  q, q_t, *amax = dispatch.fp8_both_layouts(x_MN, scale, quantizer.FP8_DTYPES[spec.format],
+                                            pow2=spec.scale_pow2, kernels=kernels,
+                                            amax=history is not None)
+  return quantizer.QTensor(q, scale, None), quantizer.QTensor(q_t, scale, None), *amax
 
 
 def _lowp_fwd(x_MK, w_KN, rng, hist, cfg: _Lowp):
@@ -214,14 +209,11 @@ def _lowp_fwd(x_MK, w_KN, rng, hist, cfg: _Lowp):
   if cfg.tensorwise and only_dots:
     # The forward reads W's codes as [N, K], the backward X's as [K, M] and
     # W's as [K, N]: each of X and W cast once, in both layouts.
-    if hist is None:
-      qx, qx_KM = _both_layouts(x_MK, cfg.act, cfg.kernels)
-      qw, qw_NK = _both_layouts(w_KN, cfg.weight, cfg.kernels)
-      amaxes = None
-    else:  # Delayed scaling: hist's rows give the scales, the casts the new absmaxes.
-      qx, qx_KM, a_x = _both_layouts(x_MK, cfg.act, cfg.kernels, hist[0], cfg.delayed)
-      qw, qw_NK, a_w = _both_layouts(w_KN, cfg.weight, cfg.kernels, hist[1], cfg.delayed)
-      amaxes = (a_x, a_w, hist)
+    # Delayed scaling: hist's rows give the scales, the casts the new absmaxes.
+    row = lambda i: None if hist is None else hist[i]
+    qx, qx_KM, *a_x = _both_layouts(x_MK, cfg.act, cfg.kernels, row(0), cfg.delayed)
+    qw, qw_NK, *a_w = _both_layouts(w_KN, cfg.weight, cfg.kernels, row(1), cfg.delayed)
+    amaxes = None if hist is None else (*a_x, *a_w, hist)
     masks = (_inside(x_MK, qx, cfg.act), _inside(w_KN, qw, cfg.weight))
     y_MN = _scaled_fp8(qx.q, qw_NK.q, qx.scale, qw.scale, _NT, cfg.out_dtype)
     return y_MN, (_residual(qx_KM), _residual(qw), masks, rng, amaxes)
@@ -255,13 +247,11 @@ def _lowp_bwd(cfg: _Lowp, res, g_MN):
     dw = jax.lax.dot_general(quantizer.dequantize(qx, cfg.x_dtype), g_lo, _TN,
                              preferred_element_type=jnp.float32)
   elif cfg.tensorwise:  # One scale for dY: its codes serve both dots.
-    if amaxes is None:
-      qg, qg_NM = _both_layouts(g_in, cfg.grad, cfg.kernels)
-    else:
-      a_x, a_w, hist = amaxes
-      qg, qg_NM, a_g = _both_layouts(g_in, cfg.grad, cfg.kernels, hist[2], cfg.delayed)
-      # hist's "gradient" is this step's absmaxes in column 0 (qtrain.quant.delayed).
-      d_hist = jnp.zeros_like(hist).at[:, 0].set(jnp.stack([a_x, a_w, a_g]))
+    hist = None if amaxes is None else amaxes[2]
+    qg, qg_NM, *a_g = _both_layouts(g_in, cfg.grad, cfg.kernels,
+                                    None if hist is None else hist[2], cfg.delayed)
+    if hist is not None:  # hist's "gradient": this step's absmaxes in column 0 (delayed.py).
+      d_hist = jnp.zeros_like(hist).at[:, 0].set(jnp.stack([*amaxes[:2], *a_g]))
     out_x = cfg.x_dtype if mask_x is None else jnp.float32
     out_w = cfg.w_dtype if mask_w is None else jnp.float32
     dx = _scaled_fp8(qg.q, qw.q, qg.scale, qw.scale, _NT, out_x)
