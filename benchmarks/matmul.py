@@ -358,7 +358,7 @@ def bench_w4a16(sets, m, n, k, configs, interpret, reps, row, group=128):
 
 def main_decode(args, interpret) -> None:
   if args.smoke:
-    args.reps, args.group, args.gemv_configs = 1, 32, "32,0,4,2,0,magic;32,1,4,2,1,shift"
+    args.reps, args.group, args.gemv_configs = 1, 32, "32,0,4,2,0,magic;32,1,4,2,1,shift;t:32,1,4,2,0,magic"
     shapes = [("smoke", "tiny", m, 128, 96) for m in (16, 1)]
   else:
     ms = (matmul_decode.DECODE_MS if args.ms == ",".join(map(str, M_FULL))

@@ -20,27 +20,32 @@ from qtrain.kernels import int4 as k4
 from qtrain.kernels import int4_gemv as k4g
 from qtrain.kernels import timing
 
-# int4_gemv configs "bn,split_k,warps,stages,swap,unpack[,per_sm]"
-# (split_k 0: the kernel's rule, >= per_sm programs per SM, 4 by default):
-# its default, the swapped dot, a narrow tile aiming at one program per SM
-# (the fewest split-K partials), a wide tile (half the x re-reads), Triton's own
-# int8 -> bf16 conversion. Each compiles for sm_90 without spilling
-# (benchmarks/triton_sass.py, KERNEL_NOTES).
+# int4_gemv configs "[t:]bn,split_k,warps,stages,swap,unpack[,per_sm]"
+# (split_k 0: the kernel's rule, >= per_sm programs per SM, 4 by default;
+# "t:" runs the kernel on the weight tiled by ``int4_gemv.tile_codes(codes,
+# bn)``, tiled once outside the timing): its default, the swapped dot, a
+# narrow tile aiming at one program per SM (the fewest split-K partials), a
+# wide tile (half the x re-reads), Triton's own int8 -> bf16 conversion; on
+# the tiled layout, 64- and 32-column tiles at the split rule and at split 4
+# (the fastest in KERNEL_NOTES' v3 probe). Each compiles for sm_90 without
+# spilling (benchmarks/triton_sass.py, KERNEL_NOTES).
 GEMV_CONFIGS = ("128,0,4,3,0,magic", "128,0,4,3,1,magic", "64,0,4,4,0,magic,1",
-                "256,0,8,3,0,magic", "128,0,4,3,0,shift")
+                "256,0,8,3,0,magic", "128,0,4,3,0,shift", "t:64,0,4,3,0,magic",
+                "t:64,4,4,3,0,magic", "t:32,4,4,3,0,magic")
+TILED = "t:"
 DECODE_MS = (16, 1)
 DECODE_CALLS = 16  # Launches per timed dispatch at least: the host's share per call / 16.
 
 
 def gemv_config(spec: str) -> k4g.GemvConfig:
-  """"bn,split_k,warps,stages,swap,unpack[,per_sm]" -> ``int4_gemv.GemvConfig``."""
+  """"[t:]bn,split_k,warps,stages,swap,unpack[,per_sm]" -> ``int4_gemv.GemvConfig``."""
   try:
-    bn, split, warps, stages, swap, unpack, *per_sm = spec.split(",")
+    bn, split, warps, stages, swap, unpack, *per_sm = spec.removeprefix(TILED).split(",")
     cfg = k4g.GemvConfig(int(bn), int(split), int(warps), int(stages), bool(int(swap)), unpack,
                          *map(int, per_sm))
     k4g.check_config(cfg)
   except (ValueError, TypeError) as e:
-    raise ValueError(f"--gemv_configs entry {spec!r}: bn,split_k,warps,stages,swap(0/1),"
+    raise ValueError(f"--gemv_configs entry {spec!r}: [t:]bn,split_k,warps,stages,swap(0/1),"
                      f"unpack({'/'.join(k4g.UNPACKS)})[,per_sm]: {e}") from e
   return cfg
 
@@ -125,20 +130,21 @@ def _variants(row, w4, args, interpret):
   variants.update({f"gemv:{c}": functools.partial(k4g.int4_gemv, group=args.group,
                                                   config=gemv_config(c), interpret=interpret)
                    for c in args.gemv_configs.split(";")})
-  row["variants"], timed = {}, []
+  row["variants"], timed, sets_of = {}, [], {}
   for name, fn in variants.items():
     entry = row["variants"][name] = {}
     try:
+      sets_of[name] = _tiled_sets(w4, name, sets_of)
       many = jax.jit(lambda ss, fn=fn: [fn(*s_) for s_ in ss])
-      entry["rel_err"] = err = timing.relative_error(many(w4)[0], ref)
+      entry["rel_err"] = err = timing.relative_error(many(sets_of[name])[0], ref)
       if not err < 1e-2:
         entry["error"] = "wrong result: not timed"
         continue
-      entry["s"] = timing.time_per_call(fn, w4, args.reps, many=many)
+      entry["s"] = timing.time_per_call(fn, sets_of[name], args.reps, many=many)
       entry["speedup"] = row["xla_bf16_s"] / entry["s"]
       entry["read_fraction"] = row["read_s"] / entry["s"]
       if args.device_time:
-        entry["dev_s"] = timing.device_time_per_call(fn, w4, args.dev_reps, many=many)
+        entry["dev_s"] = timing.device_time_per_call(fn, sets_of[name], args.dev_reps, many=many)
         entry["dev_speedup"] = row["xla_bf16_dev_s"] / entry["dev_s"]
         entry["dev_read_fraction"] = row.get("read_dev_s", float("nan")) / entry["dev_s"]
       timed += [(entry["s"], name)] if name.startswith("gemv:") else []
@@ -151,10 +157,27 @@ def _variants(row, w4, args, interpret):
   shape = k4g.out_shape(row["M"], row["N"], row["K"], args.group, gemv_config(best[5:]))
   poison = jnp.full(shape, jnp.nan, jnp.bfloat16 if len(shape) == 2 else jnp.float32)
   try:
-    y = jax.jit(functools.partial(variants[best], out=poison))(*w4[0])
+    y = jax.jit(functools.partial(variants[best], out=poison))(*sets_of[best][0])
     row["gemv_best_poisoned_rel_err"] = timing.relative_error(y, ref)
   except Exception as e:  # pylint: disable=broad-except
     row["gemv_best_poisoned"] = f"{type(e).__name__}: {str(e)[:200]}"
+
+
+def _tiled_sets(w4, name, done):
+  """``w4``'s (x, codes, scales) sets for variant ``name``: for a "t:" config
+  the codes tiled by ``tile_codes`` at its bn, each distinct weight once
+  (and once per tile width across variants: ``done`` holds earlier sets)."""
+  if not name.startswith("gemv:" + TILED):
+    return w4
+  bn = gemv_config(name[5:]).bn
+  for other, sets in done.items():
+    if other.startswith("gemv:" + TILED) and gemv_config(other[5:]).bn == bn:
+      return sets
+  tile = jax.jit(functools.partial(k4g.tile_codes, bn=bn))
+  tiled = {}
+  for x, codes, scales in w4:
+    tiled.setdefault(id(codes), (tile(codes), codes))  # Keep codes alive: ids stay distinct.
+  return [(x, tiled[id(codes)][0], scales) for x, codes, scales in w4]
 
 
 def print_device_table(rows) -> None:

@@ -68,16 +68,18 @@ def dump(out_dir: str, shapes: str, configs: str | None) -> None:
       for spec in (configs or ";".join(decode.GEMV_CONFIGS)).split(";"):
         cfg = decode.gemv_config(spec)
         split = int4_gemv.split_for(m, k, -(-n // cfg.bn), k // (2 * group), cfg.split_k, cfg.per_sm)
-        kernels[f"gemv_{spec.replace(',', '_')}"] = (
+        codes = (s((n // cfg.bn, k // 2, cfg.bn), jnp.int8) if spec.startswith(decode.TILED)
+                 else args[1])
+        kernels[f"gemv_{spec.replace(decode.TILED, 'tiled_').replace(',', '_')}"] = (
             functools.partial(int4_gemv.int4_gemv, group=group, config=cfg), cfg.num_warps,
-            cfg.num_stages, group * cfg.bn / (32 * cfg.num_warps), split)
+            cfg.num_stages, group * cfg.bn / (32 * cfg.num_warps), split, codes)
       b = int4.GPU_DECODE_BLOCKS
       kernels["v1_decode_blocks"] = (functools.partial(int4.int4_matmul, group=group, blocks=b),
                                      b.num_warps, b.num_stages, group * b.n / (32 * b.num_warps),
-                                     b.split_k)
-      for name, (fn, warps, stages, bytes_per_thread, split) in kernels.items():
+                                     b.split_k, args[1])
+      for name, (fn, warps, stages, bytes_per_thread, split, codes) in kernels.items():
         captured.clear()
-        jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+        jax.jit(fn).trace(args[0], codes, args[2]).lower(lowering_platforms=("cuda",))
         stem = f"{out_dir}/{name}_K{k}_N{n}_M{m}"
         pathlib.Path(stem + ".ttir").write_text(captured[0])
         pathlib.Path(stem + ".json").write_text(json.dumps(dict(

@@ -28,7 +28,7 @@ def _dequant64(packed, scales, group):
 
 def _run(x, packed, scales, group, cfg, out_dtype):
   m, k = x.shape
-  shape = g.out_shape(m, packed.shape[1], k, group, cfg)
+  shape = g.out_shape(m, scales.shape[1], k, group, cfg)
   poison = jnp.full(shape, jnp.nan, out_dtype if len(shape) == 2 else jnp.float32)
   y = g.int4_gemv(x, packed, scales, group=group, out_dtype=out_dtype, config=cfg,
                   interpret=True, out=poison)
@@ -62,6 +62,28 @@ def test_exact_against_float64(m, k, n, group, cfg):
   if cfg.split_k == 1:  # The bf16 store inside the kernel (split-K casts in XLA).
     y16 = _run(x, packed, scales, group, cfg, jnp.bfloat16)
     np.testing.assert_array_equal(y16, ref.astype(ml_dtypes.bfloat16).astype(np.float64))
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_tiled_layout_exact_and_equal_to_the_halves_layout(swap):
+  """The tiled codes ([N/bn, K/2, bn], tile_codes) give float64's exact
+  value (integer data as above) and the halves layout's output bit for bit,
+  split-K (3 splits of 2 group pairs) and M = 5 (rows masked); tile_codes /
+  untile_codes round-trip. Seen to fail with the tile index map's column
+  tile reversed."""
+  m, k, n, group = 5, 384, 96, 32
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.integers(-4, 5, (m, k)), jnp.bfloat16)
+  q = jnp.asarray(rng.integers(-8, 8, (k, n)), jnp.int8)
+  scales = jnp.asarray(2.0 ** rng.integers(-4, 5, (k // group, n)), jnp.float32)
+  packed = k4.pack_int4(q)
+  tiled = g.tile_codes(packed, 32)
+  assert tiled.shape == (3, k // 2, 32)
+  np.testing.assert_array_equal(g.untile_codes(tiled), packed)
+  cfg = g.GemvConfig(bn=32, split_k=3, swap=swap)
+  y = _run(x, tiled, scales, group, cfg, jnp.float32)
+  np.testing.assert_array_equal(y, np.asarray(x, np.float64) @ _dequant64(packed, scales, group))
+  np.testing.assert_array_equal(y, _run(x, packed, scales, group, cfg, jnp.float32))
 
 
 def test_random_values_against_float64_and_the_xla_path():
@@ -133,6 +155,10 @@ def test_errors_name_the_fix():
     g.int4_gemv(x[:1, :96], p[:48], s[:3], group=32)
   with pytest.raises(ValueError, match="GemvConfig.bn"):
     g.int4_gemv(x[:1], p, s, group=32, config=g.GemvConfig(bn=48))
+  with pytest.raises(ValueError, match="tile width 16"):
+    g.int4_gemv(x[:1], g.tile_codes(p, 16), s, group=32, config=g.GemvConfig(bn=32))
+  with pytest.raises(ValueError, match="multiple of the tile width"):
+    g.tile_codes(p, 64)
 
 
 def test_decode_benchmark_configs_lower_for_cuda():
@@ -144,8 +170,11 @@ def test_decode_benchmark_configs_lower_for_cuda():
   s = jax.ShapeDtypeStruct
   for spec in bench.GEMV_CONFIGS:
     for m, k, n in ((16, 14336, 4096), (1, 2048, 2048)):
-      fn = functools.partial(g.int4_gemv, group=128, config=bench.gemv_config(spec))
-      text = jax.jit(fn).trace(s((m, k), jnp.bfloat16), s((k // 2, n), jnp.int8),
+      cfg = bench.gemv_config(spec)
+      codes = (s((n // cfg.bn, k // 2, cfg.bn), jnp.int8) if spec.startswith(bench.TILED)
+               else s((k // 2, n), jnp.int8))
+      fn = functools.partial(g.int4_gemv, group=128, config=cfg)
+      text = jax.jit(fn).trace(s((m, k), jnp.bfloat16), codes,
                                s((k // 128, n), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
       assert text.count("xla.gpu.triton") == 1, (spec, m)
   with pytest.raises(ValueError, match="--gemv_configs"):

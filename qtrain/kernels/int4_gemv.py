@@ -39,8 +39,18 @@ same bf16 products (exact: bf16 x times integers |q| <= 8) summed in
 float32, so the result differs from ``int4_matmul_xla`` by float32
 summation order only.
 
+Two layouts of the codes: the halves layout [K/2, N] that ``pack_int4`` and
+the exports write, and the tiled one, ``tile_codes(codes, bn)``: the same
+bytes as [N/bn, K/2, bn], one column tile's K/2 rows contiguous, so each
+program streams one contiguous run instead of K/2 runs of bn bytes N bytes
+apart. On the H100 the tiled layout with bn = 64 ran the 8b decode shapes
+at 1.66-1.98x XLA's bf16 dot by kernel time, where the halves layout's best
+config ran 1.43-1.56x in the same process (benchmarks/KERNEL_NOTES.md, "v3").
+``int4_gemv`` takes either; a tiled weight fixes ``GemvConfig.bn`` to its
+tile width.
+
 Shapes: M <= 16 (larger M: ``int4_matmul``), K a multiple of 2 * group, any
-N (masked). Not routed by ``qtrain.kernels.dispatch``: on the H100 no config
+N (masked; tiled: N = tiles x bn, no mask). Not routed by ``qtrain.kernels.dispatch``: on the H100 no config
 beat v1 (``int4_matmul``) on every decode shape (benchmarks/KERNEL_NOTES.md,
 "v2 measured"); ``benchmarks/matmul.py --decode`` times it.
 """
@@ -100,6 +110,20 @@ def split_for(m: int, k: int, n_tiles: int, half_groups: int, split_k: int = 0,
   cap = max(1, k // (128 * m))
   fits = [d for d in divisors if d <= cap]
   return next((d for d in fits if n_tiles * d >= per_sm * SMS), fits[-1])
+
+
+def tile_codes(packed, bn: int):
+  """Halves-layout codes [K/2, N] -> the tiled layout [N/bn, K/2, bn] (a copy)."""
+  kh, n = packed.shape
+  if n % bn:
+    raise ValueError(f"tile_codes: N={n} must be a multiple of the tile width bn={bn}")
+  return packed.reshape(kh, n // bn, bn).transpose(1, 0, 2)
+
+
+def untile_codes(tiled):
+  """The tiled layout [N/bn, K/2, bn] -> halves-layout codes [K/2, N]."""
+  nt, kh, bn = tiled.shape
+  return tiled.transpose(1, 0, 2).reshape(kh, nt * bn)
 
 
 def unpack_bf16(p, unpack: str = "magic"):
@@ -179,13 +203,22 @@ def out_shape(m: int, n: int, k: int, group: int, cfg: GemvConfig = DEFAULT) -> 
 
 def int4_gemv(x, packed, scales, *, group: int = 128, out_dtype=jnp.bfloat16,
               config: GemvConfig | None = None, interpret: bool = False, out=None):
-  """x [M <= 16, K] (cast to bf16) times the packed int4 weight [K/2, N]
-  with float32 scales [K/group, N]; ``out``: a poisoned buffer of
-  ``out_shape`` aliased to the kernel's output (tests: every element written)."""
+  """x [M <= 16, K] (cast to bf16) times the packed int4 weight, codes
+  [K/2, N] or tiled [N/bn, K/2, bn] (``tile_codes``), with float32 scales
+  [K/group, N]; ``out``: a poisoned buffer of ``out_shape`` aliased to the
+  kernel's output (tests: every element written)."""
   from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
   cfg = config or DEFAULT
+  tiled = packed.ndim == 3
+  if tiled:
+    if config is not None and config.bn != packed.shape[2]:
+      raise ValueError(f"GemvConfig.bn={config.bn} must be the tiled weight's tile width "
+                       f"{packed.shape[2]} (tile_codes(codes, bn))")
+    cfg = dataclasses.replace(cfg, bn=packed.shape[2])
   check_config(cfg)
-  m, n, k = _check(x, packed, scales, group)
+  as_2d = (jax.ShapeDtypeStruct((packed.shape[1], packed.shape[0] * packed.shape[2]), packed.dtype)
+           if tiled else packed)
+  m, n, k = _check(x, as_2d, scales, group)
   if m > MAX_M:
     raise ValueError(f"int4_gemv takes M <= {MAX_M} rows (decode), got M={m}: "
                      "int4.int4_matmul tiles larger M")
@@ -193,7 +226,8 @@ def int4_gemv(x, packed, scales, *, group: int = 128, out_dtype=jnp.bfloat16,
   n_tiles = -(-n // cfg.bn)
   sk = split_for(m, k, n_tiles, hg, cfg.split_k, cfg.per_sm)
   specs = [pl.BlockSpec((MAX_M, k), lambda j, s: (0, 0)),
-           pl.BlockSpec((k // 2, cfg.bn), lambda j, s: (0, j)),
+           (pl.BlockSpec((None, k // 2, cfg.bn), lambda j, s: (j, 0, 0)) if tiled else
+            pl.BlockSpec((k // 2, cfg.bn), lambda j, s: (0, j))),
            pl.BlockSpec((k // group, cfg.bn), lambda j, s: (0, j))]
   args, kw = [x.astype(jnp.bfloat16), packed, scales.astype(jnp.float32)], {}
   if sk == 1:
