@@ -103,19 +103,29 @@ def test_fp8_tensorwise_matmul_through_the_kernel_equals_xla(tokens):
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
-@pytest.mark.parametrize("spec", [P("a", "b"), P("b", None), P(None, ("a", "b"))])
-def test_sharded_kernel_casts_each_block_where_it_lies(spec):
+def _collectives(hlo: str) -> list[str]:
+  return re.findall(r"all-gather|all-to-all|collective-permute|all-reduce(?!-)", hlo)
+
+
+@pytest.mark.parametrize("spec,amax", [(P("a", "b"), False), (P("a", "b"), True),
+                                       (P("b", None), True), (P(None, ("a", "b")), True)])
+def test_sharded_kernel_casts_each_block_where_it_lies(spec, amax):
   """On a 2 x 4 mesh of CPU devices the custom-partitioned call equals the
   reference bit for bit, keeps x's sharding on q and the transposed one on
-  q^T, and moves no data (no collective in the compiled program). Blocks:
+  q^T, and moves no data (no collective in the compiled program); with
+  ``amax`` it also returns max |x| exactly (each device's kernel reduces its
+  block's tile grid), replicated, for one scalar all-reduce. Blocks:
   [128, 128] under P('a', 'b'), [64, 512] under P('b', None), [256, 64]
-  under P(None, ('a', 'b')): each tiles, so each device runs the kernel."""
+  under P(None, ('a', 'b')): each tiles, so each device runs the kernel.
+  The largest |x| sits in one block only (seen to fail without the pmax)."""
   mesh = jax.make_mesh((2, 4), ("a", "b"), axis_types=(AxisType.Auto,) * 2)
-  x = jnp.asarray(np.random.default_rng(5).normal(size=(256, 512)) * 30, jnp.bfloat16)
+  x = np.random.default_rng(5).normal(size=(256, 512)) * 30
+  x[200, 300] = -1000.0  # In one device's block under each spec.
+  x = jnp.asarray(x, jnp.bfloat16)
   xs = jax.device_put(x, NamedSharding(mesh, spec))
   f = jax.jit(lambda x, s: ct.cast_transpose_sharded(x, s, dtype=jnp.float8_e4m3fn,
-                                                     interpret=True))
-  q, q_t = f(xs, jnp.float32(0.25))
+                                                     interpret=True, amax=amax))
+  q, q_t, *m = f(xs, jnp.float32(0.25))
   r, r_t = ct.cast_transpose_xla(x, 4.0, jnp.float8_e4m3fn)
   np.testing.assert_array_equal(_bits(q), _bits(r))
   np.testing.assert_array_equal(_bits(q_t), _bits(r_t))
@@ -123,20 +133,27 @@ def test_sharded_kernel_casts_each_block_where_it_lies(spec):
   assert q.sharding.is_equivalent_to(NamedSharding(mesh, P(rows, cols)), 2)
   assert q_t.sharding.is_equivalent_to(NamedSharding(mesh, P(cols, rows)), 2)
   hlo = f.lower(xs, jnp.float32(0.25)).compile().as_text()
-  assert not re.findall(r"all-gather|all-to-all|collective-permute|all-reduce", hlo)
+  if amax:
+    assert float(m[0]) == 1000.0 and m[0].dtype == jnp.float32
+    assert m[0].sharding.is_fully_replicated
+    assert _collectives(hlo) == ["all-reduce"], _collectives(hlo)
+  else:
+    assert not _collectives(hlo)
 
 
 def test_sharded_blocks_that_do_not_tile_take_xla_there():
   """[256, 512] over 8 devices by rows: [32, 512] blocks, under the 64-row
-  tile, so each device runs the XLA reference on its block: same bits."""
+  tile, so each device runs the XLA reference on its block (same bits) and
+  reduces its block's absmax beside it."""
   mesh = jax.make_mesh((8,), ("a",), axis_types=(AxisType.Auto,))
   x = jnp.asarray(np.random.default_rng(6).normal(size=(256, 512)) * 30, jnp.float32)
   xs = jax.device_put(x, NamedSharding(mesh, P("a", None)))
-  q, q_t = jax.jit(lambda x: ct.cast_transpose_sharded(
-      x, jnp.float32(2.0), dtype=jnp.float8_e5m2, interpret=True))(xs)
+  q, q_t, m = jax.jit(lambda x: ct.cast_transpose_sharded(
+      x, jnp.float32(2.0), dtype=jnp.float8_e5m2, interpret=True, amax=True))(xs)
   r, r_t = ct.cast_transpose_xla(x, 0.5, jnp.float8_e5m2)
   np.testing.assert_array_equal(_bits(q), _bits(r))
   np.testing.assert_array_equal(_bits(q_t), _bits(r_t))
+  assert float(m) == float(jnp.max(jnp.abs(x)))
 
 
 def test_dispatch_reads_the_mesh():
@@ -157,6 +174,10 @@ def test_dispatch_reads_the_mesh():
   with jax.set_mesh(mesh):
     assert dispatch.mesh_kind() == "sharded"
     assert "CustomSPMDPartitioning" in jax.jit(both).lower(x).as_text()
+    with_amax = lambda x: dispatch.fp8_both_layouts(x, jnp.float32(1.0), jnp.float8_e4m3fn,
+                                                    pow2=True, kernels="interpret", amax=True)
+    text = jax.jit(with_amax).lower(x).as_text()  # The absmax: the partitioned call's 3rd output.
+    assert "CustomSPMDPartitioning" in text and "stablehlo.reduce" not in text
     stage = jax.jit(jax.shard_map(body, in_specs=P("a"), out_specs=P("a"), axis_names={"a"}))
     text = stage.lower(x).as_text()
   assert seen == ["manual"]

@@ -104,50 +104,80 @@ def cast_transpose(x, inv_scale, *, dtype, interpret: bool = False, num_warps: i
   return (out[0], out[1], jnp.max(out[2])) if amax else tuple(out)
 
 
-def _local(x, s, dtype, interpret: bool):
+def _local(x, s, dtype, interpret: bool, amax: bool = False):
   """One device's shard: the kernel where the shard tiles, else the XLA
   reference at 1 / s (s = 1 / scale with scale a power of two: the same
-  bits as the kernel's x * s)."""
+  bits as the kernel's x * s). ``amax``: also the shard's max |x|, from the
+  kernel's tile grid, or a reduction beside the XLA reference."""
   if supports(*x.shape):
-    return _call(x, s, dtype, interpret, 4, BLOCK)
-  return cast_transpose_xla(x, 1.0 / s[0], dtype)
+    out = _call(x, s, dtype, interpret, 4, BLOCK, amax)
+    return (out[0], out[1], jnp.max(out[2])) if amax else tuple(out)
+  out = cast_transpose_xla(x, 1.0 / s[0], dtype)
+  return (*out, jnp.max(jnp.abs(x)).astype(jnp.float32)) if amax else out
 
 
-def _out_shardings(arg_shapes):
-  """(q's, q^T's): x's sharding and its transpose."""
+def _mesh_axes(spec) -> tuple[str, ...]:
+  """The mesh axes a PartitionSpec splits over, in order."""
+  names = []
+  for entry in spec:
+    names += [] if entry is None else [entry] if isinstance(entry, str) else list(entry)
+  return tuple(names)
+
+
+def _out_shardings(arg_shapes, amax: bool):
+  """(q's, q^T's[, the absmax's]): x's sharding, its transpose, replicated."""
   x_sh = arg_shapes[0].sharding
   rows, cols = (tuple(x_sh.spec) + (None, None))[:2]
-  return NamedSharding(x_sh.mesh, P(rows, cols)), NamedSharding(x_sh.mesh, P(cols, rows))
+  out = (NamedSharding(x_sh.mesh, P(rows, cols)), NamedSharding(x_sh.mesh, P(cols, rows)))
+  return out + (NamedSharding(x_sh.mesh, P()),) if amax else out
 
 
-def _partition(dtype, interpret, mesh, arg_shapes, result_shape):
+def _partition(dtype, interpret, mesh, arg_shapes, result_shape, *, amax: bool):
   """Each device casts its own block of x: q keeps x's sharding, q^T the
-  transposed one, the scale is replicated; no data moves."""
+  transposed one, the scale is replicated; no data moves. With ``amax``
+  each device also reduces its block (whether or not the block tiles) and
+  one all-reduce (max) of that scalar over the axes splitting x combines them."""
   del result_shape
-  q_sh, qt_sh = _out_shardings(arg_shapes)
-  lower = lambda x, s: tuple(_local(x, s, dtype, interpret))
-  return mesh, lower, (q_sh, qt_sh), (q_sh, NamedSharding(q_sh.mesh, P(None)))
+  out_sh = _out_shardings(arg_shapes, amax)
+  axes = _mesh_axes(arg_shapes[0].sharding.spec)
+
+  def lower(x, s):
+    out = tuple(_local(x, s, dtype, interpret, amax))
+    if amax and axes:
+      out = (*out[:2], jax.lax.pmax(out[2], axes))
+    return out
+
+  return mesh, lower, out_sh, (out_sh[0], NamedSharding(out_sh[0].mesh, P(None)))
 
 
-def _infer(dtype, interpret, mesh, arg_shapes, result_shape):
+def _infer(dtype, interpret, mesh, arg_shapes, result_shape, *, amax: bool):
   del dtype, interpret, mesh, result_shape
-  return _out_shardings(arg_shapes)
+  return _out_shardings(arg_shapes, amax)
 
 
-@functools.partial(custom_partitioning, static_argnums=(2, 3))
-def _partitioned(x, s, dtype, interpret):
-  return tuple(_local(x, s, dtype, interpret))
+def _partitioned_op(amax: bool):
+  """The custom-partitioned call, without or with the absmax output (the
+  sharding rule names each output, so the two are two ops)."""
+  @functools.partial(custom_partitioning, static_argnums=(2, 3))
+  def op(x, s, dtype, interpret):
+    return tuple(_local(x, s, dtype, interpret, amax))
+
+  op.def_partition(
+      partition=functools.partial(_partition, amax=amax),
+      infer_sharding_from_operands=functools.partial(_infer, amax=amax),
+      sharding_rule="m n, o -> m n, n m" + (", " if amax else ""))
+  return op
 
 
-_partitioned.def_partition(
-    partition=_partition, infer_sharding_from_operands=_infer,
-    sharding_rule="m n, o -> m n, n m")
+_PARTITIONED = {False: _partitioned_op(False), True: _partitioned_op(True)}
 
 
-def cast_transpose_sharded(x, inv_scale, *, dtype, interpret: bool = False):
+def cast_transpose_sharded(x, inv_scale, *, dtype, interpret: bool = False, amax: bool = False):
   """``cast_transpose`` for an x split over a mesh: a ``custom_partitioning``
   op whose SPMD partitioning runs the kernel on each device's block (q
   sharded as x, q^T as its transpose, no gather), and where a block does
   not tile, the XLA reference on that block. The kernel alone would take
-  the whole operand: XLA cannot partition a Pallas call and gathers it."""
-  return _partitioned(x, jnp.asarray(inv_scale, jnp.float32).reshape(1), dtype, interpret)
+  the whole operand: XLA cannot partition a Pallas call and gathers it.
+  ``amax``: also max |x| over the whole x, replicated: each block's from
+  its own read, then one scalar all-reduce."""
+  return _PARTITIONED[amax](x, jnp.asarray(inv_scale, jnp.float32).reshape(1), dtype, interpret)

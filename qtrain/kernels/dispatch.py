@@ -143,18 +143,18 @@ def fp8_both_layouts(x, scale, dtype, *, pow2: bool, kernels: str = "xla", amax:
   (``cast_transpose.cast_transpose``, one pass) where it applies, else
   ``cast_transpose.cast_transpose_xla``; the same bits either way.
   ``pow2``: scale is a power of two (the kernel multiplies by 1 / scale).
-  ``amax``: also max |x| as float32 (delayed scaling records it), from the
-  kernel's own read on one device; on a mesh and through XLA a reduction
-  that XLA may fuse with the cast (no data dependency between them)."""
+  ``amax``: also max |x| as float32 (delayed scaling records it): from the
+  kernel's own read, on one device or on each device's block of a mesh
+  (then one scalar all-reduce); through XLA a reduction that XLA may fuse
+  with the cast (no data dependency between them)."""
   pick = flavour(kernels, "cast_transpose")
   mesh = mesh_kind()
   if pick is None or not pow2 or not cast_transpose.supports(*x.shape) or mesh == "manual":
     out = cast_transpose.cast_transpose_xla(x, scale, dtype, pow2=pow2)
   else:
     inv = 1.0 / jnp.asarray(scale, jnp.float32).reshape(())
-    if mesh == "single":  # The kernel's own read gives the absmax.
-      return cast_transpose.cast_transpose(x, inv, dtype=dtype, interpret=pick[1], amax=amax)
-    out = cast_transpose.cast_transpose_sharded(x, inv, dtype=dtype, interpret=pick[1])
+    call = cast_transpose.cast_transpose if mesh == "single" else cast_transpose.cast_transpose_sharded
+    return call(x, inv, dtype=dtype, interpret=pick[1], amax=amax)  # The kernel's read: the absmax.
   return (*out, jnp.max(jnp.abs(x)).astype(jnp.float32)) if amax else out
 
 
