@@ -24,7 +24,9 @@ then shifts them into the history. A site the loss does not reach gets a
 zero cotangent and shifts in a zero, which the max over the history ignores.
 Under gradient accumulation the microbatches' absmaxes combine by maximum
 (``qtrain.train.first_order.accumulate``). On a mesh, each absmax is of the
-global tensor (jit's global view: XLA all-reduces the max).
+global tensor (jit's global view): the per-shard cast kernel reduces each
+device's block and all-reduces the scalar (``dispatch.fp8_both_layouts``);
+through XLA, XLA all-reduces the max.
 
 The first step. A fresh history is all zeros (scale 1, which would flush
 dY's small values to zero), so before the first update of a run that starts
