@@ -37,25 +37,6 @@ _CACHE_ENV = {
 }
 _made_cache_dir = None
 
-# Faster XLA:CPU compiles, the suite's main cost: LLVM at -O0 without its
-# expensive passes. Measured on test_fused_projections + test_remesh with a
-# cold cache: 68.9 s -> 53.8 s. The numbers cannot move: XLA emits its loops
-# and reductions itself and never asks LLVM for fast-math, so no optimization
-# level may reassociate float arithmetic (the suite's bit-for-bit comparisons
-# pass unchanged); the tiny programs' run time is not what the tests measure.
-# QTRAIN_TEST_FULL_OPT=1 keeps XLA's defaults.
-_FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
-                       "--xla_llvm_disable_expensive_passes=true")
-
-
-def _fast_compile_flags():
-  """Appends _FAST_COMPILE_FLAGS to XLA_FLAGS (inherited by xdist workers and
-  subprocesses), unless QTRAIN_TEST_FULL_OPT=1 or already there."""
-  if os.environ.get("QTRAIN_TEST_FULL_OPT") == "1":
-    return
-  flags = os.environ.get("XLA_FLAGS", "").split()
-  os.environ["XLA_FLAGS"] = " ".join(flags + [f for f in _FAST_COMPILE_FLAGS if f not in flags])
-
 
 def pytest_configure(config):
   """Points JAX (here, in xdist workers and in subprocesses: all inherit the
@@ -63,7 +44,6 @@ def pytest_configure(config):
   set JAX_COMPILATION_CACHE_DIR. Runs before any test module imports jax."""
   global _made_cache_dir
   del config
-  _fast_compile_flags()  # Before any backend starts: XLA reads its flags then.
   if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return  # Set by the caller, or by the xdist controller for this worker.
   _made_cache_dir = tempfile.mkdtemp(prefix="qtrain-jax-cache-")
