@@ -130,11 +130,11 @@ def _variants(row, w4, args, interpret):
   variants.update({f"gemv:{c}": functools.partial(k4g.int4_gemv, group=args.group,
                                                   config=gemv_config(c), interpret=interpret)
                    for c in args.gemv_configs.split(";")})
-  row["variants"], timed, sets_of = {}, [], {}
+  row["variants"], timed, sets_of, tiled_by_bn = {}, [], {}, {}
   for name, fn in variants.items():
     entry = row["variants"][name] = {}
     try:
-      sets_of[name] = _tiled_sets(w4, name, sets_of)
+      sets_of[name] = _tiled_sets(w4, name, tiled_by_bn)
       many = jax.jit(lambda ss, fn=fn: [fn(*s_) for s_ in ss])
       entry["rel_err"] = err = timing.relative_error(many(sets_of[name])[0], ref)
       if not err < 1e-2:
@@ -163,21 +163,21 @@ def _variants(row, w4, args, interpret):
     row["gemv_best_poisoned"] = f"{type(e).__name__}: {str(e)[:200]}"
 
 
-def _tiled_sets(w4, name, done):
+def _tiled_sets(w4, name, tiled_by_bn):
   """``w4``'s (x, codes, scales) sets for variant ``name``: for a "t:" config
-  the codes tiled by ``tile_codes`` at its bn, each distinct weight once
-  (and once per tile width across variants: ``done`` holds earlier sets)."""
+  the codes tiled by ``tile_codes`` at its bn, each distinct weight once per
+  tile width (``tiled_by_bn`` keeps them for the run's other variants)."""
   if not name.startswith("gemv:" + TILED):
     return w4
   bn = gemv_config(name[5:]).bn
-  for other, sets in done.items():
-    if other.startswith("gemv:" + TILED) and gemv_config(other[5:]).bn == bn:
-      return sets
-  tile = jax.jit(functools.partial(k4g.tile_codes, bn=bn))
-  tiled = {}
-  for x, codes, scales in w4:
-    tiled.setdefault(id(codes), (tile(codes), codes))  # Keep codes alive: ids stay distinct.
-  return [(x, tiled[id(codes)][0], scales) for x, codes, scales in w4]
+  if bn not in tiled_by_bn:
+    tile = jax.jit(functools.partial(k4g.tile_codes, bn=bn))
+    tiled = {}  # id(codes) -> its tiled copy; w4 keeps every codes array alive.
+    for _, codes, _ in w4:
+      if id(codes) not in tiled:
+        tiled[id(codes)] = tile(codes)
+    tiled_by_bn[bn] = [(x, tiled[id(codes)], scales) for x, codes, scales in w4]
+  return tiled_by_bn[bn]
 
 
 def print_device_table(rows) -> None:

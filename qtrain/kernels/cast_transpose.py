@@ -110,8 +110,7 @@ def _local(x, s, dtype, interpret: bool, amax: bool = False):
   bits as the kernel's x * s). ``amax``: also the shard's max |x|, from the
   kernel's tile grid, or a reduction beside the XLA reference."""
   if supports(*x.shape):
-    out = _call(x, s, dtype, interpret, 4, BLOCK, amax)
-    return (out[0], out[1], jnp.max(out[2])) if amax else tuple(out)
+    return cast_transpose(x, s, dtype=dtype, interpret=interpret, amax=amax)
   out = cast_transpose_xla(x, 1.0 / s[0], dtype)
   return (*out, jnp.max(jnp.abs(x)).astype(jnp.float32)) if amax else out
 

@@ -48,6 +48,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from qtrain.layers.hooks import as_hooks
 from qtrain.quant.dot_general import AMAX
 
 __all__ = ["AMAX", "advance", "combine", "seeding_model", "variables"]
@@ -78,9 +79,9 @@ def variables(params, amax) -> dict:
 def seeding_model(model):
   """``model`` whose quantizers scale from each tensor's own absmax while
   recording it (the seeding pass); None when no provider keeps histories."""
-  providers = model.provider if isinstance(model.provider, tuple) else (model.provider,)
-  if not any(getattr(p, "amax_history", 0) for p in providers):
+  hooks = as_hooks(model.provider)
+  if not any(getattr(p, "amax_history", 0) for p in hooks.providers):
     return None
   seeded = tuple(dataclasses.replace(p, amax_seed=True) if getattr(p, "amax_history", 0)
-                 else p for p in providers)
-  return model.clone(provider=seeded if isinstance(model.provider, tuple) else seeded[0])
+                 else p for p in hooks.providers)
+  return model.clone(provider=dataclasses.replace(hooks, providers=seeded))

@@ -56,10 +56,7 @@ def gradients(loss_fn, state: TrainState, batch, accum=None):
     if amax is None:
       return (*accum(loss_fn, state.params, batch, step_key(state)), None)
     return accum(loss_fn, state.params, batch, step_key(state), amax=amax)
-  if amax is None:
-    (objective, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, step_key(state))
-    return objective, aux, grads, None
+  # amax None differentiates to None: no absmaxes without delayed scaling.
   (objective, aux), (grads, absmaxes) = jax.value_and_grad(loss_fn, (0, 3), has_aux=True)(
       state.params, batch, step_key(state), amax)
   return objective, aux, grads, absmaxes
