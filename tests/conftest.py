@@ -59,10 +59,10 @@ def pytest_configure(config):
                       int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
 
 
-# Seconds per module, from one serial run of the suite on a busy 2-core
-# machine (2026-11-23; only their order matters), rescaled for the modules
-# measured alone again since (test_train, test_ptq, test_multihost,
-# test_docs_commands). `make test` hands whole modules to its two workers
+# Seconds per module: the sums of `make test`'s own --durations=0 on a fresh
+# clone (2026-11-24; two workers sharing the compilation cache, so a module's
+# figure includes the compiles it was the first to need; only the order
+# matters). `make test` hands whole modules to its two workers
 # (--dist loadfile) in collection order (--no-loadscope-reorder), and
 # pytest_collection_modifyitems puts the longest first, so the last modules
 # handed out are short and both workers finish together. xdist's own order
@@ -71,18 +71,24 @@ def pytest_configure(config):
 # idled. A module not listed counts as DEFAULT_MODULE_SECONDS; a wrong number
 # costs balance, never a test.
 MODULE_SECONDS = {
-    "test_parallel": 740, "test_docs_commands": 165, "test_steps": 210, "test_train": 200,
-    "test_optim": 190, "test_ptq": 180, "test_quant_numerics": 180, "test_zo": 180,
-    "test_remesh": 160, "test_quant_dot": 150, "test_osp_layers": 140, "test_prepare": 140,
-    "test_multihost": 120, "test_layers": 110, "test_seams": 100, "test_grad_exchange": 100,
-    "test_generate": 100, "test_memopt": 100, "test_sft": 100, "test_exchange_fsdp": 95,
-    "test_kurtosis": 90, "test_grad_accum": 75, "test_ring_attention": 60, "test_muon": 57,
-    "test_notebook": 48, "test_warm_start": 41, "test_context_parallel": 27,
-    "test_zo_memory": 27, "test_optim_recipes": 21, "test_sweep": 21, "test_cli": 15,
-    "test_corpus_sources": 14, "test_convert": 8, "test_configs_scale": 8,
-    "test_config_optim": 6, "test_data": 4, "test_launch_tpu": 2, "test_attention_gpu": 0,
+    "test_rotation": 164, "test_pipeline": 130, "test_parallel": 118, "test_train": 115,
+    "test_kernels": 97, "test_fused_projections": 75, "test_multihost": 73,
+    "test_osp_layers": 73, "test_steps": 71, "test_ptq": 68, "test_zo": 65,
+    "test_exchange_fsdp": 60, "test_int4_export": 54, "test_layers": 51,
+    "test_quant_numerics": 50, "test_sft": 47, "test_optim": 46, "test_ptq_hf": 45,
+    "test_memopt": 41, "test_hf_qwen2": 41, "test_context_parallel": 39, "test_seams": 38,
+    "test_generate": 37, "test_grad_exchange": 37, "test_int4_gemv": 37,
+    "test_chunked_loss": 37, "test_remesh": 34, "test_sltrain_memory": 33,
+    "test_convert_cli": 32, "test_roste": 30, "test_ring_attention": 30, "test_kurtosis": 30,
+    "test_warm_start": 28, "test_cast_transpose": 28, "test_delayed_scaling": 26,
+    "test_int8_step": 24, "test_muon": 23, "test_quant_dot": 21, "test_config_optim": 19,
+    "test_docs_commands": 19, "test_grad_accum": 18, "test_attention_remat": 17,
+    "test_notebook": 15, "test_prepare": 14, "test_optim_recipes": 12, "test_plot": 12,
+    "test_zo_memory": 11, "test_convert": 11, "test_cli": 9, "test_sweep": 7,
+    "test_configs_scale": 7, "test_data_shards": 4, "test_data": 2, "test_launch_tpu": 2,
+    "test_slurm": 0, "test_corpus_sources": 0, "test_attention_gpu": 0,
 }
-DEFAULT_MODULE_SECONDS = 60
+DEFAULT_MODULE_SECONDS = 30
 
 
 def pytest_collection_modifyitems(config, items):
