@@ -359,6 +359,8 @@ def bench_w4a16(sets, m, n, k, configs, interpret, reps, row, group=128):
 def main_decode(args, interpret) -> None:
   if args.smoke:
     args.reps, args.group, args.gemv_configs = 1, 32, "32,0,4,2,0,magic;32,1,4,2,1,shift;t:32,1,4,2,0,magic"
+    # int4_mosaic takes group 128 only: its interpret-mode tests cover it.
+    args.mosaic_configs = ""
     shapes = [("smoke", "tiny", m, 128, 96) for m in (16, 1)]
   else:
     ms = (matmul_decode.DECODE_MS if args.ms == ",".join(map(str, M_FULL))
@@ -559,11 +561,16 @@ def main() -> None:
   p.add_argument("--dev_reps", type=int, default=5, help="--device_time: traced dispatches")
   p.add_argument("--gemv_configs", default=";".join(matmul_decode.GEMV_CONFIGS),
                  help="--decode: ';'-separated bn,split_k,warps,stages,swap(0/1),unpack[,per_sm]")
+  p.add_argument("--mosaic_configs", default=";".join(matmul_decode.MOSAIC_CONFIGS),
+                 help="--decode: ';'-separated int4_mosaic stages,split_k,groups_per_step,"
+                      "wide_w(0/1),compute_wgs(1/2); empty: none")
   p.add_argument("--out", default=None)
   args = p.parse_args()
   if args.decode:
     for spec in args.gemv_configs.split(";"):
       matmul_decode.gemv_config(spec)  # A typo fails here, before any compile.
+    for spec in filter(None, args.mosaic_configs.split(";")):
+      matmul_decode.mosaic_config(spec)
     if args.budget_s == p.get_default("budget_s"):
       args.budget_s = 90.0  # Starts no shape after 90 s: the run stays near 2 minutes.
   if args.sweep:

@@ -5,7 +5,9 @@ beside v1 (``int4_matmul`` with the dispatcher's decode blocks), XLA's
 W4A16 path and XLA's bf16 dot, and the floors of the packed bytes timed
 alike in the same run (``decode_shape``). ``matmul.py`` owns the CLI, the
 shapes and the budgeted loop; this module the per-shape measurement and
-its table (benchmarks/KERNEL_NOTES.md, W4A16 v2).
+its table (benchmarks/KERNEL_NOTES.md, W4A16 v2). ``int4_mosaic`` (the
+warp-specialized Mosaic GPU kernel, "v4") runs at each of
+``MOSAIC_CONFIGS`` on the same weights converted once by ``from_halves``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from jax.experimental import pallas as pl
 
 from qtrain.kernels import int4 as k4
 from qtrain.kernels import int4_gemv as k4g
+from qtrain.kernels import int4_mosaic as k4m
 from qtrain.kernels import timing
 
 # int4_gemv configs "[t:]bn,split_k,warps,stages,swap,unpack[,per_sm]"
@@ -33,6 +36,10 @@ GEMV_CONFIGS = ("128,0,4,3,0,magic", "128,0,4,3,1,magic", "64,0,4,4,0,magic,1",
                 "256,0,8,3,0,magic", "128,0,4,3,0,shift", "t:64,0,4,3,0,magic",
                 "t:64,4,4,3,0,magic", "t:32,4,4,3,0,magic")
 TILED = "t:"
+# int4_mosaic configs "stages,split_k,groups_per_step,wide_w,compute_wgs"
+# (split_k 0: one wave): the rule, and the best of KERNEL_NOTES' v4 sweeps
+# on llama_8b (gate_up: unsplit, 4 groups a step; down: split 4).
+MOSAIC_CONFIGS = ("4,0,2,1,2", "4,1,4,1,2", "4,4,2,1,2")
 DECODE_MS = (16, 1)
 DECODE_CALLS = 16  # Launches per timed dispatch at least: the host's share per call / 16.
 
@@ -47,6 +54,19 @@ def gemv_config(spec: str) -> k4g.GemvConfig:
   except (ValueError, TypeError) as e:
     raise ValueError(f"--gemv_configs entry {spec!r}: [t:]bn,split_k,warps,stages,swap(0/1),"
                      f"unpack({'/'.join(k4g.UNPACKS)})[,per_sm]: {e}") from e
+  return cfg
+
+
+def mosaic_config(spec: str) -> k4m.MosaicGemvConfig:
+  """"stages,split_k,groups_per_step,wide_w,compute_wgs" -> ``MosaicGemvConfig``."""
+  try:
+    stages, split, gps, wide, wgs = map(int, spec.split(","))
+    cfg = k4m.MosaicGemvConfig(split_k=split, stages=stages, groups_per_step=gps,
+                               wide_w=bool(wide), compute_wgs=wgs)
+    k4m.check_config(cfg)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"--mosaic_configs entry {spec!r}: stages,split_k,groups_per_step,"
+                     f"wide_w(0/1),compute_wgs(1/2): {e}") from e
   return cfg
 
 
@@ -130,6 +150,9 @@ def _variants(row, w4, args, interpret):
   variants.update({f"gemv:{c}": functools.partial(k4g.int4_gemv, group=args.group,
                                                   config=gemv_config(c), interpret=interpret)
                    for c in args.gemv_configs.split(";")})
+  variants.update({f"mosaic:{c}": functools.partial(k4m.int4_mosaic, group=args.group,
+                                                    config=mosaic_config(c), interpret=interpret)
+                   for c in filter(None, args.mosaic_configs.split(";"))})
   row["variants"], timed, sets_of, tiled_by_bn = {}, [], {}, {}
   for name, fn in variants.items():
     entry = row["variants"][name] = {}
@@ -165,19 +188,29 @@ def _variants(row, w4, args, interpret):
 
 def _tiled_sets(w4, name, tiled_by_bn):
   """``w4``'s (x, codes, scales) sets for variant ``name``: for a "t:" config
-  the codes tiled by ``tile_codes`` at its bn, each distinct weight once per
-  tile width (``tiled_by_bn`` keeps them for the run's other variants)."""
-  if not name.startswith("gemv:" + TILED):
+  the codes tiled by ``tile_codes`` at its bn, for int4_mosaic converted by
+  ``from_halves``, each distinct weight once per layout (``tiled_by_bn``
+  keeps them for the run's other variants)."""
+  if name.startswith("mosaic:"):
+    bn, convert = "mosaic", jax.jit(k4m.from_halves)
+  elif name.startswith("gemv:" + TILED):
+    bn = gemv_config(name[5:]).bn
+    convert = jax.jit(functools.partial(k4g.tile_codes, bn=bn))
+  else:
     return w4
-  bn = gemv_config(name[5:]).bn
   if bn not in tiled_by_bn:
-    tile = jax.jit(functools.partial(k4g.tile_codes, bn=bn))
     tiled = {}  # id(codes) -> its tiled copy; w4 keeps every codes array alive.
     for _, codes, _ in w4:
       if id(codes) not in tiled:
-        tiled[id(codes)] = tile(codes)
+        tiled[id(codes)] = convert(codes)
     tiled_by_bn[bn] = [(x, tiled[id(codes)], scales) for x, codes, scales in w4]
   return tiled_by_bn[bn]
+
+
+def _best(variants, prefix, key):
+  """(name, entry) of the fastest variant named ``prefix``... by ``key``."""
+  timed = [(e[key], k) for k, e in variants.items() if k.startswith(prefix) and key in e]
+  return (min(timed)[1], variants[min(timed)[1]]) if timed else (None, {})
 
 
 def print_device_table(rows) -> None:
@@ -185,21 +218,20 @@ def print_device_table(rows) -> None:
   print("\nW4A16 at decode M by kernel time (jax.profiler, CUPTI): us per call; x = XLA bf16's "
         "kernel time / the variant's; read: XLA's kernel reading the packed bytes once")
   print(f"{'model':9s} {'layer':8s} {'M':>3s} {'bf16':>6s} {'again':>6s} {'read':>6s} "
-        f"{'xla_w4':>7s} {'v1':>7s} {'best gemv':>9s} {'us':>6s} {'%read':>5s}  config")
+        f"{'xla_w4':>7s} {'v1':>7s} {'best gemv':>9s} {'us':>6s}  {'config':19s} "
+        f"{'mosaic':>7s} {'us':>6s}  config")
   for r in rows:
     if "xla_bf16_dev_s" not in r:
       continue
     v = r["variants"]
-    cell = lambda key: (f"{v[key]['dev_speedup']:6.2f}x" if "dev_speedup" in v.get(key, {})
-                        else "    ERR")
-    gemvs = [(e["dev_s"], k) for k, e in v.items() if k.startswith("gemv:") and "dev_s" in e]
-    best = min(gemvs)[1] if gemvs else None
-    b = v.get(best, {})
+    cell = lambda e: f"{e['dev_speedup']:6.2f}x" if "dev_speedup" in e else "    ERR"
+    best, b = _best(v, "gemv:", "dev_s")
+    mbest, mb = _best(v, "mosaic:", "dev_s")
     print(f"{r['model']:9s} {r['layer']:8s} {r['M']:3d} {r['xla_bf16_dev_s'] * 1e6:6.1f} "
           f"{r['xla_bf16_dev_s_again'] * 1e6:6.1f} {r.get('read_dev_s', float('nan')) * 1e6:6.1f} "
-          f"{cell('xla_w4a16')} {cell('v1_w4a16')} {cell(best) if best else '      ERR'}   "
-          f"{b.get('dev_s', float('nan')) * 1e6:6.1f} "
-          f"{100 * b.get('dev_read_fraction', float('nan')):5.0f}  {(best or '-----')[5:]}")
+          f"{cell(v.get('xla_w4a16', {}))} {cell(v.get('v1_w4a16', {}))}   {cell(b)} "
+          f"{b.get('dev_s', float('nan')) * 1e6:6.1f}  {(best or '-----')[5:]:19s} {cell(mb)} "
+          f"{mb.get('dev_s', float('nan')) * 1e6:6.1f}  {(mbest or '-------')[7:]}")
 
 
 def print_table(rows) -> None:
