@@ -153,11 +153,11 @@ def _variants(row, w4, args, interpret):
   variants.update({f"mosaic:{c}": functools.partial(k4m.int4_mosaic, group=args.group,
                                                     config=mosaic_config(c), interpret=interpret)
                    for c in filter(None, args.mosaic_configs.split(";"))})
-  row["variants"], timed, sets_of, tiled_by_bn = {}, [], {}, {}
+  row["variants"], timed, sets_of, by_layout = {}, [], {}, {}
   for name, fn in variants.items():
     entry = row["variants"][name] = {}
     try:
-      sets_of[name] = _tiled_sets(w4, name, tiled_by_bn)
+      sets_of[name] = _sets_in_layout(w4, name, by_layout)
       many = jax.jit(lambda ss, fn=fn: [fn(*s_) for s_ in ss])
       entry["rel_err"] = err = timing.relative_error(many(sets_of[name])[0], ref)
       if not err < 1e-2:
@@ -186,25 +186,25 @@ def _variants(row, w4, args, interpret):
     row["gemv_best_poisoned"] = f"{type(e).__name__}: {str(e)[:200]}"
 
 
-def _tiled_sets(w4, name, tiled_by_bn):
+def _sets_in_layout(w4, name, by_layout):
   """``w4``'s (x, codes, scales) sets for variant ``name``: for a "t:" config
   the codes tiled by ``tile_codes`` at its bn, for int4_mosaic converted by
-  ``from_halves``, each distinct weight once per layout (``tiled_by_bn``
-  keeps them for the run's other variants)."""
+  ``from_halves``, each distinct weight converted once per layout
+  (``by_layout`` keeps them for the run's other variants)."""
   if name.startswith("mosaic:"):
-    bn, convert = "mosaic", jax.jit(k4m.from_halves)
+    layout, convert = "int4 [N, K]", k4m.from_halves
   elif name.startswith("gemv:" + TILED):
     bn = gemv_config(name[5:]).bn
-    convert = jax.jit(functools.partial(k4g.tile_codes, bn=bn))
+    layout, convert = f"tiled {bn}", functools.partial(k4g.tile_codes, bn=bn)
   else:
     return w4
-  if bn not in tiled_by_bn:
-    tiled = {}  # id(codes) -> its tiled copy; w4 keeps every codes array alive.
+  if layout not in by_layout:
+    convert, done = jax.jit(convert), {}  # id(codes) -> its copy; w4 keeps every codes alive.
     for _, codes, _ in w4:
-      if id(codes) not in tiled:
-        tiled[id(codes)] = convert(codes)
-    tiled_by_bn[bn] = [(x, tiled[id(codes)], scales) for x, codes, scales in w4]
-  return tiled_by_bn[bn]
+      if id(codes) not in done:
+        done[id(codes)] = convert(codes)
+    by_layout[layout] = [(x, done[id(codes)], scales) for x, codes, scales in w4]
+  return by_layout[layout]
 
 
 def _best(variants, prefix, key):

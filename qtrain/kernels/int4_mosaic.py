@@ -58,7 +58,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from qtrain.kernels.int4 import unpack_int4
-from qtrain.kernels.int8_mosaic import interpret_params
+from qtrain.kernels.int8_mosaic import interpret_params, smem_transforms
 
 WG_ROWS = 64  # wgmma's M: weight rows (output columns) per consumer warpgroup.
 MAX_M = 16
@@ -92,15 +92,6 @@ def from_halves(packed):
   return unpack_int4(packed).T.astype(jnp.int4)
 
 
-def _swizzled(dtype_bits: int, minor: int):
-  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
-  swizzle = min(128, minor * dtype_bits // 8)
-  if swizzle not in (32, 64, 128):
-    raise ValueError(f"Mosaic GPU tile minor dim {minor} x {dtype_bits} bits: needs a 32, 64 "
-                     "or 128-byte swizzle")
-  return (plgpu.TilingTransform((8, swizzle * 8 // dtype_bits)), plgpu.SwizzleTransform(swizzle))
-
-
 def split_for(n_ctas: int, steps: int, split_k: int = 0, sms: int = SMS) -> int:
   """The split a call runs, a divisor of the pipeline steps (a split never
   pads K): ``split_k`` cut down to one; for 0 the largest that keeps all
@@ -114,9 +105,10 @@ def split_for(n_ctas: int, steps: int, split_k: int = 0, sms: int = SMS) -> int:
   return max([d for d in divisors if n_ctas * d <= sms] or [1])
 
 
-def _kernel(x_gmem, w_gmem, s_gmem, o_gmem, o_smem, *a_smem, group, gps, steps, stages, xt, wide, wgs):
-  """One CTA: columns [j CTA_N, (j + 1) CTA_N) of N over split ``sk``'s K
-  range, ``steps`` pipeline steps of ``gps`` groups each; CTA_N = 64 wgs."""
+def _kernel(x_gmem, w_gmem, s_gmem, o_gmem, o_smem, *a_smem, group, gps, steps, stages, xt,
+            wide, wgs):
+  """One CTA: columns [j cta_n, (j + 1) cta_n) of N (cta_n = 64 wgs) over
+  split ``sk``'s K range, ``steps`` pipeline steps of ``gps`` groups each."""
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   j, sk = lax.axis_index("n"), lax.axis_index("s")
   cta_n = WG_ROWS * wgs
@@ -139,14 +131,16 @@ def _kernel(x_gmem, w_gmem, s_gmem, o_gmem, o_smem, *a_smem, group, gps, steps, 
     wg = lax.axis_index("wg")
     rows = pl.ds(wg * WG_ROWS, WG_ROWS)
 
+    # The int4 -> bf16 register path; ``wide``: one [64, gps group] tile of
+    # 128-byte rows, loaded and converted once, cut into groups in registers.
+    whole = w_smem[0][rows].astype(jnp.bfloat16) if wide else None
+
     def mma(*accs):
-      # Each group its own accumulator: group i + 1's unpack overlaps group
-      # i's wgmma, and one wait per step drains them all.
+      # Each group its own accumulator, one wait per step drains them all;
+      # unwide, group i + 1's unpack overlaps group i's wgmma.
       for i, acc_ref in enumerate(accs):
-        if wide:  # One [64, gps group] tile of 128-byte rows, cut in registers.
-          a = w_smem[0][rows].astype(jnp.bfloat16)[:, i * group:(i + 1) * group]
-        else:
-          a = w_smem[i][rows].astype(jnp.bfloat16)  # [64, group]: the int4 -> bf16 register path.
+        a = (whole[:, i * group:(i + 1) * group] if wide
+             else w_smem[i][rows].astype(jnp.bfloat16))  # [64, group]
         if a_smem:  # Interpret mode: its wgmma takes shared-memory operands only.
           a_smem[0][wg, i] = a
           plgpu.commit_smem()
@@ -162,16 +156,16 @@ def _kernel(x_gmem, w_gmem, s_gmem, o_gmem, o_smem, *a_smem, group, gps, steps, 
 
   if wide:
     w_specs = [plgpu.BlockSpec((cta_n, gps * group), lambda g: (0, g),
-                               transforms=_swizzled(4, gps * group))]
+                               transforms=smem_transforms(jnp.int4, gps * group))]
   else:
     w_specs = [plgpu.BlockSpec((cta_n, group), lambda g, i=i: (0, g * gps + i),
-                               transforms=_swizzled(4, group)) for i in range(gps)]
+                               transforms=smem_transforms(jnp.int4, group)) for i in range(gps)]
   if xt:
     x_specs = [plgpu.BlockSpec((group, MAX_M), lambda g, i=i: (g * gps + i, 0),
-                               transforms=_swizzled(16, MAX_M)) for i in range(gps)]
+                               transforms=smem_transforms(jnp.bfloat16, MAX_M)) for i in range(gps)]
   else:
     x_specs = [plgpu.BlockSpec((MAX_M, group), lambda g, i=i: (0, g * gps + i),
-                               transforms=_swizzled(16, group)) for i in range(gps)]
+                               transforms=smem_transforms(jnp.bfloat16, group)) for i in range(gps)]
   plgpu.emit_pipeline_warp_specialized(
       step, grid=(steps,), memory_registers=40, wg_axis="wg", num_compute_wgs=wgs,
       max_concurrent_steps=stages, compute_context=compute,
@@ -226,7 +220,7 @@ def int4_mosaic(x, w4, scales, *, group: int = 128, out_dtype=jnp.bfloat16,
       kernel, out_type=jax.ShapeDtypeStruct((sk, n, MAX_M), jnp.float32),
       scratch_types=[plgpu.SMEM((cfg.compute_wgs, WG_ROWS, MAX_M), jnp.float32)] + (
           [plgpu.SMEM((cfg.compute_wgs, gps, WG_ROWS, group), jnp.bfloat16,
-                      transforms=_swizzled(16, group))] if interpret else []),
+                      transforms=smem_transforms(jnp.bfloat16, group))] if interpret else []),
       grid=(n_ctas, sk), grid_names=("n", "s"), num_threads=cfg.compute_wgs + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret_params() if interpret else None,

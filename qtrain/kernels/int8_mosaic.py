@@ -83,16 +83,17 @@ def interpret_params():
   return InterpretGPUParams(uninitialized_memory="nan")
 
 
-def _transforms(dtype, minor: int):
+def smem_transforms(dtype, minor: int):
   """Shared-memory tiling + swizzle for a tile whose minor dim is ``minor``
-  elements: the widest swizzle (32/64/128 bytes) one minor row fills."""
+  elements: the widest swizzle (32/64/128 bytes) one minor row fills.
+  Sub-byte dtypes (int4) count their bits."""
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
-  swizzle = min(128, minor * jnp.dtype(dtype).itemsize)
+  bits = (jnp.iinfo if jnp.issubdtype(dtype, jnp.integer) else jnp.finfo)(dtype).bits
+  swizzle = min(128, minor * bits // 8)
   if swizzle not in (32, 64, 128):
-    raise ValueError(f"Mosaic GPU tile minor dim {minor} x {jnp.dtype(dtype).itemsize} B: "
+    raise ValueError(f"Mosaic GPU tile minor dim {minor} x {bits} bits: "
                      "needs a 32, 64 or 128-byte swizzle")
-  return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
-          plgpu.SwizzleTransform(swizzle))
+  return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
 
 
 def check_blocks(bm: int, bn: int, bk: int, num_warps: int = 4) -> None:
@@ -110,7 +111,7 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem, o_smem, *, bm, bn, bk, nk,
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   i, j = tile_of(lax.axis_index("tile"))
   rows, cols = pl.ds(i * bm, bm), pl.ds(j * bn, bn)
-  int8_t = _transforms(jnp.int8, bk)
+  int8_t = smem_transforms(jnp.int8, bk)
 
   def mma(acc_ref):
     def step(_, x_smem, w_smem):
@@ -119,7 +120,7 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem, o_smem, *, bm, bn, bk, nk,
       plgpu.wgmma(acc_ref, x_smem, w_kn)
       plgpu.wgmma_wait(1)  # One MMA in flight; delay_release keeps its slots alive.
 
-    w_spec = (plgpu.BlockSpec((bk, bn), lambda k: (k, 0), transforms=_transforms(jnp.int8, bn),
+    w_spec = (plgpu.BlockSpec((bk, bn), lambda k: (k, 0), transforms=smem_transforms(jnp.int8, bn),
                               delay_release=1) if interpret_layout else
               plgpu.BlockSpec((bn, bk), lambda k: (0, k), transforms=int8_t, delay_release=1))
     plgpu.emit_pipeline(
@@ -190,8 +191,8 @@ def _ws_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem, o_smem, sx_smem, sw_sme
     plgpu.wgmma_wait(1)
     return acc_ref
 
-  int8_t = _transforms(jnp.int8, bk)
-  w_spec = (plgpu.BlockSpec((bk, bn), lambda k: (k, 0), transforms=_transforms(jnp.int8, bn),
+  int8_t = smem_transforms(jnp.int8, bk)
+  w_spec = (plgpu.BlockSpec((bk, bn), lambda k: (k, 0), transforms=smem_transforms(jnp.int8, bn),
                             delay_release=1) if interpret_layout else
             plgpu.BlockSpec((bn, bk), lambda k: (0, k), transforms=int8_t, delay_release=1))
   plgpu.emit_pipeline_warp_specialized(
@@ -213,7 +214,8 @@ def _ws_call(xp, wp, s_x, s_w, out_dtype, b, interpret, kw, n_tiles: int, np_: i
   hm = b.m // 2
   return plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct((xp.shape[0], np_), out_dtype),
-      scratch_types=[plgpu.SMEM((2, hm, b.n), out_dtype, transforms=_transforms(out_dtype, b.n)),
+      scratch_types=[plgpu.SMEM((2, hm, b.n), out_dtype,
+                                transforms=smem_transforms(out_dtype, b.n)),
                      plgpu.SMEM((2, hm), jnp.float32), plgpu.SMEM((2, b.n), jnp.float32),
                      plgpu.Barrier(num_barriers=4)],
       grid=(n_tiles,), grid_names=("tile",), num_threads=3, thread_name="wg",
@@ -244,7 +246,7 @@ def call(xp, wp, s_x, s_w, out_dtype, b, interpret: bool):
     body, args = kernel, (xp, wp, s_x, s_w)
   return plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct((mp, np_), out_dtype),
-      scratch_types=[plgpu.SMEM((b.m, b.n), out_dtype, transforms=_transforms(out_dtype, b.n))],
+      scratch_types=[plgpu.SMEM((b.m, b.n), out_dtype, transforms=smem_transforms(out_dtype, b.n))],
       grid=(nm * nn,), grid_names=("tile",),
       # Warpgroup semantics: Mosaic infers the scale vectors' register layouts
       # from the accumulator they broadcast against.
